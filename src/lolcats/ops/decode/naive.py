@@ -1,0 +1,120 @@
+"""One decoding step of hybrid (or linear) attention with a constant-size state: reference.
+
+Per layer the state holds a window buffer of S slots (S = w for ``sliding_window``, 2w for
+``terraced_window``, 0 for ``linear``) and the linear-attention state:
+
+    win_k (B, Hk, S, D), win_v (B, Hk, S, Dv), win_fk (B, Hk, S, F)   keys, values, phi(k)
+    win_pos (B, S) int64    position of the token in each slot, -1 where empty
+    kv (B, Hk, F, Dv), ks (B, Hk, F)    float32: sum of phi(k_j) v_j^T and of phi(k_j)
+
+A token at position p lives in slot p % S. Before it is written, tokens that leave the
+window move into (kv, ks):
+  * sliding: the token in slot p % S (position p - w) leaves;
+  * terraced: when p starts a block (p % w == 0), the whole half of the buffer it is about
+    to write (block b - 2) leaves.
+Then the query attends over every filled slot with softmax (weighted by the window factor,
+stabilised by the max over the window, as in ``ops/hybrid/naive.py``) and over (kv, ks)
+through phi(q), with one shared normaliser. Positions are per row, so rows of a left-padded
+batch keep their own windows; ``valid`` (B,) False leaves a row's state unchanged (a pad).
+This equals ``hybrid_attention_naive`` / ``linear_attention_quadratic`` on the full sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lolcats.ops.linear.naive import EPS, expand_kv_heads
+
+
+@dataclass
+class DecodeState:
+    win_k: torch.Tensor  # (B, Hk, S, D)
+    win_v: torch.Tensor  # (B, Hk, S, Dv)
+    win_fk: torch.Tensor  # (B, Hk, S, F)
+    win_pos: torch.Tensor  # (B, S) int64, -1 = empty
+    kv: torch.Tensor  # (B, Hk, F, Dv) float32
+    ks: torch.Tensor  # (B, Hk, F) float32
+
+    @classmethod
+    def empty(cls, B, Hk, S, D, Dv, F, dtype, device) -> "DecodeState":
+        return cls(
+            torch.zeros(B, Hk, S, D, dtype=dtype, device=device),
+            torch.zeros(B, Hk, S, Dv, dtype=dtype, device=device),
+            torch.zeros(B, Hk, S, F, dtype=dtype, device=device),
+            torch.full((B, S), -1, dtype=torch.long, device=device),
+            torch.zeros(B, Hk, F, Dv, dtype=torch.float32, device=device),
+            torch.zeros(B, Hk, F, dtype=torch.float32, device=device),
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
+
+
+def window_slots(kind: str, window_size: int) -> int:
+    return {"linear": 0, "sliding_window": window_size, "terraced_window": 2 * window_size}[kind]
+
+
+def _evict(state: DecodeState, leave: torch.Tensor) -> None:
+    """Move slots where ``leave`` (B, S) is True into (kv, ks) and mark them empty."""
+    w = leave.to(torch.float32)[:, None, :, None]  # (B, 1, S, 1)
+    fk = state.win_fk.float() * w
+    state.kv += torch.einsum("bhsf,bhsd->bhfd", fk, state.win_v.float())
+    state.ks += fk.sum(2)
+    state.win_pos.masked_fill_(leave, -1)
+
+
+def decode_step_naive(
+    q: torch.Tensor,  # (B, H, D)
+    k: torch.Tensor,  # (B, Hk, D)
+    v: torch.Tensor,  # (B, Hk, Dv)
+    fq: torch.Tensor,  # (B, H, F)
+    fk: torch.Tensor,  # (B, Hk, F)
+    state: DecodeState,  # updated in place
+    pos: torch.Tensor,  # (B,) int64 position of this token
+    window_factor: torch.Tensor | None,  # (H,) in (0, 1); None for linear
+    kind: str,
+    window_size: int,
+    scale: float,
+    valid: torch.Tensor | None = None,  # (B,) bool
+) -> torch.Tensor:  # (B, H, Dv)
+    B, H, _ = q.shape
+    S = state.win_pos.shape[1]
+    valid = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid
+    if kind == "linear":
+        m = valid.float()[:, None, None]
+        state.kv += m[..., None] * fk.float()[..., None] * v.float()[:, :, None, :]
+        state.ks += m * fk.float()
+    else:
+        slot = pos % S  # (B,)
+        slots = torch.arange(S, device=q.device)[None, :]  # (1, S)
+        filled = state.win_pos >= 0
+        if kind == "sliding_window":
+            leave = filled & (slots == slot[:, None])
+        else:
+            half = (slots // window_size) == (slot[:, None] // window_size)
+            leave = filled & half & (pos % window_size == 0)[:, None]
+        _evict(state, leave & valid[:, None])
+        write = (slots == slot[:, None]) & valid[:, None]  # (B, S)
+        wk = write[:, None, :, None]
+        state.win_k.copy_(torch.where(wk, k[:, :, None, :].to(state.win_k.dtype), state.win_k))
+        state.win_v.copy_(torch.where(wk, v[:, :, None, :].to(state.win_v.dtype), state.win_v))
+        state.win_fk.copy_(torch.where(wk, fk[:, :, None, :].to(state.win_fk.dtype), state.win_fk))
+        state.win_pos.copy_(torch.where(write, pos[:, None], state.win_pos))
+
+    qf, fqf = q.float(), fq.float()
+    num = torch.einsum("bhf,bhfd->bhd", fqf, expand_kv_heads(state.kv, H))
+    den = torch.einsum("bhf,bhf->bh", fqf, expand_kv_heads(state.ks, H))
+    if kind != "linear":
+        s = torch.einsum("bhd,bhsd->bhs", qf, expand_kv_heads(state.win_k.float(), H)) * scale
+        s = s.masked_fill(state.win_pos[:, None, :] < 0, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        a = window_factor.float().view(1, H, 1) * torch.exp(s - m)  # (B, H, S)
+        num = num + torch.einsum("bhs,bhsd->bhd", a, expand_kv_heads(state.win_v.float(), H))
+        den = den + a.sum(-1)
+        y = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], 0.0)
+    else:
+        y = num / (den[..., None] + EPS)
+    return y.to(v.dtype)
