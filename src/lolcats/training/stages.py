@@ -1,0 +1,119 @@
+"""The two LoLCATs stages as :class:`Stage` objects for the shared trainer.
+
+Stage 1, attention transfer: only feature maps and window factors train; each converted layer
+matches its softmax teacher (MSE x mse_factor, plus optional attention cross-entropy), and the
+teacher's output is passed on, so layers learn independently. The LM head is never run.
+
+Stage 2, low-rank adjusting: feature maps frozen; LoRA (peft) on q/k/v/o; next-token loss.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lolcats.attention.convert import (attention_parameters, collect_distill_outputs, set_attention_mode,
+                                       set_attention_trainable)
+from lolcats.config import Config
+from lolcats.training.trainer import Stage, autocast_context
+
+
+def _batches(data: torch.Tensor, size: int):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+def distill_loss(model, batch: torch.Tensor, cfg: Config, device) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over layers of (mse_factor * MSE + xent_factor * xent); per-layer MSE in the logs."""
+    d = cfg.distill
+    with collect_distill_outputs(model, xent=d.xent_factor > 0) as outs, autocast_context(device, d.precision):
+        model.model(input_ids=batch, use_cache=False)
+    if not outs:
+        raise RuntimeError("no converted attention layer reported a distillation loss")
+    mse = torch.stack([o.mse for o in outs])
+    loss = d.mse_factor * mse.mean()
+    logs = {f"mse/{o.layer_idx}": float(o.mse.detach()) for o in outs}
+    if d.xent_factor > 0:
+        xent = torch.stack([o.xent for o in outs])
+        loss = loss + d.xent_factor * xent.mean()
+        logs["xent"] = float(xent.mean().detach())
+    return loss, logs
+
+
+def distill_validate(model, val: torch.Tensor, cfg: Config, device, batch_size: int) -> tuple[float, dict]:
+    set_attention_mode(model, "distill")
+    model.eval()
+    tot, per_layer, n = 0.0, {}, 0
+    with torch.no_grad():
+        for b in _batches(val, batch_size):
+            loss, logs = distill_loss(model, b.to(device), cfg, device)
+            tot += float(loss) * len(b)
+            for k, v in logs.items():
+                per_layer[k] = per_layer.get(k, 0.0) + v * len(b)
+            n += len(b)
+    n = max(n, 1)
+    return tot / n, {k: v / n for k, v in per_layer.items()}
+
+
+def lm_loss(model, batch: torch.Tensor, precision: str, device) -> torch.Tensor:
+    with autocast_context(device, precision):
+        out = model(input_ids=batch, labels=batch, use_cache=False)
+    return out.loss.float()
+
+
+def lm_validate(model, val: torch.Tensor, precision: str, device, batch_size: int) -> tuple[float, dict]:
+    """Mean next-token loss over all predicted positions, and its perplexity."""
+    model.eval()
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in _batches(val, batch_size):
+            tot += float(lm_loss(model, b.to(device), precision, device)) * len(b)
+            n += len(b)
+    loss = tot / max(n, 1)
+    return loss, {"ppl": math.exp(min(loss, 50.0))}
+
+
+def distill_stage(model, cfg: Config, val: torch.Tensor, device, save: Callable[[Path, dict], None]) -> Stage:
+    set_attention_trainable(model, True, cfg.attention.train_window_factor)
+    params = {n: p for n, p in attention_parameters(model).items() if p.requires_grad}
+
+    def loss(batch):
+        set_attention_mode(model, "distill")
+        model.train()
+        return distill_loss(model, batch, cfg, device)
+
+    return Stage("distill", params, loss,
+                 lambda: distill_validate(model, val, cfg, device, cfg.distill.micro_batch_size),
+                 save, cfg.distill, sum(p.numel() for p in model.parameters()))
+
+
+def add_lora(model, cfg: Config):
+    """Wrap ``model`` with peft LoRA adapters on the configured targets (feature maps frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    f = cfg.finetune
+    set_attention_trainable(model, False)
+    lcfg = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
+                      target_modules=list(f.lora_targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+
+
+def finetune_stage(model, cfg: Config, val: torch.Tensor, device, save: Callable[[Path, dict], None]) -> Stage:
+    set_attention_mode(model, "student")
+    f = cfg.finetune
+
+    def loss(batch):
+        model.train()
+        out = lm_loss(model, batch, f.precision, device)
+        return out, {}
+
+    return Stage("finetune", lora_parameters(model), loss,
+                 lambda: lm_validate(model, val, f.precision, device, f.micro_batch_size),
+                 save, f, sum(p.numel() for p in model.parameters()))

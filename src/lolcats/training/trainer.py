@@ -1,0 +1,227 @@
+"""The training machinery both stages share: AdamW, gradient accumulation, clipping,
+ReduceLROnPlateau, periodic validation, early stopping, the best checkpoint by validation
+loss, and resumable state.
+
+A stage is described by a :class:`Stage` (its trainable parameters, a loss on a batch and a
+validation function); :func:`train_stage` runs it in ``run_dir``:
+
+    run_dir/state.pt   resumable state (weights, optimiser, scheduler, data position, RNG)
+    run_dir/best/      best checkpoint by validation loss (the stage's output)
+    run_dir/summary.json  written when the stage finishes (marks it done)
+
+A run killed at any point resumes from ``state.pt`` and ends with the same weights as an
+uninterrupted run: the data order is a function of (seed, epoch) and the position in it is
+saved with the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lolcats.checkpoint import atomic_write, write_json
+from lolcats.config import TrainConfig
+from lolcats.data import iterate_batches
+
+STATE = "state.pt"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class Stage:
+    name: str
+    params: dict[str, torch.nn.Parameter]  # trainable, by name
+    loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]  # batch (b, T) -> (loss, logs)
+    validate: Callable[[], tuple[float, dict[str, float]]]  # -> (val loss, metrics)
+    save_best: Callable[[Path, dict], None]  # (dir, metrics) -> writes the stage checkpoint
+    cfg: TrainConfig
+    total_params: int = 0  # of the whole model, for the summary
+
+
+@dataclass
+class StageResult:
+    best_val: float
+    best_metrics: dict[str, float]
+    steps: int
+    tokens: int
+    seconds: float
+    trainable: int
+    total: int
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return vars(self).copy()
+
+
+class StopTraining(Exception):
+    """Raised by a step callback to stop (used to simulate a killed run in tests)."""
+
+
+def autocast_context(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class _Loop:
+    """Mutable state of one stage run; everything in it goes into state.pt."""
+
+    def __init__(self, stage: Stage, n_train: int):
+        c = stage.cfg
+        self.stage = stage
+        self.opt = torch.optim.AdamW([p for p in stage.params.values() if p.requires_grad],
+                                     lr=c.lr, weight_decay=c.weight_decay)
+        self.sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, factor=c.plateau_factor,
+                                                                 patience=c.plateau_patience)
+                      if c.scheduler == "plateau" else None)
+        micro_per_epoch = math.ceil(n_train / c.micro_batch_size)
+        self.steps_per_epoch = max(1, micro_per_epoch // c.grad_accum)
+        self.total_steps = self.steps_per_epoch * c.epochs
+        if c.max_steps is not None:
+            self.total_steps = min(self.total_steps, c.max_steps)
+        self.step = self.epoch = self.position = self.tokens = 0
+        self.best_val, self.best_metrics, self.evals_since_best = math.inf, {}, 0
+        self.history: list[dict] = []
+        self.seconds = 0.0
+        self.done = False
+
+    def state_dict(self) -> dict:
+        return {"params": {n: p.detach().cpu().clone() for n, p in self.stage.params.items()},
+                "opt": self.opt.state_dict(), "sched": self.sched.state_dict() if self.sched else None,
+                "counters": {k: getattr(self, k) for k in ("step", "epoch", "position", "tokens", "best_val",
+                                                           "best_metrics", "evals_since_best", "history",
+                                                           "seconds", "done")},
+                "rng": _rng_state()}
+
+    def load_state_dict(self, st: dict) -> None:
+        with torch.no_grad():
+            for n, p in self.stage.params.items():
+                p.copy_(st["params"][n].to(p.device, p.dtype))
+        self.opt.load_state_dict(st["opt"])
+        if self.sched and st["sched"]:
+            self.sched.load_state_dict(st["sched"])
+        for k, v in st["counters"].items():
+            setattr(self, k, v)
+        _set_rng_state(st["rng"])
+
+
+def _save_state(loop: _Loop, run_dir: Path) -> None:
+    st = loop.state_dict()
+    atomic_write(run_dir / STATE, lambda p: torch.save(st, p))
+
+
+def _evaluate(loop: _Loop, run_dir: Path) -> bool:
+    """Validate, step the scheduler, keep the best checkpoint; True if training should stop."""
+    stage, c = loop.stage, loop.stage.cfg
+    val, metrics = stage.validate()
+    rec = {"step": loop.step, "tokens": loop.tokens, "val_loss": val, **metrics,
+           "lr": loop.opt.param_groups[0]["lr"]}
+    loop.history.append(rec)
+    if loop.sched:
+        loop.sched.step(val)
+    if val < loop.best_val:
+        loop.best_val, loop.best_metrics, loop.evals_since_best = val, rec, 0
+        stage.save_best(run_dir / "best", rec)
+    else:
+        loop.evals_since_best += 1
+    return c.early_stop_patience is not None and loop.evals_since_best >= c.early_stop_patience
+
+
+def train_stage(stage: Stage, train_data: torch.Tensor, run_dir: str | Path, seed: int, device: torch.device,
+                progress: bool = True, on_step: Callable[[int], None] | None = None) -> StageResult:
+    """Train ``stage`` on packed sequences ``train_data`` (N, T); resume from run_dir if a state exists."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    c = stage.cfg
+    loop = _Loop(stage, len(train_data))
+    if (run_dir / STATE).is_file():
+        loop.load_state_dict(torch.load(run_dir / STATE, map_location="cpu", weights_only=False))
+    else:
+        torch.manual_seed(seed)
+    if not loop.done and loop.step == 0 and not loop.history:
+        _evaluate(loop, run_dir)  # the starting point is a candidate too
+    trainable = sum(p.numel() for p in stage.params.values() if p.requires_grad)
+    bar = _progress(stage.name, loop, progress)
+    t_last, tok_last = time.time(), loop.tokens
+    try:
+        while not loop.done and loop.step < loop.total_steps:
+            logs = _one_step(loop, train_data, seed, device)
+            now = time.time()
+            loop.seconds += now - t_last
+            tps = (loop.tokens - tok_last) / max(now - t_last, 1e-9)
+            t_last, tok_last = now, loop.tokens
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4g}", tok_s=f"{tps:,.0f}", refresh=False)
+            stop = False
+            if loop.step % c.eval_every == 0 or loop.step == loop.total_steps:
+                stop = _evaluate(loop, run_dir)
+                bar.set_postfix(loss=f"{logs['loss']:.4g}", val=f"{loop.history[-1]['val_loss']:.4g}",
+                                tok_s=f"{tps:,.0f}", refresh=False)
+            loop.done = stop or loop.step >= loop.total_steps
+            if loop.done or loop.step % c.save_every == 0 or loop.step % c.eval_every == 0:
+                _save_state(loop, run_dir)
+            if on_step is not None:
+                on_step(loop.step)
+    finally:
+        bar.close()
+    result = StageResult(loop.best_val, loop.best_metrics, loop.step, loop.tokens, loop.seconds,
+                         trainable, stage.total_params, loop.history)
+    write_json(run_dir / SUMMARY, result.to_dict())
+    return result
+
+
+def _progress(name: str, loop: _Loop, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=loop.total_steps, initial=loop.step, desc=name, disable=not enabled, dynamic_ncols=True)
+
+
+def _one_step(loop: _Loop, data: torch.Tensor, seed: int, device: torch.device) -> dict[str, float]:
+    """grad_accum micro-batches, clip, AdamW step; advances the data position."""
+    c, stage = loop.stage.cfg, loop.stage
+    loop.opt.zero_grad(set_to_none=True)
+    total, logs = 0.0, {}
+    for _ in range(c.grad_accum):
+        batch = _next_batch(loop, data, seed).to(device)
+        loss, logs = stage.loss(batch)
+        (loss / c.grad_accum).backward()
+        total += float(loss.detach()) / c.grad_accum
+        loop.tokens += batch.numel()
+    params = [p for p in stage.params.values() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+    loop.opt.step()
+    loop.step += 1
+    return {**logs, "loss": total}
+
+
+def _next_batch(loop: _Loop, data: torch.Tensor, seed: int) -> torch.Tensor:
+    c = loop.stage.cfg
+    while True:
+        for pos, batch in iterate_batches(data, c.micro_batch_size, seed, loop.epoch, loop.position):
+            loop.position = pos + 1
+            return batch
+        loop.epoch, loop.position = loop.epoch + 1, 0

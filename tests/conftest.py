@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models and a tiny tokenizer, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+WORDS = ("the a cat dog sat on mat and ran to house big small red blue green tree sky is was "
+         "what why how who where when you i we they it of in for with answer question response "
+         "instruction input below task write that describes request").split()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS + [c for c in "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?#-_()'\"\n"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>")
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 128, layers: int = 2):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    return cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **kw), attn_implementation="sdpa").eval()
+
+
+def save_tiny(directory: Path, arch: str = "llama", seed: int = 0) -> Path:
+    tok = tiny_tokenizer()
+    model = tiny_model(arch, seed, vocab_size=len(tok.get_vocab()))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def write_alpaca(path: Path, n: int = 120, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        pick = lambda k: " ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (k,), generator=g).tolist())
+        rows.append({"instruction": pick(6), "input": pick(3) if i % 2 else "", "output": pick(20)})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_alpaca(tmp_path_factory) -> Path:
+    return write_alpaca(tmp_path_factory.mktemp("data") / "alpaca.jsonl")

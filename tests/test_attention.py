@@ -1,0 +1,138 @@
+"""The attention module and its reference ops."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from lolcats.attention.convert import collect_distill_outputs, convert_model, set_attention_mode
+from lolcats.config import AttentionConfig
+from lolcats.ops.decode.naive import DecodeState, decode_step_naive, window_slots
+from lolcats.ops.hybrid.naive import hybrid_attention_naive
+from lolcats.ops.linear.naive import linear_attention_quadratic, linear_attention_recurrent
+
+KINDS = ["linear", "sliding_window", "terraced_window"]
+
+
+def rand_qkv(B=2, H=4, Hk=2, T=37, D=8, F=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)
+    return (r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D), r(B, H, T, F).exp(), r(B, Hk, T, F).exp(),
+            torch.rand(H, generator=g, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("kind", ["sliding_window", "terraced_window"])
+def test_hybrid_with_window_covering_sequence_is_softmax(kind):
+    q, k, v, fq, fk, wf = rand_qkv(T=50)
+    y, _ = hybrid_attention_naive(q, k, v, fq, fk, wf, kind, window_size=64, scale=0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           is_causal=True, scale=0.3)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_quadratic_equals_recurrent_with_state():
+    _, _, v, fq, fk, _ = rand_qkv(T=41)
+    s0 = (torch.rand(2, 2, 6, 8, dtype=torch.float32), torch.rand(2, 2, 6, dtype=torch.float32))
+    yq, sq = linear_attention_quadratic(fq, fk, v, s0, output_final_state=True)
+    yr, sr = linear_attention_recurrent(fq, fk, v, s0, output_final_state=True)
+    torch.testing.assert_close(yq, yr.to(yq.dtype))
+    for a, b in zip(sq, sr):
+        torch.testing.assert_close(a, b.to(a.dtype))
+
+
+def test_linear_split_in_two_with_state_equals_whole():
+    _, _, v, fq, fk, _ = rand_qkv(T=40)
+    y, _ = linear_attention_quadratic(fq, fk, v)
+    y1, s = linear_attention_quadratic(fq[:, :, :17], fk[:, :, :17], v[:, :, :17], output_final_state=True)
+    y2, _ = linear_attention_quadratic(fq[:, :, 17:], fk[:, :, 17:], v[:, :, 17:], initial_state=s)
+    torch.testing.assert_close(torch.cat([y1, y2], 2), y)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decode_steps_equal_full_sequence(kind):
+    q, k, v, fq, fk, wf = rand_qkv(T=45)
+    w = 7
+    if kind == "linear":
+        ref, _ = linear_attention_quadratic(fq, fk, v)
+    else:
+        ref, _ = hybrid_attention_naive(q, k, v, fq, fk, wf, kind, w, 0.3)
+    st = DecodeState.empty(2, 2, window_slots(kind, w), 8, 8, 6, torch.float32, "cpu")
+    ys = [decode_step_naive(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], st,
+                            torch.full((2,), t), wf, kind, w, 0.3) for t in range(45)]
+    torch.testing.assert_close(torch.stack(ys, 2), ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_teacher_mode_reproduces_hf_logits(arch):
+    model = tiny_model(arch)
+    x = torch.randint(0, 128, (2, 70))
+    with torch.no_grad():
+        ref = model(x).logits
+    convert_model(model, AttentionConfig())
+    set_attention_mode(model, "teacher")
+    with torch.no_grad():
+        out = model(x).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_student_with_long_window_reproduces_hf_logits():
+    model = tiny_model()
+    x = torch.randint(0, 128, (2, 70))
+    with torch.no_grad():
+        ref = model(x).logits
+    convert_model(model, AttentionConfig(kind="sliding_window", window_size=128))
+    with torch.no_grad():
+        out = model(x).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmap", ["hedgehog", "t2r", "elu", "relu"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_distill_mode_returns_teacher_output_and_typed_losses(fmap, kind):
+    model = tiny_model()
+    x = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        ref = model(x).logits
+    convert_model(model, AttentionConfig(kind=kind, feature_map=fmap, window_size=8, feature_dim=8))
+    set_attention_mode(model, "distill")
+    with collect_distill_outputs(model, xent=True) as outs:
+        out = model(x).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert [o.layer_idx for o in outs] == [0, 1]
+    assert all(o.mse.ndim == 0 and o.mse >= 0 and torch.isfinite(o.xent) for o in outs)
+    trainable = [o.mse.requires_grad for o in outs]
+    assert all(trainable) == (fmap in ("hedgehog", "t2r") or kind != "linear")
+
+
+def test_only_feature_maps_and_window_factors_get_gradients():
+    model = tiny_model()
+    convert_model(model, AttentionConfig(window_size=8))
+    for n, p in model.named_parameters():
+        p.requires_grad_(".feature_map_" in n or "window_factors" in n)
+    set_attention_mode(model, "distill")
+    with collect_distill_outputs(model) as outs:
+        model.model(torch.randint(0, 128, (1, 30)))
+    sum(o.mse for o in outs).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".feature_map_" in n or "window_factors" in n for n in grads)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2"):
+        convert_model(m, AttentionConfig())
+
+
+def test_left_padding_matches_unpadded_row():
+    model = tiny_model()
+    convert_model(model, AttentionConfig(kind="terraced_window", window_size=8, feature_init="random"))
+    x = torch.randint(3, 128, (1, 30))
+    pad = torch.full((1, 5), 2)
+    xp = torch.cat([pad, x], 1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 30, dtype=torch.long)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        ref = model(x).logits
+        out = model(xp, attention_mask=mask, position_ids=pos).logits[:, 5:]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,168 @@
+"""The two-stage recipe on a tiny model: training lowers the losses, checkpoints round-trip,
+export loads with from_pretrained, bad input gives clear errors, and a killed run resumes."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import save_tiny, write_alpaca
+from lolcats.checkpoint import CheckpointError, load_tensors
+from lolcats.config import load_config
+from lolcats.pipeline import (linearize, load_linearized, prepare, run_distill, run_finetune, stage_dirs,
+                              student_perplexity)
+from lolcats.training.trainer import StopTraining
+
+
+def make_cfg(tmp_path, model_dir, data, **over):
+    o = {"model": {"name": str(model_dir)},
+         "attention": {"window_size": 8, "feature_dim": 8},
+         "data": {"train": [str(data)], "seq_len": 32, "val_fraction": 0.2, "template": "alpaca",
+                  "cache_dir": str(tmp_path / "cache"), "max_val_tokens": 512},
+         "distill": {"max_steps": 12, "grad_accum": 2, "micro_batch_size": 2, "eval_every": 4, "save_every": 2,
+                     "lr": 1e-2},
+         "finetune": {"max_steps": 12, "grad_accum": 2, "micro_batch_size": 2, "eval_every": 4, "save_every": 2,
+                      "lr": 3e-3},
+         "run": {"output_dir": str(tmp_path / "runs"), "device": "cpu", "progress": False}}
+    for k, v in over.items():
+        sec, key = k.split(".")
+        o[sec][key] = v
+    return load_config(None, o)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    return root, save_tiny(root / "model"), write_alpaca(root / "alpaca.jsonl", n=200)
+
+
+@pytest.fixture(scope="module")
+def finished(env):
+    root, model_dir, data = env
+    cfg = make_cfg(root, model_dir, data)
+    return cfg, linearize(cfg)
+
+
+def test_distill_lowers_mse_and_finetune_lowers_val_loss(finished):
+    cfg, report = finished
+    d1, d2 = stage_dirs(cfg)
+    h1 = json.loads((d1 / "summary.json").read_text())["history"]
+    assert h1[-1]["val_loss"] < h1[0]["val_loss"]
+    assert all(h1[-1][f"mse/{i}"] < h1[0][f"mse/{i}"] for i in range(2))
+    h2 = json.loads((d2 / "summary.json").read_text())["history"]
+    assert min(h["val_loss"] for h in h2[1:]) < h2[0]["val_loss"]
+    assert report["stage2"]["val_loss"] < report["stage1"]["val_loss"]
+
+
+def test_checkpoints_hold_only_trainable_weights(finished):
+    cfg, _ = finished
+    d1, d2 = stage_dirs(cfg)
+    s1 = load_tensors(d1 / "best")
+    assert s1 and all(".feature_map_" in k or "window_factors" in k for k in s1)
+    s2 = load_tensors(d2 / "best")
+    assert s2 and all("lora_" in k for k in s2)
+
+
+def test_finished_stage_is_not_run_again(finished):
+    cfg, _ = finished
+    ctx = prepare(cfg)
+    assert run_distill(ctx) is None
+    _, r2 = run_finetune(ctx)
+    assert r2 is None
+
+
+def test_save_load_export_from_pretrained_same_logits(finished, tmp_path):
+    import lolcats.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from lolcats.hf import export_model
+
+    cfg, _ = finished
+    d1, d2 = stage_dirs(cfg)
+    model, tok = load_linearized(None, str(d1 / "best"), str(d2 / "best"), device="cpu", dtype="float32")
+    ids = torch.randint(3, 60, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+    export_model(model, tok, tmp_path / "export")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert back.config.model_type == "lolcats_llama"
+    with torch.no_grad():
+        out = back(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerged_lora_equals_merged(finished):
+    cfg, _ = finished
+    d1, d2 = stage_dirs(cfg)
+    ids = torch.randint(3, 60, (1, 30))
+    a, _ = load_linearized(None, str(d1 / "best"), str(d2 / "best"), device="cpu", dtype="float32", merge=False)
+    b, _ = load_linearized(None, str(d1 / "best"), str(d2 / "best"), device="cpu", dtype="float32", merge=True)
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_base_model_is_refused(finished, tmp_path):
+    cfg, _ = finished
+    d1, _ = stage_dirs(cfg)
+    other = save_tiny(tmp_path / "other", seed=1)
+    with pytest.raises(CheckpointError, match="wrong base model"):
+        load_linearized(str(other), str(d1 / "best"), None, device="cpu")
+
+
+def test_checkpoint_with_wrong_shapes_is_refused(finished, tmp_path):
+    from safetensors.torch import save_file
+
+    cfg, _ = finished
+    d1, _ = stage_dirs(cfg)
+    bad = tmp_path / "bad"
+    shutil.copytree(d1 / "best", bad)
+    t = load_tensors(bad)
+    k = next(iter(t))
+    t[k] = torch.zeros(3, 3)
+    save_file(t, str(bad / "weights.safetensors"))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_linearized(None, str(bad), None, device="cpu")
+
+
+def test_empty_dataset_is_a_clear_error(env, tmp_path):
+    root, model_dir, _ = env
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = make_cfg(tmp_path, model_dir, empty)
+    with pytest.raises(ValueError, match="empty.jsonl"):
+        prepare(cfg)
+
+
+def _trainable_after(cfg, kill_at=None):
+    ctx = prepare(cfg)
+
+    def on_step(step):
+        if kill_at is not None and step == kill_at:
+            raise StopTraining
+
+    try:
+        run_distill(ctx, on_step)
+    except StopTraining:
+        return None
+    d1, _ = stage_dirs(cfg)
+    return load_tensors(d1 / "best"), json.loads((d1 / "summary.json").read_text())
+
+
+def test_kill_and_resume_ends_at_the_same_weights(env, tmp_path):
+    root, model_dir, data = env
+    straight = _trainable_after(make_cfg(tmp_path / "a", model_dir, data, **{"distill.max_steps": 9}))
+    cfg = make_cfg(tmp_path / "b", model_dir, data, **{"distill.max_steps": 9})
+    assert _trainable_after(cfg, kill_at=5) is None  # killed after step 5 (state saved at step 4)
+    resumed = _trainable_after(cfg)
+    for k in straight[0]:
+        torch.testing.assert_close(resumed[0][k], straight[0][k], rtol=0, atol=0)
+    assert resumed[1]["steps"] == straight[1]["steps"] == 9
+    assert resumed[1]["tokens"] == straight[1]["tokens"]
+
+
+def test_student_perplexity_runs_after_stage1(finished):
+    cfg, _ = finished
+    ctx = prepare(cfg)
+    run_distill(ctx)
+    assert student_perplexity(ctx) > 0
