@@ -1,0 +1,272 @@
+"""Benchmark the Triton attention kernels against PyTorch SDPA (flash) and the references.
+
+    python benchmarks/kernels.py --out kernels.md      # H100: prefill table + decode table
+    python benchmarks/kernels.py --quick               # tiny CPU smoke run (TRITON_INTERPRET=1)
+
+Prefill: forward and forward+backward milliseconds for SmolLM2 (H=9, Hk=3, D=64) and
+Llama-3-8B (H=32, Hk=8, D=128) shapes, F=128 hedgehog features (the feature map itself is not
+timed: it stays a separate PyTorch op, 2 small matmuls + softmax, outside the kernels), window 64,
+T = 1K..32K with B*T = 64K tokens, bf16. Baseline: causal SDPA with the flash backend (KV heads
+expanded, same FLOPs as GQA). Speed-ups are SDPA time / kernel time. TFLOP/s of the kernels use
+a model count (the dots the kernels issue), against a measured bf16 8192^3 matmul.
+Decode: one step of the fused kernel (replayed from a CUDA graph) at batch 1..1024, with the bytes
+of state it touches per step (window k, v, positions, kv/ks read and written) and GB/s against a
+measured device copy. Medians of triton.testing.do_bench. Writes markdown to --out and JSON
+beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--quick" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from lolcats.ops.decode.naive import DecodeState, window_slots  # noqa: E402
+from lolcats.ops.hybrid.naive import hybrid_attention_naive  # noqa: E402
+from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton  # noqa: E402
+from lolcats.ops.triton.chunked import CHUNK, explicit_chunks  # noqa: E402
+from lolcats.ops.triton.decode import decode_step_triton  # noqa: E402
+
+MODELS = {"smollm2": dict(H=9, Hk=3, D=64, F=128), "llama3-8b": dict(H=32, Hk=8, D=128, F=128)}
+WINDOW = 64
+
+
+def bench(fn, quick: bool) -> float:
+    """Median milliseconds."""
+    if not quick:
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def ceilings(dev: str, quick: bool) -> dict:
+    n = 512 if quick else 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    tflops = 2 * n**3 / bench(lambda: a @ a, quick) / 1e9
+    x = torch.empty(2**20 if quick else 2**30, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    gbs = 2 * x.numel() / bench(lambda: y.copy_(x), quick) / 1e6
+    return {"matmul_tflops": tflops, "copy_gbs": gbs}
+
+
+def _try(fn, quick):
+    try:
+        return bench(fn, quick)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def _fwd_bwd(fn, ins):
+    def run():
+        out = fn()
+        torch.autograd.grad(out, ins, torch.ones_like(out))
+    return run
+
+
+def model_flops(B, H, Hk, T, D, F, kind) -> float:
+    """Forward dots issued by the kernels (multiply-adds x 2)."""
+    C, nc = CHUNK, triton.cdiv(T, CHUNK)
+    tiles = explicit_chunks(0 if kind == "linear" else 1 + (kind == "terraced_window"), WINDOW, C, nc) + 1
+    per_q = tiles * C * (F + D) + F * D  # fq fk^T, w v per explicit tile, fq S
+    if kind != "linear":
+        per_q += tiles * C * 2 * D  # q k^T twice (max pass, weight pass)
+    return 2 * B * H * T * per_q + 2 * B * Hk * T * F * D  # + prefix states
+
+
+def prefill_rows(dev, quick, ceil):
+    dt = torch.bfloat16 if not quick else torch.float32
+    models = MODELS if not quick else {"tiny": dict(H=2, Hk=1, D=16, F=16)}
+    lengths = [1024, 2048, 4096, 8192, 16384, 32768] if not quick else [64, 128]
+    tokens = 65536 if not quick else 128
+    rows = []
+    for name, s in models.items():
+        H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
+        for T in lengths:
+            B = max(1, tokens // T)
+            g = torch.Generator(device=dev).manual_seed(0)
+
+            def r(*shape, pos=False):
+                x = torch.rand(*shape, device=dev, generator=g) if pos else torch.randn(*shape, device=dev, generator=g)
+                return x.to(dt).requires_grad_()
+
+            q, k, v = r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D)
+            fq, fk = r(B, H, T, Fd, pos=True), r(B, Hk, T, Fd, pos=True)
+            wf = torch.rand(H, device=dev).requires_grad_()
+            ke, ve = (x.detach().repeat_interleave(H // Hk, 1).requires_grad_() for x in (k, v))
+            row = {"model": name, "T": T, "B": B}
+
+            def sdpa():
+                if quick:
+                    return F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+
+            row["sdpa_fwd"] = _try(sdpa, quick)
+            row["sdpa_fwdbwd"] = _try(_fwd_bwd(sdpa, [q, ke, ve]), quick)
+            sdpa_flops = 4 * B * H * T * T * D / 2
+            row["sdpa_fwd_tflops"] = sdpa_flops / row["sdpa_fwd"] / 1e9 if row["sdpa_fwd"] else None
+            for kind in ("sliding_window", "terraced_window"):
+                def hyb(kind=kind):
+                    return hybrid_attention_triton(q, k, v, fq, fk, wf, kind, WINDOW)
+                tag = kind.split("_")[0]
+                row[f"{tag}_fwd"] = _try(hyb, quick)
+                row[f"{tag}_fwdbwd"] = _try(_fwd_bwd(hyb, [q, k, v, fq, fk, wf]), quick)
+                row[f"{tag}_fwd_tflops"] = model_flops(B, H, Hk, T, D, Fd, kind) / row[f"{tag}_fwd"] / 1e9
+            lin = lambda: linear_attention_triton(fq, fk, v)[0]  # noqa: E731
+            row["linear_fwd"] = _try(lin, quick)
+            row["linear_fwdbwd"] = _try(_fwd_bwd(lin, [fq, fk, v]), quick)
+            if T < 8192:
+                ref = lambda: hybrid_attention_naive(q, k, v, fq, fk, wf, "sliding_window", WINDOW)[0]  # noqa: E731
+                row["torch_ref_fwd"] = _try(ref, quick)
+                row["torch_ref_fwdbwd"] = _try(_fwd_bwd(ref, [q, k, v, fq, fk, wf]), quick)
+            row.update(_fla(fq, fk, v, quick))
+            for tag in ("sliding", "terraced", "linear"):
+                for m in ("fwd", "fwdbwd"):
+                    base, mine = row.get(f"sdpa_{m}"), row.get(f"{tag}_{m}")
+                    row[f"{tag}_{m}_speedup"] = base / mine if base and mine else None
+            rows.append(row)
+            print(_fmt_prefill(row), flush=True)
+            del q, k, v, fq, fk, ke, ve
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _fla(fq, fk, v, quick):
+    try:
+        from lolcats.ops.fla_backend import fla_linear
+    except ImportError:
+        return {}
+    fn = lambda: fla_linear(fq, fk, v)[0]  # noqa: E731
+    return {"fla_fwd": _try(fn, quick), "fla_fwdbwd": _try(_fwd_bwd(fn, [fq, fk, v]), quick)}
+
+
+def _ms(x):
+    return "oom" if x is None else f"{x:8.3f}"
+
+
+def _x(x):
+    return "   -" if x is None else f"{x:5.2f}x"
+
+
+PREFILL_HEAD = ("model      T      B | sdpa fwd  fwd+bwd TF/s | sliding fwd  fwd+bwd  (x fwd, x f+b) TF/s | "
+                "terraced fwd fwd+bwd (x fwd, x f+b) | linear fwd fwd+bwd | torch-ref fwd fwd+bwd | fla fwd")
+
+
+def _fmt_prefill(r):
+    tf = lambda x: "   -" if x is None else f"{x:5.0f}"  # noqa: E731
+    return (f"{r['model']:10s} {r['T']:5d} {r['B']:3d} | {_ms(r['sdpa_fwd'])} {_ms(r['sdpa_fwdbwd'])} "
+            f"{tf(r['sdpa_fwd_tflops'])} | {_ms(r['sliding_fwd'])} {_ms(r['sliding_fwdbwd'])} "
+            f"({_x(r['sliding_fwd_speedup'])}, {_x(r['sliding_fwdbwd_speedup'])}) {tf(r['sliding_fwd_tflops'])} | "
+            f"{_ms(r['terraced_fwd'])} {_ms(r['terraced_fwdbwd'])} ({_x(r['terraced_fwd_speedup'])}, "
+            f"{_x(r['terraced_fwdbwd_speedup'])}) | {_ms(r['linear_fwd'])} {_ms(r['linear_fwdbwd'])} | "
+            f"{_ms(r.get('torch_ref_fwd')) if 'torch_ref_fwd' in r else ' skipped'} "
+            f"{_ms(r.get('torch_ref_fwdbwd')) if 'torch_ref_fwdbwd' in r else ' skipped'} | "
+            f"{_ms(r['fla_fwd']) if 'fla_fwd' in r else 'n/a'}")
+
+
+def decode_rows(dev, quick, ceil):
+    s = MODELS["llama3-8b"] if not quick else dict(H=2, Hk=1, D=16, F=16)
+    H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
+    dt = torch.bfloat16 if not quick else torch.float32
+    batches = [1, 4, 16, 64, 256, 1024] if not quick else [1, 4]
+    rows = []
+    for kind in ("sliding_window", "terraced_window", "linear"):
+        for B in batches:
+            S = window_slots(kind, WINDOW)
+            st = DecodeState.empty(B, Hk, S, D, D, Fd, dt, dev)
+            st.win_pos.copy_(torch.arange(S, device=dev).expand(B, S))  # a full window
+            pos = torch.full((B,), S + 1, dtype=torch.long, device=dev)
+            q, fq = torch.randn(B, H, D, device=dev, dtype=dt), torch.rand(B, H, Fd, device=dev, dtype=dt)
+            k, v = torch.randn(B, Hk, D, device=dev, dtype=dt), torch.randn(B, Hk, D, device=dev, dtype=dt)
+            fk = torch.rand(B, Hk, Fd, device=dev, dtype=dt)
+            wf = torch.rand(H, device=dev) if kind != "linear" else None
+
+            def step():
+                return decode_step_triton(q, k, v, fq, fk, st, pos, wf, kind, WINDOW, D**-0.5)
+
+            fn = step
+            if dev == "cuda":
+                step()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                fn = graph.replay
+            ms = bench(fn, quick)
+            el = st.win_k.element_size()
+            touched = (B * Hk * S * 2 * D * el + st.win_pos.numel() * 8 * 2 + 2 * (st.kv.numel() + st.ks.numel()) * 4
+                       + B * (2 * H + 3 * Hk) * D * el + B * H * D * el)
+            gbs = touched / ms / 1e6
+            row = {"kind": kind, "B": B, "ms": ms, "bytes": touched, "GB/s": gbs,
+                   "pct_copy": 100 * gbs / ceil["copy_gbs"]}
+            rows.append(row)
+            print(f"decode {kind:16s} B={B:5d}  {ms * 1e3:9.1f} us  {touched / 1e6:9.2f} MB  {gbs:8.0f} GB/s "
+                  f"({row['pct_copy']:4.0f}% of copy)", flush=True)
+    return rows
+
+
+def to_markdown(info, prefill, decode) -> str:
+    lines = [f"# Kernel benchmark on {info['gpu']}", "",
+             f"Ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, device copy {info['copy_gbs']:.0f} GB/s. "
+             f"torch {torch.__version__}, triton {triton.__version__}. Times in ms (median).", "",
+             "| model | T | B | sdpa fwd | sdpa f+b | sliding fwd | sliding f+b | x fwd | x f+b | terraced fwd | "
+             "terraced f+b | linear fwd | linear f+b | torch ref fwd | fla fwd |", "|" + "---|" * 15]
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for r in prefill:
+        lines.append(f"| {r['model']} | {r['T']} | {r['B']} | {f(r['sdpa_fwd'])} | {f(r['sdpa_fwdbwd'])} | "
+                     f"{f(r['sliding_fwd'])} | {f(r['sliding_fwdbwd'])} | {f(r['sliding_fwd_speedup'])} | "
+                     f"{f(r['sliding_fwdbwd_speedup'])} | {f(r['terraced_fwd'])} | {f(r['terraced_fwdbwd'])} | "
+                     f"{f(r['linear_fwd'])} | {f(r['linear_fwdbwd'])} | "
+                     f"{f(r.get('torch_ref_fwd')) if 'torch_ref_fwd' in r else 'skipped'} | "
+                     f"{f(r.get('fla_fwd')) if 'fla_fwd' in r else 'n/a'} |")
+    lines += ["", "| decode kind | batch | us/step | MB touched | GB/s | % of copy |", "|---|---|---|---|---|---|"]
+    for r in decode:
+        lines.append(f"| {r['kind']} | {r['B']} | {r['ms'] * 1e3:.1f} | {r['bytes'] / 1e6:.2f} | {r['GB/s']:.0f} | "
+                     f"{r['pct_copy']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="markdown report path (JSON written beside it)")
+    ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run through TRITON_INTERPRET=1")
+    args = ap.parse_args(argv)
+    dev = "cpu" if args.quick else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --quick for the CPU smoke run)")
+    info = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu (triton interpreter)"}
+    print(f"device: {info['gpu']}", flush=True)
+    info.update(ceilings(dev, args.quick))
+    print(f"ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, copy {info['copy_gbs']:.0f} GB/s", flush=True)
+    print(PREFILL_HEAD, flush=True)
+    prefill = prefill_rows(dev, args.quick, info)
+    decode = decode_rows(dev, args.quick, info)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(to_markdown(info, prefill, decode))
+        args.out.with_suffix(".json").write_text(json.dumps({"info": info, "prefill": prefill, "decode": decode},
+                                                            indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Registers an ``fla`` backend (flash-linear-attention's chunked kernel), linear kind only.
+
+Not chosen by ``auto``; import failure (no ``fla``) is harmless. fla's own ``normalize`` uses
+another epsilon and ignores an initial state's key sum, so the normaliser is computed here
+exactly: a ones column appended to v makes the last output column fq_i . z_i.
+Hybrid calls fall back to the reference (fla has no LoLCATs window).
+"""
+
+from __future__ import annotations
+
+import torch
+from fla.ops.linear_attn import chunk_linear_attn
+
+from lolcats.ops import BACKENDS, Backend, register_backend
+from lolcats.ops.linear.naive import EPS, State, expand_kv_heads
+
+
+def fla_linear(
+    fq: torch.Tensor,  # (B, H, T, F)
+    fk: torch.Tensor,  # (B, Hk, T, F)
+    v: torch.Tensor,  # (B, Hk, T, Dv)
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, State | None]:
+    H, Hk, Dv = fq.shape[1], fk.shape[1], v.shape[-1]
+    dt = v.dtype
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, Hk, T, Dv + 1)
+    q_, k_, v_ = (expand_kv_heads(t, H).to(dt).transpose(1, 2) for t in (fq, fk, v1))  # (B, T, H, .)
+    h0 = None
+    if initial_state is not None:
+        h0 = expand_kv_heads(torch.cat([initial_state[0], initial_state[1][..., None]], -1).float(), H)
+    o, hT = chunk_linear_attn(q_, k_, v_, scale=1.0, initial_state=h0, output_final_state=output_final_state,
+                              normalize=False)
+    o = o.transpose(1, 2).float()  # (B, H, T, Dv + 1)
+    y = (o[..., :Dv] / (o[..., Dv:] + EPS)).to(dt)
+    if not output_final_state:
+        return y, None
+    hT = hT[:, :: H // Hk].float()  # (B, Hk, F, Dv + 1): one head of each group
+    return y, (hT[..., :Dv], hT[..., Dv])
+
+
+register_backend(Backend("fla", linear=fla_linear, hybrid=BACKENDS["torch"].hybrid, supports=lambda x: x.is_cuda),
+                 auto=False)

@@ -1,0 +1,50 @@
+"""Fused Triton kernels: chunked linear / hybrid attention (training, prefill) and the decode step.
+
+Importing this package needs ``triton``; ``lolcats.ops.triton_backend`` registers the kernels as
+the ``triton`` attention backend. References: ``ops/{linear,hybrid,decode}/naive.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lolcats.ops.linear.naive import EPS, State
+from lolcats.ops.triton.chunked import CHUNK, KINDS, ChunkedAttention
+
+
+def linear_attention_triton(
+    fq: torch.Tensor,  # (B, H, T, F)
+    fk: torch.Tensor,  # (B, Hk, T, F)
+    v: torch.Tensor,  # (B, Hk, T, Dv)
+    initial_state: State | None = None,  # (kv (B, Hk, F, Dv), ks (B, Hk, F))
+    output_final_state: bool = False,
+    chunk: int = CHUNK,
+) -> tuple[torch.Tensor, State | None]:
+    """Same function as ``linear_attention_quadratic``: y (B, H, T, Dv) in v's dtype, float32 state."""
+    s0, z0 = initial_state if initial_state is not None else (None, None)
+    y, kv, ks = ChunkedAttention.apply(None, None, v, fq, fk, None, s0, z0, 0, 1, 1.0, EPS, chunk)
+    return y, ((kv, ks) if output_final_state else None)
+
+
+def hybrid_attention_triton(
+    q: torch.Tensor,  # (B, H, T, D)
+    k: torch.Tensor,  # (B, Hk, T, D)
+    v: torch.Tensor,  # (B, Hk, T, Dv)
+    fq: torch.Tensor,  # (B, H, T, F)
+    fk: torch.Tensor,  # (B, Hk, T, F)
+    window_factor: torch.Tensor,  # (H,) in (0, 1)
+    kind: str = "sliding_window",
+    window_size: int = 64,
+    scale: float | None = None,
+    chunk: int = CHUNK,
+) -> torch.Tensor:  # (B, H, T, Dv)
+    """Same function as ``hybrid_attention_naive`` in its plain case (positions 0..T-1, no mask)."""
+    if kind not in ("sliding_window", "terraced_window"):
+        raise ValueError(f"unknown window kind {kind!r}; known: sliding_window, terraced_window")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    y, _, _ = ChunkedAttention.apply(q, k, v, fq, fk, window_factor, None, None, KINDS[kind], window_size,
+                                     scale, 0.0, chunk)
+    return y
+
+
+__all__ = ["linear_attention_triton", "hybrid_attention_triton"]

@@ -1,0 +1,478 @@
+"""Chunked Triton kernels for causal linear and hybrid (window + linear) attention.
+
+One code path serves three kinds (``KIND``): 0 = linear, 1 = sliding window, 2 = terraced
+window; the references are ``ops/linear/naive.py`` and ``ops/hybrid/naive.py`` (plain case).
+
+Sequence split into chunks of C (64) tokens. For query chunk c the keys fall in two parts:
+
+* chunks ``< c0 = max(c - NX, 0)``: linear for every query of the chunk, consumed through the
+  prefix state ``S_c0 = S0 + sum_{j < c0 C} fk_j v_j^T`` (F, Dv) and ``z_c0`` (F,);
+* chunks ``c0 .. c`` ("explicit"): scores computed tile by tile, every (i, j) put in the window,
+  the linear part or neither by the exact masks of the reference.
+
+``NX`` (0 for linear, 1 for a 64-window with C = 64, 1..2 for terraced) is the smallest offset
+for which the first part is entirely linear. With w_ij = g p_ij (window, p = exp(s - m_i),
+m_i the max over the window) or fq_i.fk_j (linear part), the forward is
+``y_i = (fq_i S_c0 + sum_j w_ij v_j) / (fq_i z_c0 + sum_j w_ij + eps)``; m_i is found in a
+first pass over the (at most NX + 1) explicit tiles, so one accumulator serves both parts.
+
+Backward, with den_i, dō_i = do_i / den_i, δ̄_i = do_i.y_i / den_i (for windows from the
+unrounded y, recomputed in a first pass over the explicit tiles) and dw_ij = do_i.v_j / den_i - δ̄_i:
+  * linear entries: dfq_i += dw_ij fk_j, dfk_j += dw_ij fq_i, dv_j += a_ij dō_i;
+  * window entries: ds_ij = g p_ij dw_ij, minus c_i = g sum_k p_ik dw_ik at j = argmax_i (the
+    gradient through m_i; ties are given to one key), dq/dk from ds times scale, and
+    dg = sum_i sum_k p_ik dw_ik;
+  * the linear part through states: dfq_i += S_c0 dō_i - z_c0 δ̄_i, and for key chunk c the
+    suffix state ``R = dSf + sum_{query chunks > c + NX} fq dō^T`` gives dfk_j += R v_j - Rz,
+    dv_j += R^T fk_j (Rz = sum fq δ̄ - dzf). R at chunk 0 is the initial state's gradient.
+
+Kernels: ``_state_fwd`` (prefix states, sequential over chunks, one program per (b, hk,
+Dv-block)), ``_fwd`` (one program per (query chunk, b, h)), ``_bwd_dq``, ``_state_bwd``
+(suffix states), ``_bwd_dkv`` (one program per (key chunk, b, hk), looping over its group).
+No T x T matrix is ever stored; the states cost (B, Hk, T/C + 1, F, Dv) float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+KINDS = {"linear": 0, "sliding_window": 1, "terraced_window": 2}
+CHUNK = 64
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@functools.lru_cache(maxsize=256)
+def explicit_chunks(kind: int, window: int, chunk: int, num_chunks: int) -> int:
+    """NX: query chunk c must see key chunks c - NX .. c tile by tile (earlier ones are linear)."""
+    if kind == 0:
+        return 0
+    nx = 0
+    for c in range(num_chunks):
+        q0 = c * chunk
+        first = q0 - window + 1 if kind == 1 else (q0 // window - 1) * window
+        nx = max(nx, c - max(first, 0) // chunk)
+    return nx
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr):
+    """a @ b with operands in DT and a float32 result; float32 operands are multiplied exactly."""
+    if DT == tl.float32:
+        out = tl.dot(a.to(DT), b.to(DT), input_precision="ieee")
+    else:
+        out = tl.dot(a.to(DT), b.to(DT))
+    return out
+
+
+@triton.jit
+def _masks(i, j, T, KIND: tl.constexpr, W: tl.constexpr):
+    """i (query positions) and j (key positions), broadcastable: (window, linear) masks."""
+    valid = (i < T) & (j < T) & (j <= i)
+    if KIND == 1:
+        win = valid & (i - j < W)
+        lin = valid & (i - j >= W)
+    elif KIND == 2:
+        db = i // W - j // W
+        win = valid & (db <= 1)
+        lin = valid & (db >= 2)
+    else:
+        win = valid & (i < 0)
+        lin = valid
+    return win, lin
+
+
+@triton.jit
+def _state_fwd(fk, v, s0, z0, st, zs, T, NC,
+               HAS_S0: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FP: tl.constexpr,
+               BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+    bhk = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
+    rf = tl.arange(0, FP)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    mf, mv = rf < F, rv < DV
+    msk = mf[:, None] & mv[None, :]
+    mz = mf & ((rf * 0 + iv) == 0)  # the ksum is written by the first Dv block only
+    fk += bhk * T * F
+    v += bhk * T * DV
+    st += bhk * (NC + 1) * F * DV
+    zs += bhk * (NC + 1) * F
+    if HAS_S0:
+        S = tl.load(s0 + bhk * F * DV + rf[:, None] * DV + rv[None, :], mask=msk, other=0.0).to(tl.float32)
+        z = tl.load(z0 + bhk * F + rf, mask=mf, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([FP, BV], tl.float32)
+        z = tl.zeros([FP], tl.float32)
+    for c in range(NC):
+        tl.store(st + c * F * DV + rf[:, None] * DV + rv[None, :], S, mask=msk)
+        tl.store(zs + c * F + rf, z, mask=mz)
+        t = c * C + rc
+        mt = t < T
+        kt = tl.load(fk + t[:, None] * F + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
+        vt = tl.load(v + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        S += _dot(tl.trans(kt), vt, DT)
+        z += tl.sum(kt.to(tl.float32), 0)
+    tl.store(st + NC * F * DV + rf[:, None] * DV + rv[None, :], S, mask=msk)
+    tl.store(zs + NC * F + rf, z, mask=mz)
+
+
+@triton.jit
+def _fwd(q, k, v, fq, fk, gp, st, zs, y, m_out, den_out, am_out, T, NC, NX, H, HK, scale, eps,
+         KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+         DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+    cq = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    bhk = b * HK + h // (H // HK)
+    rc, rd, rv, rf = tl.arange(0, C), tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
+    md, mv, mf = rd < D, rv < DV, rf < F
+    i = cq * C + rc
+    mi = i < T
+    fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :], other=0.0)
+    c0 = tl.maximum(cq - NX, 0)
+    S = tl.load(st + (bhk * (NC + 1) + c0) * F * DV + rf[:, None] * DV + rv[None, :],
+                mask=mf[:, None] & mv[None, :], other=0.0)
+    z = tl.load(zs + (bhk * (NC + 1) + c0) * F + rf, mask=mf, other=0.0)
+    acc = _dot(fqt, S, DT)  # (C, DVP)
+    den = tl.sum(fqt.to(tl.float32) * z[None, :], 1)
+    k += bhk * T * D
+    v += bhk * T * DV
+    fk += bhk * T * F
+    m = tl.full([C], -1e30, tl.float32)
+    am = tl.zeros([C], tl.int32)
+    g = 0.0
+    if KIND != 0:
+        g = tl.load(gp + h).to(tl.float32)
+        qt = tl.load(q + bh * T * D + i[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :], other=0.0)
+        for ck in range(c0, cq + 1):  # pass 1: the window max m_i and its key
+            j = ck * C + rc
+            kt = tl.load(k + j[:, None] * D + rd[None, :], mask=(j < T)[:, None] & md[None, :], other=0.0)
+            s = _dot(qt, tl.trans(kt), DT) * scale
+            win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
+            s = tl.where(win, s, float("-inf"))
+            tmax = tl.max(s, 1)
+            targ = tl.argmax(s, 1).to(tl.int32) + ck * C
+            upd = tmax > m
+            am = tl.where(upd, targ, am)
+            m = tl.where(upd, tmax, m)
+    for ck in range(c0, cq + 1):  # pass 2: window and linear weights, one accumulator
+        j = ck * C + rc
+        mj = j < T
+        fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+        vt = tl.load(v + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
+        win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
+        a = _dot(fqt, tl.trans(fkt), DT)
+        wt = tl.where(lin, a, 0.0)
+        if KIND != 0:
+            kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+            s = _dot(qt, tl.trans(kt), DT) * scale
+            p = tl.exp(tl.where(win, s, float("-inf")) - m[:, None])
+            wt += g * p
+        acc += _dot(wt, vt, DT)
+        den += tl.sum(wt, 1)
+    den = den + eps
+    out = acc / den[:, None]
+    tl.store(y + bh * T * DV + i[:, None] * DV + rv[None, :], out.to(y.dtype.element_ty), mask=mi[:, None] & mv[None, :])
+    tl.store(den_out + bh * T + i, den, mask=mi)
+    if KIND != 0:
+        tl.store(m_out + bh * T + i, m, mask=mi)
+        tl.store(am_out + bh * T + i, am, mask=mi)
+
+
+@triton.jit
+def _bwd_dq(q, k, v, fq, fk, gp, st, zs, do, y, m_in, den_in, am_in, dq, dfq, dlt_out, csum_out,
+            T, NC, NX, H, HK, scale,
+            KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+            DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+    cq = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    bhk = b * HK + h // (H // HK)
+    rc, rd, rv, rf = tl.arange(0, C), tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
+    md, mv, mf = rd < D, rv < DV, rf < F
+    i = cq * C + rc
+    mi = i < T
+    fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :], other=0.0)
+    dot_ = tl.load(do + bh * T * DV + i[:, None] * DV + rv[None, :], mask=mi[:, None] & mv[None, :], other=0.0)
+    den = tl.load(den_in + bh * T + i, mask=mi, other=1.0)
+    c0 = tl.maximum(cq - NX, 0)
+    S = tl.load(st + (bhk * (NC + 1) + c0) * F * DV + rf[:, None] * DV + rv[None, :],
+                mask=mf[:, None] & mv[None, :], other=0.0)
+    z = tl.load(zs + (bhk * (NC + 1) + c0) * F + rf, mask=mf, other=0.0)
+    k += bhk * T * D
+    v += bhk * T * DV
+    fk += bhk * T * F
+    dq_acc = tl.zeros([C, DP], tl.float32)
+    csum = tl.zeros([C], tl.float32)
+    g = 0.0
+    if KIND == 0:
+        yt = tl.load(y + bh * T * DV + i[:, None] * DV + rv[None, :], mask=mi[:, None] & mv[None, :], other=0.0)
+        dlt = tl.sum(dot_.to(tl.float32) * yt.to(tl.float32), 1) / den  # δ̄
+    else:
+        g = tl.load(gp + h).to(tl.float32)
+        qt = tl.load(q + bh * T * D + i[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :], other=0.0)
+        m = tl.load(m_in + bh * T + i, mask=mi, other=0.0)
+        # do.y from the unrounded output (the window factor's gradient cancels over rows, so the
+        # rounding of a 16-bit y would show): y_i den_i = fq_i S + sum_j w_ij v_j, recomputed.
+        ydo = tl.sum(_dot(fqt, S, DT) * dot_.to(tl.float32), 1)
+        for ck in range(c0, cq + 1):
+            j = ck * C + rc
+            mj = j < T
+            fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+            vt = tl.load(v + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
+            kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+            win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
+            dP = _dot(dot_, tl.trans(vt), DT)
+            a = _dot(fqt, tl.trans(fkt), DT)
+            s = _dot(qt, tl.trans(kt), DT) * scale
+            wt = tl.where(lin, a, 0.0) + g * tl.exp(tl.where(win, s, float("-inf")) - m[:, None])
+            ydo += tl.sum(wt * dP, 1)
+        dlt = ydo / den / den
+    dob = dot_.to(tl.float32) / den[:, None]  # dō
+    dfq_acc = _dot(dob, tl.trans(S), DT) - dlt[:, None] * z[None, :]
+    for ck in range(c0, cq + 1):
+        j = ck * C + rc
+        mj = j < T
+        fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+        vt = tl.load(v + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
+        win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
+        dP = _dot(dot_, tl.trans(vt), DT)
+        dw = dP / den[:, None] - dlt[:, None]
+        dfq_acc += _dot(tl.where(lin, dw, 0.0), fkt, DT)
+        if KIND != 0:
+            kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+            s = _dot(qt, tl.trans(kt), DT) * scale
+            pdw = tl.exp(tl.where(win, s, float("-inf")) - m[:, None]) * dw
+            csum += tl.sum(pdw, 1)
+            dq_acc += _dot((g * pdw), kt, DT)
+    tl.store(dfq + bh * T * F + i[:, None] * F + rf[None, :], dfq_acc.to(dfq.dtype.element_ty),
+             mask=mi[:, None] & mf[None, :])
+    tl.store(dlt_out + bh * T + i, dlt, mask=mi)
+    if KIND != 0:
+        am = tl.load(am_in + bh * T + i, mask=mi, other=0)
+        kam = tl.load(k + am[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :], other=0.0)
+        dq_acc = (dq_acc - (g * csum)[:, None] * kam.to(tl.float32)) * scale
+        tl.store(dq + bh * T * D + i[:, None] * D + rd[None, :], dq_acc.to(dq.dtype.element_ty),
+                 mask=mi[:, None] & md[None, :])
+        tl.store(csum_out + bh * T + i, csum, mask=mi)
+
+
+@triton.jit
+def _state_bwd(fq, do, den_in, dlt_in, dsf, dzf, rst, rzs, T, NC, H, HK,
+               HAS_DSF: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FP: tl.constexpr,
+               BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+    bhk = tl.program_id(0).to(tl.int64)
+    iv = tl.program_id(1)
+    b, hk = bhk // HK, bhk % HK
+    G = H // HK
+    rf = tl.arange(0, FP)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    mf, mv = rf < F, rv < DV
+    msk = mf[:, None] & mv[None, :]
+    mz = mf & ((rf * 0 + iv) == 0)  # the ksum is written by the first Dv block only
+    rst += bhk * (NC + 1) * F * DV
+    rzs += bhk * (NC + 1) * F
+    if HAS_DSF:
+        R = tl.load(dsf + bhk * F * DV + rf[:, None] * DV + rv[None, :], mask=msk, other=0.0).to(tl.float32)
+        Rz = -tl.load(dzf + bhk * F + rf, mask=mf, other=0.0).to(tl.float32)
+    else:
+        R = tl.zeros([FP, BV], tl.float32)
+        Rz = tl.zeros([FP], tl.float32)
+    tl.store(rst + NC * F * DV + rf[:, None] * DV + rv[None, :], R, mask=msk)
+    tl.store(rzs + NC * F + rf, Rz, mask=mz)
+    for r in range(NC):
+        c = NC - 1 - r
+        t = c * C + rc
+        mt = t < T
+        for gg in range(G):
+            bh = b * H + hk * G + gg
+            fqt = tl.load(fq + bh * T * F + t[:, None] * F + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
+            dot_ = tl.load(do + bh * T * DV + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+            den = tl.load(den_in + bh * T + t, mask=mt, other=1.0)
+            dlt = tl.load(dlt_in + bh * T + t, mask=mt, other=0.0)
+            dob = dot_.to(tl.float32) / den[:, None]
+            R += _dot(tl.trans(fqt), dob, DT)
+            Rz += tl.sum(fqt.to(tl.float32) * dlt[:, None], 0)
+        tl.store(rst + c * F * DV + rf[:, None] * DV + rv[None, :], R, mask=msk)
+        tl.store(rzs + c * F + rf, Rz, mask=mz)
+
+
+@triton.jit
+def _bwd_dkv(q, k, v, fq, fk, gp, rst, rzs, do, m_in, den_in, am_in, dlt_in, csum_in, dk, dv, dfk,
+             T, NC, NX, H, HK, scale,
+             KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+             DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+    ck = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b, hk = bhk // HK, bhk % HK
+    G = H // HK
+    rc, rd, rv, rf = tl.arange(0, C), tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
+    md, mv, mf = rd < D, rv < DV, rf < F
+    j = ck * C + rc
+    mj = j < T
+    vt = tl.load(v + bhk * T * DV + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
+    fkt = tl.load(fk + bhk * T * F + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+    r = tl.minimum(ck + NX + 1, NC)
+    R = tl.load(rst + (bhk * (NC + 1) + r) * F * DV + rf[:, None] * DV + rv[None, :],
+                mask=mf[:, None] & mv[None, :], other=0.0)
+    Rz = tl.load(rzs + (bhk * (NC + 1) + r) * F + rf, mask=mf, other=0.0)
+    dfk_acc = _dot(vt, tl.trans(R), DT) - Rz[None, :]  # (C, FP)
+    dv_acc = _dot(fkt, R, DT)  # (C, DVP)
+    dk_acc = tl.zeros([C, DP], tl.float32)
+    if KIND != 0:
+        kt = tl.load(k + bhk * T * D + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+    last = tl.minimum(ck + NX, NC - 1)
+    for gg in range(G):
+        h = hk * G + gg
+        bh = b * H + h
+        g = 0.0
+        if KIND != 0:
+            g = tl.load(gp + h).to(tl.float32)
+        for cq in range(ck, last + 1):
+            i = cq * C + rc
+            mi = i < T
+            fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :], other=0.0)
+            dot_ = tl.load(do + bh * T * DV + i[:, None] * DV + rv[None, :], mask=mi[:, None] & mv[None, :], other=0.0)
+            den = tl.load(den_in + bh * T + i, mask=mi, other=1.0)
+            dlt = tl.load(dlt_in + bh * T + i, mask=mi, other=0.0)
+            win, lin = _masks(i[None, :], j[:, None], T, KIND, W)  # (keys, queries)
+            a = _dot(fkt, tl.trans(fqt), DT)
+            dP = _dot(vt, tl.trans(dot_), DT)
+            dw = dP / den[None, :] - dlt[None, :]
+            wt = tl.where(lin, a, 0.0)
+            if KIND != 0:
+                qt = tl.load(q + bh * T * D + i[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :], other=0.0)
+                m = tl.load(m_in + bh * T + i, mask=mi, other=0.0)
+                am = tl.load(am_in + bh * T + i, mask=mi, other=-1)
+                cs = tl.load(csum_in + bh * T + i, mask=mi, other=0.0)
+                s = _dot(kt, tl.trans(qt), DT) * scale
+                p = g * tl.exp(tl.where(win, s, float("-inf")) - m[None, :])
+                wt += p
+                ds = p * dw - tl.where(am[None, :] == j[:, None], g * cs[None, :], 0.0)
+                dk_acc += _dot(ds, qt, DT)
+            dob = dot_.to(tl.float32) / den[:, None]
+            dv_acc += _dot(wt, dob, DT)
+            dfk_acc += _dot(tl.where(lin, dw, 0.0), fqt, DT)
+    tl.store(dv + bhk * T * DV + j[:, None] * DV + rv[None, :], dv_acc.to(dv.dtype.element_ty),
+             mask=mj[:, None] & mv[None, :])
+    tl.store(dfk + bhk * T * F + j[:, None] * F + rf[None, :], dfk_acc.to(dfk.dtype.element_ty),
+             mask=mj[:, None] & mf[None, :])
+    if KIND != 0:
+        tl.store(dk + bhk * T * D + j[:, None] * D + rd[None, :], (dk_acc * scale).to(dk.dtype.element_ty),
+                 mask=mj[:, None] & md[None, :])
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _dot_dtype(*tensors: torch.Tensor):
+    """Operand dtype of every tl.dot: float32 if all inputs are, else the 16-bit input type.
+
+    The Triton interpreter multiplies bfloat16 tiles wrongly (triton 3.9), so under
+    TRITON_INTERPRET=1 products are taken in float32 (inputs and outputs keep their dtypes).
+    """
+    dts = {t.dtype for t in tensors if t is not None}
+    if dts <= {torch.float32} or os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return tl.float16 if torch.float16 in dts and torch.bfloat16 not in dts else tl.bfloat16
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """torch.empty, NaN-filled when LOLCATS_KERNEL_DEBUG=1 so an unwritten element shows in tests."""
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if os.environ.get("LOLCATS_KERNEL_DEBUG") == "1" and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def _bv(dv: int) -> int:
+    return min(64, _pad(dv))
+
+
+def _states(fk, v, s0, z0, C, dt):
+    """Prefix states (B, Hk, NC+1, F, Dv) and (B, Hk, NC+1, F), float32."""
+    B, Hk, T, F = fk.shape
+    Dv = v.shape[-1]
+    NC = triton.cdiv(T, C)
+    st = _empty((B, Hk, NC + 1, F, Dv), fk, torch.float32)
+    zs = _empty((B, Hk, NC + 1, F), fk, torch.float32)
+    has = s0 is not None
+    s0c = s0.float().contiguous() if has else st
+    z0c = z0.float().contiguous() if has else zs
+    BV = _bv(Dv)
+    _state_fwd[(B * Hk, triton.cdiv(Dv, BV))](fk, v, s0c, z0c, st, zs, T, NC, HAS_S0=has, F=F, DV=Dv,
+                                               FP=_pad(F), BV=BV, C=C, DT=dt, num_warps=4)
+    return st, zs
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """y, final kv, final ksum = f(q, k, v, fq, fk, g, kv0, ks0); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, fq, fk, g, s0, z0, kind: int, window: int, scale: float, eps: float, chunk: int):
+        B, H, T, F = fq.shape
+        Hk, Dv = v.shape[1], v.shape[-1]
+        D = q.shape[-1] if q is not None else 16
+        C = chunk
+        NC = triton.cdiv(T, C)
+        NX = explicit_chunks(kind, window, C, NC)
+        dt = _dot_dtype(q, k, v, fq, fk)
+        fq, fk, v = fq.contiguous(), fk.contiguous(), v.contiguous()
+        q = q.contiguous() if q is not None else fq
+        k = k.contiguous() if k is not None else fk
+        gg = g.contiguous() if g is not None else fq
+        st, zs = _states(fk, v, s0, z0, C, dt)
+        y = _empty((B, H, T, Dv), v)
+        m = _empty((B, H, T), v, torch.float32)
+        den = _empty((B, H, T), v, torch.float32)
+        am = torch.empty((B, H, T), dtype=torch.int32, device=v.device)
+        dims = dict(KIND=kind, W=max(window, 1), D=D, DV=Dv, F=F, DP=_pad(D), DVP=_pad(Dv), FP=_pad(F), C=C, DT=dt)
+        _fwd[(NC, B * H)](q, k, v, fq, fk, gg, st, zs, y, m, den, am, T, NC, NX, H, Hk, scale, eps,
+                          **dims, num_warps=4 if max(D, Dv, F) <= 64 else 8)
+        ctx.save_for_backward(q, k, v, fq, fk, gg, st, zs, y, m, den, am)
+        ctx.cfg = (kind, NX, scale, dims, g is not None, s0 is not None, z0 is not None)
+        kvf, ksf = st[:, :, NC].clone(), zs[:, :, NC].clone()
+        return y, kvf, ksf
+
+    @staticmethod
+    def backward(ctx, dy, dkvf, dksf):
+        q, k, v, fq, fk, gg, st, zs, y, m, den, am = ctx.saved_tensors
+        kind, NX, scale, dims, has_g, has_s0, has_z0 = ctx.cfg
+        B, H, T, F = fq.shape
+        Hk, Dv = v.shape[1], v.shape[-1]
+        C = dims["C"]
+        NC = triton.cdiv(T, C)
+        dy = dy.contiguous()
+        warps = 4 if max(dims["D"], Dv, F) <= 64 else 8
+        dq = _empty(q.shape, q) if kind else None
+        dfq = _empty(fq.shape, fq)
+        dlt = _empty((B, H, T), v, torch.float32)
+        csum = _empty((B, H, T), v, torch.float32) if kind else dlt
+        _bwd_dq[(NC, B * H)](q, k, v, fq, fk, gg, st, zs, dy, y, m, den, am, dq if kind else dfq, dfq, dlt, csum,
+                             T, NC, NX, H, Hk, scale, **dims, num_warps=warps)
+        rst, rzs = torch.empty_like(st), torch.empty_like(zs)
+        has_dsf = dkvf is not None or dksf is not None
+        dkvf = torch.zeros_like(st[:, :, 0]) if has_dsf and dkvf is None else dkvf
+        dksf = torch.zeros_like(zs[:, :, 0]) if has_dsf and dksf is None else dksf
+        BV = _bv(Dv)
+        _state_bwd[(B * Hk, triton.cdiv(Dv, BV))](
+            fq, dy, den, dlt, dkvf.float().contiguous() if has_dsf else rst,
+            dksf.float().contiguous() if has_dsf else rzs, rst, rzs, T, NC, H, Hk,
+            HAS_DSF=has_dsf, F=F, DV=Dv, FP=_pad(F), BV=BV, C=C, DT=dims["DT"], num_warps=4)
+        dk = _empty(k.shape, k) if kind else None
+        dv, dfk = _empty(v.shape, v), _empty(fk.shape, fk)
+        _bwd_dkv[(NC, B * Hk)](q, k, v, fq, fk, gg, rst, rzs, dy, m, den, am, dlt, csum,
+                               dk if kind else dfk, dv, dfk, T, NC, NX, H, Hk, scale, **dims, num_warps=warps)
+        dg = csum.sum((0, 2)).to(gg.dtype) if has_g else None
+        ds0 = rst[:, :, 0] if has_s0 else None
+        dz0 = -rzs[:, :, 0] if has_z0 else None
+        return dq, dk, dv, dfq, dfk, dg, ds0, dz0, None, None, None, None, None

@@ -1,0 +1,169 @@
+"""One batched decode step in Triton: eviction, write and attention in one launch, in place.
+
+Same function as ``ops/decode/naive.py::decode_step_naive`` (read its docstring for the state
+layout). One program per (batch row, KV head) handles the G query heads of its group as the
+rows of its tiles:
+
+1. slots leaving the window (sliding: the slot about to be written; terraced: the half about
+   to be written when the token starts a block) are read (only those rows of ``win_fk``: the
+   load is masked) and added into (kv, ks) with one (F, S) x (S, Dv) product;
+2. the new k, v, phi(k) are written to slot ``pos % S`` and substituted in the tiles in registers;
+3. scores over the window (softmax, window factor, max over the window) and phi(q) (kv, ks)
+   share one normaliser, as in the reference.
+
+``win_pos`` (B, S) is shared by the KV heads of a row, so a second tiny launch (one program per
+row) updates it after every head has read it. No host synchronisation and no allocation that
+depends on data: the step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lolcats.ops.decode.naive import DecodeState
+from lolcats.ops.triton.chunked import _dot, _dot_dtype
+from lolcats.ops.linear.naive import EPS
+
+KIND_IDS = {"linear": 0, "sliding_window": 1, "terraced_window": 2}
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _leave_write(wpos, rs, pos, valid, KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr):
+    """Masks (SP,): slots that leave the window, the slot written now; valid: int32 scalar."""
+    slot = pos % S
+    ms = rs < S
+    if KIND == 1:
+        leave = (wpos >= 0) & (rs == slot)
+    else:
+        leave = (wpos >= 0) & ((rs // W) == (slot // W)) & ((rs * 0 + pos % W) == 0)
+    vv = (rs * 0 + valid) != 0  # a vector: scalar-bool & vector-bool misbehaves in the interpreter
+    return leave & ms & vv, (rs == slot) & vv
+
+
+@triton.jit
+def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, valid_ptr, gp, y,
+            H, HK, scale, eps,
+            KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_VALID: tl.constexpr,
+            D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
+            GP: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
+    bhk = tl.program_id(0).to(tl.int64)
+    b, hk = bhk // HK, bhk % HK
+    G = H // HK
+    rg, rd, rf = tl.arange(0, GP), tl.arange(0, DP), tl.arange(0, FP)
+    mg, md, mf = rg < G, rd < D, rf < F
+    heads = b * H + hk * G + rg  # (GP,) rows of q, fq, y
+    pos = tl.load(pos_ptr + b)
+    if HAS_VALID:
+        valid = tl.load(valid_ptr + b).to(tl.int32)
+    else:
+        valid = (pos >= 0).to(tl.int32)
+    fqt = tl.load(fq + heads[:, None] * F + rf[None, :], mask=mg[:, None] & mf[None, :], other=0.0).to(tl.float32)
+    fk_new = tl.load(fk + bhk * F + rf, mask=mf, other=0.0).to(tl.float32)
+    ks_row = tl.load(ks + bhk * F + rf, mask=mf, other=0.0)
+    if KIND == 0:
+        ks_row += tl.where(valid != 0, fk_new, 0.0)
+        den = tl.sum(fqt * ks_row[None, :], 1) + eps
+    else:
+        rs = tl.arange(0, SP)
+        ms = rs < S
+        wpos = tl.load(win_pos + b * S + rs, mask=ms, other=-1)
+        leave, write = _leave_write(wpos, rs, pos, valid, KIND, W, S)
+        npos = tl.where(write, pos, tl.where(leave, -1, wpos))
+        fk_old = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=leave[:, None] & mf[None, :],
+                         other=0.0)  # (SP, FP): only leaving rows are read
+        ks_row += tl.sum(fk_old.to(tl.float32), 0)
+        k_new = tl.load(k + bhk * D + rd, mask=md, other=0.0)
+        kt = tl.load(win_k + (bhk * S + rs[:, None]) * D + rd[None, :], mask=ms[:, None] & md[None, :], other=0.0)
+        kt = tl.where(write[:, None], k_new[None, :].to(kt.dtype), kt)
+        qt = tl.load(q + heads[:, None] * D + rd[None, :], mask=mg[:, None] & md[None, :], other=0.0)
+        s = _dot(qt, tl.trans(kt), DT) * scale  # (GP, SP)
+        s = tl.where((npos >= 0)[None, :], s, float("-inf"))
+        m = tl.max(s, 1)
+        m = tl.where(m > float("-inf"), m, 0.0)
+        g = tl.load(gp + hk * G + rg, mask=mg, other=0.0).to(tl.float32)
+        p = g[:, None] * tl.exp(s - m[:, None])
+        den = tl.sum(p, 1) + tl.sum(fqt * ks_row[None, :], 1)
+        tl.store(win_k + (bhk * S + rs[:, None]) * D + rd[None, :], kt, mask=write[:, None] & md[None, :])
+        fk_w = tl.zeros([SP, FP], tl.float32) + fk_new[None, :]
+        tl.store(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], fk_w.to(win_fk.dtype.element_ty),
+                 mask=write[:, None] & mf[None, :])
+    tl.store(ks + bhk * F + rf, ks_row, mask=mf)
+    for dv0 in tl.static_range(0, DV, BV):
+        rv = dv0 + tl.arange(0, BV)
+        mv = rv < DV
+        kvb = tl.load(kv + (bhk * F + rf[:, None]) * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+        v_new = tl.load(v + bhk * DV + rv, mask=mv, other=0.0)
+        if KIND == 0:
+            kvb += tl.where(valid != 0, fk_new[:, None] * v_new[None, :].to(tl.float32), 0.0)
+            num = _dot(fqt, kvb, tl.float32)
+        else:
+            vt = tl.load(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], mask=ms[:, None] & mv[None, :],
+                         other=0.0)
+            kvb += _dot(tl.trans(fk_old), vt, DT)
+            vt = tl.where(write[:, None], v_new[None, :].to(vt.dtype), vt)
+            tl.store(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], vt, mask=write[:, None] & mv[None, :])
+            num = _dot(fqt, kvb, tl.float32) + _dot(p, vt, DT)
+        tl.store(kv + (bhk * F + rf[:, None]) * DV + rv[None, :], kvb, mask=mf[:, None] & mv[None, :])
+        if KIND == 0:
+            out = num / den[:, None]
+        else:
+            out = tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-30)[:, None], 0.0)
+        tl.store(y + heads[:, None] * DV + rv[None, :], out.to(y.dtype.element_ty), mask=mg[:, None] & mv[None, :])
+
+
+@triton.jit
+def _decode_pos(win_pos, pos_ptr, valid_ptr, KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
+                SP: tl.constexpr, HAS_VALID: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    rs = tl.arange(0, SP)
+    pos = tl.load(pos_ptr + b)
+    if HAS_VALID:
+        valid = tl.load(valid_ptr + b).to(tl.int32)
+    else:
+        valid = (pos >= 0).to(tl.int32)
+    wpos = tl.load(win_pos + b * S + rs, mask=rs < S, other=-1)
+    leave, write = _leave_write(wpos, rs, pos, valid, KIND, W, S)
+    tl.store(win_pos + b * S + rs, tl.where(write, pos, tl.where(leave, -1, wpos)), mask=rs < S)
+
+
+def decode_step_triton(
+    q: torch.Tensor,  # (B, H, D)
+    k: torch.Tensor,  # (B, Hk, D)
+    v: torch.Tensor,  # (B, Hk, Dv)
+    fq: torch.Tensor,  # (B, H, F)
+    fk: torch.Tensor,  # (B, Hk, F)
+    state: DecodeState,  # updated in place
+    pos: torch.Tensor,  # (B,) int64
+    window_factor: torch.Tensor | None,  # (H,); None for linear
+    kind: str,
+    window_size: int,
+    scale: float,
+    valid: torch.Tensor | None = None,  # (B,) bool
+) -> torch.Tensor:  # (B, H, Dv)
+    """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous."""
+    if kind not in KIND_IDS:
+        raise ValueError(f"unknown decode kind {kind!r}; known: {sorted(KIND_IDS)}")
+    B, H, D = q.shape
+    Hk, Dv, F = k.shape[1], v.shape[-1], fk.shape[-1]
+    S = state.win_pos.shape[1]
+    kid = KIND_IDS[kind]
+    q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
+    y = torch.empty((B, H, Dv), dtype=v.dtype, device=v.device)
+    dt = _dot_dtype(state.win_k)
+    has_valid = valid is not None
+    vptr = valid.view(torch.int8) if has_valid else pos  # bool as bytes
+    gp = window_factor.contiguous() if window_factor is not None else fq
+    SP = _pad(max(S, 1))
+    common = dict(KIND=kid, W=max(window_size, 1), S=max(S, 1), SP=SP, HAS_VALID=has_valid)
+    _decode[(B * Hk,)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
+                       pos, vptr, gp, y, H, Hk, float(scale), EPS, **common, D=D, DV=Dv, F=F, DP=_pad(D),
+                       FP=_pad(F), GP=_pad(H // Hk), BV=min(64, _pad(Dv)), DT=dt, num_warps=4)
+    if kid != 0:
+        _decode_pos[(B,)](state.win_pos, pos, vptr, **common, num_warps=1)
+    return y

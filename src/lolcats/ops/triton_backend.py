@@ -1,0 +1,28 @@
+"""Registers the ``triton`` attention backend (fused kernels in ``ops/triton``).
+
+Imported lazily by :func:`lolcats.ops.get_backend`; without ``triton`` the ImportError is
+swallowed there and ``auto`` falls back to ``torch``. The kernels run on CUDA tensors; CPU
+tensors are accepted only when ``LOLCATS_TRITON_ON_CPU=1`` (tests, with ``TRITON_INTERPRET=1``),
+so ``auto`` keeps choosing ``torch`` on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import triton  # noqa: F401  (ImportError here means: no triton backend)
+from lolcats.ops import Backend, register_backend
+from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton
+
+
+def supports(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("LOLCATS_TRITON_ON_CPU") == "1"
+
+
+def _hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale):
+    return hybrid_attention_triton(q, k, v, fq, fk, window_factor, kind, window_size, scale)
+
+
+register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, supports=supports))

@@ -1,0 +1,1 @@
+"""Training: the shared trainer and the two LoLCATs stages."""

@@ -1,0 +1,75 @@
+"""The config schema: YAML, flags, validation, shipped configs."""
+
+from pathlib import Path
+
+import pytest
+
+from lolcats.cli import main
+from lolcats.config import Config, ConfigError, load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_defaults_are_the_paper_recipe():
+    c = Config()
+    assert (c.attention.feature_map, c.attention.kind, c.attention.window_size) == ("hedgehog", "terraced_window", 64)
+    assert (c.distill.lr, c.distill.epochs, c.distill.grad_accum, c.distill.mse_factor) == (1e-2, 2, 8, 1000.0)
+    assert (c.finetune.lr, c.finetune.lora_r, c.finetune.lora_alpha) == (1e-4, 8, 16.0)
+    assert c.finetune.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_flags_override_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("distill: {lr: 0.5}\nattention: {kind: linear}\n")
+    c = load_config(f, ["--distill.lr", "3e-3", "--seed=7", "--finetune.lora_targets", "q_proj,v_proj"])
+    assert c.distill.lr == 3e-3 and c.run.seed == 7 and c.attention.kind == "linear"
+    assert c.finetune.lora_targets == ["q_proj", "v_proj"]
+
+
+def test_include_composes_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("distill: {lr: 0.5, epochs: 3}\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\ndistill: {lr: 0.25}\n")
+    c = load_config(tmp_path / "b.yaml")
+    assert (c.distill.lr, c.distill.epochs) == (0.25, 3)
+
+
+@pytest.mark.parametrize("over, match", [
+    (["--distill.lrr", "1"], r"unknown config key distill\.lrr; known keys of distill: .*lr"),
+    (["--attention.kind", "cosine"], r"attention\.kind: 'cosine' is not one of 'linear', 'sliding_window'"),
+    (["--distill.epochs", "two"], r"distill\.epochs: 'two' is not int"),
+    (["--data.seq_len", "0"], r"data\.seq_len: 0 must be > 0"),
+    (["--nosection", "1"], r"unknown flag"),
+    (["--attention.init_window_factor", "1.5"], r"init_window_factor"),
+])
+def test_bad_keys_and_values_are_named(over, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, over)
+
+
+def test_unknown_yaml_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("modle: {name: x}\n")
+    with pytest.raises(ConfigError, match="unknown config key modle; known keys: attention, data"):
+        load_config(f)
+
+
+def test_cli_reports_config_errors_at_startup(capsys):
+    assert main(["linearize", "--distill.bogus", "1"]) == 2
+    assert "unknown config key distill.bogus" in capsys.readouterr().err
+
+
+def test_fingerprint_depends_on_sections():
+    a, b = Config(), Config()
+    b.finetune.lr = 1.0
+    assert a.fingerprint("distill") == b.fingerprint("distill")
+    assert a.fingerprint("finetune") != b.fingerprint("finetune")
+
+
+def test_parse_overrides_needs_value():
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--distill.lr"])

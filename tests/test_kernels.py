@@ -1,0 +1,277 @@
+"""Triton kernels against the PyTorch references: outputs, gradients, final states, decode state.
+
+Without CUDA the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set here
+before the kernels are imported) at tiny shapes; with CUDA the same tests run compiled, and the
+``gpu`` tests add real model shapes. Kernel outputs are allocated NaN-filled
+(LOLCATS_KERNEL_DEBUG=1), so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["LOLCATS_KERNEL_DEBUG"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from lolcats.ops.decode.naive import DecodeState, decode_step_naive, window_slots  # noqa: E402
+from lolcats.ops.hybrid.naive import hybrid_attention_naive  # noqa: E402
+from lolcats.ops.linear.naive import linear_attention_quadratic  # noqa: E402
+
+
+def _kernels():
+    """The kernel modules, re-imported in interpreter mode if something imported them compiled on CPU."""
+    import lolcats.ops.triton.chunked as chunked
+    import lolcats.ops.triton.decode as decode
+
+    if not CUDA and not type(chunked._fwd).__name__.startswith("Interpreted"):
+        chunked, decode = importlib.reload(chunked), importlib.reload(decode)
+    return chunked, decode
+
+
+_kernels()
+from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton  # noqa: E402
+from lolcats.ops.triton.decode import decode_step_triton  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str, floor: float = 0.0) -> None:
+    """max |a - b| <= tol * (max |b| + floor); no NaN."""
+    assert not torch.isnan(a).any(), f"{what}: NaN (unwritten element?)"
+    err = (a.float() - b.float()).abs().max().item()
+    ref = b.float().abs().max().item() + floor
+    assert err <= tol * ref, f"{what}: max err {err:.3e} vs scale {ref:.3e}"
+
+
+def _inputs(B, H, Hk, T, D, F, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, pos=False):
+        x = torch.rand(*s, generator=g) if pos else torch.randn(*s, generator=g)
+        return x.to(DEV, dtype).requires_grad_()
+
+    q, k, v = r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D)
+    fq, fk = r(B, H, T, F, pos=True), r(B, Hk, T, F, pos=True)
+    wf = torch.rand(H, generator=g).to(DEV).requires_grad_()
+    return q, k, v, fq, fk, wf
+
+
+def _grads(out, inputs, seed=1):
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
+    return torch.autograd.grad((out.float() * w).sum(), inputs)
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("T", [1, 37, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_reference(T, dtype):
+    q, k, v, fq, fk, _ = _inputs(1, 4, 2, T, 16, 8, dtype)
+    g = torch.Generator().manual_seed(3)
+    s0 = (torch.rand(1, 2, 8, 16, generator=g).to(DEV).requires_grad_(),
+          torch.rand(1, 2, 8, generator=g).to(DEV).requires_grad_())
+    ins = [fq, fk, v, *s0]
+    y, st = linear_attention_triton(fq, fk, v, s0, True)
+    yr, sr = linear_attention_quadratic(fq, fk, v, s0, True)
+    tol = TOL[dtype]
+    assert y.dtype == yr.dtype
+    assert_close(y, yr, tol, "y")
+    for a, b, n in zip(st, sr, ("kv", "ks")):
+        assert_close(a, b, tol, f"final {n}")
+
+    def loss(y, st):
+        return sum((t.float() * torch.cos(torch.arange(t.numel(), device=t.device).view(t.shape))).sum()
+                   for t in (y, *st))
+
+    gk = torch.autograd.grad(loss(y, st), ins)
+    gr = torch.autograd.grad(loss(yr, sr), ins)
+    for a, b, n in zip(gk, gr, ("dfq", "dfk", "dv", "dkv0", "dks0")):
+        assert_close(a, b, tol, n)
+
+
+def test_linear_without_state():
+    _, _, v, fq, fk, _ = _inputs(2, 2, 2, 70, 16, 16, torch.float32)
+    y, st = linear_attention_triton(fq, fk, v)
+    assert st is None
+    assert_close(y, linear_attention_quadratic(fq, fk, v)[0], 1e-4, "y")
+
+
+# ----------------------------------------------------------------------------- hybrid
+
+HYBRID_CASES = [  # (T, window, dtype)
+    (1, 16, torch.float32),
+    (37, 16, torch.float32),
+    (100, 16, torch.float32),
+    (130, 64, torch.float32),
+    (150, 40, torch.float32),
+    (130, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("kind", ["sliding_window", "terraced_window"])
+@pytest.mark.parametrize("T,window,dtype", HYBRID_CASES)
+def test_hybrid_matches_reference(kind, T, window, dtype):
+    q, k, v, fq, fk, wf = _inputs(1, 4, 2, T, 16, 8, dtype, seed=T + window)
+    ins = [q, k, v, fq, fk, wf]
+    y = hybrid_attention_triton(q, k, v, fq, fk, wf, kind, window)
+    yr, _ = hybrid_attention_naive(q, k, v, fq, fk, wf, kind, window)
+    tol = TOL[dtype]
+    assert y.dtype == yr.dtype and y.shape == yr.shape
+    assert_close(y, yr, tol, "y")
+    for a, b, n in zip(_grads(y, ins), _grads(yr, ins), ("dq", "dk", "dv", "dfq", "dfk", "dwindow_factor")):
+        _check_grad(a, b, tol, n)
+
+
+def _check_grad(a, b, tol, name):
+    """The window factor's gradient sums terms that cancel: compared against the scale + 1."""
+    assert_close(a, b, tol, name, floor=1.0 if name == "dwindow_factor" else 0.0)
+
+
+def test_hybrid_whole_window_is_softmax():
+    """A window covering the sequence gives softmax attention (the window factor cancels)."""
+    q, k, v, fq, fk, wf = _inputs(1, 2, 1, 50, 16, 8, torch.float32)
+    y = hybrid_attention_triton(q, k, v, fq, fk, wf, "sliding_window", 64)
+    kk, vv = (t.expand(1, 2, 50, 16) for t in (k, v))
+    ref = torch.softmax((q @ kk.transpose(-1, -2)) / 4 + torch.full((50, 50), float("-inf"), device=DEV).triu(1), -1)
+    assert_close(y, ref @ vv, 1e-4, "y")
+
+
+def test_unknown_kind_raises():
+    q, k, v, fq, fk, wf = _inputs(1, 2, 2, 4, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="known"):
+        hybrid_attention_triton(q, k, v, fq, fk, wf, "tiled", 16)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("kind,dtype", [("linear", torch.float32), ("sliding_window", torch.float32),
+                                        ("terraced_window", torch.float32), ("terraced_window", torch.bfloat16)])
+def test_decode_step_matches_reference(kind, dtype):
+    B, H, Hk, D, F, w = 3, 4, 2, 16, 8, 4
+    st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, dtype, DEV)
+    st2 = copy.deepcopy(st)
+    g = torch.Generator().manual_seed(0)
+    wf = torch.rand(H, generator=g).to(DEV) if kind != "linear" else None
+    pos = torch.zeros(B, dtype=torch.long, device=DEV)
+    for t in range(11):
+        q, fq = torch.randn(B, H, D, generator=g), torch.rand(B, H, F, generator=g)
+        k, v, fk = torch.randn(B, Hk, D, generator=g), torch.randn(B, Hk, D, generator=g), torch.rand(B, Hk, F, generator=g)
+        q, k, v, fq, fk = (x.to(DEV, dtype) for x in (q, k, v, fq, fk))
+        valid = torch.tensor([True, t >= 3, t % 2 == 0], device=DEV)  # left padding, gaps
+        y1 = decode_step_naive(q, k, v, fq, fk, st, pos, wf, kind, w, D**-0.5, valid)
+        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5, valid)
+        assert_close(y2, y1, TOL[dtype], f"y at step {t}", floor=1e-6)
+        for name, a in vars(st).items():
+            b = getattr(st2, name)
+            if a.numel():
+                assert_close(b, a, TOL[dtype], f"{name} at step {t}", floor=1e-6)
+        pos = pos + valid.long()
+
+
+def test_decode_dispatcher():
+    from lolcats.ops.decode import decode_step
+
+    B, H, Hk, D, F, w = 2, 2, 1, 16, 8, 4
+    st = DecodeState.empty(B, Hk, w, D, D, F, torch.float32, DEV)
+    st2 = copy.deepcopy(st)
+    args = [torch.randn(B, H, D), torch.randn(B, Hk, D), torch.randn(B, Hk, D), torch.rand(B, H, F),
+            torch.rand(B, Hk, F)]
+    args = [a.to(DEV) for a in args]
+    pos, wf = torch.zeros(B, dtype=torch.long, device=DEV), torch.rand(H, device=DEV)
+    y1 = decode_step(*args, st, pos, wf, "sliding_window", w, 0.25, backend="torch")
+    y2 = decode_step(*args, st2, pos, wf, "sliding_window", w, 0.25, backend="triton")
+    assert_close(y2, y1, 1e-4, "y")
+    with pytest.raises(ValueError, match="known"):
+        decode_step(*args, st, pos, wf, "sliding_window", w, 0.25, backend="cuda")
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_backend_registered(monkeypatch):
+    from lolcats.ops import get_backend
+
+    x = torch.zeros(1, device=DEV)
+    monkeypatch.delenv("LOLCATS_TRITON_ON_CPU", raising=False)
+    assert get_backend("triton", x).name == "triton"
+    assert get_backend("auto", x).name == ("triton" if CUDA else "torch")
+    monkeypatch.setenv("LOLCATS_TRITON_ON_CPU", "1")
+    assert get_backend("auto", x).name == "triton"
+    q, k, v, fq, fk, wf = _inputs(1, 2, 1, 20, 16, 8, torch.float32)
+    y = get_backend("triton", x).hybrid(q, k, v, fq, fk, wf, "terraced_window", 8, 0.25)
+    assert_close(y, hybrid_attention_naive(q, k, v, fq, fk, wf, "terraced_window", 8, 0.25)[0], 1e-4, "y")
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+
+GPU_SHAPES = [  # (B, H, Hk, D, F, T)
+    (1, 9, 3, 64, 128, 1024),
+    (1, 9, 3, 64, 128, 4096),
+    (1, 32, 8, 128, 128, 2048),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["linear", "sliding_window", "terraced_window"])
+@pytest.mark.parametrize("B,H,Hk,D,F,T", GPU_SHAPES)
+def test_gpu_real_shapes(kind, B, H, Hk, D, F, T):
+    q, k, v, fq, fk, wf = _inputs(B, H, Hk, T, D, F, torch.bfloat16, seed=T)
+    with torch.no_grad():  # hedgehog-like features: rows of a softmax
+        fq.copy_(torch.softmax(fq.float() * 4, -1))
+        fk.copy_(torch.softmax(fk.float() * 4, -1))
+    if kind == "linear":
+        ins = [fq, fk, v]
+        y = linear_attention_triton(fq, fk, v)[0]
+        yr = linear_attention_quadratic(fq, fk, v)[0]
+    else:
+        ins = [q, k, v, fq, fk, wf]
+        y = hybrid_attention_triton(q, k, v, fq, fk, wf, kind, 64)
+        yr = hybrid_attention_naive(q, k, v, fq, fk, wf, kind, 64)[0]
+    assert_close(y, yr, 2e-2, "y")
+    names = ("dfq", "dfk", "dv") if kind == "linear" else ("dq", "dk", "dv", "dfq", "dfk", "dwindow_factor")
+    gk = _grads(y, ins)
+    gr = _grads(yr, ins)
+    del yr
+    for a, b, n in zip(gk, gr, names):
+        _check_grad(a, b, 3e-2, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["sliding_window", "terraced_window"])
+def test_gpu_decode_cuda_graph(kind):
+    """Prefill-free decoding: eager kernel == reference, and one step captures in a CUDA graph."""
+    B, H, Hk, D, F, w = 64, 32, 8, 128, 128, 64
+    st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, torch.bfloat16, DEV)
+    st2 = copy.deepcopy(st)
+    wf = torch.rand(H, device=DEV)
+    pos = torch.zeros(B, dtype=torch.long, device=DEV)
+    for t in range(150):
+        q, k, v = torch.randn(B, H, D, device=DEV), torch.randn(B, Hk, D, device=DEV), torch.randn(B, Hk, D, device=DEV)
+        fq, fk = torch.rand(B, H, F, device=DEV), torch.rand(B, Hk, F, device=DEV)
+        q, k, v, fq, fk = (x.bfloat16() for x in (q, k, v, fq, fk))
+        y1 = decode_step_naive(q, k, v, fq, fk, st, pos, wf, kind, w, D**-0.5)
+        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5)
+        assert_close(y2, y1, 2e-2, f"y at step {t}")
+        pos += 1
+    assert_close(st2.kv, st.kv, 1e-2, "kv")
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        yg = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.isnan(yg.float()).any()
