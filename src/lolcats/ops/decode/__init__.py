@@ -35,6 +35,7 @@ def decode_step(
     backend: str = "auto",
 ) -> torch.Tensor:  # (B, H, Dv)
     """One decoding step; ``auto`` uses the Triton kernel on CUDA when triton is installed."""
+    backend = "auto" if backend == "fla" else backend  # fla has no decode kernel: same as auto
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; known: {list(DECODE_BACKENDS)}")
     on_device = q.is_cuda or os.environ.get("LOLCATS_TRITON_ON_CPU") == "1"

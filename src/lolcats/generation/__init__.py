@@ -1,0 +1,17 @@
+"""Constant-memory generation for converted models.
+
+    convert_model(model, cfg); set_attention_mode(model, "student")
+    enable_lolcats_generation(model)           # plain model.generate(...) now uses a LolcatsCache
+    model.generate(ids, attention_mask=mask, max_new_tokens=256)
+    FastGenerator(model, batch_size=64, max_new_tokens=256).generate(ids, mask)   # CUDA-graph decode
+"""
+
+from lolcats.generation.cache import (
+    LolcatsCache,
+    LolcatsLayer,
+    enable_lolcats_generation,
+    make_cache,
+)
+from lolcats.generation.fast import FastGenerator
+
+__all__ = ["LolcatsCache", "LolcatsLayer", "make_cache", "enable_lolcats_generation", "FastGenerator"]

@@ -1,0 +1,180 @@
+"""Fast decoding: static buffers and one CUDA graph per token.
+
+The prompt is prefilled by the ordinary HF forward into a :class:`LolcatsCache` whose per-layer
+states were allocated up front for the batch (prefill writes them in place, so their addresses
+never change). One decoding step (embedding, every decoder layer with its projections, feature
+maps and decode step, MLP, final norm, LM head, greedy or sampled pick, finished mask, writing
+the token into the output buffer) reads and writes only static tensors, so on CUDA it is captured
+once in a ``torch.cuda.CUDAGraph`` and replayed per token. The host looks at the finished mask
+every ``check_every`` steps only. On CPU the same step runs eagerly (that is what the tests
+compare with ``generate()``).
+
+Sampling uses the Gumbel-max trick (argmax of logits / T plus Gumbel noise), with top-p applied
+by sorting; both are graph-safe. Stop *strings* are the caller's business (see ``cli.run_generate``);
+stop token ids are handled on device.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn as nn
+
+from lolcats.generation.cache import LolcatsLayer, _inner_model, lolcats_attention_by_layer, make_cache
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else sampled (graph-safe)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        srt, idx = logits.sort(-1, descending=True)
+        p = srt.softmax(-1)
+        drop = (p.cumsum(-1) - p) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    u = torch.rand_like(logits).clamp_(1e-20, 1.0)
+    return (logits - torch.log(-torch.log(u))).argmax(-1)
+
+
+class FastGenerator:
+    """Batch-first generation with a fixed-size state and (on CUDA) one graph replay per token.
+
+    ``generate(input_ids (b, T), attention_mask (b, T) left-padded, b <= batch_size)``
+    returns ``(b, n)`` new token ids, ``n <= max_new_tokens``; after a stop token a row holds
+    ``pad_token_id``.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_token_ids: list[int] | int | None = None, pad_token_id: int | None = None,
+                 use_cuda_graph: bool | None = None, check_every: int = 16):
+        self.model = _inner_model(model)
+        self.lm = self.model.model  # the decoder stack: embed_tokens, layers, norm, rotary_emb
+        mods = lolcats_attention_by_layer(self.model)
+        n_layers = len(self.lm.layers)
+        if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
+            raise ValueError("FastGenerator needs every layer converted and in student mode "
+                             f"({len(mods)} of {n_layers} converted); use model.generate() otherwise")
+        emb = self.lm.embed_tokens.weight
+        self.device = emb.device
+        self.B, self.max_new = batch_size, max_new_tokens
+        self.temperature, self.top_p, self.check_every = temperature, top_p, check_every
+        eos = self._default_eos() if eos_token_ids is None else eos_token_ids
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        pad = pad_token_id if pad_token_id is not None else getattr(self.model.generation_config, "pad_token_id", None)
+        self.pad = int(pad if pad is not None else (eos[0] if eos else 0))
+        self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=self.device)
+        self.cache = make_cache(self.model, batch_size)
+        self.cache_key = "cache" if "cache" in inspect.signature(self.lm.layers[0].forward).parameters \
+            else "past_key_values"
+        B, dev = batch_size, self.device
+        self.ids = torch.zeros(B, dtype=torch.long, device=dev)  # token fed to the next step
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)  # its position
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.out = torch.full((B, max_new_tokens + 2), self.pad, dtype=torch.long, device=dev)  # 2 scratch columns
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
+        self.use_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _default_eos(self) -> list[int]:
+        e = getattr(self.model.generation_config, "eos_token_id", None)
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    # ------------------------------------------------------------ the step
+
+    def _step(self) -> None:
+        """One token for the whole batch, on static tensors only."""
+        h = self.lm.embed_tokens(self.ids[:, None])  # (B, 1, d)
+        pos = self.pos[:, None]  # (B, 1)
+        pe = self.lm.rotary_emb(h, pos)
+        for layer in self.lm.layers:
+            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=True,
+                      **{self.cache_key: self.cache})
+            h = h[0] if isinstance(h, tuple) else h
+        logits = self.model.get_output_embeddings()(self.lm.norm(h)[:, -1]).float()  # (B, V)
+        self._emit(pick_tokens(logits, self.temperature, self.top_p))
+
+    def _emit(self, nxt: torch.Tensor) -> None:
+        nxt = torch.where(self.finished, self.pad, nxt)
+        self.finished |= torch.isin(nxt, self.eos)
+        self.out.index_copy_(1, self.step_idx, nxt[:, None])
+        self.step_idx += 1
+        self.ids.copy_(nxt)
+        self.pos += 1
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, then record one step (state contents are reset afterwards)."""
+        self.step_idx.zero_()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    # ------------------------------------------------------------ generate
+
+    def _pad_batch(self, input_ids, attention_mask):
+        b, T = input_ids.shape
+        if b > self.B:
+            raise ValueError(f"batch {b} is larger than the FastGenerator's batch_size {self.B}")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if b < self.B:  # extra rows: all padding, finished from the start
+            input_ids = torch.cat([input_ids, input_ids.new_full((self.B - b, T), self.pad)])
+            mask = torch.cat([mask, mask.new_zeros(self.B - b, T)])
+        return input_ids.to(self.device), mask.to(self.device).long()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 streamer=None, max_new_tokens: int | None = None) -> torch.Tensor:
+        """input_ids, attention_mask (b, T), left-padded -> new tokens (b, n), n <= max_new_tokens.
+
+        ``streamer`` (e.g. ``TextStreamer(tok, skip_prompt=False)``) gets row 0's new tokens every
+        ``check_every`` steps (``put``) and ``end()`` at the end.
+        """
+        b = input_ids.shape[0]
+        if self.use_graph and self.graph is None:
+            self._capture()
+        ids, mask = self._pad_batch(input_ids, attention_mask)
+        for layer in self.cache.layers:
+            layer.reset()
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **{self.cache_key: self.cache})
+        self.finished.copy_(mask.sum(-1) == 0)
+        self.step_idx.zero_()
+        self.pos.copy_(mask.sum(-1) - 1)  # _emit moves it to the first new token's position
+        self._emit(pick_tokens(out.logits[:, -1].float(), self.temperature, self.top_p))
+        n, shown, limit = 1, 0, min(self.max_new, max_new_tokens or self.max_new)
+        while n < limit:
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            n += 1
+            if n % self.check_every == 0:
+                shown = self._stream(streamer, shown, n)
+                if bool(self.finished.all()):
+                    break
+        if streamer is not None:
+            self._stream(streamer, shown, n)
+            streamer.end()
+        return self.out[:b, :n].clone()
+
+    def _stream(self, streamer, start: int, n: int) -> int:
+        """Hand row 0's tokens [start, n) (up to its first stop token) to ``streamer``; return the new start."""
+        if streamer is None or start >= n:
+            return start
+        toks = self.out[0, start:n].cpu()
+        stop = torch.isin(toks, self.eos.cpu()).nonzero()
+        end = int(stop[0]) + 1 if len(stop) else len(toks)
+        if end > 0:
+            streamer.put(toks[:end])
+        return n if not len(stop) else self.max_new + 2
+
+    def state_nbytes(self) -> int:
+        return sum(l.state.nbytes() for l in self.cache.layers if isinstance(l, LolcatsLayer))
