@@ -103,7 +103,7 @@ class HiddenStateWriter:
         self.root, self.boundaries = Path(root), list(boundaries)
         self.d_model, self.seq_len, self.shard_size = d_model, seq_len, shard_size
         self.meta = dict(manifest_meta)
-        self._buffers: dict[str, dict[int, list[torch.Tensor]]] = {}
+        self._pending: dict[str, int] = {}  # split -> sequences in the shard being written
         if overwrite and self.root.exists():
             shutil.rmtree(self.root)
         self.manifest = self._open()
@@ -155,7 +155,11 @@ class HiddenStateWriter:
     # ------------------------------------------------------------ writing
 
     def add(self, split: str, states: dict[int, torch.Tensor]) -> None:
-        """``states``: boundary -> (b, T, d) hidden states of the same b sequences."""
+        """``states``: boundary -> (b, T, d) hidden states of the same b sequences.
+
+        Sequences go straight to the shard being written (``*.tmp`` files, appended), so memory
+        stays at one batch; a shard is renamed into place and listed once it is full.
+        """
         if self._split(split)["complete"]:
             raise HiddenStoreError(f"split {split!r} of {self.root} is already complete")
         if set(states) != set(self.boundaries):
@@ -163,18 +167,23 @@ class HiddenStateWriter:
         sizes = {tuple(t.shape) for t in states.values()}
         if len(sizes) != 1 or next(iter(sizes))[1:] != (self.seq_len, self.d_model):
             raise ValueError(f"hidden states must all be (b, {self.seq_len}, {self.d_model}); got {sorted(sizes)}")
-        buf = self._buffers.setdefault(split, {b: [] for b in self.boundaries})
-        for b, t in states.items():
-            buf[b].extend(t.detach().to("cpu", torch.bfloat16).unbind(0))
-        while len(buf[self.boundaries[0]]) >= self.shard_size:
-            self._flush(split, self.shard_size)
+        cpu = {b: t.detach().to("cpu", torch.bfloat16).contiguous() for b, t in states.items()}  # (b, T, d)
+        i, n = 0, next(iter(sizes))[0]
+        while i < n:
+            pending = self._pending.get(split, 0)
+            take = min(n - i, self.shard_size - pending)
+            for b, t in cpu.items():
+                with open(self._tmp_path(split, b), "ab" if pending else "wb") as f:
+                    f.write(t[i:i + take].view(torch.int16).numpy().tobytes())
+            self._pending[split] = pending + take
+            i += take
+            if self._pending[split] == self.shard_size:
+                self._close_shard(split)
 
     def finish_split(self, split: str) -> None:
         """Write the last partial shard and mark ``split`` complete."""
-        buf = self._buffers.get(split, {})
-        n = len(buf.get(self.boundaries[0], []))
-        if n:
-            self._flush(split, n)
+        if self._pending.get(split, 0):
+            self._close_shard(split)
         self._split(split)["complete"] = True
         _atomic_write_json(self.root / MANIFEST, self.manifest)
 
@@ -186,20 +195,21 @@ class HiddenStateWriter:
         self.manifest["complete"] = True
         _atomic_write_json(self.root / MANIFEST, self.manifest)
 
-    def _flush(self, split: str, n: int) -> None:
-        info = self._split(split)
+    def _rel_path(self, split: str, boundary: int, index: int) -> str:
+        return f"{split}/b{boundary:04d}/{index:06d}.bin"
+
+    def _tmp_path(self, split: str, boundary: int) -> Path:
+        path = self.root / (self._rel_path(split, boundary, len(self._split(split)["shards"])) + ".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _close_shard(self, split: str) -> None:
+        info, n = self._split(split), self._pending.pop(split)
         index = len(info["shards"])
         files = {}
         for b in self.boundaries:
-            seqs = self._buffers[split][b]
-            block = torch.stack(seqs[:n])  # (n, T, d) bf16
-            del seqs[:n]
-            rel = f"{split}/b{b:04d}/{index:06d}.bin"
-            path = self.root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            block.view(torch.int16).numpy().view(np.uint16).tofile(tmp)
-            os.replace(tmp, path)
+            rel = self._rel_path(split, b, index)
+            os.replace(self._tmp_path(split, b), self.root / rel)
             files[str(b)] = rel
         info["shards"].append({"index": index, "num_sequences": n, "files": files})
         info["num_sequences"] += n

@@ -30,7 +30,7 @@ def distill_loss(model, batch: torch.Tensor, cfg: Config, device) -> tuple[torch
     """Mean over layers of (mse_factor * MSE + xent_factor * xent); per-layer MSE in the logs."""
     d = cfg.distill
     with collect_distill_outputs(model, xent=d.xent_factor > 0) as outs, autocast_context(device, d.precision):
-        model.model(input_ids=batch, use_cache=False)
+        model(input_ids=batch, use_cache=False, logits_to_keep=1)  # the root call, so FSDP units run; LM head on 1 token
     if not outs:
         raise RuntimeError("no converted attention layer reported a distillation loss")
     mse = torch.stack([o.mse for o in outs])

@@ -90,44 +90,108 @@ def _masks(i, j, T, KIND: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _state_fwd(fk, v, s0, z0, st, zs, T, NC,
-               HAS_S0: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FP: tl.constexpr,
-               BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
-    bhk = tl.program_id(0).to(tl.int64)
-    iv = tl.program_id(1)
-    rf = tl.arange(0, FP)
-    rv = iv * BV + tl.arange(0, BV)
-    rc = tl.arange(0, C)
-    mf, mv = rf < F, rv < DV
-    msk = mf[:, None] & mv[None, :]
-    mz = mf & ((rf * 0 + iv) == 0)  # the ksum is written by the first Dv block only
-    fk += bhk * T * F
-    v += bhk * T * DV
-    st += bhk * (NC + 1) * F * DV
-    zs += bhk * (NC + 1) * F
-    if HAS_S0:
-        S = tl.load(s0 + bhk * F * DV + rf[:, None] * DV + rv[None, :], mask=msk, other=0.0).to(tl.float32)
-        z = tl.load(z0 + bhk * F + rf, mask=mf, other=0.0).to(tl.float32)
+def _tile_parts(i_lo, i_hi, j_lo, j_hi, KIND: tl.constexpr, W: tl.constexpr):
+    """Whether queries i_lo..i_hi x keys j_lo..j_hi hold any (window, linear) entry (scalars)."""
+    causal = j_lo <= i_hi
+    if KIND == 1:
+        win = causal & (i_lo - j_hi < W)
+        lin = i_hi - j_lo >= W
+    elif KIND == 2:
+        win = causal & (i_lo // W - j_hi // W <= 1)
+        lin = i_hi // W - j_lo // W >= 2
     else:
-        S = tl.zeros([FP, BV], tl.float32)
-        z = tl.zeros([FP], tl.float32)
-    for c in range(NC):
-        tl.store(st + c * F * DV + rf[:, None] * DV + rv[None, :], S, mask=msk)
-        tl.store(zs + c * F + rf, z, mask=mz)
-        t = c * C + rc
-        mt = t < T
-        kt = tl.load(fk + t[:, None] * F + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
-        vt = tl.load(v + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        S += _dot(tl.trans(kt), vt, DT)
-        z += tl.sum(kt.to(tl.float32), 0)
-    tl.store(st + NC * F * DV + rf[:, None] * DV + rv[None, :], S, mask=msk)
-    tl.store(zs + NC * F + rf, z, mask=mz)
+        win = causal & (i_lo < 0)
+        lin = causal
+    return win, lin
 
 
 @triton.jit
-def _fwd(q, k, v, fq, fk, gp, st, zs, y, m_out, den_out, am_out, T, NC, NX, H, HK, scale, eps,
+def _chunk_sums(a, b, den_in, dlt_in, loc, T, NC, H, HK,
+                BWD: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FP: tl.constexpr,
+                BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+    """Per-chunk sums, one program per (chunk, b * hk, Dv block), into loc (B*Hk, NC, F*Dv + F).
+
+    Forward (a = fk, b = v): fk^T v and sum fk. Backward (a = fq, b = do, summed over the query
+    heads of the group): fq^T (do / den) and sum fq * δ̄.
+    """
+    c = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    iv = tl.program_id(2)
+    rf, rc = tl.arange(0, FP), tl.arange(0, C)
+    rv = iv * BV + tl.arange(0, BV)
+    mf, mv = rf < F, rv < DV
+    t = c * C + rc
+    mt = t < T
+    acc = tl.zeros([FP, BV], tl.float32)
+    accz = tl.zeros([FP], tl.float32)
+    if BWD:
+        G = H // HK
+        for gg in range(G):
+            bh = (bhk // HK) * H + (bhk % HK) * G + gg
+            at = tl.load(a + bh * T * F + t[:, None] * F + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
+            bt = tl.load(b + bh * T * DV + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+            den = tl.load(den_in + bh * T + t, mask=mt, other=1.0)
+            dlt = tl.load(dlt_in + bh * T + t, mask=mt, other=0.0)
+            acc += _dot(tl.trans(at), bt.to(tl.float32) / den[:, None], DT)
+            accz += tl.sum(at.to(tl.float32) * dlt[:, None], 0)
+    else:
+        at = tl.load(a + bhk * T * F + t[:, None] * F + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
+        bt = tl.load(b + bhk * T * DV + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        acc = _dot(tl.trans(at), bt, DT)
+        accz = tl.sum(at.to(tl.float32), 0)
+    loc += (bhk * NC + c) * (F * DV + F)
+    tl.store(loc + rf[:, None] * DV + rv[None, :], acc, mask=mf[:, None] & mv[None, :])
+    tl.store(loc + F * DV + rf, accz, mask=mf & ((rf * 0 + iv) == 0))  # ksum: first Dv block only
+
+
+@triton.jit
+def _scan(loc, init, out, NC, E, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, CB: tl.constexpr,
+          BE: tl.constexpr):
+    """States from chunk sums, one program per (b * hk, E block): loc (B*Hk, NC, E) -> out (B*Hk, NC+1, E).
+
+    Forward: out[0] = init, out[c+1] = out[c] + loc[c]. Reverse: out[NC] = init, out[c] = out[c+1] + loc[c].
+    CB chunks are loaded at once and summed with a cumsum, so loads are not serialised behind the adds.
+    """
+    bhk = tl.program_id(0).to(tl.int64)
+    re = tl.program_id(1) * BE + tl.arange(0, BE)
+    me = re < E
+    loc += bhk * NC * E
+    out += bhk * (NC + 1) * E
+    if HAS_INIT:
+        carry = tl.load(init + bhk * E + re, mask=me, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BE], tl.float32)
+    if REVERSE:
+        tl.store(out + NC * E + re, carry, mask=me)
+    else:
+        tl.store(out + re, carry, mask=me)
+    rb = tl.arange(0, CB)
+    for c0 in range(0, NC, CB):
+        r = c0 + rb
+        mr = r < NC
+        if REVERSE:
+            c = NC - 1 - r
+            dst = c
+        else:
+            c = r
+            dst = r + 1
+        msk = mr[:, None] & me[None, :]
+        x = tl.load(loc + c[:, None] * E + re[None, :], mask=msk, other=0.0)
+        tl.store(out + dst[:, None] * E + re[None, :], tl.cumsum(x, 0) + carry[None, :], mask=msk)
+        carry += tl.sum(x, 0)
+
+
+@triton.jit
+def _fwd(q, k, v, fq, fk, gp, st, y, m_out, den_out, am_out, T, NC, NX, H, HK, scale, eps,
          KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
          DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+    """One pass over the explicit tiles, diagonal first, softmax part with an online max.
+
+    acc / l hold g sum_W exp(s - m) v / its sum, rescaled whenever the running max m grows;
+    acc_l / den_l hold the linear part (prefix state and linear entries of every tile but the
+    last), never rescaled. The last tile (c0) comes after every rescale, so its linear entries
+    join the window weights in one product. y = (acc + acc_l) / (l + den_l + eps).
+    """
     cq = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -138,11 +202,13 @@ def _fwd(q, k, v, fq, fk, gp, st, zs, y, m_out, den_out, am_out, T, NC, NX, H, H
     mi = i < T
     fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :], other=0.0)
     c0 = tl.maximum(cq - NX, 0)
-    S = tl.load(st + (bhk * (NC + 1) + c0) * F * DV + rf[:, None] * DV + rv[None, :],
-                mask=mf[:, None] & mv[None, :], other=0.0)
-    z = tl.load(zs + (bhk * (NC + 1) + c0) * F + rf, mask=mf, other=0.0)
-    acc = _dot(fqt, S, DT)  # (C, DVP)
-    den = tl.sum(fqt.to(tl.float32) * z[None, :], 1)
+    sb = st + (bhk * (NC + 1) + c0) * (F * DV + F)
+    S = tl.load(sb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+    z = tl.load(sb + F * DV + rf, mask=mf, other=0.0)
+    acc_l = _dot(fqt, S, DT)  # (C, DVP)
+    den_l = tl.sum(fqt.to(tl.float32) * z[None, :], 1)
+    acc = tl.zeros([C, DVP], tl.float32)
+    l = tl.zeros([C], tl.float32)
     k += bhk * T * D
     v += bhk * T * DV
     fk += bhk * T * F
@@ -152,34 +218,38 @@ def _fwd(q, k, v, fq, fk, gp, st, zs, y, m_out, den_out, am_out, T, NC, NX, H, H
     if KIND != 0:
         g = tl.load(gp + h).to(tl.float32)
         qt = tl.load(q + bh * T * D + i[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :], other=0.0)
-        for ck in range(c0, cq + 1):  # pass 1: the window max m_i and its key
-            j = ck * C + rc
-            kt = tl.load(k + j[:, None] * D + rd[None, :], mask=(j < T)[:, None] & md[None, :], other=0.0)
-            s = _dot(qt, tl.trans(kt), DT) * scale
-            win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
-            s = tl.where(win, s, float("-inf"))
-            tmax = tl.max(s, 1)
-            targ = tl.argmax(s, 1).to(tl.int32) + ck * C
-            upd = tmax > m
-            am = tl.where(upd, targ, am)
-            m = tl.where(upd, tmax, m)
-    for ck in range(c0, cq + 1):  # pass 2: window and linear weights, one accumulator
+    for r in range(0, cq - c0 + 1):
+        ck = cq - r
         j = ck * C + rc
         mj = j < T
-        fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
-        vt = tl.load(v + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
+        has_win, has_lin = _tile_parts(cq * C, cq * C + C - 1, ck * C, ck * C + C - 1, KIND, W)
         win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
-        a = _dot(fqt, tl.trans(fkt), DT)
-        wt = tl.where(lin, a, 0.0)
+        vt = tl.load(v + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
+        wt = tl.zeros([C, C], tl.float32)
         if KIND != 0:
-            kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-            s = _dot(qt, tl.trans(kt), DT) * scale
-            p = tl.exp(tl.where(win, s, float("-inf")) - m[:, None])
-            wt += g * p
+            if has_win:
+                kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+                s = tl.where(win, _dot(qt, tl.trans(kt), DT) * scale, float("-inf"))
+                tmax = tl.max(s, 1)
+                am = tl.where(tmax > m, tl.argmax(s, 1).to(tl.int32) + ck * C, am)
+                m_new = tl.maximum(m, tmax)
+                alpha = tl.exp(m - m_new)
+                acc = acc * alpha[:, None]
+                l = l * alpha
+                m = m_new
+                wt = g * tl.exp(s - m[:, None])
+        if has_lin:
+            fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+            a = tl.where(lin, _dot(fqt, tl.trans(fkt), DT), 0.0)
+            if ck == c0:
+                wt += a
+            else:
+                acc_l += _dot(a, vt, DT)
+                den_l += tl.sum(a, 1)
         acc += _dot(wt, vt, DT)
-        den += tl.sum(wt, 1)
-    den = den + eps
-    out = acc / den[:, None]
+        l += tl.sum(wt, 1)
+    den = l + den_l + eps
+    out = (acc + acc_l) / den[:, None]
     tl.store(y + bh * T * DV + i[:, None] * DV + rv[None, :], out.to(y.dtype.element_ty), mask=mi[:, None] & mv[None, :])
     tl.store(den_out + bh * T + i, den, mask=mi)
     if KIND != 0:
@@ -188,7 +258,7 @@ def _fwd(q, k, v, fq, fk, gp, st, zs, y, m_out, den_out, am_out, T, NC, NX, H, H
 
 
 @triton.jit
-def _bwd_dq(q, k, v, fq, fk, gp, st, zs, do, y, m_in, den_in, am_in, dq, dfq, dlt_out, csum_out,
+def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_out, csum_out,
             T, NC, NX, H, HK, scale,
             KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
             DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
@@ -204,9 +274,9 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, zs, do, y, m_in, den_in, am_in, dq, dfq, dl
     dot_ = tl.load(do + bh * T * DV + i[:, None] * DV + rv[None, :], mask=mi[:, None] & mv[None, :], other=0.0)
     den = tl.load(den_in + bh * T + i, mask=mi, other=1.0)
     c0 = tl.maximum(cq - NX, 0)
-    S = tl.load(st + (bhk * (NC + 1) + c0) * F * DV + rf[:, None] * DV + rv[None, :],
-                mask=mf[:, None] & mv[None, :], other=0.0)
-    z = tl.load(zs + (bhk * (NC + 1) + c0) * F + rf, mask=mf, other=0.0)
+    sb = st + (bhk * (NC + 1) + c0) * (F * DV + F)
+    S = tl.load(sb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+    z = tl.load(sb + F * DV + rf, mask=mf, other=0.0)
     k += bhk * T * D
     v += bhk * T * DV
     fk += bhk * T * F
@@ -226,33 +296,38 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, zs, do, y, m_in, den_in, am_in, dq, dfq, dl
         for ck in range(c0, cq + 1):
             j = ck * C + rc
             mj = j < T
-            fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+            has_win, has_lin = _tile_parts(cq * C, cq * C + C - 1, ck * C, ck * C + C - 1, KIND, W)
             vt = tl.load(v + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
-            kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
             win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
-            dP = _dot(dot_, tl.trans(vt), DT)
-            a = _dot(fqt, tl.trans(fkt), DT)
-            s = _dot(qt, tl.trans(kt), DT) * scale
-            wt = tl.where(lin, a, 0.0) + g * tl.exp(tl.where(win, s, float("-inf")) - m[:, None])
-            ydo += tl.sum(wt * dP, 1)
+            wt = tl.zeros([C, C], tl.float32)
+            if has_win:
+                kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+                s = _dot(qt, tl.trans(kt), DT) * scale
+                wt = g * tl.exp(tl.where(win, s, float("-inf")) - m[:, None])
+            if has_lin:
+                fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+                wt += tl.where(lin, _dot(fqt, tl.trans(fkt), DT), 0.0)
+            ydo += tl.sum(wt * _dot(dot_, tl.trans(vt), DT), 1)
         dlt = ydo / den / den
     dob = dot_.to(tl.float32) / den[:, None]  # dō
     dfq_acc = _dot(dob, tl.trans(S), DT) - dlt[:, None] * z[None, :]
     for ck in range(c0, cq + 1):
         j = ck * C + rc
         mj = j < T
-        fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+        has_win, has_lin = _tile_parts(cq * C, cq * C + C - 1, ck * C, ck * C + C - 1, KIND, W)
         vt = tl.load(v + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
         win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
-        dP = _dot(dot_, tl.trans(vt), DT)
-        dw = dP / den[:, None] - dlt[:, None]
-        dfq_acc += _dot(tl.where(lin, dw, 0.0), fkt, DT)
+        dw = _dot(dot_, tl.trans(vt), DT) / den[:, None] - dlt[:, None]
+        if has_lin:
+            fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
+            dfq_acc += _dot(tl.where(lin, dw, 0.0), fkt, DT)
         if KIND != 0:
-            kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-            s = _dot(qt, tl.trans(kt), DT) * scale
-            pdw = tl.exp(tl.where(win, s, float("-inf")) - m[:, None]) * dw
-            csum += tl.sum(pdw, 1)
-            dq_acc += _dot((g * pdw), kt, DT)
+            if has_win:
+                kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+                s = _dot(qt, tl.trans(kt), DT) * scale
+                pdw = tl.exp(tl.where(win, s, float("-inf")) - m[:, None]) * dw
+                csum += tl.sum(pdw, 1)
+                dq_acc += _dot((g * pdw), kt, DT)
     tl.store(dfq + bh * T * F + i[:, None] * F + rf[None, :], dfq_acc.to(dfq.dtype.element_ty),
              mask=mi[:, None] & mf[None, :])
     tl.store(dlt_out + bh * T + i, dlt, mask=mi)
@@ -266,48 +341,7 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, zs, do, y, m_in, den_in, am_in, dq, dfq, dl
 
 
 @triton.jit
-def _state_bwd(fq, do, den_in, dlt_in, dsf, dzf, rst, rzs, T, NC, H, HK,
-               HAS_DSF: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FP: tl.constexpr,
-               BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
-    bhk = tl.program_id(0).to(tl.int64)
-    iv = tl.program_id(1)
-    b, hk = bhk // HK, bhk % HK
-    G = H // HK
-    rf = tl.arange(0, FP)
-    rv = iv * BV + tl.arange(0, BV)
-    rc = tl.arange(0, C)
-    mf, mv = rf < F, rv < DV
-    msk = mf[:, None] & mv[None, :]
-    mz = mf & ((rf * 0 + iv) == 0)  # the ksum is written by the first Dv block only
-    rst += bhk * (NC + 1) * F * DV
-    rzs += bhk * (NC + 1) * F
-    if HAS_DSF:
-        R = tl.load(dsf + bhk * F * DV + rf[:, None] * DV + rv[None, :], mask=msk, other=0.0).to(tl.float32)
-        Rz = -tl.load(dzf + bhk * F + rf, mask=mf, other=0.0).to(tl.float32)
-    else:
-        R = tl.zeros([FP, BV], tl.float32)
-        Rz = tl.zeros([FP], tl.float32)
-    tl.store(rst + NC * F * DV + rf[:, None] * DV + rv[None, :], R, mask=msk)
-    tl.store(rzs + NC * F + rf, Rz, mask=mz)
-    for r in range(NC):
-        c = NC - 1 - r
-        t = c * C + rc
-        mt = t < T
-        for gg in range(G):
-            bh = b * H + hk * G + gg
-            fqt = tl.load(fq + bh * T * F + t[:, None] * F + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
-            dot_ = tl.load(do + bh * T * DV + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-            den = tl.load(den_in + bh * T + t, mask=mt, other=1.0)
-            dlt = tl.load(dlt_in + bh * T + t, mask=mt, other=0.0)
-            dob = dot_.to(tl.float32) / den[:, None]
-            R += _dot(tl.trans(fqt), dob, DT)
-            Rz += tl.sum(fqt.to(tl.float32) * dlt[:, None], 0)
-        tl.store(rst + c * F * DV + rf[:, None] * DV + rv[None, :], R, mask=msk)
-        tl.store(rzs + c * F + rf, Rz, mask=mz)
-
-
-@triton.jit
-def _bwd_dkv(q, k, v, fq, fk, gp, rst, rzs, do, m_in, den_in, am_in, dlt_in, csum_in, dk, dv, dfk,
+def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in, dk, dv, dfk,
              T, NC, NX, H, HK, scale,
              KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
              DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
@@ -322,9 +356,9 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, rzs, do, m_in, den_in, am_in, dlt_in, csu
     vt = tl.load(v + bhk * T * DV + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
     fkt = tl.load(fk + bhk * T * F + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
     r = tl.minimum(ck + NX + 1, NC)
-    R = tl.load(rst + (bhk * (NC + 1) + r) * F * DV + rf[:, None] * DV + rv[None, :],
-                mask=mf[:, None] & mv[None, :], other=0.0)
-    Rz = tl.load(rzs + (bhk * (NC + 1) + r) * F + rf, mask=mf, other=0.0)
+    rb = rst + (bhk * (NC + 1) + r) * (F * DV + F)
+    R = tl.load(rb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+    Rz = tl.load(rb + F * DV + rf, mask=mf, other=0.0)
     dfk_acc = _dot(vt, tl.trans(R), DT) - Rz[None, :]  # (C, FP)
     dv_acc = _dot(fkt, R, DT)  # (C, DVP)
     dk_acc = tl.zeros([C, DP], tl.float32)
@@ -340,28 +374,32 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, rzs, do, m_in, den_in, am_in, dlt_in, csu
         for cq in range(ck, last + 1):
             i = cq * C + rc
             mi = i < T
-            fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :], other=0.0)
+            has_win, has_lin = _tile_parts(cq * C, cq * C + C - 1, ck * C, ck * C + C - 1, KIND, W)
             dot_ = tl.load(do + bh * T * DV + i[:, None] * DV + rv[None, :], mask=mi[:, None] & mv[None, :], other=0.0)
             den = tl.load(den_in + bh * T + i, mask=mi, other=1.0)
             dlt = tl.load(dlt_in + bh * T + i, mask=mi, other=0.0)
             win, lin = _masks(i[None, :], j[:, None], T, KIND, W)  # (keys, queries)
-            a = _dot(fkt, tl.trans(fqt), DT)
-            dP = _dot(vt, tl.trans(dot_), DT)
-            dw = dP / den[None, :] - dlt[None, :]
-            wt = tl.where(lin, a, 0.0)
+            dw = _dot(vt, tl.trans(dot_), DT) / den[None, :] - dlt[None, :]
+            wt = tl.zeros([C, C], tl.float32)
+            if has_lin:
+                fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :],
+                              other=0.0)
+                wt = tl.where(lin, _dot(fkt, tl.trans(fqt), DT), 0.0)
+                dfk_acc += _dot(tl.where(lin, dw, 0.0), fqt, DT)
             if KIND != 0:
-                qt = tl.load(q + bh * T * D + i[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :], other=0.0)
-                m = tl.load(m_in + bh * T + i, mask=mi, other=0.0)
-                am = tl.load(am_in + bh * T + i, mask=mi, other=-1)
-                cs = tl.load(csum_in + bh * T + i, mask=mi, other=0.0)
-                s = _dot(kt, tl.trans(qt), DT) * scale
-                p = g * tl.exp(tl.where(win, s, float("-inf")) - m[None, :])
-                wt += p
-                ds = p * dw - tl.where(am[None, :] == j[:, None], g * cs[None, :], 0.0)
-                dk_acc += _dot(ds, qt, DT)
+                if has_win:
+                    qt = tl.load(q + bh * T * D + i[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :],
+                                 other=0.0)
+                    m = tl.load(m_in + bh * T + i, mask=mi, other=0.0)
+                    am = tl.load(am_in + bh * T + i, mask=mi, other=-1)
+                    cs = tl.load(csum_in + bh * T + i, mask=mi, other=0.0)
+                    s = _dot(kt, tl.trans(qt), DT) * scale
+                    p = g * tl.exp(tl.where(win, s, float("-inf")) - m[None, :])
+                    wt += p
+                    ds = p * dw - tl.where(am[None, :] == j[:, None], g * cs[None, :], 0.0)
+                    dk_acc += _dot(ds, qt, DT)
             dob = dot_.to(tl.float32) / den[:, None]
             dv_acc += _dot(wt, dob, DT)
-            dfk_acc += _dot(tl.where(lin, dw, 0.0), fqt, DT)
     tl.store(dv + bhk * T * DV + j[:, None] * DV + rv[None, :], dv_acc.to(dv.dtype.element_ty),
              mask=mj[:, None] & mv[None, :])
     tl.store(dfk + bhk * T * F + j[:, None] * F + rf[None, :], dfk_acc.to(dfk.dtype.element_ty),
@@ -398,20 +436,50 @@ def _bv(dv: int) -> int:
     return min(64, _pad(dv))
 
 
-def _states(fk, v, s0, z0, C, dt):
-    """Prefix states (B, Hk, NC+1, F, Dv) and (B, Hk, NC+1, F), float32."""
-    B, Hk, T, F = fk.shape
-    Dv = v.shape[-1]
-    NC = triton.cdiv(T, C)
-    st = _empty((B, Hk, NC + 1, F, Dv), fk, torch.float32)
-    zs = _empty((B, Hk, NC + 1, F), fk, torch.float32)
-    has = s0 is not None
-    s0c = s0.float().contiguous() if has else st
-    z0c = z0.float().contiguous() if has else zs
+# Launch settings per kernel, (num_warps, num_stages), for the widest of D, Dv, F <= 64 and > 64.
+# num_stages = 1 for the backward kernels at 128: their loops hold five 64 x 128 tiles, and
+# pipelining them needs more than the 227 KB of shared memory of an H100 / H200.
+LAUNCH = {
+    "fwd": {64: (4, 2), 128: (8, 2)},
+    "bwd_dq": {64: (4, 2), 128: (8, 1)},
+    "bwd_dkv": {64: (4, 2), 128: (8, 1)},
+    "sums": {64: (4, 2), 128: (4, 2)},
+}
+
+
+def _launch(name: str, *dims: int) -> dict:
+    warps, stages = LAUNCH[name][64 if max(dims) <= 64 else 128]
+    return dict(num_warps=warps, num_stages=stages)
+
+
+def _states(a, b, init, C, dt, reverse=False, den=None, dlt=None, heads=None):
+    """Chunk states (B, Hk, NC+1, F*Dv + F) float32: [..., :F*Dv] is the (F, Dv) state, [..., F*Dv:] the F sums.
+
+    Forward (a = fk, b = v, init = (kv0, ks0) or None): prefix states, entry c = state before chunk c.
+    Reverse (a = fq, b = do, heads = Hk, init = (dkv, -dks) or None): suffix states, entry c = init
+    + the sums of chunks >= c. Chunk sums are computed in parallel, then scanned over chunks.
+    """
+    B, T, F, Dv = a.shape[0], a.shape[2], a.shape[-1], b.shape[-1]
+    Hk = heads if reverse else a.shape[1]
+    NC, E = triton.cdiv(T, C), F * Dv + F
+    loc = torch.empty((B, Hk, NC, E), dtype=torch.float32, device=a.device)
     BV = _bv(Dv)
-    _state_fwd[(B * Hk, triton.cdiv(Dv, BV))](fk, v, s0c, z0c, st, zs, T, NC, HAS_S0=has, F=F, DV=Dv,
-                                               FP=_pad(F), BV=BV, C=C, DT=dt, num_warps=4)
-    return st, zs
+    _chunk_sums[(NC, B * Hk, triton.cdiv(Dv, BV))](
+        a, b, den if reverse else a, dlt if reverse else a, loc, T, NC, a.shape[1], Hk, BWD=reverse,
+        F=F, DV=Dv, FP=_pad(F), BV=BV, C=C, DT=dt, **_launch("sums", F, Dv))
+    out = _empty((B, Hk, NC + 1, E), a, torch.float32)
+    has = init is not None
+    ini = torch.cat([init[0].float().reshape(B, Hk, F * Dv), init[1].float().reshape(B, Hk, F)], -1) if has else loc
+    BE = 256
+    _scan[(B * Hk, triton.cdiv(E, BE))](loc, ini, out, NC, E, HAS_INIT=has, REVERSE=reverse, CB=8, BE=BE,
+                                         num_warps=4)
+    return out
+
+
+def _split(st: torch.Tensor, c: int, F: int, Dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry c of a (B, Hk, NC+1, F*Dv + F) state buffer: (B, Hk, F, Dv), (B, Hk, F) copies."""
+    x = st[:, :, c]
+    return x[..., : F * Dv].reshape(*x.shape[:2], F, Dv).clone(), x[..., F * Dv :].clone()
 
 
 class ChunkedAttention(torch.autograd.Function):
@@ -430,49 +498,49 @@ class ChunkedAttention(torch.autograd.Function):
         q = q.contiguous() if q is not None else fq
         k = k.contiguous() if k is not None else fk
         gg = g.contiguous() if g is not None else fq
-        st, zs = _states(fk, v, s0, z0, C, dt)
+        init = None
+        if s0 is not None or z0 is not None:
+            init = (s0 if s0 is not None else fk.new_zeros(B, Hk, F, Dv, dtype=torch.float32),
+                    z0 if z0 is not None else fk.new_zeros(B, Hk, F, dtype=torch.float32))
+        st = _states(fk, v, init, C, dt)
         y = _empty((B, H, T, Dv), v)
         m = _empty((B, H, T), v, torch.float32)
         den = _empty((B, H, T), v, torch.float32)
         am = torch.empty((B, H, T), dtype=torch.int32, device=v.device)
         dims = dict(KIND=kind, W=max(window, 1), D=D, DV=Dv, F=F, DP=_pad(D), DVP=_pad(Dv), FP=_pad(F), C=C, DT=dt)
-        _fwd[(NC, B * H)](q, k, v, fq, fk, gg, st, zs, y, m, den, am, T, NC, NX, H, Hk, scale, eps,
-                          **dims, num_warps=4 if max(D, Dv, F) <= 64 else 8)
-        ctx.save_for_backward(q, k, v, fq, fk, gg, st, zs, y, m, den, am)
+        _fwd[(NC, B * H)](q, k, v, fq, fk, gg, st, y, m, den, am, T, NC, NX, H, Hk, scale, eps,
+                          **dims, **_launch("fwd", D, Dv, F))
+        ctx.save_for_backward(q, k, v, fq, fk, gg, st, y, m, den, am)
         ctx.cfg = (kind, NX, scale, dims, g is not None, s0 is not None, z0 is not None)
-        kvf, ksf = st[:, :, NC].clone(), zs[:, :, NC].clone()
+        kvf, ksf = _split(st, NC, F, Dv)
         return y, kvf, ksf
 
     @staticmethod
     def backward(ctx, dy, dkvf, dksf):
-        q, k, v, fq, fk, gg, st, zs, y, m, den, am = ctx.saved_tensors
+        q, k, v, fq, fk, gg, st, y, m, den, am = ctx.saved_tensors
         kind, NX, scale, dims, has_g, has_s0, has_z0 = ctx.cfg
         B, H, T, F = fq.shape
         Hk, Dv = v.shape[1], v.shape[-1]
         C = dims["C"]
         NC = triton.cdiv(T, C)
         dy = dy.contiguous()
-        warps = 4 if max(dims["D"], Dv, F) <= 64 else 8
         dq = _empty(q.shape, q) if kind else None
         dfq = _empty(fq.shape, fq)
         dlt = _empty((B, H, T), v, torch.float32)
         csum = _empty((B, H, T), v, torch.float32) if kind else dlt
-        _bwd_dq[(NC, B * H)](q, k, v, fq, fk, gg, st, zs, dy, y, m, den, am, dq if kind else dfq, dfq, dlt, csum,
-                             T, NC, NX, H, Hk, scale, **dims, num_warps=warps)
-        rst, rzs = torch.empty_like(st), torch.empty_like(zs)
-        has_dsf = dkvf is not None or dksf is not None
-        dkvf = torch.zeros_like(st[:, :, 0]) if has_dsf and dkvf is None else dkvf
-        dksf = torch.zeros_like(zs[:, :, 0]) if has_dsf and dksf is None else dksf
-        BV = _bv(Dv)
-        _state_bwd[(B * Hk, triton.cdiv(Dv, BV))](
-            fq, dy, den, dlt, dkvf.float().contiguous() if has_dsf else rst,
-            dksf.float().contiguous() if has_dsf else rzs, rst, rzs, T, NC, H, Hk,
-            HAS_DSF=has_dsf, F=F, DV=Dv, FP=_pad(F), BV=BV, C=C, DT=dims["DT"], num_warps=4)
+        _bwd_dq[(NC, B * H)](q, k, v, fq, fk, gg, st, dy, y, m, den, am, dq if kind else dfq, dfq, dlt, csum,
+                             T, NC, NX, H, Hk, scale, **dims, **_launch("bwd_dq", dims["D"], Dv, F))
+        init = None
+        if dkvf is not None or dksf is not None:
+            init = (dkvf if dkvf is not None else st.new_zeros(B, Hk, F, Dv),
+                    -dksf if dksf is not None else st.new_zeros(B, Hk, F))
+        rst = _states(fq, dy, init, C, dims["DT"], reverse=True, den=den, dlt=dlt, heads=Hk)
         dk = _empty(k.shape, k) if kind else None
         dv, dfk = _empty(v.shape, v), _empty(fk.shape, fk)
-        _bwd_dkv[(NC, B * Hk)](q, k, v, fq, fk, gg, rst, rzs, dy, m, den, am, dlt, csum,
-                               dk if kind else dfk, dv, dfk, T, NC, NX, H, Hk, scale, **dims, num_warps=warps)
+        _bwd_dkv[(NC, B * Hk)](q, k, v, fq, fk, gg, rst, dy, m, den, am, dlt, csum,
+                               dk if kind else dfk, dv, dfk, T, NC, NX, H, Hk, scale, **dims,
+                               **_launch("bwd_dkv", dims["D"], Dv, F))
         dg = csum.sum((0, 2)).to(gg.dtype) if has_g else None
-        ds0 = rst[:, :, 0] if has_s0 else None
-        dz0 = -rzs[:, :, 0] if has_z0 else None
-        return dq, dk, dv, dfq, dfk, dg, ds0, dz0, None, None, None, None, None
+        ds0, mdz0 = _split(rst, 0, F, Dv) if (has_s0 or has_z0) else (None, None)
+        return (dq, dk, dv, dfq, dfk, dg, ds0 if has_s0 else None, -mdz0 if has_z0 else None,
+                None, None, None, None, None)

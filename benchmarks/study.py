@@ -1,0 +1,54 @@
+"""One row of the SmolLM2 study: linearize with a config (plus overrides), then validation
+perplexity of the base model and of the result on extra files; writes a JSON report and
+copies the small checkpoints next to it.
+
+    python benchmarks/study.py --out OUT_DIR --ppl FILE [FILE ...] -- --config configs/... --data.train ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from lolcats.config import load_config
+from lolcats.pipeline import format_report, linearize, load_linearized, stage_dirs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--label", default="default")
+    ap.add_argument("--ppl", nargs="*", default=[])
+    ap.add_argument("--config")
+    a, rest = ap.parse_known_args()
+    cfg = load_config(a.config, rest)
+    out = Path(a.out) / a.label
+    out.mkdir(parents=True, exist_ok=True)
+    report = linearize(cfg)
+    print(format_report(report), flush=True)
+    d1, d2 = stage_dirs(cfg)
+    from lolcats.evaluation.perplexity import perplexity
+    from lolcats.models.loading import load_base_model, load_tokenizer
+
+    extra = {}
+    for label, loader in (("base", lambda: (load_base_model(cfg.model), load_tokenizer(cfg.model))),
+                          ("linearized", lambda: load_linearized(None, str(d1 / "best"), str(d2 / "best")))):
+        model, tok = loader()
+        for f in a.ppl:
+            t = time.time()
+            extra[f"{label}:{Path(f).name}"] = {**perplexity(model, tok, f, mode="packed", seq_len=cfg.data.seq_len,
+                                                             batch_size=8), "seconds": time.time() - t}
+        del model
+    report["extra_ppl"] = extra
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    for d, name in ((d1, "stage1"), (d2, "stage2")):
+        shutil.copytree(d / "best", out / name, dirs_exist_ok=True)
+        shutil.copy(d / "summary.json", out / f"{name}_summary.json")
+    print(json.dumps(extra, indent=2))
+
+
+if __name__ == "__main__":
+    main()

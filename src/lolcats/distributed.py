@@ -1,0 +1,300 @@
+"""One code path for one GPU and many: torchrun detection, FSDP2 sharding, gathering, reductions.
+
+    info = init_distributed()                 # no-op outside torchrun
+    model = shard_model(model, mixed_precision=True, activation_checkpointing=False, info=info)
+    for micro in micro_batches:               # the same global batch as one process
+        mine = micro[distributed_sampler_slice(len(micro), info.rank, info.world_size)]
+        loss = step(mine); loss.backward()    # FSDP averages gradients over ranks
+    state = gather_trainable_state_dict(model, trainable_names)   # full CPU tensors on rank 0
+    if info.is_main: save(state)
+    cleanup()
+
+Sharding is FSDP2 (``fully_shard``): one unit per decoder layer, then the root. FSDP2 shards
+each parameter on dim 0 (a DTensor); frozen and trainable parameters may share a unit (only the
+trainable ones must share one dtype; frozen bf16 weights next to fp32 feature maps are fine).
+Gradients are reduce-scattered and divided by the world size, so a loss that is a mean over
+each rank's equal share of the global batch gives the gradient of the mean over the global batch.
+CPU runs use the same code with the ``gloo`` backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    is_main: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); no-op outside it.
+
+    ``device``: auto (cuda:LOCAL_RANK when CUDA is there, else cpu), cuda or cpu.
+    Backend: nccl on CUDA, gloo on CPU. Calling it twice returns the same answer.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(rank, world, local_rank, dev, rank == 0)
+
+
+def dist_info() -> DistInfo:
+    """The current process's place, from the initialised process group (or one process)."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return DistInfo(rank, world, local_rank, dev, rank == 0)
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _is_dist():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor | float:
+    """Mean over ranks of a tensor or a number (returned as the same kind); identity on one process."""
+    if not _is_dist():
+        return x
+    t = x.detach().clone().float() if isinstance(x, torch.Tensor) else torch.tensor(float(x))
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t = t / dist.get_world_size()
+    return t.to(x.device, x.dtype) if isinstance(x, torch.Tensor) else float(t)
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) from every rank -> (world * b, ...) in rank order, on every rank; identity on one.
+
+    Every rank must pass the same shape (e.g. equal shares of a micro-batch). Used to bring
+    the hidden states each rank collected to the rank that writes the store.
+    """
+    if not _is_dist():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def distributed_sampler_slice(n_items: int, rank: int, world: int) -> slice:
+    """This rank's contiguous share of ``n_items`` (e.g. the sequences of one micro-batch).
+
+    Shares differ by at most one item (the first ``n_items % world`` ranks take one more);
+    together they cover every item once, in order. With equal shares (n_items divisible by
+    world) the mean loss per rank, averaged by FSDP, equals one process's mean over all items.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    base, extra = divmod(n_items, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    from lolcats.attention.convert import decoder_layers
+
+    inner = model
+    while not hasattr(inner, "layers") and hasattr(inner, "model"):  # PEFT / CausalLM wrappers
+        inner = inner.model
+    if not hasattr(inner, "layers") and hasattr(model, "base_model"):
+        return _decoder_layers(model.base_model)
+    return decoder_layers(inner)
+
+
+def _checkpointed_forward(forward: Callable, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(layers: Iterable[nn.Module]) -> None:
+    """Recompute each layer's activations in backward (non-reentrant checkpoint).
+
+    The layer's ``forward`` is wrapped in place, so parameter names do not change (unlike
+    ``checkpoint_wrapper``) and hooks on the layer still fire once per forward.
+    """
+    for layer in layers:
+        if getattr(layer, "_lolcats_checkpointed", False):
+            continue
+        layer.forward = functools.partial(_checkpointed_forward, layer.forward)
+        layer._lolcats_checkpointed = True
+
+
+def shard_model(model: nn.Module, mixed_precision: bool = True, activation_checkpointing: bool = False,
+                info: DistInfo | None = None, reshard_after_forward: bool = True,
+                separate_trainable: bool = True) -> nn.Module:
+    """FSDP2 ``fully_shard`` per decoder layer, then the root; no-op on one process.
+
+    ``mixed_precision``: compute in bf16 (parameters all-gathered as bf16), reduce gradients in
+    fp32; the sharded (stored) parameters keep their dtype, so fp32 trainables stay fp32.
+    ``separate_trainable``: give each trainable-only submodule of a layer (the feature maps) its
+    own unit. Attention transfer needs it: its loss does not flow through the layers' outputs,
+    so FSDP would otherwise never unshard those parameters in backward nor reduce their
+    gradients (FSDP2 hooks backward on module outputs that require grad).
+    ``activation_checkpointing`` applies on one process too; use it only where the loss flows
+    through the layer outputs (finetuning), never in attention transfer.
+    Call the root module (the CausalLM) in forward, not ``model.model``: FSDP2 unshards the
+    root's own parameters (embeddings, final norm) in the root's forward hook. For attention
+    transfer pass ``logits_to_keep=1`` to skip most of the LM head. Returns the same module (now an
+    ``FSDPModule``); trainable parameters become DTensors: build the optimiser after this call.
+    """
+    info = info or dist_info()
+    layers = _decoder_layers(model)
+    if activation_checkpointing:
+        apply_activation_checkpointing(layers)
+    if info.world_size <= 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+          else MixedPrecisionPolicy())
+    kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for layer in layers:
+        if separate_trainable:
+            for sub in trainable_submodules(layer):
+                fully_shard(sub, **kw)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def trainable_submodules(layer: nn.Module) -> list[nn.Module]:
+    """Maximal proper submodules of ``layer`` whose parameters all require grad (none frozen)."""
+    found: list[nn.Module] = []
+
+    def visit(mod: nn.Module) -> None:
+        for child in mod.children():
+            params = list(child.parameters())
+            if params and all(p.requires_grad for p in params):
+                found.append(child)
+            else:
+                visit(child)
+
+    visit(layer)
+    return found
+
+
+def is_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+# ---------------------------------------------------------------- gathering
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a (possibly sharded) parameter; collective for DTensors."""
+    data = p.detach()
+    if hasattr(data, "full_tensor"):  # DTensor (FSDP2 shard)
+        data = data.full_tensor()
+    return data
+
+
+def gather_trainable_state_dict(model: nn.Module, names: set[str] | Callable[[str], bool] | None = None,
+                                ) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the selected parameters on rank 0 (an empty dict on other ranks).
+
+    ``names``: a set of parameter names (as ``model.named_parameters()`` gives them), a predicate
+    on the name, or None for the parameters with ``requires_grad``. Only the selected tensors
+    are gathered (never the frozen base weights), one at a time; every rank must call this.
+    """
+    if names is None:
+        pick = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        wanted = names if callable(names) else names.__contains__
+        pick = [(n, p) for n, p in model.named_parameters() if wanted(n)]
+        if not callable(names):
+            missing = sorted(set(names) - {n for n, _ in pick})
+            if missing:
+                raise KeyError(f"no parameters named {missing[:5]}; e.g. {[n for n, _ in model.named_parameters()][:5]}")
+    rank = dist.get_rank() if _is_dist() else 0
+    out: dict[str, torch.Tensor] = {}
+    for n, p in pick:
+        full = _full(p)  # collective: same order on every rank
+        if rank == 0:
+            out[n] = full.cpu().clone()
+    return out
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors (e.g. from :func:`gather_trainable_state_dict`) into possibly sharded params.
+
+    Every rank must hold ``state`` (load it on each rank from the same file).
+    """
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"unknown parameters {unknown[:5]}; e.g. {list(params)[:5]}")
+    with torch.no_grad():
+        for n, full in state.items():
+            p = params[n]
+            if hasattr(p, "device_mesh"):  # DTensor: keep this rank's shard
+                p.to_local().copy_(_local_shard(full, p))
+            else:
+                p.copy_(full.to(p.device, p.dtype))
+
+
+def _local_shard(full: torch.Tensor, p) -> torch.Tensor:
+    """This rank's piece of ``full`` for the DTensor ``p`` (FSDP2: torch.chunk on dim 0)."""
+    local = p.to_local()
+    chunks = torch.chunk(full, p.device_mesh.size(), dim=0)
+    rank = p.device_mesh.get_local_rank()
+    piece = chunks[rank] if rank < len(chunks) else full[:0]
+    if piece.shape != local.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        piece = distribute_tensor(full.to(local.device), p.device_mesh, p.placements).to_local()
+    return piece.to(local.device, local.dtype)
