@@ -45,7 +45,7 @@ WINDOW = 64
 def bench(fn, quick: bool) -> float:
     """Median milliseconds."""
     if not quick:
-        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
     fn()
     ts = []
     for _ in range(2):
@@ -80,14 +80,29 @@ def _fwd_bwd(fn, ins):
     return run
 
 
+def _tile_parts(cq: int, ck: int, kind: int, w: int, C: int) -> tuple[bool, bool]:
+    """Python twin of chunked._tile_parts: does tile (query chunk cq, key chunk ck) hold window / linear entries."""
+    i_lo, i_hi, j_lo, j_hi = cq * C, cq * C + C - 1, ck * C, ck * C + C - 1
+    if kind == 1:
+        return j_lo <= i_hi and i_lo - j_hi < w, i_hi - j_lo >= w
+    if kind == 2:
+        return j_lo <= i_hi and i_lo // w - j_hi // w <= 1, i_hi // w - j_lo // w >= 2
+    return False, j_lo <= i_hi
+
+
 def model_flops(B, H, Hk, T, D, F, kind) -> float:
-    """Forward dots issued by the kernels (multiply-adds x 2)."""
+    """Forward dots issued by the kernels (multiply-adds x 2), from the tiles they skip or compute."""
     C, nc = CHUNK, triton.cdiv(T, CHUNK)
-    tiles = explicit_chunks(0 if kind == "linear" else 1 + (kind == "terraced_window"), WINDOW, C, nc) + 1
-    per_q = tiles * C * (F + D) + F * D  # fq fk^T, w v per explicit tile, fq S
-    if kind != "linear":
-        per_q += tiles * C * 2 * D  # q k^T twice (max pass, weight pass)
-    return 2 * B * H * T * per_q + 2 * B * Hk * T * F * D  # + prefix states
+    kid = {"linear": 0, "sliding_window": 1, "terraced_window": 2}[kind]
+    nx = explicit_chunks(kid, WINDOW, C, nc)
+    macs = 0  # per head, per sequence
+    for cq in range(nc):
+        c0 = max(cq - nx, 0)
+        macs += C * F * D  # fq S
+        for ck in range(c0, cq + 1):
+            win, lin = _tile_parts(cq, ck, kid, WINDOW, C)
+            macs += C * C * (D * win + F * lin + D * (win or lin) + D * (lin and ck != c0))
+    return 2 * B * H * macs + 2 * B * Hk * T * F * D  # + chunk sums of the states
 
 
 def prefill_rows(dev, quick, ceil):
@@ -133,7 +148,7 @@ def prefill_rows(dev, quick, ceil):
             lin = lambda: linear_attention_triton(fq, fk, v)[0]  # noqa: E731
             row["linear_fwd"] = _try(lin, quick)
             row["linear_fwdbwd"] = _try(_fwd_bwd(lin, [fq, fk, v]), quick)
-            if T < 8192:
+            if T <= 2048:
                 ref = lambda: hybrid_attention_naive(q, k, v, fq, fk, wf, "sliding_window", WINDOW)[0]  # noqa: E731
                 row["torch_ref_fwd"] = _try(ref, quick)
                 row["torch_ref_fwdbwd"] = _try(_fwd_bwd(ref, [q, k, v, fq, fk, wf]), quick)

@@ -284,6 +284,8 @@ def _check_values(cfg: Config) -> None:
         positive.update({f"{stage}.epochs": t.epochs, f"{stage}.micro_batch_size": t.micro_batch_size,
                          f"{stage}.grad_accum": t.grad_accum, f"{stage}.eval_every": t.eval_every,
                          f"{stage}.save_every": t.save_every})
+        if t.max_steps is not None and t.max_steps < 0:
+            raise ConfigError(f"{stage}.max_steps: {t.max_steps} must be >= 0 (0 = no training)")
         if not t.lr > 0:
             raise ConfigError(f"{stage}.lr: {t.lr} must be > 0")
     positive["finetune.lora_r"] = cfg.finetune.lora_r

@@ -44,6 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from lolcats.checkpoint import atomic_write, write_json
 from lolcats.config import DataConfig
 
 FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".tokens", ".raw")
@@ -372,11 +373,9 @@ def cache_key(cfg: DataConfig, tokenizer, sources: list[str], seed: int) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a path
+        np.save(f, arr)
 
 
 def save_cache(folder: Path, data: PackedData, dtype: np.dtype) -> None:
@@ -384,8 +383,8 @@ def save_cache(folder: Path, data: PackedData, dtype: np.dtype) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         arr = getattr(data, split).numpy().astype(dtype)
-        _atomic_write(folder / f"{split}.npy", lambda f, a=arr: np.save(f, a))
-    _atomic_write(folder / "stats.json", lambda f: f.write(json.dumps(data.stats, indent=1).encode()))
+        atomic_write(folder / f"{split}.npy", lambda p, a=arr: _save_npy(p, a))
+    write_json(folder / "stats.json", data.stats)
 
 
 def load_cache(folder: Path) -> PackedData | None:

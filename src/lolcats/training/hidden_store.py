@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from lolcats.checkpoint import write_json
 import torch.nn as nn
 
 FORMAT_VERSION = 1
@@ -45,12 +47,6 @@ class HiddenStoreError(RuntimeError):
 
 
 # ---------------------------------------------------------------- manifest
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -117,7 +113,7 @@ class HiddenStateWriter:
         if not (self.root / MANIFEST).is_file():
             self.root.mkdir(parents=True, exist_ok=True)
             manifest = self._fresh_manifest()
-            _atomic_write_json(self.root / MANIFEST, manifest)
+            write_json(self.root / MANIFEST, manifest)
             return manifest
         manifest = read_manifest(self.root)
         want = self._fresh_manifest()
@@ -131,7 +127,7 @@ class HiddenStateWriter:
                 split["shards"], split["complete"] = good, False
                 manifest["complete"] = False
             split["num_sequences"] = sum(s["num_sequences"] for s in good)
-        _atomic_write_json(self.root / MANIFEST, manifest)
+        write_json(self.root / MANIFEST, manifest)
         return manifest
 
     # ------------------------------------------------------------ state
@@ -185,7 +181,7 @@ class HiddenStateWriter:
         if self._pending.get(split, 0):
             self._close_shard(split)
         self._split(split)["complete"] = True
-        _atomic_write_json(self.root / MANIFEST, self.manifest)
+        write_json(self.root / MANIFEST, self.manifest)
 
     def finish(self) -> None:
         """Mark the whole store complete (after every split is finished)."""
@@ -193,7 +189,7 @@ class HiddenStateWriter:
         if open_splits:
             raise HiddenStoreError(f"splits {open_splits} are not finished; call finish_split first")
         self.manifest["complete"] = True
-        _atomic_write_json(self.root / MANIFEST, self.manifest)
+        write_json(self.root / MANIFEST, self.manifest)
 
     def _rel_path(self, split: str, boundary: int, index: int) -> str:
         return f"{split}/b{boundary:04d}/{index:06d}.bin"
@@ -213,7 +209,7 @@ class HiddenStateWriter:
             files[str(b)] = rel
         info["shards"].append({"index": index, "num_sequences": n, "files": files})
         info["num_sequences"] += n
-        _atomic_write_json(self.root / MANIFEST, self.manifest)
+        write_json(self.root / MANIFEST, self.manifest)
 
 
 # ---------------------------------------------------------------- reading

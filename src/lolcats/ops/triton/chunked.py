@@ -11,10 +11,12 @@ Sequence split into chunks of C (64) tokens. For query chunk c the keys fall in 
   the linear part or neither by the exact masks of the reference.
 
 ``NX`` (0 for linear, 1 for a 64-window with C = 64, 1..2 for terraced) is the smallest offset
-for which the first part is entirely linear. With w_ij = g p_ij (window, p = exp(s - m_i),
-m_i the max over the window) or fq_i.fk_j (linear part), the forward is
-``y_i = (fq_i S_c0 + sum_j w_ij v_j) / (fq_i z_c0 + sum_j w_ij + eps)``; m_i is found in a
-first pass over the (at most NX + 1) explicit tiles, so one accumulator serves both parts.
+for which the first part is entirely linear.
+The forward makes one pass over the (at most NX + 1) explicit tiles, diagonal first: the window
+part sum_W g exp(s_ij - m_i) v_j with an online max (rescaled when the running max grows), the
+linear part (fq_i S_c0 and the linear entries) unscaled, combined at the end as
+``y_i = (win_i + lin_i) / (wsum_i + lsum_i + eps)`` with m_i the final window max: the same
+function as the reference. Tiles with no window (or no linear) entry skip those products.
 
 Backward, with den_i, dō_i = do_i / den_i, δ̄_i = do_i.y_i / den_i (for windows from the
 unrounded y, recomputed in a first pass over the explicit tiles) and dw_ij = do_i.v_j / den_i - δ̄_i:
@@ -26,10 +28,11 @@ unrounded y, recomputed in a first pass over the explicit tiles) and dw_ij = do_
     suffix state ``R = dSf + sum_{query chunks > c + NX} fq dō^T`` gives dfk_j += R v_j - Rz,
     dv_j += R^T fk_j (Rz = sum fq δ̄ - dzf). R at chunk 0 is the initial state's gradient.
 
-Kernels: ``_state_fwd`` (prefix states, sequential over chunks, one program per (b, hk,
-Dv-block)), ``_fwd`` (one program per (query chunk, b, h)), ``_bwd_dq``, ``_state_bwd``
-(suffix states), ``_bwd_dkv`` (one program per (key chunk, b, hk), looping over its group).
-No T x T matrix is ever stored; the states cost (B, Hk, T/C + 1, F, Dv) float32.
+Kernels: ``_chunk_sums`` (per-chunk fk^T v, or sum over the group of fq^T dō, all chunks in
+parallel) and ``_scan`` (prefix / suffix sums over chunks) give the states; ``_fwd`` (one
+program per (query chunk, b, h)), ``_bwd_dq``, ``_bwd_dkv`` (one program per (key chunk, b, hk),
+looping over its group).
+No T x T matrix is ever stored; the states cost (B, Hk, T/C + 1, F Dv + F) float32.
 """
 
 from __future__ import annotations
@@ -436,13 +439,14 @@ def _bv(dv: int) -> int:
     return min(64, _pad(dv))
 
 
-# Launch settings per kernel, (num_warps, num_stages), for the widest of D, Dv, F <= 64 and > 64.
+# Launch settings per kernel, (num_warps, num_stages), for head dims max(D, Dv) <= 64 and > 64
+# (measured on an H200 at SmolLM2 / Llama-3-8B shapes, F = 128: benchmarks/kernel_profile.py).
 # num_stages = 1 for the backward kernels at 128: their loops hold five 64 x 128 tiles, and
 # pipelining them needs more than the 227 KB of shared memory of an H100 / H200.
 LAUNCH = {
-    "fwd": {64: (4, 2), 128: (8, 2)},
-    "bwd_dq": {64: (4, 2), 128: (8, 1)},
-    "bwd_dkv": {64: (4, 2), 128: (8, 1)},
+    "fwd": {64: (4, 1), 128: (4, 1)},
+    "bwd_dq": {64: (4, 1), 128: (4, 1)},
+    "bwd_dkv": {64: (4, 1), 128: (8, 1)},
     "sums": {64: (4, 2), 128: (4, 2)},
 }
 
@@ -466,7 +470,7 @@ def _states(a, b, init, C, dt, reverse=False, den=None, dlt=None, heads=None):
     BV = _bv(Dv)
     _chunk_sums[(NC, B * Hk, triton.cdiv(Dv, BV))](
         a, b, den if reverse else a, dlt if reverse else a, loc, T, NC, a.shape[1], Hk, BWD=reverse,
-        F=F, DV=Dv, FP=_pad(F), BV=BV, C=C, DT=dt, **_launch("sums", F, Dv))
+        F=F, DV=Dv, FP=_pad(F), BV=BV, C=C, DT=dt, **_launch("sums", Dv))
     out = _empty((B, Hk, NC + 1, E), a, torch.float32)
     has = init is not None
     ini = torch.cat([init[0].float().reshape(B, Hk, F * Dv), init[1].float().reshape(B, Hk, F)], -1) if has else loc
@@ -509,7 +513,7 @@ class ChunkedAttention(torch.autograd.Function):
         am = torch.empty((B, H, T), dtype=torch.int32, device=v.device)
         dims = dict(KIND=kind, W=max(window, 1), D=D, DV=Dv, F=F, DP=_pad(D), DVP=_pad(Dv), FP=_pad(F), C=C, DT=dt)
         _fwd[(NC, B * H)](q, k, v, fq, fk, gg, st, y, m, den, am, T, NC, NX, H, Hk, scale, eps,
-                          **dims, **_launch("fwd", D, Dv, F))
+                          **dims, **_launch("fwd", D, Dv))
         ctx.save_for_backward(q, k, v, fq, fk, gg, st, y, m, den, am)
         ctx.cfg = (kind, NX, scale, dims, g is not None, s0 is not None, z0 is not None)
         kvf, ksf = _split(st, NC, F, Dv)
@@ -529,7 +533,7 @@ class ChunkedAttention(torch.autograd.Function):
         dlt = _empty((B, H, T), v, torch.float32)
         csum = _empty((B, H, T), v, torch.float32) if kind else dlt
         _bwd_dq[(NC, B * H)](q, k, v, fq, fk, gg, st, dy, y, m, den, am, dq if kind else dfq, dfq, dlt, csum,
-                             T, NC, NX, H, Hk, scale, **dims, **_launch("bwd_dq", dims["D"], Dv, F))
+                             T, NC, NX, H, Hk, scale, **dims, **_launch("bwd_dq", dims["D"], Dv))
         init = None
         if dkvf is not None or dksf is not None:
             init = (dkvf if dkvf is not None else st.new_zeros(B, Hk, F, Dv),
@@ -539,7 +543,7 @@ class ChunkedAttention(torch.autograd.Function):
         dv, dfk = _empty(v.shape, v), _empty(fk.shape, fk)
         _bwd_dkv[(NC, B * Hk)](q, k, v, fq, fk, gg, rst, dy, m, den, am, dlt, csum,
                                dk if kind else dfk, dv, dfk, T, NC, NX, H, Hk, scale, **dims,
-                               **_launch("bwd_dkv", dims["D"], Dv, F))
+                               **_launch("bwd_dkv", dims["D"], Dv))
         dg = csum.sum((0, 2)).to(gg.dtype) if has_g else None
         ds0, mdz0 = _split(rst, 0, F, Dv) if (has_s0 or has_z0) else (None, None)
         return (dq, dk, dv, dfq, dfk, dg, ds0 if has_s0 else None, -mdz0 if has_z0 else None,

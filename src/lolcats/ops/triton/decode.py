@@ -47,11 +47,23 @@ def _leave_write(wpos, rs, pos, valid, KIND: tl.constexpr, W: tl.constexpr, S: t
 
 
 @triton.jit
+def _rows_times(fq, heads, rf, mf, kvb, rg, GQ: tl.constexpr, GP: tl.constexpr, BV: tl.constexpr, F: tl.constexpr):
+    """phi(q) (GQ rows) @ kvb (FP, BV) in float32 on the vector units, row by row: no shared-memory
+    round trip of the float32 state (a float32 tl.dot is far slower here and this is bandwidth bound)."""
+    num = tl.zeros([GP, BV], tl.float32)
+    for g in tl.static_range(GQ):
+        hg = tl.sum(tl.where(rg == g, heads, 0))
+        row = tl.load(fq + hg * F + rf, mask=mf, other=0.0).to(tl.float32)
+        num += tl.where(rg[:, None] == g, tl.sum(row[:, None] * kvb, 0)[None, :], 0.0)
+    return num
+
+
+@triton.jit
 def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, valid_ptr, gp, y,
             H, HK, scale, eps,
             KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_VALID: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
-            GP: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
+            GP: tl.constexpr, GQ: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
     bhk = tl.program_id(0).to(tl.int64)
     b, hk = bhk // HK, bhk % HK
     G = H // HK
@@ -101,14 +113,14 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         v_new = tl.load(v + bhk * DV + rv, mask=mv, other=0.0)
         if KIND == 0:
             kvb += tl.where(valid != 0, fk_new[:, None] * v_new[None, :].to(tl.float32), 0.0)
-            num = _dot(fqt, kvb, tl.float32)
+            num = _rows_times(fq, heads, rf, mf, kvb, rg, GQ, GP, BV, F)
         else:
             vt = tl.load(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], mask=ms[:, None] & mv[None, :],
                          other=0.0)
             kvb += _dot(tl.trans(fk_old), vt, DT)
             vt = tl.where(write[:, None], v_new[None, :].to(vt.dtype), vt)
             tl.store(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], vt, mask=write[:, None] & mv[None, :])
-            num = _dot(fqt, kvb, tl.float32) + _dot(p, vt, DT)
+            num = _rows_times(fq, heads, rf, mf, kvb, rg, GQ, GP, BV, F) + _dot(p, vt, DT)
         tl.store(kv + (bhk * F + rf[:, None]) * DV + rv[None, :], kvb, mask=mf[:, None] & mv[None, :])
         if KIND == 0:
             out = num / den[:, None]
@@ -163,7 +175,7 @@ def decode_step_triton(
     common = dict(KIND=kid, W=max(window_size, 1), S=max(S, 1), SP=SP, HAS_VALID=has_valid)
     _decode[(B * Hk,)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
                        pos, vptr, gp, y, H, Hk, float(scale), EPS, **common, D=D, DV=Dv, F=F, DP=_pad(D),
-                       FP=_pad(F), GP=_pad(H // Hk), BV=min(64, _pad(Dv)), DT=dt, num_warps=4)
+                       FP=_pad(F), GP=_pad(H // Hk), GQ=H // Hk, BV=min(64, _pad(Dv)), DT=dt, num_warps=4)
     if kid != 0:
         _decode_pos[(B,)](state.win_pos, pos, vptr, **common, num_warps=1)
     return y
