@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=64)
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole sweep")
+    p.add_argument("--steps", type=int, default=64, help="fast: decode steps per timed window (early and late)")
     p.add_argument("--out", default="runs/bench-generation")
     return p.parse_args(argv)
 
@@ -121,62 +122,201 @@ def measure_bandwidth(device, gib: float = 2.0) -> float:
     return bw
 
 
-def run_once(model, method: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """One timed generation; returns seconds, tokens/s, peak memory, state bytes per sequence."""
+def time_steps(gen: FastGenerator, steps: int) -> float:
+    """Seconds per decode step (graph replays) over ``steps`` steps."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    gen.decode(steps)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def jump_positions(gen: FastGenerator, to: int) -> None:
+    """Move every row's position forward by a multiple of the window buffer, to about ``to``.
+
+    The state has a fixed size, so a step's work cannot depend on the position; this jump (a
+    multiple of S keeps each token's slot) lets the late window be timed without decoding the
+    steps in between.
+    """
+    S = max([l.state.win_pos.shape[1] for l in gen.cache.layers if getattr(l, "state", None) is not None] + [1])
+    now = int(gen.pos.max())
+    gen.pos += max(0, (to - now) // S) * S
+    gen.step_idx.fill_(1)  # keep writing inside the output buffer
+
+
+def kernels_per_step(gen: FastGenerator) -> int:
+    """CUDA kernels launched by one eager step (what the graph replays); -1 if the profiler fails."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            gen._step()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001 - a diagnostic only
+        print(f"kernel count failed: {type(e).__name__}: {e}")
+        return -1
+
+
+def _graph_seconds(run, steps: int) -> float:
+    """Seconds per replay of a CUDA graph of ``run()``."""
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def attention_only_step(gen: FastGenerator, steps: int) -> tuple[float, float]:
+    """Seconds per step of (1) only the decode-attention calls of every layer, (2) a floor for them:
+    three cuBLAS batched products that read the state once (q K^T, p V, phi(q) kv), same states."""
+    from lolcats.generation.cache import lolcats_attention_by_layer, resolve_decode_step
+
+    fn, calls = resolve_decode_step(), []
+    for i, m in sorted(lolcats_attention_by_layer(gen.model).items()):
+        st, B, dt = gen.cache.layers[i].state, gen.B, m.q_proj.weight.dtype
+        F = st.win_fk.shape[-1]
+        q = torch.randn(B, m.num_heads, m.head_dim, device=gen.device, dtype=dt)
+        k, v = (torch.randn(B, m.num_kv_heads, m.head_dim, device=gen.device, dtype=dt) for _ in range(2))
+        fq = torch.rand(B, m.num_heads, F, device=gen.device).softmax(-1)  # the feature maps give float32
+        fk = torch.rand(B, m.num_kv_heads, F, device=gen.device).softmax(-1)
+        wf = None if m.cfg.kind == "linear" else m.window_factor().detach()
+        calls.append((m, (q, k, v, fq, fk, st, gen.pos, wf, m.cfg.kind, m.cfg.window_size, m.scaling, None)))
+
+    def run():
+        for m, a in calls:
+            fn(*a, backend=m.cfg.backend)
+
+    def floor():
+        for m, (q, k, v, fq, fk, st, *_) in calls:
+            n, S = st.kv.shape[0] * st.kv.shape[1], st.win_k.shape[2]
+            G = m.num_heads // m.num_kv_heads
+            torch.bmm(fq.view(n, G, -1), st.kv.view(n, *st.kv.shape[2:]))  # (n, G, Dv) float32
+            if S:
+                sc = torch.bmm(q.view(n, G, -1), st.win_k.view(n, S, -1).transpose(1, 2))  # (n, G, S)
+                torch.bmm(sc, st.win_v.view(n, S, -1))  # (n, G, Dv)
+
+    return _graph_seconds(run, steps), _graph_seconds(floor, steps)
+
+
+def run_fast(model, batch: int, prompt_len: int, new_tokens: int, steps: int, warm: bool,
+             diagnose: bool) -> dict:
+    """Prefill timed alone (after an untimed one if ``warm``: kernel compilation); then ``steps``
+    decode steps timed right after it (early window) and ``steps`` more at a position near
+    ``prompt_len + new_tokens`` (late window); then the attention-only graph (attn_ms) and, if
+    ``diagnose``, the kernel count of one step.
+    tokens/s for ``new_tokens`` is extrapolated: batch * new_tokens / (prefill + new_tokens * step)."""
     dev = next(model.parameters()).device
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=dev)
     mask = torch.ones_like(ids)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(dev)
-    state = None
+    gen = FastGenerator(model, batch, max(new_tokens, 2 * steps + 8), eos_token_ids=[], pad_token_id=0)
+    gen.capture()  # untimed: two eager steps and the capture
+    state = gen.state_nbytes() / batch
+    if warm:
+        gen.prefill(ids, mask)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    gen.prefill(ids, mask)
+    torch.cuda.synchronize()
+    prefill = time.perf_counter() - t
+    gen.decode(4)  # first replays (lazy module loading etc.), untimed
+    early = time_steps(gen, steps)
+    row = dict(prefill_s=prefill, steps_timed=steps, step_ms_early=early * 1e3, state_bytes_per_seq=state)
+    jump_positions(gen, prompt_len + new_tokens - steps)
+    row["late_pos"] = int(gen.pos.max())
+    late = time_steps(gen, steps)
+    row["step_ms_late"] = late * 1e3
+    step = (early + late) / 2
+    seconds = prefill + new_tokens * step
+    row.update(seconds=seconds, tokens_per_s=batch * new_tokens / seconds, decode_tokens_per_s=batch / step,
+               step_ms=step * 1e3)
+    attn, floor = attention_only_step(gen, max(4, steps // 4))
+    row.update(attn_ms=attn * 1e3, attn_floor_ms=floor * 1e3)
+    if diagnose:
+        row["kernels_per_step"] = kernels_per_step(gen)
+    return row
+
+
+def run_generate(model, method: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """One timed HF generate() of ``new_tokens`` (``base``: teacher mode, softmax + DynamicCache)."""
+    dev = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=dev)
+    mask = torch.ones_like(ids)
     set_attention_mode(model, "teacher" if method == "base" else "student")
     try:
-        if method == "fast":
-            gen = FastGenerator(model, batch, new_tokens, eos_token_ids=[], pad_token_id=0)
-            gen.generate(ids[:, :8], mask[:, :8], max_new_tokens=4)  # capture + warm-up, untimed
-            state = gen.state_nbytes() / batch
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = gen.generate(ids, mask)
-        else:
-            with torch.no_grad():
-                model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, do_sample=False)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False)
-            out = out[:, prompt_len:]
+        with torch.no_grad():
+            model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, do_sample=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
     finally:
         set_attention_mode(model, "student")
-    assert out.shape == (batch, new_tokens), out.shape
-    return dict(seconds=dt, tokens_per_s=batch * new_tokens / dt,
-                peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30, state_bytes_per_seq=state)
+    assert out.shape == (batch, prompt_len + new_tokens), out.shape
+    return dict(seconds=dt, tokens_per_s=batch * new_tokens / dt, steps_timed=new_tokens,
+                step_ms=dt / new_tokens * 1e3)
 
 
-def sweep(model, name, method, batches, prompt_len, new_tokens, budget, bound) -> list[dict]:
+def predict(last: dict | None, b: int, method: str, new_tokens: int, steps: int) -> float:
+    """Seconds the next batch will take, from the last one's measured per-step (and prefill) time.
+
+    Per-step time grows at most linearly with the batch (less while the weights dominate), so the
+    linear scaling is an upper bound; ``fast`` costs the prefill, two windows of ``steps`` steps
+    and a few untimed ones (capture).
+    """
+    if last is None:
+        return 0.0
+    r = b / last["batch"]
+    if method == "fast":
+        return (last["prefill_s"] + last["step_ms"] / 1e3 * (2 * steps + 12 + steps // 2)) * r + 5
+    return last["step_ms"] / 1e3 * new_tokens * max(1.0, r**0.5) + 5  # host-bound at small batch
+
+
+def sweep(model, name, method, batches, prompt_len, new_tokens, budget, bound, steps, on_row=None) -> list[dict]:
     rows, start, last = [], time.perf_counter(), None
-    for b in batches:
+    for i, b in enumerate(batches):
         spent = time.perf_counter() - start
-        if last is not None:
-            guess = last["seconds"] * max(1.5, (b / last["batch"]) ** 0.7) + 10
-            if spent + guess > budget:
-                rows.append(dict(model=name, method=method, batch=b, new_tokens=new_tokens, status="skipped (time)"))
-                break
         row = dict(model=name, method=method, batch=b, new_tokens=new_tokens)
+        n_steps = steps  # shorter windows when the full ones would not fit
+        while n_steps > 8 and spent + predict(last, b, method, new_tokens, n_steps) > budget:
+            n_steps //= 2
+        if spent + predict(last, b, method, new_tokens, n_steps) > budget:
+            rows.append(dict(row, status="skipped (time)",
+                             predicted_s=predict(last, b, method, new_tokens, n_steps)))
+            print(fmt_row(rows[-1]), f"(predicted {rows[-1]['predicted_s']:.0f} s, {budget - spent:.0f} s left)",
+                  flush=True)
+            if on_row:
+                on_row(rows)
+            break
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         try:
-            row.update(run_once(model, method, b, prompt_len, new_tokens), status="ok")
+            if method == "fast":
+                row.update(run_fast(model, b, prompt_len, new_tokens, n_steps, warm=i == 0, diagnose=i == 0),
+                           status="ok")
+            else:
+                row.update(run_generate(model, method, b, prompt_len, new_tokens), status="ok")
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         except torch.cuda.OutOfMemoryError:
             row["status"] = "OOM"
         torch.cuda.empty_cache()
         if row["status"] == "ok" and bound is not None and method == "fast" and row["state_bytes_per_seq"]:
             step_min = (bound["weight_bytes"] + row["state_bytes_per_seq"] * b) / bound["bandwidth"]
             row["bound_tokens_per_s"] = b / step_min
-            row["bound_fraction"] = row["tokens_per_s"] / row["bound_tokens_per_s"]
+            row["bound_fraction"] = row["decode_tokens_per_s"] / row["bound_tokens_per_s"]
         rows.append(row)
         print(fmt_row(row), flush=True)
+        if on_row:
+            on_row(rows)
         if row["status"] != "ok":
             break
         last = row
@@ -185,8 +325,9 @@ def sweep(model, name, method, batches, prompt_len, new_tokens, budget, bound) -
 
 # ---------------------------------------------------------------- reporting
 
-COLS = ("model", "method", "new_tokens", "batch", "status", "seconds", "tokens_per_s", "peak_gib",
-        "state_bytes_per_seq", "bound_fraction")
+COLS = ("model", "method", "new_tokens", "batch", "status", "prefill_s", "steps_timed", "step_ms_early",
+        "step_ms_late", "late_pos", "attn_ms", "attn_floor_ms", "kernels_per_step", "decode_tokens_per_s", "tokens_per_s", "peak_gib",
+        "state_mb_per_seq", "bound_fraction")
 
 
 def fmt(v) -> str:
@@ -198,6 +339,7 @@ def fmt(v) -> str:
 
 
 def fmt_row(r: dict) -> str:
+    r = dict(r, state_mb_per_seq=r["state_bytes_per_seq"] / 1e6) if r.get("state_bytes_per_seq") else r
     return " | ".join(fmt(r.get(c)) for c in COLS)
 
 
@@ -207,6 +349,17 @@ def markdown(rows, meta) -> str:
             f"attention {meta['attention']}; copy bandwidth {meta['bandwidth_gbs']:.0f} GB/s.", "",
             "fast = FastGenerator (CUDA graph); generate = converted model under HF generate(); "
             "base = same weights, teacher mode (SDPA + DynamicCache) under HF generate().", "",
+            "fast: the prompt's prefill is timed alone (prefill_s); then `steps_timed` decode steps (graph "
+            "replays) right after it (step_ms_early) and `steps_timed` steps at position late_pos (step_ms_late; "
+            "reached by moving every row's position forward by a multiple of the window buffer, since the "
+            "state has a constant size). decode_tokens_per_s = batch / mean step time; tokens_per_s = "
+            "batch * new_tokens / (prefill_s + new_tokens * step), extrapolated from those windows. "
+            "attn_ms: the decode-attention calls of all layers alone (a graph of them, same states); "
+            "attn_floor_ms: three cuBLAS batched products per layer reading the state once (q K^T, p V, "
+            "phi(q) kv; no softmax, no state update), a floor for attn_ms; "
+            "kernels_per_step: CUDA kernels of one (eager) step, i.e. the nodes the graph replays. "
+            "bound_fraction: decode tokens/s over batch * bandwidth / (weight bytes + state bytes * batch). "
+            "generate/base: one full generate() of new_tokens, timed whole (prefill included).", "",
             "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     return "\n".join(head + ["| " + fmt_row(r) + " |" for r in rows]) + "\n"
 
@@ -264,6 +417,11 @@ def main(argv=None) -> None:
     print(f"GPU: {meta['gpu']}  copy bandwidth {bw / 1e9:.0f} GB/s")
     print(" | ".join(COLS))
     rows: list[dict] = []
+
+    def save(current: list[dict] = ()) -> None:  # after every row: a run cut short still leaves its table
+        (out / "generation.json").write_text(json.dumps(dict(meta=meta, rows=rows + list(current)), indent=1))
+        (out / "generation.md").write_text(markdown(rows + list(current), meta))
+
     deadline = time.perf_counter() + args.time_budget
     slots = len(models) * len(new_tokens) * len(methods)
     for name in models:
@@ -279,11 +437,10 @@ def main(argv=None) -> None:
             for method in methods:
                 budget = max(0.0, deadline - time.perf_counter()) / max(1, slots)
                 slots -= 1
-                rows += sweep(model, name, method, batches, args.prompt_len, n, budget, bound)
+                rows += sweep(model, name, method, batches, args.prompt_len, n, budget, bound, args.steps, save)
         del model
         torch.cuda.empty_cache()
-    (out / "generation.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (out / "generation.md").write_text(markdown(rows, meta))
+    save()
     plot(rows, out / "generation.png")
     print(markdown(rows, meta))
     print(f"wrote {out}/generation.{{md,json,png}}")

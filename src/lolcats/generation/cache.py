@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
+from lolcats.ops import BACKENDS, get_backend
 from lolcats.ops.decode.naive import DecodeState, decode_step_naive, window_slots
 from lolcats.ops.hybrid.naive import hybrid_attention_naive, window_masks
 from lolcats.ops.linear.naive import linear_attention_quadratic
@@ -123,6 +124,12 @@ def absorb_chunk(state: DecodeState, k, v, fk, pos, valid, kind: str, window_siz
     state.win_pos.copy_(ext[:, :S])
 
 
+def _fused_full_sequence(module: nn.Module, like: torch.Tensor) -> bool:
+    """Whether ``module.student_attention``'s plain path runs a fused kernel (memory linear in T)."""
+    op = "linear" if module.cfg.kind == "linear" else "hybrid"
+    return getattr(get_backend(module.cfg.backend, like), op) is not getattr(BACKENDS["torch"], op)
+
+
 class LolcatsLayer(CacheLayerMixin):
     """One converted layer's constant-size state. ``seen``: mask columns consumed (pads included)."""
 
@@ -212,9 +219,10 @@ class LolcatsLayer(CacheLayerMixin):
         B, H, T, _ = q.shape
         S = self.state.win_pos.shape[1]
         chunk = max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - S)
-        plain = (self.seen == 0 and T <= chunk and (key_mask is None or bool(key_mask.all()))
+        fused = _fused_full_sequence(module, q)  # no (T, T) score tensor: any T fits
+        plain = (self.seen == 0 and (fused or T <= chunk) and (key_mask is None or bool(key_mask.all()))
                  and bool((pos == torch.arange(T, device=pos.device)).all()))
-        if plain:  # fresh, unpadded: the module's fast full-sequence path, then absorb
+        if plain:  # fresh, unpadded: the module's full-sequence path (a fused kernel on GPU), then absorb
             y, _ = module.student_attention(q, k, v, fq, fk)
             valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
             absorb_chunk(self.state, k, v, fk, pos, valid, module.cfg.kind, module.cfg.window_size)

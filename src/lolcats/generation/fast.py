@@ -6,8 +6,12 @@ never change). One decoding step (embedding, every decoder layer with its projec
 maps and decode step, MLP, final norm, LM head, greedy or sampled pick, finished mask, writing
 the token into the output buffer) reads and writes only static tensors, so on CUDA it is captured
 once in a ``torch.cuda.CUDAGraph`` and replayed per token. The host looks at the finished mask
-every ``check_every`` steps only. On CPU the same step runs eagerly (that is what the tests
-compare with ``generate()``).
+every ``check_every`` steps only (never when there are no stop tokens). On CPU the same step
+runs eagerly (that is what the tests compare with ``generate()``).
+
+The prompt is prefilled in groups of rows (at most ``prefill_tokens`` prompt tokens at a time):
+each group's layers get views of its rows of the preallocated states, which the prefill writes
+in place, so a large batch never holds the activations of the whole prompt batch at once.
 
 Sampling uses the Gumbel-max trick (argmax of logits / T plus Gumbel noise), with top-p applied
 by sorting; both are graph-safe. Stop *strings* are the caller's business (see ``cli.run_generate``);
@@ -22,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from lolcats.generation.cache import LolcatsLayer, _inner_model, lolcats_attention_by_layer, make_cache
+from lolcats.ops.decode.naive import DecodeState
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -48,7 +53,7 @@ class FastGenerator:
 
     def __init__(self, model: nn.Module, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_ids: list[int] | int | None = None, pad_token_id: int | None = None,
-                 use_cuda_graph: bool | None = None, check_every: int = 16):
+                 use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 16384):
         self.model = _inner_model(model)
         self.lm = self.model.model  # the decoder stack: embed_tokens, layers, norm, rotary_emb
         mods = lolcats_attention_by_layer(self.model)
@@ -60,11 +65,13 @@ class FastGenerator:
         self.device = emb.device
         self.B, self.max_new = batch_size, max_new_tokens
         self.temperature, self.top_p, self.check_every = temperature, top_p, check_every
+        self.prefill_tokens = prefill_tokens
         eos = self._default_eos() if eos_token_ids is None else eos_token_ids
         eos = [eos] if isinstance(eos, int) else list(eos)
         pad = pad_token_id if pad_token_id is not None else getattr(self.model.generation_config, "pad_token_id", None)
         self.pad = int(pad if pad is not None else (eos[0] if eos else 0))
         self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=self.device)
+        self.has_stop = bool(eos)
         self.cache = make_cache(self.model, batch_size)
         self.cache_key = "cache" if "cache" in inspect.signature(self.lm.layers[0].forward).parameters \
             else "past_key_values"
@@ -92,7 +99,7 @@ class FastGenerator:
             h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=True,
                       **{self.cache_key: self.cache})
             h = h[0] if isinstance(h, tuple) else h
-        logits = self.model.get_output_embeddings()(self.lm.norm(h)[:, -1]).float()  # (B, V)
+        logits = self.model.get_output_embeddings()(self.lm.norm(h)[:, -1])  # (B, V); pick_tokens upcasts to sample
         self._emit(pick_tokens(logits, self.temperature, self.top_p))
 
     def _emit(self, nxt: torch.Tensor) -> None:
@@ -103,8 +110,13 @@ class FastGenerator:
         self.ids.copy_(nxt)
         self.pos += 1
 
-    def _capture(self) -> None:
-        """Warm up on a side stream, then record one step (state contents are reset afterwards)."""
+    def capture(self) -> None:
+        """Warm up on a side stream, then record one step once (no-op on CPU or when already captured).
+
+        The state contents are garbage afterwards; :meth:`prefill` resets them.
+        """
+        if not self.use_graph or self.graph is not None:
+            return
         self.step_idx.zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -128,6 +140,50 @@ class FastGenerator:
             mask = torch.cat([mask, mask.new_zeros(self.B - b, T)])
         return input_ids.to(self.device), mask.to(self.device).long()
 
+    def _prefill_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (B, T) -> last-token logits (B, V); fills the states in groups of rows, in place."""
+        B, T = ids.shape
+        rows = max(1, self.prefill_tokens // max(T, 1))
+        layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
+        full = [l.state for l in layers]
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = []
+        try:
+            for r0 in range(0, B, rows):
+                sl = slice(r0, min(B, r0 + rows))
+                for l, st in zip(layers, full):  # views of these rows: the prefill writes them in place
+                    l.state = st if rows >= B else DecodeState(**{n: t[sl] for n, t in vars(st).items()})
+                    l.seen = 0
+                out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids[sl],
+                                 use_cache=True, logits_to_keep=1, **{self.cache_key: self.cache})
+                logits.append(out.logits[:, -1])  # (rows, V)
+        finally:
+            for l, st in zip(layers, full):
+                l.state, l.seen = st, T
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """input_ids, attention_mask (b, T), left-padded: reset the states, read the prompt, emit token 1."""
+        self.capture()
+        ids, mask = self._pad_batch(input_ids, attention_mask)
+        for layer in self.cache.layers:
+            layer.reset()
+        logits = self._prefill_logits(ids, mask)
+        self.finished.copy_(mask.sum(-1) == 0)
+        self.step_idx.zero_()
+        self.pos.copy_(mask.sum(-1) - 1)  # _emit moves it to the first new token's position
+        self._emit(pick_tokens(logits, self.temperature, self.top_p))
+
+    @torch.no_grad()
+    def decode(self, steps: int) -> None:
+        """``steps`` more tokens for every row (one graph replay each on CUDA), no host synchronisation."""
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  streamer=None, max_new_tokens: int | None = None) -> torch.Tensor:
@@ -137,28 +193,16 @@ class FastGenerator:
         ``check_every`` steps (``put``) and ``end()`` at the end.
         """
         b = input_ids.shape[0]
-        if self.use_graph and self.graph is None:
-            self._capture()
-        ids, mask = self._pad_batch(input_ids, attention_mask)
-        for layer in self.cache.layers:
-            layer.reset()
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=1, **{self.cache_key: self.cache})
-        self.finished.copy_(mask.sum(-1) == 0)
-        self.step_idx.zero_()
-        self.pos.copy_(mask.sum(-1) - 1)  # _emit moves it to the first new token's position
-        self._emit(pick_tokens(out.logits[:, -1].float(), self.temperature, self.top_p))
+        self.prefill(input_ids, attention_mask)
         n, shown, limit = 1, 0, min(self.max_new, max_new_tokens or self.max_new)
+        watch = self.has_stop or streamer is not None
         while n < limit:
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._step()
-            n += 1
-            if n % self.check_every == 0:
+            k = min(limit - n, self.check_every - n % self.check_every) if watch else limit - n
+            self.decode(k)
+            n += k
+            if watch and n % self.check_every == 0:
                 shown = self._stream(streamer, shown, n)
-                if bool(self.finished.all()):
+                if self.has_stop and bool(self.finished.all()):
                     break
         if streamer is not None:
             self._stream(streamer, shown, n)
