@@ -38,12 +38,17 @@ def cmd_linearize(args, rest) -> None:
 
 
 def cmd_distill(args, rest) -> None:
-    from lolcats.pipeline import prepare, run_distill, stage_dirs, student_perplexity
+    from lolcats.pipeline import prepare, run_distill, stage_dirs, stage_done, student_perplexity
 
     cfg = _load(args, rest)
     ctx = prepare(cfg)
-    result = run_distill(ctx)
-    print(json.dumps({"checkpoint": str(stage_dirs(cfg)[0] / "best"), "skipped": result is None,
+    d1 = stage_dirs(cfg)[0]
+    done_before = stage_done(d1)
+    run_distill(ctx)
+    if not stage_done(d1):  # block-wise with some blocks left (LOLCATS_BLOCKS)
+        print(json.dumps({"stage1": str(d1), "finished": False}, indent=2))
+        return
+    print(json.dumps({"checkpoint": str(d1 / "best"), "skipped": done_before,
                       "val_lm_loss": student_perplexity(ctx)}, indent=2))
 
 

@@ -17,10 +17,13 @@ from pathlib import Path
 
 import torch
 
-from lolcats.attention.convert import attention_parameters, convert_model, set_attention_mode
+from lolcats import distributed as dist
+from lolcats.attention.convert import (attention_parameters, convert_model, set_attention_mode,
+                                       set_attention_trainable)
 from lolcats.checkpoint import CheckpointError, check_base, load_into, load_tensors, read_meta, save_checkpoint
 from lolcats.config import AttentionConfig, Config, ModelConfig, save_config
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer, resolve_device
+from lolcats.training.blockwise import train_blockwise
 from lolcats.training.stages import add_lora, distill_stage, finetune_stage, lm_validate, lora_parameters
 from lolcats.training.trainer import SUMMARY, StageResult, train_stage
 
@@ -36,6 +39,15 @@ class Context:
     fingerprint: str
     train: torch.Tensor  # (N, T)
     val: torch.Tensor  # (M, T)
+    info: dist.DistInfo | None = None  # this process's place under torchrun (None: one process)
+
+    @property
+    def distributed(self) -> bool:
+        return self.info is not None and self.info.distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.info is None or self.info.is_main
 
 
 def run_name(cfg: Config) -> str:
@@ -60,12 +72,44 @@ def prepare(cfg: Config) -> Context:
     """Load the base model, tokenizer and packed data (from the tokenised cache when present)."""
     from lolcats.data import build_data
 
-    device = resolve_device(cfg.run.device)
+    info = dist.init_distributed(_dist_device(cfg.run.device))  # no-op outside torchrun
+    device = info.device if info.distributed else resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     tok = load_tokenizer(cfg.model)
+    if not info.is_main:
+        dist.barrier()  # rank 0 tokenises and writes the cache first
     data = build_data(cfg.data, tok, seed=cfg.run.seed)
+    if info.is_main:
+        dist.barrier()
     model = load_base_model(cfg.model, device)
-    return Context(cfg, model, tok, device, base_fingerprint(model), data.train, data.val)
+    return Context(cfg, model, tok, device, base_fingerprint(model), data.train, data.val, info)
+
+
+def _dist_device(name: str) -> str:
+    """init_distributed's device kind (auto, cuda or cpu) for a run.device value."""
+    return "cuda" if name.startswith("cuda") else name if name in ("cpu", "auto") else "auto"
+
+
+def _bf16(ctx: Context) -> bool:
+    return ctx.model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def _save(ctx: Context, directory: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Rank 0 writes; ``tensors`` are full (gathered on every rank before this call)."""
+    if ctx.is_main:
+        save_checkpoint(directory, tensors, meta)
+    dist.barrier()
+
+
+def _shard_for_distill(ctx: Context) -> None:
+    """Under torchrun: FSDP2 over the converted model, feature maps in their own units."""
+    if not ctx.distributed:
+        return
+    if ctx.cfg.distill.block_size:
+        raise NotImplementedError("block-wise attention transfer runs one process per block, not under "
+                                  "torchrun: start one process per GPU with LOLCATS_BLOCKS=<blocks>")
+    set_attention_trainable(ctx.model, True, ctx.cfg.attention.train_window_factor)  # before sharding
+    dist.shard_model(ctx.model, mixed_precision=_bf16(ctx), activation_checkpointing=False, info=ctx.info)
 
 
 def _meta(ctx: Context, stage: str, metrics: dict) -> dict:
@@ -90,21 +134,35 @@ def student_perplexity(ctx: Context, model=None) -> float:
     return loss
 
 
-def run_distill(ctx: Context, on_step=None) -> StageResult | None:
-    """Stage 1 (skipped when already done); leaves ctx.model converted with the best weights."""
+def run_distill(ctx: Context, on_step=None, blocks: list[int] | None = None) -> StageResult | None:
+    """Stage 1 (skipped when already done); leaves ctx.model converted with the best weights.
+
+    With ``distill.block_size`` set, layers train block by block from stored teacher states
+    (:mod:`lolcats.training.blockwise`); ``blocks`` (or $LOLCATS_BLOCKS) picks the blocks this
+    call trains. Returns None when the stage was done already, or, block-wise, while other
+    blocks are still to train (the model then keeps its untrained feature maps).
+    """
     d1, _ = stage_dirs(ctx.cfg)
     convert_model(ctx.model, ctx.cfg.attention)
+    result = None
     if not stage_done(d1):
         d1.mkdir(parents=True, exist_ok=True)
-        save_config(ctx.cfg, d1 / "config.yaml")
+        if ctx.is_main:
+            save_config(ctx.cfg, d1 / "config.yaml")
+        _shard_for_distill(ctx)
+        if ctx.cfg.distill.block_size:
+            result = train_blockwise(ctx.model, ctx.cfg, ctx.train, ctx.val, d1, ctx.fingerprint, ctx.device,
+                                     lambda stage, metrics: _meta(ctx, stage, metrics), on_step, blocks)
+            if result is None:
+                return None
+        else:
+            def save(directory, metrics):
+                names = set(attention_parameters(ctx.model))
+                tensors = dist.gather_trainable_state_dict(ctx.model, names)  # collective
+                _save(ctx, directory, tensors, _meta(ctx, "distill", metrics))
 
-        def save(directory, metrics):
-            save_checkpoint(directory, attention_parameters(ctx.model), _meta(ctx, "distill", metrics))
-
-        stage = distill_stage(ctx.model, ctx.cfg, ctx.val, ctx.device, save)
-        result = train_stage(stage, ctx.train, d1, ctx.cfg.run.seed, ctx.device, ctx.cfg.run.progress, on_step)
-    else:
-        result = None
+            stage = distill_stage(ctx.model, ctx.cfg, ctx.val, ctx.device, save)
+            result = train_stage(stage, ctx.train, d1, ctx.cfg.run.seed, ctx.device, ctx.cfg.run.progress, on_step)
     load_stage1(ctx.model, d1 / "best", ctx.fingerprint)
     set_attention_mode(ctx.model, "student")
     return result
@@ -115,16 +173,23 @@ def run_finetune(ctx: Context, on_step=None):
     d1, d2 = stage_dirs(ctx.cfg)
     if not stage_done(d1):
         raise RuntimeError(f"stage 1 has not finished: {d1} (run `lolcats distill` first)")
+    if dist.is_sharded(ctx.model):  # sharded for stage 1: LoRA goes into a fresh, unsharded copy
+        ctx.model = load_base_model(ctx.cfg.model, ctx.device)
+        load_stage1(ctx.model, d1 / "best", ctx.fingerprint)
     model = add_lora(ctx.model, ctx.cfg)
     result = None
     if not stage_done(d2):
         d2.mkdir(parents=True, exist_ok=True)
-        save_config(ctx.cfg, d2 / "config.yaml")
+        if ctx.is_main:
+            save_config(ctx.cfg, d2 / "config.yaml")
+        if ctx.distributed:
+            dist.shard_model(model, mixed_precision=_bf16(ctx), activation_checkpointing=True, info=ctx.info,
+                             separate_trainable=False)  # the loss flows through the layers
 
         def save(directory, metrics):
             meta = _meta(ctx, "finetune", metrics)
             meta["stage1"] = str(Path("..") / d1.name / "best")
-            save_checkpoint(directory, lora_state(model), meta)
+            _save(ctx, directory, lora_state(model), meta)  # lora_state gathers on every rank
 
         stage = finetune_stage(model, ctx.cfg, ctx.val, ctx.device, save)
         result = train_stage(stage, ctx.train, d2, ctx.cfg.run.seed, ctx.device, ctx.cfg.run.progress, on_step)
@@ -133,9 +198,28 @@ def run_finetune(ctx: Context, on_step=None):
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
+    """LoRA weights by peft's state-dict names, full CPU tensors (collective when FSDP-sharded)."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model)
+    return {k: _full_cpu(v) for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _full_cpu(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+
+
+def _load_params(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], directory) -> None:
+    """load_into (names and shapes checked) that also fills FSDP2-sharded parameters."""
+    if not any(hasattr(p, "device_mesh") for p in params.values()):
+        load_into(params, tensors, directory)
+        return
+    load_into({n: torch.empty(p.shape, device="meta") for n, p in params.items()}, tensors, directory)  # checks
+    from lolcats.training.trainer import _copy_full_into
+
+    with torch.no_grad():
+        for n, p in params.items():
+            _copy_full_into(p, tensors[n])
 
 
 # ---------------------------------------------------------------- loading checkpoints
@@ -152,7 +236,7 @@ def load_stage1(model, directory: str | Path, fingerprint: str | None = None) ->
         raise CheckpointError(f"checkpoint {directory} is for {meta['num_layers']} layers; "
                               f"the model has {model.config.num_hidden_layers}")
     convert_model(model, attn_cfg)
-    load_into(attention_parameters(model), load_tensors(directory), directory)
+    _load_params(attention_parameters(model), load_tensors(directory), directory)
     return meta
 
 
@@ -165,6 +249,10 @@ def load_stage2(peft_model, directory: str | Path, fingerprint: str | None = Non
     if fingerprint is not None:
         check_base(meta, fingerprint, directory)
     tensors = load_tensors(directory)
+    if dist.is_sharded(peft_model):  # peft's names drop the adapter name of the parameters'
+        params = {n.replace(".default.", "."): p for n, p in lora_parameters(peft_model).items()}
+        _load_params(params, tensors, directory)
+        return meta
     expected = lora_state(peft_model)
     load_into(dict(expected), {k: v for k, v in tensors.items()}, directory)  # checks names and shapes
     set_peft_model_state_dict(peft_model, tensors)
@@ -219,13 +307,16 @@ def linearize(cfg: Config, on_step=None) -> dict:
                     "val_tokens": int(ctx.val.numel())}
     report["base"] = {"val_loss": base_perplexity(ctx)}
     r1 = run_distill(ctx, on_step)
+    if not stage_done(stage_dirs(cfg)[0]):
+        raise RuntimeError(f"stage 1 is not finished in {stage_dirs(cfg)[0]} (blocks left to train)")
     report["stage1"] = {"val_loss": student_perplexity(ctx), **_stage_summary(r1, stage_dirs(cfg)[0])}
     model, r2 = run_finetune(ctx, on_step)
     report["stage2"] = {"val_loss": student_perplexity(ctx, model), **_stage_summary(r2, stage_dirs(cfg)[1])}
     for k in ("base", "stage1", "stage2"):
         report[k]["ppl"] = math.exp(min(report[k]["val_loss"], 50))
     report["seconds"] = time.time() - t0
-    (stage_dirs(cfg)[1].parent / "report.json").write_text(json.dumps(report, indent=2))
+    if ctx.is_main:
+        (stage_dirs(cfg)[1].parent / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -31,6 +31,12 @@ def distill_loss(model, batch: torch.Tensor, cfg: Config, device) -> tuple[torch
     d = cfg.distill
     with collect_distill_outputs(model, xent=d.xent_factor > 0) as outs, autocast_context(device, d.precision):
         model(input_ids=batch, use_cache=False, logits_to_keep=1)  # the root call, so FSDP units run; LM head on 1 token
+    return aggregate_distill_outputs(outs, cfg)
+
+
+def aggregate_distill_outputs(outs: list, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
+    """The stage-1 loss from the layers' DistillOutputs: mean over layers, per-layer MSE logged."""
+    d = cfg.distill
     if not outs:
         raise RuntimeError("no converted attention layer reported a distillation loss")
     mse = torch.stack([o.mse for o in outs])
@@ -43,13 +49,17 @@ def distill_loss(model, batch: torch.Tensor, cfg: Config, device) -> tuple[torch
     return loss, logs
 
 
-def distill_validate(model, val: torch.Tensor, cfg: Config, device, batch_size: int) -> tuple[float, dict]:
+def distill_validate(model, val: torch.Tensor, cfg: Config, device, batch_size: int,
+                     loss_fn: Callable | None = None) -> tuple[float, dict]:
+    """Mean stage-1 loss and per-layer logs over ``val`` rows (token ids (M, T), or whatever
+    ``loss_fn(batch) -> (loss, logs)`` takes; default :func:`distill_loss`)."""
+    loss_fn = loss_fn or (lambda b: distill_loss(model, b, cfg, device))
     set_attention_mode(model, "distill")
     model.eval()
     tot, per_layer, n = 0.0, {}, 0
     with torch.no_grad():
         for b in _batches(val, batch_size):
-            loss, logs = distill_loss(model, b.to(device), cfg, device)
+            loss, logs = loss_fn(b.to(device))
             tot += float(loss) * len(b)
             for k, v in logs.items():
                 per_layer[k] = per_layer.get(k, 0.0) + v * len(b)

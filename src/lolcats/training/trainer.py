@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lolcats import distributed as dist
 from lolcats.checkpoint import atomic_write, write_json
 from lolcats.config import TrainConfig
 from lolcats.data import iterate_batches
@@ -44,6 +45,7 @@ class Stage:
     save_best: Callable[[Path, dict], None]  # (dir, metrics) -> writes the stage checkpoint
     cfg: TrainConfig
     total_params: int = 0  # of the whole model, for the summary
+    batch_tokens: Callable[[torch.Tensor], int] | None = None  # tokens in a batch; default batch.numel()
 
 
 @dataclass
@@ -110,8 +112,9 @@ class _Loop:
         self.done = False
 
     def state_dict(self) -> dict:
-        return {"params": {n: p.detach().cpu().clone() for n, p in self.stage.params.items()},
-                "opt": self.opt.state_dict(), "sched": self.sched.state_dict() if self.sched else None,
+        """Full (unsharded) CPU tensors; under FSDP every rank must call it (gathers)."""
+        return {"params": {n: _full_cpu(p) for n, p in self.stage.params.items()},
+                "opt": _full_optimizer_state(self.opt), "sched": self.sched.state_dict() if self.sched else None,
                 "counters": {k: getattr(self, k) for k in ("step", "epoch", "position", "tokens", "best_val",
                                                            "best_metrics", "evals_since_best", "history",
                                                            "seconds", "done")},
@@ -120,8 +123,9 @@ class _Loop:
     def load_state_dict(self, st: dict) -> None:
         with torch.no_grad():
             for n, p in self.stage.params.items():
-                p.copy_(st["params"][n].to(p.device, p.dtype))
+                _copy_full_into(p, st["params"][n])
         self.opt.load_state_dict(st["opt"])
+        _reshard_optimizer_state(self.opt)
         if self.sched and st["sched"]:
             self.sched.load_state_dict(st["sched"])
         for k, v in st["counters"].items():
@@ -129,9 +133,52 @@ class _Loop:
         _set_rng_state(st["rng"])
 
 
+def _full_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole tensor (gathered if it is an FSDP2 shard, a DTensor)."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.cpu().clone()
+
+
+def _full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """``opt.state_dict()`` with sharded moments gathered into full CPU tensors (a copy)."""
+    sd = opt.state_dict()
+    state = {pid: {k: _full_cpu(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for pid, st in sd["state"].items()}
+    return {**sd, "state": state}
+
+
+def _copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``p``, keeping only this rank's shard when ``p`` is a DTensor."""
+    if hasattr(p, "device_mesh"):
+        from lolcats.distributed import _local_shard
+
+        p.to_local().copy_(_local_shard(full, p))
+    else:
+        p.copy_(full.to(p.device, p.dtype))
+
+
+def _reshard_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After loading a full optimizer state: turn the moments of sharded params back into shards."""
+    from lolcats.distributed import _local_shard
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "device_mesh"):
+                continue
+            from torch.distributed.tensor import DTensor
+
+            st = opt.state.get(p, {})
+            for k, v in list(st.items()):
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and tuple(v.shape) == tuple(p.shape):
+                    st[k] = DTensor.from_local(_local_shard(v, p), p.device_mesh, p.placements)
+
+
 def _save_state(loop: _Loop, run_dir: Path) -> None:
-    st = loop.state_dict()
-    atomic_write(run_dir / STATE, lambda p: torch.save(st, p))
+    st = loop.state_dict()  # collective under FSDP
+    if dist.dist_info().is_main:
+        atomic_write(run_dir / STATE, lambda p: torch.save(st, p))
 
 
 def _evaluate(loop: _Loop, run_dir: Path) -> bool:
@@ -190,14 +237,17 @@ def train_stage(stage: Stage, train_data: torch.Tensor, run_dir: str | Path, see
         bar.close()
     result = StageResult(loop.best_val, loop.best_metrics, loop.step, loop.tokens, loop.seconds,
                          trainable, stage.total_params, loop.history)
-    write_json(run_dir / SUMMARY, result.to_dict())
+    if dist.dist_info().is_main:
+        write_json(run_dir / SUMMARY, result.to_dict())
+    dist.barrier()
     return result
 
 
 def _progress(name: str, loop: _Loop, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=loop.total_steps, initial=loop.step, desc=name, disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=loop.total_steps, initial=loop.step, desc=name, dynamic_ncols=True,
+                disable=not enabled or not dist.dist_info().is_main)
 
 
 def _one_step(loop: _Loop, data: torch.Tensor, seed: int, device: torch.device) -> dict[str, float]:
@@ -205,17 +255,35 @@ def _one_step(loop: _Loop, data: torch.Tensor, seed: int, device: torch.device) 
     c, stage = loop.stage.cfg, loop.stage
     loop.opt.zero_grad(set_to_none=True)
     total, logs = 0.0, {}
+    info = dist.dist_info()
     for _ in range(c.grad_accum):
-        batch = _next_batch(loop, data, seed).to(device)
-        loss, logs = stage.loss(batch)
-        (loss / c.grad_accum).backward()
-        total += float(loss.detach()) / c.grad_accum
-        loop.tokens += batch.numel()
+        batch = _next_batch(loop, data, seed)  # the global micro-batch, (b, T)
+        mine, weight = _my_share(batch, info)
+        loss, logs = stage.loss(mine.to(device))
+        (loss * (weight / c.grad_accum)).backward()
+        total += float(dist.all_reduce_mean(float(loss.detach()) * weight)) / c.grad_accum
+        loop.tokens += stage.batch_tokens(batch) if stage.batch_tokens else batch.numel()
     params = [p for p in stage.params.values() if p.requires_grad]
     torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
     loop.opt.step()
     loop.step += 1
     return {**logs, "loss": total}
+
+
+def _my_share(batch: torch.Tensor, info) -> tuple[torch.Tensor, float]:
+    """This rank's rows of a global micro-batch and the weight of its (mean) loss.
+
+    FSDP averages gradients over ranks, so weight = world * share / b makes the result the
+    gradient of the mean over the global micro-batch even when shares differ; a rank left
+    without rows runs one row with weight 0 (every rank must run the forward). One process:
+    (batch, 1.0).
+    """
+    if info.world_size <= 1:
+        return batch, 1.0
+    share = batch[dist.distributed_sampler_slice(len(batch), info.rank, info.world_size)]
+    if len(share) == 0:
+        return batch[:1], 0.0
+    return share, info.world_size * len(share) / len(batch)
 
 
 def _next_batch(loop: _Loop, data: torch.Tensor, seed: int) -> torch.Tensor:
