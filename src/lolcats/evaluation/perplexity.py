@@ -25,6 +25,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from lolcats.training.trainer import autocast_context
+
 PplMode = Literal["packed", "document"]
 PPL_MODES = ("packed", "document")
 
@@ -78,10 +80,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, windows: Sequence[Window], batch_size: int = 8,
                   device: torch.device | str | None = None, pad_id: int = 0) -> tuple[float, int]:
@@ -103,7 +101,7 @@ def score_windows(model: torch.nn.Module, windows: Sequence[Window], batch_size:
             for r, w in enumerate(batch):
                 ids[r, :len(w.ids)] = torch.tensor(w.ids)
             ids = ids.to(device)
-            with _autocast(device):
+            with autocast_context(device, "auto"):
                 logits = model(input_ids=ids).logits  # (B, T, V)
             for r, w in enumerate(batch):  # row by row: one (n_target, V) float32 slice at a time
                 first = len(w.ids) - 1 - w.n_target  # logits at first..len-2 predict the targets
