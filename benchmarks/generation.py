@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,6 @@ from lolcats.attention.convert import convert_model, set_attention_mode
 from lolcats.config import AttentionConfig, ModelConfig
 from lolcats.generation import FastGenerator, enable_lolcats_generation
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 METHODS = ("fast", "generate", "base")
 
 
@@ -51,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=64)
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole sweep")
+    p.add_argument("--no-skip", action="store_true",
+                   help="run every batch of --batches even when the time predictor says it will not fit")
     p.add_argument("--steps", type=int, default=64, help="fast: decode steps per timed window (early and late)")
     p.add_argument("--out", default="runs/bench-generation")
     return p.parse_args(argv)
@@ -59,43 +58,13 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- models
 
 
-def random_llama3_8b(device):
-    """Llama-3-8B shapes, bf16, random weights, converted (feature maps float32)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(**LLAMA3_8B, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
-    return model, cfg
-
-
-def materialise(model, device) -> None:
-    """to_empty on ``device`` and a quick random init (RoPE tables rebuilt)."""
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "feature_map" in name:
-                p.normal_(std=p.shape[-2] ** -0.5)
-            elif name.endswith("window_factors"):
-                p.fill_(math.log(0.1 / 0.9))
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(std=0.02)
-    rope = type(model.model.rotary_emb)
-    model.model.rotary_emb = rope(model.config).to(device)
-
-
 def load_model(name: str, attn: AttentionConfig, device):
-    if name == "llama3-8b":
-        model, _ = random_llama3_8b(device)
-        convert_model(model, attn)
-        materialise(model, device)
-    else:
-        from lolcats.models.loading import load_base_model
+    """``llama3-8b``: random weights of that shape (configs/shapes); anything else: load_base_model."""
+    from lolcats.models.loading import load_base_model
 
-        model = load_base_model(ModelConfig(name=name, dtype="bfloat16"), device)
-        convert_model(model, attn)
+    init = "random" if name == "llama3-8b" else "pretrained"
+    model = load_base_model(ModelConfig(name=name, dtype="bfloat16", init=init), device)
+    convert_model(model, attn)
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -281,7 +250,8 @@ def predict(last: dict | None, b: int, method: str, new_tokens: int, steps: int)
     return last["step_ms"] / 1e3 * new_tokens * max(1.0, r**0.5) + 5  # host-bound at small batch
 
 
-def sweep(model, name, method, batches, prompt_len, new_tokens, budget, bound, steps, on_row=None) -> list[dict]:
+def sweep(model, name, method, batches, prompt_len, new_tokens, budget, bound, steps, on_row=None,
+          skip: bool = True) -> list[dict]:
     rows, start, last = [], time.perf_counter(), None
     for i, b in enumerate(batches):
         spent = time.perf_counter() - start
@@ -289,7 +259,7 @@ def sweep(model, name, method, batches, prompt_len, new_tokens, budget, bound, s
         n_steps = steps  # shorter windows when the full ones would not fit
         while n_steps > 8 and spent + predict(last, b, method, new_tokens, n_steps) > budget:
             n_steps //= 2
-        if spent + predict(last, b, method, new_tokens, n_steps) > budget:
+        if skip and spent + predict(last, b, method, new_tokens, n_steps) > budget:
             rows.append(dict(row, status="skipped (time)",
                              predicted_s=predict(last, b, method, new_tokens, n_steps)))
             print(fmt_row(rows[-1]), f"(predicted {rows[-1]['predicted_s']:.0f} s, {budget - spent:.0f} s left)",
@@ -437,7 +407,8 @@ def main(argv=None) -> None:
             for method in methods:
                 budget = max(0.0, deadline - time.perf_counter()) / max(1, slots)
                 slots -= 1
-                rows += sweep(model, name, method, batches, args.prompt_len, n, budget, bound, args.steps, save)
+                rows += sweep(model, name, method, batches, args.prompt_len, n, budget, bound, args.steps, save,
+                              skip=not args.no_skip)
         del model
         torch.cuda.empty_cache()
     save()

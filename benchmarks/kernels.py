@@ -171,7 +171,14 @@ def _fla(fq, fk, v, quick):
     except ImportError:
         return {}
     fn = lambda: fla_linear(fq, fk, v)[0]  # noqa: E731
-    return {"fla_fwd": _try(fn, quick), "fla_fwdbwd": _try(_fwd_bwd(fn, [fq, fk, v]), quick)}
+    out = {}
+    for key, f in (("fla_fwd", fn), ("fla_fwdbwd", _fwd_bwd(fn, [fq, fk, v]))):
+        try:  # a peer library's failure is reported, not fatal to our table
+            out[key] = _try(f, quick)
+        except Exception as e:  # noqa: BLE001
+            print(f"fla {key}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            out[key] = None
+    return out
 
 
 def _ms(x):

@@ -280,3 +280,24 @@ def test_gpu_decode_cuda_graph(kind):
     graph.replay()
     torch.cuda.synchronize()
     assert not torch.isnan(yg.float()).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fla_backend_matches_reference(dtype):
+    """The optional flash-linear-attention backend: output, gradients, final state (with an initial one)."""
+    pytest.importorskip("fla")
+    from lolcats.ops.fla_backend import fla_linear
+
+    _, _, v, fq, fk, _ = _inputs(2, 9, 3, 300, 64, 128, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    s0 = (torch.randn(2, 3, 128, 64, generator=g).to(DEV), torch.rand(2, 3, 128, generator=g).to(DEV) + 1)
+    y, (kv, z) = fla_linear(fq, fk, v, initial_state=s0, output_final_state=True)
+    yr, (kvr, zr) = linear_attention_quadratic(fq, fk, v, initial_state=s0, output_final_state=True)
+    tol = TOL[dtype] * 5
+    assert_close(y, yr, tol, "y")
+    assert_close(kv, kvr, tol, "kv")
+    assert_close(z, zr, tol, "z")
+    for a, b, n in zip(_grads(y, [fq, fk, v]), _grads(yr, [fq, fk, v]), ("dfq", "dfk", "dv")):
+        assert_close(a, b, tol * 2, n)

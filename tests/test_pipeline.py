@@ -55,6 +55,35 @@ def test_distill_lowers_mse_and_finetune_lowers_val_loss(finished):
     assert report["stage2"]["val_loss"] < report["stage1"]["val_loss"]
 
 
+def test_train_log_has_every_step_and_validation(finished):
+    cfg, _ = finished
+    for d, steps in zip(stage_dirs(cfg), (cfg.distill.max_steps, cfg.finetune.max_steps)):
+        recs = [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
+        step_recs = [r for r in recs if r["event"] == "step"]
+        assert [r["step"] for r in step_recs] == list(range(1, steps + 1))
+        assert all(r["loss"] > 0 and r["tok_s"] > 0 for r in step_recs)
+        assert step_recs[-1]["tokens"] == steps * cfg.distill.grad_accum * cfg.distill.micro_batch_size * 32
+        evals = [r["step"] for r in recs if r["event"] == "eval"]
+        assert evals == list(range(0, steps + 1, 4))
+
+
+def test_random_init_model_trains_with_a_named_tokenizer(env, tmp_path):
+    """model.init random: the architecture from a config.json, seeded weights, tokenizer from elsewhere."""
+    root, model_dir, data = env
+    shape = tmp_path / "shape.json"
+    shape.write_text((model_dir / "config.json").read_text())
+    cfg = make_cfg(tmp_path, shape, data, **{"model.init": "random", "model.tokenizer": str(model_dir),
+                                              "distill.max_steps": 2, "finetune.max_steps": 2})
+    ctx = prepare(cfg)
+    again = prepare(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(ctx.model.state_dict().values(), again.model.state_dict().values()))
+    assert ctx.fingerprint == again.fingerprint
+    report = linearize(cfg)
+    assert report["stage2"]["val_loss"] > 0
+    with pytest.raises(Exception, match="model.tokenizer"):
+        make_cfg(tmp_path, shape, data, **{"model.init": "random"})
+
+
 def test_checkpoints_hold_only_trainable_weights(finished):
     cfg, _ = finished
     d1, d2 = stage_dirs(cfg)
@@ -166,3 +195,14 @@ def test_student_perplexity_runs_after_stage1(finished):
     ctx = prepare(cfg)
     run_distill(ctx)
     assert student_perplexity(ctx) > 0
+
+
+def test_fingerprint_does_not_depend_on_float32_or_bf16():
+    """A checkpoint trained on a GPU (bf16 weights) must load on a CPU (float32) and back."""
+    from conftest import tiny_model
+    from lolcats.models.loading import base_fingerprint
+
+    m = tiny_model()
+    fp32 = base_fingerprint(m)
+    assert base_fingerprint(m.to(torch.bfloat16)) == fp32
+    assert base_fingerprint(tiny_model(seed=1)) != fp32

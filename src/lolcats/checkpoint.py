@@ -74,19 +74,24 @@ def check_base(meta: dict[str, Any], fingerprint: str, directory: str | Path) ->
             f"(fingerprint {want}), but the loaded base model has fingerprint {fingerprint}: wrong base model")
 
 
-def load_into(params: dict[str, torch.nn.Parameter] | dict[str, torch.Tensor],
-              tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
-    """Copy ``tensors`` into ``params`` (same names); every key and shape must match."""
-    missing = sorted(set(params) - set(tensors))
-    extra = sorted(set(tensors) - set(params))
+def check_fits(shapes: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
+    """Every expected name is in ``tensors`` with the expected shape, and nothing else is."""
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
     if missing or extra:
         raise CheckpointError(f"checkpoint {directory} does not fit this model: "
                               f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                               f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    for name, p in params.items():
-        t = tensors[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise CheckpointError(f"checkpoint {directory}: {name} has shape {tuple(t.shape)}, "
-                                  f"the model expects {tuple(p.shape)}")
-        with torch.no_grad():
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CheckpointError(f"checkpoint {directory}: {name} has shape {tuple(tensors[name].shape)}, "
+                                  f"the model expects {tuple(shape)}")
+
+
+def load_into(params: dict[str, torch.nn.Parameter] | dict[str, torch.Tensor],
+              tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
+    """Copy ``tensors`` into ``params`` (same names); every key and shape must match."""
+    check_fits({n: tuple(p.shape) for n, p in params.items()}, tensors, directory)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))

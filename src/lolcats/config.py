@@ -46,6 +46,11 @@ class ModelConfig:
     "Token for gated models; defaults to the HF_TOKEN environment variable."
     trust_remote_code: bool = False
     "Allow model code from the Hub."
+    init: Literal["pretrained", "random"] = "pretrained"
+    "pretrained: load the weights; random: build `name`'s architecture with seeded random weights "
+    "(`name` may then be a configs/shapes name such as llama3-8b or a config.json; for benchmarks)."
+    tokenizer: str | None = None
+    "Where the tokenizer comes from, if not from `name` (required with init random)."
 
 
 @dataclass
@@ -298,6 +303,8 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.distill.block_size is not None and cfg.distill.block_size <= 0:
         raise ConfigError(f"distill.block_size: {cfg.distill.block_size} must be > 0")
+    if cfg.model.init == "random" and not cfg.model.tokenizer:
+        raise ConfigError("model.tokenizer: required with model.init random (random weights come without one)")
 
 
 # ---------------------------------------------------------------- loading

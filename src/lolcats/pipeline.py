@@ -20,7 +20,8 @@ import torch
 from lolcats import distributed as dist
 from lolcats.attention.convert import (attention_parameters, convert_model, set_attention_mode,
                                        set_attention_trainable)
-from lolcats.checkpoint import CheckpointError, check_base, load_into, load_tensors, read_meta, save_checkpoint
+from lolcats.checkpoint import (CheckpointError, check_base, check_fits, load_into, load_tensors, read_meta,
+                               save_checkpoint)
 from lolcats.config import AttentionConfig, Config, ModelConfig, save_config
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer, resolve_device
 from lolcats.training.blockwise import train_blockwise
@@ -214,7 +215,7 @@ def _load_params(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tenso
     if not any(hasattr(p, "device_mesh") for p in params.values()):
         load_into(params, tensors, directory)
         return
-    load_into({n: torch.empty(p.shape, device="meta") for n, p in params.items()}, tensors, directory)  # checks
+    check_fits({n: tuple(p.shape) for n, p in params.items()}, tensors, directory)
     from lolcats.training.trainer import _copy_full_into
 
     with torch.no_grad():
@@ -241,7 +242,7 @@ def load_stage1(model, directory: str | Path, fingerprint: str | None = None) ->
 
 
 def load_stage2(peft_model, directory: str | Path, fingerprint: str | None = None) -> dict:
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     meta = read_meta(directory)
     if meta.get("stage") != "finetune":
@@ -253,8 +254,7 @@ def load_stage2(peft_model, directory: str | Path, fingerprint: str | None = Non
         params = {n.replace(".default.", "."): p for n, p in lora_parameters(peft_model).items()}
         _load_params(params, tensors, directory)
         return meta
-    expected = lora_state(peft_model)
-    load_into(dict(expected), {k: v for k, v in tensors.items()}, directory)  # checks names and shapes
+    check_fits({n: tuple(t.shape) for n, t in get_peft_model_state_dict(peft_model).items()}, tensors, directory)
     set_peft_model_state_dict(peft_model, tensors)
     return meta
 

@@ -23,46 +23,18 @@ estimate, per GPU, with FSDP sharding weights, gradients and optimiser states ov
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lolcats.config import Config
+from lolcats.models.loading import known_shapes, load_shape  # noqa: F401  (re-exported)
 
 GIB = 1024**3
-SHAPES_DIR = Path("configs") / "shapes"
 
 
 # ---------------------------------------------------------------- model config
-
-
-def _shape_dirs() -> list[Path]:
-    here = Path(__file__).resolve()
-    return [Path.cwd() / SHAPES_DIR] + [p / SHAPES_DIR for p in here.parents[1:4]]
-
-
-def known_shapes() -> list[str]:
-    return sorted({p.stem for d in _shape_dirs() if d.is_dir() for p in d.glob("*.json")})
-
-
-def load_shape(name_or_path: str | Path):
-    """A transformers config from a configs/shapes name, a config.json, or a model directory."""
-    from transformers import AutoConfig
-
-    path = Path(name_or_path)
-    if path.is_dir():
-        return AutoConfig.from_pretrained(str(path))
-    if not path.is_file():
-        found = [d / f"{name_or_path}.json" for d in _shape_dirs() if (d / f"{name_or_path}.json").is_file()]
-        if not found:
-            raise ValueError(f"unknown model shape {str(name_or_path)!r}; known: {', '.join(known_shapes())} "
-                             "(or give a config.json path or a model directory)")
-        path = found[0]
-    fields_ = json.loads(path.read_text())
-    model_type = fields_.pop("model_type", "llama")
-    return AutoConfig.for_model(model_type, **fields_)
 
 
 def config_from_model_name(cfg: Config):
@@ -71,6 +43,8 @@ def config_from_model_name(cfg: Config):
 
     from lolcats.models.loading import hub_kwargs, resolve_source
 
+    if cfg.model.init == "random":
+        return load_shape(cfg.model.name)
     src, gguf = resolve_source(cfg.model)
     return AutoConfig.from_pretrained(src, **hub_kwargs(cfg.model, gguf))
 

@@ -28,7 +28,7 @@ from lolcats.attention.feature_maps import build_feature_map
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
-from lolcats.ops.linear.naive import expand_kv_heads, linear_attention_quadratic
+from lolcats.ops.linear.naive import causal_linear_scores, expand_kv_heads, linear_attention_quadratic
 
 Mode = Literal["teacher", "student", "distill"]
 MODES = ("teacher", "student", "distill")
@@ -146,9 +146,7 @@ class LolcatsAttention(nn.Module):
         y, _ = linear_attention_quadratic(fq, fk, v)
         if not return_weights:
             return y, None
-        H, T = fq.shape[1], fq.shape[2]
-        a = torch.einsum("bhif,bhjf->bhij", fq.float(), expand_kv_heads(fk.float(), H))
-        a = a.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=fq.device).tril(), 0.0)
+        a = causal_linear_scores(fq, fk)  # (B, H, T, T)
         return y, a / (a.sum(-1, keepdim=True) + 1e-12)
 
     # ------------------------------------------------------------ forward

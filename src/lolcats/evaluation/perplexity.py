@@ -82,11 +82,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, windows: Sequence[Window], batch_size: int = 8,
-                  device: torch.device | str | None = None, pad_id: int = 0) -> tuple[float, int]:
+                  device: torch.device | str | None = None, pad_id: int = 0,
+                  precision: str = "auto") -> tuple[float, int]:
     """(sum of NLL over scored tokens, number of scored tokens).
 
     Windows are sorted by length and right-padded into batches (B, T); padding sits after
-    every scored token, so a causal model needs no attention mask.
+    every scored token, so a causal model needs no attention mask. ``precision``: as the
+    trainer's (auto = bf16 autocast on CUDA).
     """
     device = model_device(model) if device is None else torch.device(device)
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].ids))
@@ -101,7 +103,7 @@ def score_windows(model: torch.nn.Module, windows: Sequence[Window], batch_size:
             for r, w in enumerate(batch):
                 ids[r, :len(w.ids)] = torch.tensor(w.ids)
             ids = ids.to(device)
-            with autocast_context(device, "auto"):
+            with autocast_context(device, precision):
                 logits = model(input_ids=ids).logits  # (B, T, V)
             for r, w in enumerate(batch):  # row by row: one (n_target, V) float32 slice at a time
                 first = len(w.ids) - 1 - w.n_target  # logits at first..len-2 predict the targets
@@ -121,16 +123,16 @@ def _result(total: float, count: int) -> dict[str, float | int]:
 
 
 def packed_perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int = 8,
-                      device: torch.device | str | None = None) -> dict[str, float | int]:
+                      device: torch.device | str | None = None, precision: str = "auto") -> dict[str, float | int]:
     """Mean next-token loss over all positions of packed sequences ``tokens: (N, T)`` LongTensor.
 
     Returns ``{"loss", "ppl", "tokens"}`` with ``tokens = N * (T - 1)``. The trainer's
-    validation uses this.
+    validation (``training.stages.lm_validate``) is this.
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (N, T), got shape {tuple(tokens.shape)}")
     windows = [Window(row.tolist(), tokens.shape[1] - 1) for row in tokens]
-    return _result(*score_windows(model, windows, batch_size, device))
+    return _result(*score_windows(model, windows, batch_size, device, precision=precision))
 
 
 def token_perplexity(model: torch.nn.Module, docs: Sequence[Sequence[int]], mode: PplMode = "packed",

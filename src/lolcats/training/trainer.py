@@ -8,6 +8,8 @@ validation function); :func:`train_stage` runs it in ``run_dir``:
     run_dir/state.pt   resumable state (weights, optimiser, scheduler, data position, RNG)
     run_dir/best/      best checkpoint by validation loss (the stage's output)
     run_dir/summary.json  written when the stage finishes (marks it done)
+    run_dir/train_log.jsonl  one line per step (loss, lr, tokens, tokens/s) and per validation;
+                          after a resume, steps since the last saved state appear twice (the last wins)
 
 A run killed at any point resumes from ``state.pt`` and ends with the same weights as an
 uninterrupted run: the data order is a function of (seed, epoch) and the position in it is
@@ -17,6 +19,7 @@ saved with the weights.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -34,6 +37,7 @@ from lolcats.data import iterate_batches
 
 STATE = "state.pt"
 SUMMARY = "summary.json"
+TRAIN_LOG = "train_log.jsonl"
 
 
 @dataclass
@@ -175,6 +179,13 @@ def _reshard_optimizer_state(opt: torch.optim.Optimizer) -> None:
                     st[k] = DTensor.from_local(_local_shard(v, p), p.device_mesh, p.placements)
 
 
+def _log(run_dir: Path, record: dict) -> None:
+    """Append one JSON line to the stage's training log (rank 0)."""
+    if dist.dist_info().is_main:
+        with open(run_dir / TRAIN_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def _save_state(loop: _Loop, run_dir: Path) -> None:
     st = loop.state_dict()  # collective under FSDP
     if dist.dist_info().is_main:
@@ -188,6 +199,7 @@ def _evaluate(loop: _Loop, run_dir: Path) -> bool:
     rec = {"step": loop.step, "tokens": loop.tokens, "val_loss": val, **metrics,
            "lr": loop.opt.param_groups[0]["lr"]}
     loop.history.append(rec)
+    _log(run_dir, {"event": "eval", **rec})
     if loop.sched:
         loop.sched.step(val)
     if val < loop.best_val:
@@ -220,6 +232,9 @@ def train_stage(stage: Stage, train_data: torch.Tensor, run_dir: str | Path, see
             now = time.time()
             loop.seconds += now - t_last
             tps = (loop.tokens - tok_last) / max(now - t_last, 1e-9)
+            _log(run_dir, {"event": "step", "step": loop.step, "epoch": loop.epoch, "loss": logs["loss"],
+                           "lr": loop.opt.param_groups[0]["lr"], "tokens": loop.tokens, "tok_s": tps,
+                           "seconds": loop.seconds})
             t_last, tok_last = now, loop.tokens
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4g}", tok_s=f"{tps:,.0f}", refresh=False)

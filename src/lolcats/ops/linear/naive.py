@@ -27,6 +27,17 @@ def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def causal_linear_scores(fq: torch.Tensor, fk: torch.Tensor) -> torch.Tensor:
+    """Unnormalised causal linear-attention weights a_ij = fq_i . fk_j (j <= i, else 0), float32.
+
+    fq (B, H, T, F), fk (B, Hk, T, F) -> (B, H, T, T); row i divided by its sum is the attention
+    distribution of query i (what attention transfer's cross-entropy term compares).
+    """
+    H, T = fq.shape[1], fq.shape[2]
+    a = torch.einsum("bhif,bhjf->bhij", fq.float(), expand_kv_heads(fk.float(), H))
+    return a.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=fq.device).tril(), 0.0)
+
+
 def linear_attention_quadratic(
     fq: torch.Tensor,  # (B, H, T, F)
     fk: torch.Tensor,  # (B, Hk, T, F)
@@ -35,11 +46,9 @@ def linear_attention_quadratic(
     output_final_state: bool = False,
     eps: float = EPS,
 ) -> tuple[torch.Tensor, State | None]:
-    H, T = fq.shape[1], fq.shape[2]
-    fqf = fq.float()
-    fkf, vf = expand_kv_heads(fk.float(), H), expand_kv_heads(v.float(), H)
-    a = torch.einsum("bhif,bhjf->bhij", fqf, fkf)  # (B, H, T, T)
-    a = a.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=fq.device).tril(), 0.0)
+    H = fq.shape[1]
+    fqf, vf = fq.float(), expand_kv_heads(v.float(), H)
+    a = causal_linear_scores(fq, fk)  # (B, H, T, T)
     num = a @ vf  # (B, H, T, Dv)
     den = a.sum(-1)  # (B, H, T)
     if initial_state is not None:

@@ -1,0 +1,61 @@
+"""The fla backend's wrapper (normaliser column, padding to an even value width, GQA, states),
+checked on CPU against the reference with a stand-in for fla's kernel that has fla's interface
+and its even-width requirement. The real kernel is compared on CUDA in test_kernels.py."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import pytest
+import torch
+
+from lolcats.ops.linear.naive import linear_attention_quadratic
+
+
+def _fake_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
+                            cu_seqlens=None):
+    """fla's contract: (B, T, H, K) inputs, un-normalised causal linear attention, state (B, H, K, V)."""
+    assert not normalize and scale == 1.0
+    assert v.shape[-1] % 2 == 0, "fla's bf16 backward needs an even value width"
+    B, T, H, K = q.shape
+    S = torch.zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.clone()
+    out = []
+    for t in range(T):
+        S = S + torch.einsum("bhk,bhv->bhkv", k[:, t].float(), v[:, t].float())
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t].float(), S))
+    return torch.stack(out, 1).to(v.dtype), (S if output_final_state else None)
+
+
+@pytest.fixture()
+def fla_linear(monkeypatch):
+    pkg = types.ModuleType("fla")
+    ops = types.ModuleType("fla.ops")
+    la = types.ModuleType("fla.ops.linear_attn")
+    la.chunk_linear_attn = _fake_chunk_linear_attn
+    for name, mod in (("fla", pkg), ("fla.ops", ops), ("fla.ops.linear_attn", la)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    from lolcats.ops import BACKENDS
+
+    before = dict(BACKENDS)
+    sys.modules.pop("lolcats.ops.fla_backend", None)
+    yield importlib.import_module("lolcats.ops.fla_backend").fla_linear
+    sys.modules.pop("lolcats.ops.fla_backend", None)  # registered with the stand-in: forget it
+    BACKENDS.clear()
+    BACKENDS.update(before)
+
+
+@pytest.mark.parametrize("Dv", [8, 7])
+def test_fla_wrapper_matches_reference(fla_linear, Dv):
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, T, F = 2, 4, 2, 11, 6
+    fq, fk = torch.rand(B, H, T, F, generator=g), torch.rand(B, Hk, T, F, generator=g)
+    v = torch.randn(B, Hk, T, Dv, generator=g)
+    s0 = (torch.randn(B, Hk, F, Dv, generator=g), torch.rand(B, Hk, F, generator=g) + 1)
+    for init in (None, s0):
+        y, (kv, z) = fla_linear(fq, fk, v, initial_state=init, output_final_state=True)
+        yr, (kvr, zr) = linear_attention_quadratic(fq, fk, v, initial_state=init, output_final_state=True)
+        torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kv, kvr, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(z, zr, rtol=1e-4, atol=1e-5)
