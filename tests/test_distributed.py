@@ -169,3 +169,16 @@ if __name__ == "__main__":  # one rank of the two-process run
     from lolcats.distributed import cleanup
 
     cleanup()
+
+
+def test_choose_strategy():
+    from conftest import tiny_model
+    from lolcats.distributed import average_gradients, choose_strategy
+
+    m = tiny_model()
+    assert choose_strategy(m, "auto", torch.device("cpu")) == "replicate"
+    assert choose_strategy(m, "fsdp", torch.device("cpu")) == "fsdp"
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    average_gradients([p])  # one process: unchanged
+    assert torch.equal(p.grad, torch.full((3,), 2.0))

@@ -1,5 +1,6 @@
-"""The pipeline under torchrun: two CPU (gloo) processes with FSDP2 train stage 1 and stage 2 to
-the same weights as one process on the same global batch (stage 1 killed once and resumed).
+"""The pipeline under torchrun: two CPU (gloo) processes, FSDP2-sharded or replicated, train stage 1
+and stage 2 to the same weights as one process on the same global batch (stage 1 killed once and
+resumed).
 
 The two-process half runs this file as a script under ``torch.distributed.run``.
 """
@@ -24,10 +25,10 @@ from test_pipeline import make_cfg
 OVER = {"distill.max_steps": 4, "finetune.max_steps": 3, "finetune.eval_every": 3}
 
 
-def cfg_for(root: Path, model_dir: Path, data: Path, out: Path, device: str = "cpu"):
+def cfg_for(root: Path, model_dir: Path, data: Path, out: Path, device: str = "cpu", parallel: str = "fsdp"):
     gpu = {} if device == "cpu" else {"model.dtype": "float32", "distill.precision": "fp32",
                                       "finetune.precision": "fp32"}
-    cfg = make_cfg(root, model_dir, data, **OVER, **gpu)  # data cache under root: shared by both runs
+    cfg = make_cfg(root, model_dir, data, **OVER, **gpu, **{"run.parallel": parallel})  # data cache: shared
     cfg.run.output_dir = str(out)  # not part of the run-directory hash
     cfg.run.device = device
     return cfg
@@ -39,7 +40,7 @@ def both_stages(cfg) -> None:
     run_finetune(ctx)
 
 
-def check_two_match_one(tmp_path: Path, device: str, tol: float) -> None:
+def check_two_match_one(tmp_path: Path, device: str, tol: float, parallel: str = "fsdp") -> None:
     model_dir, data = save_tiny(tmp_path / "model"), write_alpaca(tmp_path / "alpaca.jsonl", n=120)
     one = cfg_for(tmp_path, model_dir, data, tmp_path / "one", device)
     both_stages(one)
@@ -48,7 +49,7 @@ def check_two_match_one(tmp_path: Path, device: str, tol: float) -> None:
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__, str(tmp_path), str(model_dir), str(data), device]
+           "--master_port", str(free_port()), __file__, str(tmp_path), str(model_dir), str(data), device, parallel]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = cfg_for(tmp_path, model_dir, data, tmp_path / "two", device)
@@ -62,15 +63,17 @@ def check_two_match_one(tmp_path: Path, device: str, tol: float) -> None:
         assert sb["best_val"] == pytest.approx(sa["best_val"], rel=tol)
 
 
-def test_two_processes_match_one(tmp_path: Path):
-    check_two_match_one(tmp_path, "cpu", 1e-5)
+@pytest.mark.parametrize("parallel", ["fsdp", "replicate"])
+def test_two_processes_match_one(tmp_path: Path, parallel: str):
+    check_two_match_one(tmp_path, "cpu", 1e-5, parallel)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-def test_two_gpus_match_one_gpu(tmp_path: Path):
-    """NCCL + FSDP2 on two GPUs against one GPU, fp32 weights and compute (TF32 may differ)."""
-    check_two_match_one(tmp_path, "cuda", 2e-4)
+@pytest.mark.parametrize("parallel", ["fsdp", "replicate"])
+def test_two_gpus_match_one_gpu(tmp_path: Path, parallel: str):
+    """NCCL (FSDP2 or replicated) on two GPUs against one GPU, fp32 weights and compute (TF32 may differ)."""
+    check_two_match_one(tmp_path, "cuda", 2e-4, parallel)
 
 
 def killed_then_resumed(cfg) -> None:
@@ -88,14 +91,14 @@ def killed_then_resumed(cfg) -> None:
         run_distill(ctx, on_step=kill)
         raise AssertionError("not killed")
     except StopTraining:
-        assert is_sharded(ctx.model)
+        assert is_sharded(ctx.model) == (cfg.run.parallel == "fsdp")
     both_stages(cfg)
 
 
 if __name__ == "__main__":  # one rank of the two-process run
     torch.set_num_threads(1)
     root, model_dir, data = (Path(a) for a in sys.argv[1:4])
-    killed_then_resumed(cfg_for(root, model_dir, data, root / "two", sys.argv[4]))
+    killed_then_resumed(cfg_for(root, model_dir, data, root / "two", sys.argv[4], sys.argv[5]))
     from lolcats.distributed import cleanup
 
     cleanup()

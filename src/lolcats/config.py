@@ -165,6 +165,10 @@ class RunConfig:
     "cuda, cpu, or auto."
     progress: bool = True
     "Show progress bars."
+    parallel: Literal["auto", "fsdp", "replicate"] = "auto"
+    "Under torchrun: fsdp shards the frozen weights (FSDP2; for models too large for one GPU); replicate "
+    "keeps a whole copy per GPU and averages only the trainable weights' gradients (data parallel); auto "
+    "replicates when the bf16 weights take under a third of a GPU's memory (always on CPU)."
 
 
 @dataclass

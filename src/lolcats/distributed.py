@@ -133,6 +133,39 @@ def distributed_sampler_slice(n_items: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
+# ---------------------------------------------------------------- replicating
+
+
+def choose_strategy(model: nn.Module, requested: str, device: torch.device) -> str:
+    """fsdp or replicate for ``requested`` (auto: replicate when the weights take under a third of
+    the device's memory, leaving room for activations and states; always on CPU)."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "replicate"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return "replicate" if weights < torch.cuda.get_device_properties(device).total_memory / 3 else "fsdp"
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Mean of the gradients over ranks, in place, in one all-reduce; no-op on one process and for
+    FSDP-sharded parameters (FSDP reduces those itself). Replicated training calls it after
+    backward: together with the loss weights of ``_my_share`` it gives the gradient of the
+    mean over the global batch, as FSDP does."""
+    if not _is_dist():
+        return
+    grads = [p.grad for p in params if p.grad is not None and not hasattr(p, "device_mesh")]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # (n,) one message
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g).to(g.dtype))
+        i += g.numel()
+
+
 # ---------------------------------------------------------------- sharding
 
 
@@ -170,8 +203,11 @@ def apply_activation_checkpointing(layers: Iterable[nn.Module]) -> None:
 
 def shard_model(model: nn.Module, mixed_precision: bool = True, activation_checkpointing: bool = False,
                 info: DistInfo | None = None, reshard_after_forward: bool = True,
-                separate_trainable: bool = True) -> nn.Module:
+                separate_trainable: bool = True, strategy: str = "fsdp") -> nn.Module:
     """FSDP2 ``fully_shard`` per decoder layer, then the root; no-op on one process.
+
+    ``strategy="replicate"`` leaves the model whole on every rank (only activation checkpointing
+    applies); the trainer then averages the trainable gradients (:func:`average_gradients`).
 
     ``mixed_precision``: compute in bf16 (parameters all-gathered as bf16), reduce gradients in
     fp32; the sharded (stored) parameters keep their dtype, so fp32 trainables stay fp32.
@@ -190,7 +226,7 @@ def shard_model(model: nn.Module, mixed_precision: bool = True, activation_check
     layers = _decoder_layers(model)
     if activation_checkpointing:
         apply_activation_checkpointing(layers)
-    if info.world_size <= 1:
+    if info.world_size <= 1 or strategy == "replicate":
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

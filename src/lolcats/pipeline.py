@@ -110,7 +110,12 @@ def _shard_for_distill(ctx: Context) -> None:
         raise NotImplementedError("block-wise attention transfer runs one process per block, not under "
                                   "torchrun: start one process per GPU with LOLCATS_BLOCKS=<blocks>")
     set_attention_trainable(ctx.model, True, ctx.cfg.attention.train_window_factor)  # before sharding
-    dist.shard_model(ctx.model, mixed_precision=_bf16(ctx), activation_checkpointing=False, info=ctx.info)
+    dist.shard_model(ctx.model, mixed_precision=_bf16(ctx), activation_checkpointing=False, info=ctx.info,
+                     strategy=_strategy(ctx))
+
+
+def _strategy(ctx: Context) -> str:
+    return dist.choose_strategy(ctx.model, ctx.cfg.run.parallel, ctx.device)
 
 
 def _meta(ctx: Context, stage: str, metrics: dict) -> dict:
@@ -184,8 +189,9 @@ def run_finetune(ctx: Context, on_step=None):
         if ctx.is_main:
             save_config(ctx.cfg, d2 / "config.yaml")
         if ctx.distributed:
-            dist.shard_model(model, mixed_precision=_bf16(ctx), activation_checkpointing=True, info=ctx.info,
-                             separate_trainable=False)  # the loss flows through the layers
+            strategy = _strategy(ctx)  # sharded: checkpoint activations to make room; replicated: as one GPU
+            dist.shard_model(model, mixed_precision=_bf16(ctx), activation_checkpointing=strategy == "fsdp",
+                             info=ctx.info, separate_trainable=False, strategy=strategy)  # loss flows through layers
 
         def save(directory, metrics):
             meta = _meta(ctx, "finetune", metrics)

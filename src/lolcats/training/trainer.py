@@ -279,6 +279,7 @@ def _one_step(loop: _Loop, data: torch.Tensor, seed: int, device: torch.device) 
         total += float(dist.all_reduce_mean(float(loss.detach()) * weight)) / c.grad_accum
         loop.tokens += stage.batch_tokens(batch) if stage.batch_tokens else batch.numel()
     params = [p for p in stage.params.values() if p.requires_grad]
+    dist.average_gradients(params)  # replicated ranks; FSDP has reduced its shards already
     torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
     loop.opt.step()
     loop.step += 1
