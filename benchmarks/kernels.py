@@ -105,7 +105,7 @@ def model_flops(B, H, Hk, T, D, F, kind) -> float:
     return 2 * B * H * macs + 2 * B * Hk * T * F * D  # + chunk sums of the states
 
 
-def prefill_rows(dev, quick, ceil):
+def prefill_rows(dev, quick, ceil, on_row=lambda rows: None):
     dt = torch.bfloat16 if not quick else torch.float32
     models = MODELS if not quick else {"tiny": dict(H=2, Hk=1, D=16, F=16)}
     lengths = [1024, 2048, 4096, 8192, 16384, 32768] if not quick else [64, 128]
@@ -158,6 +158,7 @@ def prefill_rows(dev, quick, ceil):
                     base, mine = row.get(f"sdpa_{m}"), row.get(f"{tag}_{m}")
                     row[f"{tag}_{m}_speedup"] = base / mine if base and mine else None
             rows.append(row)
+            on_row(rows)
             print(_fmt_prefill(row), flush=True)
             del q, k, v, fq, fk, ke, ve
             if dev == "cuda":
@@ -205,7 +206,7 @@ def _fmt_prefill(r):
             f"{_ms(r['fla_fwd']) if 'fla_fwd' in r else 'n/a'}")
 
 
-def decode_rows(dev, quick, ceil):
+def decode_rows(dev, quick, ceil, on_row=lambda rows: None):
     s = MODELS["llama3-8b"] if not quick else dict(H=2, Hk=1, D=16, F=16)
     H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
     dt = torch.bfloat16 if not quick else torch.float32
@@ -241,6 +242,7 @@ def decode_rows(dev, quick, ceil):
             row = {"kind": kind, "B": B, "ms": ms, "bytes": touched, "GB/s": gbs,
                    "pct_copy": 100 * gbs / ceil["copy_gbs"]}
             rows.append(row)
+            on_row(rows)
             print(f"decode {kind:16s} B={B:5d}  {ms * 1e3:9.1f} us  {touched / 1e6:9.2f} MB  {gbs:8.0f} GB/s "
                   f"({row['pct_copy']:4.0f}% of copy)", flush=True)
     return rows
@@ -280,13 +282,17 @@ def main(argv=None) -> None:
     info.update(ceilings(dev, args.quick))
     print(f"ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, copy {info['copy_gbs']:.0f} GB/s", flush=True)
     print(PREFILL_HEAD, flush=True)
-    prefill = prefill_rows(dev, args.quick, info)
-    decode = decode_rows(dev, args.quick, info)
+    def save(prefill, decode):  # after every row: a run cut short keeps what it measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(to_markdown(info, prefill, decode))
+            args.out.with_suffix(".json").write_text(json.dumps({"info": info, "prefill": prefill,
+                                                                "decode": decode}, indent=1))
+
+    prefill = prefill_rows(dev, args.quick, info, lambda rows: save(rows, []))
+    decode = decode_rows(dev, args.quick, info, lambda rows: save(prefill, rows))
+    save(prefill, decode)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(to_markdown(info, prefill, decode))
-        args.out.with_suffix(".json").write_text(json.dumps({"info": info, "prefill": prefill, "decode": decode},
-                                                            indent=1))
         print(f"wrote {args.out}")
 
 

@@ -2,7 +2,12 @@
 perplexity of the base model and of the result on extra files; writes a JSON report and
 copies the small checkpoints next to it.
 
-    python benchmarks/study.py --out OUT_DIR --ppl FILE [FILE ...] -- --config configs/... --data.train ...
+    python benchmarks/study.py --out OUT_DIR --label default --ppl ../shared/data/wikitext-2/wiki.test.tokens \
+        --config configs/smollm2-135m.yaml --data.train ../shared/data/train/alpaca_52k_en.jsonl.gz [--section.key VALUE ...]
+
+Writes OUT_DIR/LABEL/report.json (both stages' summaries, base and linearized perplexities),
+stage1/ and stage2/ (the checkpoints) and the stages' summary.json files. The rows of the study
+and their flags are in docs/RESULTS.md.
 """
 
 from __future__ import annotations
