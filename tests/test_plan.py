@@ -86,7 +86,7 @@ def test_unknown_shape_lists_known():
 
 
 def test_block_wise_disk_and_stages():
-    cfg = load_config(None, {"distill": {"block_size": 5}})
+    cfg = load_config(None, {"distill": {"block_size": 5}, "run": {"parallel": "fsdp"}})
     p = plan(cfg, "llama3-8b", num_gpus=8, tokens=1_000_000)
     names = [s.name for s in p.stages]
     assert names[0].startswith("attention transfer (joint)") and names[-1] == "LoRA finetune"
@@ -119,3 +119,14 @@ def test_model_config_object_and_bad_gpus():
     p = plan(load_config(), tiny_config(), 1)
     assert p.total_params == Shape.from_config(tiny_config()).total_params()
     assert all(s.total_bytes > 0 for s in p.stages)
+
+
+def test_replicated_plan_holds_the_whole_model_per_gpu():
+    """auto: an 8B model replicates on 80 GB GPUs (weights under a third), a 70B one shards."""
+    rep = plan(load_config(), "llama3-8b", num_gpus=8)
+    one = plan(load_config(), "llama3-8b", num_gpus=1)
+    assert rep.strategy == "replicate" and "replicated" in format_plan(rep)
+    assert rep.stages[0].bytes == one.stages[0].bytes
+    assert "no checkpointing" in " ".join(one.stages[-1].notes)
+    big = plan(load_config(), "llama3.1-70b", num_gpus=8)
+    assert big.strategy == "fsdp" and "checkpointing per layer" in " ".join(big.stages[-1].notes)

@@ -198,6 +198,7 @@ class Plan:
     seq_len: int
     stages: list[StagePlan]
     gpu_memory_gib: float
+    strategy: str = "fsdp"  # fsdp (sharded) or replicate (a whole copy per GPU)
 
 
 def _stage(name: str, shape: Shape, frozen: int, trainable: int, acts: int, n: int, unit_params: int,
@@ -231,7 +232,9 @@ def plan(cfg: Config, model_config: Any = None, num_gpus: int = 1, tokens: int |
     tok_d = mb_d * seq
     work = full_layer_activations(shape, cfg, tok_d)
     joint_acts = n_conv * distill_layer_activations(shape, cfg, tok_d, mb_d, seq) + work
-    stages = [_stage("attention transfer (joint)", shape, total, n_conv * attn, joint_acts, num_gpus, layer,
+    strategy = plan_strategy(cfg.run.parallel, total, num_gpus, gpu_memory_gib)
+    shards = num_gpus if strategy == "fsdp" else 1  # replicated: every GPU holds the whole model
+    stages = [_stage("attention transfer (joint)", shape, total, n_conv * attn, joint_acts, shards, layer,
                      notes=[f"{n_conv} converted layers trained together from one forward"])]
 
     k = cfg.distill.block_size
@@ -244,7 +247,9 @@ def plan(cfg: Config, model_config: Any = None, num_gpus: int = 1, tokens: int |
         stages.append(_stage("collect hidden states", shape, total, 0, 2 * tok_d * shape.d * n_blocks + work,
                              num_gpus, layer, disk,
                              [f"teacher forward once; stores {n_blocks} boundaries: "
-                              f"{per_token_disk * 1e6 / GIB:.1f} GiB per million tokens"]))
+                              f"{per_token_disk * 1e6 / GIB:.1f} GiB per million tokens"]
+                             + (["(memory as if FSDP-sharded over the GPUs; today this pass and the blocks "
+                                 "run as one process each, see docs/SCALING.md)"] if num_gpus > 1 else [])))
         stages.append(_stage(f"attention transfer (block-wise, k={k})", shape, k_eff * layer, k_eff * attn,
                              block_acts, num_gpus, layer,
                              notes=[f"{n_blocks} blocks of {k} layers, each from stored hidden states"]))
@@ -252,14 +257,28 @@ def plan(cfg: Config, model_config: Any = None, num_gpus: int = 1, tokens: int |
     mb_f = cfg.finetune.micro_batch_size
     tok_f = mb_f * seq
     lora = shape.layers * lora_params_per_layer(shape, cfg)
-    ft_acts = 2 * tok_f * shape.d * shape.layers + full_layer_activations(shape, cfg, tok_f) + 8 * tok_f * shape.vocab
-    stages.append(_stage("LoRA finetune", shape, total + n_conv * attn, lora, ft_acts, num_gpus, layer,
+    checkpointing = shards > 1  # the pipeline checkpoints activations only when the model is sharded
+    kept = (2 * tok_f * shape.d * shape.layers + full_layer_activations(shape, cfg, tok_f) if checkpointing
+            else shape.layers * full_layer_activations(shape, cfg, tok_f))
+    ft_acts = kept + 8 * tok_f * shape.vocab
+    stages.append(_stage("LoRA finetune", shape, total + n_conv * attn, lora, ft_acts, shards, layer,
                          notes=[f"LoRA r={cfg.finetune.lora_r} on {', '.join(cfg.finetune.lora_targets)}; "
-                                "activation checkpointing per layer"]))
+                                + ("activation checkpointing per layer" if checkpointing
+                                   else "activations kept (no checkpointing)")]))
     name = cfg.model.name if model_config is None else (
         str(model_config) if isinstance(model_config, (str, Path)) else getattr(mc, "model_type", "model"))
     return Plan(str(name), shape, total, num_gpus, tokens, {"distill": mb_d, "finetune": mb_f}, seq, stages,
-                gpu_memory_gib)
+                gpu_memory_gib, strategy)
+
+
+def plan_strategy(requested: str, total_params: int, num_gpus: int, gpu_memory_gib: float) -> str:
+    """What ``run.parallel`` becomes (as ``distributed.choose_strategy`` decides on a GPU): auto
+    replicates when the bf16 weights take under a third of a GPU; one GPU never shards."""
+    if num_gpus == 1:
+        return "replicate"
+    if requested != "auto":
+        return requested
+    return "replicate" if 2 * total_params < gpu_memory_gib * GIB / 3 else "fsdp"
 
 
 # ---------------------------------------------------------------- printing
@@ -281,7 +300,9 @@ def format_plan(p: Plan) -> str:
     lines = [f"model {p.model_name}: {_count(p.total_params)} parameters ({p.total_params:,}); "
              f"L={s.layers} d={s.d} heads={s.heads}/{s.kv_heads} head_dim={s.head_dim} ffn={s.inter} vocab={s.vocab}",
              f"{p.num_gpus} GPU(s); seq_len {p.seq_len}; micro-batch distill {p.micro_batch_size['distill']}, "
-             f"finetune {p.micro_batch_size['finetune']}; memory per GPU in GiB (budget {p.gpu_memory_gib:g})",
+             f"finetune {p.micro_batch_size['finetune']}; memory per GPU in GiB (budget {p.gpu_memory_gib:g}); "
+             + ("FSDP2-sharded" if p.strategy == "fsdp" else
+                "replicated (run.parallel replicate)" if p.num_gpus > 1 else "one GPU"),
              "",
              f"{'stage':<38}{'trainable':>10}{'frozen w':>9}{'gather':>9}{'train st':>9}{'activ':>9}{'total':>9}  fits"]
     for st in p.stages:
@@ -295,8 +316,8 @@ def format_plan(p: Plan) -> str:
         if st.disk_bytes:
             lines.append(f"    disk: {st.disk_bytes / GIB:.1f} GiB of hidden states for {p.tokens:,} tokens")
     lines.append("")
-    lines.append("estimates: weights bf16, trainables fp32 + AdamW (16 B/param), sharded over GPUs by FSDP; "
-                 "add ~1-3 GiB per GPU for the CUDA context and allocator slack")
+    lines.append("estimates: weights bf16, trainables fp32 + AdamW (16 B/param), sharded over the GPUs when "
+                 "FSDP2-sharded; add ~1-3 GiB per GPU for the CUDA context and allocator slack")
     return "\n".join(lines)
 
 
@@ -307,7 +328,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", default=None,
                         help="model config: a configs/shapes name (" + ", ".join(known_shapes())
                              + "), a config.json or a model directory; model.name when omitted")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs the run is sharded over (FSDP)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs of the run (sharded or replicated as --run.parallel decides)")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens whose hidden states block-wise transfer stores (train + val)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to compare against")
