@@ -5,8 +5,9 @@ copies the small checkpoints next to it.
     python benchmarks/study.py --out OUT_DIR --label default --ppl ../shared/data/wikitext-2/wiki.test.tokens \
         --config configs/smollm2-135m.yaml --data.train ../shared/data/train/alpaca_52k_en.jsonl.gz [--section.key VALUE ...]
 
-Writes OUT_DIR/LABEL/report.json (both stages' summaries, base and linearized perplexities),
-stage1/ and stage2/ (the checkpoints) and the stages' summary.json files. The rows of the study
+Writes OUT_DIR/LABEL/report.json (both stages' summaries, base and linearized perplexities) and
+the two stage directories as the run has them (distill-*/ and finetune-*/, each with best/ and
+summary.json), so ``lolcats generate --checkpoint OUT_DIR/LABEL/finetune-*/best`` works. The rows of the study
 and their flags are in docs/RESULTS.md.
 """
 
@@ -49,9 +50,9 @@ def main() -> None:
         del model
     report["extra_ppl"] = extra
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    for d, name in ((d1, "stage1"), (d2, "stage2")):
-        shutil.copytree(d / "best", out / name, dirs_exist_ok=True)
-        shutil.copy(d / "summary.json", out / f"{name}_summary.json")
+    for d, name in ((d1, "stage1"), (d2, "stage2")):  # the run layout: stage 2's meta names ../<d1>/best
+        shutil.copytree(d / "best", out / d.name / "best", dirs_exist_ok=True)
+        shutil.copy(d / "summary.json", out / d.name / "summary.json")
     print(json.dumps(extra, indent=2))
 
 

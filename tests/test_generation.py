@@ -216,3 +216,20 @@ def test_cuda_graph_path_equals_eager():
     assert torch.equal(graph.generate(ids, mask), eager)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
     assert torch.equal(ref, eager)
+
+
+def test_generate_main_chat_template_wraps_prompts(monkeypatch):
+    """--chat-template sends each prompt as a user message through the chat template."""
+    import types
+
+    import lolcats.generation.cli as gcli
+    from conftest import tiny_tokenizer
+
+    seen = {}
+    monkeypatch.setattr(gcli, "run_generate", lambda m, t, prompts, *a, **k: seen.setdefault("p", prompts) and [""])
+    tok = tiny_tokenizer()
+    args = types.SimpleNamespace(prompt=["hello there"], prompt_file=None, chat_template=True)
+    with redirect_stdout(io.StringIO()):
+        gcli.generate_main(None, args, model=object(), tokenizer=tok)
+    assert seen["p"] == [gcli.chat_prompt(tok, [{"role": "user", "content": "hello there"}])]
+    assert seen["p"][0] != "hello there" and "hello there" in seen["p"][0]

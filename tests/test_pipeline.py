@@ -113,6 +113,9 @@ def test_save_load_export_from_pretrained_same_logits(finished, tmp_path):
     ids = torch.randint(3, 60, (2, 40))
     with torch.no_grad():
         ref = model(ids).logits
+    alone, _ = load_linearized(None, None, str(d2 / "best"), device="cpu", dtype="float32")  # stage 2 names stage 1
+    with torch.no_grad():
+        torch.testing.assert_close(alone(ids).logits, ref)
     export_model(model, tok, tmp_path / "export")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert back.config.model_type == "lolcats_llama"

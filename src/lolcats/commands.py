@@ -57,6 +57,8 @@ def _add_generation(sub, config_parser) -> None:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--fast", action="store_true", help="static buffers + CUDA graphs")
+    p.add_argument("--chat-template", action="store_true",
+                   help="send each prompt as a user message through the tokenizer's chat template (instruct models)")
     p.set_defaults(fn=lambda a, rest: generate_main(None, a, *load_trained(a, rest)))
 
     p = config_parser("chat", "chat with a linearized model (streaming, chat template)", sub)

@@ -195,7 +195,7 @@ def run_finetune(ctx: Context, on_step=None):
 
         def save(directory, metrics):
             meta = _meta(ctx, "finetune", metrics)
-            meta["stage1"] = str(Path("..") / d1.name / "best")
+            meta["stage1"] = str(Path("..") / d1.name / "best")  # relative to d2 (the run directory)
             _save(ctx, directory, lora_state(model), meta)  # lora_state gathers on every rank
 
         stage = finetune_stage(model, ctx.cfg, ctx.val, ctx.device, save)
@@ -270,8 +270,8 @@ def load_linearized(base: str | None, stage1: str | None, stage2: str | None = N
     """(model, tokenizer) of a linearized model from its checkpoints; ``base`` defaults to the
     checkpoint's recorded base model. With ``merge``, LoRA is merged into the weights."""
     meta2 = read_meta(stage2) if stage2 else None
-    if stage1 is None and meta2 is not None:
-        stage1 = str((Path(stage2) / meta2["stage1"]).resolve())
+    if stage1 is None and meta2 is not None:  # recorded relative to the stage-2 run directory
+        stage1 = str((Path(stage2).resolve().parent / meta2["stage1"]).resolve())
     if stage1 is None:
         raise ValueError("load_linearized needs a stage-1 checkpoint (or a stage-2 one that names it)")
     meta1 = read_meta(stage1)

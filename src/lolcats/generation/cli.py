@@ -177,11 +177,15 @@ def _prompts(args) -> list[str]:
 
 
 def generate_main(cfg, args, model=None, tokenizer=None) -> list[str]:
-    """``args``: prompt (str | list), prompt_file, max_new_tokens, temperature, top_p, stop (list), stream, fast."""
+    """``args``: prompt (str | list), prompt_file, max_new_tokens, temperature, top_p, stop (list), stream, fast,
+    chat_template (wrap each prompt as a user message)."""
     if model is None or tokenizer is None:
         model, tokenizer = load_for_generation(cfg)
     stream = bool(getattr(args, "stream", False))
-    texts = run_generate(model, tokenizer, _prompts(args), getattr(args, "max_new_tokens", 128),
+    prompts = _prompts(args)
+    if getattr(args, "chat_template", False):
+        prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    texts = run_generate(model, tokenizer, prompts, getattr(args, "max_new_tokens", 128),
                          getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0),
                          getattr(args, "stop", None), stream, bool(getattr(args, "fast", False)))
     if not stream:
