@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--label", default="default")
     ap.add_argument("--ppl", nargs="*", default=[])
-    ap.add_argument("--config")
+    ap.add_argument("--config", action="append", help="YAML config file(s); repeat to combine")
     a, rest = ap.parse_known_args()
     cfg = load_config(a.config, rest)
     out = Path(a.out) / a.label

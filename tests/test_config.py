@@ -73,3 +73,13 @@ def test_fingerprint_depends_on_sections():
 def test_parse_overrides_needs_value():
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--distill.lr"])
+
+
+def test_several_config_files_compose_in_order(capsys):
+    """--config A --config B: B's keys win, A's others stay (a model config + an attention variant)."""
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config([repo / "configs/smollm2-135m.yaml", repo / "configs/attention/t2r-linear.yaml"])
+    assert cfg.data.template == "chat" and cfg.attention.kind == "linear" and cfg.attention.feature_map == "t2r"
+    assert main(["config", "--config", str(repo / "configs/smollm2-135m.yaml"),
+                 "--config", str(repo / "configs/attention/t2r-linear.yaml")]) in (0, None)
+    assert "t2r" in capsys.readouterr().out

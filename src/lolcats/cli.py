@@ -21,7 +21,8 @@ from lolcats.config import ConfigError, config_help, load_config
 def _config_parser(name: str, help: str, sub) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help + "\n\nConfig flags (any of):\n" + config_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--config", action="append",
+                   help="YAML config file (see configs/); repeat to combine, later files win")
     return p
 
 

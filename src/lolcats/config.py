@@ -374,9 +374,13 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file (with includes) <- command-line overrides; validated."""
-    data = read_yaml(path) if path else {}
+def load_config(path: str | Path | list[str | Path] | None = None,
+                overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- YAML file(s) (with includes; later files override earlier ones) <- command-line
+    overrides; validated."""
+    data: dict = {}
+    for p in ([path] if isinstance(path, (str, Path)) else path or []):
+        data = _merge(data, read_yaml(p))
     if overrides:
         data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return config_from_dict(data)
