@@ -50,7 +50,7 @@ def main() -> None:
         del model
     report["extra_ppl"] = extra
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    for d, name in ((d1, "stage1"), (d2, "stage2")):  # the run layout: stage 2's meta names ../<d1>/best
+    for d in (d1, d2):  # the run layout: stage 2's meta names ../<d1>/best
         shutil.copytree(d / "best", out / d.name / "best", dirs_exist_ok=True)
         shutil.copy(d / "summary.json", out / d.name / "summary.json")
     print(json.dumps(extra, indent=2))

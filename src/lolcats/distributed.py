@@ -136,15 +136,20 @@ def distributed_sampler_slice(n_items: int, rank: int, world: int) -> slice:
 # ---------------------------------------------------------------- replicating
 
 
+def auto_strategy(weight_bytes: float, device_bytes: float) -> str:
+    """``run.parallel auto``: replicate when the weights take under a third of a device's memory
+    (room for activations and states), else shard with FSDP2. ``lolcats plan`` applies it too."""
+    return "replicate" if weight_bytes < device_bytes / 3 else "fsdp"
+
+
 def choose_strategy(model: nn.Module, requested: str, device: torch.device) -> str:
-    """fsdp or replicate for ``requested`` (auto: replicate when the weights take under a third of
-    the device's memory, leaving room for activations and states; always on CPU)."""
+    """fsdp or replicate for ``requested`` (auto: :func:`auto_strategy`; always replicate on CPU)."""
     if requested != "auto":
         return requested
     if device.type != "cuda":
         return "replicate"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return "replicate" if weights < torch.cuda.get_device_properties(device).total_memory / 3 else "fsdp"
+    return auto_strategy(weights, torch.cuda.get_device_properties(device).total_memory)
 
 
 def average_gradients(params: Iterable[torch.Tensor]) -> None:

