@@ -4,7 +4,15 @@
 
 Runs forward + backward of the stage-1 loss (all layers in distill mode) on random token ids
 of --seq-len, --batch sequences per step, bf16 autocast on CUDA, and prints a table with the
-card's name. Optionally also the stage-2 (LoRA next-token loss) step.
+card's name. Optionally also the stage-2 (LoRA next-token loss) step. ``--init random`` builds
+a configs/shapes architecture (e.g. smollm2-135m, llama3-8b) with random weights instead of
+loading one (speed does not depend on the weights); ``--profile`` adds, per row, the CUDA kernels
+that took the most time over two steps (torch.profiler).
+
+    python benchmarks/distill_throughput.py --model smollm2-135m --init random --stages distill --profile
+
+``--cuda-graph`` adds a row per backend with the forward + backward replayed from a CUDA graph
+(``lolcats.training.cuda_graph``, what ``train.cuda_graph: true`` does in the trainer).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 from lolcats.attention.convert import convert_model, set_attention_mode
 from lolcats.config import Config, ModelConfig
 from lolcats.models.loading import load_base_model
+from lolcats.training.cuda_graph import GraphedLoss
 from lolcats.training.stages import add_lora, distill_loss, lm_loss
 from lolcats.training.trainer import autocast_context
 
@@ -35,9 +44,21 @@ def _time(step, warmup: int, iters: int, device) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def measure(model_name: str, backend: str, stage: str, batch: int, seq_len: int, iters: int, device) -> dict:
+def profile_table(step, device, top: int = 20) -> str:
+    """The ``top`` CUDA kernels by total time over two steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize(device)
+    return prof.key_averages().table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
+
+
+def measure(model_name: str, backend: str, stage: str, batch: int, seq_len: int, iters: int, device,
+            init: str = "pretrained", profile: bool = False, graph: bool = False) -> dict:
     cfg = Config()
-    cfg.model = ModelConfig(name=model_name)
+    cfg.model = ModelConfig(name=model_name, init=init)
     cfg.attention.backend = backend
     model = load_base_model(cfg.model, device)
     convert_model(model, cfg.attention)
@@ -47,20 +68,30 @@ def measure(model_name: str, backend: str, stage: str, batch: int, seq_len: int,
             p.requires_grad_(".feature_map_" in n or "window_factors" in n)
         set_attention_mode(model, "distill")
 
-        def step():
-            loss, _ = distill_loss(model, ids, cfg, device)
-            loss.backward()
+        def loss_fn(x):
+            return distill_loss(model, x, cfg, device)
     else:
         model = add_lora(model, cfg)
         set_attention_mode(model, "student")
 
+        def loss_fn(x):
+            return lm_loss(model, x, "auto", device), {}
+    if graph:  # the trainer's train.cuda_graph path
+        graphed = GraphedLoss(loss_fn, [p for p in model.parameters() if p.requires_grad])
+
         def step():
-            lm_loss(model, ids, "auto", device).backward()
+            graphed(ids, 1.0)
+    else:
+        def step():
+            loss_fn(ids)[0].backward()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = _time(step, 2, iters, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"stage": stage, "backend": backend, "batch": batch, "seq_len": seq_len, "s_per_step": sec,
+    if profile and device.type == "cuda":
+        print(f"--- profile: {stage}, {backend} ---\n{profile_table(step, device)}", flush=True)
+    return {"stage": stage, "backend": backend + (" + CUDA graph" if graph else ""), "batch": batch,
+            "seq_len": seq_len, "s_per_step": sec,
             "tokens_per_s": batch * seq_len / sec, "peak_gib": peak}
 
 
@@ -72,13 +103,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--init", default="pretrained", choices=["pretrained", "random"],
+                    help="random: --model is a configs/shapes name, weights are random")
+    ap.add_argument("--profile", action="store_true", help="print each row's top CUDA kernels (two steps)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also measure each backend with the step captured in a CUDA graph (train.cuda_graph)")
     ap.add_argument("--out")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    rows = [measure(a.model, b, s, a.batch, a.seq_len, a.iters, device) for s in a.stages for b in a.backends]
+    graphs = [False, True] if a.cuda_graph and device.type == "cuda" else [False]
+    rows = [measure(a.model, b, s, a.batch, a.seq_len, a.iters, device, a.init, a.profile, g)
+            for s in a.stages for b in a.backends for g in graphs]
     base = {r["stage"]: r["tokens_per_s"] for r in rows if r["backend"] == "torch"}
-    lines = [f"card: {card}; model {a.model}; batch {a.batch} x {a.seq_len} tokens; bf16 autocast",
+    model = a.model + (" (random weights)" if a.init == "random" else "")
+    lines = [f"card: {card}; model {model}; batch {a.batch} x {a.seq_len} tokens; bf16 autocast",
              "| stage | backend | tokens/s | s/step | peak GiB | vs torch |", "|---|---|---|---|---|---|"]
     for r in rows:
         rel = r["tokens_per_s"] / base[r["stage"]] if r["stage"] in base else float("nan")

@@ -1,18 +1,20 @@
 """Benchmark the Triton attention kernels against PyTorch SDPA (flash) and the references.
 
-    python benchmarks/kernels.py --out kernels.md      # H100: prefill table + decode table
+    python benchmarks/kernels.py --out kernels.md      # GPU: prefill, decode and feature-map tables
     python benchmarks/kernels.py --quick               # tiny CPU smoke run (TRITON_INTERPRET=1)
 
 Prefill: forward and forward+backward milliseconds for SmolLM2 (H=9, Hk=3, D=64) and
-Llama-3-8B (H=32, Hk=8, D=128) shapes, F=128 hedgehog features (the feature map itself is not
-timed: it stays a separate PyTorch op, 2 small matmuls + softmax, outside the kernels), window 64,
-T = 1K..32K with B*T = 64K tokens, bf16. Baseline: causal SDPA with the flash backend (KV heads
-expanded, same FLOPs as GQA). Speed-ups are SDPA time / kernel time. TFLOP/s of the kernels use
-a model count (the dots the kernels issue), against a measured bf16 8192^3 matmul.
+Llama-3-8B (H=32, Hk=8, D=128) shapes, F=128 hedgehog features, window 64, T = 1K..32K with
+B*T = 64K tokens, bf16. Baseline: causal SDPA with the flash backend (KV heads expanded, same
+FLOPs as GQA). Speed-ups are SDPA time / kernel time. TFLOP/s of the kernels use a model count
+(the dots the kernels issue), against a measured bf16 8192^3 matmul.
 Decode: one step of the fused kernel (replayed from a CUDA graph) at batch 1..1024, with the bytes
 of state it touches per step (window k, v, positions, kv/ks read and written) and GB/s against a
-measured device copy. Medians of triton.testing.do_bench. Writes markdown to --out and JSON
-beside it.
+measured device copy.
+Feature map: the Hedgehog map stays separate PyTorch ops (two small matmuls + softmax); this
+section times it on q and k against the terraced kernel on its outputs, i.e. the most a map fused
+into the kernel could save. Medians of triton.testing.do_bench. Writes markdown to --out and JSON
+beside it; ``--sections`` picks sections (default all).
 """
 
 from __future__ import annotations
@@ -166,6 +168,49 @@ def prefill_rows(dev, quick, ceil, on_row=lambda rows: None):
     return rows
 
 
+def feature_map_rows(dev, quick, on_row=lambda rows: None):
+    """The Hedgehog feature map (separate PyTorch ops, as the model runs it: bf16 autocast, float32
+    weights) on q and k, against the terraced kernel on its outputs, forward and forward+backward:
+    the share of the layer's attention time a feature map fused into the kernel could save at most."""
+    from lolcats.attention.feature_maps import HedgehogFeatureMap
+
+    dt = torch.bfloat16 if not quick else torch.float32
+    models = MODELS if not quick else {"tiny": dict(H=2, Hk=1, D=16, F=16)}
+    lengths, tokens = ([1024, 16384], 65536) if not quick else ([64], 128)
+    rows = []
+    for name, s in models.items():
+        H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
+        for T in lengths:
+            B = max(1, tokens // T)
+            fmq, fmk = HedgehogFeatureMap(H, D, Fd // 2).to(dev), HedgehogFeatureMap(Hk, D, Fd // 2).to(dev)
+            q, k, v = (torch.randn(B, h, T, D, device=dev, dtype=dt) for h in (H, Hk, Hk))
+            wf = torch.full((H,), 0.1, device=dev)
+
+            def phi():
+                with torch.autocast(dev, dtype=torch.bfloat16, enabled=not quick):
+                    return fmq(q), fmk(k)
+
+            def phi_fb():
+                fq, fk = phi()
+                torch.autograd.grad(fq.float().sum() + fk.float().sum(), [fmq.weight, fmk.weight])
+
+            with torch.no_grad():
+                fq, fk = (x.requires_grad_() for x in phi())
+            att = lambda: hybrid_attention_triton(q, k, v, fq, fk, wf, "terraced_window", WINDOW)  # noqa: E731
+            row = {"model": name, "T": T, "B": B, "phi_fwd": _try(phi, quick), "phi_fwdbwd": _try(phi_fb, quick),
+                   "attn_fwd": _try(att, quick), "attn_fwdbwd": _try(_fwd_bwd(att, [fq, fk]), quick)}
+            for m in ("fwd", "fwdbwd"):
+                a, b = row[f"phi_{m}"], row[f"attn_{m}"]
+                row[f"phi_share_{m}"] = a / (a + b) if a and b else None
+            rows.append(row)
+            on_row(rows)
+            print(f"feature map {name:10s} T={T:5d} B={B:3d}: phi fwd {_ms(row['phi_fwd'])} f+b "
+                  f"{_ms(row['phi_fwdbwd'])} | terraced kernel fwd {_ms(row['attn_fwd'])} f+b "
+                  f"{_ms(row['attn_fwdbwd'])} | phi share {100 * (row['phi_share_fwd'] or 0):.0f}% / "
+                  f"{100 * (row['phi_share_fwdbwd'] or 0):.0f}%", flush=True)
+    return rows
+
+
 def _fla(fq, fk, v, quick):
     try:
         from lolcats.ops.fla_backend import fla_linear
@@ -248,7 +293,22 @@ def decode_rows(dev, quick, ceil, on_row=lambda rows: None):
     return rows
 
 
-def to_markdown(info, prefill, decode) -> str:
+def feature_map_markdown(rows) -> list[str]:
+    if not rows:
+        return []
+    out = ["", "Hedgehog feature map (PyTorch ops, q and k) vs the terraced kernel on its outputs, ms:", "",
+           "| model | T | B | phi fwd | phi f+b | kernel fwd | kernel f+b (dfq, dfk) | phi share fwd | phi share f+b |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    pc = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    for r in rows:
+        out.append(f"| {r['model']} | {r['T']} | {r['B']} | {f(r['phi_fwd'])} | {f(r['phi_fwdbwd'])} | "
+                   f"{f(r['attn_fwd'])} | {f(r['attn_fwdbwd'])} | {pc(r['phi_share_fwd'])} | "
+                   f"{pc(r['phi_share_fwdbwd'])} |")
+    return out
+
+
+def to_markdown(info, prefill, decode, fmap=()) -> str:
     lines = [f"# Kernel benchmark on {info['gpu']}", "",
              f"Ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, device copy {info['copy_gbs']:.0f} GB/s. "
              f"torch {torch.__version__}, triton {triton.__version__}. Times in ms (median).", "",
@@ -266,6 +326,7 @@ def to_markdown(info, prefill, decode) -> str:
     for r in decode:
         lines.append(f"| {r['kind']} | {r['B']} | {r['ms'] * 1e3:.1f} | {r['bytes'] / 1e6:.2f} | {r['GB/s']:.0f} | "
                      f"{r['pct_copy']:.0f}% |")
+    lines += feature_map_markdown(list(fmap))
     return "\n".join(lines) + "\n"
 
 
@@ -273,7 +334,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="markdown report path (JSON written beside it)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run through TRITON_INTERPRET=1")
+    ap.add_argument("--sections", default="prefill,decode,feature_map",
+                    help="comma list of prefill, decode, feature_map")
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if sections - {"prefill", "decode", "feature_map"}:
+        raise SystemExit(f"unknown --sections {sorted(sections - {'prefill', 'decode', 'feature_map'})}")
     dev = "cpu" if args.quick else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --quick for the CPU smoke run)")
@@ -281,17 +347,22 @@ def main(argv=None) -> None:
     print(f"device: {info['gpu']}", flush=True)
     info.update(ceilings(dev, args.quick))
     print(f"ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, copy {info['copy_gbs']:.0f} GB/s", flush=True)
-    print(PREFILL_HEAD, flush=True)
-    def save(prefill, decode):  # after every row: a run cut short keeps what it measured
+    res = {"prefill": [], "decode": [], "feature_map": []}
+
+    def save(key, rows):  # after every row: a run cut short keeps what it measured
+        res[key] = rows
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(to_markdown(info, prefill, decode))
-            args.out.with_suffix(".json").write_text(json.dumps({"info": info, "prefill": prefill,
-                                                                "decode": decode}, indent=1))
+            args.out.write_text(to_markdown(info, res["prefill"], res["decode"], res["feature_map"]))
+            args.out.with_suffix(".json").write_text(json.dumps({"info": info, **res}, indent=1))
 
-    prefill = prefill_rows(dev, args.quick, info, lambda rows: save(rows, []))
-    decode = decode_rows(dev, args.quick, info, lambda rows: save(prefill, rows))
-    save(prefill, decode)
+    if "prefill" in sections:
+        print(PREFILL_HEAD, flush=True)
+        save("prefill", prefill_rows(dev, args.quick, info, lambda rows: save("prefill", rows)))
+    if "decode" in sections:
+        save("decode", decode_rows(dev, args.quick, info, lambda rows: save("decode", rows)))
+    if "feature_map" in sections:
+        save("feature_map", feature_map_rows(dev, args.quick, lambda rows: save("feature_map", rows)))
     if args.out:
         print(f"wrote {args.out}")
 

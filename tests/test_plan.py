@@ -72,12 +72,31 @@ def test_lora_count_matches_peft():
         lora_params_per_layer(Shape.from_config(c), cfg)
 
 
-@pytest.mark.parametrize("name,billions", [("llama3-8b", 8.03), ("llama3.1-70b", 70.55), ("llama3.1-405b", 405.85)])
+@pytest.mark.parametrize("name,billions", [("llama3-8b", 8.03), ("llama3.1-70b", 70.55), ("llama3.1-405b", 405.85),
+                                           ("smollm2-135m", 0.13)])
 def test_shapes(name, billions):
     c = load_shape(name)
     assert c.model_type == "llama"
     assert round(Shape.from_config(c).total_params() / 1e9, 2) == billions
     assert name in known_shapes()
+
+
+def test_smollm2_shape_matches_the_weights():
+    """configs/shapes/smollm2-135m.json (random-weights benchmarks) is the shipped model's architecture."""
+    from transformers import AutoConfig
+
+    from lolcats.config import ModelConfig
+    from lolcats.models.loading import hub_kwargs, resolve_source
+
+    try:
+        src, gguf = resolve_source(ModelConfig())
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"SmolLM2 weights package not installed: {e}")
+    real, shape = AutoConfig.from_pretrained(src, **hub_kwargs(ModelConfig(), gguf)), load_shape("smollm2-135m")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size", "tie_word_embeddings"):
+        assert getattr(shape, key) == getattr(real, key), key
+    assert shape.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"]
 
 
 def test_unknown_shape_lists_known():

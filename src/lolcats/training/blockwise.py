@@ -118,27 +118,32 @@ def block_parameters(model, start: int, end: int) -> dict[str, torch.nn.Paramete
 
 def block_stage(model, cfg: Config, start: int, end: int, train: HiddenStateReader, val: HiddenStateReader,
                 device, save: Callable[[Path, dict], None]) -> Stage:
-    """The stage training layers [start, end) on stored states; batches are indices (b, 1)."""
+    """The stage training layers [start, end) on stored states; batches are indices (b, 1), the loss
+    takes their hidden states (b, T, d) on the device."""
     set_attention_trainable(model, True, cfg.attention.train_window_factor)
     params = {n: p for n, p in block_parameters(model, start, end).items() if p.requires_grad}
     dtype = model.get_input_embeddings().weight.dtype
     d = cfg.distill
 
-    def run(idx: torch.Tensor, reader: HiddenStateReader):
-        hidden = torch.stack([reader[int(i)] for i in idx[:, 0]]).to(device, dtype)  # (b, T, d)
+    def hidden_of(idx: torch.Tensor, reader: HiddenStateReader) -> torch.Tensor:
+        return torch.stack([reader[int(i)] for i in idx[:, 0]]).to(device, dtype)  # (b, T, d)
+
+    def run(hidden: torch.Tensor):
         with collect_distill_outputs(model, xent=d.xent_factor > 0) as outs, autocast_context(device, d.precision):
             run_layer_block(model, start, end, hidden)
         return aggregate_distill_outputs(outs, cfg)
 
-    def loss(idx):
+    def loss(hidden):
         set_attention_mode(model, "distill")
         model.train()
-        return run(idx, train)
+        return run(hidden)
 
     val_idx = torch.arange(len(val))[:, None]  # (M, 1)
     return Stage(f"distill[{start}:{end}]", params, loss,
-                 lambda: distill_validate(model, val_idx, cfg, device, d.micro_batch_size, lambda b: run(b, val)),
-                 save, d, sum(p.numel() for p in model.parameters()), batch_tokens=lambda b: len(b) * train.seq_len)
+                 lambda: distill_validate(model, val_idx, cfg, device, d.micro_batch_size,
+                                          lambda b: run(hidden_of(b, val))),
+                 save, d, sum(p.numel() for p in model.parameters()), batch_tokens=lambda b: len(b) * train.seq_len,
+                 inputs=lambda idx: hidden_of(idx, train))
 
 
 # ---------------------------------------------------------------- step 3: gather

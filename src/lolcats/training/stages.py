@@ -25,7 +25,7 @@ def _batches(data: torch.Tensor, size: int):
         yield data[i:i + size]
 
 
-def distill_loss(model, batch: torch.Tensor, cfg: Config, device) -> tuple[torch.Tensor, dict[str, float]]:
+def distill_loss(model, batch: torch.Tensor, cfg: Config, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean over layers of (mse_factor * MSE + xent_factor * xent); per-layer MSE in the logs."""
     d = cfg.distill
     with collect_distill_outputs(model, xent=d.xent_factor > 0) as outs, autocast_context(device, d.precision):
@@ -33,18 +33,20 @@ def distill_loss(model, batch: torch.Tensor, cfg: Config, device) -> tuple[torch
     return aggregate_distill_outputs(outs, cfg)
 
 
-def aggregate_distill_outputs(outs: list, cfg: Config) -> tuple[torch.Tensor, dict[str, float]]:
-    """The stage-1 loss from the layers' DistillOutputs: mean over layers, per-layer MSE logged."""
+def aggregate_distill_outputs(outs: list, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The stage-1 loss from the layers' DistillOutputs: mean over layers, per-layer MSE logged.
+
+    Logs are 0-dim tensors (no host sync here, so the step can be captured in a CUDA graph)."""
     d = cfg.distill
     if not outs:
         raise RuntimeError("no converted attention layer reported a distillation loss")
     mse = torch.stack([o.mse for o in outs])
     loss = d.mse_factor * mse.mean()
-    logs = {f"mse/{o.layer_idx}": float(o.mse.detach()) for o in outs}
+    logs = {f"mse/{o.layer_idx}": o.mse.detach() for o in outs}
     if d.xent_factor > 0:
         xent = torch.stack([o.xent for o in outs])
         loss = loss + d.xent_factor * xent.mean()
-        logs["xent"] = float(xent.mean().detach())
+        logs["xent"] = xent.mean().detach()
     return loss, logs
 
 
@@ -61,7 +63,7 @@ def distill_validate(model, val: torch.Tensor, cfg: Config, device, batch_size: 
             loss, logs = loss_fn(b.to(device))
             tot += float(loss) * len(b)
             for k, v in logs.items():
-                per_layer[k] = per_layer.get(k, 0.0) + v * len(b)
+                per_layer[k] = per_layer.get(k, 0.0) + float(v) * len(b)
             n += len(b)
     n = max(n, 1)
     return tot / n, {k: v / n for k, v in per_layer.items()}

@@ -34,6 +34,7 @@ from lolcats import distributed as dist
 from lolcats.checkpoint import atomic_write, write_json
 from lolcats.config import TrainConfig
 from lolcats.data import iterate_batches
+from lolcats.training.cuda_graph import GraphedLoss, check_graph_support
 
 STATE = "state.pt"
 SUMMARY = "summary.json"
@@ -44,12 +45,13 @@ TRAIN_LOG = "train_log.jsonl"
 class Stage:
     name: str
     params: dict[str, torch.nn.Parameter]  # trainable, by name
-    loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]  # batch (b, T) -> (loss, logs)
+    loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]  # batch (b, T) -> (loss, logs: floats or 0-dim tensors)
     validate: Callable[[], tuple[float, dict[str, float]]]  # -> (val loss, metrics)
     save_best: Callable[[Path, dict], None]  # (dir, metrics) -> writes the stage checkpoint
     cfg: TrainConfig
     total_params: int = 0  # of the whole model, for the summary
     batch_tokens: Callable[[torch.Tensor], int] | None = None  # tokens in a batch; default batch.numel()
+    inputs: Callable[[torch.Tensor], torch.Tensor] | None = None  # micro-batch -> loss input on the device
 
 
 @dataclass
@@ -73,8 +75,9 @@ class StopTraining(Exception):
 
 def autocast_context(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if use_bf16:  # no cast cache while a CUDA graph is being captured (it would outlive the capture)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not capturing)
     return contextlib.nullcontext()
 
 
@@ -114,6 +117,7 @@ class _Loop:
         self.history: list[dict] = []
         self.seconds = 0.0
         self.done = False
+        self.graphed: GraphedLoss | None = None  # set by train_stage when cfg.cuda_graph
 
     def state_dict(self) -> dict:
         """Full (unsharded) CPU tensors; under FSDP every rank must call it (gathers)."""
@@ -217,6 +221,9 @@ def train_stage(stage: Stage, train_data: torch.Tensor, run_dir: str | Path, see
     run_dir.mkdir(parents=True, exist_ok=True)
     c = stage.cfg
     loop = _Loop(stage, len(train_data))
+    if c.cuda_graph:
+        check_graph_support(device, dist.dist_info().world_size)
+        loop.graphed = GraphedLoss(stage.loss, [p for p in stage.params.values() if p.requires_grad])
     if (run_dir / STATE).is_file():
         loop.load_state_dict(torch.load(run_dir / STATE, map_location="cpu", weights_only=False))
     else:
@@ -268,14 +275,18 @@ def _progress(name: str, loop: _Loop, enabled: bool):
 def _one_step(loop: _Loop, data: torch.Tensor, seed: int, device: torch.device) -> dict[str, float]:
     """grad_accum micro-batches, clip, AdamW step; advances the data position."""
     c, stage = loop.stage.cfg, loop.stage
-    loop.opt.zero_grad(set_to_none=True)
+    loop.opt.zero_grad(set_to_none=loop.graphed is None)  # a graph adds into the gradients it was captured with
     total, logs = 0.0, {}
     info = dist.dist_info()
     for _ in range(c.grad_accum):
         batch = _next_batch(loop, data, seed)  # the global micro-batch, (b, T)
         mine, weight = _my_share(batch, info)
-        loss, logs = stage.loss(mine.to(device))
-        (loss * (weight / c.grad_accum)).backward()
+        x = stage.inputs(mine) if stage.inputs else mine.to(device)
+        if loop.graphed is not None:
+            loss, logs = loop.graphed(x, weight / c.grad_accum)
+        else:
+            loss, logs = stage.loss(x)
+            (loss * (weight / c.grad_accum)).backward()
         total += float(dist.all_reduce_mean(float(loss.detach()) * weight)) / c.grad_accum
         loop.tokens += stage.batch_tokens(batch) if stage.batch_tokens else batch.numel()
     params = [p for p in stage.params.values() if p.requires_grad]
@@ -283,7 +294,7 @@ def _one_step(loop: _Loop, data: torch.Tensor, seed: int, device: torch.device) 
     torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
     loop.opt.step()
     loop.step += 1
-    return {**logs, "loss": total}
+    return {**{k: float(v) for k, v in logs.items()}, "loss": total}
 
 
 def _my_share(batch: torch.Tensor, info) -> tuple[torch.Tensor, float]:

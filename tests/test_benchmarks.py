@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end on CPU at tiny sizes (their GPU numbers are in docs/),
+so a change that breaks one shows here rather than on the GPU's limited time."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: int = 300) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_kernels_benchmark_quick_writes_its_sections(tmp_path):
+    md = tmp_path / "kernels.md"
+    _run("benchmarks/kernels.py", "--quick", "--sections", "decode,feature_map", "--out", str(md))
+    data = json.loads(md.with_suffix(".json").read_text())
+    assert data["prefill"] == [] and len(data["decode"]) == 6  # 3 kinds x 2 batches
+    fm = data["feature_map"]
+    assert len(fm) == 1 and all(fm[0][k] > 0 for k in ("phi_fwd", "phi_fwdbwd", "attn_fwd", "attn_fwdbwd"))
+    assert 0 < fm[0]["phi_share_fwd"] < 1
+    assert "Hedgehog feature map" in md.read_text()
+
+
+def test_kernels_benchmark_rejects_unknown_section():
+    out = subprocess.run([sys.executable, "benchmarks/kernels.py", "--quick", "--sections", "prefil"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "prefil" in out.stderr
+
+
+def test_distill_throughput_on_a_random_shape(tmp_path):
+    out = tmp_path / "d.json"
+    text = _run("benchmarks/distill_throughput.py", "--model", "smollm2-135m", "--init", "random", "--stages",
+                "distill", "--backends", "torch", "--batch", "1", "--seq-len", "32", "--iters", "1",
+                "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["stage"], r["backend"]) for r in rows] == [("distill", "torch")]
+    assert rows[0]["tokens_per_s"] > 0 and "random weights" in text
