@@ -11,9 +11,9 @@ FLOPs as GQA). Speed-ups are SDPA time / kernel time. TFLOP/s of the kernels use
 Decode: one step of the fused kernel (replayed from a CUDA graph) at batch 1..1024, with the bytes
 of state it touches per step (window k, v, positions, kv/ks read and written) and GB/s against a
 measured device copy.
-Feature map: the Hedgehog map stays separate PyTorch ops (two small matmuls + softmax); this
-section times it on q and k against the terraced kernel on its outputs, i.e. the most a map fused
-into the kernel could save. Medians of triton.testing.do_bench. Writes markdown to --out and JSON
+Feature map: the Hedgehog map as the model runs it (separate PyTorch ops: a batched matmul, two
+softmaxes, concatenation, clamp) and as one fused Triton op (``ops/triton/feature_map.py``), on q
+and k, against the terraced kernel on its outputs. Medians of triton.testing.do_bench. Writes markdown to --out and JSON
 beside it; ``--sections`` picks sections (default all).
 """
 
@@ -39,6 +39,7 @@ from lolcats.ops.hybrid.naive import hybrid_attention_naive  # noqa: E402
 from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton  # noqa: E402
 from lolcats.ops.triton.chunked import CHUNK, explicit_chunks  # noqa: E402
 from lolcats.ops.triton.decode import decode_step_triton  # noqa: E402
+from lolcats.ops.triton.feature_map import hedgehog_triton  # noqa: E402
 
 MODELS = {"smollm2": dict(H=9, Hk=3, D=64, F=128), "llama3-8b": dict(H=32, Hk=8, D=128, F=128)}
 WINDOW = 64
@@ -194,10 +195,18 @@ def feature_map_rows(dev, quick, on_row=lambda rows: None):
                 fq, fk = phi()
                 torch.autograd.grad(fq.float().sum() + fk.float().sum(), [fmq.weight, fmk.weight])
 
+            def phi_triton():
+                return hedgehog_triton(q, fmq.weight), hedgehog_triton(k, fmk.weight)
+
+            def phi_triton_fb():
+                fq, fk = phi_triton()
+                torch.autograd.grad(fq.sum() + fk.sum(), [fmq.weight, fmk.weight])
+
             with torch.no_grad():
                 fq, fk = (x.requires_grad_() for x in phi())
             att = lambda: hybrid_attention_triton(q, k, v, fq, fk, wf, "terraced_window", WINDOW)  # noqa: E731
             row = {"model": name, "T": T, "B": B, "phi_fwd": _try(phi, quick), "phi_fwdbwd": _try(phi_fb, quick),
+                   "phi_triton_fwd": _try(phi_triton, quick), "phi_triton_fwdbwd": _try(phi_triton_fb, quick),
                    "attn_fwd": _try(att, quick), "attn_fwdbwd": _try(_fwd_bwd(att, [fq, fk]), quick)}
             for m in ("fwd", "fwdbwd"):
                 a, b = row[f"phi_{m}"], row[f"attn_{m}"]
@@ -205,7 +214,8 @@ def feature_map_rows(dev, quick, on_row=lambda rows: None):
             rows.append(row)
             on_row(rows)
             print(f"feature map {name:10s} T={T:5d} B={B:3d}: phi fwd {_ms(row['phi_fwd'])} f+b "
-                  f"{_ms(row['phi_fwdbwd'])} | terraced kernel fwd {_ms(row['attn_fwd'])} f+b "
+                  f"{_ms(row['phi_fwdbwd'])} | fused phi fwd {_ms(row['phi_triton_fwd'])} f+b "
+                  f"{_ms(row['phi_triton_fwdbwd'])} | terraced kernel fwd {_ms(row['attn_fwd'])} f+b "
                   f"{_ms(row['attn_fwdbwd'])} | phi share {100 * (row['phi_share_fwd'] or 0):.0f}% / "
                   f"{100 * (row['phi_share_fwdbwd'] or 0):.0f}%", flush=True)
     return rows
@@ -296,14 +306,15 @@ def decode_rows(dev, quick, ceil, on_row=lambda rows: None):
 def feature_map_markdown(rows) -> list[str]:
     if not rows:
         return []
-    out = ["", "Hedgehog feature map (PyTorch ops, q and k) vs the terraced kernel on its outputs, ms:", "",
-           "| model | T | B | phi fwd | phi f+b | kernel fwd | kernel f+b (dfq, dfk) | phi share fwd | phi share f+b |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["", "Hedgehog feature map on q and k: PyTorch ops (as the model runs it) and the fused Triton op, "
+           "vs the terraced kernel on its outputs, ms (share = PyTorch map / (map + kernel)):", "",
+           "| model | T | B | phi fwd | phi f+b | fused phi fwd | fused phi f+b | kernel fwd | kernel f+b (dfq, dfk) "
+           "| phi share fwd | phi share f+b |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     pc = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     for r in rows:
         out.append(f"| {r['model']} | {r['T']} | {r['B']} | {f(r['phi_fwd'])} | {f(r['phi_fwdbwd'])} | "
-                   f"{f(r['attn_fwd'])} | {f(r['attn_fwdbwd'])} | {pc(r['phi_share_fwd'])} | "
+                   f"{f(r['phi_triton_fwd'])} | {f(r['phi_triton_fwdbwd'])} | {f(r['attn_fwd'])} | {f(r['attn_fwdbwd'])} | {pc(r['phi_share_fwd'])} | "
                    f"{pc(r['phi_share_fwdbwd'])} |")
     return out
 

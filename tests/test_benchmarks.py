@@ -21,7 +21,8 @@ def test_kernels_benchmark_quick_writes_its_sections(tmp_path):
     data = json.loads(md.with_suffix(".json").read_text())
     assert data["prefill"] == [] and len(data["decode"]) == 6  # 3 kinds x 2 batches
     fm = data["feature_map"]
-    assert len(fm) == 1 and all(fm[0][k] > 0 for k in ("phi_fwd", "phi_fwdbwd", "attn_fwd", "attn_fwdbwd"))
+    assert len(fm) == 1 and all(fm[0][k] > 0 for k in ("phi_fwd", "phi_fwdbwd", "phi_triton_fwd",
+                                                            "phi_triton_fwdbwd", "attn_fwd", "attn_fwdbwd"))
     assert 0 < fm[0]["phi_share_fwd"] < 1
     assert "Hedgehog feature map" in md.read_text()
 

@@ -31,15 +31,19 @@ def _kernels():
     """The kernel modules, re-imported in interpreter mode if something imported them compiled on CPU."""
     import lolcats.ops.triton.chunked as chunked
     import lolcats.ops.triton.decode as decode
+    import lolcats.ops.triton.feature_map as feature_map
 
     if not CUDA and not type(chunked._fwd).__name__.startswith("Interpreted"):
-        chunked, decode = importlib.reload(chunked), importlib.reload(decode)
+        chunked = importlib.reload(chunked)
+        decode, feature_map = importlib.reload(decode), importlib.reload(feature_map)
     return chunked, decode
 
 
 _kernels()
 from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton  # noqa: E402
 from lolcats.ops.triton.decode import decode_step_triton  # noqa: E402
+from lolcats.attention.feature_maps import hedgehog_reference  # noqa: E402
+from lolcats.ops.triton.feature_map import hedgehog_triton  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -301,3 +305,23 @@ def test_gpu_fla_backend_matches_reference(dtype):
     assert_close(z, zr, tol, "z")
     for a, b, n in zip(_grads(y, [fq, fk, v]), _grads(yr, [fq, fk, v]), ("dfq", "dfk", "dv")):
         assert_close(a, b, tol * 2, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,T,D,F", [(2, 3, 70, 16, 16), (1, 2, 5, 32, 24)])
+def test_hedgehog_kernel_matches_reference(dtype, B, H, T, D, F):
+    """The fused Hedgehog map: outputs, dx and dW against the PyTorch reference (T not a multiple of
+    the 64-token block, F not a power of two)."""
+    g = torch.Generator().manual_seed(T)
+    x = (torch.randn(B, H, T, D, generator=g) * 2).to(DEV, dtype).requires_grad_()
+    w = (torch.randn(H, D, F, generator=g) / D**0.5).to(DEV).requires_grad_()
+    dy = torch.randn(B, H, T, 2 * F, generator=g).to(DEV)
+    tol = TOL[dtype] if dtype == torch.float32 else 3e-2
+    want = hedgehog_reference(x, w)
+    want_dx, want_dw = torch.autograd.grad(want, [x, w], dy)
+    got = hedgehog_triton(x, w)
+    got_dx, got_dw = torch.autograd.grad(got, [x, w], dy)
+    assert got.dtype == torch.float32 and got.shape == (B, H, T, 2 * F)
+    assert_close(got, want, tol, "phi")
+    assert_close(got_dx, want_dx, tol, "dx")
+    assert_close(got_dw, want_dw, tol, "dW")

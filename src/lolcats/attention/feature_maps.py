@@ -56,8 +56,16 @@ class HedgehogFeatureMap(LearnedFeatureMap):
         self.out_dim = 2 * feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.project(x)  # (B, H, T, F)
-        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).clamp(min=FEATURE_EPS)
+        return hedgehog_reference(x, self.weight)
+
+
+def hedgehog_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = FEATURE_EPS) -> torch.Tensor:
+    """x (B, H, T, D), weight (H, D, F) -> (B, H, T, 2F): [softmax(x W_h), softmax(-x W_h)], clamped.
+
+    Computed in the weight's dtype (float32; bf16 products under autocast). The reference of the
+    fused kernel ``ops/triton/feature_map.py``."""
+    z = torch.einsum("bhtd,hdf->bhtf", x.to(weight.dtype), weight)  # (B, H, T, F)
+    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).clamp(min=eps)
 
 
 class T2RFeatureMap(LearnedFeatureMap):

@@ -1,0 +1,107 @@
+"""The Hedgehog feature map as one Triton op (forward and backward), beside its reference.
+
+phi(x) = [softmax(x W_h), softmax(-x W_h)].clamp(min=eps) per head h, x (B, H, T, D),
+W (H, D, F) -> (B, H, T, 2F). Reference: ``attention.feature_maps.hedgehog_reference`` (what
+``HedgehogFeatureMap`` computes). One program per (BM tokens, sequence x
+head) computes z = x W_h in registers and writes both softmaxes: the PyTorch path runs ~8 kernels
+(casts, batched matmul, two softmaxes, negation, concatenation, clamp) and as many backward.
+The backward recomputes z, and adds each program's x^T dz into dW with atomics.
+
+Not wired into the model yet: ``benchmarks/kernels.py --sections feature_map`` compares it with
+the PyTorch ops first (the choice the kernels issue asks to make by measurement).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lolcats.attention.feature_maps import FEATURE_EPS
+from lolcats.ops.triton.chunked import _dot, _dot_dtype
+
+BM = 64  # tokens per program
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _softmaxes(x, w, bh, h, rm, rd, rf, T, D: tl.constexpr, F: tl.constexpr, DT: tl.constexpr):
+    """The tile's x (BM, DP), W_h (DP, FP), softmax(z), softmax(-z) (BM, FP) float32."""
+    mm, md, mf = rm < T, rd < D, rf < F
+    xt = tl.load(x + (bh * T + rm[:, None]) * D + rd[None, :], mask=mm[:, None] & md[None, :], other=0.0)
+    wt = tl.load(w + (h * D + rd[:, None]) * F + rf[None, :], mask=md[:, None] & mf[None, :], other=0.0)
+    z = _dot(xt, wt, DT)
+    zp = tl.where(mf[None, :], z, float("-inf"))
+    a = tl.exp(zp - tl.max(zp, 1)[:, None])
+    zn = tl.where(mf[None, :], -z, float("-inf"))
+    b = tl.exp(zn - tl.max(zn, 1)[:, None])
+    return xt, wt, a / tl.sum(a, 1)[:, None], b / tl.sum(b, 1)[:, None]
+
+
+@triton.jit
+def _hh_fwd(x, w, out, T, H, eps, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
+            BLOCK: tl.constexpr, DT: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rd, rf = tl.arange(0, DP), tl.arange(0, FP)
+    _, _, s1, s2 = _softmaxes(x, w, bh, h, rm, rd, rf, T, D, F, DT)
+    m = (rm < T)[:, None] & (rf < F)[None, :]
+    base = out + (bh * T + rm[:, None]) * (2 * F) + rf[None, :]
+    tl.store(base, tl.maximum(s1, eps).to(out.dtype.element_ty), mask=m)
+    tl.store(base + F, tl.maximum(s2, eps).to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _hh_bwd(x, w, g, dx, dw, T, H, eps, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
+            BLOCK: tl.constexpr, DT: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rd, rf = tl.arange(0, DP), tl.arange(0, FP)
+    xt, wt, s1, s2 = _softmaxes(x, w, bh, h, rm, rd, rf, T, D, F, DT)
+    mm, md, mf = rm < T, rd < D, rf < F
+    m = mm[:, None] & mf[None, :]
+    base = g + (bh * T + rm[:, None]) * (2 * F) + rf[None, :]
+    g1 = tl.where(s1 >= eps, tl.load(base, mask=m, other=0.0).to(tl.float32), 0.0)  # clamp passes grad where s >= eps
+    g2 = tl.where(s2 >= eps, tl.load(base + F, mask=m, other=0.0).to(tl.float32), 0.0)
+    dz = s1 * (g1 - tl.sum(g1 * s1, 1)[:, None]) - s2 * (g2 - tl.sum(g2 * s2, 1)[:, None])  # (BM, FP)
+    dz = tl.where(m, dz, 0.0)
+    dxt = _dot(dz, tl.trans(wt), DT)  # (BM, DP)
+    tl.store(dx + (bh * T + rm[:, None]) * D + rd[None, :], dxt.to(dx.dtype.element_ty), mask=mm[:, None] & md[None, :])
+    dwt = _dot(tl.trans(xt), dz, DT)  # (DP, FP)
+    tl.atomic_add(dw + (h * D + rd[:, None]) * F + rf[None, :], dwt, mask=md[:, None] & mf[None, :])
+
+
+class HedgehogTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, out_dtype):
+        B, H, T, D = x.shape
+        F = weight.shape[-1]
+        x, weight = x.contiguous(), weight.contiguous()
+        out = torch.empty((B, H, T, 2 * F), dtype=out_dtype, device=x.device)
+        dt = _dot_dtype(x, weight)
+        dims = dict(D=D, F=F, DP=_pad(D), FP=_pad(F), BLOCK=BM, DT=dt)
+        _hh_fwd[(triton.cdiv(T, BM), B * H)](x, weight, out, T, H, eps, **dims, num_warps=4)
+        ctx.save_for_backward(x, weight)
+        ctx.cfg = (eps, dims)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        eps, dims = ctx.cfg
+        B, H, T, _ = x.shape
+        dx = torch.empty_like(x)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        _hh_bwd[(triton.cdiv(T, BM), B * H)](x, weight, g.contiguous(), dx, dw, T, H, eps, **dims, num_warps=4)
+        return dx, dw.to(weight.dtype), None, None
+
+
+def hedgehog_triton(x: torch.Tensor, weight: torch.Tensor, eps: float = FEATURE_EPS,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Same function as ``hedgehog_reference``: x (B, H, T, D), weight (H, D, F) -> (B, H, T, 2F)."""
+    return HedgehogTriton.apply(x, weight, eps, out_dtype)
