@@ -28,8 +28,14 @@ def _pad(n: int) -> int:
 
 
 @triton.jit
-def _softmaxes(x, w, bh, h, rm, rd, rf, T, D: tl.constexpr, F: tl.constexpr, DT: tl.constexpr):
-    """The tile's x (BM, DP), W_h (DP, FP), softmax(z), softmax(-z) (BM, FP) float32."""
+def _tile(x, w, T, H, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
+          BLOCK: tl.constexpr, DT: tl.constexpr):
+    """This program's rows: (bh, h, token indices, d and f ranges), x (BM, DP), W_h (DP, FP),
+    softmax(z) and softmax(-z) (BM, FP) float32, z = x W_h."""
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rd, rf = tl.arange(0, DP), tl.arange(0, FP)
     mm, md, mf = rm < T, rd < D, rf < F
     xt = tl.load(x + (bh * T + rm[:, None]) * D + rd[None, :], mask=mm[:, None] & md[None, :], other=0.0)
     wt = tl.load(w + (h * D + rd[:, None]) * F + rf[None, :], mask=md[:, None] & mf[None, :], other=0.0)
@@ -38,17 +44,13 @@ def _softmaxes(x, w, bh, h, rm, rd, rf, T, D: tl.constexpr, F: tl.constexpr, DT:
     a = tl.exp(zp - tl.max(zp, 1)[:, None])
     zn = tl.where(mf[None, :], -z, float("-inf"))
     b = tl.exp(zn - tl.max(zn, 1)[:, None])
-    return xt, wt, a / tl.sum(a, 1)[:, None], b / tl.sum(b, 1)[:, None]
+    return bh, h, rm, rd, rf, xt, wt, a / tl.sum(a, 1)[:, None], b / tl.sum(b, 1)[:, None]
 
 
 @triton.jit
 def _hh_fwd(x, w, out, T, H, eps, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
             BLOCK: tl.constexpr, DT: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % H
-    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rd, rf = tl.arange(0, DP), tl.arange(0, FP)
-    _, _, s1, s2 = _softmaxes(x, w, bh, h, rm, rd, rf, T, D, F, DT)
+    bh, h, rm, rd, rf, _, _, s1, s2 = _tile(x, w, T, H, D, F, DP, FP, BLOCK, DT)
     m = (rm < T)[:, None] & (rf < F)[None, :]
     base = out + (bh * T + rm[:, None]) * (2 * F) + rf[None, :]
     tl.store(base, tl.maximum(s1, eps).to(out.dtype.element_ty), mask=m)
@@ -58,11 +60,7 @@ def _hh_fwd(x, w, out, T, H, eps, D: tl.constexpr, F: tl.constexpr, DP: tl.const
 @triton.jit
 def _hh_bwd(x, w, g, dx, dw, T, H, eps, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
             BLOCK: tl.constexpr, DT: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % H
-    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rd, rf = tl.arange(0, DP), tl.arange(0, FP)
-    xt, wt, s1, s2 = _softmaxes(x, w, bh, h, rm, rd, rf, T, D, F, DT)
+    bh, h, rm, rd, rf, xt, wt, s1, s2 = _tile(x, w, T, H, D, F, DP, FP, BLOCK, DT)
     mm, md, mf = rm < T, rd < D, rf < F
     m = mm[:, None] & mf[None, :]
     base = g + (bh * T + rm[:, None]) * (2 * F) + rf[None, :]
