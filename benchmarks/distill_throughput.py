@@ -26,7 +26,7 @@ import torch
 from lolcats.attention.convert import convert_model, set_attention_mode
 from lolcats.config import Config, ModelConfig
 from lolcats.models.loading import load_base_model
-from lolcats.training.cuda_graph import GraphedLoss
+from lolcats.training.cuda_graph import GraphedLoss, loss_and_backward
 from lolcats.training.stages import add_lora, distill_loss, lm_loss
 from lolcats.training.trainer import autocast_context
 
@@ -81,9 +81,9 @@ def measure(model_name: str, backend: str, stage: str, batch: int, seq_len: int,
 
         def step():
             graphed(ids, 1.0)
-    else:
+    else:  # the trainer's eager path
         def step():
-            loss_fn(ids)[0].backward()
+            loss_and_backward(loss_fn, ids, 1.0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = _time(step, 2, iters, device)

@@ -77,9 +77,11 @@ def _try(fn, quick):
 
 
 def _fwd_bwd(fn, ins):
+    """fn's forward and the backward of sum(outputs) into ``ins``; fn returns a tensor or a tuple."""
     def run():
-        out = fn()
-        torch.autograd.grad(out, ins, torch.ones_like(out))
+        outs = fn()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.grad(outs, ins, [torch.ones_like(o) for o in outs])
     return run
 
 
@@ -191,22 +193,16 @@ def feature_map_rows(dev, quick, on_row=lambda rows: None):
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=not quick):
                     return fmq(q), fmk(k)
 
-            def phi_fb():
-                fq, fk = phi()
-                torch.autograd.grad(fq.float().sum() + fk.float().sum(), [fmq.weight, fmk.weight])
-
             def phi_triton():
                 return hedgehog_triton(q, fmq.weight), hedgehog_triton(k, fmk.weight)
 
-            def phi_triton_fb():
-                fq, fk = phi_triton()
-                torch.autograd.grad(fq.sum() + fk.sum(), [fmq.weight, fmk.weight])
-
+            weights = [fmq.weight, fmk.weight]
             with torch.no_grad():
                 fq, fk = (x.requires_grad_() for x in phi())
             att = lambda: hybrid_attention_triton(q, k, v, fq, fk, wf, "terraced_window", WINDOW)  # noqa: E731
-            row = {"model": name, "T": T, "B": B, "phi_fwd": _try(phi, quick), "phi_fwdbwd": _try(phi_fb, quick),
-                   "phi_triton_fwd": _try(phi_triton, quick), "phi_triton_fwdbwd": _try(phi_triton_fb, quick),
+            row = {"model": name, "T": T, "B": B, "phi_fwd": _try(phi, quick),
+                   "phi_fwdbwd": _try(_fwd_bwd(phi, weights), quick), "phi_triton_fwd": _try(phi_triton, quick),
+                   "phi_triton_fwdbwd": _try(_fwd_bwd(phi_triton, weights), quick),
                    "attn_fwd": _try(att, quick), "attn_fwdbwd": _try(_fwd_bwd(att, [fq, fk]), quick)}
             for m in ("fwd", "fwdbwd"):
                 a, b = row[f"phi_{m}"], row[f"attn_{m}"]

@@ -20,6 +20,11 @@ import torch.nn.functional as F
 FEATURE_EPS = 1e-12
 
 
+def project_heads(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) @ weight (H, D, F) per head -> (B, H, T, F), in the weight's dtype (float32)."""
+    return torch.einsum("bhtd,hdf->bhtf", x.to(weight.dtype), weight)
+
+
 class LearnedFeatureMap(nn.Module):
     """Per-head linear projection (H, D, F), used by ``hedgehog`` and ``t2r``."""
 
@@ -45,8 +50,7 @@ class LearnedFeatureMap(nn.Module):
                 self.bias.zero_()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, H, T, D) -> (B, H, T, F); computed in the parameters' dtype (float32)
-        y = torch.einsum("bhtd,hdf->bhtf", x.to(self.weight.dtype), self.weight)
+        y = project_heads(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
@@ -64,7 +68,7 @@ def hedgehog_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = FEATU
 
     Computed in the weight's dtype (float32; bf16 products under autocast). The reference of the
     fused kernel ``ops/triton/feature_map.py``."""
-    z = torch.einsum("bhtd,hdf->bhtf", x.to(weight.dtype), weight)  # (B, H, T, F)
+    z = project_heads(x, weight)
     return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).clamp(min=eps)
 
 

@@ -1,9 +1,8 @@
 """A training micro-batch's loss and backward, captured once in a CUDA graph and replayed.
 
 The attention-transfer step of a small model is bound by the host, not the GPU: SmolLM2-135M at
-8 x 1024 tokens with the Triton kernels launches ~2,000 kernels per step whose GPU work takes
-~40 ms while Python and the launches take ~200 ms (H200, ``benchmarks/distill_throughput.py
---profile``). Replaying a graph of the forward and backward removes that overhead.
+8 x 1024 tokens with the Triton kernels keeps the GPU busy ~40 ms per step while Python and the
+kernel launches take ~210 ms (H200, ``benchmarks/distill_throughput.py --profile``). Replaying a graph of the forward and backward removes that overhead.
 
 What a captured loss needs: CUDA, one process (no collectives inside the graph), a fixed
 micro-batch shape (others run eagerly), no host syncs inside ``loss_fn`` (its logs stay
@@ -23,6 +22,13 @@ LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
 MAX_SHAPES = 2  # graphs kept (the full micro-batch and an epoch's last, shorter one); others run eagerly
 
 
+def loss_and_backward(loss_fn: LossFn, batch: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The eager step: ``loss_fn(batch)``, then ``(loss * scale).backward()``; returns (loss, logs)."""
+    loss, logs = loss_fn(batch)
+    (loss * scale).backward()
+    return loss, logs
+
+
 class GraphedLoss:
     """``(batch, scale) -> (loss, logs)``, with ``(loss * scale).backward()`` done, as one graph replay."""
 
@@ -34,9 +40,7 @@ class GraphedLoss:
         key = tuple(batch.shape)
         if key not in self.graphs:
             if len(self.graphs) >= MAX_SHAPES:
-                loss, logs = self.loss_fn(batch)
-                (loss * scale).backward()
-                return loss, logs
+                return loss_and_backward(self.loss_fn, batch, scale)
             self.graphs[key] = self._capture(batch)
         graph, x, s, loss, logs = self.graphs[key]
         x.copy_(batch, non_blocking=True)
@@ -55,13 +59,11 @@ class GraphedLoss:
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                loss, _ = self.loss_fn(x)
-                (loss * s).backward()
+                loss_and_backward(self.loss_fn, x, s)
         torch.cuda.current_stream(x.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            loss, logs = self.loss_fn(x)
-            (loss * s).backward()
+            loss, logs = loss_and_backward(self.loss_fn, x, s)
         with torch.no_grad():  # undo the warm-up's gradients (capturing computes nothing)
             for p, g in zip(self.params, before):
                 p.grad.copy_(g)

@@ -34,7 +34,7 @@ from lolcats import distributed as dist
 from lolcats.checkpoint import atomic_write, write_json
 from lolcats.config import TrainConfig
 from lolcats.data import iterate_batches
-from lolcats.training.cuda_graph import GraphedLoss, check_graph_support
+from lolcats.training.cuda_graph import GraphedLoss, check_graph_support, loss_and_backward
 
 STATE = "state.pt"
 SUMMARY = "summary.json"
@@ -285,8 +285,7 @@ def _one_step(loop: _Loop, data: torch.Tensor, seed: int, device: torch.device) 
         if loop.graphed is not None:
             loss, logs = loop.graphed(x, weight / c.grad_accum)
         else:
-            loss, logs = stage.loss(x)
-            (loss * (weight / c.grad_accum)).backward()
+            loss, logs = loss_and_backward(stage.loss, x, weight / c.grad_accum)
         total += float(dist.all_reduce_mean(float(loss.detach()) * weight)) / c.grad_accum
         loop.tokens += stage.batch_tokens(batch) if stage.batch_tokens else batch.numel()
     params = [p for p in stage.params.values() if p.requires_grad]

@@ -23,14 +23,10 @@ import triton
 import triton.language as tl
 
 from lolcats.ops.decode.naive import DecodeState
-from lolcats.ops.triton.chunked import _dot, _dot_dtype
+from lolcats.ops.triton.chunked import _dot, _dot_dtype, _pad
 from lolcats.ops.linear.naive import EPS
 
 KIND_IDS = {"linear": 0, "sliding_window": 1, "terraced_window": 2}
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 @triton.jit

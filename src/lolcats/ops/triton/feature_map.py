@@ -18,13 +18,9 @@ import triton
 import triton.language as tl
 
 from lolcats.attention.feature_maps import FEATURE_EPS
-from lolcats.ops.triton.chunked import _dot, _dot_dtype
+from lolcats.ops.triton.chunked import _dot, _dot_dtype, _pad
 
 BM = 64  # tokens per program
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
 
 
 @triton.jit
