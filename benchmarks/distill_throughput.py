@@ -11,6 +11,9 @@ that took the most time over two steps (torch.profiler).
 
     python benchmarks/distill_throughput.py --model smollm2-135m --init random --stages distill --profile
 
+A backend name ending in ``+torch-phi`` (e.g. ``triton+torch-phi``) is that backend with the
+PyTorch Hedgehog map instead of its fused one: the feature-map comparison at the step level.
+
 ``--cuda-graph`` adds a row per backend with the forward + backward replayed from a CUDA graph
 (``lolcats.training.cuda_graph``, what ``train.cuda_graph: true`` does in the trainer).
 """
@@ -20,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
 from lolcats.attention.convert import convert_model, set_attention_mode
 from lolcats.config import Config, ModelConfig
 from lolcats.models.loading import load_base_model
+from lolcats.ops import get_backend, register_backend
 from lolcats.training.cuda_graph import GraphedLoss, loss_and_backward
 from lolcats.training.stages import add_lora, distill_loss, lm_loss
 from lolcats.training.trainer import autocast_context
@@ -55,11 +60,22 @@ def profile_table(step, device, top: int = 20) -> str:
     return prof.key_averages().table(sort_by="device_time_total", row_limit=top, max_name_column_width=70)
 
 
+TORCH_PHI = "+torch-phi"
+
+
+def resolve_backend(name: str, device) -> str:
+    """``X+torch-phi``: backend X without its fused Hedgehog map, registered for this run."""
+    if name.endswith(TORCH_PHI):
+        base = get_backend(name[: -len(TORCH_PHI)], torch.zeros(1, device=device))
+        register_backend(replace(base, name=name, hedgehog=None), auto=False)
+    return name
+
+
 def measure(model_name: str, backend: str, stage: str, batch: int, seq_len: int, iters: int, device,
             init: str = "pretrained", profile: bool = False, graph: bool = False) -> dict:
     cfg = Config()
     cfg.model = ModelConfig(name=model_name, init=init)
-    cfg.attention.backend = backend
+    cfg.attention.backend = resolve_backend(backend, device)
     model = load_base_model(cfg.model, device)
     convert_model(model, cfg.attention)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
@@ -98,7 +114,8 @@ def measure(model_name: str, backend: str, stage: str, batch: int, seq_len: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--backends", nargs="+", default=["torch", "triton"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "triton"],
+                    help=f"attention backends; a name ending in {TORCH_PHI} keeps the PyTorch Hedgehog map")
     ap.add_argument("--stages", nargs="+", default=["distill", "finetune"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)

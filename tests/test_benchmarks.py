@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,3 +43,22 @@ def test_distill_throughput_on_a_random_shape(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["stage"], r["backend"]) for r in rows] == [("distill", "torch")]
     assert rows[0]["tokens_per_s"] > 0 and "random weights" in text
+
+
+def test_distill_throughput_torch_phi_variant():
+    """``triton+torch-phi``: the triton backend's kernels without its fused Hedgehog map."""
+    pytest.importorskip("triton")
+    import importlib.util
+
+    from lolcats import ops
+
+    spec = importlib.util.spec_from_file_location("distill_throughput", REPO / "benchmarks/distill_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    try:
+        assert mod.resolve_backend("triton+torch-phi", "cpu") == "triton+torch-phi"
+        variant, base = ops.BACKENDS["triton+torch-phi"], ops.BACKENDS["triton"]
+        assert base.hedgehog is not None and variant.hedgehog is None
+        assert variant.hybrid is base.hybrid and "triton+torch-phi" not in ops.AUTO_ORDER
+    finally:
+        ops.BACKENDS.pop("triton+torch-phi", None)

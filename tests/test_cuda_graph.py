@@ -11,7 +11,7 @@ from conftest import tiny_model
 from lolcats.attention.convert import convert_model, set_attention_mode
 from lolcats.config import Config
 from lolcats.pipeline import prepare, run_distill, run_finetune, stage_dirs
-from lolcats.training.cuda_graph import GraphedLoss, check_graph_support
+from lolcats.training.cuda_graph import GraphedLoss, check_graph_support, graphs_wanted
 from lolcats.training.stages import distill_loss
 from test_pipeline import env, make_cfg  # noqa: F401  (env: the tiny model and data fixture)
 
@@ -23,6 +23,15 @@ def test_cuda_graph_needs_cuda_and_one_process():
         check_graph_support(torch.device("cpu"), 1)
     with pytest.raises(ValueError, match="needs one process"):
         check_graph_support(torch.device("cuda"), 2)
+
+
+def test_cuda_graph_auto_is_on_for_one_cuda_process_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert graphs_wanted("auto", cuda, 1) and not graphs_wanted("auto", cuda, 2)
+    assert not graphs_wanted("auto", cpu, 1) and not graphs_wanted(False, cuda, 1)
+    assert graphs_wanted(True, cuda, 1)
+    with pytest.raises(ValueError, match="needs one process"):
+        graphs_wanted(True, cuda, 4)
 
 
 def test_cuda_graph_on_cpu_run_is_a_clear_error(env, tmp_path):
@@ -79,20 +88,46 @@ def test_gpu_graphed_loss_gives_the_eager_gradients(backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_trainer_with_cuda_graph_matches_eager(env, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"distill.xent_factor": 1.0}, {"distill.block_size": 1}],
+                         ids=["default", "xent", "blockwise"])
+def test_gpu_trainer_with_cuda_graph_matches_eager(env, tmp_path, extra):
+    """auto (the default) graphs one CUDA process; its runs reach the eager run's losses."""
     _, model_dir, data = env
 
     def run(sub, graph):
         cfg = make_cfg(tmp_path / sub, model_dir, data, **{"run.device": "cuda", "distill.cuda_graph": graph,
-                                                            "finetune.cuda_graph": graph})
+                                                            "finetune.cuda_graph": graph, **extra})
         ctx = prepare(cfg)
         run_distill(ctx)
         run_finetune(ctx)
         return [json.loads((d / "summary.json").read_text()) for d in stage_dirs(cfg)]
 
-    eager, graphed = run("eager", False), run("graph", True)
+    eager, graphed = run("eager", False), run("graph", "auto")
     for e, g in zip(eager, graphed):
         assert g["steps"] == e["steps"] and g["tokens"] == e["tokens"]
         assert g["best_val"] == pytest.approx(e["best_val"], rel=2e-2)
         for he, hg in zip(e["history"], g["history"]):
             assert hg["val_loss"] == pytest.approx(he["val_loss"], rel=2e-2)
+
+
+def test_capture_drops_the_causal_mask_transformers_builds(monkeypatch):
+    """While a CUDA graph is captured transformers materialises the causal mask (no padding in it);
+    the module drops it rather than read it (a host sync breaks the capture), in every mode."""
+    import lolcats.attention.module as module
+
+    model = convert_model(tiny_model(), Config().attention)
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()[None, None].expand(2, 1, 24, 24)
+    attn = model.model.layers[0].self_attn
+    seen = []
+    monkeypatch.setattr(module, "key_mask_from_attention_mask", lambda m, T: seen.append(m) or None)
+    for mode in ("student", "distill", "teacher"):
+        set_attention_mode(model, mode)
+        h = torch.randn(2, 24, model.config.hidden_size)
+        pe = model.model.rotary_emb(h, torch.arange(24)[None].expand(2, 24))
+        with torch.no_grad():
+            want = attn(h, pe, attention_mask=None)[0]
+            monkeypatch.setattr(module, "capturing", lambda x: True)
+            got = attn(h, pe, attention_mask=causal)[0]
+            monkeypatch.setattr(module, "capturing", lambda x: False)
+        torch.testing.assert_close(got, want)
+    assert all(m is None for m in seen)

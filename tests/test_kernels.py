@@ -308,10 +308,10 @@ def test_gpu_fla_backend_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,H,T,D,F", [(2, 3, 70, 16, 16), (1, 2, 5, 32, 24)])
+@pytest.mark.parametrize("B,H,T,D,F", [(2, 3, 70, 16, 16), (1, 2, 5, 32, 24), (70, 2, 1, 16, 8)])
 def test_hedgehog_kernel_matches_reference(dtype, B, H, T, D, F):
     """The fused Hedgehog map: outputs, dx and dW against the PyTorch reference (T not a multiple of
-    the 64-token block, F not a power of two)."""
+    the 64-row block, so blocks span sequences; F not a power of two; T = 1 as in decoding)."""
     g = torch.Generator().manual_seed(T)
     x = (torch.randn(B, H, T, D, generator=g) * 2).to(DEV, dtype).requires_grad_()
     w = (torch.randn(H, D, F, generator=g) / D**0.5).to(DEV).requires_grad_()
@@ -325,3 +325,47 @@ def test_hedgehog_kernel_matches_reference(dtype, B, H, T, D, F):
     assert_close(got, want, tol, "phi")
     assert_close(got_dx, want_dx, tol, "dx")
     assert_close(got_dw, want_dw, tol, "dW")
+
+
+def test_hedgehog_kernel_weight_gradient_only():
+    """Attention transfer detaches q and k: the backward then computes dW alone (no dx)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 40, 16, generator=g).to(DEV)
+    w = (torch.randn(3, 16, 8, generator=g) / 4).to(DEV).requires_grad_()
+    dy = torch.randn(2, 3, 40, 16, generator=g).to(DEV)
+    (want,) = torch.autograd.grad(hedgehog_reference(x, w), [w], dy)
+    (got,) = torch.autograd.grad(hedgehog_triton(x, w), [w], dy)
+    assert_close(got, want, TOL[torch.float32], "dW")
+
+
+def test_module_features_use_the_backends_fused_map(monkeypatch):
+    """With the triton backend, LolcatsAttention's Hedgehog features come from the fused op,
+    equal (values and weight gradients) to the feature-map modules (the reference)."""
+    from dataclasses import replace
+
+    from conftest import tiny_model
+    from lolcats import ops
+    from lolcats.attention.convert import convert_model
+    from lolcats.config import AttentionConfig
+
+    monkeypatch.setenv("LOLCATS_TRITON_ON_CPU", "1")
+    calls = []
+    tri = ops.get_backend("triton", torch.zeros(1))
+    counted = replace(tri, hedgehog=lambda x, w: calls.append(x.shape) or hedgehog_triton(x, w))
+    monkeypatch.setitem(ops.BACKENDS, "triton", counted)
+    model = convert_model(tiny_model().to(DEV), AttentionConfig(backend="triton", feature_init="random"))
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, attn.num_heads, 70, attn.head_dim, generator=g).to(DEV)
+    k = torch.randn(2, attn.num_kv_heads, 70, attn.head_dim, generator=g).to(DEV)
+    fq, fk = attn.features(q, k)
+    assert calls == [q.shape, k.shape]
+    wq, wk = attn.feature_map_q.weight, attn.feature_map_k.weight
+    dq, dk = torch.randn(fq.shape, generator=g).to(DEV), torch.randn(fk.shape, generator=g).to(DEV)
+    got = torch.autograd.grad((fq * dq).sum() + (fk * dk).sum(), [wq, wk])
+    rq, rk = attn.feature_map_q(q), attn.feature_map_k(k)
+    want = torch.autograd.grad((rq * dq).sum() + (rk * dk).sum(), [wq, wk])
+    assert_close(fq, rq, TOL[torch.float32], "phi(q)")
+    assert_close(fk, rk, TOL[torch.float32], "phi(k)")
+    for a, b, n in zip(got, want, ("dWq", "dWk")):
+        assert_close(a, b, TOL[torch.float32], n)

@@ -127,9 +127,9 @@ class TrainConfig:
     "Optimiser steps between resumable checkpoints (also written at every evaluation)."
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     "Autocast: auto = bf16 on CUDA, fp32 on CPU."
-    cuda_graph: bool = False
-    "Capture each micro-batch's forward + backward in a CUDA graph and replay it (one CUDA GPU, one "
-    "process): removes the host overhead that bounds small models' steps."
+    cuda_graph: bool | Literal["auto"] = "auto"
+    "Capture each micro-batch's forward + backward in a CUDA graph and replay it: removes the host "
+    "overhead that bounds small models' steps. auto: on for one process on a CUDA GPU; true: an error elsewhere."
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lolcats.attention.feature_maps import build_feature_map
+from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
@@ -53,6 +53,11 @@ def apply_rope(q, k, cos, sin):
     """RoPE as in HF Llama/Mistral/Qwen2. q, k: (B, H, T, D); cos, sin: (B, T, D)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's device."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def key_mask_from_attention_mask(mask: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
@@ -106,6 +111,10 @@ class LolcatsAttention(nn.Module):
         return q, k, v
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi(q) (B, H, T, F), phi(k) (B, Hk, T, F); Hedgehog through the backend's fused op if it has one."""
+        fused = get_backend(self.cfg.backend, q).hedgehog
+        if fused is not None and isinstance(self.feature_map_q, HedgehogFeatureMap):
+            return fused(q, self.feature_map_q.weight), fused(k, self.feature_map_k.weight)
         return self.feature_map_q(q), self.feature_map_k(k)
 
     def window_factor(self) -> torch.Tensor:
@@ -153,6 +162,11 @@ class LolcatsAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is not None and capturing(hidden_states):
+            # transformers materialises the causal mask while a CUDA graph is captured (masking_utils'
+            # is_tracing), and reading it would sync the host. Captured steps are train.cuda_graph's
+            # packed micro-batches and FastGenerator's decode (no mask): there is no padding to keep.
+            attention_mask = None
         q, k, v = self.project(hidden_states, position_embeddings)
         B, T = hidden_states.shape[:2]
 

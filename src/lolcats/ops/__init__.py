@@ -6,8 +6,10 @@ picks the first registered kernel that supports the inputs and falls back to ``t
 
 A backend is an object with ``linear(fq, fk, v, initial_state, output_final_state)`` and
 ``hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale)`` and a
-``supports(tensor) -> bool``. The fast paths take the plain case only (no padding mask, keys
-and queries aligned at positions 0..T-1); the module sends anything else to ``torch``.
+``supports(tensor) -> bool``; optionally ``hedgehog(x, weight)``, a fused Hedgehog feature map
+(same function as ``attention.feature_maps.hedgehog_reference``), which the module then uses.
+The fast paths take the plain case only (no padding mask, keys and queries aligned at positions
+0..T-1); the module sends anything else to ``torch``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Backend:
     linear: Callable[..., tuple[torch.Tensor, State | None]]
     hybrid: Callable[..., torch.Tensor]
     supports: Callable[[torch.Tensor], bool] = lambda x: True
+    hedgehog: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def _torch_hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale):

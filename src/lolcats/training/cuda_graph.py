@@ -5,7 +5,8 @@ The attention-transfer step of a small model is bound by the host, not the GPU: 
 kernel launches take ~210 ms (H200, ``benchmarks/distill_throughput.py --profile``). Replaying a graph of the forward and backward removes that overhead.
 
 What a captured loss needs: CUDA, one process (no collectives inside the graph), a fixed
-micro-batch shape (others run eagerly), no host syncs inside ``loss_fn`` (its logs stay
+micro-batch shape (others run eagerly), no padding mask (the trainer's micro-batches are packed;
+``LolcatsAttention`` drops the causal mask transformers builds while capturing), no host syncs inside ``loss_fn`` (its logs stay
 tensors until after the replay), and gradients that stay allocated between steps: the graph
 adds into the ``.grad`` tensors that existed when it was captured, so the optimiser must zero
 them in place (``zero_grad(set_to_none=False)``). Parameters are read from their storage at
@@ -68,6 +69,15 @@ class GraphedLoss:
             for p, g in zip(self.params, before):
                 p.grad.copy_(g)
         return graph, x, s, loss, logs
+
+
+def graphs_wanted(setting: bool | str, device: torch.device, world_size: int) -> bool:
+    """``train.cuda_graph``: "auto" is on for one process on CUDA; true checks that it can work."""
+    if setting == "auto":
+        return device.type == "cuda" and world_size == 1
+    if setting:
+        check_graph_support(device, world_size)
+    return bool(setting)
 
 
 def check_graph_support(device: torch.device, world_size: int) -> None:

@@ -34,7 +34,7 @@ from lolcats import distributed as dist
 from lolcats.checkpoint import atomic_write, write_json
 from lolcats.config import TrainConfig
 from lolcats.data import iterate_batches
-from lolcats.training.cuda_graph import GraphedLoss, check_graph_support, loss_and_backward
+from lolcats.training.cuda_graph import GraphedLoss, graphs_wanted, loss_and_backward
 
 STATE = "state.pt"
 SUMMARY = "summary.json"
@@ -117,7 +117,7 @@ class _Loop:
         self.history: list[dict] = []
         self.seconds = 0.0
         self.done = False
-        self.graphed: GraphedLoss | None = None  # set by train_stage when cfg.cuda_graph
+        self.graphed: GraphedLoss | None = None  # set by train_stage where cfg.cuda_graph asks for it
 
     def state_dict(self) -> dict:
         """Full (unsharded) CPU tensors; under FSDP every rank must call it (gathers)."""
@@ -221,8 +221,7 @@ def train_stage(stage: Stage, train_data: torch.Tensor, run_dir: str | Path, see
     run_dir.mkdir(parents=True, exist_ok=True)
     c = stage.cfg
     loop = _Loop(stage, len(train_data))
-    if c.cuda_graph:
-        check_graph_support(device, dist.dist_info().world_size)
+    if graphs_wanted(c.cuda_graph, device, dist.dist_info().world_size):
         loop.graphed = GraphedLoss(stage.loss, [p for p in stage.params.values() if p.requires_grad])
     if (run_dir / STATE).is_file():
         loop.load_state_dict(torch.load(run_dir / STATE, map_location="cpu", weights_only=False))
