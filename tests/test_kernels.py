@@ -116,6 +116,25 @@ def test_linear_without_state():
     assert_close(y, linear_attention_quadratic(fq, fk, v)[0], 1e-4, "y")
 
 
+def test_batch_x_heads_beyond_the_grid_runs_in_slices(monkeypatch):
+    """B x H above the grid's second-axis limit (lowered here to 8): the batch goes in slices,
+    with the same outputs, final states and gradients."""
+    import lolcats.ops.triton as tri
+
+    q, k, v, fq, fk, wf = _inputs(5, 4, 2, 20, 16, 8, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    s0 = (torch.rand(5, 2, 8, 16, generator=g).to(DEV), torch.rand(5, 2, 8, generator=g).to(DEV))
+    runs = []
+    for limit in (tri.MAX_GRID_Y, 8):  # 8: two sequences per call, three calls
+        monkeypatch.setattr(tri, "MAX_GRID_Y", limit)
+        y, st = tri.linear_attention_triton(fq, fk, v, s0, True)
+        yh = tri.hybrid_attention_triton(q, k, v, fq, fk, wf, "terraced_window", 8)
+        grads = torch.autograd.grad((y * y).sum() + (yh * yh).sum(), [q, k, v, fq, fk, wf])
+        runs.append((y, *st, yh, *grads))
+    for a, b, n in zip(*runs, ("y", "kv", "ks", "y hybrid", "dq", "dk", "dv", "dfq", "dfk", "dwf")):
+        assert_close(a, b, 1e-5, n, floor=1e-6)
+
+
 # ----------------------------------------------------------------------------- hybrid
 
 HYBRID_CASES = [  # (T, window, dtype)

@@ -11,6 +11,13 @@ import torch
 from lolcats.ops.linear.naive import EPS, State
 from lolcats.ops.triton.chunked import CHUNK, KINDS, ChunkedAttention
 
+MAX_GRID_Y = 65_535  # CUDA's limit on a grid's second axis, where the kernels put batch x heads
+
+
+def _rows_per_call(B: int, H: int) -> int:
+    """Sequences per kernel call so that B x H programs fit the grid's second axis."""
+    return max(1, min(B, MAX_GRID_Y // H))
+
 
 def linear_attention_triton(
     fq: torch.Tensor,  # (B, H, T, F)
@@ -21,6 +28,13 @@ def linear_attention_triton(
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, State | None]:
     """Same function as ``linear_attention_quadratic``: y (B, H, T, Dv) in v's dtype, float32 state."""
+    n = _rows_per_call(*fq.shape[:2])
+    if n < fq.shape[0]:  # batch x heads beyond the grid: in slices of the batch
+        parts = [linear_attention_triton(fq[i:i + n], fk[i:i + n], v[i:i + n],
+                                         None if initial_state is None else tuple(s[i:i + n] for s in initial_state),
+                                         output_final_state, chunk) for i in range(0, fq.shape[0], n)]
+        y = torch.cat([p[0] for p in parts])
+        return y, (tuple(torch.cat(s) for s in zip(*(p[1] for p in parts))) if output_final_state else None)
     s0, z0 = initial_state if initial_state is not None else (None, None)
     y, kv, ks = ChunkedAttention.apply(None, None, v, fq, fk, None, s0, z0, 0, 1, 1.0, EPS, chunk)
     return y, ((kv, ks) if output_final_state else None)
@@ -42,6 +56,11 @@ def hybrid_attention_triton(
     if kind not in ("sliding_window", "terraced_window"):
         raise ValueError(f"unknown window kind {kind!r}; known: sliding_window, terraced_window")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    n = _rows_per_call(*q.shape[:2])
+    if n < q.shape[0]:  # batch x heads beyond the grid: in slices of the batch
+        return torch.cat([hybrid_attention_triton(q[i:i + n], k[i:i + n], v[i:i + n], fq[i:i + n], fk[i:i + n],
+                                                  window_factor, kind, window_size, scale, chunk)
+                          for i in range(0, q.shape[0], n)])
     y, _, _ = ChunkedAttention.apply(q, k, v, fq, fk, window_factor, None, None, KINDS[kind], window_size,
                                      scale, 0.0, chunk)
     return y
