@@ -6,7 +6,9 @@ rows of its tiles:
 
 1. slots leaving the window (sliding: the slot about to be written; terraced: the half about
    to be written when the token starts a block) are read (only those rows of ``win_fk``: the
-   load is masked) and added into (kv, ks) with one (F, S) x (S, Dv) product;
+   load is masked) and added into (kv, ks) with one (F, S) x (S, Dv) product (terraced: only at
+   the steps where a half leaves, re-reading those rows per value block: holding the (S, F)
+   tile across the loop spills registers);
 2. the new k, v, phi(k) are written to slot ``pos % S`` and substituted in the tiles in registers;
 3. scores over the window (softmax, window factor, max over the window) and phi(q) (kv, ks)
    share one normaliser, as in the reference.
@@ -98,9 +100,6 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         p = g[:, None] * tl.exp(s - m[:, None])
         den = tl.sum(p, 1) + tl.sum(fqt * ks_row[None, :], 1)
         tl.store(win_k + (bhk * S + rs[:, None]) * D + rd[None, :], kt, mask=write[:, None] & md[None, :])
-        fk_w = tl.zeros([SP, FP], tl.float32) + fk_new[None, :]
-        tl.store(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], fk_w.to(win_fk.dtype.element_ty),
-                 mask=write[:, None] & mf[None, :])
     tl.store(ks + bhk * F + rf, ks_row, mask=mf)
     for dv0 in tl.static_range(0, DV, BV):
         rv = dv0 + tl.arange(0, BV)
@@ -113,7 +112,12 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         else:
             vt = tl.load(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], mask=ms[:, None] & mv[None, :],
                          other=0.0)
-            kvb += _dot(tl.trans(fk_old), vt, DT)
+            if KIND == 1:  # sliding: one slot leaves at (nearly) every step
+                kvb += _dot(tl.trans(fk_old), vt, DT)
+            elif tl.sum(leave.to(tl.int32), 0) > 0:  # terraced: a half leaves once per block; re-read
+                fko = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :],  # then (cached), so the
+                              mask=leave[:, None] & mf[None, :], other=0.0)  # tile is not held in registers
+                kvb += _dot(tl.trans(fko), vt, DT)
             vt = tl.where(write[:, None], v_new[None, :].to(vt.dtype), vt)
             tl.store(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], vt, mask=write[:, None] & mv[None, :])
             num = _rows_times(fq, heads, rf, mf, kvb, rg, GQ, GP, BV, F) + _dot(p, vt, DT)
@@ -123,6 +127,10 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         else:
             out = tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-30)[:, None], 0.0)
         tl.store(y + heads[:, None] * DV + rv[None, :], out.to(y.dtype.element_ty), mask=mg[:, None] & mv[None, :])
+    if KIND != 0:  # phi(k_new) into its slot, after the leaving rows were read
+        fk_w = tl.zeros([SP, FP], tl.float32) + fk_new[None, :]
+        tl.store(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], fk_w.to(win_fk.dtype.element_ty),
+                 mask=write[:, None] & mf[None, :])
 
 
 @triton.jit
