@@ -114,9 +114,11 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
                          other=0.0)
             if KIND == 1:  # sliding: one slot leaves at (nearly) every step
                 kvb += _dot(tl.trans(fk_old), vt, DT)
-            elif tl.sum(leave.to(tl.int32), 0) > 0:  # terraced: a half leaves once per block; re-read
-                fko = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :],  # then (cached), so the
-                              mask=leave[:, None] & mf[None, :], other=0.0)  # tile is not held in registers
+            elif tl.sum(leave.to(tl.int32), 0) > 0:
+                # terraced: a half leaves once per block. Its rows are re-read here (cached) rather
+                # than held in registers across the loop (that spilled: Nsight Compute, PERFORMANCE.md)
+                fko = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=leave[:, None] & mf[None, :],
+                              other=0.0)
                 kvb += _dot(tl.trans(fko), vt, DT)
             vt = tl.where(write[:, None], v_new[None, :].to(vt.dtype), vt)
             tl.store(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], vt, mask=write[:, None] & mv[None, :])
