@@ -11,9 +11,10 @@ FLOPs as GQA). Speed-ups are SDPA time / kernel time. TFLOP/s of the kernels use
 Decode: one step of the fused kernel (replayed from a CUDA graph) at batch 1..1024, with the bytes
 of state it touches per step (window k, v, positions, kv/ks read and written) and GB/s against a
 measured device copy.
-Feature map: the Hedgehog map as the model runs it (separate PyTorch ops: a batched matmul, two
-softmaxes, concatenation, clamp) and as one fused Triton op (``ops/triton/feature_map.py``), on q
-and k, against the terraced kernel on its outputs. Medians of triton.testing.do_bench. Writes markdown to --out and JSON
+Feature map: the Hedgehog map as PyTorch ops (the reference, what the torch backend runs: a
+batched matmul, two softmaxes, concatenation, clamp) and as one fused Triton op
+(``ops/triton/feature_map.py``, what the triton backend runs), on q and k, against the terraced
+kernel on its outputs. Medians of triton.testing.do_bench. Writes markdown to --out and JSON
 beside it; ``--sections`` picks sections (default all).
 """
 
@@ -172,8 +173,8 @@ def prefill_rows(dev, quick, ceil, on_row=lambda rows: None):
 
 
 def feature_map_rows(dev, quick, on_row=lambda rows: None):
-    """The Hedgehog feature map (separate PyTorch ops, as the model runs it: bf16 autocast, float32
-    weights) on q and k, against the terraced kernel on its outputs, forward and forward+backward:
+    """The Hedgehog feature map (separate PyTorch ops, as the torch backend runs it: bf16 autocast,
+    float32 weights) on q and k, against the terraced kernel on its outputs, forward and forward+backward:
     the share of the layer's attention time a feature map fused into the kernel could save at most."""
     from lolcats.attention.feature_maps import HedgehogFeatureMap
 
@@ -302,8 +303,8 @@ def decode_rows(dev, quick, ceil, on_row=lambda rows: None):
 def feature_map_markdown(rows) -> list[str]:
     if not rows:
         return []
-    out = ["", "Hedgehog feature map on q and k: PyTorch ops (as the model runs it) and the fused Triton op, "
-           "vs the terraced kernel on its outputs, ms (share = PyTorch map / (map + kernel)):", "",
+    out = ["", "Hedgehog feature map on q and k: PyTorch ops (the torch backend) and the fused Triton op "
+           "(the triton backend), vs the terraced kernel on its outputs, ms (share = PyTorch map / (map + kernel)):", "",
            "| model | T | B | phi fwd | phi f+b | fused phi fwd | fused phi f+b | kernel fwd | kernel f+b (dfq, dfk) "
            "| phi share fwd | phi share f+b |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731

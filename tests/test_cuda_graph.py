@@ -126,8 +126,8 @@ def test_capture_drops_the_causal_mask_transformers_builds(monkeypatch):
         pe = model.model.rotary_emb(h, torch.arange(24)[None].expand(2, 24))
         with torch.no_grad():
             want = attn(h, pe, attention_mask=None)[0]
-            monkeypatch.setattr(module, "capturing", lambda x: True)
+            monkeypatch.setattr(module, "capturing", lambda device: True)
             got = attn(h, pe, attention_mask=causal)[0]
-            monkeypatch.setattr(module, "capturing", lambda x: False)
+            monkeypatch.setattr(module, "capturing", lambda device: False)
         torch.testing.assert_close(got, want)
     assert all(m is None for m in seen)

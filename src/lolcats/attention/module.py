@@ -29,6 +29,7 @@ from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, expand_kv_heads, linear_attention_quadratic
+from lolcats.training.cuda_graph import capturing
 
 Mode = Literal["teacher", "student", "distill"]
 MODES = ("teacher", "student", "distill")
@@ -53,11 +54,6 @@ def apply_rope(q, k, cos, sin):
     """RoPE as in HF Llama/Mistral/Qwen2. q, k: (B, H, T, D); cos, sin: (B, T, D)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def capturing(x: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on x's device."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def key_mask_from_attention_mask(mask: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
@@ -162,7 +158,7 @@ class LolcatsAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if attention_mask is not None and capturing(hidden_states):
+        if attention_mask is not None and capturing(hidden_states.device):
             # transformers materialises the causal mask while a CUDA graph is captured (masking_utils'
             # is_tracing), and reading it would sync the host. Captured steps are train.cuda_graph's
             # packed micro-batches and FastGenerator's decode (no mask): there is no padding to keep.

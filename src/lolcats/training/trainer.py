@@ -34,7 +34,7 @@ from lolcats import distributed as dist
 from lolcats.checkpoint import atomic_write, write_json
 from lolcats.config import TrainConfig
 from lolcats.data import iterate_batches
-from lolcats.training.cuda_graph import GraphedLoss, graphs_wanted, loss_and_backward
+from lolcats.training.cuda_graph import GraphedLoss, capturing, graphs_wanted, loss_and_backward
 
 STATE = "state.pt"
 SUMMARY = "summary.json"
@@ -76,8 +76,7 @@ class StopTraining(Exception):
 def autocast_context(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16:  # no cast cache while a CUDA graph is being captured (it would outlive the capture)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not capturing)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not capturing(device))
     return contextlib.nullcontext()
 
 
