@@ -32,8 +32,9 @@ from lolcats.config import Config, ModelConfig
 from lolcats.models.loading import load_base_model
 from lolcats.ops import get_backend, register_backend
 from lolcats.training.cuda_graph import GraphedLoss, loss_and_backward
-from lolcats.training.stages import add_lora, distill_loss, lm_loss
-from lolcats.training.trainer import autocast_context
+from lolcats.models.lora import add_lora
+from lolcats.training.stages import distill_loss, lm_loss
+from lolcats.runtime import autocast_context
 
 
 def _time(step, warmup: int, iters: int, device) -> float:
@@ -87,7 +88,7 @@ def measure(model_name: str, backend: str, stage: str, batch: int, seq_len: int,
         def loss_fn(x):
             return distill_loss(model, x, cfg, device)
     else:
-        model = add_lora(model, cfg)
+        model = add_lora(model, cfg.finetune)
         set_attention_mode(model, "student")
 
         def loss_fn(x):

@@ -145,9 +145,10 @@ def _graph_seconds(run, steps: int) -> float:
 def attention_only_step(gen: FastGenerator, steps: int) -> tuple[float, float]:
     """Seconds per step of (1) only the decode-attention calls of every layer, (2) a floor for them:
     three cuBLAS batched products that read the state once (q K^T, p V, phi(q) kv), same states."""
-    from lolcats.generation.cache import lolcats_attention_by_layer, resolve_decode_step
+    from lolcats.attention.convert import lolcats_attention_by_layer
+    from lolcats.ops import get_backend
 
-    fn, calls = resolve_decode_step(), []
+    calls = []
     for i, m in sorted(lolcats_attention_by_layer(gen.model).items()):
         st, B, dt = gen.cache.layers[i].state, gen.B, m.q_proj.weight.dtype
         F = st.win_fk.shape[-1]
@@ -160,7 +161,7 @@ def attention_only_step(gen: FastGenerator, steps: int) -> tuple[float, float]:
 
     def run():
         for m, a in calls:
-            fn(*a, backend=m.cfg.backend)
+            get_backend(m.cfg.backend, a[0]).decode(*a)
 
     def floor():
         for m, (q, k, v, fq, fk, st, *_) in calls:

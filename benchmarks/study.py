@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from lolcats.config import load_config
-from lolcats.pipeline import format_report, linearize, load_linearized, stage_dirs
+from lolcats.evaluation.report import format_report
+from lolcats.pipeline import linearize, load_linearized, stage_dirs
 
 
 def main() -> None:

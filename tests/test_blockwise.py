@@ -11,6 +11,7 @@ import torch
 from conftest import save_tiny, write_alpaca
 from lolcats.checkpoint import load_tensors
 from lolcats.pipeline import prepare, run_distill, stage_dirs
+from lolcats.runs import STATE
 from lolcats.training.blockwise import HIDDEN_DIR, block_dir, parse_blocks
 from lolcats.training.hidden_store import HiddenStateReader, HiddenStoreError
 from lolcats.training.trainer import StopTraining
@@ -117,7 +118,7 @@ def test_blocks_apart_and_killed_block_resume_to_same_weights(env, joint_and_k1)
 
     with pytest.raises(StopTraining):
         _distill(cfg, blocks=[1], on_step=kill)
-    assert (block_dir(d1, 1) / "state.pt").is_file() and not (block_dir(d1, 1) / "summary.json").exists()
+    assert (block_dir(d1, 1) / STATE).is_file() and not (block_dir(d1, 1) / "summary.json").exists()
     _, result = _distill(cfg)  # resumes block 1, skips block 0, gathers
     assert result is not None
     a, b = load_tensors(stage_dirs(straight_cfg)[0] / "best"), load_tensors(d1 / "best")

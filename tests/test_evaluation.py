@@ -3,7 +3,6 @@ local task against hand-picked answers, local task folders, the comparison table
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -16,7 +15,7 @@ import yaml
 from conftest import SHARED_DATA, tiny_model, tiny_tokenizer
 from lolcats.attention.convert import convert_model
 from lolcats.config import AttentionConfig
-from lolcats.evaluation import (add_eval_arguments, compare_table, eval_from_args, eval_main, frame_documents,
+from lolcats.evaluation import (compare_table, eval_main, frame_documents,
                                 packed_perplexity, perplexity, token_perplexity)
 from lolcats.evaluation.harness import localized_include_path, resolve_data_path, resolve_task_names
 from lolcats.evaluation.perplexity import document_windows, packed_windows
@@ -264,27 +263,26 @@ def test_compare_table_has_both_columns():
 
 
 def test_eval_main_from_flags(model, tok, tmp_path, monkeypatch):
-    import lolcats.evaluation.harness as harness
+    import lolcats.evaluation as evaluation
+    from lolcats.cli import main
+    from lolcats.models.trained import ModelSource
 
     loaded = []
 
-    def fake_load(base=None, stage1=None, stage2=None, export=None, device=None, dtype="auto"):
-        loaded.append((base, stage1))
+    def fake_load(source, device=None, dtype="auto"):
+        loaded.append((source.base, source.stage1))
         return model, tok
 
-    monkeypatch.setattr(harness, "load_model", fake_load)
-    parser = add_eval_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--base", "tiny", "--stage1", "s1", "--ppl", str(PPL_FILE), "--seq-len", "32",
-                              "--ppl-mode", "document", "--compare-base", "--output", str(tmp_path / "r.json")])
-    args.fn = "ignored"  # what a CLI adds to the namespace
-    results = eval_from_args(args)
+    monkeypatch.setattr(evaluation, "load_trained", fake_load)
+    assert main(["eval", "--base", "tiny", "--stage1", "s1", "--ppl", str(PPL_FILE), "--seq-len", "32",
+                 "--ppl-mode", "document", "--compare-base", "--output", str(tmp_path / "r.json")]) == 0
     assert loaded == [("tiny", None), ("tiny", "s1")]
-    assert list(results) == ["base", "linearized"]
     saved = json.loads((tmp_path / "r.json").read_text())
+    assert list(saved["results"]) == ["base", "linearized"]
     assert saved["results"]["linearized"]["ppl:ppl_docs.txt"]["tokens"] > 0
     assert "| base | linearized |" in saved["table"]
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        eval_main(base="tiny")
+        eval_main(ModelSource(base="tiny"))
 
 
 @pytest.mark.gpu

@@ -11,8 +11,8 @@ import torch
 from lolcats.attention.convert import convert_model, set_attention_mode
 from lolcats.config import AttentionConfig
 from lolcats.generation import FastGenerator, LolcatsCache, enable_lolcats_generation, make_cache
-from lolcats.generation.cache import cache_kwarg_name
-from lolcats.generation.cli import ChatSession, run_generate, truncate_at_stop
+from lolcats.attention.convert import cache_kwarg_name
+from lolcats.generation.text import ChatSession, run_generate, truncate_at_stop
 
 KINDS = ("linear", "sliding_window", "terraced_window")
 VOCAB = 96
@@ -220,16 +220,13 @@ def test_cuda_graph_path_equals_eager():
 
 def test_generate_main_chat_template_wraps_prompts(monkeypatch):
     """--chat-template sends each prompt as a user message through the chat template."""
-    import types
-
-    import lolcats.generation.cli as gcli
+    import lolcats.generation.text as gcli
     from conftest import tiny_tokenizer
 
     seen = {}
     monkeypatch.setattr(gcli, "run_generate", lambda m, t, prompts, *a, **k: seen.setdefault("p", prompts) and [""])
     tok = tiny_tokenizer()
-    args = types.SimpleNamespace(prompt=["hello there"], prompt_file=None, chat_template=True)
     with redirect_stdout(io.StringIO()):
-        gcli.generate_main(None, args, model=object(), tokenizer=tok)
+        gcli.complete(object(), tok, ["hello there"], chat_template=True)
     assert seen["p"] == [gcli.chat_prompt(tok, [{"role": "user", "content": "hello there"}])]
     assert seen["p"][0] != "hello there" and "hello there" in seen["p"][0]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 
 import pytest
 
 from lolcats.config import load_config
 from lolcats.plan import (
     Shape,
-    add_plan_arguments,
     attention_params_per_layer,
     format_plan,
     known_shapes,
@@ -121,11 +119,13 @@ def test_block_wise_disk_and_stages():
 
 
 def test_format_and_cli(capsys):
-    parser = argparse.ArgumentParser()
-    add_plan_arguments(parser)
-    args = parser.parse_args(["--shape", "llama3.1-70b", "--gpus", "8", "--tokens", "2000000"])
+    from lolcats.cli import main
+
     cfg = load_config(None, {"distill": {"block_size": 8}})
-    text = plan_main(args, cfg)
+    text = plan_main(cfg, "llama3.1-70b", 8, 2000000)
+    capsys.readouterr()
+    assert main(["plan", "--shape", "llama3.1-70b", "--gpus", "8", "--tokens", "2000000",
+                 "--distill.block_size", "8"]) == 0
     assert text in capsys.readouterr().out
     for word in ("70.55B", "joint", "block-wise, k=8", "LoRA finetune", "disk:", "fits"):
         assert word in text

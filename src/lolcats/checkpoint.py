@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import lolcats
@@ -63,7 +64,12 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(directory) / WEIGHTS))
+    path = Path(directory) / WEIGHTS
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}): the file is missing, truncated or not a safetensors file; "
+                              "re-create the checkpoint (rerun the stage) or point to another one") from None
 
 
 def check_base(meta: dict[str, Any], fingerprint: str, directory: str | Path) -> None:

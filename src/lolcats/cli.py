@@ -1,12 +1,17 @@
-"""The ``lolcats`` command line.
+"""The ``lolcats`` command line: every subcommand, its flags, and the typed call behind it.
 
     lolcats linearize [--config FILE] [--section.key VALUE ...]   both stages
     lolcats distill   [...]                                       stage 1: attention transfer
     lolcats finetune  [...]                                       stage 2: LoRA (after stage 1)
-    lolcats export OUT [...] [--checkpoint STAGE_DIR]             a from_pretrained directory
-    lolcats eval | generate | chat | plan ...                     see `lolcats CMD --help`
+    lolcats export OUT  MODEL                                     a from_pretrained directory
+    lolcats generate | chat | eval  MODEL ...                     use a trained model
+    lolcats plan [--config FILE] --shape NAME --gpus N            memory and disk, before a run
+    lolcats config                                                every config flag
 
-Every config field is a flag (``--distill.lr 3e-3``); ``lolcats config`` lists them.
+MODEL is the same on every command that uses a model: ``--checkpoint DIR`` (a stage-1 or
+stage-2 checkpoint, ``.../best``; a stage 2 finds its stage 1), ``--export DIR``, ``--base NAME``
+(alone: the base model; with a checkpoint: the base to load it onto), or ``--config FILE`` and
+config flags naming a finished run. Every config field is a flag (``--distill.lr 3e-3``).
 """
 
 from __future__ import annotations
@@ -17,31 +22,65 @@ import sys
 
 from lolcats.config import ConfigError, config_help, load_config
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-def _config_parser(name: str, help: str, sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help + "\n\nConfig flags (any of):\n" + config_help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+
+# ---------------------------------------------------------------- shared flags
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append",
                    help="YAML config file (see configs/); repeat to combine, later files win")
-    return p
+
+
+def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
+    g = p.add_argument_group("model (one of --checkpoint, --export, --config; or --base alone)")
+    g.add_argument("--checkpoint", "--stage2", dest="checkpoint", metavar="DIR",
+                   help="a stage checkpoint directory (.../best); a stage-2 one finds its stage 1")
+    g.add_argument("--stage1", metavar="DIR", help="the stage-1 checkpoint (default: the one a stage 2 records)")
+    g.add_argument("--export", metavar="DIR", help="a directory written by `lolcats export`")
+    g.add_argument("--base", metavar="NAME",
+                   help="base model (hub name, directory, .gguf, built-in): the checkpoint's recorded one by default"
+                        + ("; alone: evaluate or use the base model itself" if base_alone else ""))
+    _config_flags(g)
+    g.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+
+
+def model_source(args: argparse.Namespace, rest: list[str]):
+    """The :class:`~lolcats.models.trained.ModelSource` the model flags name; config flags only with a config."""
+    from lolcats.models.trained import ModelSource
+
+    explicit = args.checkpoint or args.export or args.stage1 or args.base
+    if explicit and (rest or args.config):
+        flags = " ".join(rest) or "--config"
+        raise ConfigError(f"{flags}: config flags name a run, and cannot be combined with --checkpoint, --export, "
+                          "--stage1 or --base (use --base NAME to load a checkpoint onto another base model)")
+    config = None if explicit else load_config(args.config, rest)
+    return ModelSource(checkpoint=args.checkpoint, stage1=args.stage1, export=args.export, base=args.base,
+                       config=config)
 
 
 def _load(args, rest):
-    return load_config(args.config, rest)
+    from lolcats.models.trained import load_trained
+
+    return load_trained(model_source(args, rest), None if args.device == "auto" else args.device, args.dtype)
+
+
+# ---------------------------------------------------------------- training
 
 
 def cmd_linearize(args, rest) -> None:
-    from lolcats.pipeline import format_report, linearize
+    from lolcats.evaluation.report import format_report
+    from lolcats.pipeline import linearize
 
-    cfg = _load(args, rest)
-    report = linearize(cfg)
-    print(format_report(report))
+    print(format_report(linearize(load_config(args.config, rest))))
 
 
 def cmd_distill(args, rest) -> None:
     from lolcats.pipeline import prepare, run_distill, stage_dirs, stage_done, student_perplexity
 
-    cfg = _load(args, rest)
+    cfg = load_config(args.config, rest)
     ctx = prepare(cfg)
     d1 = stage_dirs(cfg)[0]
     done_before = stage_done(d1)
@@ -56,7 +95,7 @@ def cmd_distill(args, rest) -> None:
 def cmd_finetune(args, rest) -> None:
     from lolcats.pipeline import prepare, run_distill, run_finetune, stage_dirs, student_perplexity
 
-    cfg = _load(args, rest)
+    cfg = load_config(args.config, rest)
     ctx = prepare(cfg)
     run_distill(ctx)  # loads the finished stage 1 (runs it if missing)
     model, result = run_finetune(ctx)
@@ -64,51 +103,163 @@ def cmd_finetune(args, rest) -> None:
                       "val_lm_loss": student_perplexity(ctx, model)}, indent=2))
 
 
+# ---------------------------------------------------------------- using a model
+
+
 def cmd_export(args, rest) -> None:
-    from lolcats.checkpoint import read_meta
     from lolcats.hf import export_model
-    from lolcats.pipeline import load_linearized, stage_dirs, stage_done
+    from lolcats.models.trained import load_trained
 
-    if args.checkpoint:
-        meta = read_meta(args.checkpoint)
-        s1, s2 = (args.checkpoint, None) if meta["stage"] == "distill" else (None, args.checkpoint)
-    else:
-        cfg = _load(args, rest)
-        d1, d2 = stage_dirs(cfg)
-        if not stage_done(d1):
-            raise SystemExit(f"no finished stage 1 for this config at {d1}; run `lolcats linearize` first")
-        s1, s2 = str(d1 / "best"), (str(d2 / "best") if stage_done(d2) else None)
-    model, tok = load_linearized(None, s1, s2, device="cpu", dtype="float32", merge=True)
+    source = model_source(args, rest)
+    if not source.linearized or source.export:
+        raise ConfigError("export: give the trained model with --checkpoint DIR or --config FILE")
+    model, tok = load_trained(source, device="cpu", dtype="float32", merge=True)
     out = export_model(model, tok, args.out)
-    print(f"exported to {out}; load with: import lolcats; AutoModelForCausalLM.from_pretrained('{out}')")
+    print(f"exported to {out}; load with: import lolcats.hf; AutoModelForCausalLM.from_pretrained('{out}')")
 
 
-def _add_subcommands(sub) -> None:
-    for name, fn, help in (("linearize", cmd_linearize, "attention transfer then LoRA (both stages)"),
-                           ("distill", cmd_distill, "stage 1: attention transfer"),
-                           ("finetune", cmd_finetune, "stage 2: LoRA adjusting")):
-        _config_parser(name, help, sub).set_defaults(fn=fn)
-    p = _config_parser("export", "write a directory that AutoModelForCausalLM.from_pretrained loads", sub)
-    p.add_argument("out", help="output directory")
-    p.add_argument("--checkpoint", help="a stage checkpoint directory (.../best) instead of --config")
-    p.set_defaults(fn=cmd_export)
-    sub.add_parser("config", help="list every config flag").set_defaults(fn=lambda a, r: print(config_help()))
-    _add_optional_subcommands(sub)
+def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
+    """--prompt values, then the lines of --prompt-file, else stdin when it is not a terminal."""
+    out = list(prompts)
+    if prompt_file:
+        with open(prompt_file) as f:
+            out += [line.rstrip("\n") for line in f if line.strip()]
+    if not out and not sys.stdin.isatty():
+        out = [sys.stdin.read()]
+    if not out:
+        raise ValueError("generate: give --prompt TEXT (repeatable), --prompt-file FILE, or text on stdin")
+    return out
 
 
-def _add_optional_subcommands(sub) -> None:
-    """Commands whose code lives in optional modules (eval, generation, planning)."""
-    from lolcats import commands
+def cmd_generate(args, rest) -> None:
+    from lolcats.generation.text import complete
 
-    commands.add_all(sub, _config_parser)
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    model, tok = _load(args, rest)
+    texts = complete(model, tok, prompts, args.chat_template, args.max_new_tokens, args.temperature, args.top_p,
+                     args.stop, args.stream, args.fast)
+    if not args.stream:
+        for i, t in enumerate(texts):
+            print(f"=== {i}\n{t}" if len(texts) > 1 else t)
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_chat(args, rest) -> None:
+    from lolcats.generation.text import run_chat
+
+    model, tok = _load(args, rest)
+    run_chat(model, tok, args.max_new_tokens, args.temperature, args.top_p, args.system)
+
+
+def cmd_eval(args, rest) -> None:
+    from lolcats.evaluation import eval_main
+
+    eval_main(model_source(args, rest), args.compare_base, args.ppl, args.ppl_mode, args.seq_len, args.ppl_stride,
+              args.ppl_format, args.ppl_template, args.max_documents, args.tasks, args.num_fewshot, args.batch_size,
+              args.limit, args.include_path, args.output, args.device, args.dtype)
+
+
+def cmd_plan(args, rest) -> None:
+    from lolcats.plan import plan_main
+
+    plan_main(load_config(args.config, rest), args.shape, args.gpus, args.tokens, args.gpu_memory)
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _limit(text: str) -> int | float:
+    """``--limit 100`` (documents per task) or ``--limit 0.1`` (a fraction)."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="a file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--fast", action="store_true", help="static buffers + CUDA graphs")
+    p.add_argument("--chat-template", action="store_true",
+                   help="send each prompt as a user message through the tokenizer's chat template (instruct models)")
+
+
+def _chat_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--system", help="system prompt")
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    from lolcats.evaluation.perplexity import PPL_MODES
+
+    p.add_argument("--compare-base", action="store_true",
+                   help="also evaluate the base model (the recorded one, or --base), side by side")
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--ppl", nargs="+", default=[], metavar="FILE", help="text or Alpaca-style files")
+    g.add_argument("--ppl-mode", default="packed", choices=PPL_MODES,
+                   help="packed: chunks of --seq-len as in training; document: each document alone")
+    g.add_argument("--seq-len", type=int, default=1024, help="chunk length (packed) or window length (document)")
+    g.add_argument("--ppl-stride", type=int, default=None,
+                   help="document mode: new tokens per window for long documents (default seq-len - 1)")
+    g.add_argument("--ppl-format", default="auto", choices=("auto", "alpaca", "text"))
+    g.add_argument("--ppl-template", default="alpaca", choices=("alpaca", "chat", "none"))
+    g.add_argument("--max-documents", type=int, default=None, help="score only the first N documents")
+    g = p.add_argument_group("LM-Eval-Harness")
+    g.add_argument("--tasks", default=None, help="comma-separated, e.g. piqa,arc_easy,arc_challenge,mmlu")
+    g.add_argument("--num-fewshot", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--limit", type=_limit, default=None, help="documents per task (or a fraction < 1)")
+    g.add_argument("--include-path", default=None,
+                   help="folder of local task YAMLs (run offline; 'piqa' picks 'piqa_local' there)")
+    p.add_argument("--output", default=None, help="write the results as JSON here")
+
+
+def _plan_flags(p: argparse.ArgumentParser) -> None:
+    from lolcats.models.loading import known_shapes
+
+    p.add_argument("--shape", default=None,
+                   help="model config: a configs/shapes name (" + ", ".join(known_shapes())
+                        + "), a config.json or a model directory; model.name when omitted")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the run (sharded or replicated as --run.parallel decides)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens whose hidden states block-wise transfer stores (train + val)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to compare against")
+
+
+COMMANDS = {  # name: (help, function, flag builders); config flags (--section.key) go to every command
+    "linearize": ("attention transfer then LoRA (both stages)", cmd_linearize, (_config_flags,)),
+    "distill": ("stage 1: attention transfer", cmd_distill, (_config_flags,)),
+    "finetune": ("stage 2: LoRA adjusting", cmd_finetune, (_config_flags,)),
+    "export": ("write a directory that AutoModelForCausalLM.from_pretrained loads", cmd_export,
+               (lambda p: p.add_argument("out", help="output directory"), lambda p: _model_flags(p, False))),
+    "generate": ("generate text with a linearized model (constant-size state)", cmd_generate,
+                 (_model_flags, _generate_flags)),
+    "chat": ("chat with a linearized model (streaming, chat template)", cmd_chat, (_model_flags, _chat_flags)),
+    "eval": ("perplexity and LM-Eval-Harness tasks, base and linearized side by side", cmd_eval,
+             (_model_flags, _eval_flags)),
+    "plan": ("memory per GPU and disk each stage needs, before anything runs", cmd_plan, (_config_flags, _plan_flags)),
+    "config": ("list every config flag", lambda a, r: print(config_help()), (_config_flags,)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lolcats", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_subcommands(sub)
-    args, rest = parser.parse_known_args(argv)
+    for name, (help, fn, builders) in COMMANDS.items():
+        desc = help + "\n\nConfig flags (any of):\n" + config_help()
+        p = sub.add_parser(name, help=help, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for build in builders:
+            build(p)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
     try:
         args.fn(args, rest)
     except ConfigError as e:

@@ -248,7 +248,7 @@ def tokenize_documents(texts: list[str], tokenizer) -> list[list[int]]:
     return enc["input_ids"]
 
 
-def _framing(tokenizer) -> tuple[list[int], int]:
+def framing(tokenizer) -> tuple[list[int], int]:
     """(ids the tokenizer puts before a text, e.g. [bos]; eos id)."""
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos token; packing needs one")
@@ -281,7 +281,7 @@ def _tokenize_until(texts: list[str], tokenizer, limit: int | None, dtype: np.dt
     """Framed token stream of ``texts`` in order, stopping once ``limit`` tokens are reached.
 
     Returns (ids (L,), documents used)."""
-    prefix, eos = _framing(tokenizer)
+    prefix, eos = framing(tokenizer)
     parts, total = [], 0
     for batch in _batches(texts):
         for ids in tokenize_documents(batch, tokenizer):
@@ -359,7 +359,7 @@ def tokenizer_id(tokenizer) -> str:
     probes = ["Hello world!", " the  quick\tbrown\n\nfox", "café 東京 🙂", "def f(x):\n    return x**2"]
     ident = {
         "name": Path(str(tokenizer.name_or_path)).name, "vocab": len(tokenizer), "eos": tokenizer.eos_token_id,
-        "framing": _framing(tokenizer), "probes": tokenize_documents(probes, tokenizer),
+        "framing": framing(tokenizer), "probes": tokenize_documents(probes, tokenizer),
         "chat": hashlib.sha256(str(getattr(tokenizer, "chat_template", "")).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -5,7 +5,7 @@
     for micro in micro_batches:               # the same global batch as one process
         mine = micro[distributed_sampler_slice(len(micro), info.rank, info.world_size)]
         loss = step(mine); loss.backward()    # FSDP averages gradients over ranks
-    state = gather_trainable_state_dict(model, trainable_names)   # full CPU tensors on rank 0
+    state = gather_trainable_state_dict(model, trainable_names)   # full CPU tensors on rank 0 (DCP)
     if info.is_main: save(state)
     cleanup()
 
@@ -27,6 +27,8 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from lolcats.attention.convert import decoder_layers
 
 
 @dataclass(frozen=True)
@@ -174,17 +176,6 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
 # ---------------------------------------------------------------- sharding
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    from lolcats.attention.convert import decoder_layers
-
-    inner = model
-    while not hasattr(inner, "layers") and hasattr(inner, "model"):  # PEFT / CausalLM wrappers
-        inner = inner.model
-    if not hasattr(inner, "layers") and hasattr(model, "base_model"):
-        return _decoder_layers(model.base_model)
-    return decoder_layers(inner)
-
-
 def _checkpointed_forward(forward: Callable, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
@@ -228,7 +219,7 @@ def shard_model(model: nn.Module, mixed_precision: bool = True, activation_check
     ``FSDPModule``); trainable parameters become DTensors: build the optimiser after this call.
     """
     info = info or dist_info()
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if activation_checkpointing:
         apply_activation_checkpointing(layers)
     if info.world_size <= 1 or strategy == "replicate":
@@ -266,76 +257,71 @@ def trainable_submodules(layer: nn.Module) -> list[nn.Module]:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
+    from torch.distributed.fsdp import FSDPModule
+
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-# ---------------------------------------------------------------- gathering
+# ---------------------------------------------------------------- full state dicts
 
 
-def _full(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind a (possibly sharded) parameter; collective for DTensors."""
-    data = p.detach()
-    if hasattr(data, "full_tensor"):  # DTensor (FSDP2 shard)
-        data = data.full_tensor()
-    return data
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
 def gather_trainable_state_dict(model: nn.Module, names: set[str] | Callable[[str], bool] | None = None,
                                 ) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of the selected parameters on rank 0 (an empty dict on other ranks).
+    """Full CPU tensors of trainable parameters on rank 0 (an empty dict on other ranks).
 
     ``names``: a set of parameter names (as ``model.named_parameters()`` gives them), a predicate
-    on the name, or None for the parameters with ``requires_grad``. Only the selected tensors
-    are gathered (never the frozen base weights), one at a time; every rank must call this.
+    on the name, or None for every parameter with ``requires_grad``. Through
+    ``torch.distributed.checkpoint``'s ``get_model_state_dict`` (full, CPU-offloaded, frozen
+    parameters left out: the frozen base weights are never gathered); every rank must call this.
     """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if names is None:
-        pick = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        wanted = trainable
+    elif callable(names):
+        wanted = [n for n in trainable if names(n)]
     else:
-        wanted = names if callable(names) else names.__contains__
-        pick = [(n, p) for n, p in model.named_parameters() if wanted(n)]
-        if not callable(names):
-            missing = sorted(set(names) - {n for n, _ in pick})
-            if missing:
-                raise KeyError(f"no parameters named {missing[:5]}; e.g. {[n for n, _ in model.named_parameters()][:5]}")
-    rank = dist.get_rank() if _is_dist() else 0
-    out: dict[str, torch.Tensor] = {}
-    for n, p in pick:
-        full = _full(p)  # collective: same order on every rank
-        if rank == 0:
-            out[n] = full.cpu().clone()
-    return out
+        missing = sorted(set(names) - set(trainable))
+        if missing:
+            raise KeyError(f"no trainable parameters named {missing[:5]}; e.g. {trainable[:5]}")
+        wanted = [n for n in trainable if n in names]
+    sd = get_model_state_dict(model, options=_full_options(ignore_frozen_params=True))
+    return {n: sd[n] for n in wanted} if sd else {}
 
 
-def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors (e.g. from :func:`gather_trainable_state_dict`) into possibly sharded params.
+def load_full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into the parameters of those names (shards of them when FSDP-sharded).
 
-    Every rank must hold ``state`` (load it on each rank from the same file).
+    Through ``set_model_state_dict`` (full state dict); every rank passes the same tensors.
     """
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    if unknown:
-        raise KeyError(f"unknown parameters {unknown[:5]}; e.g. {list(params)[:5]}")
-    with torch.no_grad():
-        for n, full in state.items():
-            p = params[n]
-            if hasattr(p, "device_mesh"):  # DTensor: keep this rank's shard
-                p.to_local().copy_(_local_shard(full, p))
-            else:
-                p.copy_(full.to(p.device, p.dtype))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def _local_shard(full: torch.Tensor, p) -> torch.Tensor:
-    """This rank's piece of ``full`` for the DTensor ``p`` (FSDP2: torch.chunk on dim 0)."""
-    local = p.to_local()
-    chunks = torch.chunk(full, p.device_mesh.size(), dim=0)
-    rank = p.device_mesh.get_local_rank()
-    piece = chunks[rank] if rank < len(chunks) else full[:0]
-    if piece.shape != local.shape:
-        from torch.distributed.tensor import distribute_tensor
+def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       names: set[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(parameters ``names``, optimizer state keyed by parameter name): full CPU tensors on rank 0.
 
-        piece = distribute_tensor(full.to(local.device), p.device_mesh, p.placements).to_local()
-    return piece.to(local.device, local.dtype)
+    ``get_state_dict`` of torch.distributed.checkpoint; collective under FSDP.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=_full_options(ignore_frozen_params=True))
+    return {n: t for n, t in msd.items() if n in names}, osd
+
+
+def set_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
+                       optim_state: dict) -> None:
+    """Load what :func:`get_training_state` returned (every rank passes the full state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=params, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True, strict=False))

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lolcats.attention.convert import convert_model, set_attention_mode
+from lolcats.attention.convert import convert_model, enable_lolcats_generation, set_attention_mode
 from lolcats.config import AttentionConfig
 
 BASES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
@@ -40,12 +40,7 @@ def _make_classes(arch: str, config_base: type, model_base: type) -> tuple[type,
             super().__init__(config)
             convert_model(self, AttentionConfig(**config.lolcats_attention))
             set_attention_mode(self, "student")
-            try:
-                from lolcats.generation.cache import enable_lolcats_generation
-            except ImportError:
-                pass
-            else:
-                enable_lolcats_generation(self)
+            enable_lolcats_generation(self)
 
     Model.__name__ = Model.__qualname__ = f"Lolcats{model_base.__name__}"
     return Config, Model

@@ -22,7 +22,6 @@ estimate, per GPU, with FSDP sharding weights, gradients and optimiser states ov
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,23 +322,9 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- command line
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", default=None,
-                        help="model config: a configs/shapes name (" + ", ".join(known_shapes())
-                             + "), a config.json or a model directory; model.name when omitted")
-    parser.add_argument("--gpus", type=int, default=1,
-                        help="GPUs of the run (sharded or replicated as --run.parallel decides)")
-    parser.add_argument("--tokens", type=int, default=None,
-                        help="tokens whose hidden states block-wise transfer stores (train + val)")
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU to compare against")
-
-
-def plan_main(args: argparse.Namespace, cfg: Config | None = None) -> str:
-    """Print the plan for ``cfg`` (the lead builds it from --config and overrides) and return it."""
-    cfg = cfg if cfg is not None else getattr(args, "cfg", None) or Config()
-    text = format_plan(plan(cfg, args.shape, args.gpus, args.tokens, args.gpu_memory))
+def plan_main(cfg: Config, shape: Any = None, gpus: int = 1, tokens: int | None = None,
+              gpu_memory_gib: float = 80.0) -> str:
+    """Print the plan for ``cfg`` (``lolcats plan``) and return it."""
+    text = format_plan(plan(cfg, shape, gpus, tokens, gpu_memory_gib))
     print(text)
     return text

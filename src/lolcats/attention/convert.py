@@ -1,20 +1,27 @@
-"""Conversion: swap LolcatsAttention into a stock HF causal LM, and switch modes.
+"""Conversion: swap LolcatsAttention into a stock HF causal LM, switch modes, give it a cache.
 
     model = load_base_model(cfg.model)
     convert_model(model, cfg.attention)            # every layer now a LolcatsAttention
     set_attention_mode(model, "distill")
     with collect_distill_outputs(model) as outs:   # list[DistillOutput], one per layer
         model.model(input_ids)
+    set_attention_mode(model, "student")
+    enable_lolcats_generation(model)               # plain model.generate(...) uses a LolcatsCache
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import types
 from dataclasses import asdict
 from typing import Iterator
 
+import torch
 import torch.nn as nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from lolcats.attention.cache import LolcatsCache, LolcatsLayer
 from lolcats.attention.module import MODES, DistillOutput, LolcatsAttention, Mode
 from lolcats.config import AttentionConfig
 
@@ -28,11 +35,25 @@ def check_architecture(config) -> None:
         raise ValueError(f"model type {mt!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module holding ``layers``, ``embed_tokens``, ``norm`` and ``rotary_emb``, found through
+    CausalLM and PEFT wrappers: the one lookup of the decoder stack."""
+    seen, inner = set(), model
+    while inner is not None and not hasattr(inner, "layers") and id(inner) not in seen:
+        seen.add(id(inner))
+        inner = getattr(inner, "model", None) or getattr(inner, "base_model", None)
+    if inner is None or not hasattr(inner, "layers"):
+        raise ValueError(f"{type(model).__name__} has no decoder layers (.model.layers)")
+    return inner
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", model)
-    if not hasattr(inner, "layers"):
-        raise ValueError(f"{type(model).__name__} has no decoder layers at .model.layers")
-    return inner.layers
+    return decoder_stack(model).layers
 
 
 def convert_model(model: nn.Module, cfg: AttentionConfig) -> nn.Module:
@@ -59,6 +80,10 @@ def lolcats_modules(model: nn.Module) -> Iterator[LolcatsAttention]:
             yield m
 
 
+def lolcats_attention_by_layer(model: nn.Module) -> dict[int, LolcatsAttention]:
+    return {m.layer_idx: m for m in lolcats_modules(model)}
+
+
 def set_attention_mode(model: nn.Module, mode: Mode) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; known: {', '.join(MODES)}")
@@ -70,6 +95,12 @@ def attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The stage-1 parameters: feature maps and window factors, by state-dict name."""
     return {n: p for n, p in model.named_parameters()
             if ".feature_map_" in n or n.endswith("window_factors")}
+
+
+def stage1_checkpoint_names(model: nn.Module, train_window_factor: bool = True) -> dict[str, str]:
+    """{checkpoint name: parameter name} of a stage-1 checkpoint: what attention transfer trains
+    (feature maps, and the window factors unless they stay at their initial value)."""
+    return {n: n for n in attention_parameters(model) if train_window_factor or not n.endswith("window_factors")}
 
 
 def set_attention_trainable(model: nn.Module, trainable: bool, train_window_factor: bool = True) -> None:
@@ -88,3 +119,62 @@ def collect_distill_outputs(model: nn.Module, xent: bool = False) -> Iterator[li
     finally:
         for m in mods:
             m.collector, m.collect_xent = None, False
+
+
+# ---------------------------------------------------------------- the cache and generate()
+
+
+def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dtype | None = None,
+               device=None) -> LolcatsCache:
+    """A LolcatsCache for ``model``; states are allocated now if ``batch_size`` is given, else lazily."""
+    inner = causal_lm(model)
+    config = inner.config.get_text_config(decoder=True)
+    mods = lolcats_attention_by_layer(inner)
+    if not mods:
+        raise ValueError("make_cache: the model has no LolcatsAttention layers (run convert_model first)")
+    dynamic = DynamicCache(config=config).layers
+    layers = []
+    for i in range(config.num_hidden_layers):
+        if i not in mods:
+            layers.append(dynamic[i] if i < len(dynamic) else DynamicLayer())
+            continue
+        state = None
+        if batch_size is not None:
+            w = mods[i].q_proj.weight
+            state = mods[i].empty_state(batch_size, dtype or (w.dtype if w.is_floating_point() else torch.float32),
+                                        device or w.device)
+        layers.append(LolcatsLayer(state))
+    return LolcatsCache(layers)
+
+
+def cache_kwarg_name(model: nn.Module) -> str:
+    """The keyword HF's forward and generate use for the cache: ``cache`` (>= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
+
+
+def _uses_student(model: nn.Module) -> bool:
+    return any(m.mode == "student" for m in lolcats_modules(model))
+
+
+def enable_lolcats_generation(model: nn.Module) -> nn.Module:
+    """Make plain ``model.generate(...)`` use a LolcatsCache while the model is in student mode.
+
+    Wraps the instance's ``_prepare_cache_for_generation`` (present in transformers 5.17 and 5.24):
+    when no cache was passed, ``use_cache`` is on and no ``cache_implementation`` was asked for, it
+    puts a fresh LolcatsCache into the generate kwargs; HF then treats it as a user cache.
+    """
+    inner = causal_lm(model)
+    if getattr(inner, "_lolcats_generation", False):
+        return model
+    original = inner._prepare_cache_for_generation
+    key = cache_kwarg_name(inner)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if (model_kwargs.get(key) is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation is None and _uses_student(self)):
+            model_kwargs[key] = make_cache(self)
+        return original(generation_config, model_kwargs, *args, **kwargs)
+
+    inner._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, inner)
+    inner._lolcats_generation = True
+    return model

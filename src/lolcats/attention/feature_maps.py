@@ -1,7 +1,8 @@
 """Feature maps phi for linear attention, applied per head after RoPE.
 
 * ``hedgehog``: phi(x) = [softmax(x W_h), softmax(-x W_h)] over the feature axis, W_h:
-  head_dim -> feature_dim per head, so phi has 2 * feature_dim features (Zhang et al., 2024).
+  head_dim -> feature_dim per head, so phi has 2 * feature_dim features (Zhang et al., 2024);
+  the math is ``ops/feature_map/naive.py`` (beside its fused kernel).
 * ``t2r``: phi(x) = relu(x W_h + b_h) (Kasai et al., 2021); feature_dim features.
 * ``elu`` / ``relu``: fixed maps elu(x) + 1 and relu(x), no parameters; head_dim features.
 
@@ -17,13 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FEATURE_EPS = 1e-12
-
-
-def project_heads(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) @ weight (H, D, F) per head -> (B, H, T, F), in the weight's dtype (float32)."""
-    return torch.einsum("bhtd,hdf->bhtf", x.to(weight.dtype), weight)
-
+from lolcats.ops.feature_map.naive import hedgehog_reference, project_heads
 
 class LearnedFeatureMap(nn.Module):
     """Per-head linear projection (H, D, F), used by ``hedgehog`` and ``t2r``."""
@@ -61,15 +56,6 @@ class HedgehogFeatureMap(LearnedFeatureMap):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return hedgehog_reference(x, self.weight)
-
-
-def hedgehog_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = FEATURE_EPS) -> torch.Tensor:
-    """x (B, H, T, D), weight (H, D, F) -> (B, H, T, 2F): [softmax(x W_h), softmax(-x W_h)], clamped.
-
-    Computed in the weight's dtype (float32; bf16 products under autocast). The reference of the
-    fused kernel ``ops/triton/feature_map.py``."""
-    z = project_heads(x, weight)
-    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).clamp(min=eps)
 
 
 class T2RFeatureMap(LearnedFeatureMap):

@@ -11,6 +11,19 @@ Modes (``module.mode``):
   * ``distill``: both; the layer returns the teacher's output (so layers learn independently)
     and hands a :class:`DistillOutput` to ``module.collector`` for the loss.
 
+With a :class:`~lolcats.attention.cache.LolcatsCache` (student mode) the layer reads and writes
+its own slot of the cache (:meth:`LolcatsAttention.attend_cached`):
+
+* one new token (T == 1): the backend's decode step on the constant-size state;
+* a chunk (T > 1, prefill, possibly on a warm cache): on a fresh, unpadded cache the
+  full-sequence path (the fused kernel on GPU), otherwise the reference semantics over the window
+  slots placed in front of the new keys with their positions and the folded part as the initial
+  state, in pieces of bounded memory; then the chunk is absorbed into the state
+  (``ops.decode.naive.absorb_chunk``).
+
+Padding keys (mask 0) are never written; positions come from ``position_ids`` (HF ``generate``
+derives them from the attention mask, so a left-padded row keeps its own windows).
+
 Shapes: hidden (B, T, d_model); q (B, H, T, D); k, v (B, Hk, T, D); phi(q) (B, H, T, F).
 """
 
@@ -24,15 +37,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lolcats.attention.cache import LolcatsCache, LolcatsLayer
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
+from lolcats.ops.decode.naive import DecodeState, absorb_chunk
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, expand_kv_heads, linear_attention_quadratic
-from lolcats.training.cuda_graph import capturing
+from lolcats.runtime import capturing
 
 Mode = Literal["teacher", "student", "distill"]
 MODES = ("teacher", "student", "distill")
+PREFILL_BUDGET = 2**26  # elements of one (B, H, Tq, Tk) score tensor in a reference prefill piece
 
 
 @dataclass
@@ -66,6 +82,30 @@ def key_mask_from_attention_mask(mask: torch.Tensor | None, k_len: int) -> torch
         last = mask[:, 0, -1, :k_len]  # the last query sees every non-padding key
         km = last if last.dtype == torch.bool else last == 0
     return km
+
+
+def chunk_key_mask(attention_mask, B: int, T: int) -> torch.Tensor | None:
+    """Valid keys (B, T) of the current chunk, from HF's 2D or 4D mask; None if there is none.
+
+    A 4D mask (B|1, 1, Tq, Tk) ends with the chunk's T keys; key j of the chunk is valid iff the
+    chunk's query j may see it (its own diagonal), which holds whatever window the base config adds.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"LolcatsCache needs a tensor attention mask (sdpa/eager), got {type(attention_mask).__name__}")
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -T:].bool().expand(B, T)
+    m = attention_mask[:, 0, -T:, -T:]  # (B|1, T, T)
+    d = torch.diagonal(m, dim1=-2, dim2=-1)  # (B|1, T)
+    return (d if d.dtype == torch.bool else d == 0).expand(B, T)
+
+
+def chunk_positions(position_ids, B: int, T: int, seen: int, device) -> torch.Tensor:
+    """(B, T) int64 positions of the chunk's tokens; default seen, seen+1, ..."""
+    if position_ids is None:
+        return torch.arange(seen, seen + T, device=device).expand(B, T)
+    return position_ids[..., -T:].to(device=device, dtype=torch.long).expand(B, T)
 
 
 class LolcatsAttention(nn.Module):
@@ -172,9 +212,9 @@ class LolcatsAttention(nn.Module):
             y = self.softmax_attention(q, k, v, attention_mask)
         elif self.mode == "distill":
             y = self._distill(q, k, v, attention_mask)
-        elif cache is not None and hasattr(cache, "lolcats_attend"):
+        elif isinstance(cache, LolcatsCache):
             fq, fk = self.features(q, k)
-            y = cache.lolcats_attend(self, q, k, v, fq, fk, attention_mask=attention_mask, position_ids=position_ids)
+            y = self.attend_cached(cache.slot(self.layer_idx), q, k, v, fq, fk, attention_mask, position_ids)
         else:
             fq, fk = self.features(q, k)
             key_mask = key_mask_from_attention_mask(attention_mask, T)
@@ -186,6 +226,79 @@ class LolcatsAttention(nn.Module):
             y, _ = self.student_attention(q, k, v, fq, fk, positions, key_mask)
         y = y.transpose(1, 2).reshape(B, T, -1).to(hidden_states.dtype)  # (B, T, H*D)
         return self.o_proj(y), None
+
+    # ------------------------------------------------------------ with a constant-size state
+
+    def empty_state(self, batch_size: int, dtype, device) -> DecodeState:
+        """A zeroed state for ``batch_size`` sequences (window slots by kind, phi(k) width of phi_k)."""
+        F = getattr(self.feature_map_k, "out_dim", self.head_dim)
+        return DecodeState.for_layer(batch_size, self.num_kv_heads, self.cfg.kind, self.cfg.window_size,
+                                     self.head_dim, self.head_dim, F, dtype, device)
+
+    def attend_cached(self, slot: LolcatsLayer, q, k, v, fq, fk, attention_mask=None, position_ids=None):
+        """Attention of a chunk (or one token) that continues ``slot``'s state, updating it in place.
+
+        q (B, H, T, D), k/v (B, Hk, T, D), fq (B, H, T, F), fk (B, Hk, T, F) -> (B, H, T, D).
+        """
+        B, _, T, _ = q.shape
+        if slot.state is None:
+            slot.state = self.empty_state(B, k.dtype, k.device)
+            slot.is_initialized = True
+        if slot.state.batch_size != B:
+            raise ValueError(f"LolcatsCache was made for batch {slot.state.batch_size}, got {B}")
+        key_mask = chunk_key_mask(attention_mask, B, T)
+        pos = chunk_positions(position_ids, B, T, slot.seen, q.device)
+        if T == 1:
+            y = self._decode(slot.state, q, k, v, fq, fk, pos, key_mask)
+        else:
+            y = self._prefill(slot, q, k, v, fq, fk, pos, key_mask)
+        slot.seen += T
+        return y
+
+    def _decode(self, state: DecodeState, q, k, v, fq, fk, pos, key_mask):
+        cfg = self.cfg
+        wf = None if cfg.kind == "linear" else self.window_factor()
+        valid = None if key_mask is None else key_mask[:, 0]
+        y = get_backend(cfg.backend, q).decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], state,
+                                               pos[:, 0], wf, cfg.kind, cfg.window_size, self.scaling, valid)
+        return y[:, :, None]  # (B, H, 1, Dv)
+
+    def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask):
+        B, H, T, _ = q.shape
+        st, cfg = slot.state, self.cfg
+        piece = max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - st.win_pos.shape[1])
+        fused = get_backend(cfg.backend, q).is_fused(cfg.kind)  # no (T, T) score tensor: any T fits
+        plain = (slot.seen == 0 and (fused or T <= piece) and (key_mask is None or bool(key_mask.all()))
+                 and bool((pos == torch.arange(T, device=pos.device)).all()))
+        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+        if plain:  # fresh, unpadded: the full-sequence path (a fused kernel on GPU), then absorb
+            y, _ = self.student_attention(q, k, v, fq, fk)
+            absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size)
+            return y
+        ys = []
+        for s in range(0, T, piece):
+            sl = slice(s, min(T, s + piece))
+            ys.append(self._prefill_piece(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl],
+                                          pos[:, sl], valid[:, sl]))
+        return torch.cat(ys, 2)
+
+    def _prefill_piece(self, st: DecodeState, q, k, v, fq, fk, pos, valid):
+        """Reference prefill of a piece: window slots in front of its keys, folded part as initial state."""
+        cfg = self.cfg
+        init = (st.kv, st.ks)
+        if cfg.kind == "linear":
+            y, _ = linear_attention_quadratic(fq, fk * valid[:, None, :, None].to(fk.dtype), v, init)
+        else:  # window slots in front of the piece's keys, with their positions; empty slots masked
+            cat = lambda a, b: torch.cat([a.float(), b.float()], 2)  # noqa: E731
+            y, _ = hybrid_attention_naive(q, cat(st.win_k, k), cat(st.win_v, v), fq, cat(st.win_fk, fk),
+                                          self.window_factor(), cfg.kind, cfg.window_size, self.scaling,
+                                          pos, torch.cat([st.win_pos, pos], 1),
+                                          torch.cat([st.win_pos >= 0, valid], 1), init)
+            y = y.to(v.dtype)
+        absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size)
+        return y
+
+    # ------------------------------------------------------------ attention transfer
 
     def _distill(self, q, k, v, attention_mask):
         with torch.no_grad():

@@ -1,9 +1,10 @@
 """Evaluation: perplexity, LM-Eval-Harness tasks, and base-vs-linearized reports.
 
-``lolcats eval`` calls :func:`eval_main`; its flags come from :func:`add_eval_arguments`.
-lm_eval (the optional extra ``lolcats[eval]``) is imported only when tasks are asked for.
+``lolcats eval`` (``lolcats.cli``) calls :func:`eval_main` with the model a
+:class:`~lolcats.models.trained.ModelSource` names. lm_eval (the optional extra
+``lolcats[eval]``) is imported only when tasks are asked for.
 
-    lolcats eval --base smollm2-135m-instruct --stage1 runs/x/distill/best --stage2 runs/x/finetune/best \\
+    lolcats eval --checkpoint runs/x/finetune-XXXX/best \\
         --ppl ../shared/data/wikitext-2/wiki.test.tokens --ppl-mode document --seq-len 1024 \\
         --tasks piqa,arc_easy,arc_challenge,mmlu --include-path ../shared/data/lm_eval_local \\
         --compare-base --output results.json
@@ -11,7 +12,6 @@ lm_eval (the optional extra ``lolcats[eval]``) is imported only when tasks are a
 
 from __future__ import annotations
 
-import argparse
 import gc
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,9 +21,10 @@ import torch
 from lolcats.evaluation.perplexity import (PPL_MODES, frame_documents, packed_perplexity, perplexity,
                                            token_perplexity)
 from lolcats.evaluation.report import compare_table, save_results
+from lolcats.models.trained import ModelSource, base_source, load_trained
 
-__all__ = ["add_eval_arguments", "compare_table", "eval_from_args", "eval_main", "evaluate_model", "frame_documents",
-           "packed_perplexity", "perplexity", "save_results", "token_perplexity"]
+__all__ = ["compare_table", "eval_main", "evaluate_model", "frame_documents", "packed_perplexity", "perplexity",
+           "save_results", "split_tasks", "token_perplexity"]
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer, ppl: Sequence[str] = (), ppl_mode: str = "packed",
@@ -44,44 +45,41 @@ def evaluate_model(model: torch.nn.Module, tokenizer, ppl: Sequence[str] = (), p
     return out
 
 
-def _split_tasks(tasks: str | Sequence[str] | None) -> list[str]:
+def split_tasks(tasks: str | Sequence[str] | None) -> list[str]:
+    """``"piqa,arc_easy"`` or ``["piqa", "arc_easy,mmlu"]`` -> a list of task names."""
     if not tasks:
         return []
     items = tasks.split(",") if isinstance(tasks, str) else [p for t in tasks for p in t.split(",")]
     return [t.strip() for t in items if t.strip()]
 
 
-def eval_main(base: str | None = None, stage1: str | None = None, stage2: str | None = None,
-              export: str | None = None, ppl: Sequence[str] = (), ppl_mode: str = "packed", seq_len: int = 1024,
-              ppl_stride: int | None = None, ppl_format: str = "auto", ppl_template: str = "alpaca",
-              max_documents: int | None = None, tasks: str | Sequence[str] | None = None,
+def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str] = (), ppl_mode: str = "packed",
+              seq_len: int = 1024, ppl_stride: int | None = None, ppl_format: str = "auto",
+              ppl_template: str = "alpaca", max_documents: int | None = None, tasks: str | Sequence[str] | None = None,
               num_fewshot: int | None = None, batch_size: int = 8, limit: int | float | None = None,
-              include_path: str | None = None, output: str | None = None, compare_base: bool = False,
-              device: str = "auto", dtype: str = "auto", print_table: bool = True) -> dict[str, Any]:
-    """Evaluate the linearized model (and with ``compare_base`` the base model too).
+              include_path: str | None = None, output: str | None = None, device: str = "auto",
+              dtype: str = "auto", print_table: bool = True) -> dict[str, Any]:
+    """Evaluate the model ``source`` names (and with ``compare_base`` its base model too).
 
-    Returns ``{label: {task: metrics}}`` with labels ``linearized`` and/or ``base``; writes
-    it (with the settings and the table) to ``output`` as JSON and prints the table.
+    Returns ``{label: {task: metrics}}`` with labels ``base`` and/or ``linearized``; writes it
+    (with the settings and the table) to ``output`` as JSON and prints the table.
     """
-    from lolcats.evaluation.harness import load_model
-
     if ppl_mode not in PPL_MODES:
         raise ValueError(f"unknown perplexity mode {ppl_mode!r}; known: {', '.join(PPL_MODES)}")
-    task_list = _split_tasks(tasks)
+    task_list = split_tasks(tasks)
     if not ppl and not task_list:
         raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks")
-    linearized = bool(stage1 or stage2 or export)
-    if compare_base and not base:
-        raise ValueError("--compare-base needs --base")
-    runs = ([("base", dict(base=base))] if compare_base or not linearized else [])
-    if linearized:
-        runs.append(("linearized", dict(base=base, stage1=stage1, stage2=stage2, export=export)))
+    runs = []
+    if compare_base or not source.linearized:
+        runs.append(("base", base_source(source)))
+    if source.linearized:
+        runs.append(("linearized", source))
     settings = dict(ppl=list(ppl), ppl_mode=ppl_mode, seq_len=seq_len, ppl_stride=ppl_stride, ppl_format=ppl_format,
                     ppl_template=ppl_template, max_documents=max_documents, tasks=task_list,
                     num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, include_path=include_path)
     results: dict[str, Any] = {}
-    for label, spec in runs:
-        model, tokenizer = load_model(**spec, device=device, dtype=dtype)
+    for label, src in runs:
+        model, tokenizer = load_trained(src, None if device == "auto" else device, dtype)
         results[label] = evaluate_model(model, tokenizer, **settings)
         del model
         gc.collect()
@@ -90,19 +88,15 @@ def eval_main(base: str | None = None, stage1: str | None = None, stage2: str | 
     shown = [f"ppl:{Path(p).name}" for p in ppl] + task_list
     table = compare_table(results, tasks=shown)
     if output:
-        save_results(output, results, table=table, models={label: spec for label, spec in runs},
+        save_results(output, results, table=table, models={label: _describe(src) for label, src in runs},
                      settings=settings, versions=_versions())
     if print_table:
         print(table)
     return results
 
 
-def eval_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`eval_main` on parsed flags of :func:`add_eval_arguments` (other attributes ignored)."""
-    import inspect
-
-    wanted = inspect.signature(eval_main).parameters
-    return eval_main(**{k: v for k, v in vars(args).items() if k in wanted})
+def _describe(source: ModelSource) -> dict[str, Any]:
+    return {k: v for k, v in vars(source).items() if v is not None and k != "config"}
 
 
 def _versions() -> dict[str, str]:
@@ -116,39 +110,3 @@ def _versions() -> dict[str, str]:
     except ImportError:
         pass
     return out
-
-
-def _limit(text: str) -> int | float:
-    """``--limit 100`` (documents per task) or ``--limit 0.1`` (a fraction)."""
-    return float(text) if any(c in text for c in ".eE") else int(text)
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of ``lolcats eval``; run them with :func:`eval_from_args` (dest names = eval_main's)."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--base", help="base model: hub name, directory, .gguf file or built-in name")
-    g.add_argument("--stage1", help="stage-1 (attention transfer) checkpoint directory")
-    g.add_argument("--stage2", help="stage-2 (LoRA) checkpoint directory")
-    g.add_argument("--export", help="exported model directory (instead of --base/--stage1/--stage2)")
-    g.add_argument("--compare-base", action="store_true", help="also evaluate the base model, side by side")
-    g.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    g = parser.add_argument_group("perplexity")
-    g.add_argument("--ppl", nargs="+", default=[], metavar="FILE", help="text or Alpaca-style files")
-    g.add_argument("--ppl-mode", default="packed", choices=PPL_MODES,
-                   help="packed: chunks of --seq-len as in training; document: each document alone")
-    g.add_argument("--seq-len", type=int, default=1024, help="chunk length (packed) or window length (document)")
-    g.add_argument("--ppl-stride", type=int, default=None,
-                   help="document mode: new tokens per window for long documents (default seq-len - 1)")
-    g.add_argument("--ppl-format", default="auto", choices=("auto", "alpaca", "text"))
-    g.add_argument("--ppl-template", default="alpaca", choices=("alpaca", "chat", "none"))
-    g.add_argument("--max-documents", type=int, default=None, help="score only the first N documents")
-    g = parser.add_argument_group("LM-Eval-Harness")
-    g.add_argument("--tasks", default=None, help="comma-separated, e.g. piqa,arc_easy,arc_challenge,mmlu")
-    g.add_argument("--num-fewshot", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--limit", type=_limit, default=None, help="documents per task (or a fraction < 1)")
-    g.add_argument("--include-path", default=None,
-                   help="folder of local task YAMLs (run offline; 'piqa' picks 'piqa_local' there)")
-    parser.add_argument("--output", default=None, help="write the results as JSON here")
-    return parser

@@ -30,6 +30,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import yaml
 
+from lolcats.models.trained import ModelSource, load_trained
+
 LOCAL_SUFFIX = "_local"
 OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 SKIPPED_KEYS = ("alias", "name", "sample_len")  # of lm_eval's per-task results
@@ -42,40 +44,6 @@ def require_lm_eval():
         raise ImportError("LM-Eval-Harness is not installed: pip install 'lolcats[eval]' "
                           "(or: pip install lm_eval)") from e
     return lm_eval
-
-
-# ---------------------------------------------------------------- model loading
-
-
-def load_model(base: str | None = None, stage1: str | None = None, stage2: str | None = None,
-               export: str | None = None, device: str | torch.device | None = None, dtype: str = "auto"):
-    """(model, tokenizer) in eval mode: the base model alone, the base with stage-1/stage-2
-    checkpoints (through ``lolcats.pipeline.load_linearized``), or an exported directory."""
-    if export:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        import lolcats.hf  # noqa: F401  (registers exported lolcats models with the Auto classes)
-        from lolcats.models.loading import resolve_device, resolve_dtype
-
-        dev = resolve_device("auto") if device in (None, "auto") else torch.device(device)
-        model = AutoModelForCausalLM.from_pretrained(export, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
-        tok = AutoTokenizer.from_pretrained(export)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return model, tok
-    device = None if device in (None, "auto") else device
-    if stage1 or stage2:  # base None: the one the checkpoint names
-        from lolcats.pipeline import load_linearized
-
-        return load_linearized(base, stage1, stage2, device=device, dtype=dtype)
-    if not base:
-        raise ValueError("give a base model (base=...), stage checkpoints (stage1=/stage2=) or an exported "
-                         "model directory (export=...)")
-    from lolcats.config import ModelConfig
-    from lolcats.models.loading import load_base_model, load_tokenizer
-
-    cfg = ModelConfig(name=base, dtype=dtype)
-    return load_base_model(cfg, device), load_tokenizer(cfg)
 
 
 @functools.cache
@@ -94,7 +62,8 @@ def lolcats_lm_class() -> type:
                      stage1: str | None = None, stage2: str | None = None, export: str | None = None,
                      dtype: str = "auto", device: str | None = None, batch_size: int | str = 1, **kwargs):
             if pretrained is None or isinstance(pretrained, str):
-                pretrained, tokenizer = load_model(base or pretrained, stage1, stage2, export, device, dtype)
+                source = ModelSource(checkpoint=stage2, stage1=stage1, export=export, base=base or pretrained)
+                pretrained, tokenizer = load_trained(source, None if device in (None, "auto") else device, dtype)
             elif tokenizer is None:
                 raise ValueError("a model instance needs its tokenizer (tokenizer=...)")
             if device not in (None, "auto"):

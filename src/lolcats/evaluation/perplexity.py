@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from lolcats.training.trainer import autocast_context
+from lolcats.runtime import autocast_context
 
 PplMode = Literal["packed", "document"]
 PPL_MODES = ("packed", "document")
@@ -164,9 +164,9 @@ def read_texts(path: str | Path, fmt: str = "auto", template: str = "alpaca", to
 
 def frame_documents(texts: Sequence[str], tokenizer) -> list[list[int]]:
     """Token ids of each text framed as in training: ``[bos if the tokenizer adds one] + ids + [eos]``."""
-    from lolcats.data import _framing, tokenize_documents
+    from lolcats.data import framing, tokenize_documents
 
-    prefix, eos = _framing(tokenizer)
+    prefix, eos = framing(tokenizer)
     out = []
     for ids in tokenize_documents(list(texts), tokenizer):
         head = prefix if prefix and ids[:len(prefix)] != prefix else []

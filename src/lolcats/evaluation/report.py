@@ -1,4 +1,5 @@
-"""Evaluation results as JSON and as a markdown table with models side by side.
+"""Evaluation results as JSON and as a markdown table with models side by side; the table
+``lolcats linearize`` prints.
 
 ``results`` maps a label (``base``, ``linearized``) to ``{task: {metric: value}}``, where a
 task is an lm_eval task name or ``ppl:<file>``; a metric ``m`` may come with ``m_stderr``.
@@ -58,3 +59,18 @@ def save_results(path: str | Path, results: dict[str, Any], **extra: Any) -> Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"results": results, **extra}, indent=2, sort_keys=False, default=str))
+
+
+def format_report(report: dict) -> str:
+    """The table ``lolcats linearize`` prints: validation loss and perplexity before and after each stage."""
+    lines = ["", "| model | val loss | val ppl | stage time (s) | tokens | trainable params |",
+             "|---|---|---|---|---|---|"]
+    for k, label in (("base", "base (softmax)"), ("stage1", "after attention transfer"),
+                     ("stage2", "after LoRA (linearized)")):
+        r = report[k]
+        tr = f"{r['trainable']:,} ({100 * r['trainable'] / max(r['total'], 1):.3f}%)" if "trainable" in r else "-"
+        secs = f"{r['seconds']:.0f}" + (" (done earlier)" if r.get("skipped") else "") if "seconds" in r else "-"
+        tok = f"{r['tokens']:,}" if "tokens" in r else "-"
+        lines.append(f"| {label} | {r['val_loss']:.4f} | {r['ppl']:.2f} | {secs} | {tok} | {tr} |")
+    lines.append(f"\nrun directories: {', '.join(report['run_dirs'])}; total {report['seconds']:.0f} s")
+    return "\n".join(lines)

@@ -4,14 +4,13 @@
     enable_lolcats_generation(model)           # plain model.generate(...) now uses a LolcatsCache
     model.generate(ids, attention_mask=mask, max_new_tokens=256)
     FastGenerator(model, batch_size=64, max_new_tokens=256).generate(ids, mask)   # CUDA-graph decode
+
+The cache and the layer's prefill/decode math live in the attention package
+(``attention/cache.py``, ``attention/module.py``); they are named here for convenience.
 """
 
-from lolcats.generation.cache import (
-    LolcatsCache,
-    LolcatsLayer,
-    enable_lolcats_generation,
-    make_cache,
-)
+from lolcats.attention.cache import LolcatsCache, LolcatsLayer
+from lolcats.attention.convert import enable_lolcats_generation, make_cache
 from lolcats.generation.fast import FastGenerator
 
 __all__ = ["LolcatsCache", "LolcatsLayer", "make_cache", "enable_lolcats_generation", "FastGenerator"]

@@ -25,8 +25,8 @@ import inspect
 import torch
 import torch.nn as nn
 
-from lolcats.generation.cache import LolcatsLayer, _inner_model, lolcats_attention_by_layer, make_cache
-from lolcats.ops.decode.naive import DecodeState
+from lolcats.attention.cache import LolcatsLayer
+from lolcats.attention.convert import causal_lm, decoder_stack, lolcats_attention_by_layer, make_cache
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -54,8 +54,8 @@ class FastGenerator:
     def __init__(self, model: nn.Module, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_ids: list[int] | int | None = None, pad_token_id: int | None = None,
                  use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 16384):
-        self.model = _inner_model(model)
-        self.lm = self.model.model  # the decoder stack: embed_tokens, layers, norm, rotary_emb
+        self.model = causal_lm(model)
+        self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
         mods = lolcats_attention_by_layer(self.model)
         n_layers = len(self.lm.layers)
         if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
@@ -152,7 +152,7 @@ class FastGenerator:
             for r0 in range(0, B, rows):
                 sl = slice(r0, min(B, r0 + rows))
                 for l, st in zip(layers, full):  # views of these rows: the prefill writes them in place
-                    l.state = st if rows >= B else DecodeState(**{n: t[sl] for n, t in vars(st).items()})
+                    l.state = st if rows >= B else st.rows(sl)
                     l.seen = 0
                 out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids[sl],
                                  use_cache=True, logits_to_keep=1, **{self.cache_key: self.cache})

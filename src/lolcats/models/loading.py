@@ -18,6 +18,7 @@ import torch
 
 from lolcats.attention.convert import check_architecture
 from lolcats.config import ModelConfig
+from lolcats.runtime import resolve_device, resolve_dtype
 
 # name -> (python package, GGUF file inside it, pip requirement)
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -69,18 +70,6 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return str(path.parent), path.name
     return cfg.name, cfg.gguf_file
-
-
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def hub_kwargs(cfg: ModelConfig, gguf: str | None) -> dict[str, Any]:

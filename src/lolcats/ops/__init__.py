@@ -1,26 +1,36 @@
-"""Attention operators behind one interface, with swappable backends.
+"""Attention operators behind one registry of backends: the only place that picks a kernel.
 
 ``torch`` is the reference path (``ops/*/naive.py``) and runs anywhere. Fused kernels register
 themselves under other names (``triton``, ``fla``) with :func:`register_backend`; ``auto``
-picks the first registered kernel that supports the inputs and falls back to ``torch``.
+picks the first registered kernel whose ``supports(tensor)`` holds and falls back to ``torch``.
 
-A backend is an object with ``linear(fq, fk, v, initial_state, output_final_state)`` and
-``hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale)`` and a
-``supports(tensor) -> bool``; optionally ``hedgehog(x, weight)``, a fused Hedgehog feature map
-(same function as ``attention.feature_maps.hedgehog_reference``), which the module then uses.
-The fast paths take the plain case only (no padding mask, keys and queries aligned at positions
-0..T-1); the module sends anything else to ``torch``.
+A :class:`Backend` carries every operator the attention layer runs:
+
+* ``linear(fq, fk, v, initial_state, output_final_state) -> (y, state | None)``
+* ``hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale) -> y``
+* ``decode(q, k, v, fq, fk, state, pos, window_factor, kind, window_size, scale, valid) -> y``:
+  one token against a constant-size :class:`~lolcats.ops.decode.naive.DecodeState` (in place)
+* ``hedgehog(x, weight) -> phi(x)`` or None: a fused Hedgehog feature map (same function as
+  ``ops/feature_map/naive.py::hedgehog_reference``), which the layer then uses;
+* ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores).
+
+The full-sequence fast paths take the plain case only (no padding mask, keys and queries aligned
+at positions 0..T-1); the layer sends anything else to the references.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from lolcats.ops.decode.naive import decode_step_naive
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import State, linear_attention_quadratic
+
+OPTIONAL_BACKENDS = ("lolcats.ops.triton_backend", "lolcats.ops.fla_backend")  # skipped if their package is missing
 
 
 @dataclass(frozen=True)
@@ -28,8 +38,14 @@ class Backend:
     name: str
     linear: Callable[..., tuple[torch.Tensor, State | None]]
     hybrid: Callable[..., torch.Tensor]
+    decode: Callable[..., torch.Tensor]
     supports: Callable[[torch.Tensor], bool] = lambda x: True
     hedgehog: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    fused: frozenset[str] = frozenset()
+
+    def is_fused(self, kind: str) -> bool:
+        """Whether the full-sequence operator for ``kind`` keeps memory linear in T."""
+        return ("linear" if kind == "linear" else "hybrid") in self.fused
 
 
 def _torch_hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale):
@@ -37,9 +53,10 @@ def _torch_hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale):
 
 
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", linear_attention_quadratic, _torch_hybrid),
+    "torch": Backend("torch", linear_attention_quadratic, _torch_hybrid, decode_step_naive),
 }
 AUTO_ORDER: list[str] = []  # kernels tried by "auto", in order
+_loaded = False
 
 
 def register_backend(backend: Backend, auto: bool = True) -> None:
@@ -49,30 +66,22 @@ def register_backend(backend: Backend, auto: bool = True) -> None:
 
 
 def _load_optional_backends() -> None:
-    """Import kernel modules that register themselves; missing dependencies are skipped."""
-    import importlib
-
-    for mod in ("lolcats.ops.triton_backend", "lolcats.ops.fla_backend"):
+    """Import the kernel modules that register themselves; one whose package is missing is skipped."""
+    global _loaded
+    _loaded = True
+    for mod in OPTIONAL_BACKENDS:
         try:
             importlib.import_module(mod)
         except ImportError:
             pass
 
 
-_loaded = False
-
-
 def get_backend(name: str, like: torch.Tensor) -> Backend:
     """Resolve ``auto | torch | triton | fla`` for tensors like ``like``."""
-    global _loaded
     if not _loaded:
         _load_optional_backends()
-        _loaded = True
     if name == "auto":
-        for cand in AUTO_ORDER:
-            if BACKENDS[cand].supports(like):
-                return BACKENDS[cand]
-        return BACKENDS["torch"]
+        return next((BACKENDS[c] for c in AUTO_ORDER if BACKENDS[c].supports(like)), BACKENDS["torch"])
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not available; known: {sorted(BACKENDS)}")
     return BACKENDS[name]

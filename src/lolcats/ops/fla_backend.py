@@ -4,7 +4,8 @@ Not chosen by ``auto``; import failure (no ``fla``) is harmless. fla's own ``nor
 another epsilon and ignores an initial state's key sum, so the normaliser is computed here
 exactly: a ones column appended to v makes column Dv of the output fq_i . z_i (plus a zero column
 when Dv + 1 is odd: fla's bf16 backward needs an even value width).
-Hybrid calls fall back to the reference (fla has no LoLCATs window).
+Hybrid calls fall back to the reference (fla has no LoLCATs window); the decode step is the
+Triton one (fla has no decode kernel, and needs triton itself).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fla.ops.linear_attn import chunk_linear_attn
 
 from lolcats.ops import BACKENDS, Backend, register_backend
 from lolcats.ops.linear.naive import EPS, State, expand_kv_heads
+from lolcats.ops.triton.decode import decode_step_triton
 
 
 def fla_linear(
@@ -43,5 +45,5 @@ def fla_linear(
     return y, (hT[..., :Dv], hT[..., Dv])
 
 
-register_backend(Backend("fla", linear=fla_linear, hybrid=BACKENDS["torch"].hybrid, supports=lambda x: x.is_cuda),
-                 auto=False)
+register_backend(Backend("fla", linear=fla_linear, hybrid=BACKENDS["torch"].hybrid, decode=decode_step_triton,
+                         supports=lambda x: x.is_cuda, fused=frozenset({"linear"})), auto=False)

@@ -15,6 +15,7 @@ import torch
 import triton  # noqa: F401  (ImportError here means: no triton backend)
 from lolcats.ops import Backend, register_backend
 from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton
+from lolcats.ops.triton.decode import decode_step_triton
 from lolcats.ops.triton.feature_map import hedgehog_triton
 
 
@@ -26,5 +27,5 @@ def _hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale):
     return hybrid_attention_triton(q, k, v, fq, fk, window_factor, kind, window_size, scale)
 
 
-register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, supports=supports,
-                         hedgehog=hedgehog_triton))
+register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, decode=decode_step_triton,
+                         supports=supports, hedgehog=hedgehog_triton, fused=frozenset({"linear", "hybrid"})))

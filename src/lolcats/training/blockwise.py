@@ -29,26 +29,24 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from lolcats.attention.convert import (attention_parameters, collect_distill_outputs, set_attention_mode,
-                                       set_attention_trainable)
-from lolcats.checkpoint import load_into, load_tensors, save_checkpoint, write_json
+from lolcats.attention.convert import (collect_distill_outputs, set_attention_mode, set_attention_trainable,
+                                       stage1_checkpoint_names)
+from lolcats.checkpoint import load_tensors, save_checkpoint, write_json
 from lolcats.config import Config
+from lolcats.runs import BEST, SUMMARY, stage_done
+from lolcats.runtime import autocast_context
 from lolcats.training.hidden_store import (HiddenStateReader, HiddenStateWriter, collect_hidden_states,
                                            run_layer_block)
 from lolcats.training.stages import aggregate_distill_outputs, distill_validate
-from lolcats.training.trainer import SUMMARY, Stage, StageResult, autocast_context, train_stage
+from lolcats.training.trainer import Stage, StageResult, train_stage
 
 HIDDEN_DIR = "hidden"
 BLOCKS_ENV = "LOLCATS_BLOCKS"
 SPLITS = ("train", "val")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-MetaFn = Callable[[str, dict], dict]  # (stage name, metrics) -> checkpoint meta
-
 
 def block_ranges(num_layers: int, k: int) -> list[tuple[int, int]]:
     """[(start, end)] of the blocks: boundaries range(0, L, k)."""
@@ -111,17 +109,19 @@ def collect_block_inputs(model, data: dict[str, torch.Tensor], root: Path, bound
 # ---------------------------------------------------------------- step 2: one block
 
 
-def block_parameters(model, start: int, end: int) -> dict[str, torch.nn.Parameter]:
-    """Feature maps and window factors of layers [start, end), by state-dict name."""
-    return {n: p for n, p in attention_parameters(model).items() if start <= layer_of(n) < end}
+def block_checkpoint_names(model, cfg: Config, start: int, end: int) -> dict[str, str]:
+    """The stage-1 checkpoint names of layers [start, end)."""
+    names = stage1_checkpoint_names(model, cfg.attention.train_window_factor)
+    return {k: n for k, n in names.items() if start <= layer_of(n) < end}
 
 
 def block_stage(model, cfg: Config, start: int, end: int, train: HiddenStateReader, val: HiddenStateReader,
-                device, save: Callable[[Path, dict], None]) -> Stage:
+                device, meta: dict) -> Stage:
     """The stage training layers [start, end) on stored states; batches are indices (b, 1), the loss
     takes their hidden states (b, T, d) on the device."""
     set_attention_trainable(model, True, cfg.attention.train_window_factor)
-    params = {n: p for n, p in block_parameters(model, start, end).items() if p.requires_grad}
+    names = block_checkpoint_names(model, cfg, start, end)
+    params = {n: p for n, p in model.named_parameters() if n in names.values() and p.requires_grad}
     dtype = model.get_input_embeddings().weight.dtype
     d = cfg.distill
 
@@ -139,19 +139,19 @@ def block_stage(model, cfg: Config, start: int, end: int, train: HiddenStateRead
         return run(hidden)
 
     val_idx = torch.arange(len(val))[:, None]  # (M, 1)
-    return Stage(f"distill[{start}:{end}]", params, loss,
+    return Stage(f"distill[{start}:{end}]", model, params, loss,
                  lambda: distill_validate(model, val_idx, cfg, device, d.micro_batch_size,
                                           lambda b: run(hidden_of(b, val))),
-                 save, d, sum(p.numel() for p in model.parameters()), batch_tokens=lambda b: len(b) * train.seq_len,
-                 inputs=lambda idx: hidden_of(idx, train))
+                 d, names, meta, sum(p.numel() for p in model.parameters()),
+                 batch_tokens=lambda b: len(b) * train.seq_len, inputs=lambda idx: hidden_of(idx, train))
 
 
 # ---------------------------------------------------------------- step 3: gather
 
 
-def _converted_blocks(model, ranges: list[tuple[int, int]]) -> list[int]:
+def _converted_blocks(model, cfg: Config, ranges: list[tuple[int, int]]) -> list[int]:
     """Indices of blocks holding at least one converted layer (the others have nothing to train)."""
-    layers = {layer_of(n) for n in attention_parameters(model)}
+    layers = {layer_of(n) for n in stage1_checkpoint_names(model, cfg.attention.train_window_factor).values()}
     return [i for i, (s, e) in enumerate(ranges) if any(s <= j < e for j in layers)]
 
 
@@ -160,12 +160,12 @@ def _weighted(summaries: list[dict], key: str, weights: list[int]) -> float:
                for s, w in zip(summaries, weights)) / max(sum(weights), 1)
 
 
-def gather_blocks(model, d1: Path, ranges: list[tuple[int, int]], todo: list[int], meta_fn: MetaFn) -> StageResult:
-    """Load every block's best weights, save them as one stage-1 checkpoint d1/best, write d1/summary.json."""
-    summaries = []
+def gather_blocks(d1: Path, ranges: list[tuple[int, int]], todo: list[int], meta: dict) -> StageResult:
+    """Every block's best weights as one stage-1 checkpoint d1/best (as a joint run writes it), and
+    d1/summary.json."""
+    summaries, tensors = [], {}
     for i in todo:
-        directory = block_dir(d1, i) / "best"
-        load_into(block_parameters(model, *ranges[i]), load_tensors(directory), directory)
+        tensors.update(load_tensors(block_dir(d1, i) / BEST))
         summaries.append(json.loads((block_dir(d1, i) / SUMMARY).read_text()))
     n_layers = [sum(k.startswith("mse/") for k in s["best_metrics"]) for s in summaries]
     metrics: dict = {"val_loss": _weighted(summaries, "val_loss", n_layers)}
@@ -177,7 +177,7 @@ def gather_blocks(model, d1: Path, ranges: list[tuple[int, int]], todo: list[int
     metrics["tokens"] = sum(s["tokens"] for s in summaries)
     metrics["blocks"] = [{"layers": list(ranges[i]), "val_loss": s["best_val"], "step": s["best_metrics"].get("step")}
                          for i, s in zip(todo, summaries)]
-    save_checkpoint(d1 / "best", attention_parameters(model), meta_fn("distill", metrics))
+    save_checkpoint(d1 / BEST, tensors, {**meta, "metrics": metrics})
     history = [{**h, "block": i} for i, s in zip(todo, summaries) for h in s["history"]]
     result = StageResult(metrics["val_loss"], metrics, metrics["step"], metrics["tokens"],
                          sum(s["seconds"] for s in summaries), sum(s["trainable"] for s in summaries),
@@ -189,42 +189,35 @@ def gather_blocks(model, d1: Path, ranges: list[tuple[int, int]], todo: list[int
 # ---------------------------------------------------------------- the whole stage
 
 
-def _block_done(directory: Path) -> bool:
-    return (directory / SUMMARY).is_file() and (directory / "best" / "meta.json").is_file()
-
-
 def train_blockwise(model, cfg: Config, train: torch.Tensor, val: torch.Tensor, d1: Path, fingerprint: str,
-                    device, meta_fn: MetaFn, on_step=None, blocks: list[int] | None = None) -> StageResult | None:
+                    device, meta: dict, on_step=None, blocks: list[int] | None = None) -> StageResult | None:
     """Stage 1 block by block (train (N, T), val (M, T) token ids). Trains ``blocks`` (default:
-    $LOLCATS_BLOCKS, else all); returns the gathered result once every block is done, else None."""
+    $LOLCATS_BLOCKS, else all); returns the gathered result once every block is done, else None.
+    ``meta``: the stage-1 checkpoint's metadata."""
     num_layers = model.config.num_hidden_layers
     ranges = block_ranges(num_layers, cfg.distill.block_size)
-    todo = _converted_blocks(model, ranges)
+    todo = _converted_blocks(model, cfg, ranges)
     if blocks is None:
         blocks = parse_blocks(os.environ.get(BLOCKS_ENV), len(ranges))
     root = Path(d1) / HIDDEN_DIR
     collect_block_inputs(model, {"train": train, "val": val}, root, [s for s, _ in ranges],
                          store_meta(fingerprint, cfg), cfg.distill.micro_batch_size, device)
     for i in todo if blocks is None else [b for b in blocks if b in todo]:
-        if not _block_done(block_dir(d1, i)):
-            _train_block(model, cfg, ranges[i], i, root, fingerprint, device, meta_fn, d1, on_step)
-    pending = [i for i in todo if not _block_done(block_dir(d1, i))]
+        if not stage_done(block_dir(d1, i)):
+            _train_block(model, cfg, ranges[i], i, root, fingerprint, device, meta, d1, on_step)
+    pending = [i for i in todo if not stage_done(block_dir(d1, i))]
     if pending:
         print(f"lolcats: block-wise stage 1 in {d1}: blocks {pending} still to train "
               f"(run them, e.g. {BLOCKS_ENV}={','.join(map(str, pending))}); not gathered yet", file=sys.stderr)
         return None
-    return gather_blocks(model, d1, ranges, todo, meta_fn)
+    return gather_blocks(d1, ranges, todo, meta)
 
 
-def _train_block(model, cfg, span, index, root, fingerprint, device, meta_fn, d1, on_step) -> StageResult:
+def _train_block(model, cfg, span, index, root, fingerprint, device, meta, d1, on_step) -> StageResult:
     readers = {s: HiddenStateReader(root, span[0], s) for s in SPLITS}
     for r in readers.values():
         r.verify(fingerprint, cfg.fingerprint("model", "data"))
-
-    def save(directory, metrics):
-        meta = {**meta_fn("distill-block", metrics), "block": index, "layers": list(span)}
-        save_checkpoint(directory, block_parameters(model, *span), meta)
-
-    stage = block_stage(model, cfg, span[0], span[1], readers["train"], readers["val"], device, save)
+    meta = {**meta, "stage": "distill-block", "block": index, "layers": list(span)}
+    stage = block_stage(model, cfg, span[0], span[1], readers["train"], readers["val"], device, meta)
     ids = torch.arange(len(readers["train"]))[:, None]  # (N, 1): the trainer's "data"
     return train_stage(stage, ids, block_dir(d1, index), cfg.run.seed, device, cfg.run.progress, on_step)

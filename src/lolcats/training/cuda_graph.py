@@ -23,11 +23,6 @@ LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
 MAX_SHAPES = 2  # graphs kept (the full micro-batch and an epoch's last, shorter one); others run eagerly
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether a CUDA graph is being captured on ``device`` (reading a tensor's value would break it)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def loss_and_backward(loss_fn: LossFn, batch: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, dict]:
     """The eager step: ``loss_fn(batch)``, then ``(loss * scale).backward()``; returns (loss, logs)."""
     loss, logs = loss_fn(batch)

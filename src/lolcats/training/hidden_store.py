@@ -34,8 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lolcats.checkpoint import write_json
 import torch.nn as nn
+
+from lolcats.attention.convert import decoder_stack, lolcats_modules
+from lolcats.checkpoint import write_json
+from lolcats.distributed import is_sharded
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -275,27 +278,8 @@ class _StopForward(Exception):
     """Raised in a hook once the last wanted hidden state is captured."""
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    """The module holding ``layers``, ``norm`` and ``rotary_emb`` (through CausalLM/PEFT wrappers)."""
-    seen, inner = set(), model
-    while not hasattr(inner, "layers") and id(inner) not in seen:
-        seen.add(id(inner))
-        inner = getattr(inner, "model", None) or getattr(inner, "base_model", None)
-        if inner is None:
-            break
-    if inner is None or not hasattr(inner, "layers"):
-        raise ValueError(f"{type(model).__name__} has no decoder layers (.model.layers)")
-    return inner
-
-
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
-
-
-def _is_fsdp(model: nn.Module) -> bool:
-    from lolcats.distributed import is_sharded
-
-    return is_sharded(model)
 
 
 @torch.no_grad()
@@ -308,14 +292,12 @@ def collect_hidden_states(model: nn.Module, input_ids: torch.Tensor, boundaries:
     once the last boundary is captured. Under FSDP every rank must run the whole forward, so
     pass the root module and let it run to the end.
     """
-    from lolcats.attention.convert import lolcats_modules
-
-    inner = _backbone(model)
+    inner = decoder_stack(model)
     layers, n_layers = inner.layers, len(inner.layers)
     bad = [b for b in boundaries if not 0 <= b <= n_layers]
     if bad:
         raise ValueError(f"boundaries {bad} outside [0, {n_layers}] (the model has {n_layers} layers)")
-    stop_early = not _is_fsdp(model) if stop_early is None else stop_early
+    stop_early = not is_sharded(model) if stop_early is None else stop_early
     last = max(boundaries)
     captured: dict[int, torch.Tensor] = {}
 
@@ -353,7 +335,7 @@ def run_layer_block(model: nn.Module, start: int, end: int, hidden: torch.Tensor
     the compute dtype (cast stored bf16 states for an fp32 model). Not for FSDP-sharded
     models (their layers unshard only inside the root's forward).
     """
-    inner = _backbone(model)
+    inner = decoder_stack(model)
     if not 0 <= start <= end <= len(inner.layers):
         raise ValueError(f"layer block [{start}, {end}) is outside [0, {len(inner.layers)}]")
     B, T, _ = hidden.shape

@@ -9,15 +9,16 @@ Stage 2, low-rank adjusting: feature maps frozen; LoRA (peft) on q/k/v/o; next-t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from lolcats.attention.convert import (attention_parameters, collect_distill_outputs, set_attention_mode,
-                                       set_attention_trainable)
+                                       set_attention_trainable, stage1_checkpoint_names)
 from lolcats.config import Config
-from lolcats.training.trainer import Stage, autocast_context
+from lolcats.models.lora import lora_checkpoint_names, lora_parameters
+from lolcats.runtime import autocast_context
+from lolcats.training.trainer import Stage
 
 
 def _batches(data: torch.Tensor, size: int):
@@ -84,7 +85,7 @@ def lm_validate(model, val: torch.Tensor, precision: str, device, batch_size: in
     return r["loss"], {"ppl": r["ppl"]}
 
 
-def distill_stage(model, cfg: Config, val: torch.Tensor, device, save: Callable[[Path, dict], None]) -> Stage:
+def distill_stage(model, cfg: Config, val: torch.Tensor, device, meta: dict) -> Stage:
     set_attention_trainable(model, True, cfg.attention.train_window_factor)
     params = {n: p for n, p in attention_parameters(model).items() if p.requires_grad}
 
@@ -93,27 +94,13 @@ def distill_stage(model, cfg: Config, val: torch.Tensor, device, save: Callable[
         model.train()
         return distill_loss(model, batch, cfg, device)
 
-    return Stage("distill", params, loss,
+    return Stage("distill", model, params, loss,
                  lambda: distill_validate(model, val, cfg, device, cfg.distill.micro_batch_size),
-                 save, cfg.distill, sum(p.numel() for p in model.parameters()))
+                 cfg.distill, stage1_checkpoint_names(model, cfg.attention.train_window_factor), meta,
+                 sum(p.numel() for p in model.parameters()))
 
 
-def add_lora(model, cfg: Config):
-    """Wrap ``model`` with peft LoRA adapters on the configured targets (feature maps frozen)."""
-    from peft import LoraConfig, get_peft_model
-
-    f = cfg.finetune
-    set_attention_trainable(model, False)
-    lcfg = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout,
-                      target_modules=list(f.lora_targets), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
-
-
-def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
-
-
-def finetune_stage(model, cfg: Config, val: torch.Tensor, device, save: Callable[[Path, dict], None]) -> Stage:
+def finetune_stage(model, cfg: Config, val: torch.Tensor, device, meta: dict) -> Stage:
     set_attention_mode(model, "student")
     f = cfg.finetune
 
@@ -122,6 +109,6 @@ def finetune_stage(model, cfg: Config, val: torch.Tensor, device, save: Callable
         out = lm_loss(model, batch, f.precision, device)
         return out, {}
 
-    return Stage("finetune", lora_parameters(model), loss,
+    return Stage("finetune", model, lora_parameters(model), loss,
                  lambda: lm_validate(model, val, f.precision, device, f.micro_batch_size),
-                 save, f, sum(p.numel() for p in model.parameters()))
+                 f, lora_checkpoint_names(model), meta, sum(p.numel() for p in model.parameters()))

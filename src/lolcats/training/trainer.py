@@ -2,53 +2,50 @@
 ReduceLROnPlateau, periodic validation, early stopping, the best checkpoint by validation
 loss, and resumable state.
 
-A stage is described by a :class:`Stage` (its trainable parameters, a loss on a batch and a
-validation function); :func:`train_stage` runs it in ``run_dir``:
+A stage is described by a :class:`Stage` (its model and trainable parameters, a loss on a batch,
+a validation function, and what its checkpoint holds); :func:`train_stage` runs it in a run
+directory (layout: :mod:`lolcats.runs`). After a resume, steps since the last saved state appear
+twice in ``train_log.jsonl`` (the last wins).
 
-    run_dir/state.pt   resumable state (weights, optimiser, scheduler, data position, RNG)
-    run_dir/best/      best checkpoint by validation loss (the stage's output)
-    run_dir/summary.json  written when the stage finishes (marks it done)
-    run_dir/train_log.jsonl  one line per step (loss, lr, tokens, tokens/s) and per validation;
-                          after a resume, steps since the last saved state appear twice (the last wins)
-
-A run killed at any point resumes from ``state.pt`` and ends with the same weights as an
+A run killed at any point resumes from its state file and ends with the same weights as an
 uninterrupted run: the data order is a function of (seed, epoch) and the position in it is
 saved with the weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from lolcats import distributed as dist
-from lolcats.checkpoint import atomic_write, write_json
+from lolcats.checkpoint import save_checkpoint, write_json
 from lolcats.config import TrainConfig
 from lolcats.data import iterate_batches
-from lolcats.training.cuda_graph import GraphedLoss, capturing, graphs_wanted, loss_and_backward
+from lolcats.runs import BEST, LEGACY_STATE, STATE, SUMMARY, TRAIN_LOG
+from lolcats.training.cuda_graph import GraphedLoss, graphs_wanted, loss_and_backward
+from lolcats.training.state import load_state, save_state
 
-STATE = "state.pt"
-SUMMARY = "summary.json"
-TRAIN_LOG = "train_log.jsonl"
+COUNTERS = ("step", "epoch", "position", "tokens", "best_val", "best_metrics", "evals_since_best", "history",
+            "seconds", "done")
 
 
 @dataclass
 class Stage:
     name: str
-    params: dict[str, torch.nn.Parameter]  # trainable, by name
+    model: torch.nn.Module  # the root module (what FSDP wraps)
+    params: dict[str, torch.nn.Parameter]  # trainable, by parameter name
     loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]  # batch (b, T) -> (loss, logs: floats or 0-dim tensors)
     validate: Callable[[], tuple[float, dict[str, float]]]  # -> (val loss, metrics)
-    save_best: Callable[[Path, dict], None]  # (dir, metrics) -> writes the stage checkpoint
     cfg: TrainConfig
+    checkpoint: dict[str, str]  # {checkpoint name: parameter name}: what best/ holds
+    meta: dict = field(default_factory=dict)  # best/meta.json (the trainer adds "metrics")
     total_params: int = 0  # of the whole model, for the summary
     batch_tokens: Callable[[torch.Tensor], int] | None = None  # tokens in a batch; default batch.numel()
     inputs: Callable[[torch.Tensor], torch.Tensor] | None = None  # micro-batch -> loss input on the device
@@ -73,30 +70,8 @@ class StopTraining(Exception):
     """Raised by a step callback to stop (used to simulate a killed run in tests)."""
 
 
-def autocast_context(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:  # no cast cache while a CUDA graph is being captured (it would outlive the capture)
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=not capturing(device))
-    return contextlib.nullcontext()
-
-
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 class _Loop:
-    """Mutable state of one stage run; everything in it goes into state.pt."""
+    """Mutable state of one stage run; everything in it goes into the state file."""
 
     def __init__(self, stage: Stage, n_train: int):
         c = stage.cfg
@@ -118,68 +93,24 @@ class _Loop:
         self.done = False
         self.graphed: GraphedLoss | None = None  # set by train_stage where cfg.cuda_graph asks for it
 
-    def state_dict(self) -> dict:
-        """Full (unsharded) CPU tensors; under FSDP every rank must call it (gathers)."""
-        return {"params": {n: _full_cpu(p) for n, p in self.stage.params.items()},
-                "opt": _full_optimizer_state(self.opt), "sched": self.sched.state_dict() if self.sched else None,
-                "counters": {k: getattr(self, k) for k in ("step", "epoch", "position", "tokens", "best_val",
-                                                           "best_metrics", "evals_since_best", "history",
-                                                           "seconds", "done")},
-                "rng": _rng_state()}
+    def save(self, path: Path) -> None:
+        """Write the state file (rank 0); collective under FSDP (the state is gathered)."""
+        params, optim = dist.get_training_state(self.stage.model, self.opt, set(self.stage.params))
+        if dist.dist_info().is_main:
+            plain = {"counters": {k: getattr(self, k) for k in COUNTERS},
+                     "sched": self.sched.state_dict() if self.sched else None}
+            save_state(path, params, optim, plain)
 
-    def load_state_dict(self, st: dict) -> None:
-        with torch.no_grad():
-            for n, p in self.stage.params.items():
-                _copy_full_into(p, st["params"][n])
-        self.opt.load_state_dict(st["opt"])
-        _reshard_optimizer_state(self.opt)
-        if self.sched and st["sched"]:
-            self.sched.load_state_dict(st["sched"])
-        for k, v in st["counters"].items():
+    def load(self, path: Path) -> None:
+        params, optim, plain = load_state(path)
+        missing = sorted(set(self.stage.params) - set(params))
+        if missing:
+            raise ValueError(f"{path} is not this stage's state (it lacks {missing[:3]}); delete it to restart the stage")
+        dist.set_training_state(self.stage.model, self.opt, params, optim)
+        if self.sched and plain["sched"]:
+            self.sched.load_state_dict(plain["sched"])
+        for k, v in plain["counters"].items():
             setattr(self, k, v)
-        _set_rng_state(st["rng"])
-
-
-def _full_cpu(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of the whole tensor (gathered if it is an FSDP2 shard, a DTensor)."""
-    t = t.detach()
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.cpu().clone()
-
-
-def _full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
-    """``opt.state_dict()`` with sharded moments gathered into full CPU tensors (a copy)."""
-    sd = opt.state_dict()
-    state = {pid: {k: _full_cpu(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-             for pid, st in sd["state"].items()}
-    return {**sd, "state": state}
-
-
-def _copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into ``p``, keeping only this rank's shard when ``p`` is a DTensor."""
-    if hasattr(p, "device_mesh"):
-        from lolcats.distributed import _local_shard
-
-        p.to_local().copy_(_local_shard(full, p))
-    else:
-        p.copy_(full.to(p.device, p.dtype))
-
-
-def _reshard_optimizer_state(opt: torch.optim.Optimizer) -> None:
-    """After loading a full optimizer state: turn the moments of sharded params back into shards."""
-    from lolcats.distributed import _local_shard
-
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if not hasattr(p, "device_mesh"):
-                continue
-            from torch.distributed.tensor import DTensor
-
-            st = opt.state.get(p, {})
-            for k, v in list(st.items()):
-                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and tuple(v.shape) == tuple(p.shape):
-                    st[k] = DTensor.from_local(_local_shard(v, p), p.device_mesh, p.placements)
 
 
 def _log(run_dir: Path, record: dict) -> None:
@@ -189,10 +120,12 @@ def _log(run_dir: Path, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _save_state(loop: _Loop, run_dir: Path) -> None:
-    st = loop.state_dict()  # collective under FSDP
+def _save_best(stage: Stage, directory: Path, metrics: dict) -> None:
+    """The stage's checkpoint: rank 0 writes the gathered tensors (collective under FSDP)."""
+    full = dist.gather_trainable_state_dict(stage.model, set(stage.checkpoint.values()))
     if dist.dist_info().is_main:
-        atomic_write(run_dir / STATE, lambda p: torch.save(st, p))
+        save_checkpoint(directory, {k: full[n] for k, n in stage.checkpoint.items()}, {**stage.meta, "metrics": metrics})
+    dist.barrier()
 
 
 def _evaluate(loop: _Loop, run_dir: Path) -> bool:
@@ -207,7 +140,7 @@ def _evaluate(loop: _Loop, run_dir: Path) -> bool:
         loop.sched.step(val)
     if val < loop.best_val:
         loop.best_val, loop.best_metrics, loop.evals_since_best = val, rec, 0
-        stage.save_best(run_dir / "best", rec)
+        _save_best(stage, run_dir / BEST, rec)
     else:
         loop.evals_since_best += 1
     return c.early_stop_patience is not None and loop.evals_since_best >= c.early_stop_patience
@@ -223,8 +156,11 @@ def train_stage(stage: Stage, train_data: torch.Tensor, run_dir: str | Path, see
     if graphs_wanted(c.cuda_graph, device, dist.dist_info().world_size):
         loop.graphed = GraphedLoss(stage.loss, [p for p in stage.params.values() if p.requires_grad])
     if (run_dir / STATE).is_file():
-        loop.load_state_dict(torch.load(run_dir / STATE, map_location="cpu", weights_only=False))
+        loop.load(run_dir / STATE)
     else:
+        if (run_dir / LEGACY_STATE).is_file():
+            print(f"lolcats: {run_dir / LEGACY_STATE} (an older version's resume state, a pickle) is not read; "
+                  "this stage starts again", file=sys.stderr)
         torch.manual_seed(seed)
     if not loop.done and loop.step == 0 and not loop.history:
         _evaluate(loop, run_dir)  # the starting point is a candidate too
@@ -250,7 +186,7 @@ def train_stage(stage: Stage, train_data: torch.Tensor, run_dir: str | Path, see
                                 tok_s=f"{tps:,.0f}", refresh=False)
             loop.done = stop or loop.step >= loop.total_steps
             if loop.done or loop.step % c.save_every == 0 or loop.step % c.eval_every == 0:
-                _save_state(loop, run_dir)
+                loop.save(run_dir / STATE)
             if on_step is not None:
                 on_step(loop.step)
     finally:

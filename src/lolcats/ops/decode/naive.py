@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lolcats.ops.hybrid.naive import window_masks
+from lolcats.ops.kinds import window_slots
 from lolcats.ops.linear.naive import EPS, expand_kv_heads
 
 
@@ -48,12 +50,21 @@ class DecodeState:
             torch.zeros(B, Hk, F, dtype=torch.float32, device=device),
         )
 
+    @classmethod
+    def for_layer(cls, B, Hk, kind, window_size, D, Dv, F, dtype, device) -> "DecodeState":
+        """An empty state for a layer of ``kind`` (window slots from :func:`window_slots`)."""
+        return cls.empty(B, Hk, window_slots(kind, window_size), D, Dv, F, dtype, device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.win_pos.shape[0]
+
+    def rows(self, sl: slice) -> "DecodeState":
+        """A view of rows ``sl``: writing it writes this state."""
+        return DecodeState(**{n: t[sl] for n, t in vars(self).items()})
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values())
-
-
-def window_slots(kind: str, window_size: int) -> int:
-    return {"linear": 0, "sliding_window": window_size, "terraced_window": 2 * window_size}[kind]
 
 
 def _evict(state: DecodeState, leave: torch.Tensor) -> None:
@@ -118,3 +129,39 @@ def decode_step_naive(
     else:
         y = num / (den[..., None] + EPS)
     return y.to(v.dtype)
+
+
+def absorb_chunk(state: DecodeState, k, v, fk, pos, valid, kind: str, window_size: int) -> None:
+    """Write a chunk into ``state`` as :func:`decode_step_naive` would token by token (in place).
+
+    k (B, Hk, T, D), v (B, Hk, T, Dv), fk (B, Hk, T, F), pos (B, T) int64, valid (B, T) bool.
+    A token stays in the window iff it is in the softmax window of the row's last position P;
+    otherwise it is folded into (kv, ks). That is the state the decode step reaches token by
+    token, because the positions of a row are consecutive.
+    """
+    fk_r = fk.to(state.win_fk.dtype)  # the window stores phi(k) in the state dtype; fold what it would fold
+    v_r = v.to(state.win_v.dtype)
+    if kind == "linear":
+        w = valid.to(torch.float32)[:, None, :, None]
+        state.kv += torch.einsum("bhtf,bhtd->bhfd", fk_r.float() * w, v_r.float())
+        state.ks += (fk_r.float() * w).sum(2)
+        return
+    S = state.win_pos.shape[1]
+    old_pos, old_filled = state.win_pos, state.win_pos >= 0
+    last = torch.maximum(old_pos.amax(-1), torch.where(valid, pos, -1).amax(-1))  # (B,) last position, -1 = none
+    stay_old = window_masks(last[:, None], old_pos, kind, window_size)[0][:, 0, 0] & old_filled  # (B, S)
+    stay_new = window_masks(last[:, None], pos, kind, window_size)[0][:, 0, 0] & valid  # (B, T)
+    fold_old = (old_filled & ~stay_old).to(torch.float32)[:, None, :, None]
+    fold_new = (valid & ~stay_new).to(torch.float32)[:, None, :, None]
+    state.kv += torch.einsum("bhsf,bhsd->bhfd", state.win_fk.float() * fold_old, state.win_v.float())
+    state.kv += torch.einsum("bhtf,bhtd->bhfd", fk_r.float() * fold_new, v_r.float())
+    state.ks += (state.win_fk.float() * fold_old).sum(2) + (fk_r.float() * fold_new).sum(2)
+    state.win_pos.masked_fill_(old_filled & ~stay_old, -1)
+    slot = torch.where(stay_new, pos % S, S)  # (B, T); S = a scratch slot dropped below
+    for buf, x in ((state.win_k, k), (state.win_v, v_r), (state.win_fk, fk_r)):
+        ext = torch.cat([buf, buf.new_zeros(*buf.shape[:2], 1, buf.shape[3])], 2)  # (B, Hk, S+1, X)
+        ext.scatter_(2, slot[:, None, :, None].expand(*x.shape[:3], buf.shape[3]), x.to(buf.dtype))
+        buf.copy_(ext[:, :, :S])
+    ext = torch.cat([state.win_pos, state.win_pos.new_full((state.win_pos.shape[0], 1), -1)], 1)
+    ext.scatter_(1, slot, pos)
+    state.win_pos.copy_(ext[:, :S])

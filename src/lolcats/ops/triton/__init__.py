@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from lolcats.ops.linear.naive import EPS, State
-from lolcats.ops.triton.chunked import CHUNK, KINDS, ChunkedAttention
+from lolcats.ops.kinds import kind_id
+from lolcats.ops.triton.chunked import CHUNK, ChunkedAttention
 
 MAX_GRID_Y = 65_535  # CUDA's limit on a grid's second axis, where the kernels put batch x heads
 
@@ -53,15 +54,15 @@ def hybrid_attention_triton(
     chunk: int = CHUNK,
 ) -> torch.Tensor:  # (B, H, T, Dv)
     """Same function as ``hybrid_attention_naive`` in its plain case (positions 0..T-1, no mask)."""
-    if kind not in ("sliding_window", "terraced_window"):
-        raise ValueError(f"unknown window kind {kind!r}; known: sliding_window, terraced_window")
+    if kind_id(kind) == 0:
+        raise ValueError("hybrid attention needs a window kind (sliding_window or terraced_window), not linear")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     n = _rows_per_call(*q.shape[:2])
     if n < q.shape[0]:  # batch x heads beyond the grid: in slices of the batch
         return torch.cat([hybrid_attention_triton(q[i:i + n], k[i:i + n], v[i:i + n], fq[i:i + n], fk[i:i + n],
                                                   window_factor, kind, window_size, scale, chunk)
                           for i in range(0, q.shape[0], n)])
-    y, _, _ = ChunkedAttention.apply(q, k, v, fq, fk, window_factor, None, None, KINDS[kind], window_size,
+    y, _, _ = ChunkedAttention.apply(q, k, v, fq, fk, window_factor, None, None, kind_id(kind), window_size,
                                      scale, 0.0, chunk)
     return y
 

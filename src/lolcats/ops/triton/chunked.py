@@ -44,11 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
-KINDS = {"linear": 0, "sliding_window": 1, "terraced_window": 2}
 CHUNK = 64
 
 
-def _pad(n: int) -> int:
+def pad_dim(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
@@ -66,7 +65,7 @@ def explicit_chunks(kind: int, window: int, chunk: int, num_chunks: int) -> int:
 
 
 @triton.jit
-def _dot(a, b, DT: tl.constexpr):
+def tile_dot(a, b, DT: tl.constexpr):
     """a @ b with operands in DT and a float32 result; float32 operands are multiplied exactly."""
     if DT == tl.float32:
         out = tl.dot(a.to(DT), b.to(DT), input_precision="ieee")
@@ -135,12 +134,12 @@ def _chunk_sums(a, b, den_in, dlt_in, loc, T, NC, H, HK,
             bt = tl.load(b + bh * T * DV + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
             den = tl.load(den_in + bh * T + t, mask=mt, other=1.0)
             dlt = tl.load(dlt_in + bh * T + t, mask=mt, other=0.0)
-            acc += _dot(tl.trans(at), bt.to(tl.float32) / den[:, None], DT)
+            acc += tile_dot(tl.trans(at), bt.to(tl.float32) / den[:, None], DT)
             accz += tl.sum(at.to(tl.float32) * dlt[:, None], 0)
     else:
         at = tl.load(a + bhk * T * F + t[:, None] * F + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
         bt = tl.load(b + bhk * T * DV + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
-        acc = _dot(tl.trans(at), bt, DT)
+        acc = tile_dot(tl.trans(at), bt, DT)
         accz = tl.sum(at.to(tl.float32), 0)
     loc += (bhk * NC + c) * (F * DV + F)
     tl.store(loc + rf[:, None] * DV + rv[None, :], acc, mask=mf[:, None] & mv[None, :])
@@ -208,7 +207,7 @@ def _fwd(q, k, v, fq, fk, gp, st, y, m_out, den_out, am_out, T, NC, NX, H, HK, s
     sb = st + (bhk * (NC + 1) + c0) * (F * DV + F)
     S = tl.load(sb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
     z = tl.load(sb + F * DV + rf, mask=mf, other=0.0)
-    acc_l = _dot(fqt, S, DT)  # (C, DVP)
+    acc_l = tile_dot(fqt, S, DT)  # (C, DVP)
     den_l = tl.sum(fqt.to(tl.float32) * z[None, :], 1)
     acc = tl.zeros([C, DVP], tl.float32)
     l = tl.zeros([C], tl.float32)
@@ -232,7 +231,7 @@ def _fwd(q, k, v, fq, fk, gp, st, y, m_out, den_out, am_out, T, NC, NX, H, HK, s
         if KIND != 0:
             if has_win:
                 kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-                s = tl.where(win, _dot(qt, tl.trans(kt), DT) * scale, float("-inf"))
+                s = tl.where(win, tile_dot(qt, tl.trans(kt), DT) * scale, float("-inf"))
                 tmax = tl.max(s, 1)
                 am = tl.where(tmax > m, tl.argmax(s, 1).to(tl.int32) + ck * C, am)
                 m_new = tl.maximum(m, tmax)
@@ -243,13 +242,13 @@ def _fwd(q, k, v, fq, fk, gp, st, y, m_out, den_out, am_out, T, NC, NX, H, HK, s
                 wt = g * tl.exp(s - m[:, None])
         if has_lin:
             fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
-            a = tl.where(lin, _dot(fqt, tl.trans(fkt), DT), 0.0)
+            a = tl.where(lin, tile_dot(fqt, tl.trans(fkt), DT), 0.0)
             if ck == c0:
                 wt += a
             else:
-                acc_l += _dot(a, vt, DT)
+                acc_l += tile_dot(a, vt, DT)
                 den_l += tl.sum(a, 1)
-        acc += _dot(wt, vt, DT)
+        acc += tile_dot(wt, vt, DT)
         l += tl.sum(wt, 1)
     den = l + den_l + eps
     out = (acc + acc_l) / den[:, None]
@@ -295,7 +294,7 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_ou
         m = tl.load(m_in + bh * T + i, mask=mi, other=0.0)
         # do.y from the unrounded output (the window factor's gradient cancels over rows, so the
         # rounding of a 16-bit y would show): y_i den_i = fq_i S + sum_j w_ij v_j, recomputed.
-        ydo = tl.sum(_dot(fqt, S, DT) * dot_.to(tl.float32), 1)
+        ydo = tl.sum(tile_dot(fqt, S, DT) * dot_.to(tl.float32), 1)
         for ck in range(c0, cq + 1):
             j = ck * C + rc
             mj = j < T
@@ -305,32 +304,32 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_ou
             wt = tl.zeros([C, C], tl.float32)
             if has_win:
                 kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-                s = _dot(qt, tl.trans(kt), DT) * scale
+                s = tile_dot(qt, tl.trans(kt), DT) * scale
                 wt = g * tl.exp(tl.where(win, s, float("-inf")) - m[:, None])
             if has_lin:
                 fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
-                wt += tl.where(lin, _dot(fqt, tl.trans(fkt), DT), 0.0)
-            ydo += tl.sum(wt * _dot(dot_, tl.trans(vt), DT), 1)
+                wt += tl.where(lin, tile_dot(fqt, tl.trans(fkt), DT), 0.0)
+            ydo += tl.sum(wt * tile_dot(dot_, tl.trans(vt), DT), 1)
         dlt = ydo / den / den
     dob = dot_.to(tl.float32) / den[:, None]  # dō
-    dfq_acc = _dot(dob, tl.trans(S), DT) - dlt[:, None] * z[None, :]
+    dfq_acc = tile_dot(dob, tl.trans(S), DT) - dlt[:, None] * z[None, :]
     for ck in range(c0, cq + 1):
         j = ck * C + rc
         mj = j < T
         has_win, has_lin = _tile_parts(cq * C, cq * C + C - 1, ck * C, ck * C + C - 1, KIND, W)
         vt = tl.load(v + j[:, None] * DV + rv[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
         win, lin = _masks(i[:, None], j[None, :], T, KIND, W)
-        dw = _dot(dot_, tl.trans(vt), DT) / den[:, None] - dlt[:, None]
+        dw = tile_dot(dot_, tl.trans(vt), DT) / den[:, None] - dlt[:, None]
         if has_lin:
             fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
-            dfq_acc += _dot(tl.where(lin, dw, 0.0), fkt, DT)
+            dfq_acc += tile_dot(tl.where(lin, dw, 0.0), fkt, DT)
         if KIND != 0:
             if has_win:
                 kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
-                s = _dot(qt, tl.trans(kt), DT) * scale
+                s = tile_dot(qt, tl.trans(kt), DT) * scale
                 pdw = tl.exp(tl.where(win, s, float("-inf")) - m[:, None]) * dw
                 csum += tl.sum(pdw, 1)
-                dq_acc += _dot((g * pdw), kt, DT)
+                dq_acc += tile_dot((g * pdw), kt, DT)
     tl.store(dfq + bh * T * F + i[:, None] * F + rf[None, :], dfq_acc.to(dfq.dtype.element_ty),
              mask=mi[:, None] & mf[None, :])
     tl.store(dlt_out + bh * T + i, dlt, mask=mi)
@@ -362,8 +361,8 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in,
     rb = rst + (bhk * (NC + 1) + r) * (F * DV + F)
     R = tl.load(rb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
     Rz = tl.load(rb + F * DV + rf, mask=mf, other=0.0)
-    dfk_acc = _dot(vt, tl.trans(R), DT) - Rz[None, :]  # (C, FP)
-    dv_acc = _dot(fkt, R, DT)  # (C, DVP)
+    dfk_acc = tile_dot(vt, tl.trans(R), DT) - Rz[None, :]  # (C, FP)
+    dv_acc = tile_dot(fkt, R, DT)  # (C, DVP)
     dk_acc = tl.zeros([C, DP], tl.float32)
     if KIND != 0:
         kt = tl.load(k + bhk * T * D + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
@@ -382,13 +381,13 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in,
             den = tl.load(den_in + bh * T + i, mask=mi, other=1.0)
             dlt = tl.load(dlt_in + bh * T + i, mask=mi, other=0.0)
             win, lin = _masks(i[None, :], j[:, None], T, KIND, W)  # (keys, queries)
-            dw = _dot(vt, tl.trans(dot_), DT) / den[None, :] - dlt[None, :]
+            dw = tile_dot(vt, tl.trans(dot_), DT) / den[None, :] - dlt[None, :]
             wt = tl.zeros([C, C], tl.float32)
             if has_lin:
                 fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :],
                               other=0.0)
-                wt = tl.where(lin, _dot(fkt, tl.trans(fqt), DT), 0.0)
-                dfk_acc += _dot(tl.where(lin, dw, 0.0), fqt, DT)
+                wt = tl.where(lin, tile_dot(fkt, tl.trans(fqt), DT), 0.0)
+                dfk_acc += tile_dot(tl.where(lin, dw, 0.0), fqt, DT)
             if KIND != 0:
                 if has_win:
                     qt = tl.load(q + bh * T * D + i[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :],
@@ -396,13 +395,13 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in,
                     m = tl.load(m_in + bh * T + i, mask=mi, other=0.0)
                     am = tl.load(am_in + bh * T + i, mask=mi, other=-1)
                     cs = tl.load(csum_in + bh * T + i, mask=mi, other=0.0)
-                    s = _dot(kt, tl.trans(qt), DT) * scale
+                    s = tile_dot(kt, tl.trans(qt), DT) * scale
                     p = g * tl.exp(tl.where(win, s, float("-inf")) - m[None, :])
                     wt += p
                     ds = p * dw - tl.where(am[None, :] == j[:, None], g * cs[None, :], 0.0)
-                    dk_acc += _dot(ds, qt, DT)
+                    dk_acc += tile_dot(ds, qt, DT)
             dob = dot_.to(tl.float32) / den[:, None]
-            dv_acc += _dot(wt, dob, DT)
+            dv_acc += tile_dot(wt, dob, DT)
     tl.store(dv + bhk * T * DV + j[:, None] * DV + rv[None, :], dv_acc.to(dv.dtype.element_ty),
              mask=mj[:, None] & mv[None, :])
     tl.store(dfk + bhk * T * F + j[:, None] * F + rf[None, :], dfk_acc.to(dfk.dtype.element_ty),
@@ -415,7 +414,7 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in,
 # ----------------------------------------------------------------------------- host side
 
 
-def _dot_dtype(*tensors: torch.Tensor):
+def dot_dtype(*tensors: torch.Tensor):
     """Operand dtype of every tl.dot: float32 if all inputs are, else the 16-bit input type.
 
     The Triton interpreter multiplies bfloat16 tiles wrongly (triton 3.9), so under
@@ -436,7 +435,7 @@ def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 
 
 def _bv(dv: int) -> int:
-    return min(64, _pad(dv))
+    return min(64, pad_dim(dv))
 
 
 # Launch settings per kernel, (num_warps, num_stages), for head dims max(D, Dv) <= 64 and > 64
@@ -470,7 +469,7 @@ def _states(a, b, init, C, dt, reverse=False, den=None, dlt=None, heads=None):
     BV = _bv(Dv)
     _chunk_sums[(NC, B * Hk, triton.cdiv(Dv, BV))](
         a, b, den if reverse else a, dlt if reverse else a, loc, T, NC, a.shape[1], Hk, BWD=reverse,
-        F=F, DV=Dv, FP=_pad(F), BV=BV, C=C, DT=dt, **_launch("sums", Dv))
+        F=F, DV=Dv, FP=pad_dim(F), BV=BV, C=C, DT=dt, **_launch("sums", Dv))
     out = _empty((B, Hk, NC + 1, E), a, torch.float32)
     has = init is not None
     ini = torch.cat([init[0].float().reshape(B, Hk, F * Dv), init[1].float().reshape(B, Hk, F)], -1) if has else loc
@@ -497,7 +496,7 @@ class ChunkedAttention(torch.autograd.Function):
         C = chunk
         NC = triton.cdiv(T, C)
         NX = explicit_chunks(kind, window, C, NC)
-        dt = _dot_dtype(q, k, v, fq, fk)
+        dt = dot_dtype(q, k, v, fq, fk)
         fq, fk, v = fq.contiguous(), fk.contiguous(), v.contiguous()
         q = q.contiguous() if q is not None else fq
         k = k.contiguous() if k is not None else fk
@@ -511,7 +510,7 @@ class ChunkedAttention(torch.autograd.Function):
         m = _empty((B, H, T), v, torch.float32)
         den = _empty((B, H, T), v, torch.float32)
         am = torch.empty((B, H, T), dtype=torch.int32, device=v.device)
-        dims = dict(KIND=kind, W=max(window, 1), D=D, DV=Dv, F=F, DP=_pad(D), DVP=_pad(Dv), FP=_pad(F), C=C, DT=dt)
+        dims = dict(KIND=kind, W=max(window, 1), D=D, DV=Dv, F=F, DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), C=C, DT=dt)
         _fwd[(NC, B * H)](q, k, v, fq, fk, gg, st, y, m, den, am, T, NC, NX, H, Hk, scale, eps,
                           **dims, **_launch("fwd", D, Dv))
         ctx.save_for_backward(q, k, v, fq, fk, gg, st, y, m, den, am)

@@ -25,10 +25,9 @@ import triton
 import triton.language as tl
 
 from lolcats.ops.decode.naive import DecodeState
-from lolcats.ops.triton.chunked import _dot, _dot_dtype, _pad
+from lolcats.ops.triton.chunked import tile_dot, dot_dtype, pad_dim
+from lolcats.ops.kinds import kind_id
 from lolcats.ops.linear.naive import EPS
-
-KIND_IDS = {"linear": 0, "sliding_window": 1, "terraced_window": 2}
 
 
 @triton.jit
@@ -92,7 +91,7 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         kt = tl.load(win_k + (bhk * S + rs[:, None]) * D + rd[None, :], mask=ms[:, None] & md[None, :], other=0.0)
         kt = tl.where(write[:, None], k_new[None, :].to(kt.dtype), kt)
         qt = tl.load(q + heads[:, None] * D + rd[None, :], mask=mg[:, None] & md[None, :], other=0.0)
-        s = _dot(qt, tl.trans(kt), DT) * scale  # (GP, SP)
+        s = tile_dot(qt, tl.trans(kt), DT) * scale  # (GP, SP)
         s = tl.where((npos >= 0)[None, :], s, float("-inf"))
         m = tl.max(s, 1)
         m = tl.where(m > float("-inf"), m, 0.0)
@@ -113,16 +112,16 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
             vt = tl.load(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], mask=ms[:, None] & mv[None, :],
                          other=0.0)
             if KIND == 1:  # sliding: one slot leaves at (nearly) every step
-                kvb += _dot(tl.trans(fk_old), vt, DT)
+                kvb += tile_dot(tl.trans(fk_old), vt, DT)
             elif tl.sum(leave.to(tl.int32), 0) > 0:
                 # terraced: a half leaves once per block. Its rows are re-read here (cached) rather
                 # than held in registers across the loop (that spilled: Nsight Compute, PERFORMANCE.md)
                 fko = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=leave[:, None] & mf[None, :],
                               other=0.0)
-                kvb += _dot(tl.trans(fko), vt, DT)
+                kvb += tile_dot(tl.trans(fko), vt, DT)
             vt = tl.where(write[:, None], v_new[None, :].to(vt.dtype), vt)
             tl.store(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], vt, mask=write[:, None] & mv[None, :])
-            num = _rows_times(fq, heads, rf, mf, kvb, rg, GQ, GP, BV, F) + _dot(p, vt, DT)
+            num = _rows_times(fq, heads, rf, mf, kvb, rg, GQ, GP, BV, F) + tile_dot(p, vt, DT)
         tl.store(kv + (bhk * F + rf[:, None]) * DV + rv[None, :], kvb, mask=mf[:, None] & mv[None, :])
         if KIND == 0:
             out = num / den[:, None]
@@ -165,23 +164,21 @@ def decode_step_triton(
     valid: torch.Tensor | None = None,  # (B,) bool
 ) -> torch.Tensor:  # (B, H, Dv)
     """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous."""
-    if kind not in KIND_IDS:
-        raise ValueError(f"unknown decode kind {kind!r}; known: {sorted(KIND_IDS)}")
     B, H, D = q.shape
     Hk, Dv, F = k.shape[1], v.shape[-1], fk.shape[-1]
     S = state.win_pos.shape[1]
-    kid = KIND_IDS[kind]
+    kid = kind_id(kind)
     q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
     y = torch.empty((B, H, Dv), dtype=v.dtype, device=v.device)
-    dt = _dot_dtype(state.win_k)
+    dt = dot_dtype(state.win_k)
     has_valid = valid is not None
     vptr = valid.view(torch.int8) if has_valid else pos  # bool as bytes
     gp = window_factor.contiguous() if window_factor is not None else fq
-    SP = _pad(max(S, 1))
+    SP = pad_dim(max(S, 1))
     common = dict(KIND=kid, W=max(window_size, 1), S=max(S, 1), SP=SP, HAS_VALID=has_valid)
     _decode[(B * Hk,)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
-                       pos, vptr, gp, y, H, Hk, float(scale), EPS, **common, D=D, DV=Dv, F=F, DP=_pad(D),
-                       FP=_pad(F), GP=_pad(H // Hk), GQ=H // Hk, BV=min(64, _pad(Dv)), DT=dt, num_warps=4)
+                       pos, vptr, gp, y, H, Hk, float(scale), EPS, **common, D=D, DV=Dv, F=F, DP=pad_dim(D),
+                       FP=pad_dim(F), GP=pad_dim(H // Hk), GQ=H // Hk, BV=min(64, pad_dim(Dv)), DT=dt, num_warps=4)
     if kid != 0:
         _decode_pos[(B,)](state.win_pos, pos, vptr, **common, num_warps=1)
     return y

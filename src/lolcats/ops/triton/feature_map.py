@@ -1,7 +1,7 @@
 """The Hedgehog feature map as one Triton op (forward and backward), beside its reference.
 
 phi(x) = [softmax(x W_h), softmax(-x W_h)].clamp(min=eps) per head h, x (B, H, T, D),
-W (H, D, F) -> (B, H, T, 2F). Reference: ``attention.feature_maps.hedgehog_reference`` (what
+W (H, D, F) -> (B, H, T, 2F). Reference: ``ops/feature_map/naive.py::hedgehog_reference`` (what
 ``HedgehogFeatureMap`` computes). One program per (BM of the B x T token rows,
 head) computes z = x W_h in registers and writes both softmaxes: the PyTorch path runs ~8 kernels
 (casts, batched matmul, two softmaxes, negation, concatenation, clamp) and as many backward.
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.attention.feature_maps import FEATURE_EPS
-from lolcats.ops.triton.chunked import _dot, _dot_dtype, _pad
+from lolcats.ops.feature_map.naive import FEATURE_EPS
+from lolcats.ops.triton.chunked import tile_dot, dot_dtype, pad_dim
 
 BM = 64  # tokens per program
 
@@ -38,7 +38,7 @@ def _tile(x, w, T, N, H, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP:
     md, mf = rd < D, rf < F
     xt = tl.load(x + row[:, None] * D + rd[None, :], mask=mm[:, None] & md[None, :], other=0.0)
     wt = tl.load(w + (h * D + rd[:, None]) * F + rf[None, :], mask=md[:, None] & mf[None, :], other=0.0)
-    z = _dot(xt, wt, DT)
+    z = tile_dot(xt, wt, DT)
     zp = tl.where(mf[None, :], z, float("-inf"))
     a = tl.exp(zp - tl.max(zp, 1)[:, None])
     zn = tl.where(mf[None, :], -z, float("-inf"))
@@ -68,10 +68,10 @@ def _hh_bwd(x, w, g, dx, dw, T, N, H, eps, D: tl.constexpr, F: tl.constexpr, DP:
     dz = s1 * (g1 - tl.sum(g1 * s1, 1)[:, None]) - s2 * (g2 - tl.sum(g2 * s2, 1)[:, None])  # (BM, FP)
     dz = tl.where(m, dz, 0.0)
     if WANT_DX:  # attention transfer detaches q and k: only dW is needed there
-        dxt = _dot(dz, tl.trans(wt), DT)  # (BM, DP)
+        dxt = tile_dot(dz, tl.trans(wt), DT)  # (BM, DP)
         tl.store(dx + row[:, None] * D + rd[None, :], dxt.to(dx.dtype.element_ty),
                  mask=mm[:, None] & md[None, :])
-    dwt = _dot(tl.trans(xt), dz, DT)  # (DP, FP)
+    dwt = tile_dot(tl.trans(xt), dz, DT)  # (DP, FP)
     tl.atomic_add(dw + (h * D + rd[:, None]) * F + rf[None, :], dwt, mask=md[:, None] & mf[None, :])
 
 
@@ -84,8 +84,8 @@ class HedgehogTriton(torch.autograd.Function):
         out = torch.empty((B, H, T, 2 * F), dtype=out_dtype, device=x.device)
         dev = x.device.type
         amp = torch.empty(0, dtype=torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
-        dt = _dot_dtype(x, weight, amp)
-        dims = dict(D=D, F=F, DP=_pad(D), FP=_pad(F), BLOCK=BM, DT=dt)
+        dt = dot_dtype(x, weight, amp)
+        dims = dict(D=D, F=F, DP=pad_dim(D), FP=pad_dim(F), BLOCK=BM, DT=dt)
         _hh_fwd[(triton.cdiv(B * T, BM), H)](x, weight, out, T, B * T, H, eps, **dims, num_warps=4)
         ctx.save_for_backward(x, weight)
         ctx.cfg = (eps, dims)

@@ -1,18 +1,16 @@
-"""Entry points for ``lolcats generate`` and ``lolcats chat`` (the CLI parses; these only run).
+"""Text in, text out, for a loaded model: completions, stop strings, chat sessions.
 
-``run_generate`` / ``run_chat`` take a ready model and tokenizer; ``generate_main`` /
-``chat_main`` load them from a :class:`~lolcats.config.Config` when the caller does not pass them.
-``args`` is any object with the attributes read below (an ``argparse.Namespace`` will do).
+``lolcats generate`` and ``lolcats chat`` (``lolcats.cli``) load a model with
+``lolcats.models.trained.load_trained`` and call :func:`complete` or :func:`run_chat`.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Callable, Iterable
 
 import torch
 
-from lolcats.generation.cache import cache_kwarg_name, enable_lolcats_generation, make_cache
+from lolcats.attention.convert import cache_kwarg_name, enable_lolcats_generation, make_cache
 from lolcats.generation.fast import FastGenerator
 
 
@@ -143,60 +141,13 @@ def run_chat(model, tokenizer, max_new_tokens: int = 256, temperature: float = 0
     return session.messages
 
 
-# ---------------------------------------------------------------- wiring for the CLI
-
-
-def load_for_generation(cfg):
-    """Base model + tokenizer from ``cfg.model``, converted by ``cfg.attention``, student mode.
-
-    The feature maps are untrained here; a caller with a trained checkpoint passes its own model.
-    """
-    from lolcats.attention.convert import convert_model, set_attention_mode
-    from lolcats.models.loading import load_base_model, load_tokenizer
-
-    tok = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model)
-    convert_model(model, cfg.attention)
-    set_attention_mode(model, "student")
-    enable_lolcats_generation(model)
-    return model, tok
-
-
-def _prompts(args) -> list[str]:
-    prompts = getattr(args, "prompt", None) or []
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    path = getattr(args, "prompt_file", None)
-    if path:
-        with open(path) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts and not sys.stdin.isatty():
-        prompts = [sys.stdin.read()]
-    if not prompts:
-        raise ValueError("generate: give --prompt TEXT (repeatable), --prompt-file FILE, or text on stdin")
-    return prompts
-
-
-def generate_main(cfg, args, model=None, tokenizer=None) -> list[str]:
-    """``args``: prompt (str | list), prompt_file, max_new_tokens, temperature, top_p, stop (list), stream, fast,
-    chat_template (wrap each prompt as a user message)."""
-    if model is None or tokenizer is None:
-        model, tokenizer = load_for_generation(cfg)
-    stream = bool(getattr(args, "stream", False))
-    prompts = _prompts(args)
-    if getattr(args, "chat_template", False):
+def complete(model, tokenizer, prompts: list[str], chat_template: bool = False, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None, stream: bool = False,
+             fast: bool = False) -> list[str]:
+    """:func:`run_generate` on ``prompts``, each first wrapped as a user message through the
+    tokenizer's chat template when ``chat_template`` (instruct models)."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("generate: every prompt must be non-empty text")
+    if chat_template:
         prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    texts = run_generate(model, tokenizer, prompts, getattr(args, "max_new_tokens", 128),
-                         getattr(args, "temperature", 0.0), getattr(args, "top_p", 1.0),
-                         getattr(args, "stop", None), stream, bool(getattr(args, "fast", False)))
-    if not stream:
-        for i, t in enumerate(texts):
-            print(f"=== {i}\n{t}" if len(texts) > 1 else t)
-    return texts
-
-
-def chat_main(cfg, args, model=None, tokenizer=None) -> list[dict[str, str]]:
-    """``args``: max_new_tokens, temperature, top_p, system."""
-    if model is None or tokenizer is None:
-        model, tokenizer = load_for_generation(cfg)
-    return run_chat(model, tokenizer, getattr(args, "max_new_tokens", 256), getattr(args, "temperature", 0.0),
-                    getattr(args, "top_p", 1.0), getattr(args, "system", None))
+    return run_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stream, fast)

@@ -1,0 +1,105 @@
+"""LolcatsCache: a Hugging Face ``Cache`` whose size per layer does not grow with the text.
+
+It only stores. Each converted layer's slot (:class:`LolcatsLayer`) holds one
+:class:`~lolcats.ops.decode.naive.DecodeState` (a ring buffer of the last window's keys, values
+and phi(k), plus the linear-attention sums kv, ks) and ``seen``, the mask columns consumed so far
+(pads included). The attention layer reads and writes its slot itself
+(``LolcatsAttention.forward`` -> ``attend_cached``): prefill, chunked prefill and the decode step
+are the layer's math, in ``attention/module.py``.
+
+Layers left as softmax attention (``AttentionConfig.layers`` a subset) keep HF's dynamic layer,
+so a partly converted model still generates (their memory grows as usual).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from lolcats.ops.decode.naive import DecodeState
+
+
+class LolcatsLayer(CacheLayerMixin):
+    """One converted layer's constant-size state. ``seen``: mask columns consumed (pads included)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = True  # masks for these layers span only the new tokens (see get_mask_sizes)
+    supports_early_init = False
+
+    def __init__(self, state: DecodeState | None = None):
+        super().__init__()
+        self.state = state
+        self.seen = 0
+        self.is_initialized = state is not None
+
+    # -- HF Cache layer interface
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("a LolcatsCache layer holds no key/value history: softmax attention cannot use it "
+                           "(set the model to student mode, or use a DynamicCache for the teacher)")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, self.seen  # (kv_length, kv_offset): the chunk's own keys only
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def reset(self) -> None:
+        if self.state is not None:
+            for name, t in vars(self.state).items():
+                t.fill_(-1) if name == "win_pos" else t.zero_()
+        self.seen = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError("a LolcatsCache cannot be cropped (its state has no per-token history)")
+
+    def _map_batch(self, fn) -> None:
+        if self.state is not None:
+            self.state = DecodeState(**{n: fn(t) for n, t in vars(self.state).items()})
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+
+class LolcatsCache(Cache):
+    """Constant-size cache for converted models; softmax layers (if any) keep dynamic layers."""
+
+    def __init__(self, layers: list):
+        super().__init__(layers=layers)
+
+    def slot(self, layer_idx: int) -> LolcatsLayer:
+        """The stored state of converted layer ``layer_idx``."""
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, LolcatsLayer):
+            raise RuntimeError(f"layer {layer_idx} is converted but its cache slot is {type(layer).__name__}")
+        return layer
+
+    def states(self) -> dict[int, DecodeState]:
+        return {i: l.state for i, l in enumerate(self.layers) if isinstance(l, LolcatsLayer) and l.state is not None}
+
+    def state_nbytes(self) -> int:
+        """Bytes held by all layers (constant in the generated length for converted layers)."""
+        total = sum(s.nbytes() for s in self.states().values())
+        for l in self.layers:
+            if not isinstance(l, LolcatsLayer) and getattr(l, "keys", None) is not None:
+                total += l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
+        return total

@@ -1,0 +1,169 @@
+"""The one way to load a model for use: a trained linearized model, an export, or a base model.
+
+Every command that uses a model (export, generate, chat, eval, serve) describes it as a
+:class:`ModelSource` and calls :func:`load_trained`:
+
+    load_trained(ModelSource(checkpoint="runs/x/finetune-ab12-s0/best"))   # stage 2 finds its stage 1
+    load_trained(ModelSource(checkpoint="runs/x/distill-cd34-s0/best"))    # stage 1 only (no LoRA)
+    load_trained(ModelSource(export="exported_dir"))                       # a `lolcats export` directory
+    load_trained(ModelSource(config=cfg))                                  # the finished stages cfg names
+    load_trained(ModelSource(base="smollm2-135m-instruct"))                # the base model itself
+
+``base`` with checkpoints replaces the base model the checkpoint records. Checkpoints are checked
+against the base they were trained on (its fingerprint), and every tensor name and shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lolcats import distributed as dist
+from lolcats.attention.convert import (convert_model, enable_lolcats_generation, set_attention_mode,
+                                       stage1_checkpoint_names)
+from lolcats.checkpoint import CheckpointError, check_base, check_fits, load_tensors, read_meta
+from lolcats.config import AttentionConfig, Config, FinetuneConfig, ModelConfig
+from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
+from lolcats.models.lora import add_lora, lora_checkpoint_names
+from lolcats.runs import finished_checkpoints
+from lolcats.runtime import resolve_device, resolve_dtype
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model a command means: a checkpoint, an export, the run a config names, or a base model."""
+
+    checkpoint: str | None = None  # a stage-1 or stage-2 checkpoint directory (.../best)
+    stage1: str | None = None  # the stage 1 to pair with a stage-2 checkpoint (default: the one it records)
+    export: str | None = None  # a directory written by `lolcats export`
+    base: str | None = None  # base model: the checkpoint's recorded one when empty; alone, the model itself
+    config: Config | None = None  # a config whose run has finished stages
+
+    def __post_init__(self):
+        given = [k for k in ("checkpoint", "export", "config") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of --checkpoint, --export or a config, not {' and '.join(given)}")
+        if self.export and (self.base or self.stage1):
+            raise ValueError("an exported model needs no --base or --stage1 (it holds the whole model)")
+        if not given and not self.base and not self.stage1:
+            raise ValueError("no model given: pass --checkpoint DIR (a stage checkpoint), --export DIR, "
+                             "--base NAME, or --config FILE of a finished run")
+
+    @property
+    def linearized(self) -> bool:
+        return any((self.checkpoint, self.stage1, self.export, self.config))
+
+
+def checkpoint_pair(source: ModelSource) -> tuple[str, str | None]:
+    """(stage-1 directory, stage-2 directory or None) that ``source`` names."""
+    if source.config is not None:
+        s1, s2 = finished_checkpoints(source.config)
+        return str(s1), (str(s2) if s2 else None)
+    if source.checkpoint is None:
+        return source.stage1, None
+    stage = read_meta(source.checkpoint).get("stage")
+    if stage == "distill":
+        return source.checkpoint, None
+    if stage != "finetune":
+        raise CheckpointError(f"{source.checkpoint} is a {stage!r} checkpoint; give a stage-1 (distill) or "
+                              "stage-2 (finetune) checkpoint")
+    return source.stage1 or recorded_stage1(source.checkpoint), source.checkpoint
+
+
+def recorded_stage1(stage2: str | Path) -> str:
+    """The stage-1 checkpoint a stage-2 one records (relative to the stage-2 run directory)."""
+    return str((Path(stage2).resolve().parent / read_meta(stage2)["stage1"]).resolve())
+
+
+def base_source(source: ModelSource) -> ModelSource:
+    """The base model of ``source``: ``--base`` when given, else the one its stage-1 checkpoint records."""
+    if source.base or not source.linearized:
+        return ModelSource(base=source.base)
+    if source.export:
+        raise ValueError("comparing an exported model with its base needs --base NAME")
+    stage1, _ = checkpoint_pair(source)
+    return ModelSource(base=read_meta(stage1)["config"]["model"]["name"])
+
+
+def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: bool = True):
+    """(model, tokenizer) in eval mode, student attention for linearized models, generation enabled."""
+    if source.export:
+        return _load_export(source.export, device, dtype)
+    if not source.linearized:
+        cfg = ModelConfig(name=source.base, dtype=dtype)
+        return load_base_model(cfg, device), load_tokenizer(cfg)
+    stage1, stage2 = checkpoint_pair(source)
+    return load_linearized(source.base, stage1, stage2, device, dtype, merge)
+
+
+def _load_export(directory: str, device, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lolcats.hf  # noqa: F401  (registers the lolcats_* model types)
+
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def load_linearized(base: str | None, stage1: str | None, stage2: str | None = None, device=None,
+                    dtype: str = "auto", merge: bool = True):
+    """(model, tokenizer) of a linearized model from its checkpoints; ``base`` defaults to the
+    checkpoint's recorded base model. With ``merge``, LoRA is merged into the weights."""
+    if stage1 is None and stage2 is not None:
+        stage1 = recorded_stage1(stage2)
+    if stage1 is None:
+        raise ValueError("load_linearized needs a stage-1 checkpoint (or a stage-2 one that names it)")
+    meta1 = read_meta(stage1)
+    mcfg = ModelConfig(**{**meta1["config"]["model"], **({"name": base} if base else {}), "dtype": dtype})
+    model = load_base_model(mcfg, resolve_device(device))
+    tok = load_tokenizer(mcfg)
+    fp = base_fingerprint(model)
+    load_stage1(model, stage1, fp)
+    if stage2:
+        model = add_lora(model, FinetuneConfig(**read_meta(stage2)["finetune"]))
+        load_stage2(model, stage2, fp)
+        if merge:
+            model = model.merge_and_unload()
+    set_attention_mode(model, "student")
+    enable_lolcats_generation(model)
+    return model.eval(), tok
+
+
+def load_stage1(model, directory: str | Path, fingerprint: str | None = None) -> dict:
+    """Convert ``model`` as the checkpoint says (if not yet) and load phi and window factors."""
+    meta = read_meta(directory)
+    if meta.get("stage") != "distill":
+        raise CheckpointError(f"{directory} is a {meta.get('stage')!r} checkpoint, not stage 1 (distill)")
+    check_base(meta, fingerprint or base_fingerprint(model), directory)
+    attn_cfg = AttentionConfig(**meta["attention"])
+    if meta.get("num_layers") not in (None, model.config.num_hidden_layers):
+        raise CheckpointError(f"checkpoint {directory} is for {meta['num_layers']} layers; "
+                              f"the model has {model.config.num_hidden_layers}")
+    convert_model(model, attn_cfg)
+    _load_named(model, stage1_checkpoint_names(model, attn_cfg.train_window_factor), directory)
+    return meta
+
+
+def load_stage2(peft_model, directory: str | Path, fingerprint: str | None = None) -> dict:
+    """Load a stage-2 checkpoint's LoRA weights into ``peft_model`` (made by ``add_lora``)."""
+    meta = read_meta(directory)
+    if meta.get("stage") != "finetune":
+        raise CheckpointError(f"{directory} is a {meta.get('stage')!r} checkpoint, not stage 2 (finetune)")
+    if fingerprint is not None:
+        check_base(meta, fingerprint, directory)
+    _load_named(peft_model, lora_checkpoint_names(peft_model), directory)
+    return meta
+
+
+def _load_named(model, names: dict[str, str], directory: str | Path) -> None:
+    """Load ``directory``'s tensors ({checkpoint name: parameter name}) into ``model``: every name and
+    shape checked, then copied (into this rank's shards when FSDP-sharded)."""
+    params = dict(model.named_parameters())
+    tensors = load_tensors(directory)
+    check_fits({k: tuple(params[n].shape) for k, n in names.items()}, tensors, directory)
+    dist.load_full_state_dict(model, {names[k]: t.to(params[names[k]].dtype) for k, t in tensors.items()})
+
