@@ -152,10 +152,15 @@ def cmd_chat(args, rest) -> None:
 
 def cmd_eval(args, rest) -> None:
     from lolcats.evaluation import eval_main
+    from lolcats.evaluation.recall import recall_settings
 
+    recall = recall_settings(args.recall, args.recall_lengths, args.recall_depths, samples=args.recall_samples,
+                             keys=args.recall_keys, seed=args.recall_seed, batch_size=args.recall_batch_size,
+                             chat_template=args.recall_chat_template, max_new_tokens=args.recall_max_new_tokens)
     eval_main(model_source(args, rest), args.compare_base, args.ppl, args.ppl_mode, args.seq_len, args.ppl_stride,
               args.ppl_format, args.ppl_template, args.max_documents, args.tasks, args.num_fewshot, args.batch_size,
-              args.limit, args.include_path, args.output, args.device, args.dtype)
+              args.limit, args.include_path, args.output, args.device, args.dtype, recall=recall,
+              recall_depth_rows=args.recall_depth_rows)
 
 
 def cmd_plan(args, rest) -> None:
@@ -214,7 +219,30 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=_limit, default=None, help="documents per task (or a fraction < 1)")
     g.add_argument("--include-path", default=None,
                    help="folder of local task YAMLs (run offline; 'piqa' picks 'piqa_local' there)")
+    _recall_flags(p)
     p.add_argument("--output", default=None, help="write the results as JSON here")
+
+
+def _recall_flags(p: argparse.ArgumentParser) -> None:
+    from lolcats.evaluation.recall import RECALL_TASKS, RecallSettings
+
+    d = RecallSettings()
+    joined = lambda values: ",".join(f"{v:g}" for v in values)  # noqa: E731
+    g = p.add_argument_group("long-context recall (lolcats.evaluation.recall)")
+    g.add_argument("--recall", default=None, help=f"comma-separated recall tasks: {', '.join(RECALL_TASKS)}")
+    g.add_argument("--recall-lengths", default=None,
+                   help=f"prompt lengths in tokens, template and question included (default {joined(d.lengths)})")
+    g.add_argument("--recall-depths", default=None, help="depths of the asked key in the filler, fractions in "
+                   f"[0, 1], cycled over the samples, or 'random' (default {joined(d.depths)})")
+    g.add_argument("--recall-samples", type=int, default=None, help=f"prompts per task and length ({d.samples})")
+    g.add_argument("--recall-keys", type=int, default=None, help=f"keys per multikey prompt ({d.keys})")
+    g.add_argument("--recall-seed", type=int, default=None, help=f"seed: same seed, same prompts ({d.seed})")
+    g.add_argument("--recall-batch-size", type=int, default=None, help=f"prompts per generate call ({d.batch_size})")
+    g.add_argument("--recall-max-new-tokens", type=int, default=None,
+                   help=f"greedy tokens per answer ({d.max_new_tokens})")
+    g.add_argument("--no-recall-chat-template", dest="recall_chat_template", action="store_false",
+                   help="plain prompts even if the tokenizer has a chat template")
+    g.add_argument("--recall-depth-rows", action="store_true", help="per-depth accuracies as table rows too")
 
 
 def _plan_flags(p: argparse.ArgumentParser) -> None:

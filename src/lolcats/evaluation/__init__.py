@@ -1,4 +1,4 @@
-"""Evaluation: perplexity, LM-Eval-Harness tasks, and base-vs-linearized reports.
+"""Evaluation: perplexity, LM-Eval-Harness tasks, long-context recall, and base-vs-linearized reports.
 
 ``lolcats eval`` (``lolcats.cli``) calls :func:`eval_main` with the model a
 :class:`~lolcats.models.trained.ModelSource` names. lm_eval (the optional extra
@@ -7,12 +7,15 @@
     lolcats eval --checkpoint runs/x/finetune-XXXX/best \\
         --ppl ../shared/data/wikitext-2/wiki.test.tokens --ppl-mode document --seq-len 1024 \\
         --tasks piqa,arc_easy,arc_challenge,mmlu --include-path ../shared/data/lm_eval_local \\
-        --compare-base --output results.json
+        --recall passkey,multikey --recall-lengths 1024,2048,4096 --compare-base --output results.json
+
+Recall (``--recall``, :mod:`lolcats.evaluation.recall`): passkey retrieval at exact token lengths.
 """
 
 from __future__ import annotations
 
 import gc
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,19 +23,22 @@ import torch
 
 from lolcats.evaluation.perplexity import (PPL_MODES, frame_documents, packed_perplexity, perplexity,
                                            token_perplexity)
-from lolcats.evaluation.report import compare_table, save_results
+from lolcats.evaluation.recall import RecallSettings, build_all, evaluate_recall
+from lolcats.evaluation.report import DEFAULT_METRICS, compare_table, save_results
 from lolcats.models.trained import ModelSource, base_source, load_trained
 
-__all__ = ["compare_table", "eval_main", "evaluate_model", "frame_documents", "packed_perplexity", "perplexity",
-           "save_results", "split_tasks", "token_perplexity"]
+__all__ = ["RecallSettings", "compare_table", "eval_main", "evaluate_model", "evaluate_recall", "frame_documents",
+           "packed_perplexity", "perplexity", "save_results", "split_tasks", "token_perplexity"]
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer, ppl: Sequence[str] = (), ppl_mode: str = "packed",
                    seq_len: int = 1024, ppl_stride: int | None = None, ppl_format: str = "auto",
                    ppl_template: str = "alpaca", max_documents: int | None = None, tasks: Sequence[str] = (),
                    num_fewshot: int | None = None, batch_size: int = 8, limit: int | float | None = None,
-                   include_path: str | None = None) -> dict[str, dict[str, Any]]:
-    """``{task: metrics}`` of one loaded model: ``ppl:<file name>`` entries, then lm_eval tasks."""
+                   include_path: str | None = None, recall: RecallSettings | None = None) -> dict[str, dict[str, Any]]:
+    """``{task: metrics}`` of one loaded model: ``ppl:<file name>`` entries, lm_eval tasks, then
+    ``task@length`` recall entries (their prompts are built first, so a bad length fails at once)."""
+    prompts = build_all(tokenizer, recall) if recall is not None else {}
     out: dict[str, dict[str, Any]] = {}
     for path in ppl:
         out[f"ppl:{Path(path).name}"] = perplexity(model, tokenizer, path, ppl_mode, seq_len, batch_size,
@@ -42,6 +48,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer, ppl: Sequence[str] = (), p
         from lolcats.evaluation.harness import run_harness
 
         out.update(run_harness(model, tokenizer, list(tasks), num_fewshot, batch_size, limit, include_path))
+    if prompts:
+        out.update(evaluate_recall(model, tokenizer, recall, prompts))
     return out
 
 
@@ -58,8 +66,12 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
               ppl_template: str = "alpaca", max_documents: int | None = None, tasks: str | Sequence[str] | None = None,
               num_fewshot: int | None = None, batch_size: int = 8, limit: int | float | None = None,
               include_path: str | None = None, output: str | None = None, device: str = "auto",
-              dtype: str = "auto", print_table: bool = True) -> dict[str, Any]:
+              dtype: str = "auto", print_table: bool = True, recall: RecallSettings | None = None,
+              recall_depth_rows: bool = False) -> dict[str, Any]:
     """Evaluate the model ``source`` names (and with ``compare_base`` its base model too).
+
+    ``recall``: long-context recall tasks (:mod:`lolcats.evaluation.recall`); ``recall_depth_rows``
+    adds their per-depth accuracies to the table.
 
     Returns ``{label: {task: metrics}}`` with labels ``base`` and/or ``linearized``; writes it
     (with the settings and the table) to ``output`` as JSON and prints the table.
@@ -67,8 +79,9 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
     if ppl_mode not in PPL_MODES:
         raise ValueError(f"unknown perplexity mode {ppl_mode!r}; known: {', '.join(PPL_MODES)}")
     task_list = split_tasks(tasks)
-    if not ppl and not task_list:
-        raise ValueError("nothing to evaluate: give --ppl FILE and/or --tasks")
+    recall = recall if recall is not None and recall.tasks else None
+    if not ppl and not task_list and recall is None:
+        raise ValueError("nothing to evaluate: give --ppl FILE, --tasks and/or --recall")
     runs = []
     if compare_base or not source.linearized:
         runs.append(("base", base_source(source)))
@@ -76,7 +89,8 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
         runs.append(("linearized", source))
     settings = dict(ppl=list(ppl), ppl_mode=ppl_mode, seq_len=seq_len, ppl_stride=ppl_stride, ppl_format=ppl_format,
                     ppl_template=ppl_template, max_documents=max_documents, tasks=task_list,
-                    num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, include_path=include_path)
+                    num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, include_path=include_path,
+                    recall=recall)
     results: dict[str, Any] = {}
     for label, src in runs:
         model, tokenizer = load_trained(src, None if device == "auto" else device, dtype)
@@ -85,11 +99,12 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    shown = [f"ppl:{Path(p).name}" for p in ppl] + task_list
-    table = compare_table(results, tasks=shown)
+    shown = [f"ppl:{Path(p).name}" for p in ppl] + task_list + (recall.names() if recall else [])
+    metrics = DEFAULT_METRICS + tuple(recall.depth_metrics() if recall and recall_depth_rows else ())
+    table = compare_table(results, metrics=metrics, tasks=shown)
     if output:
         save_results(output, results, table=table, models={label: _describe(src) for label, src in runs},
-                     settings=settings, versions=_versions())
+                     settings={**settings, "recall": asdict(recall) if recall else None}, versions=_versions())
     if print_table:
         print(table)
     return results
