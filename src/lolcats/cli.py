@@ -65,6 +65,8 @@ def cmd_finetune(args, rest) -> None:
 
 
 def cmd_export(args, rest) -> None:
+    import torch
+
     from lolcats.checkpoint import read_meta
     from lolcats.hf import export_model
     from lolcats.pipeline import load_linearized, stage_dirs, stage_done
@@ -79,8 +81,10 @@ def cmd_export(args, rest) -> None:
             raise SystemExit(f"no finished stage 1 for this config at {d1}; run `lolcats linearize` first")
         s1, s2 = str(d1 / "best"), (str(d2 / "best") if stage_done(d2) else None)
     model, tok = load_linearized(None, s1, s2, device="cpu", dtype="float32", merge=True)
-    out = export_model(model, tok, args.out)
-    print(f"exported to {out}; load with: import lolcats; AutoModelForCausalLM.from_pretrained('{out}')")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    out = export_model(model, tok, args.out, dtype=dtype)
+    print(f"exported to {out}; load with AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True) "
+          "(or, with lolcats installed, `import lolcats.hf` and leave out trust_remote_code)")
 
 
 def _add_subcommands(sub) -> None:
@@ -91,6 +95,8 @@ def _add_subcommands(sub) -> None:
     p = _config_parser("export", "write a directory that AutoModelForCausalLM.from_pretrained loads", sub)
     p.add_argument("out", help="output directory")
     p.add_argument("--checkpoint", help="a stage checkpoint directory (.../best) instead of --config")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="float type of the written weights; auto: as loaded for the export (float32, on CPU)")
     p.set_defaults(fn=cmd_export)
     sub.add_parser("config", help="list every config flag").set_defaults(fn=lambda a, r: print(config_help()))
     _add_optional_subcommands(sub)
