@@ -5,7 +5,7 @@ Bottom to top (a module may import its own layer and those below):
     0  runtime, config, checkpoint, runs, data       plain helpers, the config schema, files on disk
     1  ops                                          attention operators: references and kernels
     2  attention                                    the layer, its feature maps, its cache, conversion
-    3  models, hf, distributed, evaluation.perplexity, evaluation.report
+    3  models, hf, bundle, distributed, evaluation.perplexity, evaluation.report
                                                     loading and scoring models, sharding
     4  training                                     the trainer and the two stages
     5  generation, evaluation, plan                 using a model
@@ -24,7 +24,7 @@ LAYERS = {
     "lolcats.data": 0,
     "lolcats.ops": 1,
     "lolcats.attention": 2,
-    "lolcats.models": 3, "lolcats.hf": 3, "lolcats.distributed": 3, "lolcats.evaluation.perplexity": 3,
+    "lolcats.models": 3, "lolcats.hf": 3, "lolcats.bundle": 3, "lolcats.distributed": 3, "lolcats.evaluation.perplexity": 3,
     "lolcats.evaluation.report": 3,
     "lolcats.training": 4,
     "lolcats.generation": 5, "lolcats.evaluation": 5, "lolcats.plan": 5,

@@ -44,7 +44,9 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
                         + ("; alone: evaluate or use the base model itself" if base_alone else ""))
     _config_flags(g)
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights dtype: auto = bfloat16 on GPU, float32 on CPU (export: the dtype written; "
+                        "auto = float32)")
 
 
 def model_source(args: argparse.Namespace, rest: list[str]):
@@ -109,13 +111,15 @@ def cmd_finetune(args, rest) -> None:
 def cmd_export(args, rest) -> None:
     from lolcats.hf import export_model
     from lolcats.models.trained import load_trained
+    from lolcats.runtime import DTYPES as DTYPE_OF
 
     source = model_source(args, rest)
     if not source.linearized or source.export:
         raise ConfigError("export: give the trained model with --checkpoint DIR or --config FILE")
     model, tok = load_trained(source, device="cpu", dtype="float32", merge=True)
-    out = export_model(model, tok, args.out)
-    print(f"exported to {out}; load with: import lolcats.hf; AutoModelForCausalLM.from_pretrained('{out}')")
+    out = export_model(model, tok, args.out, dtype=None if args.dtype == "auto" else DTYPE_OF[args.dtype])
+    print(f"exported to {out}; load with AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True) "
+          "(or, with lolcats installed, `import lolcats.hf` and leave out trust_remote_code)")
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:

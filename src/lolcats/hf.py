@@ -1,79 +1,96 @@
 """Linearized models as ordinary transformers models.
 
-``import lolcats`` registers, for each supported architecture, a config type
-``lolcats_<arch>`` (the base config plus a ``lolcats_attention`` dict) and a causal-LM class
-that builds the base model and swaps in LolcatsAttention. An exported directory therefore
-loads with ``AutoModelForCausalLM.from_pretrained(dir)`` and gives the same logits.
+``import lolcats.hf`` registers, for each supported architecture, the config type ``lolcats_<arch>``
+and its causal-LM class (:mod:`lolcats.models.linearized`) with the Auto classes, so an exported
+directory loads with ``AutoModelForCausalLM.from_pretrained(dir)``. Without lolcats installed it
+loads with ``from_pretrained(dir, trust_remote_code=True)``: :func:`export_model` writes lolcats'
+own modeling code into the directory (:mod:`lolcats.bundle`) and names it in ``auto_map``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lolcats.attention.convert import convert_model, enable_lolcats_generation, set_attention_mode
-from lolcats.config import AttentionConfig
+from lolcats.models.linearized import BASES, class_names, make_classes
 
-BASES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-         "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 REGISTERED: dict[str, tuple[type, type]] = {}
-
-
-def _make_classes(arch: str, config_base: type, model_base: type) -> tuple[type, type]:
-    model_type = f"lolcats_{arch}"
-
-    class Config(config_base):
-        def __init__(self, lolcats_attention: dict | None = None, **kwargs):
-            super().__init__(**kwargs)
-            self.lolcats_attention = lolcats_attention or {}
-
-    Config.model_type = model_type
-    Config.__name__ = Config.__qualname__ = f"Lolcats{config_base.__name__}"
-
-    class Model(model_base):
-        config_class = Config
-
-        def __init__(self, config):
-            super().__init__(config)
-            convert_model(self, AttentionConfig(**config.lolcats_attention))
-            set_attention_mode(self, "student")
-            enable_lolcats_generation(self)
-
-    Model.__name__ = Model.__qualname__ = f"Lolcats{model_base.__name__}"
-    return Config, Model
+ENTRY = "modeling_lolcats"  # the remote-code module of an export (modeling_lolcats.py)
 
 
 def register_all() -> None:
-    for arch, (cb, mb) in BASES.items():
+    for arch in BASES:
         if arch in REGISTERED:
             continue
-        cfg_cls, model_cls = _make_classes(arch, cb, mb)
+        cfg_cls, model_cls = make_classes(arch, __name__)
         AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
         AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
         REGISTERED[arch] = (cfg_cls, model_cls)
+        globals().update({cfg_cls.__name__: cfg_cls, model_cls.__name__: model_cls})
 
 
-def export_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save a converted (LoRA already merged) model so that from_pretrained loads it back."""
+def export_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Save a converted (LoRA already merged) model so that from_pretrained loads it back.
+
+    Weights go out as safetensors in ``dtype`` (default: as loaded), dequantized when the base came
+    from a GGUF; the directory holds the modeling code (``trust_remote_code=True`` loads it without
+    lolcats) and the tokenizer.
+    """
+    from lolcats.bundle import write_bundle
+
     register_all()
     out_dir = Path(out_dir)
-    base = model.config.model_type.removeprefix("lolcats_")
-    if base not in BASES:
+    arch = model.config.model_type.removeprefix("lolcats_")
+    if arch not in BASES:
         raise ValueError(f"cannot export model type {model.config.model_type!r}; supported: {sorted(BASES)}")
-    cfg_cls, _ = REGISTERED[base]
-    d = model.config.to_dict()
-    for k in ("model_type", "quantization_config", "architectures", "transformers_version", "auto_map"):
-        d.pop(k, None)
-    config = cfg_cls(**d)
-    config.architectures = [REGISTERED[base][1].__name__]
-    model.config = config
+    if not getattr(model.config, "lolcats_attention", None):
+        raise ValueError("export_model needs a converted model (convert_model or load_linearized)")
+    _drop_dequantized_quantizer(model)
+    if dtype is not None:
+        model.to(dtype)
+    model.config = _export_config(model.config, arch)
     model.save_pretrained(out_dir, safe_serialization=True)
+    model.config.architectures = [class_names(arch)[1]]  # save_pretrained wrote the instance's class, the base's
+    model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    write_bundle(out_dir, (make_classes.__module__,), ENTRY, _entry_source(arch))
     return out_dir
+
+
+def _export_config(config, arch: str):
+    cfg_cls, _ = REGISTERED[arch]
+    d = config.to_dict()
+    for k in ("model_type", "quantization_config", "architectures", "transformers_version", "auto_map"):
+        d.pop(k, None)
+    d["lolcats_attention"] = {**d["lolcats_attention"], "backend": "auto"}  # Triton on CUDA, else PyTorch
+    out = cfg_cls(**d)
+    config_name, model_name = class_names(arch)
+    out.auto_map = {"AutoConfig": f"{ENTRY}.{config_name}", "AutoModelForCausalLM": f"{ENTRY}.{model_name}"}
+    return out
+
+
+def _entry_source(arch: str) -> str:
+    from lolcats.bundle import flat_name
+
+    config_name, model_name = class_names(arch)
+    return (f"from .{flat_name(make_classes.__module__)} import make_classes\n\n"
+            f"{config_name}, {model_name} = make_classes({arch!r}, __name__)\n")
+
+
+def _drop_dequantized_quantizer(model) -> None:
+    """A GGUF base loads with dense weights but stays marked quantized, which save_pretrained refuses."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(quantizer.quantization_config, "quant_method", None)
+    packed = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if str(getattr(method, "value", method)).lower() != "gguf" or packed:
+        raise ValueError(f"cannot export a model whose weights are quantized ({method}, e.g. {packed[:1]}): "
+                         "load the base model unquantized")
+    quantizer.remove_quantization_config(model)
 
 
 register_all()

@@ -81,6 +81,18 @@ def hub_kwargs(cfg: ModelConfig, gguf: str | None) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def dense_gguf():
+    """GGUF loading options: dense float weights, and a model not marked quantized.
+
+    transformers (5.17, 5.24) unpacks a llama or qwen2 GGUF's weights on load but, unless told to
+    dequantize, leaves the model marked GGUF-quantized (``hf_quantizer``), which save_pretrained
+    refuses.
+    """
+    from transformers import GgufConfig
+
+    return GgufConfig(dequantize=True)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -106,6 +118,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None):
     kw = hub_kwargs(cfg, gguf)
     check_architecture(AutoConfig.from_pretrained(src, **kw))
     dtype = resolve_dtype(cfg.dtype, device)
+    if gguf:
+        kw["quantization_config"] = dense_gguf()
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa",
                                                  device_map=cfg.device_map, **kw)
     if cfg.device_map is None:
