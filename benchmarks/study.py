@@ -1,60 +1,256 @@
-"""One row of the SmolLM2 study: linearize with a config (plus overrides), then validation
-perplexity of the base model and of the result on extra files; writes a JSON report and
-copies the small checkpoints next to it.
+"""The SmolLM2 study: every row trained and evaluated with the project's own commands, rows in parallel.
 
-    python benchmarks/study.py --out OUT_DIR --label default --ppl ../shared/data/wikitext-2/wiki.test.tokens \
-        --config configs/smollm2-135m.yaml --data.train ../shared/data/train/alpaca_52k_en.jsonl.gz [--section.key VALUE ...]
+A row is a `lolcats linearize` with the study's common flags plus the row's own, then `lolcats eval`
+on its stage-2 checkpoint (WikiText-2 test perplexity, PIQA / ARC-Easy / ARC-Challenge on the full
+sets, passkey and multikey recall at 1K-8K tokens) and a second `lolcats eval` for MMLU 5-shot on
+``--mmlu-limit`` questions per subject. Eval-only rows evaluate the base model, or another row's
+checkpoint with extra model flags (e.g. a sparse cache at eval time). Up to ``--jobs`` rows run at
+once on one GPU; every command, its log and its JSON land under ``--out``; ``study.md`` (the table)
+and ``study.json`` are rewritten whenever a row finishes, so a run cut short keeps what it measured.
 
-Writes OUT_DIR/LABEL/report.json (both stages' summaries, base and linearized perplexities) and
-the two stage directories as the run has them (distill-*/ and finetune-*/, each with best/ and
-summary.json), so ``lolcats generate --checkpoint OUT_DIR/LABEL/finetune-*/best`` works. The rows of the study
-and their flags are in docs/RESULTS.md.
+    python benchmarks/study.py --out OUT --model PATH/smollm2.gguf --data DIR --eval-data DIR --jobs 4 \
+        [--rows default,kl,...] [--tokens 2500000] [--list]
+
+``--data``: a folder with the training files the rows name (alpaca_52k_en.jsonl.gz, and for the data-mix
+row wikipedia/gutenberg files); ``--eval-data``: a folder with ``lm_eval_local/`` (its YAMLs pointing at
+the data files, resolved as lolcats eval does) and ``wikitext-2/wiki.test.tokens``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
+import shlex
+import subprocess
+import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lolcats.config import load_config
-from lolcats.evaluation.report import format_report
-from lolcats.pipeline import linearize, load_linearized, stage_dirs
+REPO = Path(__file__).resolve().parents[1]
+ZERO_SHOT = "piqa_local,arc_easy_local,arc_challenge_local"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--label", default="default")
-    ap.add_argument("--ppl", nargs="*", default=[])
-    ap.add_argument("--config", action="append", help="YAML config file(s); repeat to combine")
-    a, rest = ap.parse_known_args()
-    cfg = load_config(a.config, rest)
-    out = Path(a.out) / a.label
-    out.mkdir(parents=True, exist_ok=True)
-    report = linearize(cfg)
-    print(format_report(report), flush=True)
-    d1, d2 = stage_dirs(cfg)
-    from lolcats.evaluation.perplexity import perplexity
-    from lolcats.models.loading import load_base_model, load_tokenizer
+@dataclass
+class Row:
+    label: str
+    title: str
+    flags: list[str] = field(default_factory=list)  # added to the common linearize flags
+    train: bool = True
+    data: list[str] | None = None  # training files (names inside --data); default: alpaca only
+    checkpoint_of: str | None = None  # eval-only: evaluate this row's checkpoint
+    eval_flags: list[str] = field(default_factory=list)  # added to the model flags of lolcats eval
 
-    extra = {}
-    for label, loader in (("base", lambda: (load_base_model(cfg.model), load_tokenizer(cfg.model))),
-                          ("linearized", lambda: load_linearized(None, str(d1 / "best"), str(d2 / "best")))):
-        model, tok = loader()
-        for f in a.ppl:
-            t = time.time()
-            extra[f"{label}:{Path(f).name}"] = {**perplexity(model, tok, f, mode="packed", seq_len=cfg.data.seq_len,
-                                                             batch_size=8), "seconds": time.time() - t}
-        del model
-    report["extra_ppl"] = extra
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    for d in (d1, d2):  # the run layout: stage 2's meta names ../<d1>/best
-        shutil.copytree(d / "best", out / d.name / "best", dirs_exist_ok=True)
-        shutil.copy(d / "summary.json", out / d.name / "summary.json")
-    print(json.dumps(extra, indent=2))
+
+ALPACA = "alpaca_52k_en.jsonl.gz"
+MIX = [ALPACA, "wikipedia_sub.jsonl.gz", "gutenberg_sub.jsonl.gz"]
+ROWS = [
+    Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
+    Row("default", "today's default: terraced 64 + linear, Hedgehog, CE LoRA"),
+    Row("control", "softmax model + the same LoRA stage (no linearizing)", ["--attention.softmax_count", "30"]),
+    Row("datamix", "Alpaca + Wikipedia + Gutenberg (same token count)", data=MIX),
+    Row("kl", "LoRA loss: KL to the teacher's logits", ["--finetune.loss", "kl"]),
+    Row("mix", "LoRA loss: CE + KL mix", ["--finetune.loss", "mix"]),
+    Row("sm2", "2 softmax layers (largest transfer error)", ["--attention.softmax_count", "2"]),
+    Row("sm4", "4 softmax layers (largest transfer error)", ["--attention.softmax_count", "4"]),
+    Row("w128", "window 128", ["--attention.window_size", "128"]),
+    Row("sparse", "default + sparse cache 64 per head (eval time)", train=False, checkpoint_of="default",
+        eval_flags=["--sparse-cache", "64"]),
+    Row("gate", "forget gate on the linear part", ["--attention.gate", "pooled_keys"]),
+    Row("combo", "datamix + mix loss + 4 softmax layers", ["--finetune.loss", "mix", "--attention.softmax_count", "4"],
+        data=MIX),
+    Row("combo_sparse", "combo + sparse cache 64 (eval time)", train=False, checkpoint_of="combo",
+        eval_flags=["--sparse-cache", "64"]),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="base model (a .gguf path, or a built-in name)")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "train"))
+    p.add_argument("--eval-data", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--rows", default=",".join(r.label for r in ROWS))
+    p.add_argument("--jobs", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=2_500_000, help="training tokens per stage (data.max_train_tokens)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--recall-lengths", default="1024,2048,4096,8192")
+    p.add_argument("--recall-samples", type=int, default=20)
+    p.add_argument("--mmlu-limit", type=int, default=5, help="MMLU 5-shot questions per subject")
+    p.add_argument("--batch-size", type=int, default=32, help="lolcats eval --batch-size")
+    p.add_argument("--extra", default="", help="flags added to every linearize (quoted)")
+    p.add_argument("--eval-extra", default="", help="flags added to every eval (quoted)")
+    p.add_argument("--list", action="store_true", help="print the commands and stop")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lolcats.cli", *args]
+
+
+def train_command(row: Row, a) -> list[str]:
+    files = [str(Path(a.data) / f) for f in (row.data or [ALPACA])]
+    return cli("linearize", "--config", str(REPO / "configs" / "smollm2-135m.yaml"), "--model.name", a.model,
+               "--data.train", ",".join(files), "--data.max_train_tokens", str(a.tokens),
+               "--run.output_dir", str(Path(a.out) / "runs" / row.label), "--run.progress", "false",
+               "--distill.epochs", str(a.epochs), "--finetune.epochs", str(a.epochs),
+               "--distill.micro_batch_size", "8", "--distill.grad_accum", "1",
+               "--finetune.micro_batch_size", "8", "--finetune.grad_accum", "1",
+               *row.flags, *shlex.split(a.extra))
+
+
+def model_flags(row: Row, a, rows: dict[str, Row]) -> list[str]:
+    if not row.train and row.checkpoint_of is None:
+        return ["--base", a.model]
+    return ["--checkpoint", str(stage2_dir(rows[row.checkpoint_of or row.label], a)), *row.eval_flags]
+
+
+def stage2_dir(row: Row, a) -> Path:
+    report = json.loads((Path(a.out) / "runs" / row.label / "report.json").read_text())
+    return Path(report["run_dirs"][1]) / "best"
+
+
+def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str]]]:
+    include = str(Path(a.eval_data) / "lm_eval_local")
+    common = ["--include-path", include, "--batch-size", str(a.batch_size), *shlex.split(a.eval_extra)]
+    out = Path(a.out) / row.label
+    zero = cli("eval", *model_flags(row, a, rows), "--ppl", str(Path(a.eval_data) / "wikitext-2" / "wiki.test.tokens"),
+               "--tasks", ZERO_SHOT, "--recall", "passkey,multikey", "--recall-lengths", a.recall_lengths,
+               "--recall-samples", str(a.recall_samples), "--output", str(out / "eval.json"), *common)
+    mmlu = cli("eval", *model_flags(row, a, rows), "--tasks", "mmlu_local", "--num-fewshot", "5",
+               "--limit", str(a.mmlu_limit), "--output", str(out / "mmlu.json"), *common)
+    return [("eval", zero), ("mmlu", mmlu)]
+
+
+def run_logged(name: str, cmd: list[str], folder: Path) -> float:
+    """Run ``cmd`` with its output in folder/name.log; the command line in folder/commands.txt; seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "commands.txt", "a") as f:
+        f.write(shlex.join(cmd) + "\n")
+    t = time.time()
+    with open(folder / f"{name}.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ.copy())
+    if proc.returncode:
+        raise RuntimeError(f"{name} exited {proc.returncode}; see {folder / (name + '.log')}")
+    return time.time() - t
+
+
+def run_row(row: Row, a, rows: dict[str, Row]) -> dict:
+    folder = Path(a.out) / row.label
+    rec: dict = {"label": row.label, "title": row.title}
+    try:
+        if row.train:
+            rec["train_seconds"] = run_logged("train", train_command(row, a), folder)
+        for name, cmd in eval_commands(row, a, rows):
+            rec[f"{name}_seconds"] = run_logged(name, cmd, folder)
+    except Exception as e:  # noqa: BLE001 - one row's failure must not stop the others
+        rec["error"] = str(e)
+    return rec
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _metric(results: dict, task: str, key: str = "acc"):
+    for label in ("linearized", "base"):
+        if task in results.get(label, {}):
+            return results[label][task].get(key)
+    return None
+
+
+def row_summary(row: Row, a, rec: dict) -> dict:
+    folder = Path(a.out) / row.label
+    s = dict(rec)
+    if (folder / "eval.json").is_file():
+        r = json.loads((folder / "eval.json").read_text())["results"]
+        s["wikitext_ppl"] = _metric(r, "ppl:wiki.test.tokens", "ppl")
+        for t in ZERO_SHOT.split(","):
+            s[t] = _metric(r, t, "acc_norm")
+        for task in ("passkey", "multikey"):
+            for n in a.recall_lengths.split(","):
+                s[f"{task}@{n}"] = _metric(r, f"{task}@{n}")
+    if (folder / "mmlu.json").is_file():
+        s["mmlu"] = _metric(json.loads((folder / "mmlu.json").read_text())["results"], "mmlu_local")
+    run = Path(a.out) / "runs" / row.label / "report.json"
+    if run.is_file():
+        rep = json.loads(run.read_text())
+        for k in ("stage1", "stage2"):
+            s[f"{k}_tokens"], s[f"{k}_seconds"] = rep[k].get("tokens"), rep[k].get("seconds")
+    return s
+
+
+def _cell(v, scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
+def table(summaries: list[dict], a) -> str:
+    lengths = a.recall_lengths.split(",")
+    head = (["row", "WikiText-2 ppl", "PIQA", "ARC-E", "ARC-C", "mean", f"MMLU 5-shot ({a.mmlu_limit}/subject)"]
+            + [f"passkey {n}" for n in lengths] + [f"multikey {n}" for n in lengths]
+            + ["stage 1 tokens, s", "stage 2 tokens, s"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        zs = [s.get(t) for t in ZERO_SHOT.split(",")]
+        mean = sum(zs) / 3 if all(v is not None for v in zs) else None
+        stages = [f"{s[k + '_tokens']:,}, {s[k + '_seconds']:.0f}" if s.get(k + "_tokens") else "-"
+                  for k in ("stage1", "stage2")]
+        cells = ([s["title"] + (f" (error: {s['error']})" if "error" in s else ""), _cell(s.get("wikitext_ppl"), 1, 2)]
+                 + [_cell(v, 100) for v in zs] + [_cell(mean, 100), _cell(s.get("mmlu"), 100)]
+                 + [_cell(s.get(f"passkey@{n}"), 100, 0) for n in lengths]
+                 + [_cell(s.get(f"multikey@{n}"), 100, 0) for n in lengths] + stages)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(done: dict[str, dict], order: list[Row], a) -> None:
+    summaries = [row_summary(r, a, done[r.label]) for r in order if r.label in done]
+    Path(a.out, "study.json").write_text(json.dumps(summaries, indent=2))
+    Path(a.out, "study.md").write_text(table(summaries, a) + "\n")
+
+
+# ---------------------------------------------------------------- scheduling
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    rows = {r.label: r for r in ROWS}
+    unknown = [x for x in a.rows.split(",") if x not in rows]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(rows)}")
+    order = [rows[x] for x in a.rows.split(",")]
+    if a.list:
+        for r in order:
+            if r.train:
+                print(shlex.join(train_command(r, a)))
+            print(f"# then lolcats eval ({r.label}): {' '.join(model_flags(r, a, rows)) if not r.train else 'its checkpoint'}")
+        return
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+    pending = list(order)
+    with ThreadPoolExecutor(a.jobs) as pool:
+        running: dict = {}
+        while pending or running:
+            for r in [r for r in pending if r.checkpoint_of is None or r.checkpoint_of in done]:
+                if len(running) >= a.jobs:
+                    break
+                pending.remove(r)
+                running[pool.submit(run_row, r, a, rows)] = r
+            if not running:  # what is left waits for a row that failed or was not asked for
+                for r in pending:
+                    done[r.label] = {"label": r.label, "title": r.title, "error": f"needs row {r.checkpoint_of}"}
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                r = running.pop(fut)
+                done[r.label] = fut.result()
+                print(f"[study] {r.label}: {json.dumps(done[r.label])}", flush=True)
+                write_tables(done, order, a)
+    print(Path(a.out, "study.md").read_text())
 
 
 if __name__ == "__main__":

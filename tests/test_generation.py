@@ -137,6 +137,25 @@ def test_fast_path_greedy_equals_generate(kind):
     assert sampled.shape == (3, 10) and int(sampled.max()) < VOCAB
 
 
+@pytest.mark.parametrize("kind", ["linear", "terraced_window"])
+@torch.no_grad()
+def test_compiled_step_equals_eager(kind):
+    """The step's forward traced by torch.compile (dynamo; the eager backend keeps it fast on CPU) gives the
+    eager tokens, and later steps reuse one compiled graph."""
+    import torch._dynamo
+
+    model = build("llama", kind)
+    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (23, 14)])
+    eager = FastGenerator(model, 2, 12, eos_token_ids=[], use_cuda_graph=False).generate(ids, mask)
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = FastGenerator(model, 2, 12, eos_token_ids=[], use_cuda_graph=False, compile="eager")
+    assert torch.equal(compiled.generate(ids, mask), eager)
+    assert torch.equal(compiled.generate(ids, mask), eager)
+    assert counts["stats"]["unique_graphs"] >= 1 and not counts["recompiles"]
+
+
 @torch.no_grad()
 def test_stop_tokens_stop_generate_and_fast_path():
     model = build("llama", "sliding_window")
@@ -214,6 +233,8 @@ def test_cuda_graph_path_equals_eager():
     graph = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True)
     assert torch.equal(graph.generate(ids, mask), eager)
     assert torch.equal(graph.generate(ids, mask), eager)
+    compiled = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True, compile=True)  # inductor
+    assert torch.equal(compiled.generate(ids, mask), eager)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
     assert torch.equal(ref, eager)
 

@@ -13,6 +13,11 @@ The prompt is prefilled in groups of rows (at most ``prefill_tokens`` prompt tok
 each group's layers get views of its rows of the preallocated states, which the prefill writes
 in place, so a large batch never holds the activations of the whole prompt batch at once.
 
+With ``compile`` the model's forward of the step (embedding to logits; the sampling stays eager) is
+``torch.compile``d before it is captured: the compiler fuses norms, RoPE, casts and residual adds
+around the attention kernels, so a step launches far fewer kernels (a small model's step is bound
+by launches, not bytes). The first capture then compiles (tens of seconds on a GPU).
+
 Sampling uses the Gumbel-max trick (argmax of logits / T plus Gumbel noise), with top-p applied
 by sorting; both are graph-safe. Stop *strings* are the caller's business (see ``cli.run_generate``);
 stop token ids are handled on device.
@@ -53,7 +58,8 @@ class FastGenerator:
 
     def __init__(self, model: nn.Module, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_ids: list[int] | int | None = None, pad_token_id: int | None = None,
-                 use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 16384):
+                 use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 16384,
+                 compile: bool | str = False):
         self.model = causal_lm(model)
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
         mods = lolcats_attention_by_layer(self.model)
@@ -83,6 +89,11 @@ class FastGenerator:
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.use_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.slots = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
+        self._logits = self._forward_logits
+        if compile:  # True: inductor; or a torch.compile backend name (tests: "eager")
+            self._logits = torch.compile(self._forward_logits, backend="inductor" if compile is True else compile,
+                                         dynamic=False)
 
     def _default_eos(self) -> list[int]:
         e = getattr(self.model.generation_config, "eos_token_id", None)
@@ -92,6 +103,13 @@ class FastGenerator:
 
     def _step(self) -> None:
         """One token for the whole batch, on static tensors only."""
+        for slot in self.slots:  # positions come from self.pos; a fixed count keeps one compiled graph
+            slot.seen = 0
+        logits = self._logits()  # (B, V); pick_tokens upcasts to sample
+        self._emit(pick_tokens(logits, self.temperature, self.top_p))
+
+    def _forward_logits(self) -> torch.Tensor:
+        """The model's forward for the tokens in ``self.ids`` at ``self.pos``: next-token logits (B, V)."""
         h = self.lm.embed_tokens(self.ids[:, None])  # (B, 1, d)
         pos = self.pos[:, None]  # (B, 1)
         pe = self.lm.rotary_emb(h, pos)
@@ -99,8 +117,7 @@ class FastGenerator:
             h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=True,
                       **{self.cache_key: self.cache})
             h = h[0] if isinstance(h, tuple) else h
-        logits = self.model.get_output_embeddings()(self.lm.norm(h)[:, -1])  # (B, V); pick_tokens upcasts to sample
-        self._emit(pick_tokens(logits, self.temperature, self.top_p))
+        return self.model.get_output_embeddings()(self.lm.norm(h)[:, -1])
 
     def _emit(self, nxt: torch.Tensor) -> None:
         nxt = torch.where(self.finished, self.pad, nxt)
@@ -144,7 +161,7 @@ class FastGenerator:
         """ids, mask (B, T) -> last-token logits (B, V); fills the states in groups of rows, in place."""
         B, T = ids.shape
         rows = max(1, self.prefill_tokens // max(T, 1))
-        layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
+        layers = self.slots
         full = [l.state for l in layers]
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         logits = []
@@ -221,4 +238,4 @@ class FastGenerator:
         return n if not len(stop) else self.max_new + 2
 
     def state_nbytes(self) -> int:
-        return sum(l.state.nbytes() for l in self.cache.layers if isinstance(l, LolcatsLayer))
+        return sum(l.state.nbytes() for l in self.slots)
