@@ -1,4 +1,4 @@
-"""Subcommands beyond the training pipeline: eval, generate, chat, plan.
+"""Subcommands beyond the training pipeline: eval, generate, chat, serve, plan.
 
 Each is added only if its module imports, so a missing optional dependency disables one
 command instead of the whole CLI.
@@ -70,6 +70,24 @@ def _add_generation(sub, config_parser) -> None:
     p.set_defaults(fn=lambda a, rest: chat_main(None, a, *load_trained(a, rest)))
 
 
+def _add_serve(sub, config_parser) -> None:
+    try:
+        from lolcats.serving.cli import add_serve_arguments, serve_main
+    except ImportError:
+        return
+    p = config_parser("serve", "OpenAI-compatible HTTP server with continuous batching (constant-size states)", sub)
+    _model_arguments(p)
+    add_serve_arguments(p)
+    p.set_defaults(fn=lambda a, rest: serve_main(a, *(_load_untrained(a, rest) if a.untrained
+                                                      else load_trained(a, rest))))
+
+
+def _load_untrained(args, rest):
+    from lolcats.generation.cli import load_for_generation
+
+    return load_for_generation(load_config(args.config, rest))
+
+
 def _add_eval(sub) -> None:
     try:
         from lolcats.evaluation import add_eval_arguments, eval_from_args
@@ -97,5 +115,6 @@ def _no_rest(rest) -> None:
 
 def add_all(sub, config_parser) -> None:
     _add_generation(sub, config_parser)
+    _add_serve(sub, config_parser)
     _add_eval(sub)
     _add_plan(sub, config_parser)

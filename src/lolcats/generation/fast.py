@@ -29,18 +29,27 @@ from lolcats.generation.cache import LolcatsLayer, _inner_model, lolcats_attenti
 from lolcats.ops.decode.naive import DecodeState
 
 
-def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else sampled (graph-safe)."""
-    if temperature <= 0:
+def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else sampled (graph-safe).
+
+    ``temperature`` and ``top_p`` are floats, or (B,) tensors of per-row values (rows whose
+    temperature is <= 0 take the argmax). ``uniform`` (B, V) in (0, 1) is the noise to sample with
+    (default ``torch.rand_like``), e.g. drawn per row from a request's seed.
+    """
+    per_row = isinstance(temperature, torch.Tensor)
+    if not per_row and temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_p < 1.0:
-        srt, idx = logits.sort(-1, descending=True)
+    scaled = logits.float() / (temperature.float().clamp_min(1e-6)[:, None] if per_row else temperature)
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
+        keep = top_p.float()[:, None] if isinstance(top_p, torch.Tensor) else top_p
+        srt, idx = scaled.sort(-1, descending=True)
         p = srt.softmax(-1)
-        drop = (p.cumsum(-1) - p) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    u = torch.rand_like(logits).clamp_(1e-20, 1.0)
-    return (logits - torch.log(-torch.log(u))).argmax(-1)
+        drop = (p.cumsum(-1) - p) > keep  # keep the smallest prefix whose mass reaches top_p
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    u = torch.rand_like(scaled) if uniform is None else uniform
+    picked = (scaled - torch.log(-torch.log(u.clamp(1e-20, 1.0)))).argmax(-1)
+    return torch.where(temperature <= 0, logits.argmax(-1), picked) if per_row else picked
 
 
 class FastGenerator:
