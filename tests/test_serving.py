@@ -425,3 +425,23 @@ def test_cuda_graph_engine_equals_eager(mode):
         outs.append([collect(r)[0] for r in reqs])
         sched.stop()
     assert outs[0] == outs[1]
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    """benchmarks/serving.py end to end at tiny sizes: both modes, two rates, every request served."""
+    cfg, tok = tiny_dirs(tmp_path)
+    server_args = (f"--untrained --model.init random --model.name {cfg} --model.tokenizer {tok} "
+                   "--attention.window_size 8 --attention.feature_dim 8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "benchmarks/serving.py", "--server-args", server_args, "--max-batch", "4",
+                          "--rates", "50,inf", "--num-requests", "6", "--prompt-len", "12", "--output-len", "6",
+                          "--warmup-requests", "1", "--out", str(tmp_path / "bench")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for mode in ("student", "teacher"):
+        rows = json.loads((tmp_path / "bench" / f"{mode}.json").read_text())["rows"]
+        assert [r["rate"] for r in rows] == [50, float("inf")]
+        assert all(r["completed"] == 6 and r["failed"] == 0 and r["output_tok_s"] > 0 for r in rows)
+        assert all(r["tpot_p99"] >= r["tpot_p50"] > 0 and r["ttft_p99"] >= r["ttft_p50"] > 0 for r in rows)
+    assert "student / teacher at that bound" in out.stdout or "best output tok/s" in out.stdout
