@@ -28,6 +28,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 REPO = Path(__file__).resolve().parents[1]
+LONG = 100_000  # the served max_tokens limit: requests that run until their client leaves
 PROMPTS = ["hello there", "a b", "the quick brown fox jumps over the lazy dog, again and again and again.",
            "x", "What is up?", "one two three four five six seven", "zz", "Tell me more about cats and dogs"]
 
@@ -167,7 +168,7 @@ def stop(uv, thread):
 def served():
     tok = char_tokenizer()
     model = tiny(tok)
-    server, uv, thread, url = start(model, tok)
+    server, uv, thread, url = start(model, tok, max_new_tokens=LONG)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
     yield model, tok, client, url
     stop(uv, thread)
@@ -260,15 +261,15 @@ def _wait_health(url, pred, timeout=30.0) -> dict:
 def test_http_disconnect_frees_the_slot(served):
     _, _, client, url = served
     before = httpx.get(url + "/health").json()["finished"].get("cancelled", 0)
-    stream = client.completions.create(model="lolcats", prompt="hello", max_tokens=64, stream=True, extra_body={
-        "ignore_eos": True})
+    stream = client.completions.create(model="lolcats", prompt="hello", max_tokens=LONG, stream=True,
+                                       extra_body={"ignore_eos": True})
     next(iter(stream))
     stream.close()  # the client goes away mid-stream
     h = _wait_health(url, lambda h: h["running"] == 0 and h["finished"].get("cancelled", 0) > before)
     assert h["waiting"] == 0
     # a non-streaming request whose client times out is cancelled too
     with pytest.raises(openai.APITimeoutError):
-        client.with_options(timeout=0.3).completions.create(model="lolcats", prompt="hello", max_tokens=64,
+        client.with_options(timeout=0.5).completions.create(model="lolcats", prompt="hello", max_tokens=LONG,
                                                             extra_body={"ignore_eos": True})
     _wait_health(url, lambda h: h["running"] == 0 and h["finished"].get("cancelled", 0) > before + 1)
 
@@ -279,12 +280,15 @@ BAD = [  # (body or raw text, status, param)
     ({"model": "lolcats", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"model": "lolcats", "prompt": "hi", "temperature": 5}, 400, "temperature"),
     ({"model": "lolcats", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "lolcats", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
+    ({"model": "lolcats", "prompt": "hi", "max_tokens": LONG + 1}, 400, "max_tokens"),
     ({"model": "lolcats", "prompt": "a" * 101}, 400, "prompt"),
     ({"model": "lolcats", "prompt": ""}, 400, "prompt"),
     ({"model": "lolcats", "prompt": [10 ** 6]}, 400, "prompt"),
     ({"model": "lolcats", "prompt": "hi", "n": 2}, 400, "n"),
     ({"model": "lolcats", "prompt": "hi", "stop": 3}, 400, "stop"),
+    ({"model": "lolcats", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"model": "lolcats", "prompt": "hi", "stop": ["a"] * 5}, 400, "stop"),
+    ({"model": "lolcats", "prompt": [1, "a"]}, 400, "prompt.1"),
     ({"model": "other", "prompt": "hi"}, 404, "model"),
     ({"prompt": "hi"}, 400, "model"),
 ]

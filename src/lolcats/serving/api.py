@@ -92,12 +92,15 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    err = (exc.errors() or [{}])[0]
+    errors = exc.errors() or [{}]
+    mismatch = ("string_type", "int_type", "float_type", "bool_type", "list_type", "dict_type", "model_type")
+    # of a union's errors, the deepest one (ties: not a mere type mismatch) says most about what was meant
+    err = max(errors, key=lambda e: (len(e.get("loc", ())), e.get("type") not in mismatch))
     if err.get("type") == "json_invalid":
         return error_response(400, f"the request body is not valid JSON ({err.get('ctx', {}).get('error', '')})",
                               code="invalid_json")
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    loc = [p for p in loc if not p.startswith(("str", "list[", "function-"))]  # union branch names
+    branches = ("str", "int", "float", "bool", "list[str]", "list[int]", "list[TextPart]")  # union members
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and p not in branches]
     param = ".".join(loc) or None
     kind = err.get("type", "")
     if kind == "extra_forbidden":

@@ -441,6 +441,10 @@ class KVEngine(SlotEngine):
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None):
         from lolcats.attention.convert import set_attention_mode
 
+        inner = _inner_model(model)
+        if len(lolcats_attention_by_layer(inner)) != len(inner.model.layers):
+            raise ValueError("the KV-slot engine runs converted layers in teacher mode; every layer must be "
+                             "converted (convert_model with attention.layers empty)")
         set_attention_mode(model, "teacher")
         super().__init__(model, max_batch, max_len, use_cuda_graph)
         cfg = self.model.config.get_text_config(decoder=True)
