@@ -137,6 +137,13 @@ class Pending:
 class SlotEngine:
     """Static per-slot buffers, the bucketed decode step and its CUDA graphs; subclasses own the caches."""
 
+    cache: object  # the slots' cache, handed to the layers
+    stage: object  # the one-row staging cache prompts are read into
+    # whether a step may be captured between running steps: its warm-up step must leave the running
+    # rows' cache contents intact (the row buffers are restored either way)
+    capture_while_serving = False
+    warmup_modes: tuple[str, ...] = MODES  # the sampling variants warmup() captures by default
+
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None):
         self.model = _inner_model(model)
         self.lm = self.model.model  # the decoder stack: embed_tokens, layers, norm, rotary_emb
@@ -187,13 +194,6 @@ class SlotEngine:
 
     def _reset_row(self, slot: int) -> None:
         pass
-
-    cache: object
-    stage: object
-    # whether a step may be captured between running steps: its warm-up step must leave the running
-    # rows' cache contents intact (the row buffers are restored either way)
-    capture_while_serving = False
-    warmup_modes: tuple[str, ...] = MODES
 
     # ------------------------------------------------------------ the forward
 
