@@ -39,6 +39,9 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
                    help="a stage checkpoint directory (.../best); a stage-2 one finds its stage 1")
     g.add_argument("--stage1", metavar="DIR", help="the stage-1 checkpoint (default: the one a stage 2 records)")
     g.add_argument("--export", metavar="DIR", help="a directory written by `lolcats export`")
+    g.add_argument("--untrained", action="store_true",
+                   help="the base model --config / config flags name, converted with untrained feature maps "
+                        "(benchmarks: speed does not depend on the maps)")
     g.add_argument("--base", metavar="NAME",
                    help="base model (hub name, directory, .gguf, built-in): the checkpoint's recorded one by default"
                         + ("; alone: evaluate or use the base model itself" if base_alone else ""))
@@ -60,7 +63,7 @@ def model_source(args: argparse.Namespace, rest: list[str]):
                           "--stage1 or --base (use --base NAME to load a checkpoint onto another base model)")
     config = None if explicit else load_config(args.config, rest)
     return ModelSource(checkpoint=args.checkpoint, stage1=args.stage1, export=args.export, base=args.base,
-                       config=config)
+                       config=config, untrained=args.untrained)
 
 
 def _load(args, rest):
@@ -167,6 +170,18 @@ def cmd_eval(args, rest) -> None:
               recall_depth_rows=args.recall_depth_rows)
 
 
+def cmd_serve(args, rest) -> None:
+    import dataclasses
+
+    from lolcats.serving.options import ServeOptions
+    from lolcats.serving.server import serve
+
+    opts = ServeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)})
+    opts.check()
+    model, tok = _load(args, rest)
+    serve(model, tok, opts)
+
+
 def cmd_plan(args, rest) -> None:
     from lolcats.plan import plan_main
 
@@ -249,6 +264,28 @@ def _recall_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recall-depth-rows", action="store_true", help="per-depth accuracies as table rows too")
 
 
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per field of ServeOptions (``max_batch`` -> ``--max-batch``), help from its docstring."""
+    import dataclasses
+    import typing
+
+    from lolcats.config import field_docs
+    from lolcats.serving.options import ServeOptions
+
+    docs, hints, defaults = field_docs(ServeOptions), typing.get_type_hints(ServeOptions), ServeOptions()
+    g = p.add_argument_group("server")
+    for f in dataclasses.fields(ServeOptions):
+        tp, default = hints[f.name], getattr(defaults, f.name)
+        kw: dict = {"dest": f.name, "default": default, "help": f"{docs.get(f.name, '')} (default {default!r})"}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is typing.Literal:
+            kw["choices"] = list(typing.get_args(tp))
+        else:
+            kw["type"] = tp
+        g.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
 def _plan_flags(p: argparse.ArgumentParser) -> None:
     from lolcats.models.loading import known_shapes
 
@@ -270,6 +307,8 @@ COMMANDS = {  # name: (help, function, flag builders); config flags (--section.k
     "generate": ("generate text with a linearized model (constant-size state)", cmd_generate,
                  (_model_flags, _generate_flags)),
     "chat": ("chat with a linearized model (streaming, chat template)", cmd_chat, (_model_flags, _chat_flags)),
+    "serve": ("OpenAI-compatible HTTP server with continuous batching (constant-size states)", cmd_serve,
+              (_model_flags, _serve_flags)),
     "eval": ("perplexity and LM-Eval-Harness tasks, base and linearized side by side", cmd_eval,
              (_model_flags, _eval_flags)),
     "plan": ("memory per GPU and disk each stage needs, before anything runs", cmd_plan, (_config_flags, _plan_flags)),

@@ -396,13 +396,13 @@ def config_help() -> str:
         cls = _field_types(Config)[sec.name]
         defaults = cls()
         for f in fields(cls):
-            doc = _field_docs(cls).get(f.name, "")
+            doc = field_docs(cls).get(f.name, "")
             tp = _describe(_field_types(cls)[f.name])
             lines.append(f"  --{sec.name}.{f.name:<22} {doc} [{tp}; default {getattr(defaults, f.name)!r}]")
     return "\n".join(lines)
 
 
-def _field_docs(cls: type) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """Docstrings written under dataclass fields (read from the source)."""
     import ast
     import inspect

@@ -152,6 +152,12 @@ def cache_kwarg_name(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
 
 
+def layer_cache_kwarg(model: nn.Module) -> str:
+    """The keyword a decoder layer's forward takes the cache by: ``cache`` or ``past_key_values``."""
+    params = inspect.signature(decoder_layers(model)[0].forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _uses_student(model: nn.Module) -> bool:
     return any(m.mode == "student" for m in lolcats_modules(model))
 

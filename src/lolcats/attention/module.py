@@ -165,6 +165,13 @@ class LolcatsAttention(nn.Module):
             mask = mask[..., :Tk]
             if mask.dtype != torch.bool:
                 mask = mask.to(q.dtype)
+        if Tq == 1 and mask is not None and mask.shape[1] == 1 and self.num_kv_heads != self.num_heads:
+            # one query per head over a masked cache: a group's query heads as query rows of its KV head
+            # (the same products, and no grouped-query path that SDPA may serve by copying K and V)
+            B, H, _, D = q.shape
+            y = F.scaled_dot_product_attention(q.reshape(B, self.num_kv_heads, H // self.num_kv_heads, D), k, v,
+                                               attn_mask=mask, scale=self.scaling)  # (B, Hk, G, D)
+            return y.reshape(B, H, 1, -1)
         is_causal = mask is None and Tq == Tk and Tq > 1
         if mask is None and Tq != Tk and Tq > 1:  # queries are the last Tq of Tk keys
             mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
@@ -198,10 +205,11 @@ class LolcatsAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if attention_mask is not None and capturing(hidden_states.device):
+        if attention_mask is not None and self.mode != "teacher" and capturing(hidden_states.device):
             # transformers materialises the causal mask while a CUDA graph is captured (masking_utils'
             # is_tracing), and reading it would sync the host. Captured steps are train.cuda_graph's
             # packed micro-batches and FastGenerator's decode (no mask): there is no padding to keep.
+            # Softmax never reads the mask on the host, and the serving KV engine's graphs need theirs.
             attention_mask = None
         q, k, v = self.project(hidden_states, position_embeddings)
         B, T = hidden_states.shape[:2]

@@ -25,27 +25,48 @@ stop token ids are handled on device.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer
-from lolcats.attention.convert import causal_lm, decoder_stack, lolcats_attention_by_layer, make_cache
+from lolcats.attention.convert import (causal_lm, decoder_stack, layer_cache_kwarg, lolcats_attention_by_layer,
+                                       make_cache)
 
 
-def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else sampled (graph-safe)."""
-    if temperature <= 0:
+def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else sampled (graph-safe).
+
+    ``temperature`` and ``top_p`` are floats, or (B,) tensors of per-row values (rows whose
+    temperature is <= 0 take the argmax). ``uniform`` (B, V) in (0, 1) is the noise to sample with
+    (default ``torch.rand_like``), e.g. drawn per row from a request's seed.
+    """
+    per_row = isinstance(temperature, torch.Tensor)
+    if not per_row and temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_p < 1.0:
-        srt, idx = logits.sort(-1, descending=True)
+    scaled = logits.float() / (temperature.float().clamp_min(1e-6)[:, None] if per_row else temperature)
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
+        keep = top_p.float()[:, None] if isinstance(top_p, torch.Tensor) else top_p
+        srt, idx = scaled.sort(-1, descending=True)
         p = srt.softmax(-1)
-        drop = (p.cumsum(-1) - p) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    u = torch.rand_like(logits).clamp_(1e-20, 1.0)
-    return (logits - torch.log(-torch.log(u))).argmax(-1)
+        drop = (p.cumsum(-1) - p) > keep  # keep the smallest prefix whose mass reaches top_p
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    u = torch.rand_like(scaled) if uniform is None else uniform
+    picked = (scaled - torch.log(-torch.log(u.clamp(1e-20, 1.0)))).argmax(-1)
+    return torch.where(temperature <= 0, logits.argmax(-1), picked) if per_row else picked
+
+
+def last_logits(model: nn.Module, lm: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache, cache_key: str,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ids, pos (b, T) -> logits (b, V) of the last position, through the decoder layers' own forward,
+    which read and write ``cache``; ``lm`` is ``decoder_stack(model)``, ``cache_key`` the layers' cache keyword."""
+    h = lm.embed_tokens(ids)  # (b, T, d)
+    pe = lm.rotary_emb(h, pos)
+    for layer in lm.layers:
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
+                  **{cache_key: cache})
+        h = h[0] if isinstance(h, tuple) else h
+    return model.get_output_embeddings()(lm.norm(h)[:, -1])
 
 
 class FastGenerator:
@@ -79,8 +100,7 @@ class FastGenerator:
         self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=self.device)
         self.has_stop = bool(eos)
         self.cache = make_cache(self.model, batch_size)
-        self.cache_key = "cache" if "cache" in inspect.signature(self.lm.layers[0].forward).parameters \
-            else "past_key_values"
+        self.cache_key = layer_cache_kwarg(self.model)
         B, dev = batch_size, self.device
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)  # token fed to the next step
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)  # its position
@@ -110,14 +130,7 @@ class FastGenerator:
 
     def _forward_logits(self) -> torch.Tensor:
         """The model's forward for the tokens in ``self.ids`` at ``self.pos``: next-token logits (B, V)."""
-        h = self.lm.embed_tokens(self.ids[:, None])  # (B, 1, d)
-        pos = self.pos[:, None]  # (B, 1)
-        pe = self.lm.rotary_emb(h, pos)
-        for layer in self.lm.layers:
-            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe, use_cache=True,
-                      **{self.cache_key: self.cache})
-            h = h[0] if isinstance(h, tuple) else h
-        return self.model.get_output_embeddings()(self.lm.norm(h)[:, -1])
+        return last_logits(self.model, self.lm, self.ids[:, None], self.pos[:, None], self.cache, self.cache_key)
 
     def _emit(self, nxt: torch.Tensor) -> None:
         nxt = torch.where(self.finished, self.pad, nxt)

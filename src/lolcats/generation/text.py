@@ -20,7 +20,7 @@ def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
     return text[:cut]
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
     ids = getattr(model.generation_config, "eos_token_id", None)
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -51,7 +51,7 @@ def run_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128
         tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     streamer = _streamer(tokenizer) if stream else None
     if fast:
         gen = FastGenerator(model, len(prompts), max_new_tokens, temperature, top_p, eos, tokenizer.pad_token_id)
@@ -108,7 +108,7 @@ class ChatSession:
         with torch.no_grad():
             out = self.model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                       max_new_tokens=max_new_tokens, **{cache_kwarg_name(self.model): self.cache},
-                                      eos_token_id=_eos_ids(self.model, self.tok),
+                                      eos_token_id=eos_ids(self.model, self.tok),
                                       pad_token_id=self.tok.pad_token_id,
                                       streamer=_streamer(self.tok) if stream else None, **kw)
         new = out[0, len(full):].tolist()

@@ -8,6 +8,7 @@ Every command that uses a model (export, generate, chat, eval, serve) describes 
     load_trained(ModelSource(export="exported_dir"))                       # a `lolcats export` directory
     load_trained(ModelSource(config=cfg))                                  # the finished stages cfg names
     load_trained(ModelSource(base="smollm2-135m-instruct"))                # the base model itself
+    load_trained(ModelSource(config=cfg, untrained=True))                  # cfg's base, untrained maps (benchmarks)
 
 ``base`` with checkpoints replaces the base model the checkpoint records. Checkpoints are checked
 against the base they were trained on (its fingerprint), and every tensor name and shape.
@@ -38,6 +39,7 @@ class ModelSource:
     export: str | None = None  # a directory written by `lolcats export`
     base: str | None = None  # base model: the checkpoint's recorded one when empty; alone, the model itself
     config: Config | None = None  # a config whose run has finished stages
+    untrained: bool = False  # with config: its base model converted by its attention section, maps untrained
 
     def __post_init__(self):
         given = [k for k in ("checkpoint", "export", "config") if getattr(self, k) is not None]
@@ -45,6 +47,8 @@ class ModelSource:
             raise ValueError(f"give one of --checkpoint, --export or a config, not {' and '.join(given)}")
         if self.export and (self.base or self.stage1):
             raise ValueError("an exported model needs no --base or --stage1 (it holds the whole model)")
+        if self.untrained and (self.config is None or len(given) > 1):
+            raise ValueError("--untrained converts the base model a config names; it takes no --checkpoint or --export")
         if not given and not self.base and not self.stage1:
             raise ValueError("no model given: pass --checkpoint DIR (a stage checkpoint), --export DIR, "
                              "--base NAME, or --config FILE of a finished run")
@@ -89,11 +93,22 @@ def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: b
     """(model, tokenizer) in eval mode, student attention for linearized models, generation enabled."""
     if source.export:
         return _load_export(source.export, device, dtype)
+    if source.untrained:
+        return _load_untrained(source.config, device)
     if not source.linearized:
         cfg = ModelConfig(name=source.base, dtype=dtype)
         return load_base_model(cfg, device), load_tokenizer(cfg)
     stage1, stage2 = checkpoint_pair(source)
     return load_linearized(source.base, stage1, stage2, device, dtype, merge)
+
+
+def _load_untrained(cfg: Config, device):
+    """``cfg``'s base model converted by ``cfg.attention``: feature maps as initialised, not trained."""
+    model = load_base_model(cfg.model, resolve_device(device))
+    convert_model(model, cfg.attention)
+    set_attention_mode(model, "student")
+    enable_lolcats_generation(model)
+    return model.eval(), load_tokenizer(cfg.model)
 
 
 def _load_export(directory: str, device, dtype: str):

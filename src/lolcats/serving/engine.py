@@ -1,0 +1,478 @@
+"""Slot engines: the model side of continuous batching (the only module that touches cache internals).
+
+An engine owns ``max_batch`` *slots*: rows of preallocated per-sequence buffers. A running
+sequence lives in one slot; the running sequences always fill slots ``0 .. n-1`` (the scheduler
+keeps them compacted: when one ends, the last one's row is copied into its slot).
+
+* :class:`StateEngine` (student mode, the converted model): a slot is one row of every layer's
+  constant-size :class:`~lolcats.ops.decode.naive.DecodeState` (window ring buffer + linear state),
+  i.e. a :class:`~lolcats.generation.LolcatsCache` allocated for ``max_batch`` rows. No paging,
+  no growth: admitting and retiring a sequence is a row copy.
+* :class:`KVEngine` (teacher mode: the same weights with softmax attention, the baseline): a slot
+  is one row of per-layer key/value buffers ``(max_batch, Hk, max_len, D)`` preallocated for the
+  longest allowed sequence (prompt + new tokens); decoding attends over the first ``L`` positions
+  of the first ``b`` rows, ``L`` a power-of-two length bucket covering the longest running row,
+  with a mask for each row's own length.
+
+One decode step (embedding, decoder layers with per-row positions, norm, LM head, per-row
+sampling) runs over the first ``bucket`` slots, ``bucket`` the smallest of 1, 2, 4, ..., max_batch
+that holds the running sequences; rows past ``n`` in the bucket compute garbage that no one reads
+(their buffers are overwritten when a sequence is admitted there). On CUDA each (bucket, sampling
+mode[, length bucket]) step is captured once in a CUDA graph over static buffers and replayed; on
+CPU the same code runs eagerly.
+
+A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, with the model's
+ordinary layer forward on an unpadded row (the fused Triton prefill on CUDA for a fresh row);
+then the staging row is copied into the slot it joins. Prefilling in place is not possible
+because decode steps run over padding rows of their bucket, which would write into a
+half-prefilled row.
+
+Sampling is per row: temperature and top-p are (B,) buffers, and the noise for a row is a hash
+of (the request's seed, the token's index in the request, the vocabulary index), so a seeded
+request samples the same tokens whatever else is in the batch. Greedy rows take the argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from lolcats.attention.cache import LolcatsLayer
+from lolcats.attention.convert import (causal_lm, decoder_stack, layer_cache_kwarg, lolcats_attention_by_layer,
+                                       make_cache, set_attention_mode)
+from lolcats.generation.fast import last_logits, pick_tokens
+
+MODES = ("greedy", "sample", "top_p")  # sampling variants of the step (graphs are kept per variant)
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """Powers of two from ``start`` below ``limit``, then ``limit``: [1, 2, 4, ..., limit]."""
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, sizes: list[int]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+# ---------------------------------------------------------------- per-row seeded noise
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32) without overflowing int64 (c split in 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash with good avalanche (Wellons' lowbias32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def seeded_uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
+    """seed, counter (B,) int64 -> (B, V) float32 uniform in (0, 1), a pure function of its inputs.
+
+    24 bits per draw, so no value rounds to 1.0 (which would give a Gumbel draw of +inf).
+    """
+    row = _mix32(_mix32(seed & _M32) ^ (counter & _M32))  # (B,)
+    salt = _mix32(row ^ 0x5BD1E995)
+    col = torch.arange(vocab, device=seed.device)
+    x = _mix32(_mix32(row[:, None] ^ col[None, :]) ^ salt[:, None])  # (B, V)
+    return ((x >> 8).float() + 0.5) * (1.0 / 2**24)
+
+
+@dataclass
+class Sampling:
+    """One request's sampling parameters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def mode(self) -> str:
+        return "greedy" if self.temperature <= 0 else ("top_p" if self.top_p < 1.0 else "sample")
+
+
+def batch_mode(params: list[Sampling]) -> str:
+    """The cheapest step variant that serves every row: greedy < sample < top_p."""
+    return max((p.mode for p in params), key=MODES.index, default="greedy")
+
+
+class Pending:
+    """Token ids one launched step (or a finished prefill) will have produced, for ``owners``.
+
+    On CUDA the ids are copied to pinned host memory without waiting; :meth:`result` waits for them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, owners: list | None = None):
+        self.owners = owners or []
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = tokens.clone(), None
+
+    def result(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+# ---------------------------------------------------------------- the shared engine
+
+
+class SlotEngine:
+    """Static per-slot buffers, the bucketed decode step and its CUDA graphs; subclasses own the caches."""
+
+    cache: object  # the slots' cache, handed to the layers
+    stage: object  # the one-row staging cache prompts are read into
+    # whether a step may be captured between running steps: its warm-up step must leave the running
+    # rows' cache contents intact (the row buffers are restored either way)
+    capture_while_serving = False
+    warmup_modes: tuple[str, ...] = MODES  # the sampling variants warmup() captures by default
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None):
+        self.model = causal_lm(model)
+        self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
+        emb = self.lm.embed_tokens.weight
+        self.device, self.vocab = emb.device, emb.shape[0]
+        self.max_batch, self.max_len = max_batch, max_len
+        self.sizes = buckets(max_batch)
+        self.cache_key = layer_cache_kwarg(self.model)
+        self.use_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.rows = self._row_buffers(max_batch)  # the slots
+        self.stage_rows = self._row_buffers(1)  # the staging row
+        self.host_pos = [0] * max_batch  # each slot's position, mirrored on the host
+
+    def _row_buffers(self, n: int) -> dict[str, torch.Tensor]:
+        z = lambda dt: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
+        return {"ids": z(torch.long),  # token fed to the next step
+                "pos": z(torch.long),  # its position
+                "temperature": z(torch.float32), "top_p": torch.ones(n, device=self.device),
+                "seed": z(torch.long), "counter": z(torch.long),  # the next token's index in its request
+                "out": z(torch.long)}  # the token the step picked
+
+    # ------------------------------------------------------------ subclass hooks
+
+    def _use_rows(self, key: tuple) -> None:
+        """Point the main cache at the rows (and lengths) step ``key`` runs over."""
+        raise NotImplementedError
+
+    def _decode_mask(self, key: tuple) -> torch.Tensor | None:
+        return None
+
+    def _step_key(self, n: int, mode: str) -> tuple:
+        return (bucket_for(n, self.sizes), mode)
+
+    def _stage_begin(self) -> None:
+        raise NotImplementedError
+
+    def _stage_chunk(self, start: int) -> None:
+        raise NotImplementedError
+
+    def _copy_stage(self, slot: int, length: int) -> None:
+        raise NotImplementedError
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        raise NotImplementedError
+
+    def _reset_row(self, slot: int) -> None:
+        pass
+
+    # ------------------------------------------------------------ the forward
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None) -> torch.Tensor:
+        """ids, pos (b, T) -> logits (b, V) of the last position, reading and writing ``cache``."""
+        return last_logits(self.model, self.lm, ids, pos, cache, self.cache_key, mask)
+
+    def _pick(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], b: int, mode: str) -> torch.Tensor:
+        if mode == "greedy":
+            return logits.argmax(-1)
+        u = seeded_uniform(rows["seed"][:b], rows["counter"][:b], logits.shape[-1])
+        top_p = rows["top_p"][:b] if mode == "top_p" else 1.0
+        return pick_tokens(logits, rows["temperature"][:b], top_p, uniform=u)
+
+    def _step(self, key: tuple) -> None:
+        """One token for the first ``key[0]`` slots, on static tensors only."""
+        b, mode = key[0], key[1]
+        r = self.rows
+        ids, pos = r["ids"][:b], r["pos"][:b]
+        logits = self._forward(ids[:, None], pos[:, None], self.cache, self._decode_mask(key))
+        tok = self._pick(logits, r, b, mode)
+        r["out"][:b].copy_(tok)
+        ids.copy_(tok)
+        pos += 1
+        r["counter"][:b] += 1
+
+    def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
+        """Warm up once on a side stream, then record the step; the slots' row buffers are restored."""
+        self._use_rows(key)
+        saved = {n: t.clone() for n, t in self.rows.items()}
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._step(key)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for n, t in self.rows.items():
+            t.copy_(saved[n])
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step(key)
+        return graph
+
+    @torch.no_grad()
+    def warmup(self, modes: tuple[str, ...] | None = None) -> int:
+        """Capture the steps of every bucket for ``modes`` (default ``warmup_modes``) now, largest first.
+
+        Returns the number of graphs. A step missing later runs eagerly, or is captured then if
+        ``capture_while_serving``. The cache holds garbage afterwards: every admission overwrites its slot.
+        """
+        if not self.use_graph:
+            return 0
+        for key in sorted(self._all_keys(modes or self.warmup_modes), reverse=True):
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(key)
+        torch.cuda.synchronize(self.device)
+        return len(self.graphs)
+
+    def _all_keys(self, modes) -> list[tuple]:
+        return [(b, m) for b in self.sizes for m in modes]
+
+    # ------------------------------------------------------------ what the scheduler calls
+
+    @torch.no_grad()
+    def launch(self, n: int, mode: str, owners: list | None = None) -> Pending:
+        """One decode step for slots 0 .. n-1 (queued on the device; nothing waits)."""
+        key = self._step_key(n, mode)
+        if self.use_graph and key not in self.graphs and self.capture_while_serving:
+            self.graphs[key] = self._capture(key)
+        if key in self.graphs:
+            self.graphs[key].replay()
+        else:
+            self._use_rows(key)
+            self._step(key)
+        for i in range(n):
+            self.host_pos[i] += 1
+        return Pending(self.rows["out"][:n], owners)
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int], start: int, sampling: Sampling | None, owner=None) -> Pending | None:
+        """Read prompt tokens ``ids`` (positions start ..) into the staging row; ``start`` 0 resets it.
+
+        With ``sampling`` (the prompt's last chunk) the first new token is picked on the device and a
+        :class:`Pending` for it returned; :meth:`admit` then moves the row into a slot.
+        """
+        if start == 0:
+            self._stage_begin()
+        self._stage_chunk(start)
+        t = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        pos = torch.arange(start, start + len(ids), device=self.device)[None]  # (1, T)
+        logits = self._forward(t, pos, self.stage)
+        if sampling is None:
+            return None
+        s = self.stage_rows
+        self._set_sampling(s, 0, sampling)
+        tok = self._pick(logits, s, 1, sampling.mode)
+        s["out"].copy_(tok)
+        s["ids"].copy_(tok)
+        s["pos"].fill_(start + len(ids))
+        s["counter"].fill_(1)
+        return Pending(s["out"], [owner] if owner is not None else None)
+
+    def _set_sampling(self, rows: dict[str, torch.Tensor], i: int, p: Sampling) -> None:
+        rows["temperature"][i] = p.temperature
+        rows["top_p"][i] = p.top_p
+        rows["seed"][i] = p.seed
+        rows["counter"][i] = 0
+
+    @torch.no_grad()
+    def admit(self, slot: int, length: int) -> None:
+        """Move the staging row (a prompt of ``length`` tokens, its first token picked) into ``slot``."""
+        self._copy_stage(slot, length)
+        for name, buf in self.rows.items():
+            buf[slot] = self.stage_rows[name][0]
+        self.host_pos[slot] = length
+
+    @torch.no_grad()
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src`` (state, position, sampling) into slot ``dst`` (compaction)."""
+        self._copy_row(src, dst)
+        for buf in self.rows.values():
+            buf[dst] = buf[src]
+        self.host_pos[dst] = self.host_pos[src]
+
+    @torch.no_grad()
+    def release(self, slot: int) -> None:
+        """Slot ``slot`` is free: clear what of it could leak into a later sequence."""
+        self._reset_row(slot)
+        self.rows["pos"][slot] = 0
+        self.host_pos[slot] = 0
+
+    def describe(self) -> dict:
+        dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"engine": type(self).__name__, "device": dev, "max_batch": self.max_batch,
+                "cuda_graphs": self.use_graph, "buckets": self.sizes}
+
+
+# ---------------------------------------------------------------- student: constant-size states
+
+
+class StateEngine(SlotEngine):
+    """Slots are rows of the converted layers' constant-size states (student mode)."""
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None):
+        mods = lolcats_attention_by_layer(causal_lm(model))
+        n_layers = len(decoder_stack(model).layers)
+        if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
+            raise ValueError("the constant-state engine needs every layer converted and in student mode "
+                             f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
+        super().__init__(model, max_batch, max_len, use_cuda_graph)
+        self.cache, self.stage = make_cache(self.model, max_batch), make_cache(self.model, 1)
+        self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
+        self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
+        self.full = [l.state for l in self.layers]
+        self.views = {b: [st.rows(slice(0, b)) for st in self.full] for b in self.sizes}
+
+    def _use_rows(self, key: tuple) -> None:
+        for layer, st in zip(self.layers, self.views[key[0]]):
+            layer.state = st
+
+    def _stage_begin(self) -> None:
+        for layer in self.stage_layers:
+            layer.reset()
+
+    def _stage_chunk(self, start: int) -> None:
+        for layer in self.stage_layers:
+            layer.seen = start  # tokens already read: a fresh row (0) takes the fused full-sequence path
+
+    def _copy_stage(self, slot: int, length: int) -> None:
+        for st, src in zip(self.full, self.stage_layers):
+            for dst_t, src_t in zip(vars(st).values(), vars(src.state).values()):
+                dst_t[slot].copy_(src_t[0])
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        for st in self.full:
+            for t in vars(st).values():
+                t[dst].copy_(t[src])
+
+    def _reset_row(self, slot: int) -> None:
+        for layer, st in zip(self.layers, self.full):
+            layer.state = st.rows(slice(slot, slot + 1))
+            layer.reset()  # fills the row's views in place
+            layer.state = st
+
+    def state_bytes_per_slot(self) -> int:
+        return sum(st.nbytes() for st in self.full) // self.max_batch
+
+
+# ---------------------------------------------------------------- teacher: softmax with KV slots
+
+
+class SlotKVCache:
+    """Key/value buffers per layer, (B, Hk, L, D), for softmax attention (teacher mode).
+
+    ``LolcatsAttention`` in teacher mode calls ``update(k, v, layer_idx)`` and attends over what it
+    returns. ``window`` says what a call means: ``("prefill", start)``: k (1, Hk, T, D) are row 0's
+    positions start .. start+T-1, and the prefix 0 .. start+T-1 is returned (the module's causal mask
+    handles the offset); ``("decode", b, L)``: k (b, Hk, 1, D) go to each row's position ``pos[:b]``
+    and the first ``L`` positions of rows 0 .. b-1 are returned (the caller masks each row's tail).
+    """
+
+    def __init__(self, n_layers: int, B: int, Hk: int, L: int, D: int, dtype, device, pos: torch.Tensor):
+        self.keys = [torch.zeros(B, Hk, L, D, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(B, Hk, L, D, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.pos = pos
+        self.window: tuple = ("prefill", 0)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        K, V = self.keys[layer_idx], self.values[layer_idx]
+        if self.window[0] == "prefill":
+            s, T = self.window[1], k.shape[2]
+            K[:, :, s:s + T] = k
+            V[:, :, s:s + T] = v
+            return K[:, :, :s + T], V[:, :, :s + T]
+        _, b, L = self.window
+        at = self.pos[:b].clamp(max=L - 1)  # padding rows of the bucket may have run past L; live rows have not
+        idx = at.view(b, 1, 1, 1).expand(b, K.shape[1], 1, K.shape[3])
+        K[:b].scatter_(2, idx, k.to(K.dtype))
+        V[:b].scatter_(2, idx, v.to(V.dtype))
+        return K[:b, :, :L], V[:b, :, :L]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class KVEngine(SlotEngine):
+    """Slots are rows of preallocated softmax key/value buffers of ``max_len`` positions (teacher mode)."""
+
+    MIN_LEN = 64  # smallest length bucket
+    # a warm-up step writes keys only at positions a running row has not reached (overwritten before read)
+    capture_while_serving = True
+    warmup_modes = ("greedy",)
+
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None):
+        inner = causal_lm(model)
+        if len(lolcats_attention_by_layer(inner)) != len(decoder_stack(inner).layers):
+            raise ValueError("the KV-slot engine runs converted layers in teacher mode; every layer must be "
+                             "converted (convert_model with attention.layers empty)")
+        set_attention_mode(model, "teacher")
+        super().__init__(model, max_batch, max_len, use_cuda_graph)
+        cfg = self.model.config.get_text_config(decoder=True)
+        Hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype, n = self.lm.embed_tokens.weight.dtype, cfg.num_hidden_layers
+        self.cache = SlotKVCache(n, max_batch, Hk, max_len, D, dtype, self.device, self.rows["pos"])
+        self.stage = SlotKVCache(n, 1, Hk, max_len, D, dtype, self.device, self.stage_rows["pos"])
+        self.lengths = buckets(max_len, min(self.MIN_LEN, max_len))
+        self.arange = torch.arange(max_len, device=self.device)
+
+    def _step_key(self, n: int, mode: str) -> tuple:
+        longest = max(self.host_pos[:n]) + 1  # the step writes position host_pos and reads 0 .. host_pos
+        if longest > self.max_len:
+            raise ValueError(f"a sequence reached {longest} positions; the KV slots hold {self.max_len}")
+        return (bucket_for(n, self.sizes), mode, bucket_for(longest, self.lengths))
+
+    def _all_keys(self, modes) -> list[tuple]:
+        return [(b, m, L) for b in self.sizes for m in modes for L in self.lengths]
+
+    def _use_rows(self, key: tuple) -> None:
+        self.cache.window = ("decode", key[0], key[2])
+
+    def _decode_mask(self, key: tuple) -> torch.Tensor:
+        b, L = key[0], key[2]
+        return (self.arange[:L][None, :] <= self.rows["pos"][:b, None])[:, None, None, :]  # (b, 1, 1, L)
+
+    def _stage_begin(self) -> None:
+        pass  # prefill writes positions 0 .. before anything reads them
+
+    def _stage_chunk(self, start: int) -> None:
+        self.stage.window = ("prefill", start)
+
+    def _copy_stage(self, slot: int, length: int) -> None:
+        for dst, src in zip(self.cache.keys + self.cache.values, self.stage.keys + self.stage.values):
+            dst[slot, :, :length].copy_(src[0, :, :length])
+
+    def _copy_row(self, src: int, dst: int) -> None:
+        n = self.host_pos[src] + 1
+        for t in self.cache.keys + self.cache.values:
+            t[dst, :, :n].copy_(t[src, :, :n])
+
+    def state_bytes_per_slot(self) -> int:
+        return self.cache.nbytes() // self.max_batch

@@ -1,0 +1,40 @@
+"""Options of ``lolcats serve``: one dataclass; the command's flags are derived from it (``lolcats.cli``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    "Address to listen on (0.0.0.0 for every interface)."
+    port: int = 8000
+    "TCP port."
+    served_model_name: str = "lolcats"
+    "The model id clients name in requests and /v1/models lists."
+    attention_mode: Literal["student", "teacher"] = "student"
+    ("student: the converted layers with constant-size states; teacher: the same weights with softmax "
+     "attention over preallocated key/value slots (the baseline).")
+    max_batch: int = 64
+    "Sequences decoded together (slots); more requests wait in the queue."
+    max_queue: int = 256
+    "Requests that may wait for a slot; beyond that a request gets 429."
+    max_prompt_tokens: int = 4096
+    "Longest prompt accepted (tokens)."
+    max_new_tokens: int = 1024
+    "Largest max_tokens accepted."
+    prefill_chunk: int = 512
+    "Prompt tokens read between two decode steps (one chunk of one prompt)."
+    cuda_graph: bool = True
+    "Replay each decode step from a CUDA graph (on CUDA devices)."
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    "uvicorn's log level."
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"serve: --max-queue must be >= 0, got {self.max_queue}")

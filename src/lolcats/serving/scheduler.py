@@ -1,0 +1,373 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+One thread runs the loop; the HTTP side only calls :meth:`Scheduler.submit` and
+:meth:`Scheduler.cancel` and receives events through ``deliver`` (called once per iteration with
+every event produced in it). One iteration:
+
+1. take new requests and cancellations from the inbox;
+2. retire the requests that ended (stop, length, cancelled): the last running slot's row is
+   copied into the freed slot, so running sequences stay in slots 0 .. n-1, and the row is reset;
+3. read at most one chunk (``prefill_chunk`` tokens) of the oldest waiting prompt into the
+   engine's staging row; after the prompt's last chunk its first token is picked on the device
+   and the row joins the running batch in slot n;
+4. launch one decode step for slots 0 .. n-1;
+5. process the previous step's tokens while the device runs this one (a request that ended
+   there wastes one token of this step, which no one reads): text, stop strings, limits.
+
+Prompts therefore never stall running streams for more than one bounded chunk, and a
+request's tokens do not depend on what else runs (per-row positions and seeded sampling).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Callable
+
+from lolcats.serving.engine import Pending, Sampling, SlotEngine, batch_mode
+
+log = logging.getLogger("lolcats.serve")
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the server accepts."""
+
+
+class ServerStopping(RuntimeError):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass
+class Delta:
+    """New text of one generated token (may be empty: held back for a stop string, or a partial character)."""
+
+    text: str
+
+
+@dataclass
+class Done:
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Delta | Done | Failed
+
+
+class TextStream:
+    """Generated token ids -> text deltas: incremental detokenization, stop strings cut off.
+
+    Text is decoded from a moving window of ids (the new token with the tokens since the last
+    emitted piece), and a piece that ends in an incomplete character waits for the next token.
+    Up to ``len(longest stop) - 1`` characters are held back while they could start a stop
+    string. :meth:`finish` replaces the text by a decode of all ids when that agrees with what
+    was sent, so the concatenated deltas equal ``tokenizer.decode(ids)`` cut at the first stop.
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self.tok = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] were decoded into the text already
+        self.text, self.sent, self.scanned = "", 0, 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """-> (text to send now, whether a stop string ended the text)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text (the sequence ended without a stop string so far)."""
+        full = self._decode(self.ids)
+        if full.startswith(self.text[:self.sent]):
+            self.text = full
+        return self._emit(final=True)[0]
+
+    def _emit(self, final: bool) -> tuple[str, bool]:
+        cut = self._find_stop()
+        stopped = cut is not None
+        if stopped:
+            self.text = self.text[:cut]
+        upto = len(self.text) if (final or stopped) else max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent:upto], upto
+        return delta, stopped
+
+    def _find_stop(self) -> int | None:
+        if not self.stop:
+            return None
+        start = max(0, self.scanned - self.hold)  # a stop string ends in the new text
+        self.scanned = len(self.text)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One sequence to generate: prompt ids, limits, sampling, stop strings, and where its events go."""
+
+    def __init__(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, tokenizer,
+                 stop: list[str] | None = None, ignore_eos: bool = False, sink=None):
+        self.id = next(_ids)
+        self.prompt_ids, self.max_tokens, self.sampling = list(prompt_ids), max_tokens, sampling
+        self.text = TextStream(tokenizer, stop)
+        self.ignore_eos, self.sink = ignore_eos, sink
+        self.prefilled = self.generated = 0
+        self.slot: int | None = None
+        self.state = "new"  # waiting | prefill | running | done
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+
+def queue_deliver(events: list[tuple[Request, Event]]) -> None:
+    """Default delivery: ``request.sink`` is a ``queue.Queue``."""
+    for req, ev in events:
+        req.sink.put(ev)
+
+
+class Scheduler:
+    def __init__(self, engine: SlotEngine, eos_ids: list[int], prefill_chunk: int = 512, max_queue: int = 256,
+                 deliver: Callable[[list[tuple[Request, Event]]], None] = queue_deliver):
+        self.engine, self.eos = engine, set(eos_ids)
+        self.prefill_chunk, self.max_queue, self.deliver = prefill_chunk, max_queue, deliver
+        self.inbox: deque = deque()
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.n_waiting = 0  # submitted, not yet prefilling (guarded by lock)
+        self.waiting: deque[Request] = deque()
+        self.staging: Request | None = None
+        self.running: list[Request] = []  # index = slot
+        self.pending: deque[Pending] = deque()
+        self.retiring: list[Request] = []
+        self.outbox: list[tuple[Request, Event]] = []
+        self.finished: Counter = Counter()
+        self.tokens_out = 0
+        self._stop = threading.Event()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ called from other threads
+
+    def submit(self, req: Request) -> None:
+        with self.lock:
+            if self.stopping:
+                raise ServerStopping("the server is shutting down")
+            if self.n_waiting >= self.max_queue:
+                raise QueueFull(f"{self.n_waiting} requests are already waiting (--max-queue {self.max_queue})")
+            self.n_waiting += 1
+        req.state = "waiting"
+        self.inbox.append(("submit", req))
+        self.wake.set()
+
+    def cancel(self, req: Request) -> None:
+        """Stop generating for ``req`` (its client went away); its slot is freed at the next iteration."""
+        self.inbox.append(("cancel", req))
+        self.wake.set()
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "prefilling": int(self.staging is not None),
+                "waiting": self.n_waiting, "finished": dict(self.finished), "tokens_generated": self.tokens_out}
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="lolcats-scheduler", daemon=True)
+        self.thread.start()
+
+    def shutdown(self) -> None:
+        """Take no more requests; the loop finishes its iteration, fails what is left (``Failed``) and ends."""
+        with self.lock:
+            self.stopping = True
+        self._stop.set()
+        self.wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """:meth:`shutdown`, then wait for the loop to end."""
+        self.shutdown()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            busy = self.iteration()
+            if not busy:
+                self.wake.wait(0.05)
+                self.wake.clear()
+        self._ingest()
+        for req in list(self.waiting) + ([self.staging] if self.staging else []) + self.running:
+            if not req.done:
+                self._fail(req, "the server is shutting down")
+        self._flush()
+
+    def iteration(self) -> bool:
+        """One pass of the loop; returns whether there was anything to do."""
+        self._ingest()
+        self._retire()
+        busy = self._guard(self._prefill_step, self._fail_staging)
+        if self.running:
+            busy = self._guard(self._launch, self._fail_running) or busy
+        keep = 1 if self.running else 0  # the step just launched runs while its predecessor is read
+        while len(self.pending) > keep:
+            self._guard(lambda: self._process(self.pending.popleft()), self._fail_running)
+        self._flush()
+        return busy or bool(self.pending) or bool(self.waiting)
+
+    def _guard(self, fn, on_error) -> bool:
+        """Run ``fn``; an exception fails the requests ``on_error`` names instead of the server."""
+        try:
+            return bool(fn())
+        except Exception as e:  # noqa: BLE001 - one request's failure must not end the loop
+            log.exception("serving step failed")
+            on_error(f"{type(e).__name__}: {e}")
+            return True
+
+    def _ingest(self) -> None:
+        while self.inbox:
+            kind, req = self.inbox.popleft()
+            if kind == "submit":
+                if req.done:  # cancelled before it arrived
+                    self._left_queue()
+                    continue
+                self.waiting.append(req)
+            elif not req.done:
+                if req.state == "waiting":
+                    self.waiting.remove(req)
+                    self._left_queue()
+                elif req.state == "prefill":
+                    self.staging = None
+                self._finish(req, "cancelled")
+
+    def _left_queue(self) -> None:
+        with self.lock:
+            self.n_waiting -= 1
+
+    def _retire(self) -> None:
+        for req in self.retiring:
+            slot, last = req.slot, len(self.running) - 1
+            if slot != last:
+                self.engine.move(last, slot)
+                moved = self.running[last]
+                moved.slot, self.running[slot] = slot, moved
+            self.running.pop()
+            self.engine.release(last)
+            req.slot = None
+        self.retiring.clear()
+
+    def _prefill_step(self) -> bool:
+        if self.staging is None:
+            if not self.waiting or len(self.running) >= self.engine.max_batch:
+                return False
+            self.staging = self.waiting.popleft()
+            self.staging.state = "prefill"
+            self._left_queue()
+        req = self.staging
+        start = req.prefilled
+        chunk = req.prompt_ids[start:start + self.prefill_chunk]
+        last = start + len(chunk) >= len(req.prompt_ids)
+        pending = self.engine.prefill(chunk, start, req.sampling if last else None, owner=req)
+        req.prefilled += len(chunk)
+        if last:
+            req.slot = len(self.running)
+            self.engine.admit(req.slot, len(req.prompt_ids))
+            self.running.append(req)
+            req.state = "running"
+            self.staging = None
+            self.pending.append(pending)
+        return True
+
+    def _launch(self) -> bool:
+        mode = batch_mode([r.sampling for r in self.running])
+        self.pending.append(self.engine.launch(len(self.running), mode, owners=list(self.running)))
+        return True
+
+    def _process(self, pending: Pending) -> None:
+        for req, tok in zip(pending.owners, pending.result()):
+            if not req.done:
+                self._on_token(req, tok)
+
+    def _on_token(self, req: Request, tok: int) -> None:
+        req.generated += 1
+        self.tokens_out += 1
+        if tok in self.eos and not req.ignore_eos:
+            self._send(req, Delta(req.text.finish()))
+            return self._finish(req, "stop")
+        delta, stopped = req.text.add(tok)
+        if not stopped and req.generated >= req.max_tokens:
+            delta += req.text.finish()
+        self._send(req, Delta(delta))
+        if stopped:
+            self._finish(req, "stop")
+        elif req.generated >= req.max_tokens:
+            self._finish(req, "length")
+
+    def _send(self, req: Request, ev: Event) -> None:
+        self.outbox.append((req, ev))
+
+    def _finish(self, req: Request, reason: str) -> None:
+        was_running = req.state == "running"
+        req.state, req.finish_reason = "done", reason
+        self.finished[reason] += 1
+        self._send(req, Done(reason, len(req.prompt_ids), req.generated))
+        if was_running:
+            self.retiring.append(req)
+
+    def _fail(self, req: Request, message: str) -> None:
+        was_running = req.state == "running"
+        req.state, req.finish_reason = "done", "error"
+        self.finished["error"] += 1
+        self._send(req, Failed(message))
+        if was_running:
+            self.retiring.append(req)
+
+    def _fail_staging(self, message: str) -> None:
+        if self.staging is not None:
+            self._fail(self.staging, message)
+            self.staging = None
+
+    def _fail_running(self, message: str) -> None:
+        """A decode step failed: every running request fails and the pending tokens are dropped."""
+        self.pending.clear()
+        for req in self.running:
+            if not req.done:
+                self._fail(req, message)
+
+    def _flush(self) -> None:
+        if self.outbox:
+            events, self.outbox = self.outbox, []
+            try:
+                self.deliver(events)
+            except Exception:  # noqa: BLE001
+                log.exception("delivering events failed")
+
+
+def wait_idle(scheduler: Scheduler, timeout: float = 30.0) -> bool:
+    """Block until nothing runs or waits (tests, benchmarks)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = scheduler.stats()
+        if not s["running"] and not s["waiting"] and not s["prefilling"]:
+            return True
+        time.sleep(0.01)
+    return False

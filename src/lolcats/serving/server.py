@@ -1,0 +1,112 @@
+"""``lolcats serve``: build the engine and scheduler for a loaded model, and run uvicorn.
+
+    lolcats serve --checkpoint runs/.../best --port 8000 --max-batch 64
+    lolcats serve --export DIR --attention-mode teacher          # softmax baseline, same weights
+    lolcats serve --untrained --model.init random --model.name llama3-8b \\
+        --model.tokenizer smollm2-135m-instruct                 # benchmark shapes, untrained maps
+
+``lolcats.cli`` loads the model once (``models.trained.load_trained``) and calls :func:`serve`
+with the :class:`~lolcats.serving.options.ServeOptions` its flags give.
+SIGTERM or Ctrl-C ends the server: running requests end with an error event, then it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+
+from lolcats.generation.text import eos_ids
+from lolcats.serving.options import ServeOptions
+
+log = logging.getLogger("lolcats.serve")
+EXTRA_HINT = "lolcats serve needs the serve extra: pip install 'lolcats[serve]'"
+
+
+def build_engine(model, opts: ServeOptions):
+    from lolcats.serving.engine import KVEngine, StateEngine
+
+    cls = KVEngine if opts.attention_mode == "teacher" else StateEngine
+    max_len = opts.max_prompt_tokens + opts.max_new_tokens + 1
+    return cls(model, opts.max_batch, max_len, use_cuda_graph=None if opts.cuda_graph else False)
+
+
+def build_server(model, tokenizer, opts: ServeOptions):
+    """Engine (graphs captured now), scheduler and the :class:`~lolcats.serving.api.Server` for ``model``."""
+    try:
+        from lolcats.serving.api import Server
+    except ImportError as e:
+        raise ValueError(f"{EXTRA_HINT} ({e})") from None
+    from lolcats.serving.scheduler import Scheduler
+
+    opts.check()
+    model.eval()
+    engine = build_engine(model, opts)
+    t0 = time.perf_counter()
+    graphs = engine.warmup()
+    if graphs:
+        log.info("captured %d decode graphs in %.1f s", graphs, time.perf_counter() - t0)
+    scheduler = Scheduler(engine, eos_ids(model, tokenizer), opts.prefill_chunk, opts.max_queue)
+    info = {**engine.describe(), "attention_mode": opts.attention_mode, "vocab_size": engine.vocab,
+            "state_bytes_per_slot": engine.state_bytes_per_slot(), "created": int(time.time())}
+    return Server(scheduler, tokenizer, opts, info)
+
+
+def _uvicorn_server(server, host: str, port: int, log_level: str):
+    import uvicorn
+
+    from lolcats.serving.api import create_app
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: end running requests first, then uvicorn
+            server.scheduler.shutdown()
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # as uvicorn's, without re-raising the signal at the end: exit status 0
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=10, lifespan="on")
+    return _Server(config)
+
+
+def serve(model, tokenizer, opts: ServeOptions) -> None:
+    """Serve ``model`` until SIGTERM or Ctrl-C."""
+    opts.check()
+    logging.basicConfig(level=opts.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    server = build_server(model, tokenizer, opts)
+    log.info("serving %r (%s, %s) on http://%s:%d/v1", opts.served_model_name, opts.attention_mode,
+             server.info["device"], opts.host, opts.port)
+    try:
+        _uvicorn_server(server, opts.host, opts.port, opts.log_level).run()
+    except ImportError as e:
+        raise ValueError(f"{EXTRA_HINT} ({e})") from None
+    log.info("stopped")
+
+
+def start_in_thread(server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    """Run ``server`` in a background thread (tests, benchmarks) -> (uvicorn server, thread, port).
+
+    Stop it with ``uv.should_exit = True; thread.join()``.
+    """
+    uv = _uvicorn_server(server, host, port, log_level)
+    thread = threading.Thread(target=uv.run, name="lolcats-uvicorn", daemon=True)
+    thread.start()
+    end = time.monotonic() + 30
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > end:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    return uv, thread, port

