@@ -224,6 +224,21 @@ def test_caps(tmp_path, tok):
     assert data.stats["train_documents"] < 10  # stopped tokenising early
 
 
+def test_max_file_tokens_takes_each_files_prefix_and_a_prefix_file_gives_the_same_data(tmp_path, tok):
+    a, b = text_records(60), [{"text": f"other {i}: " + "z " * 30} for i in range(60)]
+    full = [write_jsonl(tmp_path / "a.jsonl", a), write_jsonl(tmp_path / "b.jsonl.gz", b)]
+    cfg = dict(val_fraction=0.2, max_val_tokens=None, max_file_tokens=600)
+    data = D.build_data(cfg_for(tmp_path, full, **cfg), tok)
+    per_doc = [len(t) for t in D.tokenize_documents([r["text"] for r in a], tok)]
+    kept_a = next(i for i in range(1, 61) if sum(n + 1 for n in per_doc[:i]) >= 600)  # + eos per document
+    assert kept_a < 60 and data.stats["documents"] < 120
+    prefix = [write_jsonl(tmp_path / "pa.jsonl", a[:kept_a + 3]), write_jsonl(tmp_path / "pb.jsonl.gz", b[:40])]
+    same = D.build_data(cfg_for(tmp_path, prefix, **cfg), tok)  # prefixes long enough: the same records
+    assert torch.equal(same.train, data.train) and torch.equal(same.val, data.val)
+    text = (tok.decode(data.train.flatten().tolist()) + tok.decode(data.val.flatten().tolist()))
+    assert "other 0:" in text and "doc 0:" in text and f"doc {kept_a + 1}:" not in text
+
+
 def test_cache_hit_skips_tokenising(tmp_path, tok, monkeypatch):
     path = write_jsonl(tmp_path / "t.jsonl.gz", text_records(30))
     cfg = cfg_for(tmp_path, [path], val_fraction=0.1, max_val_tokens=None)

@@ -89,6 +89,9 @@ class DataConfig:
     "Share of documents held out for validation (deterministic by content)."
     max_train_tokens: int | None = None
     "Cap on training tokens (after packing); all when empty."
+    max_file_tokens: int | None = None
+    "Take only the first records of each training file, up to this many tokens (before the train/validation "
+    "split): balances a mix of files, and a file's prefix then gives the same data as the whole file."
     max_val_tokens: int | None = 262144
     "Cap on validation tokens."
     cache_dir: str = ".cache/lolcats"
@@ -290,6 +293,7 @@ def _check_values(cfg: Config) -> None:
         "attention.feature_dim": cfg.attention.feature_dim,
         "attention.window_size": cfg.attention.window_size,
         "data.seq_len": cfg.data.seq_len,
+        "data.max_file_tokens": cfg.data.max_file_tokens,
     }
     for stage in ("distill", "finetune"):
         t = getattr(cfg, stage)

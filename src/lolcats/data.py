@@ -369,7 +369,8 @@ def cache_key(cfg: DataConfig, tokenizer, sources: list[str], seed: int) -> str:
     ident = {"v": CACHE_VERSION, "tok": tokenizer_id(tokenizer),
              "src": [_source_id(s, cfg.hub_split) for s in sources],
              "format": cfg.format, "template": cfg.template, "seq_len": cfg.seq_len, "val": cfg.val_fraction,
-             "max_train": cfg.max_train_tokens, "max_val": cfg.max_val_tokens, "seed": seed}
+             "max_train": cfg.max_train_tokens, "max_val": cfg.max_val_tokens, "seed": seed,
+             "max_file": cfg.max_file_tokens}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -419,8 +420,18 @@ def _build_split(records: list[dict], cfg: DataConfig, tokenizer, dtype: np.dtyp
     return pack(stream, cfg.seq_len, cap), used, len(stream)
 
 
+def file_prefix(records: list[dict], cfg: DataConfig, tokenizer, dtype: np.dtype) -> list[dict]:
+    """The first ``records`` (in file order) whose framed tokens reach ``cfg.max_file_tokens``; all if no cap."""
+    if cfg.max_file_tokens is None:
+        return records
+    texts = [format_record(r, "auto", cfg.template, tokenizer) for r in records]
+    _, used = _tokenize_until(texts, tokenizer, cfg.max_file_tokens, dtype)
+    return records[:used]
+
+
 def _pack_sources(cfg: DataConfig, tokenizer, sources: list[str], seed: int, dtype: np.dtype) -> PackedData:
-    records = [r for src in sources for r in read_documents(src, cfg.format, cfg.hub_split)]
+    records = [r for src in sources
+               for r in file_prefix(read_documents(src, cfg.format, cfg.hub_split), cfg, tokenizer, dtype)]
     train_recs, val_recs = split_documents(records, cfg.val_fraction, seed)
     train, n_train, t_train = _build_split(train_recs, cfg, tokenizer, dtype, cfg.max_train_tokens)
     _check_enough(train, t_train, cfg, sources, "train")
