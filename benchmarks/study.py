@@ -13,7 +13,7 @@ and ``study.json`` are rewritten whenever a row finishes, so a run cut short kee
 
 ``--data``: a folder with the training files the rows name (alpaca_52k_en.jsonl.gz, and for the data-mix
 row wikipedia/gutenberg files); ``--eval-data``: a folder with ``lm_eval_local/`` (its YAMLs pointing at
-the data files, resolved as lolcats eval does) and ``wikitext-2/wiki.test.tokens``.
+the data files, resolved as lolcats eval does); ``--ppl``: WikiText-2 test.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Row:
 
 
 ALPACA = "alpaca_52k_en.jsonl.gz"
-MIX = [ALPACA, "wikipedia_sub.jsonl.gz", "gutenberg_sub.jsonl.gz"]
+MIX = [ALPACA, "wikipedia_en_enwiki_chunk.jsonl.gz", "gutenberg_en_books.jsonl.gz"]
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
     Row("default", "today's default: terraced 64 + linear, Hedgehog, CE LoRA"),
@@ -71,10 +71,13 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="smollm2-135m-instruct", help="base model (a .gguf path, or a built-in name)")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "train"))
-    p.add_argument("--eval-data", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--eval-data", default=str(REPO.parent / "shared" / "data"), help="holds lm_eval_local/")
+    p.add_argument("--ppl", default=str(REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.test.tokens"))
     p.add_argument("--rows", default=",".join(r.label for r in ROWS))
     p.add_argument("--jobs", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=2_500_000, help="training tokens per stage (data.max_train_tokens)")
+    p.add_argument("--tokens", type=int, default=3_600_000,
+                   help="tokens of training text per row (train + validation): data.max_file_tokens of one file, or "
+                        "this divided by the number of files (the same token count for a mix)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--recall-lengths", default="1024,2048,4096,8192")
     p.add_argument("--recall-samples", type=int, default=20)
@@ -96,7 +99,7 @@ def cli(*args: str) -> list[str]:
 def train_command(row: Row, a) -> list[str]:
     files = [str(Path(a.data) / f) for f in (row.data or [ALPACA])]
     return cli("linearize", "--config", str(REPO / "configs" / "smollm2-135m.yaml"), "--model.name", a.model,
-               "--data.train", ",".join(files), "--data.max_train_tokens", str(a.tokens),
+               "--data.train", ",".join(files), "--data.max_file_tokens", str(a.tokens // len(files)),
                "--run.output_dir", str(Path(a.out) / "runs" / row.label), "--run.progress", "false",
                "--distill.epochs", str(a.epochs), "--finetune.epochs", str(a.epochs),
                "--distill.micro_batch_size", "8", "--distill.grad_accum", "1",
@@ -119,7 +122,7 @@ def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str
     include = str(Path(a.eval_data) / "lm_eval_local")
     common = ["--include-path", include, "--batch-size", str(a.batch_size), *shlex.split(a.eval_extra)]
     out = Path(a.out) / row.label
-    zero = cli("eval", *model_flags(row, a, rows), "--ppl", str(Path(a.eval_data) / "wikitext-2" / "wiki.test.tokens"),
+    zero = cli("eval", *model_flags(row, a, rows), "--ppl", a.ppl,
                "--tasks", ZERO_SHOT, "--recall", "passkey,multikey", "--recall-lengths", a.recall_lengths,
                "--recall-samples", str(a.recall_samples), "--output", str(out / "eval.json"), *common)
     mmlu = cli("eval", *model_flags(row, a, rows), "--tasks", "mmlu_local", "--num-fewshot", "5",
