@@ -2,7 +2,7 @@
 
 Bottom to top (a module may import its own layer and those below):
 
-    0  runtime, config, checkpoint, runs, data       plain helpers, the config schema, files on disk
+    0  runtime, config, checkpoint, runs, data, hub  plain helpers, the config schema, files on disk
     1  ops                                          attention operators: references and kernels
     2  attention                                    the layer, its feature maps, its cache, conversion
     3  models, hf, bundle, distributed, evaluation.perplexity, evaluation.report
@@ -21,7 +21,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = {
     "lolcats": 0, "lolcats.runtime": 0, "lolcats.config": 0, "lolcats.checkpoint": 0, "lolcats.runs": 0,
-    "lolcats.data": 0,
+    "lolcats.data": 0, "lolcats.hub": 0,
     "lolcats.ops": 1,
     "lolcats.attention": 2,
     "lolcats.models": 3, "lolcats.hf": 3, "lolcats.bundle": 3, "lolcats.distributed": 3, "lolcats.evaluation.perplexity": 3,

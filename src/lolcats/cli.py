@@ -12,17 +12,33 @@ MODEL is the same on every command that uses a model: ``--checkpoint DIR`` (a st
 stage-2 checkpoint, ``.../best``; a stage 2 finds its stage 1), ``--export DIR``, ``--base NAME``
 (alone: the base model; with a checkpoint: the base to load it onto), or ``--config FILE`` and
 config flags naming a finished run. Every config field is a flag (``--distill.lr 3e-3``).
+
+A mistake in the input (a flag, a value, a file, a checkpoint, a full disk, a run directory in
+use) ends with one line naming it and exit code 2; ``--debug`` (or ``LOLCATS_DEBUG=1``) shows
+the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lolcats.config import ConfigError, config_help, load_config
+from lolcats.runs import RunInUseError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+USER_ERRORS = (ValueError, OSError, ImportError, RunInUseError)  # their messages say what to do: no traceback
+
+
+class UsageError(Exception):
+    """A command line argparse cannot parse (one line instead of argparse's usage text)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 # ---------------------------------------------------------------- shared flags
@@ -46,6 +62,8 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
                    help="base model (hub name, directory, .gguf, built-in): the checkpoint's recorded one by default"
                         + ("; alone: evaluate or use the base model itself" if base_alone else ""))
     _config_flags(g)
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the base model's own Python code (a checkpoint's metadata never turns this on)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights dtype: auto = bfloat16 on GPU, float32 on CPU (export: the dtype written; "
@@ -58,18 +76,19 @@ def model_source(args: argparse.Namespace, rest: list[str]):
 
     explicit = args.checkpoint or args.export or args.stage1 or args.base
     if explicit and (rest or args.config):
+        load_config(None, rest)  # an unknown flag is named as such
         flags = " ".join(rest) or "--config"
         raise ConfigError(f"{flags}: config flags name a run, and cannot be combined with --checkpoint, --export, "
                           "--stage1 or --base (use --base NAME to load a checkpoint onto another base model)")
     config = None if explicit else load_config(args.config, rest)
     return ModelSource(checkpoint=args.checkpoint, stage1=args.stage1, export=args.export, base=args.base,
-                       config=config, untrained=args.untrained)
+                       config=config, untrained=args.untrained, trust_remote_code=args.trust_remote_code)
 
 
-def _load(args, rest):
+def _load(args, source):
     from lolcats.models.trained import load_trained
 
-    return load_trained(model_source(args, rest), None if args.device == "auto" else args.device, args.dtype)
+    return load_trained(source, None if args.device == "auto" else args.device, args.dtype)
 
 
 # ---------------------------------------------------------------- training
@@ -83,13 +102,14 @@ def cmd_linearize(args, rest) -> None:
 
 
 def cmd_distill(args, rest) -> None:
-    from lolcats.pipeline import prepare, run_distill, stage_dirs, stage_done, student_perplexity
+    from lolcats.pipeline import lock_run, prepare, run_distill, stage_dirs, stage_done, student_perplexity
 
     cfg = load_config(args.config, rest)
-    ctx = prepare(cfg)
     d1 = stage_dirs(cfg)[0]
     done_before = stage_done(d1)
-    run_distill(ctx)
+    with lock_run(cfg, ("distill",)):
+        ctx = prepare(cfg)
+        run_distill(ctx)
     if not stage_done(d1):  # block-wise with some blocks left (LOLCATS_BLOCKS)
         print(json.dumps({"stage1": str(d1), "finished": False}, indent=2))
         return
@@ -98,12 +118,13 @@ def cmd_distill(args, rest) -> None:
 
 
 def cmd_finetune(args, rest) -> None:
-    from lolcats.pipeline import prepare, run_distill, run_finetune, stage_dirs, student_perplexity
+    from lolcats.pipeline import lock_run, prepare, run_distill, run_finetune, stage_dirs, student_perplexity
 
     cfg = load_config(args.config, rest)
-    ctx = prepare(cfg)
-    run_distill(ctx)  # loads the finished stage 1 (runs it if missing)
-    model, result = run_finetune(ctx)
+    with lock_run(cfg):
+        ctx = prepare(cfg)
+        run_distill(ctx)  # loads the finished stage 1 (runs it if missing)
+        model, result = run_finetune(ctx)
     print(json.dumps({"checkpoint": str(stage_dirs(cfg)[1] / "best"), "skipped": result is None,
                       "val_lm_loss": student_perplexity(ctx, model)}, indent=2))
 
@@ -139,10 +160,11 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
 
 
 def cmd_generate(args, rest) -> None:
-    from lolcats.generation.text import complete
+    from lolcats.generation.text import check_prompts, complete
 
-    prompts = read_prompts(args.prompt, args.prompt_file)
-    model, tok = _load(args, rest)
+    source = model_source(args, rest)
+    prompts = check_prompts(read_prompts(args.prompt, args.prompt_file))
+    model, tok = _load(args, source)
     texts = complete(model, tok, prompts, args.chat_template, args.max_new_tokens, args.temperature, args.top_p,
                      args.stop, args.stream, args.fast)
     if not args.stream:
@@ -153,7 +175,7 @@ def cmd_generate(args, rest) -> None:
 def cmd_chat(args, rest) -> None:
     from lolcats.generation.text import run_chat
 
-    model, tok = _load(args, rest)
+    model, tok = _load(args, model_source(args, rest))
     run_chat(model, tok, args.max_new_tokens, args.temperature, args.top_p, args.system)
 
 
@@ -178,8 +200,13 @@ def cmd_serve(args, rest) -> None:
 
     opts = ServeOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeOptions)})
     opts.check()
-    model, tok = _load(args, rest)
+    model, tok = _load(args, model_source(args, rest))
     serve(model, tok, opts)
+
+
+def cmd_config(args, rest) -> None:
+    load_config(args.config, rest)  # a bad file or flag is an error here too
+    print(config_help())
 
 
 def cmd_plan(args, rest) -> None:
@@ -312,32 +339,51 @@ COMMANDS = {  # name: (help, function, flag builders); config flags (--section.k
     "eval": ("perplexity and LM-Eval-Harness tasks, base and linearized side by side", cmd_eval,
              (_model_flags, _eval_flags)),
     "plan": ("memory per GPU and disk each stage needs, before anything runs", cmd_plan, (_config_flags, _plan_flags)),
-    "config": ("list every config flag", lambda a, r: print(config_help()), (_config_flags,)),
+    "config": ("list every config flag", cmd_config, (_config_flags,)),
 }
+
+DEBUG_HELP = "show the traceback of an error (also LOLCATS_DEBUG=1)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lolcats", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="lolcats", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help, fn, builders) in COMMANDS.items():
         desc = help + "\n\nConfig flags (any of):\n" + config_help()
         p = sub.add_parser(name, help=help, description=desc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         for build in builders:
             build(p)
         p.set_defaults(fn=fn)
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
+    """Run one command; 0 on success, 2 with a one-line message on a mistake in the input, 130 on Ctrl-C."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("LOLCATS_DEBUG", "") not in ("", "0")
     try:
+        args, rest = build_parser().parse_known_args(argv)
         args.fn(args, rest)
-    except ConfigError as e:
-        print(f"lolcats: config error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("lolcats: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ConfigError) as e:
+        if debug:
+            raise
+        print(f"lolcats: {'config ' if isinstance(e, ConfigError) else ''}error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"lolcats: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"lolcats: error: {_one_line(e)} (--debug shows where)", file=sys.stderr)
         return 2
     return 0
 

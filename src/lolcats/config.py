@@ -13,6 +13,7 @@ including file); later files and then the file's own keys override earlier ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -308,6 +309,11 @@ def _check_values(cfg: Config) -> None:
     for k, v in positive.items():
         if v is not None and v <= 0:
             raise ConfigError(f"{k}: {v} must be > 0")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} must be >= 2 (a sequence predicts its next tokens)")
+    layers = cfg.attention.layers
+    if layers and (min(layers) < 0 or len(set(layers)) != len(layers)):
+        raise ConfigError(f"attention.layers: {layers} must be distinct layer indices >= 0")
     if not 0 < cfg.attention.init_window_factor < 1:
         raise ConfigError(f"attention.init_window_factor: {cfg.attention.init_window_factor} must be in (0, 1)")
     if not 0 <= cfg.data.val_fraction < 1:
@@ -333,13 +339,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start}: {e.reason})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     merged: dict[str, Any] = {}
     for inc in data.pop("include", None) or []:
         merged = _merge(merged, read_yaml(path.parent / inc))
     return _merge(merged, data)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """``"could not find expected ':' at line 3, column 1"`` from a YAML error."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -361,7 +379,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if len(parts) != 2:
             raise ConfigError(f"unknown flag --{key}; flags look like --section.key (sections: "
                               + ", ".join(f.name for f in fields(Config)) + ")")
-        value = yaml.safe_load(val) if val != "" else None
+        try:
+            value = yaml.safe_load(val) if val != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--{key}: cannot read the value {val!r} ({_yaml_problem(e)})") from None
         if isinstance(value, str) and "," in value and parts[1] in _list_fields(parts[0]):
             value = [v.strip() for v in value.split(",") if v.strip()]
         out.setdefault(parts[0], {})[parts[1]] = value
@@ -393,8 +414,9 @@ def load_config(path: str | Path | list[str | Path] | None = None,
     return config_from_dict(data)
 
 
+@functools.lru_cache(maxsize=None)
 def config_help() -> str:
-    """One line per field: flag, type, default, docstring."""
+    """One line per field: flag, type, default, docstring (built once: every subcommand's help shows it)."""
     lines = []
     for sec in fields(Config):
         cls = _field_types(Config)[sec.name]
@@ -406,9 +428,27 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under dataclass fields (read from the source)."""
+@functools.lru_cache(maxsize=None)
+def _class_docs(module_file: str) -> dict[str, dict[str, str]]:
+    """{class name: {field: the docstring written under it}} of every class in a source file (parsed once)."""
     import ast
+
+    try:
+        tree = ast.parse(Path(module_file).read_text())
+    except (OSError, SyntaxError):
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            out[node.name] = {a.target.id: str(b.value.value) for a, b in zip(body, body[1:])  # type: ignore
+                              if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+                              and isinstance(b.value, ast.Constant)}
+    return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (read from the source), base classes' first."""
     import inspect
 
     docs: dict[str, str] = {}
@@ -416,13 +456,9 @@ def field_docs(cls: type) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         try:
-            tree = ast.parse(inspect.getsource(klass))
-        except (OSError, TypeError):
+            docs.update(_class_docs(inspect.getfile(klass)).get(klass.__name__, {}))
+        except TypeError:
             continue
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
     return docs
 
 

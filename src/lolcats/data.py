@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,8 +45,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from lolcats.checkpoint import atomic_write, write_json
+from lolcats.checkpoint import atomic_write, file_sha256, write_json
 from lolcats.config import DataConfig
+from lolcats.hub import OFFLINE_MODE, is_repo_id, offline_reason
 
 FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".tokens", ".raw")
 FORMATS = ("auto", "alpaca", "text")
@@ -87,10 +89,17 @@ class PackedData:
 
 
 def _open_text(path: Path) -> str:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); give .json/.jsonl/.txt files "
+                        "(optionally .gz)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: the gzip file is truncated or corrupt ({type(e).__name__}: {e}); "
+                        "download or compress it again") from None
 
 
 def _base_suffix(path: Path) -> str:
@@ -140,7 +149,27 @@ def _file_records(path: Path) -> list[tuple[int, Any]]:
     return [(i, {"text": doc}) for i, doc in enumerate(split_plain_text(text), 1)]
 
 
+def _check_hub_name(name: str) -> None:
+    """``name`` (not an existing file) can only be a Hub dataset: a missing path is FileNotFoundError."""
+    if _is_file_like(name) or not is_repo_id(name):
+        raise FileNotFoundError(f"training data file not found: {name}")
+
+
+def check_sources(cfg: DataConfig) -> None:
+    """Every ``data.train`` entry is an existing file, or a Hub dataset while the Hub can be asked
+    (checked at start-up: offline, a Hub name fails at once instead of after minutes of retries)."""
+    for name in _sources(cfg.train):
+        if Path(name).is_file():
+            continue
+        _check_hub_name(name)
+        why = offline_reason()
+        if why is not None and why != OFFLINE_MODE:  # in offline mode datasets reads its cache at once
+            raise DataError(f"data.train {name!r} is not a local file, and the Hugging Face Hub cannot be used "
+                            f"({why}): give .json/.jsonl/.txt files, or set HF_HUB_OFFLINE=1 to use a cached copy")
+
+
 def _hub_dataset(name: str, split: str):
+    _check_hub_name(name)
     try:
         import datasets
     except ImportError as e:
@@ -163,8 +192,6 @@ def _raw_records(path_or_name: str, hub_split: str) -> list[tuple[int, Any]]:
     path = Path(path_or_name)
     if path.is_file():
         return _file_records(path)
-    if _is_file_like(path_or_name):
-        raise FileNotFoundError(f"training data file not found: {path_or_name}")
     return list(enumerate(_hub_dataset(path_or_name, hub_split), 1))
 
 
@@ -336,20 +363,10 @@ def _sources(train: list[str]) -> list[str]:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _source_id(name: str, hub_split: str) -> str:
     path = Path(name)
     if path.is_file():
-        return _file_sha256(path)
-    if _is_file_like(name):
-        raise FileNotFoundError(f"training data file not found: {name}")
+        return file_sha256(path)
     ds = _hub_dataset(name, hub_split)
     return f"hub:{name}:{hub_split}:{getattr(ds, '_fingerprint', '')}"
 

@@ -11,6 +11,7 @@ for use: :mod:`lolcats.models.trained` (``load_linearized`` is re-exported here)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,19 +22,22 @@ import torch
 
 from lolcats import distributed as dist
 from lolcats.attention.convert import convert_model, set_attention_mode, set_attention_trainable
-from lolcats.checkpoint import write_json
+from lolcats.checkpoint import WEIGHTS, atomic_write, file_sha256, write_json
 from lolcats.config import Config, save_config
-from lolcats.data import build_data
-from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
+from lolcats.data import build_data, check_sources
+from lolcats.models.checks import check_model_settings
+from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer, model_config
+from lolcats.models.locator import base_locator
 from lolcats.models.lora import add_lora
 from lolcats.models.trained import load_linearized, load_stage1, load_stage2
-from lolcats.runs import BEST, SUMMARY, stage_dirs, stage_done
+from lolcats.runs import BEST, STATE, SUMMARY, check_output_dir, lock_dir, stage_dirs, stage_done
 from lolcats.runtime import resolve_device
 from lolcats.training.blockwise import train_blockwise
 from lolcats.training.stages import distill_stage, finetune_stage, lm_validate
+from lolcats.training.state import check_state
 from lolcats.training.trainer import StageResult, train_stage
 
-__all__ = ["Context", "prepare", "run_distill", "run_finetune", "linearize", "base_perplexity",
+__all__ = ["Context", "prepare", "run_distill", "run_finetune", "linearize", "lock_run", "base_perplexity",
            "student_perplexity", "load_linearized", "stage_dirs", "stage_done"]
 
 
@@ -61,7 +65,16 @@ class Context:
 
 
 def prepare(cfg: Config) -> Context:
-    """Load the base model, tokenizer and packed data (from the tokenised cache when present)."""
+    """Check the settings, then load the base model, tokenizer and packed data (from the tokenised
+    cache when present). Whatever can be checked before loading is: the output directory, resume
+    states, the data sources, and the settings against the model's architecture (from its config)."""
+    check_output_dir(cfg)
+    for d in stage_dirs(cfg):
+        if (d / STATE).is_file() and not stage_done(d):
+            check_state(d / STATE)
+    check_sources(cfg.data)
+    hf_config = model_config(cfg.model)
+    check_model_settings(cfg, hf_config)
     info = dist.init_distributed(_dist_device(cfg.run.device))  # no-op outside torchrun
     device = info.device if info.distributed else resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
@@ -71,8 +84,22 @@ def prepare(cfg: Config) -> Context:
     data = build_data(cfg.data, tok, seed=cfg.run.seed)
     if info.is_main:
         dist.barrier()
-    model = load_base_model(cfg.model, device)
+    model = load_base_model(cfg.model, device, config=hf_config)
     return Context(cfg, model, tok, device, base_fingerprint(model), data.train, data.val, info)
+
+
+@contextlib.contextmanager
+def lock_run(cfg: Config, stages: tuple[str, ...] = ("distill", "finetune")):
+    """Hold the locks of the stage directories this run will train in (the unfinished ones of
+    ``stages``), so a second run of the same config stops at start-up. Block-wise stage 1 locks
+    each block instead (its block processes share the stage directory)."""
+    check_output_dir(cfg)
+    dirs = [d for name, d in zip(("distill", "finetune"), stage_dirs(cfg))
+            if name in stages and not stage_done(d) and not (name == "distill" and cfg.distill.block_size)]
+    with contextlib.ExitStack() as stack:
+        for d in dirs:
+            stack.enter_context(lock_dir(d))
+        yield
 
 
 def _dist_device(name: str) -> str:
@@ -83,14 +110,15 @@ def _dist_device(name: str) -> str:
 def checkpoint_meta(ctx: Context, stage: str) -> dict:
     """What a stage's checkpoint records besides its tensors (the trainer adds the metrics)."""
     return {"stage": stage, "base_model": ctx.cfg.model.name, "base_fingerprint": ctx.fingerprint,
-            "attention": asdict(ctx.cfg.attention), "finetune": asdict(ctx.cfg.finetune),
-            "config": ctx.cfg.to_dict(), "num_layers": ctx.model.config.num_hidden_layers}
+            "base": base_locator(ctx.cfg.model, ctx.fingerprint), "attention": asdict(ctx.cfg.attention),
+            "finetune": asdict(ctx.cfg.finetune), "config": ctx.cfg.to_dict(),
+            "num_layers": ctx.model.config.num_hidden_layers}
 
 
 def _start(ctx: Context, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
-        save_config(ctx.cfg, directory / "config.yaml")
+        atomic_write(directory / "config.yaml", lambda p: save_config(ctx.cfg, p))
 
 
 def _shard(ctx: Context, model, stage: str):
@@ -154,7 +182,8 @@ def run_finetune(ctx: Context, on_step=None):
     if not stage_done(d2):
         _start(ctx, d2)
         _shard(ctx, model, "finetune")
-        meta = {**checkpoint_meta(ctx, "finetune"), "stage1": str(Path("..") / d1.name / BEST)}  # from d2
+        meta = {**checkpoint_meta(ctx, "finetune"), "stage1": str(Path("..") / d1.name / BEST),  # from d2
+                "stage1_sha256": file_sha256(d1 / BEST / WEIGHTS)}
         stage = finetune_stage(model, ctx.cfg, ctx.val, ctx.device, meta)
         result = train_stage(stage, ctx.train, d2, ctx.cfg.run.seed, ctx.device, ctx.cfg.run.progress, on_step)
     load_stage2(model, d2 / BEST, ctx.fingerprint)
@@ -185,16 +214,17 @@ def _val_loss(ctx: Context, model) -> float:
 def linearize(cfg: Config, on_step=None) -> dict:
     """Both stages, with the validation loss of the base model and after each stage; writes report.json."""
     t0 = time.time()
-    ctx = prepare(cfg)
-    d1, d2 = stage_dirs(cfg)
-    report: dict = {"run_dirs": [str(d1), str(d2)], "train_tokens": int(ctx.train.numel()),
-                    "val_tokens": int(ctx.val.numel())}
-    report["base"] = {"val_loss": base_perplexity(ctx)}
-    r1 = run_distill(ctx, on_step)
-    if not stage_done(d1):
-        raise RuntimeError(f"stage 1 is not finished in {d1} (blocks left to train)")
-    report["stage1"] = {"val_loss": student_perplexity(ctx), **_stage_summary(r1, d1)}
-    model, r2 = run_finetune(ctx, on_step)
+    with lock_run(cfg):
+        ctx = prepare(cfg)
+        d1, d2 = stage_dirs(cfg)
+        report: dict = {"run_dirs": [str(d1), str(d2)], "train_tokens": int(ctx.train.numel()),
+                        "val_tokens": int(ctx.val.numel())}
+        report["base"] = {"val_loss": base_perplexity(ctx)}
+        r1 = run_distill(ctx, on_step)
+        if not stage_done(d1):
+            raise RuntimeError(f"stage 1 is not finished in {d1} (blocks left to train)")
+        report["stage1"] = {"val_loss": student_perplexity(ctx), **_stage_summary(r1, d1)}
+        model, r2 = run_finetune(ctx, on_step)
     report["stage2"] = {"val_loss": student_perplexity(ctx, model), **_stage_summary(r2, d2)}
     for k in ("base", "stage1", "stage2"):
         report[k]["ppl"] = math.exp(min(report[k]["val_loss"], 50))

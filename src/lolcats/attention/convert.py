@@ -35,6 +35,14 @@ def check_architecture(config) -> None:
         raise ValueError(f"model type {mt!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def check_layer_indices(wanted, num_layers: int) -> None:
+    """attention.layers names layers the model has."""
+    for i in wanted:
+        if not 0 <= i < num_layers:
+            raise ValueError(f"attention.layers: layer {i} does not exist (the model has {num_layers}: "
+                             f"0..{num_layers - 1})")
+
+
 def causal_lm(model: nn.Module) -> nn.Module:
     """The HF causal LM under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -61,9 +69,7 @@ def convert_model(model: nn.Module, cfg: AttentionConfig) -> nn.Module:
     check_architecture(model.config)
     layers = decoder_layers(model)
     wanted = range(len(layers)) if cfg.layers is None else cfg.layers
-    for i in wanted:
-        if not 0 <= i < len(layers):
-            raise ValueError(f"attention.layers: layer {i} does not exist (the model has {len(layers)})")
+    check_layer_indices(wanted, len(layers))
     for p in model.parameters():
         p.requires_grad_(False)
     for i in wanted:

@@ -82,6 +82,11 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
     recall = recall if recall is not None and recall.tasks else None
     if not ppl and not task_list and recall is None:
         raise ValueError("nothing to evaluate: give --ppl FILE, --tasks and/or --recall")
+    for path in ppl:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--ppl: no such file: {path}")
+    if include_path and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"--include-path: no such directory: {include_path}")
     runs = []
     if compare_base or not source.linearized:
         runs.append(("base", base_source(source)))
@@ -111,7 +116,7 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
 
 
 def _describe(source: ModelSource) -> dict[str, Any]:
-    return {k: v for k, v in vars(source).items() if v is not None and k != "config"}
+    return {k: v for k, v in vars(source).items() if v not in (None, False) and k not in ("config", "base_config")}
 
 
 def _versions() -> dict[str, str]:

