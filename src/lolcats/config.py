@@ -13,6 +13,7 @@ including file); later files and then the file's own keys override earlier ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -389,6 +390,7 @@ def load_config(path: str | Path | list[str | Path] | None = None,
     return config_from_dict(data)
 
 
+@functools.lru_cache(maxsize=None)  # every subcommand's --help text: built once per process
 def config_help() -> str:
     """One line per field: flag, type, default, docstring."""
     lines = []
@@ -402,6 +404,7 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=None)  # reads and parses the source: once per class
 def _field_docs(cls: type) -> dict[str, str]:
     """Docstrings written under dataclass fields (read from the source)."""
     import ast

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from lolcats.attention.convert import check_architecture
 from lolcats.config import ModelConfig
+from lolcats.models import gguf_cache
 
 # name -> (python package, GGUF file inside it, pip requirement)
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -98,7 +100,15 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.tokenizer:
         cfg = dataclasses.replace(cfg, name=cfg.tokenizer, gguf_file=None, tokenizer=None)
     src, gguf = resolve_source(cfg)
-    tok = AutoTokenizer.from_pretrained(src, **hub_kwargs(cfg, gguf))
+    path, root = _local_gguf(src, gguf), gguf_cache.cache_root()
+    part = gguf_cache.entry_dir(path, root) / "tokenizer" if path and root else None
+    if part is not None and gguf_cache.complete(part):
+        tok = AutoTokenizer.from_pretrained(str(part))
+    else:
+        with gguf_cache.shared_gguf_reads():
+            tok = AutoTokenizer.from_pretrained(src, **hub_kwargs(cfg, gguf))
+        if part is not None:
+            gguf_cache.write_part(part, tok.save_pretrained)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -115,13 +125,41 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None):
         return random_model(load_shape(cfg.name), device, resolve_dtype(cfg.dtype, device))
     src, gguf = resolve_source(cfg)
     kw = hub_kwargs(cfg, gguf)
-    check_architecture(AutoConfig.from_pretrained(src, **kw))
     dtype = resolve_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa",
-                                                 device_map=cfg.device_map, **kw)
+    path, root = _local_gguf(src, gguf), gguf_cache.cache_root()
+    part = gguf_cache.entry_dir(path, root) / f"model-{str(dtype).removeprefix('torch.')}" \
+        if path and root and cfg.device_map is None else None
+    if part is not None and gguf_cache.complete(part):  # converted before: plain safetensors
+        src, kw = str(part), {}
+    with gguf_cache.shared_gguf_reads():  # the GGUF's config and weight reads parse it once
+        check_architecture(AutoConfig.from_pretrained(src, **kw))
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map=cfg.device_map, **kw)
+        if part is not None and not gguf_cache.complete(part):
+            _cache_conversion(model, part, cfg)
     if cfg.device_map is None:
         model.to(device)
     return model.eval()
+
+
+def _local_gguf(src: str, gguf: str | None) -> Path | None:
+    """The GGUF file a source names, when it is on this machine (hub GGUFs are not cached)."""
+    path = Path(src) / gguf if gguf else None
+    return path if path is not None and path.is_file() else None
+
+
+def _cache_conversion(model, part: Path, cfg: ModelConfig) -> None:
+    """Keep the de-quantized weights (and the tokenizer, read while the file is parsed) for later loads."""
+    root = part.parents[2]
+    if not gguf_cache.enough_disk(root, gguf_cache.model_nbytes(model)):
+        print(f"lolcats: not caching the converted GGUF under {root}: not enough free disk", file=sys.stderr)
+        return
+    if gguf_cache.write_part(part, lambda out: gguf_cache.save_model(model, out)):
+        mb = gguf_cache.model_nbytes(model) / 1e6
+        print(f"lolcats: converted {cfg.name} once into {part} ({mb:,.0f} MB); later loads read it "
+              "(LOLCATS_GGUF_CACHE=0 turns this off)", file=sys.stderr)
+    if not cfg.tokenizer and not gguf_cache.complete(part.parent / "tokenizer"):
+        load_tokenizer(cfg)  # writes its part too
 
 
 def random_model(config, device: torch.device | str, dtype: torch.dtype, seed: int = 0):
