@@ -167,3 +167,13 @@ def test_builtin_gguf_cold_then_warm(tmp_path, monkeypatch):
     assert torch.equal(_logits(cold, ids), _logits(warm, ids))
     assert loading.base_fingerprint(cold) == loading.base_fingerprint(warm)
     assert cold.generation_config.eos_token_id == warm.generation_config.eos_token_id
+
+
+def test_a_cache_folder_that_cannot_be_made_does_not_stop_the_load(stand_in, monkeypatch, capsys):
+    cfg, root = stand_in
+    blocker = root.parent / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("LOLCATS_CACHE_DIR", str(blocker))
+    model, tok = loading.load_base_model(cfg, "cpu"), loading.load_tokenizer(cfg)
+    assert sum(p.numel() for p in model.parameters()) > 0 and tok.eos_token_id is not None
+    assert "not caching" in capsys.readouterr().err

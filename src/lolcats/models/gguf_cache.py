@@ -84,10 +84,10 @@ def write_part(part: Path, write: Callable[[Path], None], info: dict[str, Any] |
     """
     if complete(part):
         return True
-    part.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(part)
     tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(part)
         tmp.mkdir()
         write(tmp)
         _atomic_text(tmp / MARKER, json.dumps({"format": FORMAT, "written": time.time(), **(info or {})}))
@@ -124,8 +124,12 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def enough_disk(root: Path, nbytes: int) -> bool:
-    root.mkdir(parents=True, exist_ok=True)
-    return shutil.disk_usage(root).free > 2 * nbytes + (1 << 30)
+    """Room for the copy twice over (and 1 GiB spare); False also when ``root`` cannot be made."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(root).free > 2 * nbytes + (1 << 30)
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- writing the parts

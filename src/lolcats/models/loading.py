@@ -152,7 +152,8 @@ def _cache_conversion(model, part: Path, cfg: ModelConfig) -> None:
     """Keep the de-quantized weights (and the tokenizer, read while the file is parsed) for later loads."""
     root = part.parents[2]
     if not gguf_cache.enough_disk(root, gguf_cache.model_nbytes(model)):
-        print(f"lolcats: not caching the converted GGUF under {root}: not enough free disk", file=sys.stderr)
+        print(f"lolcats: not caching the converted GGUF under {root} (not writable, or not enough free disk)",
+              file=sys.stderr)
         return
     if gguf_cache.write_part(part, lambda out: gguf_cache.save_model(model, out)):
         mb = gguf_cache.model_nbytes(model) / 1e6
