@@ -5,14 +5,16 @@ Methods (each row generates exactly ``new`` tokens per sequence: min = max new t
   generate    ours: the converted model under plain HF ``generate()`` with a LolcatsCache;
   hf-static   the same base weights, unconverted (softmax, SDPA), under ``generate(...,
               cache_implementation="static")``: transformers then compiles the forward itself
-              (torch.compile, mode reduce-overhead = CUDA graphs; on CUDA only, and not with --no-compile);
+              (torch.compile, mode reduce-overhead = CUDA graphs; on CUDA only; --no-compile turns
+              it off, --hf-compile-backend picks the backend and then compiles on CPU too);
   hf-dynamic  the same, with HF's default DynamicCache (no compilation).
 A row: one untimed first call (``first_call_s``: for fast and hf-static the same whole generation,
-which captures / compiles; for the others the prompt and two new tokens), then the timed whole generation
-(``e2e_s``, prefill included: the headline ``tokens_per_s`` = batch * new / e2e_s), then the
-prefill alone (``prefill_s``: a call that makes one token); ``decode_ms`` = (e2e_s - prefill_s) /
-(new - 1). Peak memory per row (reset before it). A row that runs out of memory is recorded as OOM
-and the sweep goes on with the next group (larger batches of that group are not tried).
+which captures / compiles; for the others the prompt and two new tokens), then the timed whole
+generation (``e2e_s``, prefill included: the headline ``tokens_per_s`` = batch * new / e2e_s),
+then the prefill alone (``prefill_s``: a call that makes one token, best of 3 when under 0.5 s);
+``decode_ms`` = (e2e_s - prefill_s) / (new - 1). hf-static's ``recompiles_timed`` counts graphs
+compiled during the timed call (0 expected). Peak memory per row (reset before it). A row that
+runs out of memory is recorded as OOM and its group (larger batches, longer prompts) stops.
 
 Rows: ``short`` (prompt --short-prompt, --short-new new tokens, each of --batches) and ``long``
 (each of --prompt-lens, --long-new new tokens, each of --long-batches); ``--find-oom`` doubles the
@@ -20,12 +22,13 @@ largest short batch until a method runs out of memory. Models: anything ``load_b
 (``smollm2-135m-instruct``, a .gguf) or a configs/shapes name or config.json path (random weights:
 ``llama3-8b``; speed does not depend on the values). A pretrained model's long rows stop at its
 context length (SmolLM2: 8,192) unless --beyond-context; random-weight shapes run every length.
-Feature maps untrained. The attention-side state of ours is constant in the generated length.
+Feature maps untrained. Baselines run first (on the unconverted model), then the model is
+converted in place for ours. --time-budget: a row predicted not to fit is recorded as skipped.
 
-Results go to --out after every row (generation.json, generation.md, generation-<model>.png); rows
+Results go to --out after every row (generation.json, generation.md; the PNGs at the end); rows
 already in --out/generation.json are kept (a row measured again replaces its old one) unless
 --fresh, so several calls add up to one table. ``--plot FILE.json ...`` only redraws table and
-plots from saved JSON (on a CPU too).
+plots (generation-<model>.png) from saved JSON, on a CPU too.
 
     python benchmarks/generation.py --models llama3-8b --rows short --batches 1,16,256 --out runs/gen
     python benchmarks/generation.py --models llama3-8b --rows long --prompt-lens 4096,16384 --out runs/gen
@@ -37,7 +40,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import sys
 import time
@@ -74,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--beyond-context", action="store_true",
                    help="run a pretrained model's long rows past its max_position_embeddings too")
     p.add_argument("--no-compile", action="store_true", help="hf-static without torch.compile")
+    p.add_argument("--hf-compile-backend",
+                   help="hf-static: torch.compile backend (default transformers': inductor); given, it compiles on "
+                        "CPU too (e.g. eager: the CPU tests run the compiled path this way)")
     p.add_argument("--kind", default="terraced_window", choices=["linear", "sliding_window", "terraced_window"])
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=64)
@@ -121,10 +126,11 @@ def free_memory(model=None) -> None:
         for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length", "_cache"):
             if attr in vars(model):
                 delattr(model, attr)
-    try:
-        torch._dynamo.reset()
-    except Exception:  # noqa: BLE001 - nothing compiled, or no dynamo
-        pass
+    if "torch._dynamo" in sys.modules:  # not imported: nothing was compiled
+        try:
+            torch._dynamo.reset()
+        except Exception:  # noqa: BLE001 - a reset that fails leaves the next row to recompile anyway
+            pass
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -214,6 +220,12 @@ def timed(dev, fn) -> float:
     return time.perf_counter() - t
 
 
+def best_of(dev, fn, quick_s: float = 0.5) -> float:
+    """Seconds of ``fn()``: the least of three runs when one is quicker than ``quick_s`` (less noise)."""
+    t = timed(dev, fn)
+    return min([t] + [timed(dev, fn) for _ in range(2)]) if t < quick_s else t
+
+
 def run_fast(model, ids, mask, new: int, diagnose: bool) -> dict:
     from lolcats.generation import FastGenerator
 
@@ -228,21 +240,42 @@ def run_fast(model, ids, mask, new: int, diagnose: bool) -> dict:
     e2e = timed(dev, lambda: out.__setitem__("toks", gen.generate(ids, mask)))
     if tuple(out["toks"].shape) != (B, new):
         raise RuntimeError(f"fast made {tuple(out['toks'].shape)} tokens, expected {(B, new)}")
-    prefill = timed(dev, lambda: gen.prefill(ids, mask))
+    prefill = best_of(dev, lambda: gen.prefill(ids, mask))
     row = dict(first_call_s=first, e2e_s=e2e, prefill_s=prefill, state_bytes_per_seq=gen.state_nbytes() / B)
     if diagnose and dev.type == "cuda":
         row.update(diagnostics(gen))
     return row
 
 
-def run_hf(model, method: str, ids, mask, new: int, no_compile: bool) -> dict:
-    """One HF ``generate()`` row (hf-static, hf-dynamic, or ours under it: generate)."""
-    dev = ids.device
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (since its last reset)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"].get("unique_graphs", 0))
+    except Exception:  # noqa: BLE001 - a check, not a requirement
+        return 0
+
+
+def hf_kwargs(method: str, dev: torch.device, args) -> dict:
     kw = dict(do_sample=False, pad_token_id=0)
     if method == "hf-static":
         kw["cache_implementation"] = "static"
-        if no_compile:
+        if args.no_compile:
             kw["disable_compile"] = True
+        elif args.hf_compile_backend:
+            from transformers import CompileConfig
+
+            cc = CompileConfig(backend=args.hf_compile_backend)
+            cc._compile_all_devices = dev.type != "cuda"  # transformers compiles by itself on CUDA only
+            kw["compile_config"] = cc
+    return kw
+
+
+def run_hf(model, method: str, ids, mask, new: int, args) -> dict:
+    """One HF ``generate()`` row (hf-static, hf-dynamic, or ours under it: generate)."""
+    dev = ids.device
+    kw = hf_kwargs(method, dev, args)
     out = {}
 
     def gen(n, i=ids, m=mask):
@@ -253,12 +286,17 @@ def run_hf(model, method: str, ids, mask, new: int, no_compile: bool) -> dict:
         first = timed(dev, lambda: gen(new))
     else:  # the prompt's prefill and two decode steps: every kernel's first use (Triton's JIT for ours)
         first = timed(dev, lambda: gen(2))
+    graphs = graphs_compiled()
     e2e = timed(dev, lambda: gen(new))
     if tuple(out["toks"].shape) != (ids.shape[0], ids.shape[1] + new):
         raise RuntimeError(f"{method} made {tuple(out['toks'].shape)}, expected {(ids.shape[0], ids.shape[1] + new)}")
-    row = dict(first_call_s=first, e2e_s=e2e, prefill_s=timed(dev, lambda: gen(1)))
+    row = dict(first_call_s=first, e2e_s=e2e, prefill_s=best_of(dev, lambda: gen(1)))
     if method == "hf-static":
         row["compiled"] = "_compiled_call" in vars(model)
+        row["recompiles_timed"] = graphs_compiled() - graphs  # 0: the timed call ran what the first compiled
+        if row["recompiles_timed"]:
+            print(f"warning: hf-static compiled {row['recompiles_timed']} graph(s) again after the first call: "
+                  "its e2e_s includes compilation", file=sys.stderr)
     return row
 
 
@@ -271,7 +309,7 @@ def run_row(model, method: str, batch: int, prompt_len: int, new: int, args) -> 
     if method == "fast":
         row = run_fast(model, ids, mask, new, args.diagnose)
     else:
-        row = run_hf(model, method, ids, mask, new, args.no_compile)
+        row = run_hf(model, method, ids, mask, new, args)
     row.update(status="ok", peak_gib=peak_gib(dev), row_s=time.perf_counter() - start,
                tokens_per_s=batch * new / row["e2e_s"],
                decode_ms=(row["e2e_s"] - row["prefill_s"]) / max(1, new - 1) * 1e3)
@@ -381,7 +419,7 @@ def sweep(model, rows: list[dict], args, deadline: float, done: list[dict], save
 # ---------------------------------------------------------------- reporting
 
 COLS = ("model", "method", "rows", "prompt_len", "new_tokens", "batch", "status", "tokens_per_s", "e2e_s",
-        "prefill_s", "decode_ms", "decode_tokens_per_s", "first_call_s", "compiled", "compile_s", "peak_gib",
+        "prefill_s", "decode_ms", "decode_tokens_per_s", "first_call_s", "compiled", "compile_s", "recompiles_timed", "peak_gib",
         "state_mb_per_seq", "kernels_per_step")
 
 
@@ -449,7 +487,8 @@ def markdown(data: dict) -> str:
         g = lambda k: m.get(k, "?")  # noqa: E731
         head.append(f"- run {i}: **{g('device')}**, torch {g('torch')}, transformers {g('transformers')}"
                     + (f", triton {m['triton']}" if m.get("triton") else "")
-                    + f", {g('dtype')}; attention {g('attention')} (kernels: {g('backend')})"
+                    + f", {g('dtype')}; attention {g('attention')} (kernels: {g('backend')}); "
+                    f"hf-static compile: {g('hf_compile')}"
                     + (f"; copy bandwidth {m['bandwidth_gbs']:.0f} GB/s" if m.get("bandwidth_gbs") else "")
                     + f"; {g('date')}")
     head += ["", "fast = FastGenerator (ours, CUDA graph per token); generate = ours under HF generate() with a "
@@ -577,6 +616,8 @@ def run_meta(args, dev: torch.device, dtype: torch.dtype, bw: float | None) -> d
     return dict(device=name, torch=torch.__version__, transformers=transformers.__version__, triton=tv,
                 dtype=str(dtype).removeprefix("torch."), bandwidth_gbs=bw / 1e9 if bw else None,
                 attention=f"{args.kind} w={args.window} hedgehog F={2 * args.feature_dim}",
+                hf_compile="off" if args.no_compile else args.hf_compile_backend or "transformers' default (inductor, "
+                "reduce-overhead; CUDA only)",
                 date=time.strftime("%Y-%m-%d %H:%M"), argv=" ".join(sys.argv[1:]))
 
 
