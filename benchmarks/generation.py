@@ -1,341 +1,513 @@
-"""Generation throughput and peak memory vs batch size, on one GPU, in one run.
+"""Generation speed, end to end, against HF generate() at its best, in one run on one GPU.
 
-Methods, for each model:
-  fast      FastGenerator: LolcatsCache states preallocated, one CUDA graph per token;
-  generate  the converted model (student mode) under plain HF ``generate()`` with a LolcatsCache;
-  base      the same weights in teacher mode (SDPA softmax attention, HF DynamicCache) under
-            ``generate()``: the base model's baseline.
-Models: a real checkpoint through ``load_base_model`` (e.g. ``smollm2-135m-instruct`` or a .gguf path),
-and ``llama3-8b``: Llama-3-8B shapes with random bf16 weights (built on meta, materialised on the GPU).
-Feature maps are untrained (throughput does not depend on them). Stop tokens are ignored so every
-row generates exactly ``new_tokens``.
+Methods (each row generates exactly ``new`` tokens per sequence: min = max new tokens, no stop):
+  fast        ours: FastGenerator (states preallocated, one CUDA graph per token), converted model;
+  generate    ours: the converted model under plain HF ``generate()`` with a LolcatsCache;
+  hf-static   the same base weights, unconverted (softmax, SDPA), under ``generate(...,
+              cache_implementation="static")``: transformers then compiles the forward itself
+              (torch.compile, mode reduce-overhead = CUDA graphs; on CUDA only; --no-compile turns
+              it off, --hf-compile-backend picks the backend and then compiles on CPU too);
+  hf-dynamic  the same, with HF's default DynamicCache (no compilation).
+A row: one untimed first call (``first_call_s``: for fast and hf-static the same whole generation,
+which captures / compiles; for the others the prompt and two new tokens), then the timed whole
+generation (``e2e_s``, prefill included: the headline ``tokens_per_s`` = batch * new / e2e_s),
+then the prefill alone (``prefill_s``: a call that makes one token, best of 3 when under 0.5 s);
+``decode_ms`` = (e2e_s - prefill_s) / (new - 1). hf-static's ``recompiles_timed`` counts graphs
+compiled during the timed call (0 expected). Peak memory per row (reset before it). A row that
+runs out of memory is recorded as OOM and its group (larger batches, longer prompts) stops.
 
-For llama3-8b the decode step must at least stream the weights once and each sequence's state once:
-    t_step >= (weight bytes + state bytes x batch) / bandwidth,
-with the bandwidth measured here by a device-to-device copy; the table gives the achieved fraction.
+Rows: ``short`` (prompt --short-prompt, --short-new new tokens, each of --batches) and ``long``
+(each of --prompt-lens, --long-new new tokens, each of --long-batches); ``--find-oom`` doubles the
+largest short batch until a method runs out of memory. Models: anything ``load_base_model`` loads
+(``smollm2-135m-instruct``, a .gguf) or a configs/shapes name or config.json path (random weights:
+``llama3-8b``; speed does not depend on the values). A pretrained model's long rows stop at its
+context length (SmolLM2: 8,192) unless --beyond-context; random-weight shapes run every length.
+Feature maps untrained. Baselines run first (on the unconverted model), then the model is
+converted in place for ours. --time-budget: a row predicted not to fit is recorded as skipped.
 
-    python benchmarks/generation.py --models smollm2-135m-instruct,llama3-8b --new-tokens 1024 \
-        --time-budget 300 --out runs/bench-generation
+Results go to --out after every row (generation.json, generation.md; the PNGs at the end); rows
+already in --out/generation.json are kept (a row measured again replaces its old one) unless
+--fresh, so several calls add up to one table. ``--plot FILE.json ...`` only redraws table and
+plots (generation-<model>.png) from saved JSON, on a CPU too.
+
+    python benchmarks/generation.py --models llama3-8b --rows short --batches 1,16,256 --out runs/gen
+    python benchmarks/generation.py --models llama3-8b --rows long --prompt-lens 4096,16384 --out runs/gen
+    python benchmarks/generation.py --plot runs/gen/generation.json --out runs/gen
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from lolcats.attention.convert import convert_model, set_attention_mode
-from lolcats.config import AttentionConfig, ModelConfig
-from lolcats.generation import FastGenerator, enable_lolcats_generation
+METHODS = ("fast", "generate", "hf-static", "hf-dynamic")
+OURS, BASELINES = ("fast", "generate"), ("hf-static", "hf-dynamic")
+ROW_KINDS = ("short", "long")
 
-METHODS = ("fast", "generate", "base")
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2-135m-instruct,llama3-8b",
-                   help="comma list: llama3-8b (random weights) or anything load_base_model accepts")
-    p.add_argument("--model", action="append", default=[], help="add one model (repeatable)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
-    p.add_argument("--batches", default="1,4,16,64,256,1024,4096,16384")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", default="1024", help="comma list, e.g. 1024,4096")
+                   help="comma list: configs/shapes names or config.json paths (random weights), or anything "
+                        "load_base_model accepts")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--rows", default="short,long", help=f"comma list of {', '.join(ROW_KINDS)}")
+    p.add_argument("--batches", default="1,16,64,256,1024", help="short rows' batch sizes")
+    p.add_argument("--short-prompt", type=int, default=128)
+    p.add_argument("--short-new", type=int, default=1024)
+    p.add_argument("--prompt-lens", default="4096,16384,32768,65536", help="long rows' prompt lengths")
+    p.add_argument("--long-new", type=int, default=256)
+    p.add_argument("--long-batches", default="1,16")
+    p.add_argument("--find-oom", action="store_true",
+                   help="short rows: after --batches, double the batch until each method runs out of memory")
+    p.add_argument("--max-batch", type=int, default=65536, help="largest batch --find-oom tries")
+    p.add_argument("--beyond-context", action="store_true",
+                   help="run a pretrained model's long rows past its max_position_embeddings too")
+    p.add_argument("--no-compile", action="store_true", help="hf-static without torch.compile")
+    p.add_argument("--hf-compile-backend",
+                   help="hf-static: torch.compile backend (default transformers': inductor); given, it compiles on "
+                        "CPU too (e.g. eager: the CPU tests run the compiled path this way)")
     p.add_argument("--kind", default="terraced_window", choices=["linear", "sliding_window", "terraced_window"])
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=64)
-    p.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole sweep")
-    p.add_argument("--no-skip", action="store_true",
-                   help="run every batch of --batches even when the time predictor says it will not fit")
-    p.add_argument("--steps", type=int, default=64, help="fast: decode steps per timed window (early and late)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu (tiny tests only)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--time-budget", type=float, default=540.0,
+                   help="seconds for the whole run; a row predicted not to fit is recorded as skipped")
+    p.add_argument("--no-skip", action="store_true", help="run every row whatever the time predictor says")
+    p.add_argument("--diagnose", action="store_true",
+                   help="fast rows on CUDA: kernels per step and the attention-only step time")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-generation")
-    return p.parse_args(argv)
+    p.add_argument("--fresh", action="store_true", help="drop the rows already in --out/generation.json")
+    p.add_argument("--plot", nargs="+", metavar="JSON", help="only write table and plots from saved JSON files")
+    args = p.parse_args(argv)
+    for name, allowed in (("methods", METHODS), ("rows", ROW_KINDS)):
+        bad = [m for m in getattr(args, name).split(",") if m and m not in allowed]
+        if bad:
+            p.error(f"unknown --{name} {', '.join(bad)}; known: {', '.join(allowed)}")
+    return args
 
 
-# ---------------------------------------------------------------- models
+# ---------------------------------------------------------------- device helpers
 
 
-def load_model(name: str, attn: AttentionConfig, device):
-    """``llama3-8b``: random weights of that shape (configs/shapes); anything else: load_base_model."""
-    from lolcats.models.loading import load_base_model
-
-    init = "random" if name == "llama3-8b" else "pretrained"
-    model = load_base_model(ModelConfig(name=name, dtype="bfloat16", init=init), device)
-    convert_model(model, attn)
-    model.eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    set_attention_mode(model, "student")
-    return enable_lolcats_generation(model)
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
-# ---------------------------------------------------------------- measuring
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error, also when wrapped (inductor and dynamo re-raise with the cause attached)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower():
+            return True
+        e, seen = (e.__cause__ or e.__context__), seen + 1
+    return False
 
 
-def measure_bandwidth(device, gib: float = 2.0) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted)."""
+def free_memory(model=None) -> None:
+    """Between rows: compiled graphs (and their CUDA-graph pools), HF's remembered static-cache length."""
+    if model is not None:
+        for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length", "_cache"):
+            if attr in vars(model):
+                delattr(model, attr)
+    if "torch._dynamo" in sys.modules:  # not imported: nothing was compiled
+        try:
+            torch._dynamo.reset()
+        except Exception:  # noqa: BLE001 - a reset that fails leaves the next row to recompile anyway
+            pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def peak_gib(dev: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+
+
+def measure_bandwidth(dev: torch.device, gib: float = 2.0) -> float | None:
+    """Bytes/s of a device-to-device copy (read + write counted); None on CPU."""
+    if dev.type != "cuda":
+        return None
     n = int(gib * 2**30) // 4
-    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    a, b = torch.empty(n, device=dev), torch.empty(n, device=dev)
     b.copy_(a)
-    torch.cuda.synchronize()
+    sync(dev)
     t = time.perf_counter()
     for _ in range(5):
         b.copy_(a)
-    torch.cuda.synchronize()
+    sync(dev)
     bw = 5 * 2 * n * 4 / (time.perf_counter() - t)
     del a, b
     torch.cuda.empty_cache()
     return bw
 
 
-def time_steps(gen: FastGenerator, steps: int) -> float:
-    """Seconds per decode step (graph replays) over ``steps`` steps."""
-    torch.cuda.synchronize()
+# ---------------------------------------------------------------- models
+
+
+def is_random(name: str) -> bool:
+    from lolcats.models.loading import known_shapes
+
+    return name in known_shapes() or name.endswith(".json")
+
+
+def load_model(name: str, dev: torch.device, dtype: str):
+    """The unconverted model (the baselines run first; ``convert`` turns it into ours in place)."""
+    from lolcats.config import ModelConfig
+    from lolcats.models.loading import load_base_model
+
+    init = "random" if is_random(name) else "pretrained"
+    model = load_base_model(ModelConfig(name=name, dtype=dtype, init=init), dev)
+    model.generation_config.eos_token_id = None  # with min_new_tokens = max: exactly N tokens per row
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def convert(model, args):
+    from lolcats.attention.convert import convert_model, set_attention_mode
+    from lolcats.config import AttentionConfig
+    from lolcats.generation import enable_lolcats_generation
+
+    attn = AttentionConfig(kind=args.kind, window_size=args.window, feature_dim=args.feature_dim,
+                           feature_init="random")
+    convert_model(model, attn)
+    set_attention_mode(model, "student")
+    return enable_lolcats_generation(model.eval())
+
+
+def attention_backend(model) -> str:
+    """The kernel set the converted model's prefill and decode use ("auto" resolved)."""
+    from lolcats import ops
+
+    like = next(model.parameters())
+    try:
+        return ops.get_backend("auto", like).name
+    except Exception as e:  # noqa: BLE001 - a report, not a requirement
+        return f"? ({type(e).__name__})"
+
+
+# ---------------------------------------------------------------- one row
+
+
+def prompt(model, batch: int, length: int, seed: int):
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=g).to(dev)
+    return ids, torch.ones_like(ids)
+
+
+def timed(dev, fn) -> float:
+    sync(dev)
     t = time.perf_counter()
-    gen.decode(steps)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
+    fn()
+    sync(dev)
+    return time.perf_counter() - t
 
 
-def jump_positions(gen: FastGenerator, to: int) -> None:
-    """Move every row's position forward by a multiple of the window buffer, to about ``to``.
-
-    The state has a fixed size, so a step's work cannot depend on the position; this jump (a
-    multiple of S keeps each token's slot) lets the late window be timed without decoding the
-    steps in between.
-    """
-    S = max([l.state.win_pos.shape[1] for l in gen.cache.layers if getattr(l, "state", None) is not None] + [1])
-    now = int(gen.pos.max())
-    gen.pos += max(0, (to - now) // S) * S
-    gen.step_idx.fill_(1)  # keep writing inside the output buffer
+def best_of(dev, fn, quick_s: float = 0.5) -> float:
+    """Seconds of ``fn()``: the least of three runs when one is quicker than ``quick_s`` (less noise)."""
+    t = timed(dev, fn)
+    return min([t] + [timed(dev, fn) for _ in range(2)]) if t < quick_s else t
 
 
-def kernels_per_step(gen: FastGenerator) -> int:
-    """CUDA kernels launched by one eager step (what the graph replays); -1 if the profiler fails."""
+def run_fast(model, ids, mask, new: int, diagnose: bool) -> dict:
+    from lolcats.generation import FastGenerator
+
+    dev, B = ids.device, ids.shape[0]
+    out = {}
+    sync(dev)
+    t0 = time.perf_counter()
+    gen = FastGenerator(model, B, new, eos_token_ids=[], pad_token_id=0)
+    gen.generate(ids, mask)  # the states' allocation, the graph capture, kernels' first use
+    sync(dev)
+    first = time.perf_counter() - t0
+    e2e = timed(dev, lambda: out.__setitem__("toks", gen.generate(ids, mask)))
+    if tuple(out["toks"].shape) != (B, new):
+        raise RuntimeError(f"fast made {tuple(out['toks'].shape)} tokens, expected {(B, new)}")
+    prefill = best_of(dev, lambda: gen.prefill(ids, mask))
+    row = dict(first_call_s=first, e2e_s=e2e, prefill_s=prefill, state_bytes_per_seq=gen.state_nbytes() / B)
+    if diagnose and dev.type == "cuda":
+        row.update(diagnostics(gen))
+    return row
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (since its last reset)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"].get("unique_graphs", 0))
+    except Exception:  # noqa: BLE001 - a check, not a requirement
+        return 0
+
+
+def hf_kwargs(method: str, dev: torch.device, args) -> dict:
+    kw = dict(do_sample=False, pad_token_id=0)
+    if method == "hf-static":
+        kw["cache_implementation"] = "static"
+        if args.no_compile:
+            kw["disable_compile"] = True
+        elif args.hf_compile_backend:
+            from transformers import CompileConfig
+
+            cc = CompileConfig(backend=args.hf_compile_backend)
+            cc._compile_all_devices = dev.type != "cuda"  # transformers compiles by itself on CUDA only
+            kw["compile_config"] = cc
+    return kw
+
+
+def run_hf(model, method: str, ids, mask, new: int, args) -> dict:
+    """One HF ``generate()`` row (hf-static, hf-dynamic, or ours under it: generate)."""
+    dev = ids.device
+    kw = hf_kwargs(method, dev, args)
+    out = {}
+
+    def gen(n, i=ids, m=mask):
+        with torch.no_grad():
+            out["toks"] = model.generate(i, attention_mask=m, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    if method == "hf-static":  # compiles for these shapes (the cache length included): the same call
+        first = timed(dev, lambda: gen(new))
+    else:  # the prompt's prefill and two decode steps: every kernel's first use (Triton's JIT for ours)
+        first = timed(dev, lambda: gen(2))
+    graphs = graphs_compiled()
+    e2e = timed(dev, lambda: gen(new))
+    if tuple(out["toks"].shape) != (ids.shape[0], ids.shape[1] + new):
+        raise RuntimeError(f"{method} made {tuple(out['toks'].shape)}, expected {(ids.shape[0], ids.shape[1] + new)}")
+    row = dict(first_call_s=first, e2e_s=e2e, prefill_s=best_of(dev, lambda: gen(1)))
+    if method == "hf-static":
+        row["compiled"] = "_compiled_call" in vars(model)
+        row["recompiles_timed"] = graphs_compiled() - graphs  # 0: the timed call ran what the first compiled
+        if row["recompiles_timed"]:
+            print(f"warning: hf-static compiled {row['recompiles_timed']} graph(s) again after the first call: "
+                  "its e2e_s includes compilation", file=sys.stderr)
+    return row
+
+
+def run_row(model, method: str, batch: int, prompt_len: int, new: int, args) -> dict:
+    dev = next(model.parameters()).device
+    ids, mask = prompt(model, batch, prompt_len, args.seed)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    start = time.perf_counter()
+    if method == "fast":
+        row = run_fast(model, ids, mask, new, args.diagnose)
+    else:
+        row = run_hf(model, method, ids, mask, new, args)
+    row.update(status="ok", peak_gib=peak_gib(dev), row_s=time.perf_counter() - start,
+               tokens_per_s=batch * new / row["e2e_s"],
+               decode_ms=(row["e2e_s"] - row["prefill_s"]) / max(1, new - 1) * 1e3)
+    row["decode_tokens_per_s"] = batch / (row["decode_ms"] / 1e3) if row["decode_ms"] > 0 else None
+    if row.get("compiled"):
+        row["compile_s"] = max(0.0, row["first_call_s"] - row["e2e_s"])
+    return row
+
+
+def diagnostics(gen) -> dict:
+    """Kernels one eager step launches (what the graph replays)."""
+    out = {}
     try:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             gen._step()
             torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        out["kernels_per_step"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     except Exception as e:  # noqa: BLE001 - a diagnostic only
-        print(f"kernel count failed: {type(e).__name__}: {e}")
-        return -1
+        out["diagnose_error"] = f"{type(e).__name__}: {e}"
+    return out
 
 
-def _graph_seconds(run, steps: int) -> float:
-    """Seconds per replay of a CUDA graph of ``run()``."""
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
+# ---------------------------------------------------------------- the plan and the sweep
 
 
-def attention_only_step(gen: FastGenerator, steps: int) -> tuple[float, float]:
-    """Seconds per step of (1) only the decode-attention calls of every layer, (2) a floor for them:
-    three cuBLAS batched products that read the state once (q K^T, p V, phi(q) kv), same states."""
-    from lolcats.attention.convert import lolcats_attention_by_layer
-    from lolcats.ops import get_backend
-
-    calls = []
-    for i, m in sorted(lolcats_attention_by_layer(gen.model).items()):
-        st, B, dt = gen.cache.layers[i].state, gen.B, m.q_proj.weight.dtype
-        F = st.win_fk.shape[-1]
-        q = torch.randn(B, m.num_heads, m.head_dim, device=gen.device, dtype=dt)
-        k, v = (torch.randn(B, m.num_kv_heads, m.head_dim, device=gen.device, dtype=dt) for _ in range(2))
-        fq = torch.rand(B, m.num_heads, F, device=gen.device).softmax(-1)  # the feature maps give float32
-        fk = torch.rand(B, m.num_kv_heads, F, device=gen.device).softmax(-1)
-        wf = None if m.cfg.kind == "linear" else m.window_factor().detach()
-        calls.append((m, (q, k, v, fq, fk, st, gen.pos, wf, m.cfg.kind, m.cfg.window_size, m.scaling, None)))
-
-    def run():
-        for m, a in calls:
-            get_backend(m.cfg.backend, a[0]).decode(*a)
-
-    def floor():
-        for m, (q, k, v, fq, fk, st, *_) in calls:
-            n, S = st.kv.shape[0] * st.kv.shape[1], st.win_k.shape[2]
-            G = m.num_heads // m.num_kv_heads
-            torch.bmm(fq.view(n, G, -1), st.kv.view(n, *st.kv.shape[2:]))  # (n, G, Dv) float32
-            if S:
-                sc = torch.bmm(q.view(n, G, -1), st.win_k.view(n, S, -1).transpose(1, 2))  # (n, G, S)
-                torch.bmm(sc, st.win_v.view(n, S, -1))  # (n, G, Dv)
-
-    return _graph_seconds(run, steps), _graph_seconds(floor, steps)
-
-
-def run_fast(model, batch: int, prompt_len: int, new_tokens: int, steps: int, warm: bool,
-             diagnose: bool) -> dict:
-    """Prefill timed alone (after an untimed one if ``warm``: kernel compilation); then ``steps``
-    decode steps timed right after it (early window) and ``steps`` more at a position near
-    ``prompt_len + new_tokens`` (late window); then the attention-only graph (attn_ms) and, if
-    ``diagnose``, the kernel count of one step.
-    tokens/s for ``new_tokens`` is extrapolated: batch * new_tokens / (prefill + new_tokens * step)."""
-    dev = next(model.parameters()).device
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=dev)
-    mask = torch.ones_like(ids)
-    gen = FastGenerator(model, batch, max(new_tokens, 2 * steps + 8), eos_token_ids=[], pad_token_id=0)
-    gen.capture()  # untimed: two eager steps and the capture
-    state = gen.state_nbytes() / batch
-    if warm:
-        gen.prefill(ids, mask)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    gen.prefill(ids, mask)
-    torch.cuda.synchronize()
-    prefill = time.perf_counter() - t
-    gen.decode(4)  # first replays (lazy module loading etc.), untimed
-    early = time_steps(gen, steps)
-    row = dict(prefill_s=prefill, steps_timed=steps, step_ms_early=early * 1e3, state_bytes_per_seq=state)
-    jump_positions(gen, prompt_len + new_tokens - steps)
-    row["late_pos"] = int(gen.pos.max())
-    late = time_steps(gen, steps)
-    row["step_ms_late"] = late * 1e3
-    step = (early + late) / 2
-    seconds = prefill + new_tokens * step
-    row.update(seconds=seconds, tokens_per_s=batch * new_tokens / seconds, decode_tokens_per_s=batch / step,
-               step_ms=step * 1e3)
-    attn, floor = attention_only_step(gen, max(4, steps // 4))
-    row.update(attn_ms=attn * 1e3, attn_floor_ms=floor * 1e3)
-    if diagnose:
-        row["kernels_per_step"] = kernels_per_step(gen)
-    return row
-
-
-def run_generate(model, method: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    """One timed HF generate() of ``new_tokens`` (``base``: teacher mode, softmax + DynamicCache)."""
-    dev = next(model.parameters()).device
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=dev)
-    mask = torch.ones_like(ids)
-    set_attention_mode(model, "teacher" if method == "base" else "student")
-    try:
-        with torch.no_grad():
-            model.generate(ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, do_sample=False)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False)
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-    finally:
-        set_attention_mode(model, "student")
-    assert out.shape == (batch, prompt_len + new_tokens), out.shape
-    return dict(seconds=dt, tokens_per_s=batch * new_tokens / dt, steps_timed=new_tokens,
-                step_ms=dt / new_tokens * 1e3)
-
-
-def predict(last: dict | None, b: int, method: str, new_tokens: int, steps: int) -> float:
-    """Seconds the next batch will take, from the last one's measured per-step (and prefill) time.
-
-    Per-step time grows at most linearly with the batch (less while the weights dominate), so the
-    linear scaling is an upper bound; ``fast`` costs the prefill, two windows of ``steps`` steps
-    and a few untimed ones (capture).
-    """
-    if last is None:
-        return 0.0
-    r = b / last["batch"]
-    if method == "fast":
-        return (last["prefill_s"] + last["step_ms"] / 1e3 * (2 * steps + 12 + steps // 2)) * r + 5
-    return last["step_ms"] / 1e3 * new_tokens * max(1.0, r**0.5) + 5  # host-bound at small batch
-
-
-def sweep(model, name, method, batches, prompt_len, new_tokens, budget, bound, steps, on_row=None,
-          skip: bool = True) -> list[dict]:
-    rows, start, last = [], time.perf_counter(), None
-    for i, b in enumerate(batches):
-        spent = time.perf_counter() - start
-        row = dict(model=name, method=method, batch=b, new_tokens=new_tokens)
-        n_steps = steps  # shorter windows when the full ones would not fit
-        while n_steps > 8 and spent + predict(last, b, method, new_tokens, n_steps) > budget:
-            n_steps //= 2
-        if skip and spent + predict(last, b, method, new_tokens, n_steps) > budget:
-            rows.append(dict(row, status="skipped (time)",
-                             predicted_s=predict(last, b, method, new_tokens, n_steps)))
-            print(fmt_row(rows[-1]), f"(predicted {rows[-1]['predicted_s']:.0f} s, {budget - spent:.0f} s left)",
-                  flush=True)
-            if on_row:
-                on_row(rows)
-            break
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            if method == "fast":
-                row.update(run_fast(model, b, prompt_len, new_tokens, n_steps, warm=i == 0, diagnose=i == 0),
-                           status="ok")
-            else:
-                row.update(run_generate(model, method, b, prompt_len, new_tokens), status="ok")
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        except torch.cuda.OutOfMemoryError:
-            row["status"] = "OOM"
-        torch.cuda.empty_cache()
-        if row["status"] == "ok" and bound is not None and method == "fast" and row["state_bytes_per_seq"]:
-            step_min = (bound["weight_bytes"] + row["state_bytes_per_seq"] * b) / bound["bandwidth"]
-            row["bound_tokens_per_s"] = b / step_min
-            row["bound_fraction"] = row["decode_tokens_per_s"] / row["bound_tokens_per_s"]
-        rows.append(row)
-        print(fmt_row(row), flush=True)
-        if on_row:
-            on_row(rows)
-        if row["status"] != "ok":
-            break
-        last = row
+def plan(args, name: str, context: int | None) -> list[dict]:
+    """Rows for one model, baselines first (they need the unconverted model), in sweep groups."""
+    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in BASELINES if m in methods] + [m for m in OURS if m in methods]
+    kinds = [k for k in args.rows.split(",") if k]
+    rows = []
+    for method in methods:
+        if "short" in kinds:
+            batches = _ints(args.batches)
+            if args.find_oom:
+                b = max(batches)
+                while b * 2 <= args.max_batch:
+                    b *= 2
+                    batches.append(b)
+            group = f"{name}|{method}|short"
+            rows += [dict(model=name, method=method, rows="short", batch=b, prompt_len=args.short_prompt,
+                          new_tokens=args.short_new, group=group) for b in batches]
+        if "long" in kinds:
+            for b in _ints(args.long_batches):
+                for T in _ints(args.prompt_lens):
+                    r = dict(model=name, method=method, rows="long", batch=b, prompt_len=T,
+                             new_tokens=args.long_new, group=f"{name}|{method}|long|b{b}")
+                    if context is not None and T + args.long_new > context and not args.beyond_context:
+                        r["status"] = f"skipped (beyond the model's context, {context})"
+                    rows.append(r)
     return rows
+
+
+def predict(done: list[dict], row: dict) -> float:
+    """Seconds ``row`` will take, from the last finished row of its group (0 when there is none).
+
+    Short rows scale with sqrt(batch) for HF (host-bound at small batches) and linearly for fast;
+    long rows with the prompt length; a compile costs what the last one did.
+    """
+    ok = [r for r in done if r.get("status") == "ok" and r["method"] == row["method"]]
+    last = next((r for r in reversed(ok) if r["group"] == row["group"]), None)
+    if last is None:  # the group's first row: as long as the method's last row (its compile included)
+        return ok[-1]["row_s"] if ok else 0.0
+    if row["rows"] == "long":
+        return last["row_s"] * row["prompt_len"] / last["prompt_len"]
+    r = row["batch"] / last["batch"]
+    compile_s = last.get("compile_s") or 0.0
+    return compile_s + (last["row_s"] - compile_s) * (r if row["method"] == "fast" else max(1.0, r**0.5))
+
+
+def sweep(model, rows: list[dict], args, deadline: float, done: list[dict], save) -> None:
+    """Run ``rows`` (one method's groups) in order; after an OOM or a time skip the group stops."""
+    stopped: set[str] = set()
+    for row in rows:
+        if row["group"] in stopped:
+            continue
+        if "status" in row:  # planned as skipped (beyond the context)
+            done.append(row)
+            save()
+            print(fmt_row(row), flush=True)
+            continue
+        left = deadline - time.perf_counter()
+        guess = predict(done, row)
+        if not args.no_skip and (guess > left or left < 5):
+            done.append(dict(row, status="skipped (time)", predicted_s=guess))
+            stopped.add(row["group"])
+            save()
+            print(fmt_row(done[-1]), f"(predicted {guess:.0f} s, {left:.0f} s left)", flush=True)
+            continue
+        free_memory(model)
+        try:
+            row.update(run_row(model, row["method"], row["batch"], row["prompt_len"], row["new_tokens"], args))
+        except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else is reported and the group ends
+            row["status"] = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
+            if row["status"] != "OOM":
+                traceback.print_exc(limit=-6)
+            row["peak_gib"] = peak_gib(next(model.parameters()).device)
+            stopped.add(row["group"])
+        free_memory(model)
+        done.append(row)
+        save()
+        print(fmt_row(row), flush=True)
 
 
 # ---------------------------------------------------------------- reporting
 
-COLS = ("model", "method", "new_tokens", "batch", "status", "prefill_s", "steps_timed", "step_ms_early",
-        "step_ms_late", "late_pos", "attn_ms", "attn_floor_ms", "kernels_per_step", "decode_tokens_per_s", "tokens_per_s", "peak_gib",
-        "state_mb_per_seq", "bound_fraction")
+COLS = ("model", "method", "rows", "prompt_len", "new_tokens", "batch", "status", "tokens_per_s", "e2e_s",
+        "prefill_s", "decode_ms", "decode_tokens_per_s", "first_call_s", "compiled", "compile_s", "recompiles_timed", "peak_gib",
+        "state_mb_per_seq", "kernels_per_step")
 
 
 def fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.3g}" if v < 1000 else f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
 
 
 def fmt_row(r: dict) -> str:
-    r = dict(r, state_mb_per_seq=r["state_bytes_per_seq"] / 1e6) if r.get("state_bytes_per_seq") else r
+    r = dict(r, model=model_label(r["model"]))
+    if r.get("state_bytes_per_seq"):
+        r["state_mb_per_seq"] = r["state_bytes_per_seq"] / 1e6
     return " | ".join(fmt(r.get(c)) for c in COLS)
 
 
-def markdown(rows, meta) -> str:
-    head = [f"# Generation benchmark on {meta['gpu']}", "",
-            f"torch {meta['torch']}, transformers {meta['transformers']}; prompt {meta['prompt_len']} tokens; "
-            f"attention {meta['attention']}; copy bandwidth {meta['bandwidth_gbs']:.0f} GB/s.", "",
-            "fast = FastGenerator (CUDA graph); generate = converted model under HF generate(); "
-            "base = same weights, teacher mode (SDPA + DynamicCache) under HF generate().", "",
-            "fast: the prompt's prefill is timed alone (prefill_s); then `steps_timed` decode steps (graph "
-            "replays) right after it (step_ms_early) and `steps_timed` steps at position late_pos (step_ms_late; "
-            "reached by moving every row's position forward by a multiple of the window buffer, since the "
-            "state has a constant size). decode_tokens_per_s = batch / mean step time; tokens_per_s = "
-            "batch * new_tokens / (prefill_s + new_tokens * step), extrapolated from those windows. "
-            "attn_ms: the decode-attention calls of all layers alone (a graph of them, same states); "
-            "attn_floor_ms: three cuBLAS batched products per layer reading the state once (q K^T, p V, "
-            "phi(q) kv; no softmax, no state update), a floor for attn_ms; "
-            "kernels_per_step: CUDA kernels of one (eager) step, i.e. the nodes the graph replays. "
-            "bound_fraction: decode tokens/s over batch * bandwidth / (weight bytes + state bytes * batch). "
-            "generate/base: one full generate() of new_tokens, timed whole (prefill included).", "",
-            "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
-    return "\n".join(head + ["| " + fmt_row(r) + " |" for r in rows]) + "\n"
+def comparison(rows: list[dict]) -> list[str]:
+    """One line per (model, prompt, new, batch): end-to-end tokens/s per method and ours / hf-static."""
+    keys = sorted({(r["model"], r["prompt_len"], r["new_tokens"], r["batch"]) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2], k[3]))
+    out = ["| model | prompt | new | batch | " + " | ".join(METHODS) + " | fast / hf-static | fast / hf-dynamic |",
+           "|" + "---|" * (6 + len(METHODS))]
+
+    def val(r):
+        if r is None:
+            return None
+        return r["tokens_per_s"] if r.get("status") == "ok" else r.get("status", "").split(" (")[0]
+
+    for k in keys:
+        by = {r["method"]: r for r in rows if (r["model"], r["prompt_len"], r["new_tokens"], r["batch"]) == k}
+        v = {m: val(by.get(m)) for m in METHODS}
+
+        def ratio(a, b):
+            return f"{v[a] / v[b]:.2f}x" if all(isinstance(v[x], float) for x in (a, b)) else "-"
+
+        runs = {by[m].get("run") for m in ("fast", "hf-static") if m in by}
+        mark = " (two runs)" if len(runs) > 1 else ""
+        out.append(f"| {model_label(k[0])} | {k[1]} | {k[2]} | {k[3]} | " + " | ".join(fmt(v[m]) for m in METHODS)
+                   + f" | {ratio('fast', 'hf-static')}{mark} | {ratio('fast', 'hf-dynamic')} |")
+    return out
 
 
-def plot(rows, path: Path) -> None:
+def oom_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for group in sorted({r["group"] for r in rows}):
+        g = [r for r in rows if r["group"] == group]
+        ok = [r["batch"] for r in g if r.get("status") == "ok"]
+        oom = [r["batch"] for r in g if r.get("status") == "OOM"]
+        if oom:
+            r0 = g[0]
+            lines.append(f"- {model_label(r0['model'])} {r0['method']} (prompt {r0['prompt_len']}, "
+                         f"+{r0['new_tokens']}): **OOM at batch {min(oom)}**"
+                         + (f"; largest that ran: {max(ok)}" if ok else ""))
+    return lines
+
+
+def markdown(data: dict) -> str:
+    runs, rows = data["runs"], data["rows"]
+    head = ["# Generation benchmark", ""]
+    for i, m in enumerate(runs):
+        g = lambda k: m.get(k, "?")  # noqa: E731
+        head.append(f"- run {i}: **{g('device')}**, torch {g('torch')}, transformers {g('transformers')}"
+                    + (f", triton {m['triton']}" if m.get("triton") else "")
+                    + f", {g('dtype')}; attention {g('attention')} (kernels: {g('backend')}); "
+                    f"hf-static compile: {g('hf_compile')}"
+                    + (f"; copy bandwidth {m['bandwidth_gbs']:.0f} GB/s" if m.get("bandwidth_gbs") else "")
+                    + f"; {g('date')}")
+    head += ["", "fast = FastGenerator (ours, CUDA graph per token); generate = ours under HF generate() with a "
+             "LolcatsCache; hf-static = the unconverted model under generate(cache_implementation=\"static\"), "
+             "compiled by transformers on CUDA (row column `compiled`); hf-dynamic = the same with HF's "
+             "DynamicCache. tokens_per_s = batch x new / e2e_s, one whole generate() (prefill included) after an "
+             "untimed first call (first_call_s; hf-static's compile_s = first call - e2e). prefill_s: a call "
+             "making one token; decode_ms = (e2e_s - prefill_s) / (new - 1). Random-weight models (configs/shapes "
+             "names) measure speed only.", "", "## End to end tokens/s, ours vs the baselines", ""]
+    head += comparison(rows) + [""]
+    ooms = oom_lines(rows)
+    if ooms:
+        head += ["## Out of memory", ""] + ooms + [""]
+    head += ["## All rows", "", "| run | " + " | ".join(COLS) + " |", "|" + "---|" * (len(COLS) + 1)]
+    return "\n".join(head + [f"| {r.get('run', '-')} | " + fmt_row(r) + " |" for r in rows]) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """One PNG per model: tokens/s vs batch (short rows), vs prompt length (long rows), peak memory."""
     try:
         import matplotlib
 
@@ -343,79 +515,164 @@ def plot(rows, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib missing: no plot (pip install matplotlib)")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    keys = sorted({(r["model"], r["method"], r["new_tokens"]) for r in rows})
-    for key in keys:
-        ok = [r for r in rows if (r["model"], r["method"], r["new_tokens"]) == key and r["status"] == "ok"]
-        if ok:
-            label = f"{key[0]} {key[1]} +{key[2]}"
-            axes[0].plot([r["batch"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", label=label)
-            axes[1].plot([r["batch"] for r in ok], [r["peak_gib"] for r in ok], "o-", label=label)
-    for ax, yl in zip(axes, ("tokens / s", "peak memory (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(yl)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        return []
+    paths = []
+    for model in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == model]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+        for method in METHODS:
+            short = sorted((r for r in mine if r["method"] == method and r["rows"] == "short"),
+                           key=lambda r: r["batch"])
+            ok = [r for r in short if r.get("status") == "ok"]
+            if ok:
+                line, = axes[0].plot([r["batch"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", label=method)
+                mem = [r for r in ok if r.get("peak_gib")]
+                if mem:
+                    axes[2].plot([r["batch"] for r in mem], [r["peak_gib"] for r in mem], "o-", label=method)
+                oom = [r["batch"] for r in short if r.get("status") == "OOM"]
+                if oom:
+                    axes[0].plot([min(oom)], [ok[-1]["tokens_per_s"]], "x", ms=10, color=line.get_color())
+                    axes[0].annotate("OOM", (min(oom), ok[-1]["tokens_per_s"]), fontsize=7)
+            for b in sorted({r["batch"] for r in mine if r["rows"] == "long"}):
+                lr = sorted((r for r in mine if r["method"] == method and r["rows"] == "long" and r["batch"] == b
+                             and r.get("status") == "ok"), key=lambda r: r["prompt_len"])
+                if lr:
+                    axes[1].plot([r["prompt_len"] for r in lr], [r["tokens_per_s"] for r in lr],
+                                 "o-" if b == 1 else "s--", label=f"{method} batch {b}")
+        short_new = {r["new_tokens"] for r in mine if r["rows"] == "short"}
+        long_new = {r["new_tokens"] for r in mine if r["rows"] == "long"}
+        titles = (f"{model_label(model)}: tokens/s end to end (+{'/'.join(map(str, sorted(short_new)))} new)",
+                  f"long prompts (+{'/'.join(map(str, sorted(long_new)))} new)", "peak memory (short rows)")
+        for ax, xl, yl, title in zip(axes, ("batch", "prompt tokens", "batch"),
+                                     ("tokens / s (prefill included)", "tokens / s (prefill included)", "GiB"),
+                                     titles):
+            ax.set_xscale("log", base=2)
+            if ax.has_data():
+                ax.set_yscale("log")
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            ax.set_title(title, fontsize=9)
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        slug = "".join(c if c.isalnum() or c in "-." else "-" for c in model_label(model))
+        path = out / f"generation-{slug}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def model_label(name: str) -> str:
+    """A model's short name: a path's file stem (.gguf, .json) or folder name; other names as given."""
+    p = Path(name)
+    return p.stem if p.suffix in (".gguf", ".json") else p.name
+
+
+def load_results(paths: list[Path]) -> dict:
+    """Rows of several saved runs, their run numbers renumbered; a later row replaces an earlier one."""
+    data = {"runs": [], "rows": []}
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        base = len(data["runs"])
+        data["runs"] += d.get("runs", [])
+        for r in d.get("rows", []):
+            add_row(data["rows"], dict(r, run=r.get("run", 0) + base))
+    return data
+
+
+def key(r: dict) -> tuple:
+    return (r["model"], r["method"], r["batch"], r["prompt_len"], r["new_tokens"])
+
+
+def add_row(rows: list[dict], row: dict) -> None:
+    rows[:] = [r for r in rows if key(r) != key(row)] + [row]
+
+
+def write(data: dict, out: Path, png: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "generation.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(out / "generation.json")
+    (out / "generation.md").write_text(markdown(data))
+    if png:
+        plot(data["rows"], out)
+
+
+# ---------------------------------------------------------------- main
+
+
+def run_meta(args, dev: torch.device, dtype: torch.dtype, bw: float | None) -> dict:
+    import transformers
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()})"
+    return dict(device=name, torch=torch.__version__, transformers=transformers.__version__, triton=tv,
+                dtype=str(dtype).removeprefix("torch."), bandwidth_gbs=bw / 1e9 if bw else None,
+                attention=f"{args.kind} w={args.window} hedgehog F={2 * args.feature_dim}",
+                hf_compile="off" if args.no_compile else args.hf_compile_backend or "transformers' default (inductor, "
+                "reduce-overhead; CUDA only)",
+                date=time.strftime("%Y-%m-%d %H:%M"), argv=" ".join(sys.argv[1:]))
 
 
 def main(argv=None) -> None:
-    import transformers
+    try:
+        from lolcats.runtime import resolve_device, resolve_dtype
+    except ImportError:
+        from lolcats.models.loading import resolve_device, resolve_dtype
 
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
-    dev = torch.device("cuda")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    models = [m for m in args.models.split(",") if m] + args.model
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        sys.exit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    batches = [int(b) for b in args.batches.split(",")]
-    new_tokens = [int(n) for n in args.new_tokens.split(",")]
-    attn = AttentionConfig(kind=args.kind, window_size=args.window, feature_dim=args.feature_dim,
-                           feature_init="random")
-    bw = measure_bandwidth(dev)
-    meta = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, transformers=transformers.__version__,
-                prompt_len=args.prompt_len, attention=f"{args.kind} w={args.window} hedgehog F={2 * args.feature_dim}",
-                bandwidth_gbs=bw / 1e9)
-    print(f"GPU: {meta['gpu']}  copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(" | ".join(COLS))
-    rows: list[dict] = []
-
-    def save(current: list[dict] = ()) -> None:  # after every row: a run cut short still leaves its table
-        (out / "generation.json").write_text(json.dumps(dict(meta=meta, rows=rows + list(current)), indent=1))
-        (out / "generation.md").write_text(markdown(rows + list(current), meta))
-
+    if args.plot:
+        data = load_results([Path(p) for p in args.plot])
+        write(data, out)
+        print(markdown(data))
+        print(f"wrote {out}/generation.md and the plots")
+        return
+    dev = resolve_device(args.device)
+    if dev.type != "cuda":
+        print("no CUDA: a CPU run (tiny models only; hf-static is not compiled on CPU)")
+    dtype = resolve_dtype(args.dtype, dev)
+    prev = out / "generation.json"
+    data = load_results([prev]) if prev.is_file() and not args.fresh else {"runs": [], "rows": []}
+    run = len(data["runs"])
+    data["runs"].append(run_meta(args, dev, dtype, measure_bandwidth(dev)))
     deadline = time.perf_counter() + args.time_budget
-    slots = len(models) * len(new_tokens) * len(methods)
-    for name in models:
+    print(f"device: {data['runs'][-1]['device']}; torch {torch.__version__}\n" + " | ".join(COLS), flush=True)
+    mine: list[dict] = []
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        for r in mine:
+            add_row(data["rows"], dict(r, run=run))
+        write(data, out, png=False)
+
+    for name in [m for m in args.models.split(",") if m]:
         try:
-            model = load_model(name, attn, dev)
-        except Exception as e:  # a missing package or file: report and go on
+            model = load_model(name, dev, args.dtype)
+        except Exception as e:  # noqa: BLE001 - a missing package or file: report and go on
             print(f"{name}: could not load ({type(e).__name__}: {e})")
-            slots -= len(new_tokens) * len(methods)
             continue
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        bound = dict(weight_bytes=weight_bytes, bandwidth=bw) if name == "llama3-8b" else None
-        for n in new_tokens:
-            for method in methods:
-                budget = max(0.0, deadline - time.perf_counter()) / max(1, slots)
-                slots -= 1
-                rows += sweep(model, name, method, batches, args.prompt_len, n, budget, bound, args.steps, save,
-                              skip=not args.no_skip)
+        context = None if is_random(name) else getattr(model.config, "max_position_embeddings", None)
+        rows = plan(args, name, context)
+        converted = False
+        for method in dict.fromkeys(r["method"] for r in rows):
+            if method in OURS and not converted:
+                model, converted = convert(model, args), True
+                data["runs"][run]["backend"] = attention_backend(model)
+            sweep(model, [r for r in rows if r["method"] == method], args, deadline, mine, save)
         del model
-        torch.cuda.empty_cache()
+        free_memory()
     save()
-    plot(rows, out / "generation.png")
-    print(markdown(rows, meta))
-    print(f"wrote {out}/generation.{{md,json,png}}")
+    write(data, out)
+    print()
+    print("\n".join(comparison([r for r in data["rows"] if r.get("run") == run])))
+    print(f"wrote {out}/generation.{{json,md}} and generation-<model>.png")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_alpaca(tmp_path_factory) -> Path:
     return write_alpaca(tmp_path_factory.mktemp("data") / "alpaca.jsonl")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _converted_gguf_cache(tmp_path_factory):
+    """Converted GGUF copies (lolcats.models.gguf_cache) go to a temporary folder, not ~/.cache."""
+    if "LOLCATS_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["LOLCATS_CACHE_DIR"] = str(tmp_path_factory.mktemp("lolcats-cache"))
+    yield
+    os.environ.pop("LOLCATS_CACHE_DIR", None)

@@ -62,3 +62,162 @@ def test_distill_throughput_torch_phi_variant():
         assert variant.hybrid is base.hybrid and "triton+torch-phi" not in ops.AUTO_ORDER
     finally:
         ops.BACKENDS.pop("triton+torch-phi", None)
+
+
+# ---------------------------------------------------------------- benchmarks/generation.py
+
+TINY_SHAPE = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+              "max_position_embeddings": 1024, "tie_word_embeddings": False}
+
+
+def _generation_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generation", REPO / "benchmarks/generation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generation_benchmark_all_methods_on_a_tiny_shape(tmp_path):
+    """Every method, short and long rows, on CPU; hf-static through its compiled path (dynamo with the
+    eager backend, which CPU runs): the first call compiles, the timed one reuses it, and every row
+    compiles afresh. --plot redraws table and plot from the JSON."""
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY_SHAPE))
+    out = tmp_path / "gen"
+    _run("benchmarks/generation.py", "--models", str(shape), "--batches", "1,2", "--short-prompt", "8",
+         "--short-new", "4", "--prompt-lens", "16", "--long-new", "3", "--long-batches", "1",
+         "--hf-compile-backend", "eager", "--out", str(out))
+    data = json.loads((out / "generation.json").read_text())
+    rows = data["rows"]
+    assert {(r["method"], r["rows"], r["batch"]) for r in rows} == {
+        (m, k, b) for m in ("fast", "generate", "hf-static", "hf-dynamic") for k, b in (("short", 1), ("short", 2),
+                                                                                    ("long", 1))}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["e2e_s"] > 0 and r["prefill_s"] > 0 for r in rows)
+    static = [r for r in rows if r["method"] == "hf-static"]
+    assert [(r["compiled"], r["recompiles_timed"]) for r in static] == [(True, 0)] * 3
+    assert all(r["state_bytes_per_seq"] > 0 for r in rows if r["method"] == "fast")
+    assert data["runs"][0]["device"].startswith("CPU") and data["runs"][0]["transformers"]
+    assert "fast / hf-static" in (out / "generation.md").read_text()
+    assert "| tiny | 8 | 4 | 2 |" in (out / "generation.md").read_text()
+    for p in out.glob("*.png"):
+        p.unlink()
+    (out / "generation.md").unlink()
+    _generation_module().main(["--plot", str(out / "generation.json"), "--out", str(out)])
+    assert (out / "generation-tiny.png").is_file() and "| tiny | 16 | 3 | 1 |" in (out / "generation.md").read_text()
+
+
+def test_generation_benchmark_context_limit_and_rows_of_several_calls(tmp_path):
+    mod = _generation_module()
+    args = mod.parse_args(["--rows", "long", "--methods", "fast", "--prompt-lens", "512,2048", "--long-new", "8",
+                           "--long-batches", "1"])
+    assert [r.get("status") for r in mod.plan(args, "pretrained", 1024)] == [
+        None, "skipped (beyond the model's context, 1024)"]
+    assert [r.get("status") for r in mod.plan(args, "random shape", None)] == [None, None]
+    row = dict(model="m", method="fast", rows="long", batch=1, prompt_len=512, new_tokens=8, group="g",
+               status="ok", tokens_per_s=10.0, run=0)
+    out = tmp_path / "gen"
+    mod.write({"runs": [{"device": "A"}], "rows": [row]}, out, png=False)
+    (tmp_path / "other.json").write_text(json.dumps({"runs": [{"device": "B"}], "rows": [
+        dict(row, tokens_per_s=20.0), dict(row, batch=2)]}))
+    data = mod.load_results([out / "generation.json", tmp_path / "other.json"])
+    assert [r["run"] for r in data["rows"]] == [1, 1]  # measured again: the later row replaces the earlier
+    assert [r["tokens_per_s"] for r in data["rows"]] == [20.0, 10.0] and len(data["runs"]) == 2
+
+
+def test_generation_benchmark_oom_search_and_time_budget(tmp_path, monkeypatch):
+    import torch
+
+    mod = _generation_module()
+    args = mod.parse_args(["--models", "m", "--methods", "fast,hf-static", "--rows", "short", "--batches", "1,2",
+                           "--find-oom", "--max-batch", "64", "--out", str(tmp_path)])
+    calls = []
+
+    def fake_row(model, method, batch, prompt_len, new, args):
+        calls.append((method, batch))
+        if batch >= (8 if method == "fast" else 4):
+            raise RuntimeError("compiling failed") from torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return dict(status="ok", tokens_per_s=float(batch), e2e_s=1.0, prefill_s=0.1, row_s=0.01, peak_gib=None)
+
+    monkeypatch.setattr(mod, "run_row", fake_row)
+    model, done = torch.nn.Linear(1, 1), []
+    rows = mod.plan(args, "m", None)
+    assert [r["batch"] for r in rows if r["method"] == "fast"] == [1, 2, 4, 8, 16, 32, 64]
+    for method in ("hf-static", "fast"):
+        mod.sweep(model, [r for r in rows if r["method"] == method], args, float("inf"), done, lambda: None)
+    assert calls == [("hf-static", 1), ("hf-static", 2), ("hf-static", 4), ("fast", 1), ("fast", 2), ("fast", 4),
+                     ("fast", 8)]  # each method stops at its first OOM
+    assert [r["status"] for r in done if r["method"] == "fast"] == ["ok", "ok", "ok", "OOM"]
+    lines = "\n".join(mod.oom_lines(done))
+    assert "m fast (prompt 128, +1024): **OOM at batch 8**; largest that ran: 4" in lines
+    assert "m hf-static (prompt 128, +1024): **OOM at batch 4**; largest that ran: 2" in lines
+    assert "| m | 128 | 1024 | 2 | 2 | - | 2 | - | 1.00x | - |" in "\n".join(mod.comparison(done))
+    # no time left: the group's first row is recorded as skipped and the group ends there
+    late = []
+    mod.sweep(model, [r for r in mod.plan(args, "m", None) if r["method"] == "fast"], args, 0.0, late,
+              lambda: None)
+    assert [r["status"] for r in late] == ["skipped (time)"]
+
+
+def test_generation_benchmark_rejects_unknown_method(capsys):
+    with pytest.raises(SystemExit):
+        _generation_module().parse_args(["--methods", "fast,hf-statik"])
+    err = capsys.readouterr().err
+    assert "hf-statik" in err and "hf-static, hf-dynamic" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_generation_benchmark_on_gpu_compiles_the_static_baseline(tmp_path):
+    """On CUDA: hf-static is compiled by transformers, every row reports peak memory; ~1-2 min."""
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY_SHAPE))
+    out = tmp_path / "gen"
+    _run("benchmarks/generation.py", "--models", str(shape), "--batches", "1,4", "--short-prompt", "16",
+         "--short-new", "16", "--prompt-lens", "64", "--long-new", "8", "--long-batches", "2", "--diagnose",
+         "--out", str(out), timeout=900)
+    data = json.loads((out / "generation.json").read_text())
+    rows = data["rows"]
+    assert len(rows) == 12 and all(r["status"] == "ok" and r["peak_gib"] > 0 for r in rows)
+    assert all(r["compiled"] for r in rows if r["method"] == "hf-static")
+    assert all(r["kernels_per_step"] > 0 for r in rows if r["method"] == "fast")
+    assert data["runs"][0]["backend"] == "triton" and data["runs"][0]["bandwidth_gbs"] > 0
+
+
+# ---------------------------------------------------------------- benchmarks/startup.py
+
+
+def _stage1_checkpoint(model_dir, out):
+    """A stage-1 checkpoint (untrained feature maps) of the tiny model in ``model_dir``."""
+    from dataclasses import asdict
+
+    from lolcats.attention.convert import attention_parameters, convert_model
+    from lolcats.checkpoint import save_checkpoint
+    from lolcats.config import AttentionConfig, Config, ModelConfig
+    from lolcats.models.loading import base_fingerprint, load_base_model
+
+    cfg = Config(model=ModelConfig(name=str(model_dir)), attention=AttentionConfig(window_size=8, feature_dim=8))
+    model = load_base_model(cfg.model, "cpu")
+    fp = base_fingerprint(model)
+    convert_model(model, cfg.attention)
+    save_checkpoint(out, dict(attention_parameters(model)), {
+        "stage": "distill", "base_model": str(model_dir), "base_fingerprint": fp, "attention": asdict(cfg.attention),
+        "finetune": asdict(cfg.finetune), "config": cfg.to_dict(), "metrics": {}, "num_layers": 2})
+    return out
+
+
+def test_startup_benchmark_times_generate_and_its_phases(tmp_path, tiny_model_dir):
+    ckpt = _stage1_checkpoint(tiny_model_dir, tmp_path / "ckpt")
+    out = tmp_path / "startup.json"
+    text = _run("benchmarks/startup.py", "--checkpoint", str(ckpt), "--prompt", "the cat sat", "--runs", "1",
+                "--threads", "1", "--phases", "--out", str(out))
+    data = json.loads(out.read_text())
+    run = data["runs"][0]
+    assert run["rc"] == 0 and run["cache"] == "cold" and 0 < run["exit_s"] and run["cpu_s"] > 0
+    names = [p["name"] for p in data["phases"]["phases"]]
+    for name in ("import torch", "argument parser", "load_base_model", "load_tokenizer", "load_stage1"):
+        assert name in names
+    assert data["phases"]["rc"] == 0 and data["phases"]["gguf_parses"] == 0  # a plain HF directory
+    assert "| load_base_model |" in text and "CPU only" in text

@@ -26,6 +26,7 @@ from lolcats.checkpoint import WEIGHTS, atomic_write, file_sha256, write_json
 from lolcats.config import Config, save_config
 from lolcats.data import build_data, check_sources
 from lolcats.models.checks import check_model_settings
+from lolcats.models.gguf_cache import shared_gguf_reads
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer, model_config
 from lolcats.models.locator import base_locator
 from lolcats.models.lora import add_lora
@@ -73,18 +74,19 @@ def prepare(cfg: Config) -> Context:
         if (d / STATE).is_file() and not stage_done(d):
             check_state(d / STATE)
     check_sources(cfg.data)
-    hf_config = model_config(cfg.model)
-    check_model_settings(cfg, hf_config)
-    info = dist.init_distributed(_dist_device(cfg.run.device))  # no-op outside torchrun
-    device = info.device if info.distributed else resolve_device(cfg.run.device)
-    torch.manual_seed(cfg.run.seed)
-    tok = load_tokenizer(cfg.model)
-    if not info.is_main:
-        dist.barrier()  # rank 0 tokenises and writes the cache first
-    data = build_data(cfg.data, tok, seed=cfg.run.seed)
-    if info.is_main:
-        dist.barrier()
-    model = load_base_model(cfg.model, device, config=hf_config)
+    with shared_gguf_reads():  # a GGUF base is parsed once for its config, tokenizer and weights
+        hf_config = model_config(cfg.model)
+        check_model_settings(cfg, hf_config)
+        info = dist.init_distributed(_dist_device(cfg.run.device))  # no-op outside torchrun
+        device = info.device if info.distributed else resolve_device(cfg.run.device)
+        torch.manual_seed(cfg.run.seed)
+        tok = load_tokenizer(cfg.model)
+        if not info.is_main:
+            dist.barrier()  # rank 0 tokenises and writes the cache first
+        data = build_data(cfg.data, tok, seed=cfg.run.seed)
+        if info.is_main:
+            dist.barrier()
+        model = load_base_model(cfg.model, device, config=hf_config)
     return Context(cfg, model, tok, device, base_fingerprint(model), data.train, data.val, info)
 
 

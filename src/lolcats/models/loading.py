@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from lolcats.attention.convert import check_architecture
 from lolcats.config import ModelConfig
 from lolcats.hub import hub_access, is_repo_id
+from lolcats.models import gguf_cache
 from lolcats.runtime import resolve_device, resolve_dtype
 
 # name -> (python package, GGUF file inside it, pip requirement)
@@ -107,7 +109,14 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.tokenizer:
         cfg = dataclasses.replace(cfg, name=cfg.tokenizer, gguf_file=None, tokenizer=None)
     src, gguf = resolve_source(cfg)
-    tok = AutoTokenizer.from_pretrained(src, **hub_kwargs(cfg, gguf))
+    part = _cached_part(src, gguf, "tokenizer")
+    if part is not None and gguf_cache.complete(part):
+        tok = AutoTokenizer.from_pretrained(str(part))
+    else:
+        with gguf_cache.shared_gguf_reads():
+            tok = AutoTokenizer.from_pretrained(src, **hub_kwargs(cfg, gguf))
+        if part is not None:
+            gguf_cache.write_part(part, tok.save_pretrained)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -124,9 +133,20 @@ def model_config(cfg: ModelConfig):
 
         import lolcats.hf  # noqa: F401  (registers exported lolcats models with the Auto classes)
 
-        config = AutoConfig.from_pretrained(src, **kw)
+        done = [p for p in (_cached_part(src, gguf, f"model-{d}") for d in ("float32", "bfloat16"))
+                if p is not None and gguf_cache.complete(p)]
+        if done:  # a converted copy holds the same config: no GGUF parse
+            src, kw = str(done[0]), {}
+        with gguf_cache.shared_gguf_reads():
+            config = AutoConfig.from_pretrained(src, **kw)
     check_architecture(config)
     return config
+
+
+def _cached_part(src: str, gguf: str | None, name: str) -> Path | None:
+    """Where the converted copy ``name`` (model-<dtype>, tokenizer) of a local GGUF lives; None if not cached."""
+    path, root = _local_gguf(src, gguf), gguf_cache.cache_root()
+    return gguf_cache.entry_dir(path, root) / name if path and root else None
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None, config=None):
@@ -135,19 +155,47 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None, 
     from transformers import AutoModelForCausalLM
 
     device = resolve_device("auto") if device is None else torch.device(device)
-    config = model_config(cfg) if config is None else config
-    if cfg.init == "random":
-        return random_model(config, device, resolve_dtype(cfg.dtype, device))
-    src, gguf = resolve_source(cfg)
-    kw = hub_kwargs(cfg, gguf)
-    dtype = resolve_dtype(cfg.dtype, device)
-    if gguf:
-        kw["quantization_config"] = dense_gguf()
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa",
-                                                 device_map=cfg.device_map, **kw)
+    with gguf_cache.shared_gguf_reads():  # a GGUF's config, weight and tokenizer reads parse it once
+        config = model_config(cfg) if config is None else config
+        if cfg.init == "random":
+            return random_model(config, device, resolve_dtype(cfg.dtype, device))
+        src, gguf = resolve_source(cfg)
+        kw = hub_kwargs(cfg, gguf)
+        dtype = resolve_dtype(cfg.dtype, device)
+        part = _cached_part(src, gguf, f"model-{str(dtype).removeprefix('torch.')}") \
+            if cfg.device_map is None else None
+        if part is not None and gguf_cache.complete(part):  # converted before: plain safetensors
+            src, kw = str(part), {}
+        elif "gguf_file" in kw:  # dense weights, and a model not marked quantized
+            kw["quantization_config"] = dense_gguf()
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map=cfg.device_map, **kw)
+        if part is not None and not gguf_cache.complete(part):
+            _cache_conversion(model, part, cfg)
     if cfg.device_map is None:
         model.to(device)
     return model.eval()
+
+
+def _local_gguf(src: str, gguf: str | None) -> Path | None:
+    """The GGUF file a source names, when it is on this machine (hub GGUFs are not cached)."""
+    path = Path(src) / gguf if gguf else None
+    return path if path is not None and path.is_file() else None
+
+
+def _cache_conversion(model, part: Path, cfg: ModelConfig) -> None:
+    """Keep the de-quantized weights (and the tokenizer, read while the file is parsed) for later loads."""
+    root = part.parents[2]
+    if not gguf_cache.enough_disk(root, gguf_cache.model_nbytes(model)):
+        print(f"lolcats: not caching the converted GGUF under {root} (not writable, or not enough free disk)",
+              file=sys.stderr)
+        return
+    if gguf_cache.write_part(part, lambda out: gguf_cache.save_model(model, out)):
+        mb = gguf_cache.model_nbytes(model) / 1e6
+        print(f"lolcats: converted {cfg.name} once into {part} ({mb:,.0f} MB); later loads read it "
+              "(LOLCATS_GGUF_CACHE=0 turns this off)", file=sys.stderr)
+    if not cfg.tokenizer and not gguf_cache.complete(part.parent / "tokenizer"):
+        load_tokenizer(cfg)  # writes its part too
 
 
 def random_model(config, device: torch.device | str, dtype: torch.dtype, seed: int = 0):

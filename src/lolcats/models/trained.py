@@ -30,6 +30,7 @@ from lolcats.attention.convert import (convert_model, enable_lolcats_generation,
 from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
                                 load_tensors, read_meta)
 from lolcats.config import Config, ConfigError, ModelConfig, config_from_dict
+from lolcats.models.gguf_cache import shared_gguf_reads
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
 from lolcats.models.locator import locate_base
 from lolcats.models.lora import add_lora, lora_checkpoint_names
@@ -197,8 +198,9 @@ def load_linearized(base: str | None, stage1: str | None, stage2: str | None = N
     check_pair(stage1, stage2)
     finetune = _meta_section(read_meta(stage2), "finetune", stage2) if stage2 else None
     mcfg = base_model_config(stage1, base, dtype, trust_remote_code)
-    model = load_base_model(mcfg, resolve_device(device))
-    tok = load_tokenizer(mcfg)
+    with shared_gguf_reads():  # one parse of a GGUF base for its weights and tokenizer
+        model = load_base_model(mcfg, resolve_device(device))
+        tok = load_tokenizer(mcfg)
     fp = base_fingerprint(model)
     load_stage1(model, stage1, fp)
     if stage2:
