@@ -11,6 +11,7 @@ for a few (num_warps, num_stages) per kernel. Shapes: SmolLM2 / Llama-3-8B, 64K 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def _inputs(H, Hk, D, F, T, tokens=65536):
 
 def _call(mod, ins, kind=1):
     q, k, v, fq, fk, wf = ins
-    return mod.ChunkedAttention.apply(q, k, v, fq, fk, wf, None, None, kind, 64, q.shape[-1] ** -0.5, 0.0, 64)[0]
+    gate = (None,) if "lg" in inspect.signature(mod.ChunkedAttention.forward).parameters else ()  # v1: no gate
+    return mod.ChunkedAttention.apply(q, k, v, fq, fk, wf, None, None, *gate, kind, 64, q.shape[-1] ** -0.5, 0.0,
+                                      64)[0]
 
 
 def _fb(mod, ins, kind=1):

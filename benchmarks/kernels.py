@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py --out kernels.md      # GPU: prefill, decode and feature-map tables
     python benchmarks/kernels.py --quick               # tiny CPU smoke run (TRITON_INTERPRET=1)
+    python benchmarks/kernels.py --sections gate --out gate.md   # GPU: gated vs ungated kernels only
 
 Prefill: forward and forward+backward milliseconds for SmolLM2 (H=9, Hk=3, D=64) and
 Llama-3-8B (H=32, Hk=8, D=128) shapes, F=128 hedgehog features, window 64, T = 1K..32K with
@@ -14,8 +15,11 @@ measured device copy.
 Feature map: the Hedgehog map as PyTorch ops (the reference, what the torch backend runs: a
 batched matmul, two softmaxes, concatenation, clamp) and as one fused Triton op
 (``ops/triton/feature_map.py``, what the triton backend runs), on q and k, against the terraced
-kernel on its outputs. Medians of triton.testing.do_bench. Writes markdown to --out and JSON
-beside it; ``--sections`` picks sections (default all).
+kernel on its outputs. Gate: the kernels with a forget gate on the linear part
+(``attention.gate pooled_keys``, ``ops/gate.py``; log gates of Liger's scale, with their gradient)
+against the same kernels ungated, prefill forward / forward+backward and the decode step (from a
+CUDA graph), ratio = gated / ungated time. Medians of triton.testing.do_bench. Writes markdown to
+--out and JSON beside it; ``--sections`` picks sections (default all).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from lolcats.ops.triton.feature_map import hedgehog_triton  # noqa: E402
 
 MODELS = {"smollm2": dict(H=9, Hk=3, D=64, F=128), "llama3-8b": dict(H=32, Hk=8, D=128, F=128)}
 WINDOW = 64
+SECTIONS = ("prefill", "decode", "feature_map", "gate")
 
 
 def bench(fn, quick: bool) -> float:
@@ -300,6 +305,112 @@ def decode_rows(dev, quick, ceil, on_row=lambda rows: None):
     return rows
 
 
+def _decode_state(kind, B, Hk, D, Fd, dt, dev):
+    """A decode state with a full window, and the position of the next token (B,)."""
+    S = window_slots(kind, WINDOW)
+    st = DecodeState.empty(B, Hk, S, D, D, Fd, dt, dev)
+    st.win_pos.copy_(torch.arange(S, device=dev).expand(B, S))
+    return st, torch.full((B,), S + 1, dtype=torch.long, device=dev)
+
+
+def _graphed(step, dev):
+    """step, or the replay of a CUDA graph of it on CUDA."""
+    if dev != "cuda":
+        return step
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def gate_rows(dev, quick, on_row=lambda rows: None):
+    """Gated kernels vs ungated ones at the same shapes: prefill fwd and fwd+bwd (the gate's gradient
+    included, as in stage 2), and one decode step, for the three kinds."""
+    dt = torch.bfloat16 if not quick else torch.float32
+    models = MODELS if not quick else {"tiny": dict(H=2, Hk=1, D=16, F=16)}
+    lengths, tokens = ([1024, 4096, 16384], 65536) if not quick else ([80], 80)
+    batches = [1, 64, 256] if not quick else [2]
+    kinds = ("linear", "sliding_window", "terraced_window")
+    rows = []
+    for name, s in models.items():
+        H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
+        for T in lengths:
+            B = max(1, tokens // T)
+            g = torch.Generator(device=dev).manual_seed(0)
+            q, k, v = (torch.randn(B, h, T, D, device=dev, generator=g).to(dt).requires_grad_() for h in (H, Hk, Hk))
+            fq, fk = (torch.rand(B, h, T, Fd, device=dev, generator=g).to(dt).requires_grad_() for h in (H, Hk))
+            wf = torch.rand(H, device=dev).requires_grad_()
+            lg = (F.logsigmoid(torch.randn(B, Hk, T, device=dev, generator=g)) / 16).requires_grad_()
+            for kind in kinds:
+                row = {"section": "prefill", "model": name, "kind": kind, "T": T, "B": B}
+                for tag, gate in (("ungated", None), ("gated", lg)):
+                    if kind == "linear":
+                        fn, ins = (lambda gate=gate: linear_attention_triton(fq, fk, v, log_gate=gate)[0]), [fq, fk, v]
+                    else:
+                        fn = lambda kind=kind, gate=gate: hybrid_attention_triton(  # noqa: E731
+                            q, k, v, fq, fk, wf, kind, WINDOW, None, gate)
+                        ins = [q, k, v, fq, fk, wf]
+                    row[f"{tag}_fwd"] = _try(fn, quick)
+                    row[f"{tag}_fwdbwd"] = _try(_fwd_bwd(fn, ins + ([lg] if gate is not None else [])), quick)
+                for m in ("fwd", "fwdbwd"):
+                    a, b = row[f"gated_{m}"], row[f"ungated_{m}"]
+                    row[f"ratio_{m}"] = a / b if a and b else None
+                rows.append(row)
+                on_row(rows)
+                print(f"gate prefill {name:10s} {kind:16s} T={T:5d} B={B:3d}: ungated {_ms(row['ungated_fwd'])} "
+                      f"{_ms(row['ungated_fwdbwd'])} | gated {_ms(row['gated_fwd'])} {_ms(row['gated_fwdbwd'])} "
+                      f"| x{row['ratio_fwd'] or 0:.2f} x{row['ratio_fwdbwd'] or 0:.2f}", flush=True)
+            del q, k, v, fq, fk, lg
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    s = MODELS["llama3-8b"] if not quick else dict(H=2, Hk=1, D=16, F=16)
+    H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
+    for kind in kinds:
+        for B in batches:
+            row = {"section": "decode", "model": "llama3-8b" if not quick else "tiny", "kind": kind, "B": B}
+            for tag, gated in (("ungated", False), ("gated", True)):
+                st, pos = _decode_state(kind, B, Hk, D, Fd, dt, dev)
+                q, fq = torch.randn(B, H, D, device=dev, dtype=dt), torch.rand(B, H, Fd, device=dev, dtype=dt)
+                k, v = torch.randn(B, Hk, D, device=dev, dtype=dt), torch.randn(B, Hk, D, device=dev, dtype=dt)
+                fk = torch.rand(B, Hk, Fd, device=dev, dtype=dt)
+                wf = torch.rand(H, device=dev) if kind != "linear" else None
+                lg = -torch.rand(B, Hk, device=dev) / 16 if gated else None
+
+                def step(st=st, pos=pos, q=q, k=k, v=v, fq=fq, fk=fk, wf=wf, lg=lg, kind=kind):
+                    return decode_step_triton(q, k, v, fq, fk, st, pos, wf, kind, WINDOW, D**-0.5, None, lg)
+
+                row[f"{tag}_ms"] = bench(_graphed(step, dev), quick)
+            row["ratio"] = row["gated_ms"] / row["ungated_ms"]
+            rows.append(row)
+            on_row(rows)
+            print(f"gate decode {kind:16s} B={B:5d}: ungated {row['ungated_ms'] * 1e3:8.1f} us, gated "
+                  f"{row['gated_ms'] * 1e3:8.1f} us (x{row['ratio']:.2f})", flush=True)
+    return rows
+
+
+def gate_markdown(rows) -> list[str]:
+    if not rows:
+        return []
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    out = ["", "Forget gate on the linear part (attention.gate pooled_keys) vs the same kernel ungated, ms "
+           "(x = gated / ungated; fwd+bwd includes the gate's gradient):", "",
+           "| model | kind | T | B | ungated fwd | gated fwd | x fwd | ungated f+b | gated f+b | x f+b |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["section"] == "prefill":
+            out.append(f"| {r['model']} | {r['kind']} | {r['T']} | {r['B']} | {f(r['ungated_fwd'])} | "
+                       f"{f(r['gated_fwd'])} | {f(r['ratio_fwd'])} | {f(r['ungated_fwdbwd'])} | "
+                       f"{f(r['gated_fwdbwd'])} | {f(r['ratio_fwdbwd'])} |")
+    out += ["", "| decode kind | batch | ungated us/step | gated us/step | x |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["section"] == "decode":
+            out.append(f"| {r['kind']} | {r['B']} | {r['ungated_ms'] * 1e3:.1f} | {r['gated_ms'] * 1e3:.1f} | "
+                       f"{r['ratio']:.2f} |")
+    return out
+
+
 def feature_map_markdown(rows) -> list[str]:
     if not rows:
         return []
@@ -316,7 +427,7 @@ def feature_map_markdown(rows) -> list[str]:
     return out
 
 
-def to_markdown(info, prefill, decode, fmap=()) -> str:
+def to_markdown(info, prefill, decode, fmap=(), gate=()) -> str:
     lines = [f"# Kernel benchmark on {info['gpu']}", "",
              f"Ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, device copy {info['copy_gbs']:.0f} GB/s. "
              f"torch {torch.__version__}, triton {triton.__version__}. Times in ms (median).", "",
@@ -335,6 +446,7 @@ def to_markdown(info, prefill, decode, fmap=()) -> str:
         lines.append(f"| {r['kind']} | {r['B']} | {r['ms'] * 1e3:.1f} | {r['bytes'] / 1e6:.2f} | {r['GB/s']:.0f} | "
                      f"{r['pct_copy']:.0f}% |")
     lines += feature_map_markdown(list(fmap))
+    lines += gate_markdown(list(gate))
     return "\n".join(lines) + "\n"
 
 
@@ -342,12 +454,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="markdown report path (JSON written beside it)")
     ap.add_argument("--quick", action="store_true", help="tiny CPU smoke run through TRITON_INTERPRET=1")
-    ap.add_argument("--sections", default="prefill,decode,feature_map",
-                    help="comma list of prefill, decode, feature_map")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of " + ", ".join(SECTIONS))
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
-    if sections - {"prefill", "decode", "feature_map"}:
-        raise SystemExit(f"unknown --sections {sorted(sections - {'prefill', 'decode', 'feature_map'})}")
+    if sections - set(SECTIONS):
+        raise SystemExit(f"unknown --sections {sorted(sections - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
     dev = "cpu" if args.quick else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --quick for the CPU smoke run)")
@@ -355,13 +466,13 @@ def main(argv=None) -> None:
     print(f"device: {info['gpu']}", flush=True)
     info.update(ceilings(dev, args.quick))
     print(f"ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, copy {info['copy_gbs']:.0f} GB/s", flush=True)
-    res = {"prefill": [], "decode": [], "feature_map": []}
+    res = {name: [] for name in SECTIONS}
 
     def save(key, rows):  # after every row: a run cut short keeps what it measured
         res[key] = rows
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(to_markdown(info, res["prefill"], res["decode"], res["feature_map"]))
+            args.out.write_text(to_markdown(info, res["prefill"], res["decode"], res["feature_map"], res["gate"]))
             args.out.with_suffix(".json").write_text(json.dumps({"info": info, **res}, indent=1))
 
     if "prefill" in sections:
@@ -371,6 +482,8 @@ def main(argv=None) -> None:
         save("decode", decode_rows(dev, args.quick, info, lambda rows: save("decode", rows)))
     if "feature_map" in sections:
         save("feature_map", feature_map_rows(dev, args.quick, lambda rows: save("feature_map", rows)))
+    if "gate" in sections:
+        save("gate", gate_rows(dev, args.quick, lambda rows: save("gate", rows)))
     if args.out:
         print(f"wrote {args.out}")
 

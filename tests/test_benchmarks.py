@@ -29,6 +29,16 @@ def test_kernels_benchmark_quick_writes_its_sections(tmp_path):
     assert "Hedgehog feature map" in md.read_text()
 
 
+def test_kernels_benchmark_gate_section(tmp_path):
+    md = tmp_path / "gate.md"
+    _run("benchmarks/kernels.py", "--quick", "--sections", "gate", "--out", str(md))
+    rows = json.loads(md.with_suffix(".json").read_text())["gate"]
+    assert [(r["section"], r["kind"]) for r in rows] == [(s, k) for s in ("prefill", "decode")
+                                                        for k in ("linear", "sliding_window", "terraced_window")]
+    assert all(r[k] > 0 for r in rows for k in r if k.endswith(("_fwd", "_fwdbwd", "_ms")))
+    assert "Forget gate on the linear part" in md.read_text()
+
+
 def test_kernels_benchmark_rejects_unknown_section():
     out = subprocess.run([sys.executable, "benchmarks/kernels.py", "--quick", "--sections", "prefil"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)

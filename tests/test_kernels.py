@@ -208,6 +208,27 @@ def test_decode_step_matches_reference(kind, dtype):
         pos = pos + valid.long()
 
 
+def test_decode_step_reads_strided_positions_and_valid():
+    """pos and valid as columns of (B, L) tensors (what HF generate passes: position_ids[:, -1:]):
+    the kernel reads row b's own entry, not offset b of the storage."""
+    B, H, Hk, D, F, w = 3, 2, 1, 16, 8, 4
+    st = DecodeState.empty(B, Hk, w, D, D, F, torch.float32, DEV)
+    st2 = copy.deepcopy(st)
+    g = torch.Generator().manual_seed(0)
+    wf = torch.rand(H, generator=g).to(DEV)
+    table = torch.arange(3 * 9, device=DEV).view(3, 9) % 9  # row b: 0..8
+    ok = torch.ones(3, 9, dtype=torch.bool, device=DEV)
+    for t in range(9):
+        x = [torch.randn(B, H, D, generator=g), torch.randn(B, Hk, D, generator=g), torch.randn(B, Hk, D, generator=g),
+             torch.rand(B, H, F, generator=g), torch.rand(B, Hk, F, generator=g)]
+        x = [a.to(DEV) for a in x]
+        pos, valid = table[:, t], ok[:, t]  # strided views
+        y1 = decode_step_naive(*x, st, pos.clone(), wf, "sliding_window", w, 0.25, valid.clone())
+        y2 = decode_step_triton(*x, st2, pos, wf, "sliding_window", w, 0.25, valid)
+        assert_close(y2, y1, 1e-4, f"y at step {t}")
+    assert torch.equal(st2.win_pos, st.win_pos)
+
+
 def test_decode_dispatcher():
     from lolcats.ops import get_backend
 

@@ -72,6 +72,9 @@ class AttentionConfig:
     "Learn the window factors in attention transfer."
     backend: Literal["auto", "triton", "torch", "fla"] = "auto"
     "Attention kernels: auto picks Triton on CUDA and PyTorch elsewhere."
+    gate: Literal["none", "pooled_keys"] = "none"
+    "Forget gate on the linear part (Liger): none, or pooled_keys = a parameter-free per-head gate "
+    "logsigmoid(mean of the head's key projection)/16 that decays the linear state each token (ops/gate.py)."
     layers: list[int] | None = None
     "Indices of the layers to convert; all when empty."
 
@@ -191,12 +194,19 @@ class Config:
         return asdict(self)
 
     def fingerprint(self, *sections: str) -> str:
-        """Short hash of the named sections (all when none): identifies a stage's work."""
+        """Short hash of the named sections (all when none): identifies a stage's work.
+
+        Fields added after runs existed (``LATER_FIELDS``) are left out at their default, so the
+        runs made before them keep their directories."""
         d = self.to_dict()
+        for (sec, key), default in LATER_FIELDS.items():
+            if d[sec].get(key) == default:
+                del d[sec][key]
         picked = {s: d[s] for s in (sections or d.keys())}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
 
 
+LATER_FIELDS: dict[tuple[str, str], Any] = {("attention", "gate"): "none"}  # (section, key): default
 SHORT_FLAGS = {"seed": "run.seed", "hf-token": "model.hf_token", "hf_token": "model.hf_token", "model": "model.name"}
 
 

@@ -24,6 +24,10 @@ its own slot of the cache (:meth:`LolcatsAttention.attend_cached`):
 Padding keys (mask 0) are never written; positions come from ``position_ids`` (HF ``generate``
 derives them from the attention mask, so a left-padded row keeps its own windows).
 
+With ``cfg.gate`` (``ops/gate.py``) the layer computes a log forget gate (B, Hk, T) from its keys
+before RoPE, zero at padding, and passes it to every path (full sequence, prefill pieces, the
+chunk absorbed into the state, the decode step): the linear state decays by it.
+
 Shapes: hidden (B, T, d_model); q (B, H, T, D); k, v (B, Hk, T, D); phi(q) (B, H, T, F).
 """
 
@@ -42,6 +46,7 @@ from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
 from lolcats.ops.decode.naive import DecodeState, absorb_chunk
+from lolcats.ops.gate import forget_log_gate, masked_log_gate
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, expand_kv_heads, linear_attention_quadratic
 from lolcats.runtime import capturing
@@ -137,14 +142,16 @@ class LolcatsAttention(nn.Module):
     # ------------------------------------------------------------ pieces
 
     def project(self, hidden: torch.Tensor, position_embeddings):
-        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied."""
+        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied, and the log forget
+        gate (B, Hk, T) of the keys before RoPE (None without a gate)."""
         B, T, _ = hidden.shape
         q = self.q_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
+        log_gate = forget_log_gate(k, self.cfg.gate)
         cos, sin = position_embeddings
         q, k = apply_rope(q, k, cos, sin)
-        return q, k, v
+        return q, k, v, log_gate
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """phi(q) (B, H, T, F), phi(k) (B, Hk, T, F); Hedgehog through the backend's fused op if it has one."""
@@ -178,27 +185,30 @@ class LolcatsAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling,
                                               enable_gqa=self.num_kv_heads != self.num_heads)
 
-    def student_attention(self, q, k, v, fq, fk, positions=None, key_mask=None, return_weights=False):
-        """Linear or hybrid attention over a whole sequence (no cache): (B, H, T, D)."""
+    def student_attention(self, q, k, v, fq, fk, positions=None, key_mask=None, return_weights=False,
+                          log_gate=None):
+        """Linear or hybrid attention over a whole sequence (no cache): (B, H, T, D).
+
+        ``log_gate`` (B, Hk, T): the forget gate, 0 at padding (``masked_log_gate``)."""
         plain = key_mask is None and positions is None and not return_weights
         if plain:
             backend = get_backend(self.cfg.backend, q)
             if self.cfg.kind == "linear":
-                return backend.linear(fq, fk, v, None, False)[0], None
+                return backend.linear(fq, fk, v, None, False, log_gate=log_gate)[0], None
             return backend.hybrid(q, k, v, fq, fk, self.window_factor(), self.cfg.kind, self.cfg.window_size,
-                                  self.scaling), None
+                                  self.scaling, log_gate=log_gate), None
         if self.cfg.kind == "linear":
-            return self._linear_masked(fq, fk, v, key_mask, return_weights)
+            return self._linear_masked(fq, fk, v, key_mask, return_weights, log_gate)
         return hybrid_attention_naive(q, k, v, fq, fk, self.window_factor(), self.cfg.kind, self.cfg.window_size,
-                                      self.scaling, positions, positions, key_mask, None, return_weights)
+                                      self.scaling, positions, positions, key_mask, None, return_weights, log_gate)
 
-    def _linear_masked(self, fq, fk, v, key_mask, return_weights):
+    def _linear_masked(self, fq, fk, v, key_mask, return_weights, log_gate=None):
         if key_mask is not None:  # padding keys contribute nothing
             fk = fk * key_mask[:, None, :, None].to(fk.dtype)
-        y, _ = linear_attention_quadratic(fq, fk, v)
+        y, _ = linear_attention_quadratic(fq, fk, v, log_gate=log_gate)
         if not return_weights:
             return y, None
-        a = causal_linear_scores(fq, fk)  # (B, H, T, T)
+        a = causal_linear_scores(fq, fk, log_gate)  # (B, H, T, T)
         return y, a / (a.sum(-1, keepdim=True) + 1e-12)
 
     # ------------------------------------------------------------ forward
@@ -211,7 +221,7 @@ class LolcatsAttention(nn.Module):
             # packed micro-batches and FastGenerator's decode (no mask): there is no padding to keep.
             # Softmax never reads the mask on the host, and the serving KV engine's graphs need theirs.
             attention_mask = None
-        q, k, v = self.project(hidden_states, position_embeddings)
+        q, k, v, log_gate = self.project(hidden_states, position_embeddings)
         B, T = hidden_states.shape[:2]
 
         if self.mode == "teacher":
@@ -219,10 +229,11 @@ class LolcatsAttention(nn.Module):
                 k, v = cache.update(k, v, self.layer_idx)
             y = self.softmax_attention(q, k, v, attention_mask)
         elif self.mode == "distill":
-            y = self._distill(q, k, v, attention_mask)
+            y = self._distill(q, k, v, attention_mask, log_gate)
         elif isinstance(cache, LolcatsCache):
             fq, fk = self.features(q, k)
-            y = self.attend_cached(cache.slot(self.layer_idx), q, k, v, fq, fk, attention_mask, position_ids)
+            y = self.attend_cached(cache.slot(self.layer_idx), q, k, v, fq, fk, attention_mask, position_ids,
+                                   log_gate)
         else:
             fq, fk = self.features(q, k)
             key_mask = key_mask_from_attention_mask(attention_mask, T)
@@ -231,7 +242,8 @@ class LolcatsAttention(nn.Module):
             positions = None
             if key_mask is not None and position_ids is not None:
                 positions = position_ids.expand(B, T)
-            y, _ = self.student_attention(q, k, v, fq, fk, positions, key_mask)
+            y, _ = self.student_attention(q, k, v, fq, fk, positions, key_mask,
+                                          log_gate=masked_log_gate(log_gate, key_mask))
         y = y.transpose(1, 2).reshape(B, T, -1).to(hidden_states.dtype)  # (B, T, H*D)
         return self.o_proj(y), None
 
@@ -243,10 +255,12 @@ class LolcatsAttention(nn.Module):
         return DecodeState.for_layer(batch_size, self.num_kv_heads, self.cfg.kind, self.cfg.window_size,
                                      self.head_dim, self.head_dim, F, dtype, device)
 
-    def attend_cached(self, slot: LolcatsLayer, q, k, v, fq, fk, attention_mask=None, position_ids=None):
+    def attend_cached(self, slot: LolcatsLayer, q, k, v, fq, fk, attention_mask=None, position_ids=None,
+                      log_gate=None):
         """Attention of a chunk (or one token) that continues ``slot``'s state, updating it in place.
 
-        q (B, H, T, D), k/v (B, Hk, T, D), fq (B, H, T, F), fk (B, Hk, T, F) -> (B, H, T, D).
+        q (B, H, T, D), k/v (B, Hk, T, D), fq (B, H, T, F), fk (B, Hk, T, F), log_gate (B, Hk, T)
+        or None -> (B, H, T, D).
         """
         B, _, T, _ = q.shape
         if slot.state is None:
@@ -257,21 +271,23 @@ class LolcatsAttention(nn.Module):
         key_mask = chunk_key_mask(attention_mask, B, T)
         pos = chunk_positions(position_ids, B, T, slot.seen, q.device)
         if T == 1:
-            y = self._decode(slot.state, q, k, v, fq, fk, pos, key_mask)
+            y = self._decode(slot.state, q, k, v, fq, fk, pos, key_mask, log_gate)
         else:
-            y = self._prefill(slot, q, k, v, fq, fk, pos, key_mask)
+            y = self._prefill(slot, q, k, v, fq, fk, pos, key_mask, masked_log_gate(log_gate, key_mask))
         slot.seen += T
         return y
 
-    def _decode(self, state: DecodeState, q, k, v, fq, fk, pos, key_mask):
+    def _decode(self, state: DecodeState, q, k, v, fq, fk, pos, key_mask, log_gate=None):
         cfg = self.cfg
         wf = None if cfg.kind == "linear" else self.window_factor()
         valid = None if key_mask is None else key_mask[:, 0]
+        lg = None if log_gate is None else log_gate[:, :, 0]
         y = get_backend(cfg.backend, q).decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], state,
-                                               pos[:, 0], wf, cfg.kind, cfg.window_size, self.scaling, valid)
+                                               pos[:, 0], wf, cfg.kind, cfg.window_size, self.scaling, valid,
+                                               log_gate=lg)
         return y[:, :, None]  # (B, H, 1, Dv)
 
-    def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask):
+    def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask, log_gate=None):
         B, H, T, _ = q.shape
         st, cfg = slot.state, self.cfg
         piece = max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - st.win_pos.shape[1])
@@ -280,41 +296,44 @@ class LolcatsAttention(nn.Module):
                  and bool((pos == torch.arange(T, device=pos.device)).all()))
         valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
         if plain:  # fresh, unpadded: the full-sequence path (a fused kernel on GPU), then absorb
-            y, _ = self.student_attention(q, k, v, fq, fk)
-            absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size)
+            y, _ = self.student_attention(q, k, v, fq, fk, log_gate=log_gate)
+            absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size, log_gate)
             return y
         ys = []
         for s in range(0, T, piece):
             sl = slice(s, min(T, s + piece))
+            lg = None if log_gate is None else log_gate[:, :, sl]
             ys.append(self._prefill_piece(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl],
-                                          pos[:, sl], valid[:, sl]))
+                                          pos[:, sl], valid[:, sl], lg))
         return torch.cat(ys, 2)
 
-    def _prefill_piece(self, st: DecodeState, q, k, v, fq, fk, pos, valid):
+    def _prefill_piece(self, st: DecodeState, q, k, v, fq, fk, pos, valid, log_gate=None):
         """Reference prefill of a piece: window slots in front of its keys, folded part as initial state."""
         cfg = self.cfg
         init = (st.kv, st.ks)
         if cfg.kind == "linear":
-            y, _ = linear_attention_quadratic(fq, fk * valid[:, None, :, None].to(fk.dtype), v, init)
+            y, _ = linear_attention_quadratic(fq, fk * valid[:, None, :, None].to(fk.dtype), v, init,
+                                              log_gate=log_gate)
         else:  # window slots in front of the piece's keys, with their positions; empty slots masked
             cat = lambda a, b: torch.cat([a.float(), b.float()], 2)  # noqa: E731
             y, _ = hybrid_attention_naive(q, cat(st.win_k, k), cat(st.win_v, v), fq, cat(st.win_fk, fk),
                                           self.window_factor(), cfg.kind, cfg.window_size, self.scaling,
                                           pos, torch.cat([st.win_pos, pos], 1),
-                                          torch.cat([st.win_pos >= 0, valid], 1), init)
+                                          torch.cat([st.win_pos >= 0, valid], 1), init, log_gate=log_gate)
             y = y.to(v.dtype)
-        absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size)
+        absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size, log_gate)
         return y
 
     # ------------------------------------------------------------ attention transfer
 
-    def _distill(self, q, k, v, attention_mask):
+    def _distill(self, q, k, v, attention_mask, log_gate=None):
         with torch.no_grad():
             y_true = self.softmax_attention(q, k, v, attention_mask)
         q, k, v = q.detach(), k.detach(), v.detach()
+        log_gate = None if log_gate is None else log_gate.detach()
         fq, fk = self.features(q, k)
         want_xent = self.collect_xent
-        y_pred, w_pred = self.student_attention(q, k, v, fq, fk, return_weights=want_xent)
+        y_pred, w_pred = self.student_attention(q, k, v, fq, fk, return_weights=want_xent, log_gate=log_gate)
         if self.collector is not None:
             mse = F.mse_loss(y_pred.float(), y_true.float())
             xent = self._attention_xent(q, k, w_pred) if want_xent else None
@@ -332,4 +351,6 @@ class LolcatsAttention(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"layer={self.layer_idx}, kind={c.kind}, feature_map={c.feature_map}, window={c.window_size}, mode={self.mode}"
+        gate = f", gate={c.gate}" if c.gate != "none" else ""
+        return (f"layer={self.layer_idx}, kind={c.kind}, feature_map={c.feature_map}, window={c.window_size}{gate}, "
+                f"mode={self.mode}")

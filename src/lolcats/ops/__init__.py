@@ -6,10 +6,13 @@ picks the first registered kernel whose ``supports(tensor)`` holds and falls bac
 
 A :class:`Backend` carries every operator the attention layer runs:
 
-* ``linear(fq, fk, v, initial_state, output_final_state) -> (y, state | None)``
-* ``hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale) -> y``
-* ``decode(q, k, v, fq, fk, state, pos, window_factor, kind, window_size, scale, valid) -> y``:
+* ``linear(fq, fk, v, initial_state, output_final_state, log_gate=None) -> (y, state | None)``
+* ``hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=None) -> y``
+* ``decode(q, k, v, fq, fk, state, pos, window_factor, kind, window_size, scale, valid, log_gate=None) -> y``:
   one token against a constant-size :class:`~lolcats.ops.decode.naive.DecodeState` (in place)
+
+``log_gate`` is the optional forget gate on the linear part (``ops/gate.py``): (B, Hk, T) for the
+full-sequence operators, (B, Hk) for the decode step; None is the ungated function exactly.
 * ``hedgehog(x, weight) -> phi(x)`` or None: a fused Hedgehog feature map (same function as
   ``ops/feature_map/naive.py::hedgehog_reference``), which the layer then uses;
 * ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores).
@@ -48,12 +51,16 @@ class Backend:
         return ("linear" if kind == "linear" else "hybrid") in self.fused
 
 
-def _torch_hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale):
-    return hybrid_attention_naive(q, k, v, fq, fk, window_factor, kind, window_size, scale)[0]
+def _torch_linear(fq, fk, v, initial_state=None, output_final_state=False, log_gate=None):
+    return linear_attention_quadratic(fq, fk, v, initial_state, output_final_state, log_gate=log_gate)
+
+
+def _torch_hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=None):
+    return hybrid_attention_naive(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=log_gate)[0]
 
 
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", linear_attention_quadratic, _torch_hybrid, decode_step_naive),
+    "torch": Backend("torch", _torch_linear, _torch_hybrid, decode_step_naive),
 }
 AUTO_ORDER: list[str] = []  # kernels tried by "auto", in order
 _loaded = False

@@ -5,7 +5,8 @@ another epsilon and ignores an initial state's key sum, so the normaliser is com
 exactly: a ones column appended to v makes column Dv of the output fq_i . z_i (plus a zero column
 when Dv + 1 is odd: fla's bf16 backward needs an even value width).
 Hybrid calls fall back to the reference (fla has no LoLCATs window); the decode step is the
-Triton one (fla has no decode kernel, and needs triton itself).
+Triton one (fla has no decode kernel, and needs triton itself); gated linear attention (a
+``log_gate``) runs the Triton kernel too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fla.ops.linear_attn import chunk_linear_attn
 
 from lolcats.ops import BACKENDS, Backend, register_backend
 from lolcats.ops.linear.naive import EPS, State, expand_kv_heads
+from lolcats.ops.triton import linear_attention_triton
 from lolcats.ops.triton.decode import decode_step_triton
 
 
@@ -25,7 +27,10 @@ def fla_linear(
     v: torch.Tensor,  # (B, Hk, T, Dv)
     initial_state: State | None = None,
     output_final_state: bool = False,
+    log_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
+    if log_gate is not None:
+        return linear_attention_triton(fq, fk, v, initial_state, output_final_state, log_gate)
     H, Hk, Dv = fq.shape[1], fk.shape[1], v.shape[-1]
     dt = v.dtype
     pad = (0, 1 - Dv % 2)  # a zero column keeps the value width even

@@ -23,8 +23,8 @@ def supports(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("LOLCATS_TRITON_ON_CPU") == "1"
 
 
-def _hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale):
-    return hybrid_attention_triton(q, k, v, fq, fk, window_factor, kind, window_size, scale)
+def _hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=None):
+    return hybrid_attention_triton(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate)
 
 
 register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, decode=decode_step_triton,

@@ -17,6 +17,10 @@ stabilised by the max over the window, as in ``ops/hybrid/naive.py``) and over (
 through phi(q), with one shared normaliser. Positions are per row, so rows of a left-padded
 batch keep their own windows; ``valid`` (B,) False leaves a row's state unchanged (a pad).
 This equals ``hybrid_attention_naive`` / ``linear_attention_quadratic`` on the full sequence.
+
+With a log forget gate ``log_gate`` (B, Hk) for this token (``ops/gate.py``), (kv, ks) are first
+multiplied by exp(log_gate) (rows where ``valid``), then the leaving slots are folded in: keys
+decay from the step they leave the window. The state layout does not change.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lolcats.ops.gate import arrival_positions, cumulative_log_gate, masked_log_gate
 from lolcats.ops.hybrid.naive import window_masks
 from lolcats.ops.kinds import window_slots
 from lolcats.ops.linear.naive import EPS, expand_kv_heads
@@ -76,6 +81,13 @@ def _evict(state: DecodeState, leave: torch.Tensor) -> None:
     state.win_pos.masked_fill_(leave, -1)
 
 
+def _decay(state: DecodeState, log_gate: torch.Tensor) -> None:
+    """(kv, ks) *= exp(log_gate), log_gate (B, Hk); in place."""
+    g = torch.exp(log_gate)
+    state.kv.mul_(g[..., None, None])
+    state.ks.mul_(g[..., None])
+
+
 def decode_step_naive(
     q: torch.Tensor,  # (B, H, D)
     k: torch.Tensor,  # (B, Hk, D)
@@ -89,10 +101,13 @@ def decode_step_naive(
     window_size: int,
     scale: float,
     valid: torch.Tensor | None = None,  # (B,) bool
+    log_gate: torch.Tensor | None = None,  # (B, Hk) float32, <= 0
 ) -> torch.Tensor:  # (B, H, Dv)
     B, H, _ = q.shape
     S = state.win_pos.shape[1]
     valid = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid
+    if log_gate is not None:  # decay, then fold: a key decays from the step it leaves the window
+        _decay(state, torch.where(valid[:, None], log_gate.float(), 0.0))
     if kind == "linear":
         m = valid.float()[:, None, None]
         state.kv += m[..., None] * fk.float()[..., None] * v.float()[:, :, None, :]
@@ -131,18 +146,34 @@ def decode_step_naive(
     return y.to(v.dtype)
 
 
-def absorb_chunk(state: DecodeState, k, v, fk, pos, valid, kind: str, window_size: int) -> None:
+def _fold_weights(state: DecodeState, log_gate, pos, valid, key_pos, kind: str, window_size: int):
+    """Decay the state over a chunk's tokens; weights (B, Hk, N, 1) of keys at ``key_pos`` (B, N) folded in it.
+
+    A key that leaves the window at position a decays by the gates of the chunk's tokens after a
+    (1 without a gate): the state the gated decode step reaches token by token.
+    """
+    if log_gate is None:
+        return 1.0
+    lg = masked_log_gate(log_gate.float(), valid)  # (B, Hk, T)
+    total = lg.sum(-1)  # (B, Hk): every token of the chunk is after the old state
+    _decay(state, total)
+    lam = cumulative_log_gate(lg, pos, arrival_positions(key_pos, kind, window_size))  # (B, Hk, N)
+    return torch.exp(total[..., None] - lam)[..., None]
+
+
+def absorb_chunk(state: DecodeState, k, v, fk, pos, valid, kind: str, window_size: int, log_gate=None) -> None:
     """Write a chunk into ``state`` as :func:`decode_step_naive` would token by token (in place).
 
-    k (B, Hk, T, D), v (B, Hk, T, Dv), fk (B, Hk, T, F), pos (B, T) int64, valid (B, T) bool.
-    A token stays in the window iff it is in the softmax window of the row's last position P;
-    otherwise it is folded into (kv, ks). That is the state the decode step reaches token by
-    token, because the positions of a row are consecutive.
+    k (B, Hk, T, D), v (B, Hk, T, Dv), fk (B, Hk, T, F), pos (B, T) int64, valid (B, T) bool,
+    log_gate (B, Hk, T) or None. A token stays in the window iff it is in the softmax window of
+    the row's last position P; otherwise it is folded into (kv, ks). That is the state the decode
+    step reaches token by token, because the positions of a row are consecutive.
     """
     fk_r = fk.to(state.win_fk.dtype)  # the window stores phi(k) in the state dtype; fold what it would fold
     v_r = v.to(state.win_v.dtype)
     if kind == "linear":
-        w = valid.to(torch.float32)[:, None, :, None]
+        w = valid.to(torch.float32)[:, None, :, None] * _fold_weights(state, log_gate, pos, valid, pos, kind,
+                                                                         window_size)
         state.kv += torch.einsum("bhtf,bhtd->bhfd", fk_r.float() * w, v_r.float())
         state.ks += (fk_r.float() * w).sum(2)
         return
@@ -153,6 +184,9 @@ def absorb_chunk(state: DecodeState, k, v, fk, pos, valid, kind: str, window_siz
     stay_new = window_masks(last[:, None], pos, kind, window_size)[0][:, 0, 0] & valid  # (B, T)
     fold_old = (old_filled & ~stay_old).to(torch.float32)[:, None, :, None]
     fold_new = (valid & ~stay_new).to(torch.float32)[:, None, :, None]
+    if log_gate is not None:
+        w = _fold_weights(state, log_gate, pos, valid, torch.cat([old_pos, pos], 1), kind, window_size)
+        fold_old, fold_new = fold_old * w[:, :, :S], fold_new * w[:, :, S:]
     state.kv += torch.einsum("bhsf,bhsd->bhfd", state.win_fk.float() * fold_old, state.win_v.float())
     state.kv += torch.einsum("bhtf,bhtd->bhfd", fk_r.float() * fold_new, v_r.float())
     state.ks += (state.win_fk.float() * fold_old).sum(2) + (fk_r.float() * fold_new).sum(2)

@@ -16,6 +16,12 @@ Window shapes, by token positions p (so left padding does not move them):
   * ``terraced_window``: blocks of w tokens, b = p // w; j in W(i) iff p_j <= p_i and
     b_i - b_j <= 1 (own block and the previous one); j in L(i) iff b_i - b_j >= 2.
 The window always holds the query itself, so the normaliser is at least g_h > 0.
+
+With a log forget gate ``log_gate`` (B, Hk, Tq) on the queries' tokens (``ops/gate.py``), each
+linear term decays by the gates of the tokens since the key left the window:
+(fq_i . fk_j) exp(Lam(p_i) - Lam(a(j))), a(j) = the position where key j left the window; the
+initial state by exp(Lam(p_i)). Keys before the queries (a decode state's window slots) have no
+gates of their own: they have not left the window yet.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from lolcats.ops.gate import arrival_positions, cumulative_log_gate
 from lolcats.ops.linear.naive import State, expand_kv_heads
 
 WindowKind = Literal["sliding_window", "terraced_window"]
@@ -68,6 +75,7 @@ def hybrid_attention_naive(
     key_mask: torch.Tensor | None = None,  # (B, Tk) bool, False = padding
     initial_state: State | None = None,
     return_weights: bool = False,
+    log_gate: torch.Tensor | None = None,  # (B, Hk, Tq), 0 at padding
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns y (B, H, Tq, Dv) in v's dtype and, if asked, the weights (B, H, Tq, Tk)."""
     B, H, Tq, D = q.shape
@@ -87,13 +95,21 @@ def hybrid_attention_naive(
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no key (padding)
     a_win = window_factor.float().view(1, H, 1, 1) * torch.exp(s - m)
-    a_lin = (fqf @ fkf.transpose(-1, -2)).masked_fill(~in_lin, 0.0)
+    a_lin = fqf @ fkf.transpose(-1, -2)
+    if log_gate is not None:
+        lam_q = cumulative_log_gate(log_gate, q_pos, q_pos)  # (B, Hk, Tq)
+        lam_a = cumulative_log_gate(log_gate, q_pos, arrival_positions(k_pos, kind, window_size))  # (B, Hk, Tk)
+        lam_q, lam_a = expand_kv_heads(lam_q, H), expand_kv_heads(lam_a, H)
+        a_lin = a_lin * torch.exp(torch.where(in_lin, lam_q[..., :, None] - lam_a[..., None, :], float("-inf")))
+    a_lin = a_lin.masked_fill(~in_lin, 0.0)
     a = a_win + a_lin
     num, den = a @ vf, a.sum(-1)
     if initial_state is not None:
         kv0, ks0 = (expand_kv_heads(t.float(), H) for t in initial_state)
-        num = num + fqf @ kv0
-        den = den + torch.einsum("bhtf,bhf->bht", fqf, ks0)
+        num0, den0 = fqf @ kv0, torch.einsum("bhtf,bhf->bht", fqf, ks0)
+        if log_gate is not None:
+            num0, den0 = num0 * torch.exp(lam_q)[..., None], den0 * torch.exp(lam_q)
+        num, den = num + num0, den + den0
     safe = den > 0
     y = torch.where(safe[..., None], num / torch.where(safe, den, 1.0)[..., None], 0.0)
     w = a / torch.where(safe, den, 1.0)[..., None] if return_weights else None

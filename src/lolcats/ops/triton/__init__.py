@@ -20,12 +20,17 @@ def _rows_per_call(B: int, H: int) -> int:
     return max(1, min(B, MAX_GRID_Y // H))
 
 
+def _rows(x: torch.Tensor | None, i: int, n: int) -> torch.Tensor | None:
+    return None if x is None else x[i:i + n]
+
+
 def linear_attention_triton(
     fq: torch.Tensor,  # (B, H, T, F)
     fk: torch.Tensor,  # (B, Hk, T, F)
     v: torch.Tensor,  # (B, Hk, T, Dv)
     initial_state: State | None = None,  # (kv (B, Hk, F, Dv), ks (B, Hk, F))
     output_final_state: bool = False,
+    log_gate: torch.Tensor | None = None,  # (B, Hk, T) float32, <= 0
     chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, State | None]:
     """Same function as ``linear_attention_quadratic``: y (B, H, T, Dv) in v's dtype, float32 state."""
@@ -33,11 +38,12 @@ def linear_attention_triton(
     if n < fq.shape[0]:  # batch x heads beyond the grid: in slices of the batch
         parts = [linear_attention_triton(fq[i:i + n], fk[i:i + n], v[i:i + n],
                                          None if initial_state is None else tuple(s[i:i + n] for s in initial_state),
-                                         output_final_state, chunk) for i in range(0, fq.shape[0], n)]
+                                         output_final_state, _rows(log_gate, i, n), chunk)
+                 for i in range(0, fq.shape[0], n)]
         y = torch.cat([p[0] for p in parts])
         return y, (tuple(torch.cat(s) for s in zip(*(p[1] for p in parts))) if output_final_state else None)
     s0, z0 = initial_state if initial_state is not None else (None, None)
-    y, kv, ks = ChunkedAttention.apply(None, None, v, fq, fk, None, s0, z0, 0, 1, 1.0, EPS, chunk)
+    y, kv, ks = ChunkedAttention.apply(None, None, v, fq, fk, None, s0, z0, log_gate, 0, 1, 1.0, EPS, chunk)
     return y, ((kv, ks) if output_final_state else None)
 
 
@@ -51,6 +57,7 @@ def hybrid_attention_triton(
     kind: str = "sliding_window",
     window_size: int = 64,
     scale: float | None = None,
+    log_gate: torch.Tensor | None = None,  # (B, Hk, T) float32, <= 0
     chunk: int = CHUNK,
 ) -> torch.Tensor:  # (B, H, T, Dv)
     """Same function as ``hybrid_attention_naive`` in its plain case (positions 0..T-1, no mask)."""
@@ -60,10 +67,10 @@ def hybrid_attention_triton(
     n = _rows_per_call(*q.shape[:2])
     if n < q.shape[0]:  # batch x heads beyond the grid: in slices of the batch
         return torch.cat([hybrid_attention_triton(q[i:i + n], k[i:i + n], v[i:i + n], fq[i:i + n], fk[i:i + n],
-                                                  window_factor, kind, window_size, scale, chunk)
+                                                  window_factor, kind, window_size, scale, _rows(log_gate, i, n), chunk)
                           for i in range(0, q.shape[0], n)])
-    y, _, _ = ChunkedAttention.apply(q, k, v, fq, fk, window_factor, None, None, kind_id(kind), window_size,
-                                     scale, 0.0, chunk)
+    y, _, _ = ChunkedAttention.apply(q, k, v, fq, fk, window_factor, None, None, log_gate, kind_id(kind),
+                                     window_size, scale, 0.0, chunk)
     return y
 
 

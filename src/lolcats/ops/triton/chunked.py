@@ -28,6 +28,22 @@ unrounded y, recomputed in a first pass over the explicit tiles) and dw_ij = do_
     suffix state ``R = dSf + sum_{query chunks > c + NX} fq dō^T`` gives dfk_j += R v_j - Rz,
     dv_j += R^T fk_j (Rz = sum fq δ̄ - dzf). R at chunk 0 is the initial state's gradient.
 
+Gated (a log forget gate per KV head and token, ``ops/gate.py``: key j's linear weight for query
+i is multiplied by exp(G_i - GA_j), G the cumulative log gate, GA_j = G at the position where j
+leaves the window; the initial state's by exp(G_i)): every exponent is kept <= 0 by referencing
+the state of query chunk c at its first position r = cC. Keys of chunks < c0 have all arrived by r
+(that is what NX guarantees), so the state of query chunk c is
+
+    Q_c = exp(G_r) S0 + sum_{j < c0 C} exp(G_r - GA_j) fk_j v_j^T      (z likewise),
+    Q_{c+1} = exp(G_{r+C} - G_r) Q_c + (key chunk c - NX, weighted to r + C)
+
+(a scan with chunk decays), query i reads exp(G_i - G_r) fq_i Q_c, and the explicit tiles weight
+their linear entries by exp(G_i - GA_j) (<= 0 where j is linear for i). The backward runs the same
+way with the reverse states R_c = sum_{i >= cC} exp(G_i - G_cC) fq_i dō_i^T + decayed dSf, each
+key weighted to the state it enters. d log_gate needs no kernel: fq_i appears only times exp(G_i)
+and fk_j only times exp(-GA_j), so dL/dG_i = fq_i . dfq_i - sum_{j arriving at i} fk_j . dfk_j
+(``gate_gradient``), then a reverse cumsum.
+
 Kernels: ``_chunk_sums`` (per-chunk fk^T v, or sum over the group of fq^T dō, all chunks in
 parallel) and ``_scan`` (prefix / suffix sums over chunks) give the states; ``_fwd`` (one
 program per (query chunk, b, h)), ``_bwd_dq``, ``_bwd_dkv`` (one program per (key chunk, b, hk),
@@ -39,10 +55,13 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from lolcats.ops.gate import arrival_positions
 
 CHUNK = 64
 
@@ -108,13 +127,14 @@ def _tile_parts(i_lo, i_hi, j_lo, j_hi, KIND: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _chunk_sums(a, b, den_in, dlt_in, loc, T, NC, H, HK,
-                BWD: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FP: tl.constexpr,
+def _chunk_sums(a, b, den_in, dlt_in, wrow, loc, T, NC, H, HK,
+                BWD: tl.constexpr, GATED: tl.constexpr, F: tl.constexpr, DV: tl.constexpr, FP: tl.constexpr,
                 BV: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
     """Per-chunk sums, one program per (chunk, b * hk, Dv block), into loc (B*Hk, NC, F*Dv + F).
 
     Forward (a = fk, b = v): fk^T v and sum fk. Backward (a = fq, b = do, summed over the query
-    heads of the group): fq^T (do / den) and sum fq * δ̄.
+    heads of the group): fq^T (do / den) and sum fq * δ̄. GATED: the rows of a are weighted by
+    wrow (B*Hk, T) first (their decay to the state's reference position).
     """
     c = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
@@ -126,6 +146,9 @@ def _chunk_sums(a, b, den_in, dlt_in, loc, T, NC, H, HK,
     mt = t < T
     acc = tl.zeros([FP, BV], tl.float32)
     accz = tl.zeros([FP], tl.float32)
+    wt = tl.full([C], 1.0, tl.float32)
+    if GATED:
+        wt = tl.load(wrow + bhk * T + t, mask=mt, other=0.0)
     if BWD:
         G = H // HK
         for gg in range(G):
@@ -134,11 +157,15 @@ def _chunk_sums(a, b, den_in, dlt_in, loc, T, NC, H, HK,
             bt = tl.load(b + bh * T * DV + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
             den = tl.load(den_in + bh * T + t, mask=mt, other=1.0)
             dlt = tl.load(dlt_in + bh * T + t, mask=mt, other=0.0)
+            if GATED:
+                at = at.to(tl.float32) * wt[:, None]
             acc += tile_dot(tl.trans(at), bt.to(tl.float32) / den[:, None], DT)
             accz += tl.sum(at.to(tl.float32) * dlt[:, None], 0)
     else:
         at = tl.load(a + bhk * T * F + t[:, None] * F + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
         bt = tl.load(b + bhk * T * DV + t[:, None] * DV + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        if GATED:
+            at = at.to(tl.float32) * wt[:, None]
         acc = tile_dot(tl.trans(at), bt, DT)
         accz = tl.sum(at.to(tl.float32), 0)
     loc += (bhk * NC + c) * (F * DV + F)
@@ -147,12 +174,14 @@ def _chunk_sums(a, b, den_in, dlt_in, loc, T, NC, H, HK,
 
 
 @triton.jit
-def _scan(loc, init, out, NC, E, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, CB: tl.constexpr,
-          BE: tl.constexpr):
+def _scan(loc, init, dec, out, NC, E, SHIFT, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, GATED: tl.constexpr,
+          CB: tl.constexpr, BE: tl.constexpr):
     """States from chunk sums, one program per (b * hk, E block): loc (B*Hk, NC, E) -> out (B*Hk, NC+1, E).
 
     Forward: out[0] = init, out[c+1] = out[c] + loc[c]. Reverse: out[NC] = init, out[c] = out[c+1] + loc[c].
     CB chunks are loaded at once and summed with a cumsum, so loads are not serialised behind the adds.
+    GATED, with chunk decays dec (B*Hk, NC), one chunk at a time: forward out[c+1] = dec[c] out[c] +
+    loc[c - SHIFT] (0 for c < SHIFT), reverse out[c] = dec[c] out[c+1] + loc[c].
     """
     bhk = tl.program_id(0).to(tl.int64)
     re = tl.program_id(1) * BE + tl.arange(0, BE)
@@ -167,32 +196,67 @@ def _scan(loc, init, out, NC, E, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, 
         tl.store(out + NC * E + re, carry, mask=me)
     else:
         tl.store(out + re, carry, mask=me)
-    rb = tl.arange(0, CB)
-    for c0 in range(0, NC, CB):
-        r = c0 + rb
-        mr = r < NC
-        if REVERSE:
-            c = NC - 1 - r
-            dst = c
-        else:
-            c = r
-            dst = r + 1
-        msk = mr[:, None] & me[None, :]
-        x = tl.load(loc + c[:, None] * E + re[None, :], mask=msk, other=0.0)
-        tl.store(out + dst[:, None] * E + re[None, :], tl.cumsum(x, 0) + carry[None, :], mask=msk)
-        carry += tl.sum(x, 0)
+    if GATED:
+        for r in range(0, NC):
+            if REVERSE:
+                c = NC - 1 - r
+                x = tl.load(loc + c * E + re, mask=me, other=0.0)
+                dst = c
+            else:
+                c = r
+                x = tl.load(loc + (c - SHIFT) * E + re, mask=me & ((re * 0 + c) >= SHIFT), other=0.0)
+                dst = c + 1
+            carry = tl.load(dec + bhk * NC + c) * carry + x
+            tl.store(out + dst * E + re, carry, mask=me)
+    else:
+        rb = tl.arange(0, CB)
+        for c0 in range(0, NC, CB):
+            r = c0 + rb
+            mr = r < NC
+            if REVERSE:
+                c = NC - 1 - r
+                dst = c
+            else:
+                c = r
+                dst = r + 1
+            msk = mr[:, None] & me[None, :]
+            x = tl.load(loc + c[:, None] * E + re[None, :], mask=msk, other=0.0)
+            tl.store(out + dst[:, None] * E + re[None, :], tl.cumsum(x, 0) + carry[None, :], mask=msk)
+            carry += tl.sum(x, 0)
 
 
 @triton.jit
-def _fwd(q, k, v, fq, fk, gp, st, y, m_out, den_out, am_out, T, NC, NX, H, HK, scale, eps,
+def _pair_decay(ga, bhk, gi, j, mj, lin, T):
+    """exp(G_i - GA_j) on the linear entries of a (queries, keys) tile, 0 elsewhere."""
+    gaj = tl.load(ga + bhk * T + j, mask=mj, other=0.0)
+    return tl.exp(tl.where(lin, gi[:, None] - gaj[None, :], float("-inf")))
+
+
+@triton.jit
+def _state_decay(gl, bhk, i, mi, cq, T, C: tl.constexpr, GATED: tl.constexpr):
+    """Row weights (C,) of the state part: exp(G_i - G_r), r = cq C its reference (1 ungated, 0 past T);
+    and G_i (the rows' cumulative log gates)."""
+    gi = tl.zeros([C], tl.float32)
+    qs = tl.full([C], 1.0, tl.float32)
+    if GATED:
+        gi = tl.load(gl + bhk * T + i, mask=mi, other=0.0)
+        qs = tl.exp(tl.where(mi, gi - tl.load(gl + bhk * T + cq * C), float("-inf")))
+    return qs, gi
+
+
+@triton.jit
+def _fwd(q, k, v, fq, fk, gp, st, gl, ga, y, m_out, den_out, am_out, T, NC, NX, H, HK, scale, eps,
          KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-         DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+         DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
+         GATED: tl.constexpr):
     """One pass over the explicit tiles, diagonal first, softmax part with an online max.
 
     acc / l hold g sum_W exp(s - m) v / its sum, rescaled whenever the running max m grows;
     acc_l / den_l hold the linear part (prefix state and linear entries of every tile but the
     last), never rescaled. The last tile (c0) comes after every rescale, so its linear entries
     join the window weights in one product. y = (acc + acc_l) / (l + den_l + eps).
+    GATED: the state is the one of the query chunk (entry cq, referenced at cq C) and every linear
+    term is weighted by its decay (module docstring).
     """
     cq = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -204,11 +268,18 @@ def _fwd(q, k, v, fq, fk, gp, st, y, m_out, den_out, am_out, T, NC, NX, H, HK, s
     mi = i < T
     fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :], other=0.0)
     c0 = tl.maximum(cq - NX, 0)
-    sb = st + (bhk * (NC + 1) + c0) * (F * DV + F)
+    sidx = c0
+    if GATED:
+        sidx = cq
+    sb = st + (bhk * (NC + 1) + sidx) * (F * DV + F)
     S = tl.load(sb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
     z = tl.load(sb + F * DV + rf, mask=mf, other=0.0)
+    qs, gi = _state_decay(gl, bhk, i, mi, cq, T, C, GATED)
     acc_l = tile_dot(fqt, S, DT)  # (C, DVP)
     den_l = tl.sum(fqt.to(tl.float32) * z[None, :], 1)
+    if GATED:
+        acc_l = acc_l * qs[:, None]
+        den_l = den_l * qs
     acc = tl.zeros([C, DVP], tl.float32)
     l = tl.zeros([C], tl.float32)
     k += bhk * T * D
@@ -242,7 +313,10 @@ def _fwd(q, k, v, fq, fk, gp, st, y, m_out, den_out, am_out, T, NC, NX, H, HK, s
                 wt = g * tl.exp(s - m[:, None])
         if has_lin:
             fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
-            a = tl.where(lin, tile_dot(fqt, tl.trans(fkt), DT), 0.0)
+            a = tile_dot(fqt, tl.trans(fkt), DT)
+            if GATED:
+                a = a * _pair_decay(ga, bhk, gi, j, mj, lin, T)
+            a = tl.where(lin, a, 0.0)
             if ck == c0:
                 wt += a
             else:
@@ -260,10 +334,11 @@ def _fwd(q, k, v, fq, fk, gp, st, y, m_out, den_out, am_out, T, NC, NX, H, HK, s
 
 
 @triton.jit
-def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_out, csum_out,
+def _bwd_dq(q, k, v, fq, fk, gp, st, gl, ga, do, y, m_in, den_in, am_in, dq, dfq, dlt_out, csum_out, dgq,
             T, NC, NX, H, HK, scale,
             KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-            DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+            DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
+            GATED: tl.constexpr):
     cq = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -276,9 +351,13 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_ou
     dot_ = tl.load(do + bh * T * DV + i[:, None] * DV + rv[None, :], mask=mi[:, None] & mv[None, :], other=0.0)
     den = tl.load(den_in + bh * T + i, mask=mi, other=1.0)
     c0 = tl.maximum(cq - NX, 0)
-    sb = st + (bhk * (NC + 1) + c0) * (F * DV + F)
+    sidx = c0
+    if GATED:
+        sidx = cq
+    sb = st + (bhk * (NC + 1) + sidx) * (F * DV + F)
     S = tl.load(sb + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
     z = tl.load(sb + F * DV + rf, mask=mf, other=0.0)
+    qs, gi = _state_decay(gl, bhk, i, mi, cq, T, C, GATED)
     k += bhk * T * D
     v += bhk * T * DV
     fk += bhk * T * F
@@ -294,7 +373,10 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_ou
         m = tl.load(m_in + bh * T + i, mask=mi, other=0.0)
         # do.y from the unrounded output (the window factor's gradient cancels over rows, so the
         # rounding of a 16-bit y would show): y_i den_i = fq_i S + sum_j w_ij v_j, recomputed.
-        ydo = tl.sum(tile_dot(fqt, S, DT) * dot_.to(tl.float32), 1)
+        ys = tile_dot(fqt, S, DT)
+        if GATED:
+            ys = ys * qs[:, None]
+        ydo = tl.sum(ys * dot_.to(tl.float32), 1)
         for ck in range(c0, cq + 1):
             j = ck * C + rc
             mj = j < T
@@ -308,11 +390,16 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_ou
                 wt = g * tl.exp(tl.where(win, s, float("-inf")) - m[:, None])
             if has_lin:
                 fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
-                wt += tl.where(lin, tile_dot(fqt, tl.trans(fkt), DT), 0.0)
+                a = tile_dot(fqt, tl.trans(fkt), DT)
+                if GATED:
+                    a = a * _pair_decay(ga, bhk, gi, j, mj, lin, T)
+                wt += tl.where(lin, a, 0.0)
             ydo += tl.sum(wt * tile_dot(dot_, tl.trans(vt), DT), 1)
         dlt = ydo / den / den
     dob = dot_.to(tl.float32) / den[:, None]  # dō
     dfq_acc = tile_dot(dob, tl.trans(S), DT) - dlt[:, None] * z[None, :]
+    if GATED:
+        dfq_acc = dfq_acc * qs[:, None]
     for ck in range(c0, cq + 1):
         j = ck * C + rc
         mj = j < T
@@ -322,7 +409,10 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_ou
         dw = tile_dot(dot_, tl.trans(vt), DT) / den[:, None] - dlt[:, None]
         if has_lin:
             fkt = tl.load(fk + j[:, None] * F + rf[None, :], mask=mj[:, None] & mf[None, :], other=0.0)
-            dfq_acc += tile_dot(tl.where(lin, dw, 0.0), fkt, DT)
+            dwl = dw
+            if GATED:
+                dwl = dw * _pair_decay(ga, bhk, gi, j, mj, lin, T)
+            dfq_acc += tile_dot(tl.where(lin, dwl, 0.0), fkt, DT)
         if KIND != 0:
             if has_win:
                 kt = tl.load(k + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
@@ -333,6 +423,8 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_ou
     tl.store(dfq + bh * T * F + i[:, None] * F + rf[None, :], dfq_acc.to(dfq.dtype.element_ty),
              mask=mi[:, None] & mf[None, :])
     tl.store(dlt_out + bh * T + i, dlt, mask=mi)
+    if GATED:  # fq_i . dfq_i in float32, for the gate's gradient
+        tl.store(dgq + bh * T + i, tl.sum(fqt.to(tl.float32) * dfq_acc, 1), mask=mi)
     if KIND != 0:
         am = tl.load(am_in + bh * T + i, mask=mi, other=0)
         kam = tl.load(k + am[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :], other=0.0)
@@ -343,10 +435,11 @@ def _bwd_dq(q, k, v, fq, fk, gp, st, do, y, m_in, den_in, am_in, dq, dfq, dlt_ou
 
 
 @triton.jit
-def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in, dk, dv, dfk,
+def _bwd_dkv(q, k, v, fq, fk, gp, rst, gl, ga, kw, do, m_in, den_in, am_in, dlt_in, csum_in, dk, dv, dfk, dgk,
              T, NC, NX, H, HK, scale,
              KIND: tl.constexpr, W: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-             DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr):
+             DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, C: tl.constexpr, DT: tl.constexpr,
+             GATED: tl.constexpr):
     ck = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b, hk = bhk // HK, bhk % HK
@@ -363,6 +456,12 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in,
     Rz = tl.load(rb + F * DV + rf, mask=mf, other=0.0)
     dfk_acc = tile_dot(vt, tl.trans(R), DT) - Rz[None, :]  # (C, FP)
     dv_acc = tile_dot(fkt, R, DT)  # (C, DVP)
+    gaj = tl.zeros([C], tl.float32)
+    if GATED:  # the keys' weights to the state they enter (R's reference); their arrival log gates
+        kwj = tl.load(kw + bhk * T + j, mask=mj, other=0.0)
+        dfk_acc = dfk_acc * kwj[:, None]
+        dv_acc = dv_acc * kwj[:, None]
+        gaj = tl.load(ga + bhk * T + j, mask=mj, other=0.0)
     dk_acc = tl.zeros([C, DP], tl.float32)
     if KIND != 0:
         kt = tl.load(k + bhk * T * D + j[:, None] * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
@@ -386,8 +485,15 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in,
             if has_lin:
                 fqt = tl.load(fq + bh * T * F + i[:, None] * F + rf[None, :], mask=mi[:, None] & mf[None, :],
                               other=0.0)
-                wt = tl.where(lin, tile_dot(fkt, tl.trans(fqt), DT), 0.0)
-                dfk_acc += tile_dot(tl.where(lin, dw, 0.0), fqt, DT)
+                a = tile_dot(fkt, tl.trans(fqt), DT)
+                dwl = dw
+                if GATED:
+                    gi = tl.load(gl + bhk * T + i, mask=mi, other=0.0)
+                    rho = tl.exp(tl.where(lin, gi[None, :] - gaj[:, None], float("-inf")))
+                    a = a * rho
+                    dwl = dw * rho
+                wt = tl.where(lin, a, 0.0)
+                dfk_acc += tile_dot(tl.where(lin, dwl, 0.0), fqt, DT)
             if KIND != 0:
                 if has_win:
                     qt = tl.load(q + bh * T * D + i[:, None] * D + rd[None, :], mask=mi[:, None] & md[None, :],
@@ -406,6 +512,8 @@ def _bwd_dkv(q, k, v, fq, fk, gp, rst, do, m_in, den_in, am_in, dlt_in, csum_in,
              mask=mj[:, None] & mv[None, :])
     tl.store(dfk + bhk * T * F + j[:, None] * F + rf[None, :], dfk_acc.to(dfk.dtype.element_ty),
              mask=mj[:, None] & mf[None, :])
+    if GATED:  # fk_j . dfk_j in float32, for the gate's gradient
+        tl.store(dgk + bhk * T + j, tl.sum(fkt.to(tl.float32) * dfk_acc, 1), mask=mj)
     if KIND != 0:
         tl.store(dk + bhk * T * D + j[:, None] * D + rd[None, :], (dk_acc * scale).to(dk.dtype.element_ty),
                  mask=mj[:, None] & md[None, :])
@@ -455,28 +563,85 @@ def _launch(name: str, *dims: int) -> dict:
     return dict(num_warps=warps, num_stages=stages)
 
 
-def _states(a, b, init, C, dt, reverse=False, den=None, dlt=None, heads=None):
+def _states(a, b, init, C, dt, reverse=False, den=None, dlt=None, heads=None, gate=None, shift=0):
     """Chunk states (B, Hk, NC+1, F*Dv + F) float32: [..., :F*Dv] is the (F, Dv) state, [..., F*Dv:] the F sums.
 
     Forward (a = fk, b = v, init = (kv0, ks0) or None): prefix states, entry c = state before chunk c.
     Reverse (a = fq, b = do, heads = Hk, init = (dkv, -dks) or None): suffix states, entry c = init
     + the sums of chunks >= c. Chunk sums are computed in parallel, then scanned over chunks.
+    With ``gate`` (:class:`GateTerms`): rows weighted (forward: keys to the state they enter,
+    reverse: queries to their chunk's start) and chunk decays in the scan; forward entry c is
+    the state of query chunk c (key chunk c - 1 - shift enters it).
     """
     B, T, F, Dv = a.shape[0], a.shape[2], a.shape[-1], b.shape[-1]
     Hk = heads if reverse else a.shape[1]
     NC, E = triton.cdiv(T, C), F * Dv + F
     loc = torch.empty((B, Hk, NC, E), dtype=torch.float32, device=a.device)
     BV = _bv(Dv)
+    wrow = a if gate is None else (gate.qw if reverse else gate.kw)
     _chunk_sums[(NC, B * Hk, triton.cdiv(Dv, BV))](
-        a, b, den if reverse else a, dlt if reverse else a, loc, T, NC, a.shape[1], Hk, BWD=reverse,
-        F=F, DV=Dv, FP=pad_dim(F), BV=BV, C=C, DT=dt, **_launch("sums", Dv))
+        a, b, den if reverse else a, dlt if reverse else a, wrow, loc, T, NC, a.shape[1], Hk, BWD=reverse,
+        GATED=gate is not None, F=F, DV=Dv, FP=pad_dim(F), BV=BV, C=C, DT=dt, **_launch("sums", Dv))
     out = _empty((B, Hk, NC + 1, E), a, torch.float32)
     has = init is not None
     ini = torch.cat([init[0].float().reshape(B, Hk, F * Dv), init[1].float().reshape(B, Hk, F)], -1) if has else loc
     BE = 256
-    _scan[(B * Hk, triton.cdiv(E, BE))](loc, ini, out, NC, E, HAS_INIT=has, REVERSE=reverse, CB=8, BE=BE,
-                                         num_warps=4)
+    _scan[(B * Hk, triton.cdiv(E, BE))](loc, ini, loc if gate is None else gate.dec, out, NC, E, shift, HAS_INIT=has,
+                                         REVERSE=reverse, GATED=gate is not None, CB=8, BE=BE, num_warps=4)
     return out
+
+
+@dataclass
+class GateTerms:
+    """What the kernels need of a log forget gate (B, Hk, T), all float32 (ops/gate.py for the function).
+
+    G: cumulative log gate (inclusive); GA: G at each key's arrival in the linear part (0 if it
+    arrives after the sequence, ``arrived`` False); kw: key j's weight exp(G_r - GA_j) to the
+    state it enters (r = the start of query chunk j // C + NX + 1, or T - 1), 0 if it does not;
+    qw: exp(G_i - G_{start of i's chunk}); dec: (B, Hk, NC) chunk decays exp(G_{next start or T-1}
+    - G_start); e0 = exp(G_0): the initial state's decay to query chunk 0.
+    """
+
+    G: torch.Tensor
+    GA: torch.Tensor
+    kw: torch.Tensor
+    qw: torch.Tensor
+    dec: torch.Tensor
+    e0: torch.Tensor
+    arrival: torch.Tensor  # (T,) int64, clamped to T - 1
+    arrived: torch.Tensor  # (T,) bool
+
+
+def gate_terms(log_gate: torch.Tensor, kind: int, window: int, C: int, NX: int) -> GateTerms:
+    T = log_gate.shape[-1]
+    G = log_gate.float().cumsum(-1).contiguous()  # (B, Hk, T)
+    j = torch.arange(T, device=G.device)
+    a = arrival_positions(j, kind, window)
+    arrived = a < T
+    a = a.clamp(max=T - 1)
+    GA = torch.where(arrived, G[..., a], 0.0).contiguous()
+    ref = ((j // C + NX + 1) * C).clamp(max=T - 1)
+    kw = torch.exp(torch.where(arrived & (a <= ref), G[..., ref] - GA, float("-inf"))).contiguous()
+    starts = torch.arange(0, T, C, device=G.device)
+    qw = torch.exp(G - G[..., (j // C) * C]).contiguous()
+    dec = torch.exp(G[..., (starts + C).clamp(max=T - 1)] - G[..., starts]).contiguous()
+    return GateTerms(G, GA, kw, qw, dec, torch.exp(G[..., 0]), a, arrived)
+
+
+def gate_gradient(gt: GateTerms, dgq: torch.Tensor, dgk: torch.Tensor, final=None) -> torch.Tensor:
+    """d log_gate (B, Hk, T) from dgq = fq . dfq (B, H, T) and dgk = fk . dfk (B, Hk, T), per row: fq_i
+    appears only times exp(G_i) and fk_j only times exp(-GA_j), so dL/dG_i = fq_i . dfq_i (over the
+    group) - sum_{j arriving at i} fk_j . dfk_j; ``final`` = (kv, ks, dkv, dks) of an output final
+    state adds its own term at T - 1."""
+    B, H, T = dgq.shape
+    Hk = dgk.shape[1]
+    dG = dgq.view(B, Hk, H // Hk, T).sum(2)
+    dk = dgk * gt.arrived  # (B, Hk, T)
+    dG = dG.scatter_add(-1, gt.arrival.expand(B, Hk, T), -dk)
+    if final is not None:
+        kv, ks, dkv, dks = final
+        dG[..., -1] += (kv * dkv.float()).sum((-2, -1)) + (ks * dks.float()).sum(-1)
+    return dG.flip(-1).cumsum(-1).flip(-1)  # G_t sums the log gates up to t
 
 
 def _split(st: torch.Tensor, c: int, F: int, Dv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,10 +651,10 @@ def _split(st: torch.Tensor, c: int, F: int, Dv: int) -> tuple[torch.Tensor, tor
 
 
 class ChunkedAttention(torch.autograd.Function):
-    """y, final kv, final ksum = f(q, k, v, fq, fk, g, kv0, ks0); see the module docstring."""
+    """y, final kv, final ksum = f(q, k, v, fq, fk, g, kv0, ks0, log_gate); see the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, g, s0, z0, kind: int, window: int, scale: float, eps: float, chunk: int):
+    def forward(ctx, q, k, v, fq, fk, g, s0, z0, lg, kind: int, window: int, scale: float, eps: float, chunk: int):
         B, H, T, F = fq.shape
         Hk, Dv = v.shape[1], v.shape[-1]
         D = q.shape[-1] if q is not None else 16
@@ -505,45 +670,60 @@ class ChunkedAttention(torch.autograd.Function):
         if s0 is not None or z0 is not None:
             init = (s0 if s0 is not None else fk.new_zeros(B, Hk, F, Dv, dtype=torch.float32),
                     z0 if z0 is not None else fk.new_zeros(B, Hk, F, dtype=torch.float32))
-        st = _states(fk, v, init, C, dt)
+        gt = gate_terms(lg, kind, window, C, NX) if lg is not None else None
+        if gt is not None and init is not None:  # the initial state decays to query chunk 0's start
+            init = (init[0].float() * gt.e0[..., None, None], init[1].float() * gt.e0[..., None])
+        st = _states(fk, v, init, C, dt, gate=gt, shift=NX)
         y = _empty((B, H, T, Dv), v)
         m = _empty((B, H, T), v, torch.float32)
         den = _empty((B, H, T), v, torch.float32)
         am = torch.empty((B, H, T), dtype=torch.int32, device=v.device)
-        dims = dict(KIND=kind, W=max(window, 1), D=D, DV=Dv, F=F, DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), C=C, DT=dt)
-        _fwd[(NC, B * H)](q, k, v, fq, fk, gg, st, y, m, den, am, T, NC, NX, H, Hk, scale, eps,
+        dims = dict(KIND=kind, W=max(window, 1), D=D, DV=Dv, F=F, DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), C=C,
+                    DT=dt, GATED=gt is not None)
+        gl, ga = (gt.G, gt.GA) if gt is not None else (fq, fq)
+        _fwd[(NC, B * H)](q, k, v, fq, fk, gg, st, gl, ga, y, m, den, am, T, NC, NX, H, Hk, scale, eps,
                           **dims, **_launch("fwd", D, Dv))
-        ctx.save_for_backward(q, k, v, fq, fk, gg, st, y, m, den, am)
-        ctx.cfg = (kind, NX, scale, dims, g is not None, s0 is not None, z0 is not None)
+        ctx.save_for_backward(q, k, v, fq, fk, gg, st, y, m, den, am, lg)
+        ctx.cfg = (kind, window, NX, scale, dims, g is not None, s0 is not None, z0 is not None)
         kvf, ksf = _split(st, NC, F, Dv)
         return y, kvf, ksf
 
     @staticmethod
     def backward(ctx, dy, dkvf, dksf):
-        q, k, v, fq, fk, gg, st, y, m, den, am = ctx.saved_tensors
-        kind, NX, scale, dims, has_g, has_s0, has_z0 = ctx.cfg
+        q, k, v, fq, fk, gg, st, y, m, den, am, lg = ctx.saved_tensors
+        kind, window, NX, scale, dims, has_g, has_s0, has_z0 = ctx.cfg
         B, H, T, F = fq.shape
         Hk, Dv = v.shape[1], v.shape[-1]
         C = dims["C"]
         NC = triton.cdiv(T, C)
         dy = dy.contiguous()
+        gt = gate_terms(lg, kind, window, C, NX) if lg is not None else None
+        gl, ga, kw = (gt.G, gt.GA, gt.kw) if gt is not None else (fq, fq, fq)
         dq = _empty(q.shape, q) if kind else None
         dfq = _empty(fq.shape, fq)
         dlt = _empty((B, H, T), v, torch.float32)
         csum = _empty((B, H, T), v, torch.float32) if kind else dlt
-        _bwd_dq[(NC, B * H)](q, k, v, fq, fk, gg, st, dy, y, m, den, am, dq if kind else dfq, dfq, dlt, csum,
-                             T, NC, NX, H, Hk, scale, **dims, **_launch("bwd_dq", dims["D"], Dv))
+        dgq = _empty((B, H, T), v, torch.float32) if gt is not None else dlt
+        _bwd_dq[(NC, B * H)](q, k, v, fq, fk, gg, st, gl, ga, dy, y, m, den, am, dq if kind else dfq, dfq, dlt, csum,
+                             dgq, T, NC, NX, H, Hk, scale, **dims, **_launch("bwd_dq", dims["D"], Dv))
         init = None
         if dkvf is not None or dksf is not None:
             init = (dkvf if dkvf is not None else st.new_zeros(B, Hk, F, Dv),
                     -dksf if dksf is not None else st.new_zeros(B, Hk, F))
-        rst = _states(fq, dy, init, C, dims["DT"], reverse=True, den=den, dlt=dlt, heads=Hk)
+        rst = _states(fq, dy, init, C, dims["DT"], reverse=True, den=den, dlt=dlt, heads=Hk, gate=gt)
         dk = _empty(k.shape, k) if kind else None
         dv, dfk = _empty(v.shape, v), _empty(fk.shape, fk)
-        _bwd_dkv[(NC, B * Hk)](q, k, v, fq, fk, gg, rst, dy, m, den, am, dlt, csum,
-                               dk if kind else dfk, dv, dfk, T, NC, NX, H, Hk, scale, **dims,
+        dgk = _empty((B, Hk, T), v, torch.float32) if gt is not None else dlt
+        _bwd_dkv[(NC, B * Hk)](q, k, v, fq, fk, gg, rst, gl, ga, kw, dy, m, den, am, dlt, csum,
+                               dk if kind else dfk, dv, dfk, dgk, T, NC, NX, H, Hk, scale, **dims,
                                **_launch("bwd_dkv", dims["D"], Dv))
         dg = csum.sum((0, 2)).to(gg.dtype) if has_g else None
         ds0, mdz0 = _split(rst, 0, F, Dv) if (has_s0 or has_z0) else (None, None)
+        dlg = None
+        if gt is not None and ctx.needs_input_grad[8]:
+            final = (*_split(st, NC, F, Dv), dkvf, dksf) if dkvf is not None and dksf is not None else None
+            dlg = gate_gradient(gt, dgq, dgk, final).to(lg.dtype)
+        if gt is not None and ds0 is not None:  # the initial state entered scaled by exp(G_0)
+            ds0, mdz0 = ds0 * gt.e0[..., None, None], mdz0 * gt.e0[..., None]
         return (dq, dk, dv, dfq, dfk, dg, ds0 if has_s0 else None, -mdz0 if has_z0 else None,
-                None, None, None, None, None)
+                dlg, None, None, None, None, None)

@@ -13,6 +13,9 @@ rows of its tiles:
 3. scores over the window (softmax, window factor, max over the window) and phi(q) (kv, ks)
    share one normaliser, as in the reference.
 
+With a log forget gate (B, Hk) the program first multiplies its (kv, ks) rows by exp(log_gate)
+(valid rows), then folds: as in the reference, keys decay from the step they leave the window.
+
 ``win_pos`` (B, S) is shared by the KV heads of a row, so a second tiny launch (one program per
 row) updates it after every head has read it. No host synchronisation and no allocation that
 depends on data: the step can be captured in a CUDA graph.
@@ -56,11 +59,11 @@ def _rows_times(fq, heads, rf, mf, kvb, rg, GQ: tl.constexpr, GP: tl.constexpr, 
 
 
 @triton.jit
-def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, valid_ptr, gp, y,
+def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, valid_ptr, gp, lg, y,
             H, HK, scale, eps,
             KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_VALID: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
-            GP: tl.constexpr, GQ: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
+            GP: tl.constexpr, GQ: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, GATED: tl.constexpr):
     bhk = tl.program_id(0).to(tl.int64)
     b, hk = bhk // HK, bhk % HK
     G = H // HK
@@ -75,6 +78,10 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
     fqt = tl.load(fq + heads[:, None] * F + rf[None, :], mask=mg[:, None] & mf[None, :], other=0.0).to(tl.float32)
     fk_new = tl.load(fk + bhk * F + rf, mask=mf, other=0.0).to(tl.float32)
     ks_row = tl.load(ks + bhk * F + rf, mask=mf, other=0.0)
+    decay = 1.0
+    if GATED:  # decay, then fold
+        decay = tl.where(valid != 0, tl.exp(tl.load(lg + bhk).to(tl.float32)), 1.0)
+        ks_row = ks_row * decay
     if KIND == 0:
         ks_row += tl.where(valid != 0, fk_new, 0.0)
         den = tl.sum(fqt * ks_row[None, :], 1) + eps
@@ -104,6 +111,8 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         rv = dv0 + tl.arange(0, BV)
         mv = rv < DV
         kvb = tl.load(kv + (bhk * F + rf[:, None]) * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
+        if GATED:
+            kvb = kvb * decay
         v_new = tl.load(v + bhk * DV + rv, mask=mv, other=0.0)
         if KIND == 0:
             kvb += tl.where(valid != 0, fk_new[:, None] * v_new[None, :].to(tl.float32), 0.0)
@@ -162,6 +171,7 @@ def decode_step_triton(
     window_size: int,
     scale: float,
     valid: torch.Tensor | None = None,  # (B,) bool
+    log_gate: torch.Tensor | None = None,  # (B, Hk) float32
 ) -> torch.Tensor:  # (B, H, Dv)
     """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous."""
     B, H, D = q.shape
@@ -169,16 +179,20 @@ def decode_step_triton(
     S = state.win_pos.shape[1]
     kid = kind_id(kind)
     q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
+    pos = pos.contiguous()  # the kernels read pos[b], valid[b] at offset b: a (B, 1) slice's column is strided
+    valid = valid.contiguous() if valid is not None else None
     y = torch.empty((B, H, Dv), dtype=v.dtype, device=v.device)
     dt = dot_dtype(state.win_k)
     has_valid = valid is not None
     vptr = valid.view(torch.int8) if has_valid else pos  # bool as bytes
     gp = window_factor.contiguous() if window_factor is not None else fq
+    lg = log_gate.float().contiguous() if log_gate is not None else fq
     SP = pad_dim(max(S, 1))
     common = dict(KIND=kid, W=max(window_size, 1), S=max(S, 1), SP=SP, HAS_VALID=has_valid)
     _decode[(B * Hk,)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
-                       pos, vptr, gp, y, H, Hk, float(scale), EPS, **common, D=D, DV=Dv, F=F, DP=pad_dim(D),
-                       FP=pad_dim(F), GP=pad_dim(H // Hk), GQ=H // Hk, BV=min(64, pad_dim(Dv)), DT=dt, num_warps=4)
+                       pos, vptr, gp, lg, y, H, Hk, float(scale), EPS, **common, D=D, DV=Dv, F=F, DP=pad_dim(D),
+                       FP=pad_dim(F), GP=pad_dim(H // Hk), GQ=H // Hk, BV=min(64, pad_dim(Dv)), DT=dt,
+                       GATED=log_gate is not None, num_warps=4)
     if kid != 0:
         _decode_pos[(B,)](state.win_pos, pos, vptr, **common, num_warps=1)
     return y
