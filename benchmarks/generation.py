@@ -150,6 +150,8 @@ def attention_only_step(gen: FastGenerator, steps: int) -> tuple[float, float]:
 
     calls = []
     for i, m in sorted(lolcats_attention_by_layer(gen.model).items()):
+        if not m.converted:  # a kept softmax layer has no constant-size state
+            continue
         st, B, dt = gen.cache.layers[i].state, gen.B, m.q_proj.weight.dtype
         F = st.win_fk.shape[-1]
         q = torch.randn(B, m.num_heads, m.head_dim, device=gen.device, dtype=dt)

@@ -13,6 +13,11 @@ The prompt is prefilled in groups of rows (at most ``prefill_tokens`` prompt tok
 each group's layers get views of its rows of the preallocated states, which the prefill writes
 in place, so a large batch never holds the activations of the whole prompt batch at once.
 
+Layers kept as softmax attention (``attention.softmax_layers`` / ``softmax_count``) hold their keys
+and values in buffers preallocated for the longest row (prompt + ``max_new_tokens`` positions;
+sized at the first prompt, enlarged and the graph captured again for a longer one): the decode
+step writes each row's key at its position and attends over that row's positions [0, p].
+
 Sampling uses the Gumbel-max trick (argmax of logits / T plus Gumbel noise), with top-p applied
 by sorting; both are graph-safe. Stop *strings* are the caller's business (see ``cli.run_generate``);
 stop token ids are handled on device.
@@ -25,7 +30,7 @@ import inspect
 import torch
 import torch.nn as nn
 
-from lolcats.attention.cache import LolcatsLayer
+from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer
 from lolcats.attention.convert import causal_lm, decoder_stack, lolcats_attention_by_layer, make_cache
 
 
@@ -58,9 +63,10 @@ class FastGenerator:
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
         mods = lolcats_attention_by_layer(self.model)
         n_layers = len(self.lm.layers)
-        if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
-            raise ValueError("FastGenerator needs every layer converted and in student mode "
-                             f"({len(mods)} of {n_layers} converted); use model.generate() otherwise")
+        if len(mods) != n_layers or any(m.converted and m.mode != "student" for m in mods.values()):
+            raise ValueError("FastGenerator needs every layer a LolcatsAttention (converted, or kept as softmax) and "
+                             f"the converted ones in student mode ({len(mods)} of {n_layers} are LolcatsAttention); "
+                             "use model.generate() otherwise")
         emb = self.lm.embed_tokens.weight
         self.device = emb.device
         self.B, self.max_new = batch_size, max_new_tokens
@@ -72,7 +78,7 @@ class FastGenerator:
         self.pad = int(pad if pad is not None else (eos[0] if eos else 0))
         self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=self.device)
         self.has_stop = bool(eos)
-        self.cache = make_cache(self.model, batch_size)
+        self.cache = make_cache(self.model, batch_size, max_length=max_new_tokens + 1)
         self.cache_key = "cache" if "cache" in inspect.signature(self.lm.layers[0].forward).parameters \
             else "past_key_values"
         B, dev = batch_size, self.device
@@ -162,11 +168,21 @@ class FastGenerator:
                 l.state, l.seen = st, T
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
+    def _fit_softmax_layers(self, length: int) -> None:
+        """Enlarge kept softmax layers' buffers to ``length`` positions if smaller (the graph is captured again)."""
+        mods = lolcats_attention_by_layer(self.model)
+        for i, layer in enumerate(self.cache.layers):
+            if isinstance(layer, SoftmaxLayer) and layer.state.max_length < length:
+                st = layer.state
+                layer.state = mods[i].empty_kv_state(self.B, length, st.k.dtype, st.k.device)
+                self.graph = None
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """input_ids, attention_mask (b, T), left-padded: reset the states, read the prompt, emit token 1."""
-        self.capture()
         ids, mask = self._pad_batch(input_ids, attention_mask)
+        self._fit_softmax_layers(ids.shape[1] + self.max_new)
+        self.capture()
         for layer in self.cache.layers:
             layer.reset()
         logits = self._prefill_logits(ids, mask)
@@ -221,4 +237,5 @@ class FastGenerator:
         return n if not len(stop) else self.max_new + 2
 
     def state_nbytes(self) -> int:
+        """Bytes of the per-layer states: constant for converted layers, the preallocated buffers for kept ones."""
         return sum(l.state.nbytes() for l in self.cache.layers if isinstance(l, LolcatsLayer))
