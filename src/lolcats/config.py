@@ -76,7 +76,28 @@ class AttentionConfig:
     "Forget gate on the linear part (Liger): none, or pooled_keys = a parameter-free per-head gate "
     "logsigmoid(mean of the head's key projection)/16 that decays the linear state each token (ops/gate.py)."
     layers: list[int] | None = None
-    "Indices of the layers to convert; all when empty."
+    "Indices of the layers to convert; all when empty. The others stay softmax attention (see softmax_layers)."
+    softmax_layers: list[int] | None = None
+    ("Indices of the layers kept as softmax attention (the base layer exactly, with a KV cache); the complement "
+     "of `layers`, so give at most one of the two. None when empty.")
+    softmax_count: int = 0
+    ("Keep this many of the converted layers as softmax, picked after stage 1: every converted layer is transferred, "
+     "then the ones with the largest validation MSE (mse/<layer> of the best stage-1 checkpoint) stay softmax for "
+     "stage 2 and use (recorded in the stage-2 checkpoint; runs differing only in it share stage 1).")
+
+    def converted_layers(self, num_layers: int) -> list[int]:
+        """Indices of the layers stage 1 converts (before a ``softmax_count`` pick), checked against the model."""
+        for key in ("layers", "softmax_layers"):
+            bad = [i for i in getattr(self, key) or [] if not 0 <= i < num_layers]
+            if bad:
+                raise ConfigError(f"attention.{key}: layer {bad[0]} does not exist (the model has {num_layers})")
+        converted = sorted(set(self.layers or range(num_layers)) - set(self.softmax_layers or []))
+        if not converted:
+            raise ConfigError("attention: no layer is left to convert (attention.softmax_layers names every layer)")
+        if self.softmax_count >= len(converted):
+            raise ConfigError(f"attention.softmax_count: {self.softmax_count} must be below the number of converted "
+                              f"layers ({len(converted)})")
+        return converted
 
 
 @dataclass
@@ -161,6 +182,13 @@ class FinetuneConfig(TrainConfig):
     "LoRA dropout."
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     "Modules that get LoRA adapters."
+    loss: Literal["ce", "kl", "mix"] = "ce"
+    ("Training loss: ce = next-token cross-entropy; kl = KL from the teacher's next-token distribution (the same "
+     "weights, adapters off, softmax attention) to the student's; mix = (1 - kl_weight) * ce + kl_weight * kl.")
+    kl_weight: float = 0.5
+    "Weight of the KL term with loss mix, in [0, 1]."
+    kl_temperature: float = 1.0
+    "Temperature of both distributions in the KL (the term is scaled by its square)."
 
 
 @dataclass
@@ -193,20 +221,24 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fingerprint(self, *sections: str) -> str:
-        """Short hash of the named sections (all when none): identifies a stage's work.
-
-        Fields added after runs existed (``LATER_FIELDS``) are left out at their default, so the
-        runs made before them keep their directories."""
+    def fingerprint(self, *sections: str, leave_out: tuple[str, ...] = ()) -> str:
+        """Short hash of the named sections (all when none) without the ``leave_out`` fields
+        ("section.key"): identifies a stage's work. Fields of ``HASHED_WHEN_SET`` count only away from
+        their default, so run directories made before they existed keep their names."""
         d = self.to_dict()
-        for (sec, key), default in LATER_FIELDS.items():
-            if d[sec].get(key) == default:
-                del d[sec][key]
+        defaults = Config().to_dict()
+        for key in (*leave_out, *HASHED_WHEN_SET):
+            sec, name = key.split(".")
+            if key in leave_out or d[sec][name] == defaults[sec][name]:
+                d[sec] = {k: v for k, v in d[sec].items() if k != name}
         picked = {s: d[s] for s in (sections or d.keys())}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
 
 
-LATER_FIELDS: dict[tuple[str, str], Any] = {("attention", "gate"): "none"}  # (section, key): default
+HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "data.max_file_tokens",
+                   "finetune.loss", "finetune.kl_weight", "finetune.kl_temperature")
+"Fields added after run directories existed: in a run's hash only when set away from their default."
+
 SHORT_FLAGS = {"seed": "run.seed", "hf-token": "model.hf_token", "hf_token": "model.hf_token", "model": "model.name"}
 
 
@@ -330,8 +362,29 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.distill.block_size is not None and cfg.distill.block_size <= 0:
         raise ConfigError(f"distill.block_size: {cfg.distill.block_size} must be > 0")
+    _check_softmax_layers(cfg.attention)
+    if not 0 <= cfg.finetune.kl_weight <= 1:
+        raise ConfigError(f"finetune.kl_weight: {cfg.finetune.kl_weight} must be in [0, 1]")
+    if not cfg.finetune.kl_temperature > 0:
+        raise ConfigError(f"finetune.kl_temperature: {cfg.finetune.kl_temperature} must be > 0")
     if cfg.model.init == "random" and not cfg.model.tokenizer:
         raise ConfigError("model.tokenizer: required with model.init random (random weights come without one)")
+
+
+def _check_softmax_layers(a: AttentionConfig) -> None:
+    """Which layers stay softmax is said once: ``layers`` or ``softmax_layers``, and a count on top of
+    ``layers`` only (indices are checked against the model by ``AttentionConfig.converted_layers``)."""
+    if a.layers and a.softmax_layers:
+        raise ConfigError("attention.softmax_layers: give it or attention.layers, not both (the layers not "
+                          "converted are the softmax ones)")
+    if a.softmax_count < 0:
+        raise ConfigError(f"attention.softmax_count: {a.softmax_count} must be >= 0")
+    if a.softmax_count and a.softmax_layers:
+        raise ConfigError("attention.softmax_count: give it or attention.softmax_layers, not both")
+    for key in ("layers", "softmax_layers"):
+        idx = getattr(a, key) or []
+        if any(i < 0 for i in idx) or len(set(idx)) != len(idx):
+            raise ConfigError(f"attention.{key}: {idx} must be distinct layer indices >= 0")
 
 
 # ---------------------------------------------------------------- loading
@@ -394,7 +447,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as e:
             raise ConfigError(f"--{key}: cannot read the value {val!r} ({_yaml_problem(e)})") from None
         if isinstance(value, str) and "," in value and parts[1] in _list_fields(parts[0]):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [int(v) if v.strip().lstrip("-").isdigit() else v.strip() for v in value.split(",") if v.strip()]
         out.setdefault(parts[0], {})[parts[1]] = value
     return out
 

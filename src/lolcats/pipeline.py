@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from lolcats import distributed as dist
-from lolcats.attention.convert import convert_model, set_attention_mode, set_attention_trainable
-from lolcats.checkpoint import WEIGHTS, atomic_write, file_sha256, write_json
+from lolcats.attention.convert import (convert_model, keep_softmax, set_attention_mode, set_attention_trainable,
+                                       softmax_layers)
+from lolcats.checkpoint import WEIGHTS, atomic_write, file_sha256, read_meta, write_json
 from lolcats.config import Config, save_config
 from lolcats.data import build_data, check_sources
 from lolcats.models.checks import check_model_settings
@@ -34,7 +35,7 @@ from lolcats.models.trained import load_linearized, load_stage1, load_stage2
 from lolcats.runs import BEST, STATE, SUMMARY, check_output_dir, lock_dir, stage_dirs, stage_done
 from lolcats.runtime import resolve_device
 from lolcats.training.blockwise import train_blockwise
-from lolcats.training.stages import distill_stage, finetune_stage, lm_validate
+from lolcats.training.stages import distill_stage, finetune_stage, lm_validate, pick_softmax_layers
 from lolcats.training.state import check_state
 from lolcats.training.trainer import StageResult, train_stage
 
@@ -179,13 +180,16 @@ def run_finetune(ctx: Context, on_step=None):
     if dist.is_sharded(ctx.model):  # sharded for stage 1: LoRA goes into a fresh, unsharded copy
         ctx.model = load_base_model(ctx.cfg.model, ctx.device)
         load_stage1(ctx.model, d1 / BEST, ctx.fingerprint)
+    if ctx.cfg.attention.softmax_count:  # the layers stage 1 transferred worst stay softmax
+        keep_softmax(ctx.model, pick_softmax_layers(read_meta(d1 / BEST)["metrics"], ctx.cfg.attention.softmax_count))
     model = add_lora(ctx.model, ctx.cfg.finetune)
     result = None
     if not stage_done(d2):
         _start(ctx, d2)
         _shard(ctx, model, "finetune")
         meta = {**checkpoint_meta(ctx, "finetune"), "stage1": str(Path("..") / d1.name / BEST),  # from d2
-                "stage1_sha256": file_sha256(d1 / BEST / WEIGHTS)}
+                "stage1_sha256": file_sha256(d1 / BEST / WEIGHTS),
+                "softmax_layers": softmax_layers(model)}  # load_linearized keeps the same ones
         stage = finetune_stage(model, ctx.cfg, ctx.val, ctx.device, meta)
         result = train_stage(stage, ctx.train, d2, ctx.cfg.run.seed, ctx.device, ctx.cfg.run.progress, on_step)
     load_stage2(model, d2 / BEST, ctx.fingerprint)

@@ -133,7 +133,8 @@ def lora_params_per_layer(shape: Shape, cfg: Config) -> int:
 
 
 def converted_layers(shape: Shape, cfg: Config) -> int:
-    return shape.layers if cfg.attention.layers is None else len(cfg.attention.layers)
+    """Layers stage 1 transfers (``attention.softmax_count`` picks among them only afterwards)."""
+    return len(cfg.attention.converted_layers(shape.layers))
 
 
 # ---------------------------------------------------------------- activations (bytes)

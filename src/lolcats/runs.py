@@ -3,9 +3,10 @@
     <run.output_dir>/<run name>/distill-<hash>-s<seed>/    stage 1 (attention transfer)
     <run.output_dir>/<run name>/finetune-<hash>-s<seed>/   stage 2 (LoRA)
 
-The stage-1 hash covers what stage 1 depends on (model, attention, data, distill sections), the
-stage-2 hash those plus the finetune section; the run name comes from ``run.name`` or from the
-model name, attention kind and feature map. A stage directory holds::
+The stage-1 hash covers what stage 1 depends on (model, attention, data, distill sections, less
+``STAGE2_ONLY``: stage 1 transfers every converted layer whatever ``attention.softmax_count`` will
+keep, so runs that differ only in it share stage 1), the stage-2 hash those plus the finetune
+section; the run name comes from ``run.name`` or from the model name, attention kind and feature map. A stage directory holds::
 
     state.safetensors   resumable state (weights, optimiser, scheduler, data position, RNG)
     best/               best checkpoint by validation loss (the stage's output)
@@ -39,6 +40,7 @@ from lolcats.checkpoint import META
 from lolcats.config import Config, ConfigError
 
 STAGE1_SECTIONS = ("model", "attention", "data", "distill")
+STAGE2_ONLY = ("attention.softmax_count",)  # fields of STAGE1_SECTIONS that only stage 2 uses
 STATE, SUMMARY, TRAIN_LOG, BEST, LOCK = "state.safetensors", "summary.json", "train_log.jsonl", "best", "lock"
 LEGACY_STATE = "state.pt"  # resume state of lolcats <= 0.1 (a pickle): never read
 
@@ -53,7 +55,7 @@ def run_name(cfg: Config) -> str:
 def stage_dirs(cfg: Config) -> tuple[Path, Path]:
     """(stage-1 directory, stage-2 directory) of ``cfg``'s run."""
     root = Path(cfg.run.output_dir) / run_name(cfg)
-    fp1 = cfg.fingerprint(*STAGE1_SECTIONS) + f"-s{cfg.run.seed}"
+    fp1 = cfg.fingerprint(*STAGE1_SECTIONS, leave_out=STAGE2_ONLY) + f"-s{cfg.run.seed}"
     fp2 = cfg.fingerprint(*STAGE1_SECTIONS, "finetune") + f"-s{cfg.run.seed}"
     return root / f"distill-{fp1}", root / f"finetune-{fp2}"
 

@@ -7,16 +7,49 @@ and phi(k), plus the linear-attention sums kv, ks) and ``seen``, the mask column
 (``LolcatsAttention.forward`` -> ``attend_cached``): prefill, chunked prefill and the decode step
 are the layer's math, in ``attention/module.py``.
 
-Layers left as softmax attention (``AttentionConfig.layers`` a subset) keep HF's dynamic layer,
-so a partly converted model still generates (their memory grows as usual).
+Layers kept as softmax attention (``AttentionConfig.layers`` / ``softmax_layers``) keep HF's
+dynamic layer for ``generate()`` (their memory grows as usual), or, for :class:`FastGenerator`,
+a :class:`SoftmaxLayer`: keys and values in buffers preallocated for a maximum length, one slot
+per position of each row (bounded memory, static addresses for a CUDA graph).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lolcats.ops.decode.naive import DecodeState
+
+
+@dataclass
+class KVState:
+    """A kept softmax layer's keys and values by position: slot p holds the token at position p of its
+    row; the last slot is scratch (where padding and positions past the end are written)."""
+
+    k: torch.Tensor  # (B, Hk, L + 1, D)
+    v: torch.Tensor  # (B, Hk, L + 1, Dv)
+
+    @classmethod
+    def empty(cls, B, Hk, max_length, D, Dv, dtype, device) -> "KVState":
+        return cls(torch.zeros(B, Hk, max_length + 1, D, dtype=dtype, device=device),
+                   torch.zeros(B, Hk, max_length + 1, Dv, dtype=dtype, device=device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2] - 1
+
+    def rows(self, sl: slice) -> "KVState":
+        """A view of rows ``sl``: writing it writes this state."""
+        return KVState(self.k[sl], self.v[sl])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
 
 class LolcatsLayer(CacheLayerMixin):
@@ -68,7 +101,7 @@ class LolcatsLayer(CacheLayerMixin):
 
     def _map_batch(self, fn) -> None:
         if self.state is not None:
-            self.state = DecodeState(**{n: fn(t) for n, t in vars(self.state).items()})
+            self.state = type(self.state)(**{n: fn(t) for n, t in vars(self.state).items()})
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -78,6 +111,11 @@ class LolcatsLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices])
+
+
+class SoftmaxLayer(LolcatsLayer):
+    """A kept softmax layer's slot with preallocated keys and values (``state``: a :class:`KVState`);
+    the layer writes it itself (``LolcatsAttention.attend_softmax_cached``)."""
 
 
 class LolcatsCache(Cache):
@@ -93,11 +131,12 @@ class LolcatsCache(Cache):
             raise RuntimeError(f"layer {layer_idx} is converted but its cache slot is {type(layer).__name__}")
         return layer
 
-    def states(self) -> dict[int, DecodeState]:
+    def states(self) -> dict[int, DecodeState | KVState]:
         return {i: l.state for i, l in enumerate(self.layers) if isinstance(l, LolcatsLayer) and l.state is not None}
 
     def state_nbytes(self) -> int:
-        """Bytes held by all layers (constant in the generated length for converted layers)."""
+        """Bytes held by all layers (constant in the generated length for converted layers, bounded by the
+        preallocated length for SoftmaxLayers, growing for dynamic ones)."""
         total = sum(s.nbytes() for s in self.states().values())
         for l in self.layers:
             if not isinstance(l, LolcatsLayer) and getattr(l, "keys", None) is not None:

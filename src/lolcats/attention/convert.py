@@ -1,12 +1,13 @@
 """Conversion: swap LolcatsAttention into a stock HF causal LM, switch modes, give it a cache.
 
     model = load_base_model(cfg.model)
-    convert_model(model, cfg.attention)            # every layer now a LolcatsAttention
+    convert_model(model, cfg.attention)            # every layer now a LolcatsAttention (some maybe kept softmax)
     set_attention_mode(model, "distill")
     with collect_distill_outputs(model) as outs:   # list[DistillOutput], one per layer
         model.model(input_ids)
     set_attention_mode(model, "student")
     enable_lolcats_generation(model)               # plain model.generate(...) uses a LolcatsCache
+    keep_softmax(model, [3, 7])                    # after stage 1: these layers back to softmax attention
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from lolcats.attention.cache import LolcatsCache, LolcatsLayer
+from lolcats.attention.cache import LolcatsCache, LolcatsLayer, SoftmaxLayer
 from lolcats.attention.module import MODES, DistillOutput, LolcatsAttention, Mode
 from lolcats.config import AttentionConfig
 
@@ -65,19 +66,46 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def convert_model(model: nn.Module, cfg: AttentionConfig) -> nn.Module:
-    """Swap attention in place (in the layers ``cfg.layers``, all when None); freeze the base."""
+    """Swap attention in place: every layer becomes a LolcatsAttention, converted in the layers
+    ``cfg.converted_layers`` names and kept as softmax attention in the others; freeze the base.
+    (``cfg.softmax_count`` is only checked here: its layers are picked after stage 1, :func:`keep_softmax`.)"""
     check_architecture(model.config)
     layers = decoder_layers(model)
-    wanted = range(len(layers)) if cfg.layers is None else cfg.layers
-    check_layer_indices(wanted, len(layers))
+    converted = set(cfg.converted_layers(len(layers)))
     for p in model.parameters():
         p.requires_grad_(False)
-    for i in wanted:
-        attn = layers[i].self_attn
-        if not isinstance(attn, LolcatsAttention):
-            layers[i].self_attn = LolcatsAttention(attn, model.config, cfg, i)
-    model.config.lolcats_attention = asdict(cfg)
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        if not isinstance(attn, LolcatsAttention) or attn.converted != (i in converted):
+            layer.self_attn = LolcatsAttention(attn, model.config, cfg, i, converted=i in converted)
+    _record_layers(model, cfg)
     return model
+
+
+def keep_softmax(model: nn.Module, indices: list[int]) -> nn.Module:
+    """Turn converted layers ``indices`` back into softmax attention (their feature maps are dropped);
+    before LoRA is added. The model's ``config.lolcats_attention`` records the result (export)."""
+    layers = decoder_layers(model)
+    for i in indices:
+        if not 0 <= i < len(layers) or not isinstance(layers[i].self_attn, LolcatsAttention):
+            raise ValueError(f"keep_softmax: layer {i} is not a LolcatsAttention layer of this model")
+        attn = layers[i].self_attn
+        if attn.converted:
+            layers[i].self_attn = LolcatsAttention(attn, model.config, attn.cfg, i, converted=False)
+    _record_layers(model, next(iter(lolcats_modules(model))).cfg)
+    return model
+
+
+def softmax_layers(model: nn.Module) -> list[int]:
+    """Indices of the layers kept as softmax attention."""
+    return sorted(i for i, m in lolcats_attention_by_layer(model).items() if not m.converted)
+
+
+def _record_layers(model: nn.Module, cfg: AttentionConfig) -> None:
+    """``config.lolcats_attention``: ``cfg`` with the layer split as it is (what an export rebuilds)."""
+    kept = softmax_layers(model)
+    model.config.lolcats_attention = {**asdict(cfg), "layers": None, "softmax_layers": kept or None,
+                                      "softmax_count": 0}
 
 
 def lolcats_modules(model: nn.Module) -> Iterator[LolcatsAttention]:
@@ -95,6 +123,18 @@ def set_attention_mode(model: nn.Module, mode: Mode) -> None:
         raise ValueError(f"unknown attention mode {mode!r}; known: {', '.join(MODES)}")
     for m in lolcats_modules(model):
         m.mode = mode
+
+
+@contextlib.contextmanager
+def attention_mode(model: nn.Module, mode: Mode) -> Iterator[None]:
+    """``set_attention_mode`` for the duration of a ``with`` block; each layer's mode restored after."""
+    before = [(m, m.mode) for m in lolcats_modules(model)]
+    set_attention_mode(model, mode)
+    try:
+        yield
+    finally:
+        for m, was in before:
+            m.mode = was
 
 
 def attention_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -131,25 +171,29 @@ def collect_distill_outputs(model: nn.Module, xent: bool = False) -> Iterator[li
 
 
 def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dtype | None = None,
-               device=None) -> LolcatsCache:
-    """A LolcatsCache for ``model``; states are allocated now if ``batch_size`` is given, else lazily."""
+               device=None, max_length: int | None = None) -> LolcatsCache:
+    """A LolcatsCache for ``model``; states are allocated now if ``batch_size`` is given, else lazily.
+
+    Layers kept as softmax attention get HF's dynamic layer, or, with ``batch_size`` and ``max_length``
+    (positions per row), a :class:`SoftmaxLayer` with preallocated key/value buffers."""
     inner = causal_lm(model)
     config = inner.config.get_text_config(decoder=True)
     mods = lolcats_attention_by_layer(inner)
-    if not mods:
-        raise ValueError("make_cache: the model has no LolcatsAttention layers (run convert_model first)")
+    if not any(m.converted for m in mods.values()):
+        raise ValueError("make_cache: the model has no converted LolcatsAttention layers (run convert_model first)")
     dynamic = DynamicCache(config=config).layers
     layers = []
     for i in range(config.num_hidden_layers):
-        if i not in mods:
+        m = mods.get(i)
+        w = None if m is None else m.q_proj.weight
+        dt = dtype or (w.dtype if w is not None and w.is_floating_point() else torch.float32)
+        if m is not None and not m.converted and batch_size is not None and max_length is not None:
+            layers.append(SoftmaxLayer(m.empty_kv_state(batch_size, max_length, dt, device or w.device)))
+        elif m is None or not m.converted:
             layers.append(dynamic[i] if i < len(dynamic) else DynamicLayer())
-            continue
-        state = None
-        if batch_size is not None:
-            w = mods[i].q_proj.weight
-            state = mods[i].empty_state(batch_size, dtype or (w.dtype if w.is_floating_point() else torch.float32),
-                                        device or w.device)
-        layers.append(LolcatsLayer(state))
+        else:
+            state = None if batch_size is None else m.empty_state(batch_size, dt, device or w.device)
+            layers.append(LolcatsLayer(state))
     return LolcatsCache(layers)
 
 

@@ -21,6 +21,11 @@ its own slot of the cache (:meth:`LolcatsAttention.attend_cached`):
   state, in pieces of bounded memory; then the chunk is absorbed into the state
   (``ops.decode.naive.absorb_chunk``).
 
+A layer kept as softmax attention (``converted=False``: ``AttentionConfig.softmax_layers``, or
+picked by ``softmax_count``) is the teacher path in every mode; with a cache it appends to an HF
+dynamic slot, or writes a :class:`~lolcats.attention.cache.SoftmaxLayer`'s preallocated buffers
+(:meth:`LolcatsAttention.attend_softmax_cached`; FastGenerator).
+
 Padding keys (mask 0) are never written; positions come from ``position_ids`` (HF ``generate``
 derives them from the attention mask, so a left-padded row keeps its own windows).
 
@@ -41,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lolcats.attention.cache import LolcatsCache, LolcatsLayer
+from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, SoftmaxLayer
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
@@ -114,10 +119,15 @@ def chunk_positions(position_ids, B: int, T: int, seen: int, device) -> torch.Te
 
 
 class LolcatsAttention(nn.Module):
-    def __init__(self, base: nn.Module, model_config, cfg: AttentionConfig, layer_idx: int):
+    """``converted=False``: a layer kept as softmax attention. It has no feature maps, always computes
+    the teacher path (whatever its ``mode``), and with a cache uses a KV slot (dynamic, or a
+    :class:`~lolcats.attention.cache.SoftmaxLayer` with preallocated buffers)."""
+
+    def __init__(self, base: nn.Module, model_config, cfg: AttentionConfig, layer_idx: int, converted: bool = True):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
+        self.converted = converted
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
         self.num_heads = model_config.num_attention_heads
         self.num_kv_heads = getattr(model_config, "num_key_value_heads", None) or self.num_heads
@@ -125,6 +135,11 @@ class LolcatsAttention(nn.Module):
         self.scaling = getattr(base, "scaling", self.head_dim**-0.5)
         self.config = getattr(base, "config", model_config)
         self.is_causal = True
+        self.mode: Mode = "student"
+        self.collector: list[DistillOutput] | None = None
+        self.collect_xent = False
+        if not converted:
+            return
         dev = self.q_proj.weight.device
         self.feature_map_q = build_feature_map(cfg.feature_map, self.num_heads, self.head_dim, cfg.feature_dim,
                                                cfg.feature_init).to(dev)
@@ -135,9 +150,6 @@ class LolcatsAttention(nn.Module):
             self.window_factors = nn.Parameter(torch.full((self.num_heads,), logit, device=dev))
         else:
             self.register_parameter("window_factors", None)
-        self.mode: Mode = "student"
-        self.collector: list[DistillOutput] | None = None
-        self.collect_xent = False
 
     # ------------------------------------------------------------ pieces
 
@@ -224,11 +236,15 @@ class LolcatsAttention(nn.Module):
         q, k, v, log_gate = self.project(hidden_states, position_embeddings)
         B, T = hidden_states.shape[:2]
 
-        if self.mode == "teacher":
-            if cache is not None:  # a LolcatsCache refuses update() with a clear error
+        mode = self.mode if self.converted else "teacher"
+        slot = cache.layers[self.layer_idx] if isinstance(cache, LolcatsCache) else None
+        if mode == "teacher" and isinstance(slot, SoftmaxLayer):
+            y = self.attend_softmax_cached(slot, q, k, v, attention_mask, position_ids)
+        elif mode == "teacher":
+            if cache is not None:  # a converted layer's LolcatsLayer refuses update() with a clear error
                 k, v = cache.update(k, v, self.layer_idx)
             y = self.softmax_attention(q, k, v, attention_mask)
-        elif self.mode == "distill":
+        elif mode == "distill":
             y = self._distill(q, k, v, attention_mask, log_gate)
         elif isinstance(cache, LolcatsCache):
             fq, fk = self.features(q, k)
@@ -324,6 +340,33 @@ class LolcatsAttention(nn.Module):
         absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size, log_gate)
         return y
 
+    def empty_kv_state(self, batch_size: int, max_length: int, dtype, device) -> KVState:
+        """Zeroed key/value buffers for ``batch_size`` rows of up to ``max_length`` positions (a kept layer)."""
+        return KVState.empty(batch_size, self.num_kv_heads, max_length, self.head_dim, self.head_dim, dtype, device)
+
+    def attend_softmax_cached(self, slot: SoftmaxLayer, q, k, v, attention_mask=None, position_ids=None):
+        """Softmax attention of a chunk (or one token) over ``slot``'s buffers, writing its keys first.
+
+        Each valid token goes to the slot of its position; a query at position p attends slots [0, p]
+        of its row (a row's positions are consecutive from its first token, so they are all written).
+        q (B, H, T, D), k/v (B, Hk, T, D) -> (B, H, T, D).
+        """
+        B, _, T, _ = q.shape
+        st = slot.state
+        if st.batch_size != B:
+            raise ValueError(f"the SoftmaxLayer was made for batch {st.batch_size}, got {B}")
+        L = st.max_length
+        key_mask = chunk_key_mask(attention_mask, B, T)
+        pos = chunk_positions(position_ids, B, T, slot.seen, q.device)
+        ok = pos < L if key_mask is None else key_mask & (pos < L)
+        idx = torch.where(ok, pos, L)[:, None, :, None]  # (B, 1, T, 1); L = the scratch slot
+        st.k.scatter_(2, idx.expand(*k.shape), k.to(st.k.dtype))
+        st.v.scatter_(2, idx.expand(*v.shape), v.to(st.v.dtype))
+        slots = torch.arange(L + 1, device=q.device)
+        allowed = (slots[None, None, :] <= pos[:, :, None]) & (slots < L)  # (B, T, L + 1)
+        slot.seen += T
+        return self.softmax_attention(q, st.k.to(q.dtype), st.v.to(q.dtype), allowed[:, None])
+
     # ------------------------------------------------------------ attention transfer
 
     def _distill(self, q, k, v, attention_mask, log_gate=None):
@@ -351,6 +394,8 @@ class LolcatsAttention(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
+        if not self.converted:
+            return f"layer={self.layer_idx}, softmax (kept)"
         gate = f", gate={c.gate}" if c.gate != "none" else ""
         return (f"layer={self.layer_idx}, kind={c.kind}, feature_map={c.feature_map}, window={c.window_size}{gate}, "
                 f"mode={self.mode}")

@@ -18,6 +18,11 @@ With ``compile`` the model's forward of the step (embedding to logits; the sampl
 around the attention kernels, so a step launches far fewer kernels (a small model's step is bound
 by launches, not bytes). The first capture then compiles (tens of seconds on a GPU).
 
+Layers kept as softmax attention (``attention.softmax_layers`` / ``softmax_count``) hold their keys
+and values in buffers preallocated for the longest row (prompt + ``max_new_tokens`` positions;
+sized at the first prompt, enlarged and the graph captured again for a longer one): the decode
+step writes each row's key at its position and attends over that row's positions [0, p].
+
 Sampling uses the Gumbel-max trick (argmax of logits / T plus Gumbel noise), with top-p applied
 by sorting; both are graph-safe. Stop *strings* are the caller's business (see ``cli.run_generate``);
 stop token ids are handled on device.
@@ -28,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lolcats.attention.cache import LolcatsLayer
+from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer
 from lolcats.attention.convert import (causal_lm, decoder_stack, layer_cache_kwarg, lolcats_attention_by_layer,
                                        make_cache)
 
@@ -85,9 +90,10 @@ class FastGenerator:
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
         mods = lolcats_attention_by_layer(self.model)
         n_layers = len(self.lm.layers)
-        if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
-            raise ValueError("FastGenerator needs every layer converted and in student mode "
-                             f"({len(mods)} of {n_layers} converted); use model.generate() otherwise")
+        if len(mods) != n_layers or any(m.converted and m.mode != "student" for m in mods.values()):
+            raise ValueError("FastGenerator needs every layer a LolcatsAttention (converted, or kept as softmax) and "
+                             f"the converted ones in student mode ({len(mods)} of {n_layers} are LolcatsAttention); "
+                             "use model.generate() otherwise")
         emb = self.lm.embed_tokens.weight
         self.device = emb.device
         self.B, self.max_new = batch_size, max_new_tokens
@@ -99,7 +105,7 @@ class FastGenerator:
         self.pad = int(pad if pad is not None else (eos[0] if eos else 0))
         self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=self.device)
         self.has_stop = bool(eos)
-        self.cache = make_cache(self.model, batch_size)
+        self.cache = make_cache(self.model, batch_size, max_length=max_new_tokens + 1)
         self.cache_key = layer_cache_kwarg(self.model)
         B, dev = batch_size, self.device
         self.ids = torch.zeros(B, dtype=torch.long, device=dev)  # token fed to the next step
@@ -109,7 +115,7 @@ class FastGenerator:
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.use_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.slots = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
+        self.slots = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]  # SoftmaxLayers too
         self._logits = self._forward_logits
         if compile:  # True: inductor; or a torch.compile backend name (tests: "eager")
             self._logits = torch.compile(self._forward_logits, backend="inductor" if compile is True else compile,
@@ -192,11 +198,21 @@ class FastGenerator:
                 l.state, l.seen = st, T
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
+    def _fit_softmax_layers(self, length: int) -> None:
+        """Enlarge kept softmax layers' buffers to ``length`` positions if smaller (the graph is captured again)."""
+        mods = lolcats_attention_by_layer(self.model)
+        for i, layer in enumerate(self.cache.layers):
+            if isinstance(layer, SoftmaxLayer) and layer.state.max_length < length:
+                st = layer.state
+                layer.state = mods[i].empty_kv_state(self.B, length, st.k.dtype, st.k.device)
+                self.graph = None
+
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """input_ids, attention_mask (b, T), left-padded: reset the states, read the prompt, emit token 1."""
-        self.capture()
         ids, mask = self._pad_batch(input_ids, attention_mask)
+        self._fit_softmax_layers(ids.shape[1] + self.max_new)
+        self.capture()
         for layer in self.cache.layers:
             layer.reset()
         logits = self._prefill_logits(ids, mask)
@@ -251,4 +267,5 @@ class FastGenerator:
         return n if not len(stop) else self.max_new + 2
 
     def state_nbytes(self) -> int:
+        """Bytes of the per-layer states: constant for converted layers, the preallocated buffers for kept ones."""
         return sum(l.state.nbytes() for l in self.slots)

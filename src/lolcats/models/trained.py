@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lolcats import distributed as dist
-from lolcats.attention.convert import (convert_model, enable_lolcats_generation, set_attention_mode,
+from lolcats.attention.convert import (convert_model, enable_lolcats_generation, keep_softmax, set_attention_mode,
                                        stage1_checkpoint_names)
 from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
                                 load_tensors, read_meta)
@@ -204,6 +204,7 @@ def load_linearized(base: str | None, stage1: str | None, stage2: str | None = N
     fp = base_fingerprint(model)
     load_stage1(model, stage1, fp)
     if stage2:
+        keep_softmax(model, read_meta(stage2).get("softmax_layers") or [])  # the layers stage 2 kept as softmax
         model = add_lora(model, finetune)
         load_stage2(model, stage2, fp)
         if merge:

@@ -4,7 +4,12 @@ Stage 1, attention transfer: only feature maps and window factors train; each co
 matches its softmax teacher (MSE x mse_factor, plus optional attention cross-entropy), and the
 teacher's output is passed on, so layers learn independently. The LM head is never run.
 
-Stage 2, low-rank adjusting: feature maps frozen; LoRA (peft) on q/k/v/o; next-token loss.
+Stage 2, low-rank adjusting: feature maps frozen; LoRA (peft) on q/k/v/o; next-token loss, KL to
+the teacher's logits, or a mix (``finetune.loss``, :mod:`lolcats.training.kl`); validated by the
+next-token loss either way (so stages compare), plus the KL when it is trained.
+
+Between them, ``attention.softmax_count`` keeps the layers stage 1 transferred worst as softmax
+attention (:func:`pick_softmax_layers`).
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ import torch
 
 from lolcats.attention.convert import (attention_parameters, collect_distill_outputs, set_attention_mode,
                                        set_attention_trainable, stage1_checkpoint_names)
-from lolcats.config import Config
+from lolcats.config import Config, FinetuneConfig
 from lolcats.models.lora import lora_checkpoint_names, lora_parameters
 from lolcats.runtime import autocast_context
+from lolcats.training.kl import kl_to_teacher, kl_validate, teacher_logits
 from lolcats.training.trainer import Stage
+
+MSE_LOG = "mse/"  # + layer index: a layer's attention-transfer MSE in the stage-1 logs and metrics
 
 
 def _batches(data: torch.Tensor, size: int):
@@ -43,7 +51,7 @@ def aggregate_distill_outputs(outs: list, cfg: Config) -> tuple[torch.Tensor, di
         raise RuntimeError("no converted attention layer reported a distillation loss")
     mse = torch.stack([o.mse for o in outs])
     loss = d.mse_factor * mse.mean()
-    logs = {f"mse/{o.layer_idx}": o.mse.detach() for o in outs}
+    logs = {f"{MSE_LOG}{o.layer_idx}": o.mse.detach() for o in outs}
     if d.xent_factor > 0:
         xent = torch.stack([o.xent for o in outs])
         loss = loss + d.xent_factor * xent.mean()
@@ -76,6 +84,21 @@ def lm_loss(model, batch: torch.Tensor, precision: str, device) -> torch.Tensor:
     return out.loss.float()
 
 
+def finetune_loss(model, batch: torch.Tensor, f: FinetuneConfig, device) -> tuple[torch.Tensor, dict]:
+    """The stage-2 loss ``f.loss`` on token ids (B, T): ce, kl (to the teacher's logits) or
+    (1 - kl_weight) * ce + kl_weight * kl; the terms logged as 0-dim tensors."""
+    if f.loss == "ce":
+        return lm_loss(model, batch, f.precision, device), {}
+    teacher = teacher_logits(model, batch, f.precision, device)  # first: the student pass is what backward sees
+    with autocast_context(device, f.precision):
+        out = model(input_ids=batch, labels=batch if f.loss == "mix" else None, use_cache=False)
+    kl = kl_to_teacher(out.logits, teacher, f.kl_temperature)
+    if f.loss == "kl":
+        return kl, {"kl": kl.detach()}
+    ce = out.loss.float()
+    return (1 - f.kl_weight) * ce + f.kl_weight * kl, {"kl": kl.detach(), "ce": ce.detach()}
+
+
 def lm_validate(model, val: torch.Tensor, precision: str, device, batch_size: int) -> tuple[float, dict]:
     """Mean next-token loss over all predicted positions of the packed rows ``val: (N, T)``, and its
     perplexity (evaluation's ``packed_perplexity``, in the stage's precision)."""
@@ -100,15 +123,29 @@ def distill_stage(model, cfg: Config, val: torch.Tensor, device, meta: dict) -> 
                  sum(p.numel() for p in model.parameters()))
 
 
+def pick_softmax_layers(metrics: dict, count: int) -> list[int]:
+    """The ``count`` layers with the largest stage-1 validation MSE (``mse/<layer>`` in ``metrics``, the
+    best stage-1 checkpoint's), sorted; ties go to the lower index."""
+    mse = {int(k[len(MSE_LOG):]): float(v) for k, v in metrics.items() if k.startswith(MSE_LOG)}
+    if count > len(mse):
+        raise ValueError(f"attention.softmax_count: {count} layers asked for, but stage 1 logged the MSE of "
+                         f"{len(mse)} ({MSE_LOG}<layer> in its metrics)")
+    return sorted(sorted(mse, key=lambda i: (-mse[i], i))[:count])
+
+
 def finetune_stage(model, cfg: Config, val: torch.Tensor, device, meta: dict) -> Stage:
     set_attention_mode(model, "student")
     f = cfg.finetune
 
     def loss(batch):
         model.train()
-        out = lm_loss(model, batch, f.precision, device)
-        return out, {}
+        return finetune_loss(model, batch, f, device)
 
-    return Stage("finetune", model, lora_parameters(model), loss,
-                 lambda: lm_validate(model, val, f.precision, device, f.micro_batch_size),
+    def validate():
+        val_loss, metrics = lm_validate(model, val, f.precision, device, f.micro_batch_size)
+        if f.loss != "ce":
+            metrics["kl"] = kl_validate(model, val, f, device, f.micro_batch_size)
+        return val_loss, metrics
+
+    return Stage("finetune", model, lora_parameters(model), loss, validate,
                  f, lora_checkpoint_names(model), meta, sum(p.numel() for p in model.parameters()))

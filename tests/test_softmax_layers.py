@@ -1,0 +1,210 @@
+"""Layers kept as softmax attention (attention.softmax_layers / softmax_count): the base layer's output
+exactly, the cache with generate() and FastGenerator, the pick after stage 1, checkpoints and export."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from lolcats.attention.cache import SoftmaxLayer
+from lolcats.attention.convert import (cache_kwarg_name, convert_model, keep_softmax, lolcats_attention_by_layer,
+                                       make_cache, set_attention_mode, softmax_layers)
+from lolcats.config import AttentionConfig, ConfigError, load_config
+from lolcats.generation import FastGenerator, enable_lolcats_generation
+from lolcats.training.stages import pick_softmax_layers
+from test_generation import VOCAB, incremental_logits, left_pad
+
+ATTN = dict(kind="terraced_window", window_size=8, feature_map="hedgehog", feature_dim=8, feature_init="random",
+            init_window_factor=0.5)
+
+
+def build(kept=(0, 2), layers: int = 3, seed: int = 0):
+    """A 3-layer tiny llama with ``kept`` layers softmax, the others converted (student mode)."""
+    model = tiny_model(vocab_size=VOCAB, layers=layers, seed=seed)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    convert_model(model, AttentionConfig(**ATTN, softmax_layers=list(kept)))
+    set_attention_mode(model, "student")
+    return enable_lolcats_generation(model)
+
+
+def layer_outputs(model, ids, mask) -> list[torch.Tensor]:
+    """Each decoder layer's output hidden states (B, T, d) for one forward."""
+    outs = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.model.layers]
+    try:
+        model(ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+@torch.no_grad()
+def test_kept_layer_gives_the_base_layer_output_exactly():
+    base = tiny_model(vocab_size=VOCAB, layers=3)
+    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (21, 9)])
+    want = layer_outputs(base, ids, mask)
+    model = copy.deepcopy(base)
+    convert_model(model, AttentionConfig(**ATTN, softmax_layers=[0]))
+    for mode in ("student", "distill", "teacher"):  # a kept layer ignores the mode
+        set_attention_mode(model, mode)
+        torch.testing.assert_close(layer_outputs(model, ids, mask)[0], want[0], rtol=0, atol=0)
+    picked = copy.deepcopy(base)  # converted by stage 1, then kept by the count pick
+    convert_model(picked, AttentionConfig(**ATTN))
+    keep_softmax(picked, [0])
+    set_attention_mode(picked, "student")
+    torch.testing.assert_close(layer_outputs(picked, ids, mask)[0], want[0], rtol=0, atol=0)
+    assert softmax_layers(picked) == [0] and not hasattr(picked.model.layers[0].self_attn, "feature_map_q")
+    assert picked.config.lolcats_attention["softmax_layers"] == [0]
+
+
+@torch.no_grad()
+def test_prefill_then_decode_equals_full_forward_with_kept_layers():
+    model = build()
+    rows = [torch.randint(1, VOCAB, (n,)) for n in (37, 26, 9)]
+    ids, mask = left_pad(rows)
+    dynamic = incremental_logits(model, ids, mask, splits=[20])  # kept layers: HF dynamic layers
+    for i, r in enumerate(rows):
+        alone = model(r[None]).logits[0]
+        torch.testing.assert_close(dynamic[i, ids.shape[1] - len(r):], alone, atol=2e-5, rtol=1e-4)
+    cache, outs, start = make_cache(model, batch_size=3, max_length=ids.shape[1]), [], 0  # preallocated buffers
+    assert [type(l) for l in cache.layers].count(SoftmaxLayer) == 2
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    for end in [20, *range(21, ids.shape[1] + 1)]:
+        outs.append(model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=pos[:, start:end],
+                          use_cache=True, **{cache_kwarg_name(model): cache}).logits)
+        start = end
+    real = mask.bool()  # a padding query's output is not defined
+    torch.testing.assert_close(torch.cat(outs, 1)[real], dynamic[real], atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_generate_and_fast_generator_with_kept_layers():
+    model = build()
+    rows = [torch.randint(1, VOCAB, (n,)) for n in (19, 7, 12)]
+    ids, mask = left_pad(rows)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)[:, ids.shape[1]:]
+    for i, r in enumerate(rows):
+        seq = r[None]
+        for _ in range(14):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(out[i], seq[0, len(r):])
+    fast = FastGenerator(model, batch_size=4, max_new_tokens=14, eos_token_ids=[], use_cuda_graph=False,
+                         prefill_tokens=20)  # one row per prefill group: views of the buffers
+    fast.prefill(ids, mask)
+    nbytes = fast.state_nbytes()
+    kv = 2 * 4 * 2 * (ids.shape[1] + 14 + 1) * 16 * 4  # k and v, batch 4, 2 KV heads, L + 1 slots, D 16, fp32
+    assert nbytes == 2 * kv + lolcats_attention_by_layer(model)[1].empty_state(4, torch.float32, "cpu").nbytes()
+    fast.decode(5)
+    assert fast.state_nbytes() == nbytes  # bounded: nothing grows while decoding
+    assert torch.equal(fast.generate(ids, mask), out)
+    longer, lmask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (30, 4)])  # buffers enlarged for it
+    ref = model.generate(longer, attention_mask=lmask, max_new_tokens=14, do_sample=False)[:, longer.shape[1]:]
+    assert torch.equal(fast.generate(longer, lmask), ref)
+    assert torch.equal(fast.generate(ids, mask), out)  # and back to the shorter prompt
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_graph_with_kept_layers_equals_generate():
+    model = build().cuda()
+    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (30, 12)])
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
+    graph = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True)
+    assert torch.equal(graph.generate(ids, mask), ref)
+    assert torch.equal(graph.generate(ids, mask), ref)
+
+
+def test_pick_takes_the_largest_stage1_errors():
+    metrics = {"val_loss": 9.0, "mse/0": 0.1, "mse/1": 0.5, "mse/2": 0.3, "mse/3": 0.5, "step": 4}
+    assert pick_softmax_layers(metrics, 0) == []
+    assert pick_softmax_layers(metrics, 1) == [1]  # a tie goes to the lower index
+    assert pick_softmax_layers(metrics, 3) == [1, 2, 3]
+    with pytest.raises(ValueError, match="softmax_count"):
+        pick_softmax_layers(metrics, 5)
+
+
+def test_config_says_which_layers_stay_softmax_once():
+    ok = load_config(None, ["--attention.softmax_layers", "0,2"])
+    assert ok.attention.converted_layers(4) == [1, 3]
+    assert load_config(None, {"attention": {"layers": [1, 3]}}).attention.converted_layers(4) == [1, 3]
+    bad = [({"layers": [0], "softmax_layers": [1]}, "not both"),
+           ({"softmax_layers": [1], "softmax_count": 1}, "not both"),
+           ({"softmax_count": -1}, ">= 0"), ({"softmax_layers": [1, 1]}, "distinct")]
+    for attention, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, {"attention": attention})
+    with pytest.raises(ConfigError, match="layer 4 does not exist"):
+        AttentionConfig(softmax_layers=[4]).converted_layers(4)
+    with pytest.raises(ConfigError, match="below the number of converted"):
+        AttentionConfig(softmax_count=2, layers=[0, 1]).converted_layers(4)
+    with pytest.raises(ConfigError, match="no layer is left"):
+        AttentionConfig(softmax_layers=[0, 1]).converted_layers(2)
+
+
+def test_run_directories_follow_the_options():
+    from lolcats.runs import stage_dirs
+
+    d = {k: stage_dirs(load_config(None, {"attention": a})) for k, a in
+         (("plain", {}), ("count", {"softmax_count": 2}), ("list", {"softmax_layers": [3]}))}
+    assert d["count"][0] == d["plain"][0] and d["count"][1] != d["plain"][1]  # stage 1 shared
+    assert d["list"][0] != d["plain"][0] and d["list"][1] != d["plain"][1]
+    assert stage_dirs(load_config(None, {"finetune": {"loss": "kl"}}))[1] != d["plain"][1]
+
+
+# ---------------------------------------------------------------- the pipeline with a count
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory):
+    """Stage 1 on a 2-layer tiny model, hand-made per-layer errors naming layer 0, then stage 2."""
+    from conftest import save_tiny, write_alpaca
+    from lolcats.pipeline import prepare, run_distill, run_finetune, stage_dirs
+    from test_pipeline import make_cfg
+
+    root = tmp_path_factory.mktemp("keep")
+    cfg = make_cfg(root, save_tiny(root / "model"), write_alpaca(root / "alpaca.jsonl", n=120),
+                   **{"attention.softmax_count": 1, "distill.max_steps": 2, "finetune.max_steps": 2,
+                      "finetune.eval_every": 2})
+    ctx = prepare(cfg)
+    run_distill(ctx)
+    d1, d2 = stage_dirs(cfg)
+    meta = json.loads((d1 / "best" / "meta.json").read_text())
+    meta["metrics"].update({"mse/0": 5.0, "mse/1": 1.0})
+    (d1 / "best" / "meta.json").write_text(json.dumps(meta))
+    model, _ = run_finetune(ctx)
+    return cfg, d1, d2, model
+
+
+def test_count_pick_is_recorded_and_reloaded(counted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lolcats.checkpoint import load_tensors, read_meta
+    from lolcats.hf import export_model
+    from lolcats.models.trained import load_linearized
+
+    cfg, d1, d2, trained = counted
+    assert read_meta(d2 / "best")["softmax_layers"] == [0] and softmax_layers(trained) == [0]
+    assert any(k.startswith("base_model.model.model.layers.0.self_attn.q_proj.lora_A")
+               for k in load_tensors(d2 / "best"))  # LoRA in the kept layer too
+    model, tok = load_linearized(None, None, str(d2 / "best"), device="cpu", dtype="float32")
+    assert softmax_layers(model) == [0]
+    ids = torch.randint(3, 60, (2, 30))
+    set_attention_mode(trained, "student")
+    with torch.no_grad():
+        ref = model(ids).logits
+        torch.testing.assert_close(trained(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    export_model(model, tok, tmp_path / "export")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert softmax_layers(back) == [0]
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    stage1_only, _ = load_linearized(None, str(d1 / "best"), None, device="cpu", dtype="float32")
+    assert softmax_layers(stage1_only) == []  # the pick belongs to stage 2
