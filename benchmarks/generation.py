@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--kind", default="terraced_window", choices=["linear", "sliding_window", "terraced_window"])
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=64)
+    p.add_argument("--sparse-cache", type=int, default=0,
+                   help="LoLA sparse cache: pairs per KV head (0 = off; the decode step is then the PyTorch reference)")
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole sweep")
     p.add_argument("--no-skip", action="store_true",
                    help="run every batch of --batches even when the time predictor says it will not fit")
@@ -146,7 +148,6 @@ def attention_only_step(gen: FastGenerator, steps: int) -> tuple[float, float]:
     """Seconds per step of (1) only the decode-attention calls of every layer, (2) a floor for them:
     three cuBLAS batched products that read the state once (q K^T, p V, phi(q) kv), same states."""
     from lolcats.attention.convert import lolcats_attention_by_layer
-    from lolcats.ops import get_backend
 
     calls = []
     for i, m in sorted(lolcats_attention_by_layer(gen.model).items()):
@@ -161,7 +162,7 @@ def attention_only_step(gen: FastGenerator, steps: int) -> tuple[float, float]:
 
     def run():
         for m, a in calls:
-            get_backend(m.cfg.backend, a[0]).decode(*a)
+            m.decode_op(a[5])(*a)
 
     def floor():
         for m, (q, k, v, fq, fk, st, *_) in calls:
@@ -380,10 +381,11 @@ def main(argv=None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     new_tokens = [int(n) for n in args.new_tokens.split(",")]
     attn = AttentionConfig(kind=args.kind, window_size=args.window, feature_dim=args.feature_dim,
-                           feature_init="random")
+                           feature_init="random", sparse_cache=args.sparse_cache)
     bw = measure_bandwidth(dev)
     meta = dict(gpu=torch.cuda.get_device_name(dev), torch=torch.__version__, transformers=transformers.__version__,
-                prompt_len=args.prompt_len, attention=f"{args.kind} w={args.window} hedgehog F={2 * args.feature_dim}",
+                prompt_len=args.prompt_len, attention=f"{args.kind} w={args.window} hedgehog F={2 * args.feature_dim}"
+                + (f" sparse cache {args.sparse_cache}" if args.sparse_cache else ""),
                 bandwidth_gbs=bw / 1e9)
     print(f"GPU: {meta['gpu']}  copy bandwidth {bw / 1e9:.0f} GB/s")
     print(" | ".join(COLS))

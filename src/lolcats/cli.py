@@ -12,6 +12,7 @@ MODEL is the same on every command that uses a model: ``--checkpoint DIR`` (a st
 stage-2 checkpoint, ``.../best``; a stage 2 finds its stage 1), ``--export DIR``, ``--base NAME``
 (alone: the base model; with a checkpoint: the base to load it onto), or ``--config FILE`` and
 config flags naming a finished run. Every config field is a flag (``--distill.lr 3e-3``).
+``--sparse-cache N`` puts LoLA's sparse cache on the loaded model (a checkpoint needs no retraining).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 
-from lolcats.config import ConfigError, config_help, load_config
+from lolcats.config import AttentionConfig, ConfigError, config_help, load_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SPARSE_SCORES = typing.get_args(typing.get_type_hints(AttentionConfig)["sparse_score"])
 
 
 # ---------------------------------------------------------------- shared flags
@@ -43,6 +46,11 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
                    help="base model (hub name, directory, .gguf, built-in): the checkpoint's recorded one by default"
                         + ("; alone: evaluate or use the base model itself" if base_alone else ""))
     _config_flags(g)
+    g.add_argument("--sparse-cache", type=int, metavar="N", default=None,
+                   help="LoLA sparse cache on the loaded linearized model: N key-value pairs per KV head kept "
+                        "beside the window (those its linear state recalls worst); no training needed; 0 = off")
+    g.add_argument("--sparse-score", default=None, choices=SPARSE_SCORES,
+                   help="which pairs the sparse cache keeps (default: the model's, self_recall)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--dtype", default="auto", choices=DTYPES)
 
@@ -58,7 +66,7 @@ def model_source(args: argparse.Namespace, rest: list[str]):
                           "--stage1 or --base (use --base NAME to load a checkpoint onto another base model)")
     config = None if explicit else load_config(args.config, rest)
     return ModelSource(checkpoint=args.checkpoint, stage1=args.stage1, export=args.export, base=args.base,
-                       config=config)
+                       config=config, sparse_cache=args.sparse_cache, sparse_score=args.sparse_score)
 
 
 def _load(args, rest):

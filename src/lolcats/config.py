@@ -73,6 +73,13 @@ class AttentionConfig:
     "Attention kernels: auto picks Triton on CUDA and PyTorch elsewhere."
     layers: list[int] | None = None
     "Indices of the layers to convert; all when empty."
+    sparse_cache: int = 0
+    "LoLA sparse global cache: key-value pairs per KV head kept beside the window (those the linear state "
+    "recalls worst); pairs it pushes out fold into the linear state. 0 = off. Window kinds only; needs no "
+    "training (apply it to a checkpoint with --sparse-cache N)."
+    sparse_score: Literal["self_recall", "recency"] = "self_recall"
+    "Which pairs the sparse cache keeps: self_recall (LoLA: largest ||v - phi(k)^T kv / phi(k)^T ks||, "
+    "re-scored against the current state at each eviction) or recency (the latest to leave the window; an ablation)."
 
 
 @dataclass
@@ -187,11 +194,21 @@ class Config:
         return asdict(self)
 
     def fingerprint(self, *sections: str) -> str:
-        """Short hash of the named sections (all when none): identifies a stage's work."""
+        """Short hash of the named sections (all when none): identifies a stage's work.
+
+        Fields of :data:`NEUTRAL_AT_DEFAULT` at their default are left out, so adding them kept the
+        hashes (and run directories) of earlier configs."""
         d = self.to_dict()
+        for sec, names in NEUTRAL_AT_DEFAULT.items():
+            default = asdict(type(getattr(self, sec))())
+            for n in names:
+                if d[sec][n] == default[n]:
+                    del d[sec][n]
         picked = {s: d[s] for s in (sections or d.keys())}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
 
+
+NEUTRAL_AT_DEFAULT = {"attention": ("sparse_cache", "sparse_score")}  # fields added after runs were named
 
 SHORT_FLAGS = {"seed": "run.seed", "hf-token": "model.hf_token", "hf_token": "model.hf_token", "model": "model.name"}
 
@@ -310,8 +327,26 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction: {cfg.data.val_fraction} must be in [0, 1)")
     if cfg.distill.block_size is not None and cfg.distill.block_size <= 0:
         raise ConfigError(f"distill.block_size: {cfg.distill.block_size} must be > 0")
+    check_sparse_cache(cfg.attention)
+    if cfg.attention.sparse_cache and cfg.distill.xent_factor > 0:
+        raise ConfigError("attention.sparse_cache: the attention cross-entropy (distill.xent_factor > 0) is not "
+                          "available with a sparse cache; set distill.xent_factor 0 or attention.sparse_cache 0")
+    for stage in ("distill", "finetune"):
+        if cfg.attention.sparse_cache and getattr(cfg, stage).cuda_graph is True:
+            raise ConfigError(f"{stage}.cuda_graph: a forward with the sparse cache cannot be captured in a CUDA "
+                              "graph; set it to false")
     if cfg.model.init == "random" and not cfg.model.tokenizer:
         raise ConfigError("model.tokenizer: required with model.init random (random weights come without one)")
+
+
+def check_sparse_cache(attn: AttentionConfig) -> None:
+    """The sparse cache's settings: a size >= 0, on a window kind, a known score."""
+    if attn.sparse_cache < 0:
+        raise ConfigError(f"attention.sparse_cache: {attn.sparse_cache} must be >= 0 (0 = off)")
+    if attn.sparse_cache and attn.kind == "linear":
+        raise ConfigError("attention.sparse_cache: needs a window kind (sliding_window or terraced_window); "
+                          "linear attention has no softmax part for the cached pairs")
+    _coerce("attention.sparse_score", attn.sparse_score, _field_types(AttentionConfig)["sparse_score"])
 
 
 # ---------------------------------------------------------------- loading

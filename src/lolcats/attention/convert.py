@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import types
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Iterator
 
 import torch
@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lolcats.attention.cache import LolcatsCache, LolcatsLayer
 from lolcats.attention.module import MODES, DistillOutput, LolcatsAttention, Mode
-from lolcats.config import AttentionConfig
+from lolcats.config import AttentionConfig, check_sparse_cache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -72,6 +72,22 @@ def convert_model(model: nn.Module, cfg: AttentionConfig) -> nn.Module:
             layers[i].self_attn = LolcatsAttention(attn, model.config, cfg, i)
     model.config.lolcats_attention = asdict(cfg)
     return model
+
+
+def set_sparse_cache(model: nn.Module, size: int, score: str | None = None) -> None:
+    """Turn LoLA's sparse cache on (``size`` pairs per KV head) or off (0) in every converted layer,
+    e.g. on a trained checkpoint (it needs no training); ``score`` None keeps the layers' score.
+    Checked like ``attention.sparse_cache``; caches made before keep their old size."""
+    mods = list(lolcats_modules(model))
+    if not mods:
+        raise ValueError("set_sparse_cache: the model has no LolcatsAttention layers (a linearized model is needed)")
+    for m in mods:
+        m.cfg = replace(m.cfg, sparse_cache=size, sparse_score=score or m.cfg.sparse_score)
+        check_sparse_cache(m.cfg)
+    config = causal_lm(model).config
+    if isinstance(getattr(config, "lolcats_attention", None), dict):
+        config.lolcats_attention = {**config.lolcats_attention, "sparse_cache": size,
+                                    "sparse_score": mods[0].cfg.sparse_score}
 
 
 def lolcats_modules(model: nn.Module) -> Iterator[LolcatsAttention]:

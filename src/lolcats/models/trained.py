@@ -8,6 +8,7 @@ Every command that uses a model (export, generate, chat, eval, serve) describes 
     load_trained(ModelSource(export="exported_dir"))                       # a `lolcats export` directory
     load_trained(ModelSource(config=cfg))                                  # the finished stages cfg names
     load_trained(ModelSource(base="smollm2-135m-instruct"))                # the base model itself
+    load_trained(ModelSource(checkpoint=..., sparse_cache=64))             # with LoLA's sparse cache on
 
 ``base`` with checkpoints replaces the base model the checkpoint records. Checkpoints are checked
 against the base they were trained on (its fingerprint), and every tensor name and shape.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from lolcats import distributed as dist
 from lolcats.attention.convert import (convert_model, enable_lolcats_generation, set_attention_mode,
-                                       stage1_checkpoint_names)
+                                       set_sparse_cache, stage1_checkpoint_names)
 from lolcats.checkpoint import CheckpointError, check_base, check_fits, load_tensors, read_meta
 from lolcats.config import AttentionConfig, Config, FinetuneConfig, ModelConfig
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
@@ -38,6 +39,8 @@ class ModelSource:
     export: str | None = None  # a directory written by `lolcats export`
     base: str | None = None  # base model: the checkpoint's recorded one when empty; alone, the model itself
     config: Config | None = None  # a config whose run has finished stages
+    sparse_cache: int | None = None  # LoLA's sparse cache (pairs per KV head) put on the loaded model; 0 = off
+    sparse_score: str | None = None  # its score (attention.sparse_score); with sparse_cache only
 
     def __post_init__(self):
         given = [k for k in ("checkpoint", "export", "config") if getattr(self, k) is not None]
@@ -48,6 +51,10 @@ class ModelSource:
         if not given and not self.base and not self.stage1:
             raise ValueError("no model given: pass --checkpoint DIR (a stage checkpoint), --export DIR, "
                              "--base NAME, or --config FILE of a finished run")
+        if self.sparse_cache is not None and not self.linearized:
+            raise ValueError("--sparse-cache needs a linearized model (--checkpoint, --export or --config)")
+        if self.sparse_score is not None and self.sparse_cache is None:
+            raise ValueError("--sparse-score needs --sparse-cache N")
 
     @property
     def linearized(self) -> bool:
@@ -86,14 +93,19 @@ def base_source(source: ModelSource) -> ModelSource:
 
 
 def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: bool = True):
-    """(model, tokenizer) in eval mode, student attention for linearized models, generation enabled."""
-    if source.export:
-        return _load_export(source.export, device, dtype)
+    """(model, tokenizer) in eval mode, student attention for linearized models, generation enabled;
+    ``source.sparse_cache`` (when given) set on the linearized model after loading."""
     if not source.linearized:
         cfg = ModelConfig(name=source.base, dtype=dtype)
         return load_base_model(cfg, device), load_tokenizer(cfg)
-    stage1, stage2 = checkpoint_pair(source)
-    return load_linearized(source.base, stage1, stage2, device, dtype, merge)
+    if source.export:
+        model, tok = _load_export(source.export, device, dtype)
+    else:
+        stage1, stage2 = checkpoint_pair(source)
+        model, tok = load_linearized(source.base, stage1, stage2, device, dtype, merge)
+    if source.sparse_cache is not None:
+        set_sparse_cache(model, source.sparse_cache, source.sparse_score)
+    return model, tok
 
 
 def _load_export(directory: str, device, dtype: str):

@@ -16,6 +16,12 @@ Window shapes, by token positions p (so left padding does not move them):
   * ``terraced_window``: blocks of w tokens, b = p // w; j in W(i) iff p_j <= p_i and
     b_i - b_j <= 1 (own block and the previous one); j in L(i) iff b_i - b_j >= 2.
 The window always holds the query itself, so the normaliser is at least g_h > 0.
+
+Sparse cache (LoLA, ``ops/sparse/naive.py``): ``fold_pos`` (B, Hk, Tk) gives, per KV head, the
+position from which key j counts in the linear part. A key past the window (j in L(i) above) with
+p_i < fold_pos_j is still in the sparse cache: it joins the softmax terms W(i) instead (window
+factor, and the max m_i taken over the window and the cache together). Without ``fold_pos`` a key
+is linear as soon as it leaves the window. ``key_mask`` may then be per KV head, (B, Hk, Tk).
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ def hybrid_attention_naive(
     key_mask: torch.Tensor | None = None,  # (B, Tk) bool, False = padding
     initial_state: State | None = None,
     return_weights: bool = False,
+    fold_pos: torch.Tensor | None = None,  # (B, Hk, Tk) int64: sparse cache, see the module docstring
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns y (B, H, Tq, Dv) in v's dtype and, if asked, the weights (B, H, Tq, Tk)."""
     B, H, Tq, D = q.shape
@@ -77,8 +84,12 @@ def hybrid_attention_naive(
         q_pos, k_pos = default_positions(B, Tq, Tk, q.device)
     in_win, in_lin = window_masks(q_pos, k_pos, kind, window_size)
     if key_mask is not None:
-        in_win = in_win & key_mask[:, None, None, :]
-        in_lin = in_lin & key_mask[:, None, None, :]
+        km = key_mask[:, None, None, :] if key_mask.dim() == 2 else expand_kv_heads(key_mask, H)[:, :, None, :]
+        in_win = in_win & km
+        in_lin = in_lin & km
+    if fold_pos is not None:  # past the window but not yet folded: in the sparse cache, a softmax term
+        cached = in_lin & (q_pos[:, None, :, None] < expand_kv_heads(fold_pos, H)[:, :, None, :])
+        in_win, in_lin = in_win | cached, in_lin & ~cached
     kf, vf, fkf = (expand_kv_heads(t.float(), H) for t in (k, v, fk))
     qf, fqf = q.float(), fq.float()
 
