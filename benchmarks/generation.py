@@ -47,9 +47,10 @@ import traceback
 from pathlib import Path
 
 import torch
+import yaml
 
-METHODS = ("fast", "generate", "hf-static", "hf-dynamic")
-OURS, BASELINES = ("fast", "generate"), ("hf-static", "hf-dynamic")
+METHODS = ("fast", "fast-compiled", "generate", "hf-static", "hf-dynamic")
+OURS, BASELINES = ("fast", "fast-compiled", "generate"), ("hf-static", "hf-dynamic")
 ROW_KINDS = ("short", "long")
 
 
@@ -82,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--kind", default="terraced_window", choices=["linear", "sliding_window", "terraced_window"])
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=64)
+    p.add_argument("--attn", action="append", default=[], metavar="KEY=VALUE",
+                   help="another attention.* field for ours (repeatable), e.g. sparse_cache=64, gate=pooled_keys, "
+                        "softmax_layers=0,15, window_size=128")
+    p.add_argument("--variant", default="", help="a label for these rows (added to the model's name in the table)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu (tiny tests only)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -184,8 +189,13 @@ def convert(model, args):
     from lolcats.config import AttentionConfig
     from lolcats.generation import enable_lolcats_generation
 
-    attn = AttentionConfig(kind=args.kind, window_size=args.window, feature_dim=args.feature_dim,
-                           feature_init="random")
+    from lolcats.config import config_from_dict
+
+    fields = dict(kind=args.kind, window_size=args.window, feature_dim=args.feature_dim, feature_init="random")
+    for item in args.attn:
+        key, _, value = item.partition("=")
+        fields[key] = yaml.safe_load(value) if "," not in value else [yaml.safe_load(v) for v in value.split(",")]
+    attn = config_from_dict({"attention": fields}).attention  # checked like any config
     convert_model(model, attn)
     set_attention_mode(model, "student")
     return enable_lolcats_generation(model.eval())
@@ -226,14 +236,15 @@ def best_of(dev, fn, quick_s: float = 0.5) -> float:
     return min([t] + [timed(dev, fn) for _ in range(2)]) if t < quick_s else t
 
 
-def run_fast(model, ids, mask, new: int, diagnose: bool) -> dict:
+def run_fast(model, ids, mask, new: int, diagnose: bool, compile: bool = False) -> dict:
+    """FastGenerator; ``compile``: its step's forward through torch.compile (inductor) before capture."""
     from lolcats.generation import FastGenerator
 
     dev, B = ids.device, ids.shape[0]
     out = {}
     sync(dev)
     t0 = time.perf_counter()
-    gen = FastGenerator(model, B, new, eos_token_ids=[], pad_token_id=0)
+    gen = FastGenerator(model, B, new, eos_token_ids=[], pad_token_id=0, compile=compile and dev.type == "cuda")
     gen.generate(ids, mask)  # the states' allocation, the graph capture, kernels' first use
     sync(dev)
     first = time.perf_counter() - t0
@@ -306,8 +317,8 @@ def run_row(model, method: str, batch: int, prompt_len: int, new: int, args) -> 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
-    if method == "fast":
-        row = run_fast(model, ids, mask, new, args.diagnose)
+    if method in ("fast", "fast-compiled"):
+        row = run_fast(model, ids, mask, new, args.diagnose, compile=method == "fast-compiled")
     else:
         row = run_hf(model, method, ids, mask, new, args)
     row.update(status="ok", peak_gib=peak_gib(dev), row_s=time.perf_counter() - start,
@@ -379,7 +390,7 @@ def predict(done: list[dict], row: dict) -> float:
         return last["row_s"] * row["prompt_len"] / last["prompt_len"]
     r = row["batch"] / last["batch"]
     compile_s = last.get("compile_s") or 0.0
-    return compile_s + (last["row_s"] - compile_s) * (r if row["method"] == "fast" else max(1.0, r**0.5))
+    return compile_s + (last["row_s"] - compile_s) * (r if row["method"].startswith("fast") else max(1.0, r**0.5))
 
 
 def sweep(model, rows: list[dict], args, deadline: float, done: list[dict], save) -> None:
@@ -444,8 +455,8 @@ def comparison(rows: list[dict]) -> list[str]:
     """One line per (model, prompt, new, batch): end-to-end tokens/s per method and ours / hf-static."""
     keys = sorted({(r["model"], r["prompt_len"], r["new_tokens"], r["batch"]) for r in rows},
                   key=lambda k: (k[0], k[1], k[2], k[3]))
-    out = ["| model | prompt | new | batch | " + " | ".join(METHODS) + " | fast / hf-static | fast / hf-dynamic |",
-           "|" + "---|" * (6 + len(METHODS))]
+    out = ["| model | prompt | new | batch | " + " | ".join(METHODS)
+           + " | fast / hf-static | fast-compiled / hf-static | fast / hf-dynamic |", "|" + "---|" * (7 + len(METHODS))]
 
     def val(r):
         if r is None:
@@ -462,7 +473,8 @@ def comparison(rows: list[dict]) -> list[str]:
         runs = {by[m].get("run") for m in ("fast", "hf-static") if m in by}
         mark = " (two runs)" if len(runs) > 1 else ""
         out.append(f"| {model_label(k[0])} | {k[1]} | {k[2]} | {k[3]} | " + " | ".join(fmt(v[m]) for m in METHODS)
-                   + f" | {ratio('fast', 'hf-static')}{mark} | {ratio('fast', 'hf-dynamic')} |")
+                   + f" | {ratio('fast', 'hf-static')}{mark} | {ratio('fast-compiled', 'hf-static')}"
+                   + f" | {ratio('fast', 'hf-dynamic')} |")
     return out
 
 
@@ -659,7 +671,7 @@ def main(argv=None) -> None:
             print(f"{name}: could not load ({type(e).__name__}: {e})")
             continue
         context = None if is_random(name) else getattr(model.config, "max_position_embeddings", None)
-        rows = plan(args, name, context)
+        rows = plan(args, name + (f" [{args.variant}]" if args.variant else ""), context)
         converted = False
         for method in dict.fromkeys(r["method"] for r in rows):
             if method in OURS and not converted:

@@ -103,8 +103,8 @@ def test_generation_benchmark_all_methods_on_a_tiny_shape(tmp_path):
     data = json.loads((out / "generation.json").read_text())
     rows = data["rows"]
     assert {(r["method"], r["rows"], r["batch"]) for r in rows} == {
-        (m, k, b) for m in ("fast", "generate", "hf-static", "hf-dynamic") for k, b in (("short", 1), ("short", 2),
-                                                                                    ("long", 1))}
+        (m, k, b) for m in ("fast", "fast-compiled", "generate", "hf-static", "hf-dynamic")
+        for k, b in (("short", 1), ("short", 2), ("long", 1))}
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["e2e_s"] > 0 and r["prefill_s"] > 0 for r in rows)
     static = [r for r in rows if r["method"] == "hf-static"]
     assert [(r["compiled"], r["recompiles_timed"]) for r in static] == [(True, 0)] * 3
@@ -163,7 +163,7 @@ def test_generation_benchmark_oom_search_and_time_budget(tmp_path, monkeypatch):
     lines = "\n".join(mod.oom_lines(done))
     assert "m fast (prompt 128, +1024): **OOM at batch 8**; largest that ran: 4" in lines
     assert "m hf-static (prompt 128, +1024): **OOM at batch 4**; largest that ran: 2" in lines
-    assert "| m | 128 | 1024 | 2 | 2 | - | 2 | - | 1.00x | - |" in "\n".join(mod.comparison(done))
+    assert "| m | 128 | 1024 | 2 | 2 | - | - | 2 | - | 1.00x | - | - |" in "\n".join(mod.comparison(done))
     # no time left: the group's first row is recorded as skipped and the group ends there
     late = []
     mod.sweep(model, [r for r in mod.plan(args, "m", None) if r["method"] == "fast"], args, 0.0, late,

@@ -16,6 +16,8 @@ config flags naming a finished run. Every config field is a flag (``--distill.lr
 A mistake in the input (a flag, a value, a file, a checkpoint, a full disk, a run directory in
 use) ends with one line naming it and exit code 2; ``--debug`` (or ``LOLCATS_DEBUG=1``) shows
 the traceback instead.
+
+``--sparse-cache N`` puts LoLA's sparse cache on the loaded model (a checkpoint needs no retraining).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import argparse
 import json
 import os
 import sys
+import typing
 
-from lolcats.config import ConfigError, config_help, load_config
+from lolcats.config import AttentionConfig, ConfigError, config_help, load_config
 from lolcats.runs import RunInUseError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SPARSE_SCORES = typing.get_args(typing.get_type_hints(AttentionConfig)["sparse_score"])
 USER_ERRORS = (ValueError, OSError, ImportError, RunInUseError)  # their messages say what to do: no traceback
 
 
@@ -64,6 +68,11 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
     _config_flags(g)
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the base model's own Python code (a checkpoint's metadata never turns this on)")
+    g.add_argument("--sparse-cache", type=int, metavar="N", default=None,
+                   help="LoLA sparse cache on the loaded linearized model: N key-value pairs per KV head kept "
+                        "beside the window (those its linear state recalls worst); no training needed; 0 = off")
+    g.add_argument("--sparse-score", default=None, choices=SPARSE_SCORES,
+                   help="which pairs the sparse cache keeps (default: the model's, self_recall)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights dtype: auto = bfloat16 on GPU, float32 on CPU (export: the dtype written; "
@@ -82,7 +91,8 @@ def model_source(args: argparse.Namespace, rest: list[str]):
                           "--stage1 or --base (use --base NAME to load a checkpoint onto another base model)")
     config = None if explicit else load_config(args.config, rest)
     return ModelSource(checkpoint=args.checkpoint, stage1=args.stage1, export=args.export, base=args.base,
-                       config=config, untrained=args.untrained, trust_remote_code=args.trust_remote_code)
+                       config=config, untrained=args.untrained, trust_remote_code=args.trust_remote_code,
+                       sparse_cache=args.sparse_cache, sparse_score=args.sparse_score)
 
 
 def _load(args, source):

@@ -85,6 +85,14 @@ class AttentionConfig:
      "then the ones with the largest validation MSE (mse/<layer> of the best stage-1 checkpoint) stay softmax for "
      "stage 2 and use (recorded in the stage-2 checkpoint; runs differing only in it share stage 1).")
 
+    sparse_cache: int = 0
+    "LoLA sparse global cache: key-value pairs per KV head kept beside the window (those the linear state "
+    "recalls worst); pairs it pushes out fold into the linear state. 0 = off. Window kinds only; needs no "
+    "training (apply it to a checkpoint with --sparse-cache N)."
+    sparse_score: Literal["self_recall", "recency"] = "self_recall"
+    "Which pairs the sparse cache keeps: self_recall (LoLA: largest ||v - phi(k)^T kv / phi(k)^T ks||, "
+    "re-scored against the current state at each eviction) or recency (the latest to leave the window; an ablation)."
+
     def converted_layers(self, num_layers: int) -> list[int]:
         """Indices of the layers stage 1 converts (before a ``softmax_count`` pick), checked against the model."""
         for key in ("layers", "softmax_layers"):
@@ -235,8 +243,9 @@ class Config:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
 
 
-HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "data.max_file_tokens",
-                   "finetune.loss", "finetune.kl_weight", "finetune.kl_temperature")
+HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "attention.sparse_cache",
+                   "attention.sparse_score", "data.max_file_tokens", "finetune.loss", "finetune.kl_weight",
+                   "finetune.kl_temperature")
 "Fields added after run directories existed: in a run's hash only when set away from their default."
 
 SHORT_FLAGS = {"seed": "run.seed", "hf-token": "model.hf_token", "hf_token": "model.hf_token", "model": "model.name"}
@@ -367,6 +376,17 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"finetune.kl_weight: {cfg.finetune.kl_weight} must be in [0, 1]")
     if not cfg.finetune.kl_temperature > 0:
         raise ConfigError(f"finetune.kl_temperature: {cfg.finetune.kl_temperature} must be > 0")
+    check_sparse_cache(cfg.attention)
+    if cfg.attention.sparse_cache and cfg.distill.xent_factor > 0:
+        raise ConfigError("attention.sparse_cache: the attention cross-entropy (distill.xent_factor > 0) is not "
+                          "available with a sparse cache; set distill.xent_factor 0 or attention.sparse_cache 0")
+    for stage in ("distill", "finetune"):
+        if cfg.attention.sparse_cache and getattr(cfg, stage).cuda_graph is True:
+            raise ConfigError(f"{stage}.cuda_graph: a forward with the sparse cache cannot be captured in a CUDA "
+                              "graph; set it to false")
+    if cfg.attention.sparse_cache and cfg.attention.gate != "none":
+        raise ConfigError("attention.sparse_cache: not with attention.gate (the self-recall score assumes a state "
+                          "that does not decay); set one of them off")
     if cfg.model.init == "random" and not cfg.model.tokenizer:
         raise ConfigError("model.tokenizer: required with model.init random (random weights come without one)")
 
@@ -385,6 +405,16 @@ def _check_softmax_layers(a: AttentionConfig) -> None:
         idx = getattr(a, key) or []
         if any(i < 0 for i in idx) or len(set(idx)) != len(idx):
             raise ConfigError(f"attention.{key}: {idx} must be distinct layer indices >= 0")
+
+
+def check_sparse_cache(attn: AttentionConfig) -> None:
+    """The sparse cache's settings: a size >= 0, on a window kind, a known score."""
+    if attn.sparse_cache < 0:
+        raise ConfigError(f"attention.sparse_cache: {attn.sparse_cache} must be >= 0 (0 = off)")
+    if attn.sparse_cache and attn.kind == "linear":
+        raise ConfigError("attention.sparse_cache: needs a window kind (sliding_window or terraced_window); "
+                          "linear attention has no softmax part for the cached pairs")
+    _coerce("attention.sparse_score", attn.sparse_score, _field_types(AttentionConfig)["sparse_score"])
 
 
 # ---------------------------------------------------------------- loading

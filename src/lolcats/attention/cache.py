@@ -92,7 +92,7 @@ class LolcatsLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.state is not None:
             for name, t in vars(self.state).items():
-                t.fill_(-1) if name == "win_pos" else t.zero_()
+                t.fill_(-1) if name.endswith("_pos") else t.zero_()
         self.seen = 0
 
     def crop(self, tokens_to_remove: int) -> None:

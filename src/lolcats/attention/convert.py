@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import types
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Iterator
 
 import torch
@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lolcats.attention.cache import LolcatsCache, LolcatsLayer, SoftmaxLayer
 from lolcats.attention.module import MODES, DistillOutput, LolcatsAttention, Mode
-from lolcats.config import AttentionConfig
+from lolcats.config import AttentionConfig, check_sparse_cache
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -106,6 +106,22 @@ def _record_layers(model: nn.Module, cfg: AttentionConfig) -> None:
     kept = softmax_layers(model)
     model.config.lolcats_attention = {**asdict(cfg), "layers": None, "softmax_layers": kept or None,
                                       "softmax_count": 0}
+
+
+def set_sparse_cache(model: nn.Module, size: int, score: str | None = None) -> None:
+    """Turn LoLA's sparse cache on (``size`` pairs per KV head) or off (0) in every converted layer,
+    e.g. on a trained checkpoint (it needs no training); ``score`` None keeps the layers' score.
+    Checked like ``attention.sparse_cache``; caches made before keep their old size."""
+    mods = list(lolcats_modules(model))
+    if not mods:
+        raise ValueError("set_sparse_cache: the model has no LolcatsAttention layers (a linearized model is needed)")
+    for m in mods:
+        m.cfg = replace(m.cfg, sparse_cache=size, sparse_score=score or m.cfg.sparse_score)
+        check_sparse_cache(m.cfg)
+    config = causal_lm(model).config
+    if isinstance(getattr(config, "lolcats_attention", None), dict):
+        config.lolcats_attention = {**config.lolcats_attention, "sparse_cache": size,
+                                    "sparse_score": mods[0].cfg.sparse_score}
 
 
 def lolcats_modules(model: nn.Module) -> Iterator[LolcatsAttention]:

@@ -26,6 +26,12 @@ picked by ``softmax_count``) is the teacher path in every mode; with a cache it 
 dynamic slot, or writes a :class:`~lolcats.attention.cache.SoftmaxLayer`'s preallocated buffers
 (:meth:`LolcatsAttention.attend_softmax_cached`; FastGenerator).
 
+With ``attention.sparse_cache`` > 0 (LoLA, ``ops/sparse``) tokens leaving the window go through a
+per-KV-head sparse cache first; every forward with it (with or without a cache, prefill or a whole
+sequence) runs the chunk reference ``ops.sparse.chunk.sparse_chunk`` in pieces (what the cache keeps
+depends on the data, so no fused kernel applies), and the decode step is the reference
+``decode_step_naive`` (the Triton decode kernel has no sparse cache).
+
 Padding keys (mask 0) are never written; positions come from ``position_ids`` (HF ``generate``
 derives them from the attention mask, so a left-padded row keeps its own windows).
 
@@ -38,6 +44,7 @@ Shapes: hidden (B, T, d_model); q (B, H, T, D); k, v (B, Hk, T, D); phi(q) (B, H
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -50,10 +57,11 @@ from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, Softmax
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
-from lolcats.ops.decode.naive import DecodeState, absorb_chunk
+from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naive
 from lolcats.ops.gate import forget_log_gate, masked_log_gate
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, expand_kv_heads, linear_attention_quadratic
+from lolcats.ops.sparse.chunk import sparse_chunk
 from lolcats.runtime import capturing
 
 Mode = Literal["teacher", "student", "distill"]
@@ -202,6 +210,8 @@ class LolcatsAttention(nn.Module):
         """Linear or hybrid attention over a whole sequence (no cache): (B, H, T, D).
 
         ``log_gate`` (B, Hk, T): the forget gate, 0 at padding (``masked_log_gate``)."""
+        if self.cfg.sparse_cache:
+            return self._sparse_sequence(q, k, v, fq, fk, positions, key_mask, return_weights), None
         plain = key_mask is None and positions is None and not return_weights
         if plain:
             backend = get_backend(self.cfg.backend, q)
@@ -269,7 +279,7 @@ class LolcatsAttention(nn.Module):
         """A zeroed state for ``batch_size`` sequences (window slots by kind, phi(k) width of phi_k)."""
         F = getattr(self.feature_map_k, "out_dim", self.head_dim)
         return DecodeState.for_layer(batch_size, self.num_kv_heads, self.cfg.kind, self.cfg.window_size,
-                                     self.head_dim, self.head_dim, F, dtype, device)
+                                     self.head_dim, self.head_dim, F, dtype, device, self.cfg.sparse_cache)
 
     def attend_cached(self, slot: LolcatsLayer, q, k, v, fq, fk, attention_mask=None, position_ids=None,
                       log_gate=None):
@@ -298,19 +308,30 @@ class LolcatsAttention(nn.Module):
         wf = None if cfg.kind == "linear" else self.window_factor()
         valid = None if key_mask is None else key_mask[:, 0]
         lg = None if log_gate is None else log_gate[:, :, 0]
-        y = get_backend(cfg.backend, q).decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], state,
-                                               pos[:, 0], wf, cfg.kind, cfg.window_size, self.scaling, valid,
-                                               log_gate=lg)
+        y = self.decode_op(state)(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], state, pos[:, 0], wf,
+                                  cfg.kind, cfg.window_size, self.scaling, valid, log_gate=lg)
         return y[:, :, None]  # (B, H, 1, Dv)
+
+    def decode_op(self, state: DecodeState):
+        """The decode step this layer runs on ``state`` (the backend's): the reference when the state
+        has a sparse cache, which no kernel has."""
+        if state.sparse_size:
+            return functools.partial(decode_step_naive, sparse_score=self.cfg.sparse_score)
+        return get_backend(self.cfg.backend, state.kv).decode
 
     def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask, log_gate=None):
         B, H, T, _ = q.shape
         st, cfg = slot.state, self.cfg
-        piece = max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - st.win_pos.shape[1])
+        piece = self._piece_len(st, B, H)
+        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+        if st.sparse_size:
+            y, after = self._sparse_pieces(st, q, k, v, fq, fk, pos, valid)
+            for name, t in vars(after).items():
+                getattr(st, name).copy_(t)
+            return y
         fused = get_backend(cfg.backend, q).is_fused(cfg.kind)  # no (T, T) score tensor: any T fits
         plain = (slot.seen == 0 and (fused or T <= piece) and (key_mask is None or bool(key_mask.all()))
                  and bool((pos == torch.arange(T, device=pos.device)).all()))
-        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
         if plain:  # fresh, unpadded: the full-sequence path (a fused kernel on GPU), then absorb
             y, _ = self.student_attention(q, k, v, fq, fk, log_gate=log_gate)
             absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size, log_gate)
@@ -322,6 +343,36 @@ class LolcatsAttention(nn.Module):
             ys.append(self._prefill_piece(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl],
                                           pos[:, sl], valid[:, sl], lg))
         return torch.cat(ys, 2)
+
+    @staticmethod
+    def _piece_len(st: DecodeState, B: int, H: int) -> int:
+        """Queries per reference prefill piece: its scores over the slots and itself fit PREFILL_BUDGET."""
+        return max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - st.win_pos.shape[1] - st.sparse_size)
+
+    def _sparse_pieces(self, st: DecodeState, q, k, v, fq, fk, pos, valid) -> tuple[torch.Tensor, DecodeState]:
+        """The sparse-cache chunk reference over the sequence in pieces: outputs and the state after it."""
+        cfg, T = self.cfg, q.shape[2]
+        piece, ys = self._piece_len(st, q.shape[0], q.shape[1]), []
+        for s in range(0, T, piece):
+            sl = slice(s, min(T, s + piece))
+            y, st = sparse_chunk(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], pos[:, sl],
+                                 valid[:, sl], self.window_factor(), cfg.kind, cfg.window_size, self.scaling,
+                                 cfg.sparse_score)
+            ys.append(y)
+        return torch.cat(ys, 2), st
+
+    def _sparse_sequence(self, q, k, v, fq, fk, positions, key_mask, return_weights):
+        """A whole sequence (no cache) with the sparse cache: the chunk reference from an empty state."""
+        if return_weights:
+            raise ValueError("attention.sparse_cache: attention weights (distill.xent_factor > 0) are not "
+                             "available with a sparse cache")
+        if capturing(q.device):  # its loop over eviction steps reads their count on the host
+            raise ValueError("attention.sparse_cache: a forward with the sparse cache cannot be captured in a CUDA "
+                             "graph; set distill.cuda_graph / finetune.cuda_graph false")
+        B, _, T, _ = q.shape
+        pos = torch.arange(T, device=q.device).expand(B, T) if positions is None else positions
+        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+        return self._sparse_pieces(self.empty_state(B, k.dtype, k.device), q, k, v, fq, fk, pos, valid)[0]
 
     def _prefill_piece(self, st: DecodeState, q, k, v, fq, fk, pos, valid, log_gate=None):
         """Reference prefill of a piece: window slots in front of its keys, folded part as initial state."""

@@ -56,13 +56,15 @@ def lolcats_lm_class() -> type:
     @register_model("lolcats")
     class LolcatsLM(HFLM):
         """HFLM over a lolcats model: ``pretrained`` is a model instance, or it is loaded from
-        ``base``/``stage1``/``stage2`` or ``export``. bf16 autocast on CUDA."""
+        ``base``/``stage1``/``stage2`` or ``export`` (``sparse_cache``: LoLA's cache on it). bf16 autocast on CUDA."""
 
         def __init__(self, pretrained: torch.nn.Module | None = None, tokenizer=None, base: str | None = None,
                      stage1: str | None = None, stage2: str | None = None, export: str | None = None,
-                     dtype: str = "auto", device: str | None = None, batch_size: int | str = 1, **kwargs):
+                     dtype: str = "auto", device: str | None = None, batch_size: int | str = 1,
+                     sparse_cache: int | None = None, **kwargs):
             if pretrained is None or isinstance(pretrained, str):
-                source = ModelSource(checkpoint=stage2, stage1=stage1, export=export, base=base or pretrained)
+                source = ModelSource(checkpoint=stage2, stage1=stage1, export=export, base=base or pretrained,
+                                     sparse_cache=None if sparse_cache is None else int(sparse_cache))
                 pretrained, tokenizer = load_trained(source, None if device in (None, "auto") else device, dtype)
             elif tokenizer is None:
                 raise ValueError("a model instance needs its tokenizer (tokenizer=...)")

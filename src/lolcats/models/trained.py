@@ -9,6 +9,7 @@ Every command that uses a model (export, generate, chat, eval, serve) describes 
     load_trained(ModelSource(config=cfg))                                  # the finished stages cfg names
     load_trained(ModelSource(base="smollm2-135m-instruct"))                # the base model itself
     load_trained(ModelSource(config=cfg, untrained=True))                  # cfg's base, untrained maps (benchmarks)
+    load_trained(ModelSource(checkpoint=..., sparse_cache=64))             # with LoLA's sparse cache on
 
 ``base`` with checkpoints replaces the base model the checkpoint records; without it the recorded
 one is found on this machine (:mod:`lolcats.models.locator`). A checkpoint's metadata only says
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from lolcats import distributed as dist
 from lolcats.attention.convert import (convert_model, enable_lolcats_generation, keep_softmax, set_attention_mode,
-                                       stage1_checkpoint_names)
+                                       set_sparse_cache, stage1_checkpoint_names)
 from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
                                 load_tensors, read_meta)
 from lolcats.config import Config, ConfigError, ModelConfig, config_from_dict
@@ -50,6 +51,8 @@ class ModelSource:
     untrained: bool = False  # with config: its base model converted by its attention section, maps untrained
     trust_remote_code: bool = False  # allow the base model's own Python code (never taken from a checkpoint)
     base_config: ModelConfig | None = None  # alone: the base model in full (a checkpoint's recorded one)
+    sparse_cache: int | None = None  # LoLA's sparse cache (pairs per KV head) put on the loaded model; 0 = off
+    sparse_score: str | None = None  # its score (attention.sparse_score); with sparse_cache only
 
     def __post_init__(self):
         given = [k for k in ("checkpoint", "export", "config") if getattr(self, k) is not None]
@@ -62,6 +65,10 @@ class ModelSource:
         if not given and not self.base and not self.stage1 and self.base_config is None:
             raise ValueError("no model given: pass --checkpoint DIR (a stage checkpoint), --export DIR, "
                              "--base NAME, or --config FILE of a finished run")
+        if self.sparse_cache is not None and not self.linearized:
+            raise ValueError("--sparse-cache needs a linearized model (--checkpoint, --export or --config)")
+        if self.sparse_score is not None and self.sparse_cache is None:
+            raise ValueError("--sparse-score needs --sparse-cache N")
 
     @property
     def linearized(self) -> bool:
@@ -117,18 +124,23 @@ def base_source(source: ModelSource) -> ModelSource:
 
 
 def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: bool = True):
-    """(model, tokenizer) in eval mode, student attention for linearized models, generation enabled."""
-    if source.export:
-        return _load_export(source.export, device, dtype)
-    if source.untrained:
-        return _load_untrained(source.config, device)
-    if not source.linearized:
+    """(model, tokenizer) in eval mode, student attention for linearized models, generation enabled;
+    ``source.sparse_cache`` (when given) set on the linearized model after loading."""
+    if not source.linearized and not source.untrained:
         cfg = source.base_config or ModelConfig(name=source.base, trust_remote_code=source.trust_remote_code)
         cfg = dataclasses.replace(cfg, dtype=dtype)
         return load_base_model(cfg, device), load_tokenizer(cfg)
-    stage1, stage2 = checkpoint_pair(source)
-    trust = source.trust_remote_code or bool(source.config and source.config.model.trust_remote_code)
-    return load_linearized(source.base, stage1, stage2, device, dtype, merge, trust)
+    if source.untrained:
+        model, tok = _load_untrained(source.config, device)
+    elif source.export:
+        model, tok = _load_export(source.export, device, dtype)
+    else:
+        stage1, stage2 = checkpoint_pair(source)
+        trust = source.trust_remote_code or bool(source.config and source.config.model.trust_remote_code)
+        model, tok = load_linearized(source.base, stage1, stage2, device, dtype, merge, trust)
+    if source.sparse_cache is not None:
+        set_sparse_cache(model, source.sparse_cache, source.sparse_score)
+    return model, tok
 
 
 def _load_untrained(cfg: Config, device):

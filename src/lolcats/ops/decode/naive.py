@@ -21,6 +21,12 @@ This equals ``hybrid_attention_naive`` / ``linear_attention_quadratic`` on the f
 With a log forget gate ``log_gate`` (B, Hk) for this token (``ops/gate.py``), (kv, ks) are first
 multiplied by exp(log_gate) (rows where ``valid``), then the leaving slots are folded in: keys
 decay from the step they leave the window. The state layout does not change.
+
+With a sparse cache (``sparse`` = G > 0 slots per KV head, ``ops/sparse/naive.py``) the state also
+holds ``sparse_k, sparse_v, sparse_fk`` (B, Hk, G, X) and ``sparse_pos`` (B, Hk, G); tokens leaving
+the window go through the cache (which folds the pairs it does not keep into (kv, ks)) and the
+cached pairs join the window's softmax terms. With G = 0 these buffers are empty and the step is the
+one above.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from lolcats.ops.gate import arrival_positions, cumulative_log_gate, masked_log_
 from lolcats.ops.hybrid.naive import window_masks
 from lolcats.ops.kinds import window_slots
 from lolcats.ops.linear.naive import EPS, expand_kv_heads
+from lolcats.ops.sparse.naive import evict_to_cache, leaving_per_step
 
 
 @dataclass
@@ -43,9 +50,13 @@ class DecodeState:
     win_pos: torch.Tensor  # (B, S) int64, -1 = empty
     kv: torch.Tensor  # (B, Hk, F, Dv) float32
     ks: torch.Tensor  # (B, Hk, F) float32
+    sparse_k: torch.Tensor  # (B, Hk, G, D): the sparse cache (G = 0: off)
+    sparse_v: torch.Tensor  # (B, Hk, G, Dv)
+    sparse_fk: torch.Tensor  # (B, Hk, G, F)
+    sparse_pos: torch.Tensor  # (B, Hk, G) int64, -1 = empty
 
     @classmethod
-    def empty(cls, B, Hk, S, D, Dv, F, dtype, device) -> "DecodeState":
+    def empty(cls, B, Hk, S, D, Dv, F, dtype, device, sparse: int = 0) -> "DecodeState":
         return cls(
             torch.zeros(B, Hk, S, D, dtype=dtype, device=device),
             torch.zeros(B, Hk, S, Dv, dtype=dtype, device=device),
@@ -53,16 +64,25 @@ class DecodeState:
             torch.full((B, S), -1, dtype=torch.long, device=device),
             torch.zeros(B, Hk, F, Dv, dtype=torch.float32, device=device),
             torch.zeros(B, Hk, F, dtype=torch.float32, device=device),
+            torch.zeros(B, Hk, sparse, D, dtype=dtype, device=device),
+            torch.zeros(B, Hk, sparse, Dv, dtype=dtype, device=device),
+            torch.zeros(B, Hk, sparse, F, dtype=dtype, device=device),
+            torch.full((B, Hk, sparse), -1, dtype=torch.long, device=device),
         )
 
     @classmethod
-    def for_layer(cls, B, Hk, kind, window_size, D, Dv, F, dtype, device) -> "DecodeState":
+    def for_layer(cls, B, Hk, kind, window_size, D, Dv, F, dtype, device, sparse: int = 0) -> "DecodeState":
         """An empty state for a layer of ``kind`` (window slots from :func:`window_slots`)."""
-        return cls.empty(B, Hk, window_slots(kind, window_size), D, Dv, F, dtype, device)
+        return cls.empty(B, Hk, window_slots(kind, window_size), D, Dv, F, dtype, device, sparse)
 
     @property
     def batch_size(self) -> int:
         return self.win_pos.shape[0]
+
+    @property
+    def sparse_size(self) -> int:
+        """Slots of the sparse cache per KV head (0: none)."""
+        return self.sparse_pos.shape[-1]
 
     def rows(self, sl: slice) -> "DecodeState":
         """A view of rows ``sl``: writing it writes this state."""
@@ -102,6 +122,7 @@ def decode_step_naive(
     scale: float,
     valid: torch.Tensor | None = None,  # (B,) bool
     log_gate: torch.Tensor | None = None,  # (B, Hk) float32, <= 0
+    sparse_score: str = "self_recall",  # what the sparse cache keeps (when the state has one)
 ) -> torch.Tensor:  # (B, H, Dv)
     B, H, _ = q.shape
     S = state.win_pos.shape[1]
@@ -121,7 +142,10 @@ def decode_step_naive(
         else:
             half = (slots // window_size) == (slot[:, None] // window_size)
             leave = filled & half & (pos % window_size == 0)[:, None]
-        _evict(state, leave & valid[:, None])
+        if state.sparse_size:
+            evict_to_cache(state, leave & valid[:, None], sparse_score, leaving_per_step(kind, window_size))
+        else:
+            _evict(state, leave & valid[:, None])
         write = (slots == slot[:, None]) & valid[:, None]  # (B, S)
         wk = write[:, None, :, None]
         state.win_k.copy_(torch.where(wk, k[:, :, None, :].to(state.win_k.dtype), state.win_k))
@@ -133,12 +157,13 @@ def decode_step_naive(
     num = torch.einsum("bhf,bhfd->bhd", fqf, expand_kv_heads(state.kv, H))
     den = torch.einsum("bhf,bhf->bh", fqf, expand_kv_heads(state.ks, H))
     if kind != "linear":
-        s = torch.einsum("bhd,bhsd->bhs", qf, expand_kv_heads(state.win_k.float(), H)) * scale
-        s = s.masked_fill(state.win_pos[:, None, :] < 0, float("-inf"))
+        keys, values, empty = _softmax_slots(state, H)
+        s = torch.einsum("bhd,bhsd->bhs", qf, expand_kv_heads(keys.float(), H)) * scale
+        s = s.masked_fill(empty, float("-inf"))
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        a = window_factor.float().view(1, H, 1) * torch.exp(s - m)  # (B, H, S)
-        num = num + torch.einsum("bhs,bhsd->bhd", a, expand_kv_heads(state.win_v.float(), H))
+        a = window_factor.float().view(1, H, 1) * torch.exp(s - m)  # (B, H, S [+ G])
+        num = num + torch.einsum("bhs,bhsd->bhd", a, expand_kv_heads(values.float(), H))
         den = den + a.sum(-1)
         y = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], 0.0)
     else:
@@ -161,35 +186,52 @@ def _fold_weights(state: DecodeState, log_gate, pos, valid, key_pos, kind: str, 
     return torch.exp(total[..., None] - lam)[..., None]
 
 
-def absorb_chunk(state: DecodeState, k, v, fk, pos, valid, kind: str, window_size: int, log_gate=None) -> None:
+def _softmax_slots(state: DecodeState, H: int):
+    """Keys (B, Hk, N, D), values (B, Hk, N, Dv) of the softmax terms and where they are empty
+    (B, 1 | H, N): the window's S slots, then the sparse cache's G (N = S + G)."""
+    empty = state.win_pos[:, None, :] < 0
+    if not state.sparse_size:
+        return state.win_k, state.win_v, empty
+    B, Hk, S = *state.kv.shape[:2], state.win_pos.shape[1]
+    empty = torch.cat([empty.expand(B, Hk, S), state.sparse_pos < 0], -1)
+    return (torch.cat([state.win_k, state.sparse_k], 2), torch.cat([state.win_v, state.sparse_v], 2),
+            expand_kv_heads(empty, H))
+
+
+def absorb_chunk(state: DecodeState, k, v, fk, pos, valid, kind: str, window_size: int, log_gate=None,
+                 fold: bool = True) -> None:
     """Write a chunk into ``state`` as :func:`decode_step_naive` would token by token (in place).
 
     k (B, Hk, T, D), v (B, Hk, T, Dv), fk (B, Hk, T, F), pos (B, T) int64, valid (B, T) bool,
     log_gate (B, Hk, T) or None. A token stays in the window iff it is in the softmax window of
-    the row's last position P; otherwise it is folded into (kv, ks). That is the state the decode
-    step reaches token by token, because the positions of a row are consecutive.
+    the row's last position P; otherwise it is folded into (kv, ks) (``fold=False``: only dropped
+    from the window, for a caller that has placed the leaving tokens itself, as the sparse cache
+    does). That is the state the decode step reaches token by token, because the positions of a
+    row are consecutive.
     """
     fk_r = fk.to(state.win_fk.dtype)  # the window stores phi(k) in the state dtype; fold what it would fold
     v_r = v.to(state.win_v.dtype)
     if kind == "linear":
-        w = valid.to(torch.float32)[:, None, :, None] * _fold_weights(state, log_gate, pos, valid, pos, kind,
-                                                                         window_size)
-        state.kv += torch.einsum("bhtf,bhtd->bhfd", fk_r.float() * w, v_r.float())
-        state.ks += (fk_r.float() * w).sum(2)
+        if fold:
+            w = valid.to(torch.float32)[:, None, :, None] * _fold_weights(state, log_gate, pos, valid, pos, kind,
+                                                                             window_size)
+            state.kv += torch.einsum("bhtf,bhtd->bhfd", fk_r.float() * w, v_r.float())
+            state.ks += (fk_r.float() * w).sum(2)
         return
     S = state.win_pos.shape[1]
     old_pos, old_filled = state.win_pos, state.win_pos >= 0
     last = torch.maximum(old_pos.amax(-1), torch.where(valid, pos, -1).amax(-1))  # (B,) last position, -1 = none
     stay_old = window_masks(last[:, None], old_pos, kind, window_size)[0][:, 0, 0] & old_filled  # (B, S)
     stay_new = window_masks(last[:, None], pos, kind, window_size)[0][:, 0, 0] & valid  # (B, T)
-    fold_old = (old_filled & ~stay_old).to(torch.float32)[:, None, :, None]
-    fold_new = (valid & ~stay_new).to(torch.float32)[:, None, :, None]
-    if log_gate is not None:
-        w = _fold_weights(state, log_gate, pos, valid, torch.cat([old_pos, pos], 1), kind, window_size)
-        fold_old, fold_new = fold_old * w[:, :, :S], fold_new * w[:, :, S:]
-    state.kv += torch.einsum("bhsf,bhsd->bhfd", state.win_fk.float() * fold_old, state.win_v.float())
-    state.kv += torch.einsum("bhtf,bhtd->bhfd", fk_r.float() * fold_new, v_r.float())
-    state.ks += (state.win_fk.float() * fold_old).sum(2) + (fk_r.float() * fold_new).sum(2)
+    if fold:
+        fold_old = (old_filled & ~stay_old).to(torch.float32)[:, None, :, None]
+        fold_new = (valid & ~stay_new).to(torch.float32)[:, None, :, None]
+        if log_gate is not None:
+            w = _fold_weights(state, log_gate, pos, valid, torch.cat([old_pos, pos], 1), kind, window_size)
+            fold_old, fold_new = fold_old * w[:, :, :S], fold_new * w[:, :, S:]
+        state.kv += torch.einsum("bhsf,bhsd->bhfd", state.win_fk.float() * fold_old, state.win_v.float())
+        state.kv += torch.einsum("bhtf,bhtd->bhfd", fk_r.float() * fold_new, v_r.float())
+        state.ks += (state.win_fk.float() * fold_old).sum(2) + (fk_r.float() * fold_new).sum(2)
     state.win_pos.masked_fill_(old_filled & ~stay_old, -1)
     slot = torch.where(stay_new, pos % S, S)  # (B, T); S = a scratch slot dropped below
     for buf, x in ((state.win_k, k), (state.win_v, v_r), (state.win_fk, fk_r)):

@@ -22,6 +22,12 @@ linear term decays by the gates of the tokens since the key left the window:
 (fq_i . fk_j) exp(Lam(p_i) - Lam(a(j))), a(j) = the position where key j left the window; the
 initial state by exp(Lam(p_i)). Keys before the queries (a decode state's window slots) have no
 gates of their own: they have not left the window yet.
+
+Sparse cache (LoLA, ``ops/sparse/naive.py``): ``fold_pos`` (B, Hk, Tk) gives, per KV head, the
+position from which key j counts in the linear part. A key past the window (j in L(i) above) with
+p_i < fold_pos_j is still in the sparse cache: it joins the softmax terms W(i) instead (window
+factor, and the max m_i taken over the window and the cache together). Without ``fold_pos`` a key
+is linear as soon as it leaves the window. ``key_mask`` may then be per KV head, (B, Hk, Tk).
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ def hybrid_attention_naive(
     initial_state: State | None = None,
     return_weights: bool = False,
     log_gate: torch.Tensor | None = None,  # (B, Hk, Tq), 0 at padding
+    fold_pos: torch.Tensor | None = None,  # (B, Hk, Tk) int64: sparse cache, see the module docstring
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns y (B, H, Tq, Dv) in v's dtype and, if asked, the weights (B, H, Tq, Tk)."""
     B, H, Tq, D = q.shape
@@ -85,8 +92,12 @@ def hybrid_attention_naive(
         q_pos, k_pos = default_positions(B, Tq, Tk, q.device)
     in_win, in_lin = window_masks(q_pos, k_pos, kind, window_size)
     if key_mask is not None:
-        in_win = in_win & key_mask[:, None, None, :]
-        in_lin = in_lin & key_mask[:, None, None, :]
+        km = key_mask[:, None, None, :] if key_mask.dim() == 2 else expand_kv_heads(key_mask, H)[:, :, None, :]
+        in_win = in_win & km
+        in_lin = in_lin & km
+    if fold_pos is not None:  # past the window but not yet folded: in the sparse cache, a softmax term
+        cached = in_lin & (q_pos[:, None, :, None] < expand_kv_heads(fold_pos, H)[:, :, None, :])
+        in_win, in_lin = in_win | cached, in_lin & ~cached
     kf, vf, fkf = (expand_kv_heads(t.float(), H) for t in (k, v, fk))
     qf, fqf = q.float(), fq.float()
 
