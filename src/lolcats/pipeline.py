@@ -24,11 +24,11 @@ from lolcats.attention.convert import convert_model, set_attention_mode, set_att
 from lolcats.checkpoint import write_json
 from lolcats.config import Config, save_config
 from lolcats.data import build_data
-from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
+from lolcats.models.loading import Build, base_fingerprint, load_base_model, load_tokenizer
 from lolcats.models.lora import add_lora
 from lolcats.models.trained import load_linearized, load_stage1, load_stage2
 from lolcats.runs import BEST, SUMMARY, stage_dirs, stage_done
-from lolcats.runtime import resolve_device
+from lolcats.runtime import resolve_device, resolve_dtype
 from lolcats.training.blockwise import train_blockwise
 from lolcats.training.stages import distill_stage, finetune_stage, lm_validate
 from lolcats.training.trainer import StageResult, train_stage
@@ -47,6 +47,7 @@ class Context:
     train: torch.Tensor  # (N, T)
     val: torch.Tensor  # (M, T)
     info: dist.DistInfo | None = None  # this process's place under torchrun (None: one process)
+    strategy: str | None = None  # under torchrun: fsdp (built sharded) or replicate; None: one process
 
     @property
     def distributed(self) -> bool:
@@ -61,9 +62,16 @@ class Context:
 
 
 def prepare(cfg: Config) -> Context:
-    """Load the base model, tokenizer and packed data (from the tokenised cache when present)."""
+    """Load the base model, tokenizer and packed data (from the tokenised cache when present).
+
+    Under torchrun with ``run.parallel`` fsdp (decided from the config, before loading) the model
+    is built sharded: converted for stage 1 on the meta device, FSDP2-wrapped, and each rank
+    reads only its rows of the weights (:class:`~lolcats.models.loading.Build`).
+    """
     info = dist.init_distributed(_dist_device(cfg.run.device))  # no-op outside torchrun
     device = info.device if info.distributed else resolve_device(cfg.run.device)
+    strategy = (dist.choose_strategy(lambda: _weight_bytes(cfg, device), cfg.run.parallel, device)
+                if info.distributed else None)
     torch.manual_seed(cfg.run.seed)
     tok = load_tokenizer(cfg.model)
     if not info.is_main:
@@ -71,8 +79,32 @@ def prepare(cfg: Config) -> Context:
     data = build_data(cfg.data, tok, seed=cfg.run.seed)
     if info.is_main:
         dist.barrier()
-    model = load_base_model(cfg.model, device)
-    return Context(cfg, model, tok, device, base_fingerprint(model), data.train, data.val, info)
+    build = None
+    if strategy == "fsdp":
+        build = Build(edit=lambda m: _for_distill(m, cfg), shard=_sharder(info, strategy, "distill"))
+    model = load_base_model(cfg.model, device, build)
+    return Context(cfg, model, tok, device, base_fingerprint(model), data.train, data.val, info, strategy)
+
+
+def _weight_bytes(cfg: Config, device: torch.device) -> int:
+    """The base weights' bytes, counted from the model's config (nothing loaded)."""
+    from lolcats.plan import Shape, config_from_model_name
+
+    params = Shape.from_config(config_from_model_name(cfg)).total_params()
+    return params * resolve_dtype(cfg.model.dtype, device).itemsize
+
+
+def _for_distill(model, cfg: Config):
+    """Stage 1's model: converted, feature maps (and window factors) trainable."""
+    convert_model(model, cfg.attention)
+    set_attention_trainable(model, True, cfg.attention.train_window_factor)
+    return model
+
+
+def _for_finetune(model, cfg: Config, stage1: Path, fingerprint: str):
+    """Stage 2's model: stage 1's best loaded, LoRA added (seeded by ``run.seed``)."""
+    load_stage1(model, stage1, fingerprint)
+    return add_lora(model, cfg.finetune, cfg.run.seed)
 
 
 def _dist_device(name: str) -> str:
@@ -93,17 +125,23 @@ def _start(ctx: Context, directory: Path) -> None:
         save_config(ctx.cfg, directory / "config.yaml")
 
 
+def _sharder(info: dist.DistInfo, strategy: str, stage: str):
+    """model -> model: FSDP2 units or replicas for ``stage`` under torchrun (as ``run.parallel`` decided)."""
+    def shard(model):
+        if dist.is_sharded(model):  # built sharded already
+            return model
+        bf16 = model.get_input_embeddings().weight.dtype == torch.bfloat16
+        if stage == "distill":  # feature maps in their own units: the loss does not flow through the layers
+            return dist.shard_model(model, mixed_precision=bf16, activation_checkpointing=False, info=info,
+                                    strategy=strategy)
+        return dist.shard_model(model, mixed_precision=bf16, activation_checkpointing=strategy == "fsdp",
+                                info=info, separate_trainable=False, strategy=strategy)
+    return shard
+
+
 def _shard(ctx: Context, model, stage: str):
-    """Under torchrun: FSDP2 or replicas as ``run.parallel`` decides (no-op on one process)."""
-    if not ctx.distributed:
-        return model
-    strategy = dist.choose_strategy(model, ctx.cfg.run.parallel, ctx.device)
-    bf16 = model.get_input_embeddings().weight.dtype == torch.bfloat16
-    if stage == "distill":  # feature maps in their own units: the loss does not flow through the layers
-        return dist.shard_model(model, mixed_precision=bf16, activation_checkpointing=False, info=ctx.info,
-                                strategy=strategy)
-    return dist.shard_model(model, mixed_precision=bf16, activation_checkpointing=strategy == "fsdp",
-                            info=ctx.info, separate_trainable=False, strategy=strategy)
+    """Under torchrun: FSDP2 or replicas as ``run.parallel`` decided (no-op on one process)."""
+    return _sharder(ctx.info, ctx.strategy, stage)(model) if ctx.distributed else model
 
 
 # ---------------------------------------------------------------- the stages
@@ -113,7 +151,8 @@ def run_distill(ctx: Context, on_step=None, blocks: list[int] | None = None) -> 
     """Stage 1 (skipped when already done); leaves ctx.model converted with the best weights.
 
     With ``distill.block_size`` set, layers train block by block from stored teacher states
-    (:mod:`lolcats.training.blockwise`); ``blocks`` (or $LOLCATS_BLOCKS) picks the blocks this
+    (:mod:`lolcats.training.blockwise`; under torchrun the ranks share the teacher pass and
+    train their blocks side by side); ``blocks`` (or $LOLCATS_BLOCKS) picks the blocks this
     call trains. Returns None when the stage was done already, or, block-wise, while other
     blocks are still to train (the model then keeps its untrained feature maps).
     """
@@ -124,9 +163,6 @@ def run_distill(ctx: Context, on_step=None, blocks: list[int] | None = None) -> 
         _start(ctx, d1)
         meta = checkpoint_meta(ctx, "distill")
         if ctx.cfg.distill.block_size:
-            if ctx.distributed:
-                raise NotImplementedError("block-wise attention transfer runs one process per block, not under "
-                                          "torchrun: start one process per GPU with LOLCATS_BLOCKS=<blocks>")
             result = train_blockwise(ctx.model, ctx.cfg, ctx.train, ctx.val, d1, ctx.fingerprint, ctx.device,
                                      meta, on_step, blocks)
             if result is None:
@@ -146,10 +182,13 @@ def run_finetune(ctx: Context, on_step=None):
     d1, d2 = stage_dirs(ctx.cfg)
     if not stage_done(d1):
         raise RuntimeError(f"stage 1 has not finished: {d1} (run `lolcats distill` first)")
-    if dist.is_sharded(ctx.model):  # sharded for stage 1: LoRA goes into a fresh, unsharded copy
-        ctx.model = load_base_model(ctx.cfg.model, ctx.device)
-        load_stage1(ctx.model, d1 / BEST, ctx.fingerprint)
-    model = add_lora(ctx.model, ctx.cfg.finetune)
+    if ctx.strategy == "fsdp":  # LoRA goes in before sharding: a fresh model, built sharded with it
+        ctx.model = None  # stage 1's shards go first
+        build = Build(edit=lambda m: _for_finetune(m, ctx.cfg, d1 / BEST, ctx.fingerprint),
+                      shard=_sharder(ctx.info, ctx.strategy, "finetune"))
+        ctx.model = model = load_base_model(ctx.cfg.model, ctx.device, build)
+    else:
+        model = add_lora(ctx.model, ctx.cfg.finetune, ctx.cfg.run.seed)
     result = None
     if not stage_done(d2):
         _start(ctx, d2)
