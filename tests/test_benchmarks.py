@@ -231,3 +231,29 @@ def test_startup_benchmark_times_generate_and_its_phases(tmp_path, tiny_model_di
         assert name in names
     assert data["phases"]["rc"] == 0 and data["phases"]["gguf_parses"] == 0  # a plain HF directory
     assert "| load_base_model |" in text and "CPU only" in text
+
+
+def test_scaling_benchmark_reads_a_blockwise_run(tmp_path, tiny_model_dir, tiny_alpaca, monkeypatch, capsys):
+    """A rank's run and the report, in this process (the launcher adds torchrun; smoke-tested with gloo by hand)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks/scaling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    flags = ["--model.name", str(tiny_model_dir), "--data.train", str(tiny_alpaca), "--data.seq_len", "32",
+             "--data.max_val_tokens", "256", "--data.cache_dir", str(tmp_path / "cache"),
+             "--attention.feature_dim", "8",
+             "--distill.max_steps", "5", "--distill.micro_batch_size", "2", "--finetune.max_steps", "2",
+             "--finetune.micro_batch_size", "2", "--run.device", "cpu"]
+    out = tmp_path / "tiny" / "blockwise-replicate" / "gpus-1"
+    out.mkdir(parents=True)
+    mod.rank_main(out, None, flags + mod.variant_flags("blockwise-replicate", 1) + ["--run.output_dir", str(out),
+                                                                                    "--run.progress", "false"],
+                  list(mod.STAGES))
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--gpus", "1", "--variants", "blockwise-replicate", "--block-size",
+                                      "1", "--out", str(tmp_path), "--label", "tiny", "--report-only", "--", *flags])
+    mod.main()
+    text = capsys.readouterr().out
+    assert "| blockwise-replicate | distill | 1 | 10 |" in text and "| blockwise-replicate | finetune | 1 | 2 |" in text
+    rec = json.loads((out / "mem-rank0.json").read_text())
+    assert set(rec["stages"]) == {"load", "distill", "finetune"} and rec["stages"]["load"]["host_peak_gib"] > 0

@@ -1,9 +1,16 @@
 """Block-wise attention transfer: k = L equals the joint run, k = 1 is no worse per layer, the
-stored states are the teacher's, a killed block resumes to the same weights, blocks can run apart."""
+stored states are the teacher's, a killed block resumes to the same weights, blocks can run apart,
+and two gloo processes (this file run as a script under ``torch.distributed.run``) train the
+blocks side by side to the one-process weights, FSDP-sharded (killed once and resumed) or
+replicated."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +142,68 @@ def test_parse_blocks():
     assert parse_blocks("0,2-3", 4) == [0, 2, 3]
     with pytest.raises(ValueError, match="out of range"):
         parse_blocks("4", 4)
+
+
+def test_two_processes_train_blocks_side_by_side(env, joint_and_k1):
+    root, model_dir, data = env
+    _, k1, _, _ = joint_and_k1
+    run_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run_env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                             run_env.get("PYTHONPATH", "")])
+    run_env["CUDA_VISIBLE_DEVICES"] = ""
+    from test_distributed import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), __file__, str(root), str(model_dir), str(data)]
+    proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = stage_dirs(k1)[0]
+    ref = load_tensors(one / "best")
+    for parallel in ("fsdp", "replicate"):
+        d1 = stage_dirs(side_by_side_cfg(root, model_dir, data, parallel))[0]
+        got = load_tensors(d1 / "best")
+        assert got.keys() == ref.keys() and ref
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5, msg=f"{parallel} {k}")
+        sa, sb = _summary(one), _summary(d1)
+        assert sb["steps"] == sa["steps"] and sb["tokens"] == sa["tokens"], parallel
+        for i in range(L):  # each block's own run: same validation curve as in one process
+            assert [h["val_loss"] for h in _summary(block_dir(d1, i))["history"]] == pytest.approx(
+                [h["val_loss"] for h in _summary(block_dir(one, i))["history"]], rel=1e-6)
+
+
+def side_by_side_cfg(root, model_dir, data, parallel: str):
+    cfg = make_cfg(root / "k1", model_dir, data, **STEPS, **{"distill.block_size": 1, "run.parallel": parallel})
+    cfg.run.output_dir = str(root / f"two-{parallel}")  # not part of the run-directory hash
+    return cfg
+
+
+def _rank_main(root, model_dir, data) -> None:
+    """FSDP: killed at step 5 of each rank's block, then resumed; replicated: straight through."""
+    from lolcats.distributed import barrier
+
+    def kill(step):
+        if step == 5:
+            raise StopTraining
+
+    fsdp = side_by_side_cfg(root, model_dir, data, "fsdp")
+    try:
+        _distill(fsdp, on_step=kill)
+        raise AssertionError("not killed")
+    except StopTraining:
+        pass
+    barrier()  # the other rank may still be on its way to step 5
+    assert all((block_dir(stage_dirs(fsdp)[0], i) / STATE).is_file() for i in range(L))
+    ctx, result = _distill(fsdp)
+    assert result is not None and ctx.distributed and ctx.strategy == "fsdp"
+    assert hasattr(ctx.model, "lolcats_load_report")  # built sharded
+    ctx, result = _distill(side_by_side_cfg(root, model_dir, data, "replicate"))
+    assert result is not None and ctx.strategy == "replicate"
+
+
+if __name__ == "__main__":  # one rank of the two-process run
+    torch.set_num_threads(1)
+    _rank_main(*(Path(a) for a in sys.argv[1:4]))
+    from lolcats.distributed import cleanup
+
+    cleanup()

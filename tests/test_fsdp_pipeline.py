@@ -87,6 +87,7 @@ def killed_then_resumed(cfg) -> None:
 
     ctx = prepare(cfg)
     assert ctx.distributed and ctx.info.world_size == 2
+    assert hasattr(ctx.model, "lolcats_load_report") == (cfg.run.parallel == "fsdp")  # FSDP: built sharded
     try:
         run_distill(ctx, on_step=kill)
         raise AssertionError("not killed")

@@ -9,6 +9,10 @@
     if info.is_main: save(state)
     cleanup()
 
+Inside ``with alone():`` a rank acts as one process (no collectives): block-wise transfer trains
+each rank's own blocks so. A model too large for one process is built sharded
+(``models.loading.Build``: on the meta device, then each rank reads its rows).
+
 Sharding is FSDP2 (``fully_shard``): one unit per decoder layer, then the root. FSDP2 shards
 each parameter on dim 0 (a DTensor); frozen and trainable parameters may share a unit (only the
 trainable ones must share one dtype; frozen bf16 weights next to fp32 feature maps are fine).
@@ -19,6 +23,7 @@ CPU runs use the same code with the ``gloo`` backend.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -71,9 +76,25 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev, rank == 0)
 
 
+_ALONE = False  # inside `alone()`: this process acts as one process
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside, this process acts as one process even under torchrun: :func:`dist_info` says rank 0
+    of 1 and every helper here skips its collectives. Block-wise transfer trains each rank's
+    own blocks so, side by side, as one-process stages (the model must not be FSDP-sharded)."""
+    global _ALONE
+    before, _ALONE = _ALONE, True
+    try:
+        yield
+    finally:
+        _ALONE = before
+
+
 def dist_info() -> DistInfo:
     """The current process's place, from the initialised process group (or one process)."""
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _ALONE:
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
@@ -83,7 +104,7 @@ def dist_info() -> DistInfo:
 
 
 def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not _ALONE
 
 
 def barrier() -> None:
@@ -94,6 +115,15 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj=None):
+    """Rank 0's ``obj`` (any picklable value) on every rank; identity on one process."""
+    if not _is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor | float:
@@ -144,14 +174,21 @@ def auto_strategy(weight_bytes: float, device_bytes: float) -> str:
     return "replicate" if weight_bytes < device_bytes / 3 else "fsdp"
 
 
-def choose_strategy(model: nn.Module, requested: str, device: torch.device) -> str:
-    """fsdp or replicate for ``requested`` (auto: :func:`auto_strategy`; always replicate on CPU)."""
+def choose_strategy(weights: nn.Module | int | Callable[[], int], requested: str, device: torch.device) -> str:
+    """fsdp or replicate for ``requested`` (auto: :func:`auto_strategy`; always replicate on CPU).
+
+    ``weights``: the model, or its weights' bytes, or a function giving them (called only when
+    auto needs them; the pipeline counts them from the config, before loading anything).
+    """
     if requested != "auto":
         return requested
     if device.type != "cuda":
         return "replicate"
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return auto_strategy(weights, torch.cuda.get_device_properties(device).total_memory)
+    if isinstance(weights, nn.Module):
+        nbytes = sum(p.numel() * p.element_size() for p in weights.parameters())
+    else:
+        nbytes = weights() if callable(weights) else weights
+    return auto_strategy(nbytes, torch.cuda.get_device_properties(device).total_memory)
 
 
 def average_gradients(params: Iterable[torch.Tensor]) -> None:
@@ -266,9 +303,11 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def _full_options(**kw):
+    """Full state dicts, CPU-offloaded (rank 0 only). Alone under torchrun (:func:`alone`) not
+    offloaded: DCP would hand ranks other than 0 an empty dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+    return StateDictOptions(full_state_dict=True, cpu_offload=not _ALONE, **kw)
 
 
 def gather_trainable_state_dict(model: nn.Module, names: set[str] | Callable[[str], bool] | None = None,
@@ -293,15 +332,23 @@ def gather_trainable_state_dict(model: nn.Module, names: set[str] | Callable[[st
             raise KeyError(f"no trainable parameters named {missing[:5]}; e.g. {trainable[:5]}")
         wanted = [n for n in trainable if n in names]
     sd = get_model_state_dict(model, options=_full_options(ignore_frozen_params=True))
-    return {n: sd[n] for n in wanted} if sd else {}
+    return {n: sd[n].cpu() for n in wanted} if sd else {}
 
 
 def load_full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy full tensors into the parameters of those names (shards of them when FSDP-sharded).
 
-    Through ``set_model_state_dict`` (full state dict); every rank passes the same tensors.
+    Sharded: through ``set_model_state_dict`` (full state dict; every rank passes the same
+    tensors). Whole: copied in place (the model may hold meta weights, as while it is built).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not is_sharded(model):
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+        return
 
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
@@ -320,8 +367,14 @@ def get_training_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def set_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
                        optim_state: dict) -> None:
-    """Load what :func:`get_training_state` returned (every rank passes the full state)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Load what :func:`get_training_state` returned (every rank passes the full state).
 
-    set_state_dict(model, optimizer, model_state_dict=params, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True, strict=False))
+    Parameters through :func:`load_full_state_dict` (in place: the optimiser keeps its
+    parameters, also in a model that holds meta weights), the optimiser state through
+    ``set_optimizer_state_dict`` of torch.distributed.checkpoint.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    load_full_state_dict(model, params)
+    set_optimizer_state_dict(model, optimizer, optim_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))

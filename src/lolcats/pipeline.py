@@ -28,12 +28,12 @@ from lolcats.config import Config, save_config
 from lolcats.data import build_data, check_sources
 from lolcats.models.checks import check_model_settings
 from lolcats.models.gguf_cache import shared_gguf_reads
-from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer, model_config
+from lolcats.models.loading import Build, base_fingerprint, load_base_model, load_tokenizer, model_config
 from lolcats.models.locator import base_locator
 from lolcats.models.lora import add_lora
 from lolcats.models.trained import load_linearized, load_stage1, load_stage2
 from lolcats.runs import BEST, STATE, SUMMARY, check_output_dir, lock_dir, stage_dirs, stage_done
-from lolcats.runtime import resolve_device
+from lolcats.runtime import resolve_device, resolve_dtype
 from lolcats.training.blockwise import train_blockwise
 from lolcats.training.stages import distill_stage, finetune_stage, lm_validate, pick_softmax_layers
 from lolcats.training.state import check_state
@@ -53,6 +53,7 @@ class Context:
     train: torch.Tensor  # (N, T)
     val: torch.Tensor  # (M, T)
     info: dist.DistInfo | None = None  # this process's place under torchrun (None: one process)
+    strategy: str | None = None  # under torchrun: fsdp (built sharded) or replicate; None: one process
 
     @property
     def distributed(self) -> bool:
@@ -69,7 +70,12 @@ class Context:
 def prepare(cfg: Config) -> Context:
     """Check the settings, then load the base model, tokenizer and packed data (from the tokenised
     cache when present). Whatever can be checked before loading is: the output directory, resume
-    states, the data sources, and the settings against the model's architecture (from its config)."""
+    states, the data sources, and the settings against the model's architecture (from its config).
+
+    Under torchrun with ``run.parallel`` fsdp (decided from the config, before loading) the model
+    is built sharded: converted for stage 1 on the meta device, FSDP2-wrapped, and each rank
+    reads only its rows of the weights (:class:`~lolcats.models.loading.Build`).
+    """
     check_output_dir(cfg)
     for d in stage_dirs(cfg):
         if (d / STATE).is_file() and not stage_done(d):
@@ -80,6 +86,8 @@ def prepare(cfg: Config) -> Context:
         check_model_settings(cfg, hf_config)
         info = dist.init_distributed(_dist_device(cfg.run.device))  # no-op outside torchrun
         device = info.device if info.distributed else resolve_device(cfg.run.device)
+        strategy = (dist.choose_strategy(lambda: _weight_bytes(cfg, device), cfg.run.parallel, device)
+                    if info.distributed else None)
         torch.manual_seed(cfg.run.seed)
         tok = load_tokenizer(cfg.model)
         if not info.is_main:
@@ -87,8 +95,39 @@ def prepare(cfg: Config) -> Context:
         data = build_data(cfg.data, tok, seed=cfg.run.seed)
         if info.is_main:
             dist.barrier()
-        model = load_base_model(cfg.model, device, config=hf_config)
-    return Context(cfg, model, tok, device, base_fingerprint(model), data.train, data.val, info)
+        build = None
+        if strategy == "fsdp":
+            build = Build(edit=lambda m: _for_distill(m, cfg), shard=_sharder(info, strategy, "distill"))
+        model = load_base_model(cfg.model, device, config=hf_config, build=build)
+    return Context(cfg, model, tok, device, base_fingerprint(model), data.train, data.val, info, strategy)
+
+
+def _weight_bytes(cfg: Config, device: torch.device) -> int:
+    """The base weights' bytes, counted from the model's config (nothing loaded)."""
+    from lolcats.plan import Shape, config_from_model_name
+
+    params = Shape.from_config(config_from_model_name(cfg)).total_params()
+    return params * resolve_dtype(cfg.model.dtype, device).itemsize
+
+
+def _for_distill(model, cfg: Config):
+    """Stage 1's model: converted, feature maps (and window factors) trainable."""
+    convert_model(model, cfg.attention)
+    set_attention_trainable(model, True, cfg.attention.train_window_factor)
+    return model
+
+
+def _for_finetune(model, cfg: Config, stage1: Path, fingerprint: str):
+    """Stage 2's model: stage 1's best loaded, the softmax layers kept, LoRA added (seeded by ``run.seed``)."""
+    load_stage1(model, stage1, fingerprint)
+    _keep_worst(model, cfg, stage1)
+    return add_lora(model, cfg.finetune, cfg.run.seed)
+
+
+def _keep_worst(model, cfg: Config, stage1: Path) -> None:
+    """With ``attention.softmax_count``: the layers stage 1 transferred worst stay softmax."""
+    if cfg.attention.softmax_count:
+        keep_softmax(model, pick_softmax_layers(read_meta(stage1)["metrics"], cfg.attention.softmax_count))
 
 
 @contextlib.contextmanager
@@ -124,17 +163,23 @@ def _start(ctx: Context, directory: Path) -> None:
         atomic_write(directory / "config.yaml", lambda p: save_config(ctx.cfg, p))
 
 
+def _sharder(info: dist.DistInfo, strategy: str, stage: str):
+    """model -> model: FSDP2 units or replicas for ``stage`` under torchrun (as ``run.parallel`` decided)."""
+    def shard(model):
+        if dist.is_sharded(model):  # built sharded already
+            return model
+        bf16 = model.get_input_embeddings().weight.dtype == torch.bfloat16
+        if stage == "distill":  # feature maps in their own units: the loss does not flow through the layers
+            return dist.shard_model(model, mixed_precision=bf16, activation_checkpointing=False, info=info,
+                                    strategy=strategy)
+        return dist.shard_model(model, mixed_precision=bf16, activation_checkpointing=strategy == "fsdp",
+                                info=info, separate_trainable=False, strategy=strategy)
+    return shard
+
+
 def _shard(ctx: Context, model, stage: str):
-    """Under torchrun: FSDP2 or replicas as ``run.parallel`` decides (no-op on one process)."""
-    if not ctx.distributed:
-        return model
-    strategy = dist.choose_strategy(model, ctx.cfg.run.parallel, ctx.device)
-    bf16 = model.get_input_embeddings().weight.dtype == torch.bfloat16
-    if stage == "distill":  # feature maps in their own units: the loss does not flow through the layers
-        return dist.shard_model(model, mixed_precision=bf16, activation_checkpointing=False, info=ctx.info,
-                                strategy=strategy)
-    return dist.shard_model(model, mixed_precision=bf16, activation_checkpointing=strategy == "fsdp",
-                            info=ctx.info, separate_trainable=False, strategy=strategy)
+    """Under torchrun: FSDP2 or replicas as ``run.parallel`` decided (no-op on one process)."""
+    return _sharder(ctx.info, ctx.strategy, stage)(model) if ctx.distributed else model
 
 
 # ---------------------------------------------------------------- the stages
@@ -144,7 +189,8 @@ def run_distill(ctx: Context, on_step=None, blocks: list[int] | None = None) -> 
     """Stage 1 (skipped when already done); leaves ctx.model converted with the best weights.
 
     With ``distill.block_size`` set, layers train block by block from stored teacher states
-    (:mod:`lolcats.training.blockwise`); ``blocks`` (or $LOLCATS_BLOCKS) picks the blocks this
+    (:mod:`lolcats.training.blockwise`; under torchrun the ranks share the teacher pass and
+    train their blocks side by side); ``blocks`` (or $LOLCATS_BLOCKS) picks the blocks this
     call trains. Returns None when the stage was done already, or, block-wise, while other
     blocks are still to train (the model then keeps its untrained feature maps).
     """
@@ -155,9 +201,6 @@ def run_distill(ctx: Context, on_step=None, blocks: list[int] | None = None) -> 
         _start(ctx, d1)
         meta = checkpoint_meta(ctx, "distill")
         if ctx.cfg.distill.block_size:
-            if ctx.distributed:
-                raise NotImplementedError("block-wise attention transfer runs one process per block, not under "
-                                          "torchrun: start one process per GPU with LOLCATS_BLOCKS=<blocks>")
             result = train_blockwise(ctx.model, ctx.cfg, ctx.train, ctx.val, d1, ctx.fingerprint, ctx.device,
                                      meta, on_step, blocks)
             if result is None:
@@ -177,12 +220,14 @@ def run_finetune(ctx: Context, on_step=None):
     d1, d2 = stage_dirs(ctx.cfg)
     if not stage_done(d1):
         raise RuntimeError(f"stage 1 has not finished: {d1} (run `lolcats distill` first)")
-    if dist.is_sharded(ctx.model):  # sharded for stage 1: LoRA goes into a fresh, unsharded copy
-        ctx.model = load_base_model(ctx.cfg.model, ctx.device)
-        load_stage1(ctx.model, d1 / BEST, ctx.fingerprint)
-    if ctx.cfg.attention.softmax_count:  # the layers stage 1 transferred worst stay softmax
-        keep_softmax(ctx.model, pick_softmax_layers(read_meta(d1 / BEST)["metrics"], ctx.cfg.attention.softmax_count))
-    model = add_lora(ctx.model, ctx.cfg.finetune)
+    if ctx.strategy == "fsdp":  # LoRA goes in before sharding: a fresh model, built sharded with it
+        ctx.model = None  # stage 1's shards go first
+        build = Build(edit=lambda m: _for_finetune(m, ctx.cfg, d1 / BEST, ctx.fingerprint),
+                      shard=_sharder(ctx.info, ctx.strategy, "finetune"))
+        ctx.model = model = load_base_model(ctx.cfg.model, ctx.device, build=build)
+    else:
+        _keep_worst(ctx.model, ctx.cfg, d1 / BEST)
+        model = add_lora(ctx.model, ctx.cfg.finetune, ctx.cfg.run.seed)
     result = None
     if not stage_done(d2):
         _start(ctx, d2)

@@ -17,7 +17,11 @@ estimate, per GPU, with FSDP sharding weights, gradients and optimiser states ov
     token, plus the student attention's fp32 feature-map terms), plus the logits and their
     gradient in fp32 ``8 B T V``;
 * block-wise attention transfer first stores the teacher's hidden state entering every block:
-  ``2 T d ceil(L / k)`` bytes on disk for ``T`` tokens (train + validation).
+  ``2 T d ceil(L / k)`` bytes on disk for ``T`` tokens (train + validation), the teacher's
+  micro-batches split over the GPUs (sharded or replicated as the joint stage); then the
+  blocks are dealt over the GPUs and train side by side (``ceil(blocks / N)`` per GPU, no
+  collectives): per GPU the stage-1 model (whole, or its ``1/N`` shard plus a whole copy of
+  the block's ``k`` layers when sharded) and one block's trainable states and activations.
 """
 
 from __future__ import annotations
@@ -244,15 +248,12 @@ def plan(cfg: Config, model_config: Any = None, num_gpus: int = 1, tokens: int |
         block_acts = k_eff * distill_layer_activations(shape, cfg, tok_d, mb_d, seq) + work
         per_token_disk = 2 * shape.d * n_blocks
         disk = per_token_disk * tokens if tokens else 0
+        split = f", its micro-batches split over the {num_gpus} GPUs (rank 0 writes)" if num_gpus > 1 else ""
         stages.append(_stage("collect hidden states", shape, total, 0, 2 * tok_d * shape.d * n_blocks + work,
-                             num_gpus, layer, disk,
-                             [f"teacher forward once; stores {n_blocks} boundaries: "
-                              f"{per_token_disk * 1e6 / GIB:.1f} GiB per million tokens"]
-                             + (["(memory as if FSDP-sharded over the GPUs; today this pass and the blocks "
-                                 "run as one process each, see docs/SCALING.md)"] if num_gpus > 1 else [])))
-        stages.append(_stage(f"attention transfer (block-wise, k={k})", shape, k_eff * layer, k_eff * attn,
-                             block_acts, num_gpus, layer,
-                             notes=[f"{n_blocks} blocks of {k} layers, each from stored hidden states"]))
+                             shards, layer, disk,
+                             [f"teacher forward once{split}; stores {n_blocks} boundaries: "
+                              f"{per_token_disk * 1e6 / GIB:.1f} GiB per million tokens"]))
+        stages.append(_blockwise_stage(shape, k, k_eff, n_blocks, total, layer, attn, block_acts, num_gpus, shards))
 
     mb_f = cfg.finetune.micro_batch_size
     tok_f = mb_f * seq
@@ -269,6 +270,24 @@ def plan(cfg: Config, model_config: Any = None, num_gpus: int = 1, tokens: int |
         str(model_config) if isinstance(model_config, (str, Path)) else getattr(mc, "model_type", "model"))
     return Plan(str(name), shape, total, num_gpus, tokens, {"distill": mb_d, "finetune": mb_f}, seq, stages,
                 gpu_memory_gib, strategy)
+
+
+def _blockwise_stage(shape: Shape, k: int, k_eff: int, n_blocks: int, total: int, layer: int, attn: int,
+                     acts: int, num_gpus: int, shards: int) -> StagePlan:
+    """Block-wise transfer as it runs: the blocks dealt over the GPUs, each trained as one-process
+    stage on its GPU; the stage-1 model stays there (whole, or this GPU's shard plus a whole copy
+    of the block's layers when FSDP-sharded). No collectives while a block trains."""
+    per_gpu = math.ceil(n_blocks / num_gpus)
+    resident = total if shards == 1 else math.ceil(total / shards)
+    copy = 0 if shards == 1 else k_eff * layer
+    b = {"frozen_weights": 2 * (resident + copy), "gather_buffers": 0,
+         "trainable_states": 16 * k_eff * attn, "activations": acts}
+    where = ("on the whole model each GPU holds" if shards == 1 else
+             f"on a whole copy of its {k_eff} layers, next to the GPU's shard of the model")
+    spread = ("one after another" if num_gpus == 1 else f"{per_gpu} per GPU, side by side on {num_gpus} GPUs: "
+              f"wall time ~{per_gpu}/{n_blocks} of all blocks on one GPU")
+    return StagePlan(f"attention transfer (block-wise, k={k})", resident + copy, k_eff * attn, b, notes=[
+        f"{n_blocks} blocks of {k} layers from stored hidden states, {spread}", f"each block trains {where}"])
 
 
 def plan_strategy(requested: str, total_params: int, num_gpus: int, gpu_memory_gib: float) -> str:

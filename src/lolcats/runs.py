@@ -86,11 +86,11 @@ def lock_dir(directory: str | Path) -> Iterator[None]:
     """Hold ``directory``'s lock for the block; re-entrant within a process; a no-op on ranks other
     than 0. Another live process holding it: :class:`RunInUseError` naming it."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)  # every rank writes in it (block-wise: its own blocks)
     key = os.path.realpath(directory)
     if int(os.environ.get("RANK", "0")) != 0 or key in _HELD:
         yield
         return
-    directory.mkdir(parents=True, exist_ok=True)
     fd = _acquire(directory / LOCK)
     _HELD.add(key)
     try:

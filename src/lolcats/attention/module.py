@@ -149,6 +149,8 @@ class LolcatsAttention(nn.Module):
         if not converted:
             return
         dev = self.q_proj.weight.device
+        if dev.type == "meta":  # made where the default device is (real for the sharded loader, which keeps them)
+            dev = None
         self.feature_map_q = build_feature_map(cfg.feature_map, self.num_heads, self.head_dim, cfg.feature_dim,
                                                cfg.feature_init).to(dev)
         self.feature_map_k = build_feature_map(cfg.feature_map, self.num_kv_heads, self.head_dim, cfg.feature_dim,

@@ -12,8 +12,9 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,6 +22,7 @@ from lolcats.attention.convert import check_architecture
 from lolcats.config import ModelConfig
 from lolcats.hub import hub_access, is_repo_id
 from lolcats.models import gguf_cache
+from lolcats.models.sharded import RandomSource, SafetensorsSource, build_model, checkpoint_name, safetensors_files
 from lolcats.runtime import resolve_device, resolve_dtype
 
 # name -> (python package, GGUF file inside it, pip requirement)
@@ -122,6 +124,23 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+@dataclass(frozen=True)
+class Build:
+    """How :func:`load_base_model` builds a model that no process holds whole (under torchrun).
+
+    The model is built on the meta device, ``edit``-ed, ``shard``-ed, and each process allocates
+    and reads only what it holds (:mod:`lolcats.models.sharded`). A GGUF (or a directory without
+    safetensors weights) loads whole instead, then gets ``edit`` and ``shard`` all the same.
+    """
+
+    edit: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    "structural changes before sharding (convert_model, add_lora): they may create only small, real parameters"
+    shard: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    "FSDP2 wrapping (distributed.shard_model); each rank then reads only its rows of every weight"
+    layers: frozenset[int] | None = None
+    "without shard: only these decoder layers' weights are allocated (block-wise transfer); the rest stay on meta"
+
+
 def model_config(cfg: ModelConfig):
     """The transformers config of ``cfg``'s model (no weights), its architecture checked."""
     if cfg.init == "random":
@@ -149,19 +168,31 @@ def _cached_part(src: str, gguf: str | None, name: str) -> Path | None:
     return gguf_cache.entry_dir(path, root) / name if path and root else None
 
 
-def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None, config=None):
+def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None, build: Build | None = None, *,
+                    config=None):
     """The pretrained causal LM, on ``device`` (or placed by ``cfg.device_map``), in eval mode.
-    ``config``: :func:`model_config`'s result when the caller has it already."""
+
+    ``config``: :func:`model_config`'s result when the caller has it already. ``build``: built
+    piecewise (see :class:`Build`) instead of loaded whole; how much each process read and
+    allocated is in ``model.lolcats_load_report``.
+    """
     from transformers import AutoModelForCausalLM
 
     device = resolve_device("auto") if device is None else torch.device(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    pieces = {} if build is None else {"edit": build.edit, "shard": build.shard, "layers": build.layers}
     with gguf_cache.shared_gguf_reads():  # a GGUF's config, weight and tokenizer reads parse it once
         config = model_config(cfg) if config is None else config
         if cfg.init == "random":
-            return random_model(config, device, resolve_dtype(cfg.dtype, device))
+            return build_model(config, RandomSource(), device, dtype, **pieces)
         src, gguf = resolve_source(cfg)
         kw = hub_kwargs(cfg, gguf)
-        dtype = resolve_dtype(cfg.dtype, device)
+        if build is not None:
+            weights = safetensors_dir(cfg, src, gguf)
+            if weights is not None:
+                return build_model(config, SafetensorsSource(weights), device, dtype, **pieces)
+            print(f"lolcats: {cfg.name} has no safetensors weights (GGUF or .bin): every process loads the whole "
+                  "model, then shards it", file=sys.stderr)
         part = _cached_part(src, gguf, f"model-{str(dtype).removeprefix('torch.')}") \
             if cfg.device_map is None else None
         if part is not None and gguf_cache.complete(part):  # converted before: plain safetensors
@@ -174,6 +205,10 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str | None = None, 
             _cache_conversion(model, part, cfg)
     if cfg.device_map is None:
         model.to(device)
+    if build is not None and build.edit is not None:
+        model = build.edit(model)
+    if build is not None and build.shard is not None:
+        model = build.shard(model)
     return model.eval()
 
 
@@ -198,43 +233,48 @@ def _cache_conversion(model, part: Path, cfg: ModelConfig) -> None:
         load_tokenizer(cfg)  # writes its part too
 
 
+def safetensors_dir(cfg: ModelConfig, src: str, gguf: str | None) -> Path | None:
+    """The local directory of ``src``'s safetensors weights (a Hub name: its snapshot in the Hub
+    cache, fetched if missing); None for GGUF or weights in another format."""
+    if gguf:
+        return None
+    path = Path(src)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        kw = hub_kwargs(cfg, None)
+        path = Path(snapshot_download(src, revision=kw.get("revision"), cache_dir=kw.get("cache_dir"),
+                                      token=kw.get("token"), allow_patterns=["*.json", "*.safetensors"]))
+    return path if safetensors_files(path) else None
+
+
 def random_model(config, device: torch.device | str, dtype: torch.dtype, seed: int = 0):
     """``config``'s architecture with seeded random weights, built on ``device`` directly.
 
     Built on the meta device and materialised in place (no CPU copy: an 8B model takes
     seconds on a GPU); linear and embedding weights ~ N(0, 0.02), norms 1, RoPE tables
-    rebuilt. The same seed on the same device type gives the same weights in every process.
+    rebuilt (:class:`~lolcats.models.sharded.RandomSource`: one generator per tensor, so a
+    sharded build holds the same rows). The same seed on the same device type gives the same
+    weights in every process.
     """
-    from transformers import AutoModelForCausalLM
-
-    check_architecture(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(std=0.02, generator=gen)
-    rope = type(model.model.rotary_emb)
-    model.model.rotary_emb = rope(model.config).to(device)
-    return model.eval()
+    return build_model(config, RandomSource(seed), device, dtype)
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
     """Hash of the frozen base weights (a few tensors, sampled), to tell base models apart.
 
     Values are hashed as bf16, so the same model loaded in float32 (CPU) and in bf16 (GPU)
-    gives the same fingerprint: a checkpoint trained on a GPU loads on a CPU and back.
+    gives the same fingerprint: a checkpoint trained on a GPU loads on a CPU and back. An
+    FSDP2-sharded model gives the same fingerprint as a whole one; every rank must call it.
     """
     h = hashlib.sha256()
     named = [(n, p) for n, p in model.state_dict().items()
              if ".feature_map_" not in n and "window_factors" not in n and "lora_" not in n]
     h.update(str(len(named)).encode())
-    for n, p in named[:3] + named[-3:]:
-        n = n.replace("base_model.model.", "").replace(".base_layer", "")
+    for n, p in named[:3] + named[-3:]:  # the same order on every rank: full_tensor() is collective
+        n = checkpoint_name(n)
+        if hasattr(p, "full_tensor"):  # FSDP2-sharded (DTensor)
+            p = p.full_tensor()
         flat = p.detach().flatten()
         idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096), device=flat.device)
         h.update(n.encode() + str(tuple(p.shape)).encode())

@@ -15,38 +15,48 @@ The trainer iterates over sequence *indices* ``(N, 1)`` instead of token ids, so
 accumulation, validation and resume are those of a joint run; with ``k = L`` the two give the
 same weights (the loss averages over the block's layers as the joint loss does over all).
 
-Blocks can run one after another in one process, or in separate processes (one per GPU):
+Blocks run one after another in one process, or side by side under torchrun: the ranks share
+the teacher pass (each runs the teacher on its share of the micro-batches, rank 0 writes the
+store), then each rank trains its share of the blocks as one-process stages
+(:func:`lolcats.distributed.alone`: no collectives inside a block), on a whole copy of the
+model, or, when the model is FSDP-sharded, on a copy holding only its blocks' layers; once all
+are done rank 0 gathers ``d1/best``. Blocks are dealt round-robin over the ranks among those
+not yet done, so a killed run resumes each block where it was (on whichever rank gets it). The
+result is the one-process result: a block's training depends only on its seed, its stored
+inputs and its layers.
+
 ``blocks=[...]`` (or the environment variable ``LOLCATS_BLOCKS="0,1,4-7"``; empty = only
-collect the hidden states) picks the blocks a process trains. Collect the states first (one
-process with ``LOLCATS_BLOCKS=""``), then start the block processes; whichever finishes the
-last block writes ``d1/best``, or run once more without the variable to gather.
+collect the hidden states) picks the blocks a call trains, e.g. to spread blocks over
+separate processes by hand: whichever finishes the last block writes ``d1/best``, or run
+once more without the variable to gather.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 import torch
 
-from lolcats.attention.convert import (collect_distill_outputs, set_attention_mode, set_attention_trainable,
-                                       stage1_checkpoint_names)
+from lolcats import distributed as dist
+from lolcats.attention.convert import (attention_parameters, collect_distill_outputs, convert_model,
+                                       set_attention_mode, set_attention_trainable, stage1_checkpoint_names)
 from lolcats.checkpoint import load_tensors, save_checkpoint, write_json
 from lolcats.config import Config
+from lolcats.models.loading import Build, load_base_model
+from lolcats.models.sharded import layer_index
 from lolcats.runs import BEST, SUMMARY, stage_done
 from lolcats.runtime import autocast_context
-from lolcats.training.hidden_store import (HiddenStateReader, HiddenStateWriter, collect_hidden_states,
-                                           run_layer_block)
+from lolcats.training.hidden_store import (HiddenStateReader, HiddenStateWriter, HiddenStoreError,
+                                           collect_hidden_states, run_layer_block)
 from lolcats.training.stages import aggregate_distill_outputs, distill_validate
 from lolcats.training.trainer import Stage, StageResult, train_stage
 
 HIDDEN_DIR = "hidden"
 BLOCKS_ENV = "LOLCATS_BLOCKS"
 SPLITS = ("train", "val")
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 def block_ranges(num_layers: int, k: int) -> list[tuple[int, int]]:
     """[(start, end)] of the blocks: boundaries range(0, L, k)."""
@@ -60,10 +70,10 @@ def block_dir(d1: Path, index: int) -> Path:
 
 
 def layer_of(name: str) -> int:
-    m = _LAYER.search(name)
-    if m is None:
+    i = layer_index(name)
+    if i is None:
         raise ValueError(f"parameter {name!r} is not inside a decoder layer (.layers.<i>.)")
-    return int(m.group(1))
+    return i
 
 
 def parse_blocks(spec: str | None, n_blocks: int) -> list[int] | None:
@@ -91,19 +101,48 @@ def store_meta(model_fingerprint: str, cfg: Config) -> dict:
 def collect_block_inputs(model, data: dict[str, torch.Tensor], root: Path, boundaries: list[int], meta: dict,
                          batch_size: int, device) -> None:
     """Store the teacher's hidden states entering ``boundaries`` for every split of ``data``
-    ({split: token ids (N, T)}); resumes after the sequences already on disk."""
-    any_ids = next(iter(data.values()))
-    d_model = model.config.hidden_size
-    writer = HiddenStateWriter(root, boundaries, d_model, any_ids.shape[1], meta)  # raises on another meta
-    if writer.complete:
-        return
-    for split, ids in data.items():
-        if writer.split_complete(split):
-            continue
-        for i in range(writer.num_written(split), len(ids), batch_size):
-            writer.add(split, collect_hidden_states(model, ids[i:i + batch_size].to(device), boundaries))
-        writer.finish_split(split)
-    writer.finish()
+    ({split: token ids (N, T)}); resumes after the sequences already on disk.
+
+    Under torchrun every rank takes part: in each round rank r runs the teacher on the micro-batch
+    r of the round (the micro-batches of one process, so the states are the same bits), the
+    states are gathered, and rank 0 writes them in order (the store and its manifest as one
+    process writes them). Every rank must call this.
+    """
+    info = dist.dist_info()
+    writer, todo = None, None
+    if info.is_main:
+        try:
+            writer = HiddenStateWriter(root, boundaries, model.config.hidden_size, next(iter(data.values())).shape[1],
+                                       meta)  # raises on another meta
+            todo = {s: writer.num_written(s) for s in data if not writer.split_complete(s)}
+        except HiddenStoreError as e:
+            todo = e
+    todo = dist.broadcast_object(todo)  # {split: sequences on disk} of the splits to finish, or rank 0's error
+    if isinstance(todo, HiddenStoreError):
+        raise todo
+    for split, done in todo.items():
+        ids = data[split]
+        starts = list(range(done, len(ids), batch_size))  # the micro-batches of one process
+        for r in range(0, len(starts), info.world_size):
+            round_ = starts[r:r + info.world_size]
+            mine = round_[info.rank] if info.rank < len(round_) else None
+            x = ids[mine:mine + batch_size] if mine is not None else ids[:1]  # idle ranks still join the forward
+            states = collect_hidden_states(model, x.to(device), boundaries)
+            gathered = {b: dist.all_gather_cat(_pad_rows(t, batch_size)) for b, t in states.items()}  # (W bs, T, d)
+            if writer is not None:
+                for k, start in enumerate(round_):
+                    n = len(ids[start:start + batch_size])
+                    writer.add(split, {b: g[k * batch_size:k * batch_size + n] for b, g in gathered.items()})
+        if writer is not None:
+            writer.finish_split(split)
+    if writer is not None and not writer.complete:
+        writer.finish()
+    dist.barrier()  # the store is complete before anyone reads it
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """(n, ...) -> (rows, ...) with zero rows appended (equal shapes for the gather)."""
+    return t if len(t) == rows else torch.cat([t, t.new_zeros(rows - len(t), *t.shape[1:])])
 
 
 # ---------------------------------------------------------------- step 2: one block
@@ -162,8 +201,9 @@ def _weighted(summaries: list[dict], key: str, weights: list[int]) -> float:
 
 def gather_blocks(d1: Path, ranges: list[tuple[int, int]], todo: list[int], meta: dict) -> StageResult:
     """Every block's best weights as one stage-1 checkpoint d1/best (as a joint run writes it), and
-    d1/summary.json."""
+    d1/summary.json (written by rank 0; every rank gets the result)."""
     summaries, tensors = [], {}
+    main = dist.dist_info().is_main
     for i in todo:
         tensors.update(load_tensors(block_dir(d1, i) / BEST))
         summaries.append(json.loads((block_dir(d1, i) / SUMMARY).read_text()))
@@ -177,12 +217,15 @@ def gather_blocks(d1: Path, ranges: list[tuple[int, int]], todo: list[int], meta
     metrics["tokens"] = sum(s["tokens"] for s in summaries)
     metrics["blocks"] = [{"layers": list(ranges[i]), "val_loss": s["best_val"], "step": s["best_metrics"].get("step")}
                          for i, s in zip(todo, summaries)]
-    save_checkpoint(d1 / BEST, tensors, {**meta, "metrics": metrics})
+    if main:
+        save_checkpoint(d1 / BEST, tensors, {**meta, "metrics": metrics})
     history = [{**h, "block": i} for i, s in zip(todo, summaries) for h in s["history"]]
     result = StageResult(metrics["val_loss"], metrics, metrics["step"], metrics["tokens"],
                          sum(s["seconds"] for s in summaries), sum(s["trainable"] for s in summaries),
                          summaries[0]["total"] if summaries else 0, history)
-    write_json(d1 / SUMMARY, result.to_dict())
+    if main:
+        write_json(d1 / SUMMARY, result.to_dict())
+    dist.barrier()  # d1/best is on disk before any rank loads it
     return result
 
 
@@ -202,15 +245,45 @@ def train_blockwise(model, cfg: Config, train: torch.Tensor, val: torch.Tensor, 
     root = Path(d1) / HIDDEN_DIR
     collect_block_inputs(model, {"train": train, "val": val}, root, [s for s, _ in ranges],
                          store_meta(fingerprint, cfg), cfg.distill.micro_batch_size, device)
-    for i in todo if blocks is None else [b for b in blocks if b in todo]:
-        if not stage_done(block_dir(d1, i)):
-            _train_block(model, cfg, ranges[i], i, root, fingerprint, device, meta, d1, on_step)
+    chosen = todo if blocks is None else [b for b in blocks if b in todo]
+    info = dist.dist_info()
+    initial = _attention_values(model) if dist.is_sharded(model) else None  # collective: before ranks part
+    pending = dist.broadcast_object([i for i in chosen if not stage_done(block_dir(d1, i))])  # rank 0's view
+    mine = pending[info.rank::info.world_size]
+    with dist.alone():  # one-process stages, side by side: no collectives inside a block
+        for i in mine:
+            trainee = _block_model(model, cfg, ranges[i], initial, device)
+            _train_block(trainee, cfg, ranges[i], i, root, fingerprint, device, meta, d1, on_step)
+            del trainee
+    dist.barrier()
     pending = [i for i in todo if not stage_done(block_dir(d1, i))]
     if pending:
-        print(f"lolcats: block-wise stage 1 in {d1}: blocks {pending} still to train "
-              f"(run them, e.g. {BLOCKS_ENV}={','.join(map(str, pending))}); not gathered yet", file=sys.stderr)
+        if info.is_main:
+            print(f"lolcats: block-wise stage 1 in {d1}: blocks {pending} still to train "
+                  f"(run them, e.g. {BLOCKS_ENV}={','.join(map(str, pending))}); not gathered yet", file=sys.stderr)
         return None
     return gather_blocks(d1, ranges, todo, meta)
+
+
+def _attention_values(model) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of the stage-1 parameters of an FSDP-sharded model, on every rank (collective)."""
+    return {n: p.full_tensor().cpu() for n, p in attention_parameters(model).items()}
+
+
+def _block_model(model, cfg: Config, span: tuple[int, int], initial: dict | None, device):
+    """The model a rank trains a block on: ``model`` itself when every rank holds it whole, else
+    (FSDP-sharded) a copy holding only the block's layers, read from the weights, with ``model``'s
+    stage-1 values (``initial``)."""
+    if initial is None:
+        return model
+    layers = frozenset(range(*span))
+
+    def edit(m):
+        convert_model(m, cfg.attention)
+        dist.load_full_state_dict(m, initial)
+        return m
+
+    return load_base_model(cfg.model, device, build=Build(edit=edit, layers=layers))
 
 
 def _train_block(model, cfg, span, index, root, fingerprint, device, meta, d1, on_step) -> StageResult:
