@@ -49,10 +49,11 @@ MIX = [ALPACA, "wikipedia_en_enwiki_chunk.jsonl.gz", "gutenberg_en_books.jsonl.g
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
     Row("default", "today's default: terraced 64 + linear, Hedgehog, CE LoRA"),
-    Row("control", "softmax model + the same LoRA stage (no linearizing)", ["--attention.softmax_count", "30"]),
+    Row("control", "softmax model + the same LoRA stage (no linearizing)",
+        ["--attention.softmax_layers", ",".join(str(i) for i in range(30))]),
     Row("datamix", "Alpaca + Wikipedia + Gutenberg (same token count)", data=MIX),
     Row("kl", "LoRA loss: KL to the teacher's logits", ["--finetune.loss", "kl"]),
-    Row("mix", "LoRA loss: CE + KL mix", ["--finetune.loss", "mix"]),
+    Row("mix", "LoRA loss: CE + KL mix (0.5)", ["--finetune.loss", "mix", "--finetune.kl_weight", "0.5"]),
     Row("sm2", "2 softmax layers (largest transfer error)", ["--attention.softmax_count", "2"]),
     Row("sm4", "4 softmax layers (largest transfer error)", ["--attention.softmax_count", "4"]),
     Row("w128", "window 128", ["--attention.window_size", "128"]),

@@ -145,8 +145,27 @@ def test_config_says_which_layers_stay_softmax_once():
         AttentionConfig(softmax_layers=[4]).converted_layers(4)
     with pytest.raises(ConfigError, match="below the number of converted"):
         AttentionConfig(softmax_count=2, layers=[0, 1]).converted_layers(4)
-    with pytest.raises(ConfigError, match="no layer is left"):
-        AttentionConfig(softmax_layers=[0, 1]).converted_layers(2)
+    assert AttentionConfig(softmax_layers=[0, 1]).converted_layers(2) == []  # every layer softmax: the control
+
+
+def test_every_layer_softmax_is_the_lora_control(tmp_path):
+    """attention.softmax_layers naming every layer: nothing to transfer (an empty stage-1 checkpoint, no
+    steps), then the LoRA stage on the softmax model itself, which loads back as it was trained."""
+    from conftest import save_tiny, write_alpaca
+    from lolcats.checkpoint import load_tensors
+    from lolcats.pipeline import linearize, load_linearized, stage_dirs
+    from test_pipeline import make_cfg
+
+    cfg = make_cfg(tmp_path, save_tiny(tmp_path / "model"), write_alpaca(tmp_path / "a.jsonl", n=120),
+                   **{"attention.softmax_layers": [0, 1], "finetune.max_steps": 6})
+    report = linearize(cfg)
+    assert report["stage1"]["steps"] == 0 and report["stage1"]["trainable"] == 0
+    assert report["stage1"]["val_loss"] == pytest.approx(report["base"]["val_loss"], abs=1e-6)
+    assert report["stage2"]["val_loss"] < report["stage1"]["val_loss"]
+    d1, d2 = stage_dirs(cfg)
+    assert load_tensors(d1 / "best") == {}
+    model, tok = load_linearized(None, None, str(d2 / "best"), device="cpu", dtype="float32")
+    assert all(not m.converted for m in model.modules() if hasattr(m, "converted"))
 
 
 def test_run_directories_follow_the_options():

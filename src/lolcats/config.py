@@ -79,7 +79,8 @@ class AttentionConfig:
     "Indices of the layers to convert; all when empty. The others stay softmax attention (see softmax_layers)."
     softmax_layers: list[int] | None = None
     ("Indices of the layers kept as softmax attention (the base layer exactly, with a KV cache); the complement "
-     "of `layers`, so give at most one of the two. None when empty.")
+     "of `layers`, so give at most one of the two. None when empty. Every layer: the softmax model with the "
+     "LoRA stage alone (no transfer: the control of a study).")
     softmax_count: int = 0
     ("Keep this many of the converted layers as softmax, picked after stage 1: every converted layer is transferred, "
      "then the ones with the largest validation MSE (mse/<layer> of the best stage-1 checkpoint) stay softmax for "
@@ -100,9 +101,7 @@ class AttentionConfig:
             if bad:
                 raise ConfigError(f"attention.{key}: layer {bad[0]} does not exist (the model has {num_layers})")
         converted = sorted(set(self.layers or range(num_layers)) - set(self.softmax_layers or []))
-        if not converted:
-            raise ConfigError("attention: no layer is left to convert (attention.softmax_layers names every layer)")
-        if self.softmax_count >= len(converted):
+        if self.softmax_count and self.softmax_count >= len(converted):
             raise ConfigError(f"attention.softmax_count: {self.softmax_count} must be below the number of converted "
                               f"layers ({len(converted)})")
         return converted

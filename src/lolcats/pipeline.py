@@ -22,8 +22,8 @@ import torch
 
 from lolcats import distributed as dist
 from lolcats.attention.convert import (convert_model, keep_softmax, set_attention_mode, set_attention_trainable,
-                                       softmax_layers)
-from lolcats.checkpoint import WEIGHTS, atomic_write, file_sha256, read_meta, write_json
+                                       softmax_layers, stage1_checkpoint_names)
+from lolcats.checkpoint import WEIGHTS, atomic_write, file_sha256, read_meta, save_checkpoint, write_json
 from lolcats.config import Config, save_config
 from lolcats.data import build_data, check_sources
 from lolcats.models.checks import check_model_settings
@@ -200,7 +200,9 @@ def run_distill(ctx: Context, on_step=None, blocks: list[int] | None = None) -> 
     if not stage_done(d1):
         _start(ctx, d1)
         meta = checkpoint_meta(ctx, "distill")
-        if ctx.cfg.distill.block_size:
+        if not stage1_checkpoint_names(ctx.model, ctx.cfg.attention.train_window_factor):
+            result = _nothing_to_transfer(ctx, d1, meta)  # every layer kept softmax
+        elif ctx.cfg.distill.block_size:
             result = train_blockwise(ctx.model, ctx.cfg, ctx.train, ctx.val, d1, ctx.fingerprint, ctx.device,
                                      meta, on_step, blocks)
             if result is None:
@@ -212,6 +214,16 @@ def run_distill(ctx: Context, on_step=None, blocks: list[int] | None = None) -> 
             result = train_stage(stage, ctx.train, d1, ctx.cfg.run.seed, ctx.device, ctx.cfg.run.progress, on_step)
     load_stage1(ctx.model, d1 / BEST, ctx.fingerprint)
     set_attention_mode(ctx.model, "student")
+    return result
+
+
+def _nothing_to_transfer(ctx: Context, d1: Path, meta: dict) -> StageResult:
+    """Stage 1 of a model that keeps every layer softmax: an empty checkpoint, no steps."""
+    result = StageResult(0.0, {}, 0, 0, 0.0, 0, sum(p.numel() for p in ctx.model.parameters()))
+    if ctx.is_main:
+        save_checkpoint(d1 / BEST, {}, {**meta, "metrics": {}})
+        write_json(d1 / SUMMARY, result.to_dict())
+    dist.barrier()
     return result
 
 
