@@ -34,7 +34,6 @@ from lolcats.ops import get_backend, register_backend
 from lolcats.training.cuda_graph import GraphedLoss, loss_and_backward
 from lolcats.models.lora import add_lora
 from lolcats.training.stages import distill_loss, lm_loss
-from lolcats.runtime import autocast_context
 
 
 def _time(step, warmup: int, iters: int, device) -> float:

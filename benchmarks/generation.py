@@ -186,10 +186,8 @@ def load_model(name: str, dev: torch.device, dtype: str):
 
 def convert(model, args):
     from lolcats.attention.convert import convert_model, set_attention_mode
-    from lolcats.config import AttentionConfig
-    from lolcats.generation import enable_lolcats_generation
-
     from lolcats.config import config_from_dict
+    from lolcats.generation import enable_lolcats_generation
 
     fields = dict(kind=args.kind, window_size=args.window, feature_dim=args.feature_dim, feature_init="random")
     for item in args.attn:

@@ -81,6 +81,7 @@ def parse_args(argv=None):
                         "this divided by the number of files (the same token count for a mix)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--recall-lengths", default="1024,2048,4096,8192")
+    p.add_argument("--recall-tasks", default="passkey,multikey")
     p.add_argument("--recall-samples", type=int, default=20)
     p.add_argument("--mmlu-limit", type=int, default=5, help="MMLU 5-shot questions per subject")
     p.add_argument("--batch-size", type=int, default=32, help="lolcats eval --batch-size")
@@ -124,7 +125,7 @@ def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str
     common = ["--include-path", include, "--batch-size", str(a.batch_size), *shlex.split(a.eval_extra)]
     out = Path(a.out) / row.label
     zero = cli("eval", *model_flags(row, a, rows), "--ppl", a.ppl,
-               "--tasks", ZERO_SHOT, "--recall", "passkey,multikey", "--recall-lengths", a.recall_lengths,
+               "--tasks", ZERO_SHOT, "--recall", a.recall_tasks, "--recall-lengths", a.recall_lengths,
                "--recall-samples", str(a.recall_samples), "--output", str(out / "eval.json"), *common)
     mmlu = cli("eval", *model_flags(row, a, rows), "--tasks", "mmlu_local", "--num-fewshot", "5",
                "--limit", str(a.mmlu_limit), "--output", str(out / "mmlu.json"), *common)
@@ -175,7 +176,7 @@ def row_summary(row: Row, a, rec: dict) -> dict:
         s["wikitext_ppl"] = _metric(r, "ppl:wiki.test.tokens", "ppl")
         for t in ZERO_SHOT.split(","):
             s[t] = _metric(r, t, "acc_norm")
-        for task in ("passkey", "multikey"):
+        for task in a.recall_tasks.split(","):
             for n in a.recall_lengths.split(","):
                 s[f"{task}@{n}"] = _metric(r, f"{task}@{n}")
     if (folder / "mmlu.json").is_file():
@@ -195,7 +196,7 @@ def _cell(v, scale: float = 1.0, digits: int = 1) -> str:
 def table(summaries: list[dict], a) -> str:
     lengths = a.recall_lengths.split(",")
     head = (["row", "WikiText-2 ppl", "PIQA", "ARC-E", "ARC-C", "mean", f"MMLU 5-shot ({a.mmlu_limit}/subject)"]
-            + [f"passkey {n}" for n in lengths] + [f"multikey {n}" for n in lengths]
+            + [f"{t} {n}" for t in a.recall_tasks.split(",") for n in lengths]
             + ["stage 1 tokens, s", "stage 2 tokens, s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
@@ -205,8 +206,7 @@ def table(summaries: list[dict], a) -> str:
                   for k in ("stage1", "stage2")]
         cells = ([s["title"] + (f" (error: {s['error']})" if "error" in s else ""), _cell(s.get("wikitext_ppl"), 1, 2)]
                  + [_cell(v, 100) for v in zs] + [_cell(mean, 100), _cell(s.get("mmlu"), 100)]
-                 + [_cell(s.get(f"passkey@{n}"), 100, 0) for n in lengths]
-                 + [_cell(s.get(f"multikey@{n}"), 100, 0) for n in lengths] + stages)
+                 + [_cell(s.get(f"{t}@{n}"), 100, 0) for t in a.recall_tasks.split(",") for n in lengths] + stages)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

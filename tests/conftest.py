@@ -65,6 +65,16 @@ def write_alpaca(path: Path, n: int = 120, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls are far faster on one thread, above all on a busy 2-core machine
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"))

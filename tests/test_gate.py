@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lolcats.attention.convert import (cache_kwarg_name, collect_distill_outputs, lolcats_modules,
-                                      set_attention_mode)
+from lolcats.attention.convert import collect_distill_outputs, lolcats_modules, set_attention_mode
 from lolcats.config import Config, ConfigError, load_config
-from lolcats.generation import FastGenerator, make_cache
+from lolcats.generation import FastGenerator
 from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naive, window_slots
 from lolcats.ops.gate import cumulative_log_gate, forget_log_gate
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import linear_attention_quadratic, linear_attention_recurrent
-from test_generation import VOCAB, build, incremental_logits, left_pad
+from test_generation import VOCAB, build, decode_state_sizes, incremental_logits, left_pad
 
 KINDS = ("linear", "sliding_window", "terraced_window")
 
@@ -222,14 +221,7 @@ def test_gated_left_padded_rows_equal_rows_alone(kind):
 def test_gated_state_size_is_constant_and_equal_to_ungated():
     sizes = {}
     for gate in ("none", "pooled_keys"):
-        model = build("llama", "terraced_window", gate=gate)
-        cache = make_cache(model)
-        kw = {cache_kwarg_name(model): cache, "use_cache": True}
-        model(torch.randint(1, VOCAB, (2, 12)), **kw)
-        steps = []
-        for _ in range(30):
-            model(torch.randint(1, VOCAB, (2, 1)), **kw)
-            steps.append(cache.state_nbytes())
+        _, steps = decode_state_sizes(build("llama", "terraced_window", gate=gate), 30)
         assert len(set(steps)) == 1
         sizes[gate] = steps[0]
     assert sizes["none"] == sizes["pooled_keys"]

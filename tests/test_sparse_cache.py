@@ -10,25 +10,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lolcats.attention.convert import (cache_kwarg_name, lolcats_modules, make_cache, set_attention_mode,
-                                       set_sparse_cache)
+from lolcats.attention.convert import lolcats_modules, make_cache, set_attention_mode, set_sparse_cache
 from lolcats.config import AttentionConfig, ConfigError, config_from_dict
 from lolcats.generation import FastGenerator
 from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naive, window_slots
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.sparse.chunk import sparse_chunk
 from lolcats.ops.sparse.naive import self_recall_error
-from test_generation import VOCAB, build, incremental_logits, left_pad
+from test_generation import VOCAB, build, decode_state_sizes, incremental_logits, left_pad
 
 WINDOWS = ("sliding_window", "terraced_window")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_model(kind: str, size: int = 3, arch: str = "llama", score: str | None = None):
@@ -159,14 +153,7 @@ def test_cache_as_long_as_the_text_is_softmax_attention(kind):
 
 @torch.no_grad()
 def test_state_size_is_constant_in_generated_length():
-    model = sparse_model("sliding_window")
-    cache = make_cache(model)
-    kw = {cache_kwarg_name(model): cache, "use_cache": True}
-    model(torch.randint(1, VOCAB, (2, 12)), **kw)
-    sizes = []
-    for _ in range(40):
-        model(torch.randint(1, VOCAB, (2, 1)), **kw)
-        sizes.append(cache.state_nbytes())
+    cache, sizes = decode_state_sizes(sparse_model("sliding_window"))
     st = cache.states()[0]
     assert len(set(sizes)) == 1 and st.sparse_size == 3 and bool((st.sparse_pos >= 0).all())
     assert sizes[0] == sum(s.nbytes() for s in cache.states().values())

@@ -35,7 +35,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 import zlib
 from dataclasses import dataclass, field
