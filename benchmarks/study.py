@@ -115,9 +115,16 @@ def model_flags(row: Row, a, rows: dict[str, Row]) -> list[str]:
     return ["--checkpoint", str(stage2_dir(rows[row.checkpoint_of or row.label], a)), *row.eval_flags]
 
 
+def run_report(row: Row, a) -> Path:
+    """The report.json `lolcats linearize` wrote for ``row`` (runs/<label>/<run name>/report.json)."""
+    found = sorted((Path(a.out) / "runs" / row.label).glob("*/report.json"))
+    if not found:
+        raise FileNotFoundError(f"row {row.label}: no report.json under {Path(a.out) / 'runs' / row.label}")
+    return found[0]
+
+
 def stage2_dir(row: Row, a) -> Path:
-    report = json.loads((Path(a.out) / "runs" / row.label / "report.json").read_text())
-    return Path(report["run_dirs"][1]) / "best"
+    return Path(json.loads(run_report(row, a).read_text())["run_dirs"][1]) / "best"
 
 
 def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str]]]:
@@ -181,9 +188,9 @@ def row_summary(row: Row, a, rec: dict) -> dict:
                 s[f"{task}@{n}"] = _metric(r, f"{task}@{n}")
     if (folder / "mmlu.json").is_file():
         s["mmlu"] = _metric(json.loads((folder / "mmlu.json").read_text())["results"], "mmlu_local")
-    run = Path(a.out) / "runs" / row.label / "report.json"
-    if run.is_file():
-        rep = json.loads(run.read_text())
+    runs = sorted((Path(a.out) / "runs" / row.label).glob("*/report.json"))
+    if runs:
+        rep = json.loads(runs[0].read_text())
         for k in ("stage1", "stage2"):
             s[f"{k}_tokens"], s[f"{k}_seconds"] = rep[k].get("tokens"), rep[k].get("seconds")
     return s

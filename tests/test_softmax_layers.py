@@ -166,6 +166,10 @@ def test_every_layer_softmax_is_the_lora_control(tmp_path):
     assert load_tensors(d1 / "best") == {}
     model, tok = load_linearized(None, None, str(d2 / "best"), device="cpu", dtype="float32")
     assert all(not m.converted for m in model.modules() if hasattr(m, "converted"))
+    ids = torch.tensor([[1, 5, 9, 4]])
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)  # HF's own cache: no layer is converted
+    fast = FastGenerator(model, 1, 5, eos_token_ids=[]).generate(ids)  # every layer a SoftmaxLayer
+    assert torch.equal(fast, out[:, 4:])
 
 
 def test_run_directories_follow_the_options():

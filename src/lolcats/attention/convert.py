@@ -195,8 +195,8 @@ def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dty
     inner = causal_lm(model)
     config = inner.config.get_text_config(decoder=True)
     mods = lolcats_attention_by_layer(inner)
-    if not any(m.converted for m in mods.values()):
-        raise ValueError("make_cache: the model has no converted LolcatsAttention layers (run convert_model first)")
+    if not mods:
+        raise ValueError("make_cache: the model has no LolcatsAttention layers (run convert_model first)")
     dynamic = DynamicCache(config=config).layers
     layers = []
     for i in range(config.num_hidden_layers):
@@ -225,7 +225,8 @@ def layer_cache_kwarg(model: nn.Module) -> str:
 
 
 def _uses_student(model: nn.Module) -> bool:
-    return any(m.mode == "student" for m in lolcats_modules(model))
+    """Whether a converted layer runs in student mode (else HF's own cache serves: every layer softmax)."""
+    return any(m.mode == "student" and m.converted for m in lolcats_modules(model))
 
 
 def enable_lolcats_generation(model: nn.Module) -> nn.Module:
