@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--recall-tasks", default="passkey,multikey")
     p.add_argument("--recall-samples", type=int, default=20)
     p.add_argument("--mmlu-limit", type=int, default=5, help="MMLU 5-shot questions per subject")
+    p.add_argument("--task-limit", type=int, default=None,
+                   help="PIQA / ARC documents per task (default: the full sets; smaller for a smoke run)")
     p.add_argument("--batch-size", type=int, default=32, help="lolcats eval --batch-size")
     p.add_argument("--extra", default="", help="flags added to every linearize (quoted)")
     p.add_argument("--eval-extra", default="", help="flags added to every eval (quoted)")
@@ -133,7 +135,8 @@ def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str
     out = Path(a.out) / row.label
     zero = cli("eval", *model_flags(row, a, rows), "--ppl", a.ppl,
                "--tasks", ZERO_SHOT, "--recall", a.recall_tasks, "--recall-lengths", a.recall_lengths,
-               "--recall-samples", str(a.recall_samples), "--output", str(out / "eval.json"), *common)
+               "--recall-samples", str(a.recall_samples), "--output", str(out / "eval.json"), *common,
+               *(["--limit", str(a.task_limit)] if a.task_limit else []))
     mmlu = cli("eval", *model_flags(row, a, rows), "--tasks", "mmlu_local", "--num-fewshot", "5",
                "--limit", str(a.mmlu_limit), "--output", str(out / "mmlu.json"), *common)
     return [("eval", zero), ("mmlu", mmlu)]
