@@ -304,8 +304,10 @@ def test_gpu_real_shapes(kind, B, H, Hk, D, F, T):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["sliding_window", "terraced_window"])
-def test_gpu_decode_cuda_graph(kind):
-    """Prefill-free decoding: eager kernel == reference, and one step captures in a CUDA graph."""
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_gpu_decode_cuda_graph(kind, gated):
+    """Prefill-free decoding (with and without a forget gate): eager kernel == reference over 150 steps,
+    and one step captures in a CUDA graph."""
     B, H, Hk, D, F, w = 64, 32, 8, 128, 128, 64
     st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, torch.bfloat16, DEV)
     st2 = copy.deepcopy(st)
@@ -315,15 +317,16 @@ def test_gpu_decode_cuda_graph(kind):
         q, k, v = torch.randn(B, H, D, device=DEV), torch.randn(B, Hk, D, device=DEV), torch.randn(B, Hk, D, device=DEV)
         fq, fk = torch.rand(B, H, F, device=DEV), torch.rand(B, Hk, F, device=DEV)
         q, k, v, fq, fk = (x.bfloat16() for x in (q, k, v, fq, fk))
-        y1 = decode_step_naive(q, k, v, fq, fk, st, pos, wf, kind, w, D**-0.5)
-        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5)
+        lg = -torch.rand(B, Hk, device=DEV) * 0.1 if gated else None  # log forget gate per KV head
+        y1 = decode_step_naive(q, k, v, fq, fk, st, pos, wf, kind, w, D**-0.5, None, lg)
+        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5, None, lg)
         assert_close(y2, y1, 2e-2, f"y at step {t}")
         pos += 1
     assert_close(st2.kv, st.kv, 1e-2, "kv")
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        yg = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5)
+        yg = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5, None, lg)
     graph.replay()
     torch.cuda.synchronize()
     assert not torch.isnan(yg.float()).any()
