@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--hf-compile-backend",
                    help="hf-static: torch.compile backend (default transformers': inductor); given, it compiles on "
                         "CPU too (e.g. eager: the CPU tests run the compiled path this way)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="fast / fast-compiled: FastGenerator(fuse=False), without the inference fusions (one q/k/v "
+                        "GEMM; RoPE + Hedgehog in one op): the A/B baseline (label the rows with --variant)")
     p.add_argument("--kind", default="terraced_window", choices=["linear", "sliding_window", "terraced_window"])
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=64)
@@ -234,15 +237,17 @@ def best_of(dev, fn, quick_s: float = 0.5) -> float:
     return min([t] + [timed(dev, fn) for _ in range(2)]) if t < quick_s else t
 
 
-def run_fast(model, ids, mask, new: int, diagnose: bool, compile: bool = False) -> dict:
-    """FastGenerator; ``compile``: its step's forward through torch.compile (inductor) before capture."""
+def run_fast(model, ids, mask, new: int, diagnose: bool, compile: bool = False, fuse: bool = True) -> dict:
+    """FastGenerator; ``compile``: its step's forward through torch.compile (inductor) before capture;
+    ``fuse``: its inference fusions."""
     from lolcats.generation import FastGenerator
 
     dev, B = ids.device, ids.shape[0]
     out = {}
     sync(dev)
     t0 = time.perf_counter()
-    gen = FastGenerator(model, B, new, eos_token_ids=[], pad_token_id=0, compile=compile and dev.type == "cuda")
+    gen = FastGenerator(model, B, new, eos_token_ids=[], pad_token_id=0, compile=compile and dev.type == "cuda",
+                        fuse=fuse)
     gen.generate(ids, mask)  # the states' allocation, the graph capture, kernels' first use
     sync(dev)
     first = time.perf_counter() - t0
@@ -316,7 +321,8 @@ def run_row(model, method: str, batch: int, prompt_len: int, new: int, args) -> 
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
     if method in ("fast", "fast-compiled"):
-        row = run_fast(model, ids, mask, new, args.diagnose, compile=method == "fast-compiled")
+        row = run_fast(model, ids, mask, new, args.diagnose, compile=method == "fast-compiled",
+                       fuse=not args.no_fuse)
     else:
         row = run_hf(model, method, ids, mask, new, args)
     row.update(status="ok", peak_gib=peak_gib(dev), row_s=time.perf_counter() - start,
@@ -629,7 +635,7 @@ def run_meta(args, dev: torch.device, dtype: torch.dtype, bw: float | None) -> d
                 attention=f"{args.kind} w={args.window} hedgehog F={2 * args.feature_dim}",
                 hf_compile="off" if args.no_compile else args.hf_compile_backend or "transformers' default (inductor, "
                 "reduce-overhead; CUDA only)",
-                date=time.strftime("%Y-%m-%d %H:%M"), argv=" ".join(sys.argv[1:]))
+                fuse=not args.no_fuse, date=time.strftime("%Y-%m-%d %H:%M"), argv=" ".join(sys.argv[1:]))
 
 
 def main(argv=None) -> None:

@@ -136,3 +136,95 @@ def test_left_padding_matches_unpadded_row():
         ref = model(x).logits
         out = model(xp, attention_mask=mask, position_ids=pos).logits[:, 5:]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- one q/k/v projection
+
+
+def fused_model(arch: str = "llama"):
+    """A converted tiny model, layer 1 kept as softmax attention, in student mode."""
+    model = tiny_model(arch)
+    convert_model(model, AttentionConfig(window_size=8, feature_init="random", softmax_layers=[1]))
+    set_attention_mode(model, "student")
+    return model
+
+
+def qkv_storages(attn) -> set[int]:
+    return {p.weight.untyped_storage().data_ptr() for p in (attn.q_proj, attn.k_proj, attn.v_proj)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@torch.no_grad()
+def test_fuse_qkv_keeps_outputs_and_state_dict(arch, tmp_path):
+    """One GEMM over the concatenated weights (and Qwen2's biases): the same logits, the same state_dict
+    (keys and values; the Parameters are views of one tensor), and save_pretrained writes the same tensors."""
+    from safetensors.torch import load_file
+
+    from lolcats.attention.convert import fuse_qkv, lolcats_modules
+
+    model = fused_model(arch)
+    x = torch.randint(0, 128, (2, 21))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = model(x).logits
+    assert fuse_qkv(model) == 2
+    mods = list(lolcats_modules(model))
+    assert all(m.fused_qkv is not None and len(qkv_storages(m)) == 1 for m in mods)
+    assert (mods[0].q_proj.bias is not None) == (arch == "qwen2")
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(saved[k], before[k]) for k in saved) and "model.layers.0.self_attn.k_proj.weight" in saved
+
+
+def perturb_lora(model) -> None:
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+
+
+@torch.no_grad()
+def test_fuse_qkv_leaves_peft_alone_and_drops_out_when_wrapped_later():
+    """PEFT-wrapped projections are not fused; wrapping them after fuse_qkv turns the fused path off (the
+    LoRA update is used, not the plain weights); so does replacing the weights' data (model.to)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lolcats.attention.convert import fuse_qkv, lolcats_modules
+
+    x = torch.randint(0, 128, (1, 13))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    wrapped = get_peft_model(fused_model(), lora)
+    perturb_lora(wrapped)
+    ref = wrapped(x).logits
+    assert fuse_qkv(wrapped) == 0 and all(m.fused_qkv is None for m in lolcats_modules(wrapped))
+    torch.testing.assert_close(wrapped(x).logits, ref, rtol=0, atol=0)
+
+    model = fused_model()
+    assert fuse_qkv(model) == 2
+    late = get_peft_model(model, lora)
+    perturb_lora(late)
+    want = late(x).logits
+    assert all(m.fused_qkv is None for m in lolcats_modules(late))  # dropped at the first forward
+    for m in lolcats_modules(late):
+        m.unfuse_qkv()
+    torch.testing.assert_close(late(x).logits, want, rtol=0, atol=0)
+
+    model = fused_model()
+    fuse_qkv(model)
+    model.to(torch.float64)  # swaps every Parameter's .data: the views are gone
+    out = model(x).logits
+    assert all(m.fused_qkv is None for m in lolcats_modules(model)) and out.dtype == torch.float64
+
+
+def test_fused_qkv_steps_aside_for_weight_gradients():
+    """The fused tensor is not a Parameter: while the projections' weights want a gradient, three GEMMs run."""
+    from lolcats.attention.convert import fuse_qkv
+
+    model = fused_model()
+    fuse_qkv(model)
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.weight.requires_grad_(True)
+    model(torch.randint(0, 128, (1, 9))).logits.sum().backward()
+    assert attn.k_proj.weight.grad is not None and attn.k_proj.weight.grad.abs().sum() > 0
+    assert attn.fused_qkv is not None  # kept for inference

@@ -162,6 +162,26 @@ def test_compiled_step_equals_eager(kind):
     assert counts["stats"]["unique_graphs"] >= 1 and not counts["recompiles"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@torch.no_grad()
+def test_fast_path_fusion_keeps_tokens(arch):
+    """FastGenerator fuses every layer's q/k/v projection (fuse=True, the default; Qwen2 with its biases):
+    the same greedy tokens as generate(), eager and compiled; fuse=False turns it off on the model."""
+    from lolcats.attention.convert import lolcats_modules
+
+    model = build(arch, "terraced_window")
+    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (17, 6)])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[:, ids.shape[1]:]
+    fused = FastGenerator(model, 2, 10, eos_token_ids=[], use_cuda_graph=False)
+    assert all(m.fused_qkv is not None for m in lolcats_modules(model))
+    assert torch.equal(fused.generate(ids, mask), ref)
+    compiled = FastGenerator(model, 2, 10, eos_token_ids=[], use_cuda_graph=False, compile="eager")
+    assert torch.equal(compiled.generate(ids, mask), ref)
+    plain = FastGenerator(model, 2, 10, eos_token_ids=[], use_cuda_graph=False, fuse=False)
+    assert all(m.fused_qkv is None and not m.fuse_rope_features for m in lolcats_modules(model))
+    assert torch.equal(plain.generate(ids, mask), ref)
+
+
 @torch.no_grad()
 def test_stop_tokens_stop_generate_and_fast_path():
     model = build("llama", "sliding_window")

@@ -32,10 +32,12 @@ def _kernels():
     import lolcats.ops.triton.chunked as chunked
     import lolcats.ops.triton.decode as decode
     import lolcats.ops.triton.feature_map as feature_map
+    import lolcats.ops.triton.rope_feature_map as rope_feature_map
 
     if not CUDA and not type(chunked._fwd).__name__.startswith("Interpreted"):
         chunked = importlib.reload(chunked)
         decode, feature_map = importlib.reload(decode), importlib.reload(feature_map)
+        importlib.reload(rope_feature_map)
     return chunked, decode
 
 
@@ -44,6 +46,8 @@ from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton 
 from lolcats.ops.triton.decode import decode_step_triton  # noqa: E402
 from lolcats.attention.feature_maps import hedgehog_reference  # noqa: E402
 from lolcats.ops.triton.feature_map import hedgehog_triton  # noqa: E402
+from lolcats.ops.feature_map.naive import rope_hedgehog_reference  # noqa: E402
+from lolcats.ops.triton.rope_feature_map import rope_hedgehog_triton  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -415,3 +419,94 @@ def test_module_features_use_the_backends_fused_map(monkeypatch):
     assert_close(fk, rk, TOL[torch.float32], "phi(k)")
     for a, b, n in zip(got, want, ("dWq", "dWk")):
         assert_close(a, b, TOL[torch.float32], n)
+
+
+def _rope_inputs(B, H, Hk, T, D, F, dtype, cos_batch, seed=0):
+    """q, k as slices of one projection output (B, T, (H + 2 Hk) D) (strided, as the fused QKV GEMM gives
+    them), cos, sin (cos_batch, T, D) as HF's rotary embedding makes them, W_q (H, D, F), W_k (Hk, D, F)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (H + 2 * Hk) * D, generator=g).to(DEV, dtype)
+    q = qkv[..., :H * D].view(B, T, H, D).transpose(1, 2)
+    k = qkv[..., H * D:(H + Hk) * D].view(B, T, Hk, D).transpose(1, 2)
+    pos = torch.randint(0, 4096, (cos_batch, T), generator=g).float()
+    inv = 10000.0 ** (-torch.arange(0, D, 2).float() / D)
+    ang = pos[..., None] * inv  # (cos_batch, T, D / 2)
+    ang = torch.cat([ang, ang], -1)
+    wq = (torch.randn(H, D, F, generator=g) / D**0.5).to(DEV)
+    wk = (torch.randn(Hk, D, F, generator=g) / D**0.5).to(DEV)
+    return q, k, ang.cos().to(DEV, dtype), ang.sin().to(DEV, dtype), wq, wk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hk,T,D,F,cos_batch", [
+    (2, 4, 2, 1, 16, 8, 2),  # decoding: T = 1
+    (1, 3, 1, 70, 32, 24, 1),  # > one 64-row block, cos shared by the batch, F not a power of two
+    (3, 2, 2, 5, 64, 16, 3),
+    (1, 2, 1, 3, 128, 16, 1),
+])
+def test_rope_hedgehog_kernel_matches_reference(dtype, B, H, Hk, T, D, F, cos_batch):
+    """RoPE + Hedgehog of q and k in one launch against rope_hedgehog_reference on each (H != Hk, strided
+    inputs): x_rot in x's dtype within one rounding, phi float32."""
+    q, k, cos, sin, wq, wk = _rope_inputs(B, H, Hk, T, D, F, dtype, cos_batch)
+    with torch.no_grad():
+        got = rope_hedgehog_triton(q, k, cos, sin, wq, wk)
+    (rq, fq), (rk, fk) = rope_hedgehog_reference(q, cos, sin, wq), rope_hedgehog_reference(k, cos, sin, wk)
+    tol = TOL[dtype]
+    for a, b, n in zip(got, (rq, rk, fq, fk), ("q_rot", "k_rot", "phi(q)", "phi(k)")):
+        assert a.shape == b.shape and a.dtype == b.dtype, n
+        assert_close(a, b, tol, n)
+
+
+def test_rope_hedgehog_kernel_is_forward_only_and_compiles():
+    """A gradient through it is refused; torch.compile records it as one op (fullgraph) with the same result."""
+    q, k, cos, sin, wq, wk = _rope_inputs(2, 4, 2, 1, 16, 8, torch.float32, 2)
+    with pytest.raises(ValueError, match="no backward"):
+        rope_hedgehog_triton(q, k, cos, sin, wq.requires_grad_(), wk)
+    wq.requires_grad_(False)
+    with torch.no_grad():
+        want = rope_hedgehog_triton(q, k, cos, sin, wq, wk)
+        got = torch.compile(rope_hedgehog_triton, backend="eager", fullgraph=True)(q, k, cos, sin, wq, wk)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,gate", [("triton", "none"), ("triton", "pooled_keys"), ("torch", "none")])
+@torch.no_grad()
+def test_fast_generator_with_the_fused_rope_features(monkeypatch, backend, gate):
+    """FastGenerator's step runs RoPE + Hedgehog as one op per layer on the fused QKV projection's output:
+    the tokens of generate() and of fuse=False. With the triton backend (every kernel); with the torch
+    backend given the op, also compiled (dynamo cannot trace the other kernels in the interpreter)."""
+    from dataclasses import replace
+
+    import torch._dynamo
+
+    from lolcats import ops
+    from lolcats.attention.convert import convert_model, enable_lolcats_generation, set_attention_mode
+    from lolcats.config import AttentionConfig
+    from lolcats.generation import FastGenerator
+    from conftest import tiny_model
+
+    monkeypatch.setenv("LOLCATS_TRITON_ON_CPU", "1")
+    calls = []
+    counted = lambda *a: calls.append(a[0].shape) or rope_hedgehog_triton(*a)  # noqa: E731
+    monkeypatch.setitem(ops.BACKENDS, backend, replace(ops.get_backend(backend, torch.zeros(1)),
+                                                       rope_hedgehog=counted))
+    model = convert_model(tiny_model("qwen2").to(DEV), AttentionConfig(
+        backend=backend, kind="terraced_window", window_size=4, feature_dim=8, feature_init="random", gate=gate))
+    set_attention_mode(model, "student")
+    model.generation_config.eos_token_id = None
+    enable_lolcats_generation(model)
+    ids = torch.randint(3, 128, (2, 9)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)[:, ids.shape[1]:]
+    kw = dict(eos_token_ids=[], use_cuda_graph=False)
+    assert torch.equal(FastGenerator(model, 2, 5, fuse=False, **kw).generate(ids, mask), ref)
+    calls.clear()
+    assert torch.equal(FastGenerator(model, 2, 5, **kw).generate(ids, mask), ref)
+    assert len(calls) == 2 * 5 and calls[-1][2] == 1  # 2 layers x (prefill + 4 steps); decoding: T = 1
+    if backend == "torch":
+        torch._dynamo.reset()
+        calls.clear()
+        assert torch.equal(FastGenerator(model, 2, 5, compile="eager", **kw).generate(ids, mask), ref)
+        assert len(calls) == 2 * 5  # traced into the compiled step as one op

@@ -127,6 +127,19 @@ def test_scheduler_greedy_equals_generate_alone_and_batched(mode):
     assert sched.stats()["running"] == 0
 
 
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+def test_engines_fuse_the_qkv_projections(mode):
+    """Both engines turn the inference fusions on (one q/k/v GEMM per layer), or off with fuse=False."""
+    from lolcats.attention.convert import lolcats_modules
+
+    model = tiny(char_tokenizer(), mode)
+    cls = KVEngine if mode == "teacher" else StateEngine
+    cls(model, 2, 32)
+    assert all(m.fused_qkv is not None for m in lolcats_modules(model))
+    cls(model, 2, 32, fuse=False)
+    assert all(m.fused_qkv is None and not m.fuse_rope_features for m in lolcats_modules(model))
+
+
 def test_failed_step_fails_its_requests_not_the_loop():
     tok = char_tokenizer()
     engine = StateEngine(tiny(tok), 2, 64)

@@ -8,6 +8,7 @@
     set_attention_mode(model, "student")
     enable_lolcats_generation(model)               # plain model.generate(...) uses a LolcatsCache
     keep_softmax(model, [3, 7])                    # after stage 1: these layers back to softmax attention
+    set_inference_fusion(model)                    # inference: one q/k/v GEMM, RoPE + Hedgehog in one op
 """
 
 from __future__ import annotations
@@ -132,6 +133,23 @@ def lolcats_modules(model: nn.Module) -> Iterator[LolcatsAttention]:
 
 def lolcats_attention_by_layer(model: nn.Module) -> dict[int, LolcatsAttention]:
     return {m.layer_idx: m for m in lolcats_modules(model)}
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """One q/k/v GEMM in every LolcatsAttention whose projections are plain nn.Linear
+    (:meth:`LolcatsAttention.fuse_qkv`; PEFT-wrapped ones are left as they are): the number fused."""
+    return sum(m.fuse_qkv() for m in lolcats_modules(model))
+
+
+def set_inference_fusion(model: nn.Module, on: bool = True) -> None:
+    """Both inference fusions of every LolcatsAttention on or off (an A/B switch): one q/k/v GEMM
+    (fuse_qkv / unfuse_qkv) and RoPE + Hedgehog as the backend's one op (``fuse_rope_features``)."""
+    for m in lolcats_modules(model):
+        if on:
+            m.fuse_qkv()
+        else:
+            m.unfuse_qkv()
+        m.fuse_rope_features = on
 
 
 def set_attention_mode(model: nn.Module, mode: Mode) -> None:

@@ -39,6 +39,16 @@ With ``cfg.gate`` (``ops/gate.py``) the layer computes a log forget gate (B, Hk,
 before RoPE, zero at padding, and passes it to every path (full sequence, prefill pieces, the
 chunk absorbed into the state, the decode step): the linear state decays by it.
 
+Two fusions for inference (a decode step at batch 1 is bound by kernel launches; FastGenerator and the
+serving engines turn them on, ``convert.set_inference_fusion``):
+
+* :meth:`LolcatsAttention.fuse_qkv` makes the q/k/v weights (and biases) views of one tensor, and
+  :meth:`~LolcatsAttention.qkv` runs one GEMM and splits it (B, T, (H + 2 Hk) D); a projection replaced
+  later (e.g. wrapped by PEFT) turns it off, and so does a wanted gradient for the weights;
+* in student mode with Hedgehog maps, RoPE and both feature maps run as the backend's one op
+  (``Backend.rope_hedgehog``, the triton backend's ``ops/triton/rope_feature_map.py``) when no gradient
+  is wanted (:meth:`~LolcatsAttention.project_features`); otherwise ``ops/rope.py`` then :meth:`features`.
+
 Shapes: hidden (B, T, d_model); q (B, H, T, D); k, v (B, Hk, T, D); phi(q) (B, H, T, F).
 """
 
@@ -55,12 +65,14 @@ import torch.nn.functional as F
 
 from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, SoftmaxLayer
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
+from lolcats.attention.qkv import FusedQKV, fusable, share_rows
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
 from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naive
 from lolcats.ops.gate import forget_log_gate, masked_log_gate
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, expand_kv_heads, linear_attention_quadratic
+from lolcats.ops.rope import apply_rope
 from lolcats.ops.sparse.chunk import sparse_chunk
 from lolcats.runtime import capturing
 
@@ -77,17 +89,6 @@ class DistillOutput:
     mse: torch.Tensor  # scalar, mean over (B, H, T, D)
     xent: torch.Tensor | None  # scalar, mean over (B, H, T) queries; None unless asked for
     numel: int  # elements the MSE averaged over
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(q, k, cos, sin):
-    """RoPE as in HF Llama/Mistral/Qwen2. q, k: (B, H, T, D); cos, sin: (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 def key_mask_from_attention_mask(mask: torch.Tensor | None, k_len: int) -> torch.Tensor | None:
@@ -146,6 +147,8 @@ class LolcatsAttention(nn.Module):
         self.mode: Mode = "student"
         self.collector: list[DistillOutput] | None = None
         self.collect_xent = False
+        self.fused_qkv: FusedQKV | None = None  # fuse_qkv(): one q/k/v GEMM
+        self.fuse_rope_features = True  # RoPE + Hedgehog in the backend's one op, where it has one (inference)
         if not converted:
             return
         dev = self.q_proj.weight.device
@@ -163,17 +166,80 @@ class LolcatsAttention(nn.Module):
 
     # ------------------------------------------------------------ pieces
 
+    def fuse_qkv(self) -> bool:
+        """Make q_proj, k_proj and v_proj's weights (and biases) views of one tensor ((H + 2 Hk) D, d_model),
+        so that :meth:`qkv` runs one GEMM: same state_dict keys and values, no extra memory. For inference:
+        while a gradient is wanted for them the three GEMMs run. Skipped (False) unless all three are plain
+        nn.Linear (:func:`fusable`); replacing one later (e.g. PEFT wrapping it) turns the fused path off."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_qkv is not None and self.fused_qkv.current(projs):
+            return True
+        if not fusable(projs):
+            self.fused_qkv = None
+            return False
+        weight = share_rows(projs, "weight")
+        bias = share_rows(projs, "bias") if projs[0].bias is not None else None
+        params = tuple(p.weight for p in projs) + (tuple(p.bias for p in projs) if bias is not None else ())
+        self.fused_qkv = FusedQKV(weight, bias, tuple(p.weight.shape[0] for p in projs), projs, params,
+                                  tuple(p.data_ptr() for p in params))
+        return True
+
+    def unfuse_qkv(self) -> None:
+        """Back to three GEMMs (the Parameters stay views of one tensor: nothing is copied or freed)."""
+        self.fused_qkv = None
+
+    def _current_fused_qkv(self) -> FusedQKV | None:
+        f, projs = self.fused_qkv, (self.q_proj, self.k_proj, self.v_proj)
+        if f is None:
+            return None
+        if not f.current(projs):
+            self.fused_qkv = None  # stale: a projection or its Parameter was replaced
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in f.params):
+            return None  # the fused tensor is not a Parameter: no gradient would reach the views
+        return f
+
+    def qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D) before RoPE; one GEMM after fuse_qkv()."""
+        B, T, _ = hidden.shape
+        heads = lambda x: x.view(B, T, -1, self.head_dim).transpose(1, 2)  # noqa: E731
+        f = self._current_fused_qkv()
+        if f is None:
+            return heads(self.q_proj(hidden)), heads(self.k_proj(hidden)), heads(self.v_proj(hidden))
+        q, k, v = F.linear(hidden, f.weight, f.bias).split(f.sizes, -1)  # (B, T, (H + 2 Hk) D) in three
+        return heads(q), heads(k), heads(v)
+
     def project(self, hidden: torch.Tensor, position_embeddings):
         """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied, and the log forget
         gate (B, Hk, T) of the keys before RoPE (None without a gate)."""
-        B, T, _ = hidden.shape
-        q = self.q_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(hidden)
         log_gate = forget_log_gate(k, self.cfg.gate)
-        cos, sin = position_embeddings
-        q, k = apply_rope(q, k, cos, sin)
+        q, k = apply_rope(q, k, *position_embeddings)
         return q, k, v, log_gate
+
+    def project_features(self, hidden: torch.Tensor, position_embeddings):
+        """Student mode's :meth:`project` and :meth:`features`: q, k, v, phi(q) (B, H, T, F), phi(k)
+        (B, Hk, T, F), log gate. RoPE and Hedgehog are one op where the backend has it (:meth:`rope_features_op`)."""
+        q, k, v = self.qkv(hidden)
+        log_gate = forget_log_gate(k, self.cfg.gate)  # from the keys before RoPE
+        cos, sin = position_embeddings
+        op = self.rope_features_op(q, k)
+        if op is not None:
+            q, k, fq, fk = op(q, k, cos, sin, self.feature_map_q.weight, self.feature_map_k.weight)
+            return q, k, v, fq, fk, log_gate
+        q, k = apply_rope(q, k, cos, sin)
+        return (q, k, v, *self.features(q, k), log_gate)
+
+    def rope_features_op(self, q: torch.Tensor, k: torch.Tensor):
+        """The backend's ``rope_hedgehog`` if this layer may use it on q, k: Hedgehog maps,
+        ``fuse_rope_features`` on, and no gradient wanted (the op has no backward); else None."""
+        if not (self.fuse_rope_features and isinstance(self.feature_map_q, HedgehogFeatureMap)):
+            return None
+        op = get_backend(self.cfg.backend, q).rope_hedgehog
+        wq, wk = self.feature_map_q.weight, self.feature_map_k.weight
+        if op is None or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk))):
+            return None
+        return op
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """phi(q) (B, H, T, F), phi(k) (B, Hk, T, F); Hedgehog through the backend's fused op if it has one."""
@@ -245,10 +311,12 @@ class LolcatsAttention(nn.Module):
             # packed micro-batches and FastGenerator's decode (no mask): there is no padding to keep.
             # Softmax never reads the mask on the host, and the serving KV engine's graphs need theirs.
             attention_mask = None
-        q, k, v, log_gate = self.project(hidden_states, position_embeddings)
         B, T = hidden_states.shape[:2]
-
         mode = self.mode if self.converted else "teacher"
+        if mode == "student":
+            q, k, v, fq, fk, log_gate = self.project_features(hidden_states, position_embeddings)
+        else:
+            q, k, v, log_gate = self.project(hidden_states, position_embeddings)
         slot = cache.layers[self.layer_idx] if isinstance(cache, LolcatsCache) else None
         if mode == "teacher" and isinstance(slot, SoftmaxLayer):
             y = self.attend_softmax_cached(slot, q, k, v, attention_mask, position_ids)
@@ -259,11 +327,9 @@ class LolcatsAttention(nn.Module):
         elif mode == "distill":
             y = self._distill(q, k, v, attention_mask, log_gate)
         elif isinstance(cache, LolcatsCache):
-            fq, fk = self.features(q, k)
             y = self.attend_cached(cache.slot(self.layer_idx), q, k, v, fq, fk, attention_mask, position_ids,
                                    log_gate)
         else:
-            fq, fk = self.features(q, k)
             key_mask = key_mask_from_attention_mask(attention_mask, T)
             if key_mask is not None and bool(key_mask.all()):
                 key_mask = None

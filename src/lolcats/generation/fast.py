@@ -18,6 +18,10 @@ With ``compile`` the model's forward of the step (embedding to logits; the sampl
 around the attention kernels, so a step launches far fewer kernels (a small model's step is bound
 by launches, not bytes). The first capture then compiles (tens of seconds on a GPU).
 
+With ``fuse`` (the default) every layer's inference fusions are turned on (``set_inference_fusion``: one
+q/k/v GEMM; RoPE and the Hedgehog maps in one op with the triton backend); ``fuse=False`` turns them off
+on the model (the A/B baseline of a benchmark).
+
 Layers kept as softmax attention (``attention.softmax_layers`` / ``softmax_count``) hold their keys
 and values in buffers preallocated for the longest row (prompt + ``max_new_tokens`` positions;
 sized at the first prompt, enlarged and the graph captured again for a longer one): the decode
@@ -35,7 +39,7 @@ import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer
 from lolcats.attention.convert import (causal_lm, decoder_stack, layer_cache_kwarg, lolcats_attention_by_layer,
-                                       make_cache)
+                                       make_cache, set_inference_fusion)
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor,
@@ -85,7 +89,7 @@ class FastGenerator:
     def __init__(self, model: nn.Module, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_ids: list[int] | int | None = None, pad_token_id: int | None = None,
                  use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 16384,
-                 compile: bool | str = False):
+                 compile: bool | str = False, fuse: bool = True):
         self.model = causal_lm(model)
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
         mods = lolcats_attention_by_layer(self.model)
@@ -94,6 +98,7 @@ class FastGenerator:
             raise ValueError("FastGenerator needs every layer a LolcatsAttention (converted, or kept as softmax) and "
                              f"the converted ones in student mode ({len(mods)} of {n_layers} are LolcatsAttention); "
                              "use model.generate() otherwise")
+        set_inference_fusion(self.model, fuse)
         emb = self.lm.embed_tokens.weight
         self.device = emb.device
         self.B, self.max_new = batch_size, max_new_tokens

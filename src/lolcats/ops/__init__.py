@@ -15,6 +15,9 @@ A :class:`Backend` carries every operator the attention layer runs:
 full-sequence operators, (B, Hk) for the decode step; None is the ungated function exactly.
 * ``hedgehog(x, weight) -> phi(x)`` or None: a fused Hedgehog feature map (same function as
   ``ops/feature_map/naive.py::hedgehog_reference``), which the layer then uses;
+* ``rope_hedgehog(q, k, cos, sin, wq, wk) -> (q_rot, k_rot, phi(q_rot), phi(k_rot))`` or None: RoPE and the
+  Hedgehog map of q and k in one forward-only op (``rope_hedgehog_reference`` on each), which the layer
+  uses for inference (no gradient needed) in student mode;
 * ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores).
 
 The full-sequence fast paths take the plain case only (no padding mask, keys and queries aligned
@@ -44,6 +47,7 @@ class Backend:
     decode: Callable[..., torch.Tensor]
     supports: Callable[[torch.Tensor], bool] = lambda x: True
     hedgehog: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    rope_hedgehog: Callable[..., tuple[torch.Tensor, ...]] | None = None
     fused: frozenset[str] = frozenset()
 
     def is_fused(self, kind: str) -> bool:

@@ -17,6 +17,7 @@ from lolcats.ops import Backend, register_backend
 from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton
 from lolcats.ops.triton.decode import decode_step_triton
 from lolcats.ops.triton.feature_map import hedgehog_triton
+from lolcats.ops.triton.rope_feature_map import rope_hedgehog_triton
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -28,4 +29,5 @@ def _hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=N
 
 
 register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, decode=decode_step_triton,
-                         supports=supports, hedgehog=hedgehog_triton, fused=frozenset({"linear", "hybrid"})))
+                         supports=supports, hedgehog=hedgehog_triton,
+                         rope_hedgehog=rope_hedgehog_triton, fused=frozenset({"linear", "hybrid"})))

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer
 from lolcats.attention.convert import (causal_lm, decoder_stack, layer_cache_kwarg, lolcats_attention_by_layer,
-                                       make_cache, set_attention_mode)
+                                       make_cache, set_attention_mode, set_inference_fusion)
 from lolcats.generation.fast import last_logits, pick_tokens
 
 MODES = ("greedy", "sample", "top_p")  # sampling variants of the step (graphs are kept per variant)
@@ -144,8 +144,10 @@ class SlotEngine:
     capture_while_serving = False
     warmup_modes: tuple[str, ...] = MODES  # the sampling variants warmup() captures by default
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None):
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
+                 fuse: bool = True):
         self.model = causal_lm(model)
+        set_inference_fusion(self.model, fuse)  # one q/k/v GEMM; RoPE + Hedgehog in one op (FastGenerator's)
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
         emb = self.lm.embed_tokens.weight
         self.device, self.vocab = emb.device, emb.shape[0]
@@ -337,13 +339,14 @@ class SlotEngine:
 class StateEngine(SlotEngine):
     """Slots are rows of the converted layers' constant-size states (student mode)."""
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None):
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
+                 fuse: bool = True):
         mods = lolcats_attention_by_layer(causal_lm(model))
         n_layers = len(decoder_stack(model).layers)
         if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
             raise ValueError("the constant-state engine needs every layer converted and in student mode "
                              f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
-        super().__init__(model, max_batch, max_len, use_cuda_graph)
+        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse)
         self.cache, self.stage = make_cache(self.model, max_batch), make_cache(self.model, 1)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
         self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
@@ -427,13 +430,14 @@ class KVEngine(SlotEngine):
     capture_while_serving = True
     warmup_modes = ("greedy",)
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None):
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
+                 fuse: bool = True):
         inner = causal_lm(model)
         if len(lolcats_attention_by_layer(inner)) != len(decoder_stack(inner).layers):
             raise ValueError("the KV-slot engine runs converted layers in teacher mode; every layer must be "
                              "converted (convert_model with attention.layers empty)")
         set_attention_mode(model, "teacher")
-        super().__init__(model, max_batch, max_len, use_cuda_graph)
+        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse)
         cfg = self.model.config.get_text_config(decoder=True)
         Hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

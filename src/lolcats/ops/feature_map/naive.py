@@ -1,12 +1,15 @@
 """The Hedgehog feature map: the PyTorch reference of the fused kernel ``ops/triton/feature_map.py``.
 
 phi(x) = [softmax(x W_h), softmax(-x W_h)] over the feature axis, clamped at ``FEATURE_EPS``,
-per head h: x (B, H, T, D), W (H, D, F) -> (B, H, T, 2F).
+per head h: x (B, H, T, D), W (H, D, F) -> (B, H, T, 2F). ``rope_hedgehog_reference``: RoPE
+(``ops/rope.py``) then the map, what ``ops/triton/rope_feature_map.py`` fuses for inference.
 """
 
 from __future__ import annotations
 
 import torch
+
+from lolcats.ops.rope import rope
 
 FEATURE_EPS = 1e-12
 
@@ -22,3 +25,11 @@ def hedgehog_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = FEATU
     Computed in the weight's dtype (float32; bf16 products under autocast)."""
     z = project_heads(x, weight)
     return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1).clamp(min=eps)
+
+
+def rope_hedgehog_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor,
+                            eps: float = FEATURE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE then Hedgehog, the reference of ``ops/triton/rope_feature_map.py``: x (B, H, T, D) before RoPE,
+    cos, sin (B, T, D), weight (H, D, F) -> x_rot (B, H, T, D) in x's dtype, phi(x_rot) (B, H, T, 2F)."""
+    x_rot = rope(x, cos, sin)
+    return x_rot, hedgehog_reference(x_rot, weight, eps)

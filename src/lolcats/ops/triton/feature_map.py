@@ -38,12 +38,18 @@ def _tile(x, w, T, N, H, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP:
     md, mf = rd < D, rf < F
     xt = tl.load(x + row[:, None] * D + rd[None, :], mask=mm[:, None] & md[None, :], other=0.0)
     wt = tl.load(w + (h * D + rd[:, None]) * F + rf[None, :], mask=md[:, None] & mf[None, :], other=0.0)
-    z = tile_dot(xt, wt, DT)
+    s1, s2 = softmax_pair(tile_dot(xt, wt, DT), mf)
+    return h, row, mm, rd, rf, xt, wt, s1, s2
+
+
+@triton.jit
+def softmax_pair(z, mf):
+    """z (BM, FP) float32, mf (FP,) the valid features -> softmax(z), softmax(-z) over the valid ones."""
     zp = tl.where(mf[None, :], z, float("-inf"))
     a = tl.exp(zp - tl.max(zp, 1)[:, None])
     zn = tl.where(mf[None, :], -z, float("-inf"))
     b = tl.exp(zn - tl.max(zn, 1)[:, None])
-    return h, row, mm, rd, rf, xt, wt, a / tl.sum(a, 1)[:, None], b / tl.sum(b, 1)[:, None]
+    return a / tl.sum(a, 1)[:, None], b / tl.sum(b, 1)[:, None]
 
 
 @triton.jit
@@ -75,6 +81,13 @@ def _hh_bwd(x, w, g, dx, dw, T, N, H, eps, D: tl.constexpr, F: tl.constexpr, DP:
     tl.atomic_add(dw + (h * D + rd[:, None]) * F + rf[None, :], dwt, mask=md[:, None] & mf[None, :])
 
 
+def autocast_dot_dtype(*tensors: torch.Tensor):
+    """The products' dtype: ``dot_dtype`` of the inputs, and of autocast's dtype where it is on."""
+    dev = tensors[0].device.type
+    amp = torch.empty(0, dtype=torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
+    return dot_dtype(*tensors, amp)
+
+
 class HedgehogTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float, out_dtype):
@@ -82,10 +95,7 @@ class HedgehogTriton(torch.autograd.Function):
         F = weight.shape[-1]
         x, weight = x.contiguous(), weight.contiguous()
         out = torch.empty((B, H, T, 2 * F), dtype=out_dtype, device=x.device)
-        dev = x.device.type
-        amp = torch.empty(0, dtype=torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
-        dt = dot_dtype(x, weight, amp)
-        dims = dict(D=D, F=F, DP=pad_dim(D), FP=pad_dim(F), BLOCK=BM, DT=dt)
+        dims = dict(D=D, F=F, DP=pad_dim(D), FP=pad_dim(F), BLOCK=BM, DT=autocast_dot_dtype(x, weight))
         _hh_fwd[(triton.cdiv(B * T, BM), H)](x, weight, out, T, B * T, H, eps, **dims, num_warps=4)
         ctx.save_for_backward(x, weight)
         ctx.cfg = (eps, dims)
