@@ -214,6 +214,25 @@ def wait_idle(url: str, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
+def loop_timing(before: dict, after: dict) -> dict:
+    """The server loop's phases over one rate (``/health``'s ``timing``, after - before): ms per iteration,
+    decode rows per step, prompt tokens per iteration."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    it = max(d.get("iterations", 0), 1)
+    out = {f"{k[:-2]}_ms": 1e3 * d.get(k, 0) / it for k in ("prefill_s", "launch_s", "read_s", "host_s")}
+    out.update(iterations=d.get("iterations", 0), rows_per_step=d.get("step_rows", 0) / max(d.get("steps", 0), 1),
+               prefill_tokens_per_iteration=d.get("prefill_tokens", 0) / it)
+    return out
+
+
+def format_timing(t: dict) -> str:
+    if not t.get("iterations"):
+        return "(no timing from this server)"
+    return (f"{t['iterations']} iterations; per iteration: prefill {t['prefill_ms']:.1f} ms "
+            f"({t['prefill_tokens_per_iteration']:.0f} prompt tokens), launch {t['launch_ms']:.1f} ms, "
+            f"read (device wait) {t['read_ms']:.1f} ms, host {t['host_ms']:.1f} ms; {t['rows_per_step']:.0f} rows per step")
+
+
 def bench_server(url: str, args, out: Path) -> list[dict]:
     health = httpx.get(url + "/health").json()
     model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -227,12 +246,15 @@ def bench_server(url: str, args, out: Path) -> list[dict]:
     for rate in [float(r) for r in args.rates.split(",")]:
         planned = args.max_batch if rate == float("inf") else max(1, int(rate * args.duration))
         n = min(args.num_requests or planned, args.max_requests)
+        before = httpx.get(url + "/health", timeout=10).json().get("timing", {})
         results, wall = asyncio.run(run_rate(url, model, rate, n, args, vocab))
         wait_idle(url)
+        after = httpx.get(url + "/health", timeout=10).json().get("timing", {})
         row = {**summarize(mode, rate, results, wall), "device": health["device"], "max_batch": health["max_batch"],
-               "state_bytes_per_slot": health["state_bytes_per_slot"]}
+               "state_bytes_per_slot": health["state_bytes_per_slot"], "server_timing": loop_timing(before, after)}
         rows.append(row)
         print(format_row(row), flush=True)
+        print(f"    server loop: {format_timing(row['server_timing'])}", flush=True)
         (out / f"{mode}.json").write_text(json.dumps({"args": vars(args), "health": health, "rows": rows}, indent=2))
     return rows
 

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a stage checkpoint directory (.../best)")
+    p.add_argument("--base", help="the base model, where the checkpoint's recorded one is not found here (--base)")
     p.add_argument("--command", default="generate", choices=["generate", "chat"])
     p.add_argument("--prompt", default="Hi")
     p.add_argument("--max-new-tokens", type=int, default=8)
@@ -56,6 +57,7 @@ def parse_args(argv=None):
 
 def cli_args(args) -> list[str]:
     a = [args.command, "--checkpoint", args.checkpoint, "--max-new-tokens", str(args.max_new_tokens)]
+    a += ["--base", args.base] if args.base else []
     if args.command == "generate":
         a += ["--prompt", args.prompt, "--stream"] + (["--fast"] if args.fast else [])
     return a

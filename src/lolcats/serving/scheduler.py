@@ -164,6 +164,7 @@ class Scheduler:
         self.outbox: list[tuple[Request, Event]] = []
         self.finished: Counter = Counter()
         self.tokens_out = 0
+        self.timing: Counter = Counter()  # seconds spent per phase of the loop, and counts (stats()["timing"])
         self._stop = threading.Event()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -188,7 +189,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"running": len(self.running), "prefilling": int(self.staging is not None),
-                "waiting": self.n_waiting, "finished": dict(self.finished), "tokens_generated": self.tokens_out}
+                "waiting": self.n_waiting, "finished": dict(self.finished), "tokens_generated": self.tokens_out,
+                "timing": dict(self.timing)}
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name="lolcats-scheduler", daemon=True)
@@ -222,16 +224,40 @@ class Scheduler:
         self._flush()
 
     def iteration(self) -> bool:
-        """One pass of the loop; returns whether there was anything to do."""
+        """One pass of the loop; returns whether there was anything to do.
+
+        ``timing`` adds up the wall seconds of its phases: ``prefill_s`` (queueing a prompt chunk, and any
+        wait for the device inside it), ``launch_s`` (queueing the decode step), ``read_s`` (reading the
+        previous step's tokens: mostly waiting for the device), ``host_s`` (the rest: detokenizing,
+        stop strings, events), with ``iterations``, ``steps`` (decode steps), ``step_rows`` (their rows)
+        and ``prefill_tokens``."""
+        t0 = time.perf_counter()
         self._ingest()
         self._retire()
+        t1 = time.perf_counter()
         busy = self._guard(self._prefill_step, self._fail_staging)
+        t2 = time.perf_counter()
         if self.running:
+            self.timing["steps"] += 1
+            self.timing["step_rows"] += len(self.running)
             busy = self._guard(self._launch, self._fail_running) or busy
+        t3 = time.perf_counter()
         keep = 1 if self.running else 0  # the step just launched runs while its predecessor is read
+        read = 0.0
         while len(self.pending) > keep:
-            self._guard(lambda: self._process(self.pending.popleft()), self._fail_running)
+            p = self.pending.popleft()
+            t = time.perf_counter()
+            self._guard(p.result, self._fail_running)  # the device sync: the tokens come to the host
+            read += time.perf_counter() - t
+            self._guard(lambda: self._process(p), self._fail_running)
         self._flush()
+        if busy:
+            tm, t4 = self.timing, time.perf_counter()
+            tm["iterations"] += 1
+            tm["prefill_s"] += t2 - t1
+            tm["launch_s"] += t3 - t2
+            tm["read_s"] += read
+            tm["host_s"] += (t4 - t0) - (t3 - t1) - read
         return busy or bool(self.pending) or bool(self.waiting)
 
     def _guard(self, fn, on_error) -> bool:
@@ -288,6 +314,7 @@ class Scheduler:
         last = start + len(chunk) >= len(req.prompt_ids)
         pending = self.engine.prefill(chunk, start, req.sampling if last else None, owner=req)
         req.prefilled += len(chunk)
+        self.timing["prefill_tokens"] += len(chunk)
         if last:
             req.slot = len(self.running)
             self.engine.admit(req.slot, len(req.prompt_ids))
