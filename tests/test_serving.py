@@ -140,6 +140,34 @@ def test_engines_fuse_the_qkv_projections(mode):
     assert all(m.fused_qkv is None and not m.fuse_rope_features for m in lolcats_modules(model))
 
 
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+@pytest.mark.parametrize("kind", ["terraced_window", "sliding_window", "linear"])
+def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
+    """The first chunk, right-padded to its length bucket (what a CUDA graph replays), leaves the staging
+    row's state and the first token's logits as an unpadded prefill does: padding is causal-invisible and
+    masked out of the state."""
+    model = tiny(char_tokenizer(), mode, kind)
+    cls = KVEngine if mode == "teacher" else StateEngine
+    engine = cls(model, 2, 64, prefill_chunk=32)
+    ids = torch.randint(3, 20, (11,)).tolist()  # bucket 16: 5 padding tokens
+    with torch.no_grad():
+        padded = engine._prefill_first(ids).clone()
+        after = engine.stage.states() if mode == "student" else None
+        kept = ({i: {n: t.clone() for n, t in vars(st).items()} for i, st in after.items()} if after else
+                [t[:, :, :11].clone() for t in engine.stage.keys + engine.stage.values])
+        engine._stage_begin()
+        engine._stage_chunk(0)
+        plain = engine._forward(torch.tensor([ids]), torch.arange(11)[None], engine.stage)
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+    if mode == "student":
+        for i, st in engine.stage.states().items():
+            for n, t in vars(st).items():
+                torch.testing.assert_close(kept[i][n], t, atol=1e-5, rtol=1e-5, msg=f"layer {i} {n}")
+    else:
+        for a, t in zip(kept, engine.stage.keys + engine.stage.values):
+            torch.testing.assert_close(a, t[:, :, :11])
+
+
 def test_failed_step_fails_its_requests_not_the_loop():
     tok = char_tokenizer()
     engine = StateEngine(tiny(tok), 2, 64)

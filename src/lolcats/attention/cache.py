@@ -53,7 +53,13 @@ class KVState:
 
 
 class LolcatsLayer(CacheLayerMixin):
-    """One converted layer's constant-size state. ``seen``: mask columns consumed (pads included)."""
+    """One converted layer's constant-size state. ``seen``: mask columns consumed (pads included).
+
+    ``aligned_chunks``: the writer promises that every chunk's tokens sit at positions ``seen``, ``seen``
+    + 1, ... of every row, and that its padding (mask 0) comes only at the end of the chunk. A fresh
+    state then takes the full-sequence path without checking that on the host (a device sync), so a
+    CUDA graph can capture the prefill (the serving engines' staging row, right-padded to a length bucket).
+    """
 
     is_compileable = False
     is_croppable = False
@@ -64,6 +70,7 @@ class LolcatsLayer(CacheLayerMixin):
         super().__init__()
         self.state = state
         self.seen = 0
+        self.aligned_chunks = False
         self.is_initialized = state is not None
 
     # -- HF Cache layer interface

@@ -305,11 +305,13 @@ class LolcatsAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, position_ids=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if attention_mask is not None and self.mode != "teacher" and capturing(hidden_states.device):
+        if (attention_mask is not None and attention_mask.dim() == 4 and self.mode != "teacher"
+                and capturing(hidden_states.device)):
             # transformers materialises the causal mask while a CUDA graph is captured (masking_utils'
             # is_tracing), and reading it would sync the host. Captured steps are train.cuda_graph's
             # packed micro-batches and FastGenerator's decode (no mask): there is no padding to keep.
-            # Softmax never reads the mask on the host, and the serving KV engine's graphs need theirs.
+            # Softmax never reads the mask on the host, and the serving KV engine's graphs need theirs;
+            # a 2D mask is a caller's own (the serving engines' right-padded prefill), kept.
             attention_mask = None
         B, T = hidden_states.shape[:2]
         mode = self.mode if self.converted else "teacher"
@@ -398,9 +400,14 @@ class LolcatsAttention(nn.Module):
                 getattr(st, name).copy_(t)
             return y
         fused = get_backend(cfg.backend, q).is_fused(cfg.kind)  # no (T, T) score tensor: any T fits
-        plain = (slot.seen == 0 and (fused or T <= piece) and (key_mask is None or bool(key_mask.all()))
-                 and bool((pos == torch.arange(T, device=pos.device)).all()))
-        if plain:  # fresh, unpadded: the full-sequence path (a fused kernel on GPU), then absorb
+        fits = slot.seen == 0 and (fused or T <= piece)
+        if slot.aligned_chunks:  # the writer's promise: positions seen.., padding only at the end (no host check)
+            plain = fits
+        else:
+            plain = (fits and (key_mask is None or bool(key_mask.all()))
+                     and bool((pos == torch.arange(T, device=pos.device)).all()))
+        if plain:  # fresh, unpadded (or padded at the end only, which no valid query sees): the
+            # full-sequence path (a fused kernel on GPU), then absorb the valid tokens
             y, _ = self.student_attention(q, k, v, fq, fk, log_gate=log_gate)
             absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size, log_gate)
             return y

@@ -66,16 +66,21 @@ def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: 
 
 
 def last_logits(model: nn.Module, lm: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache, cache_key: str,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ids, pos (b, T) -> logits (b, V) of the last position, through the decoder layers' own forward,
-    which read and write ``cache``; ``lm`` is ``decoder_stack(model)``, ``cache_key`` the layers' cache keyword."""
+                mask: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+    """ids, pos (b, T) -> logits (b, V) of the last position (or of position ``index`` (b,) of each row),
+    through the decoder layers' own forward, which read and write ``cache``; ``lm`` is
+    ``decoder_stack(model)``, ``cache_key`` the layers' cache keyword."""
     h = lm.embed_tokens(ids)  # (b, T, d)
     pe = lm.rotary_emb(h, pos)
     for layer in lm.layers:
         h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
                   **{cache_key: cache})
         h = h[0] if isinstance(h, tuple) else h
-    return model.get_output_embeddings()(lm.norm(h)[:, -1])
+    if index is None:
+        h = h[:, -1]  # (b, d)
+    else:
+        h = h.gather(1, index.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))[:, 0]
+    return model.get_output_embeddings()(lm.norm(h))
 
 
 class FastGenerator:

@@ -22,8 +22,13 @@ mode[, length bucket]) step is captured once in a CUDA graph over static buffers
 CPU the same code runs eagerly.
 
 A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, with the model's
-ordinary layer forward on an unpadded row (the fused Triton prefill on CUDA for a fresh row);
-then the staging row is copied into the slot it joins. Prefilling in place is not possible
+ordinary layer forward (the fused Triton prefill on CUDA for a fresh row); then the staging row is
+copied into the slot it joins. The first chunk is right-padded to a length bucket (16, 32, ...,
+``prefill_chunk``) in static buffers, so on CUDA it too replays a CUDA graph per bucket: an eager
+prefill of a large model is bound by the host launching its thousands of kernels, and would stall
+the running streams for as long. Padding at the end changes no valid token's output (attention is
+causal) and is masked out of what the state keeps; the logits are read at the last prompt token.
+Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is not possible
 because decode steps run over padding rows of their bucket, which would write into a
 half-prefilled row.
 
@@ -145,7 +150,7 @@ class SlotEngine:
     warmup_modes: tuple[str, ...] = MODES  # the sampling variants warmup() captures by default
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True):
+                 fuse: bool = True, prefill_chunk: int = 512):
         self.model = causal_lm(model)
         set_inference_fusion(self.model, fuse)  # one q/k/v GEMM; RoPE + Hedgehog in one op (FastGenerator's)
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
@@ -160,6 +165,13 @@ class SlotEngine:
         self.rows = self._row_buffers(max_batch)  # the slots
         self.stage_rows = self._row_buffers(1)  # the staging row
         self.host_pos = [0] * max_batch  # each slot's position, mirrored on the host
+        P = min(prefill_chunk, max_len)
+        self.prefill_sizes = buckets(P, min(16, P))  # the first chunk's length buckets
+        self.stage_in = {"ids": torch.zeros(1, P, dtype=torch.long, device=self.device),  # right-padded chunk
+                         "valid": torch.zeros(1, P, dtype=torch.bool, device=self.device),
+                         "last": torch.zeros(1, dtype=torch.long, device=self.device)}  # its last prompt token
+        self.stage_pos = torch.arange(P, device=self.device)[None]  # (1, P)
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _row_buffers(self, n: int) -> dict[str, torch.Tensor]:
         z = lambda dt: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
@@ -196,11 +208,27 @@ class SlotEngine:
     def _reset_row(self, slot: int) -> None:
         pass
 
+    def _prefill_mask(self, valid: torch.Tensor) -> torch.Tensor | None:
+        """The mask a right-padded first chunk is read with; ``valid`` (1, T) bool."""
+        return valid
+
+    def _prefill_capturable(self) -> bool:
+        return True
+
     # ------------------------------------------------------------ the forward
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None) -> torch.Tensor:
-        """ids, pos (b, T) -> logits (b, V) of the last position, reading and writing ``cache``."""
-        return last_logits(self.model, self.lm, ids, pos, cache, self.cache_key, mask)
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None, index=None) -> torch.Tensor:
+        """ids, pos (b, T) -> logits (b, V) of the last position (or of ``index`` (b,)), reading and
+        writing ``cache``."""
+        return last_logits(self.model, self.lm, ids, pos, cache, self.cache_key, mask, index)
+
+    def _first_chunk(self, T: int) -> torch.Tensor:
+        """Reset the staging row and read ``stage_in``'s first ``T`` (right-padded) tokens into it, on static
+        buffers only: logits (1, V) at the last prompt token."""
+        self._stage_begin()
+        self._stage_chunk(0)
+        return self._forward(self.stage_in["ids"][:, :T], self.stage_pos[:, :T], self.stage,
+                             self._prefill_mask(self.stage_in["valid"][:, :T]), self.stage_in["last"])
 
     def _pick(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], b: int, mode: str) -> torch.Tensor:
         if mode == "greedy":
@@ -221,23 +249,36 @@ class SlotEngine:
         pos += 1
         r["counter"][:b] += 1
 
-    def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
-        """Warm up once on a side stream, then record the step; the slots' row buffers are restored."""
-        self._use_rows(key)
-        saved = {n: t.clone() for n, t in self.rows.items()}
+    def _side_run(self, fn) -> None:
+        """Run ``fn`` once on a side stream: the warm-up a capture needs."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._step(key)
+            fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        for n, t in self.rows.items():
-            t.copy_(saved[n])
+
+    def _record(self, fn) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Capture ``fn`` in a graph (the engine's one memory pool): the graph and what ``fn`` returned."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._step(key)
-        return graph
+            out = fn()
+        return graph, out
+
+    def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
+        """Warm up once on a side stream, then record the step; the slots' row buffers are restored."""
+        self._use_rows(key)
+        saved = {n: t.clone() for n, t in self.rows.items()}
+        self._side_run(lambda: self._step(key))
+        for n, t in self.rows.items():
+            t.copy_(saved[n])
+        return self._record(lambda: self._step(key))[0]
+
+    def _capture_prefill(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The first-chunk prefill of length bucket ``T`` as a graph (it touches only the staging row)."""
+        self._side_run(lambda: self._first_chunk(T))
+        return self._record(lambda: self._first_chunk(T))
 
     @torch.no_grad()
     def warmup(self, modes: tuple[str, ...] | None = None) -> int:
@@ -251,8 +292,12 @@ class SlotEngine:
         for key in sorted(self._all_keys(modes or self.warmup_modes), reverse=True):
             if key not in self.graphs:
                 self.graphs[key] = self._capture(key)
+        if self._prefill_capturable():
+            for T in reversed(self.prefill_sizes):
+                if T not in self.prefill_graphs:
+                    self.prefill_graphs[T] = self._capture_prefill(T)
         torch.cuda.synchronize(self.device)
-        return len(self.graphs)
+        return len(self.graphs) + len(self.prefill_graphs)
 
     def _all_keys(self, modes) -> list[tuple]:
         return [(b, m) for b in self.sizes for m in modes]
@@ -281,12 +326,15 @@ class SlotEngine:
         With ``sampling`` (the prompt's last chunk) the first new token is picked on the device and a
         :class:`Pending` for it returned; :meth:`admit` then moves the row into a slot.
         """
-        if start == 0:
-            self._stage_begin()
-        self._stage_chunk(start)
-        t = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
-        pos = torch.arange(start, start + len(ids), device=self.device)[None]  # (1, T)
-        logits = self._forward(t, pos, self.stage)
+        if start == 0 and len(ids) <= self.prefill_sizes[-1]:
+            logits = self._prefill_first(ids)
+        else:
+            if start == 0:
+                self._stage_begin()
+            self._stage_chunk(start)
+            t = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+            pos = torch.arange(start, start + len(ids), device=self.device)[None]  # (1, T)
+            logits = self._forward(t, pos, self.stage)
         if sampling is None:
             return None
         s = self.stage_rows
@@ -297,6 +345,25 @@ class SlotEngine:
         s["pos"].fill_(start + len(ids))
         s["counter"].fill_(1)
         return Pending(s["out"], [owner] if owner is not None else None)
+
+    def _prefill_first(self, ids: list[int]) -> torch.Tensor:
+        """A prompt's first chunk, right-padded to its length bucket in ``stage_in``: a graph replay on CUDA.
+        Returns logits (1, V) at its last token."""
+        n = len(ids)
+        T = bucket_for(n, self.prefill_sizes)
+        host = torch.zeros(1, T, dtype=torch.long)
+        host[0, :n] = torch.tensor(ids, dtype=torch.long)
+        cuda = self.device.type == "cuda"
+        self.stage_in["ids"][:, :T].copy_(host.pin_memory() if cuda else host, non_blocking=cuda)
+        torch.lt(self.stage_pos[:, :T], n, out=self.stage_in["valid"][:, :T])
+        self.stage_in["last"].fill_(n - 1)
+        if self.use_graph and self._prefill_capturable():
+            if T not in self.prefill_graphs:  # touches only the staging row: safe while others run
+                self.prefill_graphs[T] = self._capture_prefill(T)
+            graph, logits = self.prefill_graphs[T]
+            graph.replay()
+            return logits
+        return self._first_chunk(T)
 
     def _set_sampling(self, rows: dict[str, torch.Tensor], i: int, p: Sampling) -> None:
         rows["temperature"][i] = p.temperature
@@ -340,16 +407,18 @@ class StateEngine(SlotEngine):
     """Slots are rows of the converted layers' constant-size states (student mode)."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True):
+                 fuse: bool = True, prefill_chunk: int = 512):
         mods = lolcats_attention_by_layer(causal_lm(model))
         n_layers = len(decoder_stack(model).layers)
         if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
             raise ValueError("the constant-state engine needs every layer converted and in student mode "
                              f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
-        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse)
+        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk)
         self.cache, self.stage = make_cache(self.model, max_batch), make_cache(self.model, 1)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
         self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
+        for layer in self.stage_layers:  # the first chunk comes right-padded from position 0 (_first_chunk)
+            layer.aligned_chunks = True
         self.full = [l.state for l in self.layers]
         self.views = {b: [st.rows(slice(0, b)) for st in self.full] for b in self.sizes}
 
@@ -380,6 +449,9 @@ class StateEngine(SlotEngine):
             layer.state = st.rows(slice(slot, slot + 1))
             layer.reset()  # fills the row's views in place
             layer.state = st
+
+    def _prefill_capturable(self) -> bool:
+        return not any(l.state.sparse_size for l in self.stage_layers)  # the sparse cache's loop reads the host
 
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch
@@ -431,13 +503,13 @@ class KVEngine(SlotEngine):
     warmup_modes = ("greedy",)
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True):
+                 fuse: bool = True, prefill_chunk: int = 512):
         inner = causal_lm(model)
         if len(lolcats_attention_by_layer(inner)) != len(decoder_stack(inner).layers):
             raise ValueError("the KV-slot engine runs converted layers in teacher mode; every layer must be "
                              "converted (convert_model with attention.layers empty)")
         set_attention_mode(model, "teacher")
-        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse)
+        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk)
         cfg = self.model.config.get_text_config(decoder=True)
         Hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -462,6 +534,9 @@ class KVEngine(SlotEngine):
     def _decode_mask(self, key: tuple) -> torch.Tensor:
         b, L = key[0], key[2]
         return (self.arange[:L][None, :] <= self.rows["pos"][:b, None])[:, None, None, :]  # (b, 1, 1, L)
+
+    def _prefill_mask(self, valid: torch.Tensor) -> None:
+        return None  # causal softmax: the padding at the end is written past the prompt and never read
 
     def _stage_begin(self) -> None:
         pass  # prefill writes positions 0 .. before anything reads them

@@ -30,7 +30,8 @@ def build_engine(model, opts: ServeOptions):
 
     cls = KVEngine if opts.attention_mode == "teacher" else StateEngine
     max_len = opts.max_prompt_tokens + opts.max_new_tokens + 1
-    return cls(model, opts.max_batch, max_len, use_cuda_graph=None if opts.cuda_graph else False)
+    return cls(model, opts.max_batch, max_len, use_cuda_graph=None if opts.cuda_graph else False,
+               prefill_chunk=opts.prefill_chunk)
 
 
 def build_server(model, tokenizer, opts: ServeOptions):
