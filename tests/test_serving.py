@@ -101,11 +101,34 @@ def test_text_stream_deltas_and_stop_strings():
 # ---------------------------------------------------------------- engine + scheduler
 
 
-@pytest.mark.parametrize("mode", ["student", "teacher"])
+def tiny_kept(vocab_tok, **attention):
+    """A 3-layer student whose middle layer is kept as softmax attention (the default recipe keeps some),
+    with more AttentionConfig fields (e.g. the sparse cache)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lolcats.attention.convert import convert_model, enable_lolcats_generation, set_attention_mode
+    from lolcats.config import AttentionConfig
+
+    cfg = LlamaConfig(vocab_size=len(vocab_tok.get_vocab()), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    convert_model(model, AttentionConfig(kind="terraced_window", window_size=8, feature_map="hedgehog", feature_dim=8,
+                                         feature_init="random", init_window_factor=0.5, softmax_layers=[1],
+                                         **attention))
+    set_attention_mode(model, "student")
+    return enable_lolcats_generation(model)
+
+
+@pytest.mark.parametrize("mode", ["student", "teacher", "student-kept-softmax", "student-kept-softmax-sparse"])
 def test_scheduler_greedy_equals_generate_alone_and_batched(mode):
-    """16 requests over 4 slots, prompts in chunks of 5 tokens: each equals run_generate alone."""
+    """16 requests over 4 slots, prompts in chunks of 5 tokens: each equals run_generate alone (also with a
+    layer kept as softmax attention, whose keys live in the slots too, and with a sparse cache)."""
     tok = char_tokenizer()
-    model = tiny(tok, mode)
+    model = (tiny(tok, mode) if mode in ("student", "teacher") else
+             tiny_kept(tok, sparse_cache=4 if mode.endswith("sparse") else 0))
+    mode = "teacher" if mode == "teacher" else "student"
     refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
     engine = (KVEngine if mode == "teacher" else StateEngine)(model, 4, 128)
     sched = Scheduler(engine, eos_ids(model, tok), prefill_chunk=5, max_queue=32)

@@ -414,7 +414,9 @@ class StateEngine(SlotEngine):
             raise ValueError("the constant-state engine needs every layer converted and in student mode "
                              f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk)
-        self.cache, self.stage = make_cache(self.model, max_batch), make_cache(self.model, 1)
+        # layers kept as softmax attention get SoftmaxLayers: key/value buffers of max_len positions per row
+        self.cache = make_cache(self.model, max_batch, max_length=max_len)
+        self.stage = make_cache(self.model, 1, max_length=max_len)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
         self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
         for layer in self.stage_layers:  # the first chunk comes right-padded from position 0 (_first_chunk)
@@ -451,7 +453,8 @@ class StateEngine(SlotEngine):
             layer.state = st
 
     def _prefill_capturable(self) -> bool:
-        return not any(l.state.sparse_size for l in self.stage_layers)  # the sparse cache's loop reads the host
+        # the sparse cache's loop reads the host (a kept softmax layer's KVState has none)
+        return not any(getattr(l.state, "sparse_size", 0) for l in self.stage_layers)
 
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch
