@@ -64,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--spread", type=float, default=0.5, help="lengths ~ uniform(mean * (1 -+ spread))")
     p.add_argument("--max-batch", type=int, default=256, help="server slots")
     p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--prefill-budget", type=int, default=0, help="prompt tokens per server iteration (0: one chunk)")
     p.add_argument("--tpot-bound", type=float, default=0.050, help="seconds: the p99 TPOT bound of the summary")
     p.add_argument("--warmup-requests", type=int, default=4)
     p.add_argument("--startup-timeout", type=float, default=900.0)
@@ -94,7 +95,8 @@ def start_server(args, mode: str, out: Path) -> tuple[subprocess.Popen, str]:
            "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(args.max_batch),
            "--max-prompt-tokens", str(lengths(args.prompt_len, args.spread)[1]),
            "--max-new-tokens", str(lengths(args.output_len, args.spread)[1]),
-           "--max-queue", str(args.max_requests), "--prefill-chunk", str(args.prefill_chunk), "--log-level", "warning"]
+           "--max-queue", str(args.max_requests), "--prefill-chunk", str(args.prefill_chunk),
+           "--prefill-budget", str(args.prefill_budget), "--log-level", "warning"]
     log = open(out / f"server-{mode}.log", "w")
     print(f"[{mode}] {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -191,6 +191,20 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
             torch.testing.assert_close(a, t[:, :, :11])
 
 
+def test_prefill_budget_admits_several_prompts_per_iteration():
+    """--prefill-budget: one iteration reads chunks of several prompts (up to the budget), then one step."""
+    tok = char_tokenizer()
+    model = tiny(tok)
+    ids = [tok(p)["input_ids"] for p in ("abc", "defg", "hijkl")]
+    for budget, admitted in ((0, 1), (7, 2), (8, 3)):  # prompts of 3, 4 and 5 tokens
+        sched = Scheduler(StateEngine(model, 4, 64), [], prefill_chunk=8, prefill_budget=budget)
+        for i in ids:
+            sched.submit(Request(i, 4, Sampling(), tok, sink=queue.Queue()))
+        sched.iteration()
+        assert len(sched.running) == admitted, budget
+        assert sched.timing["prefill_tokens"] == sum(len(i) for i in ids[:admitted])
+
+
 def test_failed_step_fails_its_requests_not_the_loop():
     tok = char_tokenizer()
     engine = StateEngine(tiny(tok), 2, 64)

@@ -149,9 +149,10 @@ def queue_deliver(events: list[tuple[Request, Event]]) -> None:
 
 class Scheduler:
     def __init__(self, engine: SlotEngine, eos_ids: list[int], prefill_chunk: int = 512, max_queue: int = 256,
-                 deliver: Callable[[list[tuple[Request, Event]]], None] = queue_deliver):
+                 deliver: Callable[[list[tuple[Request, Event]]], None] = queue_deliver, prefill_budget: int = 0):
         self.engine, self.eos = engine, set(eos_ids)
         self.prefill_chunk, self.max_queue, self.deliver = prefill_chunk, max_queue, deliver
+        self.prefill_budget = prefill_budget  # prompt tokens per iteration: chunks until reached; 0: one chunk
         self.inbox: deque = deque()
         self.wake = threading.Event()
         self.lock = threading.Lock()
@@ -235,7 +236,7 @@ class Scheduler:
         self._ingest()
         self._retire()
         t1 = time.perf_counter()
-        busy = self._guard(self._prefill_step, self._fail_staging)
+        busy = self._guard(self._prefill_some, self._fail_staging)
         t2 = time.perf_counter()
         if self.running:
             self.timing["steps"] += 1
@@ -300,6 +301,16 @@ class Scheduler:
             self.engine.release(last)
             req.slot = None
         self.retiring.clear()
+
+    def _prefill_some(self) -> bool:
+        """Prompt chunks until ``prefill_budget`` tokens were read this iteration (one chunk with budget 0)."""
+        read = 0
+        while read == 0 or read < self.prefill_budget:
+            before = self.timing["prefill_tokens"]
+            if not self._prefill_step():
+                break
+            read += self.timing["prefill_tokens"] - before
+        return read > 0
 
     def _prefill_step(self) -> bool:
         if self.staging is None:

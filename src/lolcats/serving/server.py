@@ -49,7 +49,8 @@ def build_server(model, tokenizer, opts: ServeOptions):
     graphs = engine.warmup()
     if graphs:
         log.info("captured %d decode graphs in %.1f s", graphs, time.perf_counter() - t0)
-    scheduler = Scheduler(engine, eos_ids(model, tokenizer), opts.prefill_chunk, opts.max_queue)
+    scheduler = Scheduler(engine, eos_ids(model, tokenizer), opts.prefill_chunk, opts.max_queue,
+                          prefill_budget=opts.prefill_budget)
     info = {**engine.describe(), "attention_mode": opts.attention_mode, "vocab_size": engine.vocab,
             "state_bytes_per_slot": engine.state_bytes_per_slot(), "created": int(time.time())}
     return Server(scheduler, tokenizer, opts, info)
