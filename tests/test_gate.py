@@ -18,7 +18,7 @@ from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naiv
 from lolcats.ops.gate import cumulative_log_gate, forget_log_gate
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import linear_attention_quadratic, linear_attention_recurrent
-from test_generation import VOCAB, build, decode_state_sizes, incremental_logits, left_pad
+from test_generation import VOCAB, build, check_fast_paths_on_cuda, decode_state_sizes, incremental_logits, left_pad
 
 KINDS = ("linear", "sliding_window", "terraced_window")
 
@@ -283,11 +283,4 @@ def test_study_config_file_turns_the_gate_on():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_gated_cuda_graph_path_equals_eager_and_generate():
-    model = build("llama", "terraced_window", gate="pooled_keys").cuda()
-    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (30, 12)])
-    ids, mask = ids.cuda(), mask.cuda()
-    eager = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=False).generate(ids, mask)
-    graph = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True)
-    assert torch.equal(graph.generate(ids, mask), eager)
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
-    assert torch.equal(ref, eager)
+    check_fast_paths_on_cuda(build("llama", "terraced_window", gate="pooled_keys").cuda())

@@ -248,21 +248,27 @@ def test_chat_session_reuses_the_cache_across_turns():
         assert fresh.reply("more", max_new_tokens=8) == second
 
 
+def check_fast_paths_on_cuda(model, compiled: bool = False) -> None:
+    """FastGenerator on CUDA, a left-padded batch of 2: the eager step, the graphed one (twice: the second
+    call resets the states in place) and, with ``compiled``, the inductor-compiled one give HF generate()'s
+    greedy tokens."""
+    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (30, 12)])
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
+    assert torch.equal(FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=False).generate(ids, mask), ref)
+    graph = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True)
+    for _ in range(2):
+        assert torch.equal(graph.generate(ids, mask), ref)
+    if compiled:
+        compiled_gen = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True, compile=True)
+        assert torch.equal(compiled_gen.generate(ids, mask), ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_cuda_graph_path_equals_eager():
-    model = build("llama", "terraced_window").cuda()
-    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (30, 12)])
-    ids, mask = ids.cuda(), mask.cuda()
-    eager = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=False).generate(ids, mask)
-    graph = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True)
-    assert torch.equal(graph.generate(ids, mask), eager)
-    assert torch.equal(graph.generate(ids, mask), eager)
-    compiled = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True, compile=True)  # inductor
-    assert torch.equal(compiled.generate(ids, mask), eager)
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
-    assert torch.equal(ref, eager)
+    check_fast_paths_on_cuda(build("llama", "terraced_window").cuda(), compiled=True)
 
 
 def test_generate_main_chat_template_wraps_prompts(monkeypatch):

@@ -16,7 +16,7 @@ from lolcats.attention.convert import (cache_kwarg_name, convert_model, keep_sof
 from lolcats.config import AttentionConfig, ConfigError, load_config
 from lolcats.generation import FastGenerator, enable_lolcats_generation
 from lolcats.training.stages import pick_softmax_layers
-from test_generation import VOCAB, incremental_logits, left_pad
+from test_generation import VOCAB, check_fast_paths_on_cuda, incremental_logits, left_pad
 
 ATTN = dict(kind="terraced_window", window_size=8, feature_map="hedgehog", feature_dim=8, feature_init="random",
             init_window_factor=0.5)
@@ -113,13 +113,7 @@ def test_generate_and_fast_generator_with_kept_layers():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_cuda_graph_with_kept_layers_equals_generate():
-    model = build().cuda()
-    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (30, 12)])
-    ids, mask = ids.cuda(), mask.cuda()
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
-    graph = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True)
-    assert torch.equal(graph.generate(ids, mask), ref)
-    assert torch.equal(graph.generate(ids, mask), ref)
+    check_fast_paths_on_cuda(build().cuda())
 
 
 def test_pick_takes_the_largest_stage1_errors():

@@ -17,7 +17,7 @@ from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naiv
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.sparse.chunk import sparse_chunk
 from lolcats.ops.sparse.naive import self_recall_error
-from test_generation import VOCAB, build, decode_state_sizes, incremental_logits, left_pad
+from test_generation import VOCAB, build, check_fast_paths_on_cuda, decode_state_sizes, incremental_logits, left_pad
 
 WINDOWS = ("sliding_window", "terraced_window")
 
@@ -175,14 +175,7 @@ def test_fast_path_greedy_equals_generate(kind):
 @torch.no_grad()
 def test_cuda_graph_path_equals_eager():
     """The sparse decode step (topk, gathers and scatters on fixed-size buffers) captures in a graph."""
-    model = sparse_model("terraced_window").cuda()
-    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (30, 12)])
-    ids, mask = ids.cuda(), mask.cuda()
-    eager = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=False).generate(ids, mask)
-    graph = FastGenerator(model, 2, 40, eos_token_ids=[], use_cuda_graph=True)
-    assert torch.equal(graph.generate(ids, mask), eager)
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)[:, ids.shape[1]:]
-    assert torch.equal(ref, eager)
+    check_fast_paths_on_cuda(sparse_model("terraced_window").cuda())
 
 
 def test_sequence_forward_has_gradients():
