@@ -79,6 +79,15 @@ def _inputs(B, H, Hk, T, D, F, dtype, seed=0):
     return q, k, v, fq, fk, wf
 
 
+def _log_gate(B, Hk, T, strength=0.3, seed=7):
+    """Log forget gates in [-strength, 0): strength 0.3 forgets within tens of tokens, 8 within one."""
+    g = torch.Generator().manual_seed(seed)
+    return (-torch.rand(B, Hk, T, generator=g) * strength).to(DEV).requires_grad_()
+
+
+GATED = pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])  # with a forget gate or not
+
+
 def _grads(out, inputs, seed=1):
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
     return torch.autograd.grad((out.float() * w).sum(), inputs)
@@ -89,14 +98,16 @@ def _grads(out, inputs, seed=1):
 
 @pytest.mark.parametrize("T", [1, 37, 130])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_matches_reference(T, dtype):
+@GATED
+def test_linear_matches_reference(T, dtype, gated):
     q, k, v, fq, fk, _ = _inputs(1, 4, 2, T, 16, 8, dtype)
+    lg = _log_gate(1, 2, T) if gated else None
     g = torch.Generator().manual_seed(3)
     s0 = (torch.rand(1, 2, 8, 16, generator=g).to(DEV).requires_grad_(),
           torch.rand(1, 2, 8, generator=g).to(DEV).requires_grad_())
-    ins = [fq, fk, v, *s0]
-    y, st = linear_attention_triton(fq, fk, v, s0, True)
-    yr, sr = linear_attention_quadratic(fq, fk, v, s0, True)
+    ins = [fq, fk, v, *([lg] if gated else []), *s0]
+    y, st = linear_attention_triton(fq, fk, v, s0, True, lg)
+    yr, sr = linear_attention_quadratic(fq, fk, v, s0, True, log_gate=lg)
     tol = TOL[dtype]
     assert y.dtype == yr.dtype
     assert_close(y, yr, tol, "y")
@@ -109,7 +120,8 @@ def test_linear_matches_reference(T, dtype):
 
     gk = torch.autograd.grad(loss(y, st), ins)
     gr = torch.autograd.grad(loss(yr, sr), ins)
-    for a, b, n in zip(gk, gr, ("dfq", "dfk", "dv", "dkv0", "dks0")):
+    names = ("dfq", "dfk", "dv") + (("dlog_gate",) if gated else ()) + ("dkv0", "dks0")
+    for a, b, n in zip(gk, gr, names):
         assert_close(a, b, tol, n)
 
 
@@ -120,22 +132,26 @@ def test_linear_without_state():
     assert_close(y, linear_attention_quadratic(fq, fk, v)[0], 1e-4, "y")
 
 
-def test_batch_x_heads_beyond_the_grid_runs_in_slices(monkeypatch):
+@GATED
+def test_batch_x_heads_beyond_the_grid_runs_in_slices(monkeypatch, gated):
     """B x H above the grid's second-axis limit (lowered here to 8): the batch goes in slices,
     with the same outputs, final states and gradients."""
     import lolcats.ops.triton as tri
 
     q, k, v, fq, fk, wf = _inputs(5, 4, 2, 20, 16, 8, torch.float32)
+    lg = _log_gate(5, 2, 20) if gated else None
     g = torch.Generator().manual_seed(5)
     s0 = (torch.rand(5, 2, 8, 16, generator=g).to(DEV), torch.rand(5, 2, 8, generator=g).to(DEV))
+    ins = [q, k, v, fq, fk, wf] + ([lg] if gated else [])
     runs = []
     for limit in (tri.MAX_GRID_Y, 8):  # 8: two sequences per call, three calls
         monkeypatch.setattr(tri, "MAX_GRID_Y", limit)
-        y, st = tri.linear_attention_triton(fq, fk, v, s0, True)
-        yh = tri.hybrid_attention_triton(q, k, v, fq, fk, wf, "terraced_window", 8)
-        grads = torch.autograd.grad((y * y).sum() + (yh * yh).sum(), [q, k, v, fq, fk, wf])
+        y, st = tri.linear_attention_triton(fq, fk, v, s0, True, lg)
+        yh = tri.hybrid_attention_triton(q, k, v, fq, fk, wf, "terraced_window", 8, None, lg)
+        grads = torch.autograd.grad((y * y).sum() + (yh * yh).sum(), ins)
         runs.append((y, *st, yh, *grads))
-    for a, b, n in zip(*runs, ("y", "kv", "ks", "y hybrid", "dq", "dk", "dv", "dfq", "dfk", "dwf")):
+    names = ("y", "kv", "ks", "y hybrid", "dq", "dk", "dv", "dfq", "dfk", "dwf", "dlog_gate")
+    for a, b, n in zip(*runs, names):
         assert_close(a, b, 1e-5, n, floor=1e-6)
 
 
@@ -153,15 +169,18 @@ HYBRID_CASES = [  # (T, window, dtype)
 
 @pytest.mark.parametrize("kind", ["sliding_window", "terraced_window"])
 @pytest.mark.parametrize("T,window,dtype", HYBRID_CASES)
-def test_hybrid_matches_reference(kind, T, window, dtype):
+@GATED
+def test_hybrid_matches_reference(kind, T, window, dtype, gated):
     q, k, v, fq, fk, wf = _inputs(1, 4, 2, T, 16, 8, dtype, seed=T + window)
-    ins = [q, k, v, fq, fk, wf]
-    y = hybrid_attention_triton(q, k, v, fq, fk, wf, kind, window)
-    yr, _ = hybrid_attention_naive(q, k, v, fq, fk, wf, kind, window)
+    lg = _log_gate(1, 2, T, seed=T) if gated else None
+    ins = [q, k, v, fq, fk, wf] + ([lg] if gated else [])
+    y = hybrid_attention_triton(q, k, v, fq, fk, wf, kind, window, None, lg)
+    yr, _ = hybrid_attention_naive(q, k, v, fq, fk, wf, kind, window, log_gate=lg)
     tol = TOL[dtype]
     assert y.dtype == yr.dtype and y.shape == yr.shape
     assert_close(y, yr, tol, "y")
-    for a, b, n in zip(_grads(y, ins), _grads(yr, ins), ("dq", "dk", "dv", "dfq", "dfk", "dwindow_factor")):
+    names = ("dq", "dk", "dv", "dfq", "dfk", "dwindow_factor", "dlog_gate")
+    for a, b, n in zip(_grads(y, ins), _grads(yr, ins), names):
         _check_grad(a, b, tol, n)
 
 
@@ -190,7 +209,8 @@ def test_unknown_kind_raises():
 
 @pytest.mark.parametrize("kind,dtype", [("linear", torch.float32), ("sliding_window", torch.float32),
                                         ("terraced_window", torch.float32), ("terraced_window", torch.bfloat16)])
-def test_decode_step_matches_reference(kind, dtype):
+@GATED
+def test_decode_step_matches_reference(kind, dtype, gated):
     B, H, Hk, D, F, w = 3, 4, 2, 16, 8, 4
     st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, dtype, DEV)
     st2 = copy.deepcopy(st)
@@ -201,9 +221,10 @@ def test_decode_step_matches_reference(kind, dtype):
         q, fq = torch.randn(B, H, D, generator=g), torch.rand(B, H, F, generator=g)
         k, v, fk = torch.randn(B, Hk, D, generator=g), torch.randn(B, Hk, D, generator=g), torch.rand(B, Hk, F, generator=g)
         q, k, v, fq, fk = (x.to(DEV, dtype) for x in (q, k, v, fq, fk))
+        lg = (-torch.rand(B, Hk, generator=g)).to(DEV) if gated else None
         valid = torch.tensor([True, t >= 3, t % 2 == 0], device=DEV)  # left padding, gaps
-        y1 = decode_step_naive(q, k, v, fq, fk, st, pos, wf, kind, w, D**-0.5, valid)
-        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5, valid)
+        y1 = decode_step_naive(q, k, v, fq, fk, st, pos, wf, kind, w, D**-0.5, valid, lg)
+        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5, valid, lg)
         assert_close(y2, y1, TOL[dtype], f"y at step {t}", floor=1e-6)
         for name, a in vars(st).items():
             b = getattr(st2, name)
@@ -283,21 +304,24 @@ GPU_SHAPES = [  # (B, H, Hk, D, F, T)
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["linear", "sliding_window", "terraced_window"])
 @pytest.mark.parametrize("B,H,Hk,D,F,T", GPU_SHAPES)
-def test_gpu_real_shapes(kind, B, H, Hk, D, F, T):
+@GATED
+def test_gpu_real_shapes(kind, B, H, Hk, D, F, T, gated):
     q, k, v, fq, fk, wf = _inputs(B, H, Hk, T, D, F, torch.bfloat16, seed=T)
     with torch.no_grad():  # hedgehog-like features: rows of a softmax
         fq.copy_(torch.softmax(fq.float() * 4, -1))
         fk.copy_(torch.softmax(fk.float() * 4, -1))
+    # the gate at Liger's scale: logsigmoid(x) / 16 is about -0.04 at x = 0
+    lg, gate = (_log_gate(B, Hk, T, strength=0.1), ["dlog_gate"]) if gated else (None, [])
     if kind == "linear":
-        ins = [fq, fk, v]
-        y = linear_attention_triton(fq, fk, v)[0]
-        yr = linear_attention_quadratic(fq, fk, v)[0]
+        ins = [fq, fk, v] + ([lg] if gated else [])
+        y = linear_attention_triton(fq, fk, v, log_gate=lg)[0]
+        yr = linear_attention_quadratic(fq, fk, v, log_gate=lg)[0]
     else:
-        ins = [q, k, v, fq, fk, wf]
-        y = hybrid_attention_triton(q, k, v, fq, fk, wf, kind, 64)
-        yr = hybrid_attention_naive(q, k, v, fq, fk, wf, kind, 64)[0]
+        ins = [q, k, v, fq, fk, wf] + ([lg] if gated else [])
+        y = hybrid_attention_triton(q, k, v, fq, fk, wf, kind, 64, None, lg)
+        yr = hybrid_attention_naive(q, k, v, fq, fk, wf, kind, 64, log_gate=lg)[0]
     assert_close(y, yr, 2e-2, "y")
-    names = ("dfq", "dfk", "dv") if kind == "linear" else ("dq", "dk", "dv", "dfq", "dfk", "dwindow_factor")
+    names = (["dfq", "dfk", "dv"] if kind == "linear" else ["dq", "dk", "dv", "dfq", "dfk", "dwindow_factor"]) + gate
     gk = _grads(y, ins)
     gr = _grads(yr, ins)
     del yr
