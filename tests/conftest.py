@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,25 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 WORDS = ("the a cat dog sat on mat and ran to house big small red blue green tree sky is was "
          "what why how who where when you i we they it of in for with answer question response "
          "instruction input below task write that describes request").split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two(script: str, *args: str, device: str = "cpu", timeout: int = 300) -> None:
+    """Run ``script`` (a test file whose ``__main__`` half is the per-rank work) in two processes under
+    ``torch.distributed.run``, this checkout's ``src`` first on the path; assert that it succeeded."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), script, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def tiny_tokenizer():

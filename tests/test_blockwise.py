@@ -7,15 +7,13 @@ replicated."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import save_tiny, write_alpaca
+from conftest import save_tiny, torchrun_two, write_alpaca
 from lolcats.checkpoint import load_tensors
 from lolcats.pipeline import prepare, run_distill, stage_dirs
 from lolcats.runs import STATE
@@ -147,16 +145,7 @@ def test_parse_blocks():
 def test_two_processes_train_blocks_side_by_side(env, joint_and_k1):
     root, model_dir, data = env
     _, k1, _, _ = joint_and_k1
-    run_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    run_env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
-                                             run_env.get("PYTHONPATH", "")])
-    run_env["CUDA_VISIBLE_DEVICES"] = ""
-    from test_distributed import free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__, str(root), str(model_dir), str(data)]
-    proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_two(__file__, str(root), str(model_dir), str(data))
     one = stage_dirs(k1)[0]
     ref = load_tensors(one / "best")
     for parallel in ("fsdp", "replicate"):

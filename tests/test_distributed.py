@@ -6,15 +6,13 @@ runs the same steps in-process on one rank and compares the trained weights.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import torchrun_two
 from lolcats.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -80,12 +78,6 @@ def train(info: DistInfo, stage: str, activation_checkpointing: bool) -> dict[st
     return gather_trainable_state_dict(model, trainable)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sampler_slice_covers_every_item_once():
     for n in range(0, 11):
         for world in (1, 2, 3, 4):
@@ -110,14 +102,7 @@ def test_single_process_is_noop():
 
 def run_two_ranks(tmp_path: Path, device: str) -> dict[str, dict[str, torch.Tensor]]:
     out = tmp_path / "rank0.pt"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__, str(out), device]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_two(__file__, str(out), device)
     return torch.load(out)
 
 

@@ -8,18 +8,15 @@ The two-process half runs this file as a script under ``torch.distributed.run``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import save_tiny, write_alpaca
+from conftest import save_tiny, torchrun_two, write_alpaca
 from lolcats.checkpoint import load_tensors
 from lolcats.pipeline import prepare, run_distill, run_finetune, stage_dirs
-from test_distributed import free_port
 from test_pipeline import make_cfg
 
 OVER = {"distill.max_steps": 4, "finetune.max_steps": 3, "finetune.eval_every": 3}
@@ -44,14 +41,7 @@ def check_two_match_one(tmp_path: Path, device: str, tol: float, parallel: str =
     model_dir, data = save_tiny(tmp_path / "model"), write_alpaca(tmp_path / "alpaca.jsonl", n=120)
     one = cfg_for(tmp_path, model_dir, data, tmp_path / "one", device)
     both_stages(one)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__, str(tmp_path), str(model_dir), str(data), device, parallel]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_two(__file__, str(tmp_path), str(model_dir), str(data), device, parallel)
     two = cfg_for(tmp_path, model_dir, data, tmp_path / "two", device)
     for d_one, d_two in zip(stage_dirs(one), stage_dirs(two)):
         a, b = load_tensors(d_one / "best"), load_tensors(d_two / "best")

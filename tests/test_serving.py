@@ -8,7 +8,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from lolcats.generation.text import chat_prompt, eos_ids, run_generate, truncate
 from lolcats.generation.fast import pick_tokens
 from lolcats.serving.engine import KVEngine, Sampling, StateEngine, buckets, seeded_uniform
 from lolcats.serving.scheduler import Delta, Done, Request, Scheduler, TextStream, wait_idle
+from conftest import free_port
 from test_generation import build, char_tokenizer
 
 pytest.importorskip("fastapi")
@@ -414,12 +414,6 @@ def test_http_full_queue_gets_429():
 # ---------------------------------------------------------------- the command, SIGTERM
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_dirs(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny config.json (random weights through --model.init random) and a tokenizer directory."""
     from conftest import tiny_config
@@ -439,7 +433,7 @@ def serve_command(tmp_path: Path, port: int, *extra: str) -> list[str]:
 
 
 def test_serve_command_ends_cleanly_on_sigterm(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(serve_command(tmp_path, port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -14,18 +14,16 @@ import functools
 import json
 import os
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import save_tiny, tiny_config
+from conftest import save_tiny, tiny_config, torchrun_two
 from lolcats.config import AttentionConfig, FinetuneConfig, ModelConfig
 from lolcats.models.loading import Build, base_fingerprint, load_base_model, random_model
 from lolcats.models.sharded import RandomSource, SafetensorsSource, build_model
-from test_distributed import free_port
 
 BIG = dict(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
            num_attention_heads=8, num_key_value_heads=4)  # 42M parameters: 168 MB in float32
@@ -118,14 +116,7 @@ def check_two_ranks(tmp_path: Path, device: str) -> None:
 
     save_sharded(tmp_path / "big", LlamaConfig(**BIG, tie_word_embeddings=False), shard="16MB")
     (tmp_path / "shape.json").write_text(json.dumps({**tiny_config().to_diff_dict(), "model_type": "llama"}))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), __file__, str(tmp_path), device]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun_two(__file__, str(tmp_path), device)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     total = ranks[0]["model_bytes"]
     assert total > 150e6
