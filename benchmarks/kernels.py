@@ -47,8 +47,22 @@ from lolcats.ops.triton.decode import decode_step_triton  # noqa: E402
 from lolcats.ops.triton.feature_map import hedgehog_triton  # noqa: E402
 
 MODELS = {"smollm2": dict(H=9, Hk=3, D=64, F=128), "llama3-8b": dict(H=32, Hk=8, D=128, F=128)}
+TINY = dict(H=2, Hk=1, D=16, F=16)  # --quick (CPU, the Triton interpreter)
 WINDOW = 64
 SECTIONS = ("prefill", "decode", "feature_map", "gate")
+
+
+def bench_shapes(quick: bool) -> tuple[torch.dtype, dict[str, dict]]:
+    """The dtype and the attention shapes of the sections: the models in bf16, or one tiny shape in fp32."""
+    return (torch.float32, {"tiny": TINY}) if quick else (torch.bfloat16, MODELS)
+
+
+def attention_inputs(B, H, Hk, T, D, Fd, dt, dev, g):
+    """q (B, H, T, D), k, v (B, Hk, T, D) normal; phi(q) (B, H, T, F), phi(k) positive; window factors (H,);
+    all leaf tensors that want gradients, drawn from ``g`` in that order."""
+    q, k, v = (torch.randn(B, h, T, D, device=dev, generator=g).to(dt).requires_grad_() for h in (H, Hk, Hk))
+    fq, fk = (torch.rand(B, h, T, Fd, device=dev, generator=g).to(dt).requires_grad_() for h in (H, Hk))
+    return q, k, v, fq, fk, torch.rand(H, device=dev).requires_grad_()
 
 
 def bench(fn, quick: bool) -> float:
@@ -117,8 +131,7 @@ def model_flops(B, H, Hk, T, D, F, kind) -> float:
 
 
 def prefill_rows(dev, quick, ceil, on_row=lambda rows: None):
-    dt = torch.bfloat16 if not quick else torch.float32
-    models = MODELS if not quick else {"tiny": dict(H=2, Hk=1, D=16, F=16)}
+    dt, models = bench_shapes(quick)
     lengths = [1024, 2048, 4096, 8192, 16384, 32768] if not quick else [64, 128]
     tokens = 65536 if not quick else 128
     rows = []
@@ -126,15 +139,8 @@ def prefill_rows(dev, quick, ceil, on_row=lambda rows: None):
         H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
         for T in lengths:
             B = max(1, tokens // T)
-            g = torch.Generator(device=dev).manual_seed(0)
-
-            def r(*shape, pos=False):
-                x = torch.rand(*shape, device=dev, generator=g) if pos else torch.randn(*shape, device=dev, generator=g)
-                return x.to(dt).requires_grad_()
-
-            q, k, v = r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D)
-            fq, fk = r(B, H, T, Fd, pos=True), r(B, Hk, T, Fd, pos=True)
-            wf = torch.rand(H, device=dev).requires_grad_()
+            q, k, v, fq, fk, wf = attention_inputs(B, H, Hk, T, D, Fd, dt, dev,
+                                                   torch.Generator(device=dev).manual_seed(0))
             ke, ve = (x.detach().repeat_interleave(H // Hk, 1).requires_grad_() for x in (k, v))
             row = {"model": name, "T": T, "B": B}
 
@@ -183,8 +189,7 @@ def feature_map_rows(dev, quick, on_row=lambda rows: None):
     the share of the layer's attention time a feature map fused into the kernel could save at most."""
     from lolcats.attention.feature_maps import HedgehogFeatureMap
 
-    dt = torch.bfloat16 if not quick else torch.float32
-    models = MODELS if not quick else {"tiny": dict(H=2, Hk=1, D=16, F=16)}
+    dt, models = bench_shapes(quick)
     lengths, tokens = ([1024, 16384], 65536) if not quick else ([64], 128)
     rows = []
     for name, s in models.items():
@@ -264,9 +269,9 @@ def _fmt_prefill(r):
 
 
 def decode_rows(dev, quick, ceil, on_row=lambda rows: None):
-    s = MODELS["llama3-8b"] if not quick else dict(H=2, Hk=1, D=16, F=16)
+    dt, models = bench_shapes(quick)
+    s = models.get("llama3-8b", TINY)
     H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
-    dt = torch.bfloat16 if not quick else torch.float32
     batches = [1, 4, 16, 64, 256, 1024] if not quick else [1, 4]
     rows = []
     for kind in ("sliding_window", "terraced_window", "linear"):
@@ -328,8 +333,7 @@ def _graphed(step, dev):
 def gate_rows(dev, quick, on_row=lambda rows: None):
     """Gated kernels vs ungated ones at the same shapes: prefill fwd and fwd+bwd (the gate's gradient
     included, as in stage 2), and one decode step, for the three kinds."""
-    dt = torch.bfloat16 if not quick else torch.float32
-    models = MODELS if not quick else {"tiny": dict(H=2, Hk=1, D=16, F=16)}
+    dt, models = bench_shapes(quick)
     lengths, tokens = ([1024, 4096, 16384], 65536) if not quick else ([80], 80)
     batches = [1, 64, 256] if not quick else [2]
     kinds = ("linear", "sliding_window", "terraced_window")
@@ -339,9 +343,7 @@ def gate_rows(dev, quick, on_row=lambda rows: None):
         for T in lengths:
             B = max(1, tokens // T)
             g = torch.Generator(device=dev).manual_seed(0)
-            q, k, v = (torch.randn(B, h, T, D, device=dev, generator=g).to(dt).requires_grad_() for h in (H, Hk, Hk))
-            fq, fk = (torch.rand(B, h, T, Fd, device=dev, generator=g).to(dt).requires_grad_() for h in (H, Hk))
-            wf = torch.rand(H, device=dev).requires_grad_()
+            q, k, v, fq, fk, wf = attention_inputs(B, H, Hk, T, D, Fd, dt, dev, g)
             lg = (F.logsigmoid(torch.randn(B, Hk, T, device=dev, generator=g)) / 16).requires_grad_()
             for kind in kinds:
                 row = {"section": "prefill", "model": name, "kind": kind, "T": T, "B": B}
