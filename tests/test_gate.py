@@ -18,7 +18,8 @@ from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naiv
 from lolcats.ops.gate import cumulative_log_gate, forget_log_gate
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import linear_attention_quadratic, linear_attention_recurrent
-from test_generation import VOCAB, build, check_fast_paths_on_cuda, decode_state_sizes, incremental_logits, left_pad
+from test_generation import (VOCAB, build, check_fast_paths_on_cuda, check_left_padded_rows_equal_rows_alone,
+                             decode_state_sizes, incremental_logits, left_pad)
 
 KINDS = ("linear", "sliding_window", "terraced_window")
 
@@ -205,16 +206,7 @@ def test_gated_prefill_then_decode_equals_full_forward(arch, kind):
 @pytest.mark.parametrize("kind", ["sliding_window", "terraced_window"])
 @torch.no_grad()
 def test_gated_left_padded_rows_equal_rows_alone(kind):
-    model = build("llama", kind, gate="pooled_keys")
-    rows = [torch.randint(1, VOCAB, (n,)) for n in (37, 26, 9)]
-    ids, mask = left_pad(rows)
-    inc = incremental_logits(model, ids, mask, splits=[20])
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    padded_full = model(ids, attention_mask=mask, position_ids=positions).logits  # one padded forward, no cache
-    for i, r in enumerate(rows):
-        alone = model(r[None]).logits[0]
-        torch.testing.assert_close(inc[i, ids.shape[1] - len(r):], alone, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(padded_full[i, ids.shape[1] - len(r):], alone, atol=2e-5, rtol=1e-4)
+    check_left_padded_rows_equal_rows_alone(build("llama", kind, gate="pooled_keys"), padded_forward=True)
 
 
 @torch.no_grad()

@@ -71,16 +71,27 @@ def test_prefill_then_decode_equals_full_forward(arch, kind):
     torch.testing.assert_close(inc, full, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@torch.no_grad()
-def test_left_padded_rows_equal_rows_alone(kind):
-    model = build("llama", kind)
+def check_left_padded_rows_equal_rows_alone(model, padded_forward: bool = False):
+    """Three rows left-padded into one batch, read by a prefill of 20 columns then token-by-token decode
+    (and, with ``padded_forward``, by one padded forward without a cache), give each row's logits alone.
+    Returns ids, mask (3, 37) and the incremental logits."""
     rows = [torch.randint(1, VOCAB, (n,)) for n in (37, 26, 9)]
     ids, mask = left_pad(rows)
     inc = incremental_logits(model, ids, mask, splits=[20])
+    outs = [inc]
+    if padded_forward:
+        outs.append(model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits)
     for i, r in enumerate(rows):
         alone = model(r[None]).logits[0]
-        torch.testing.assert_close(inc[i, ids.shape[1] - len(r):], alone, atol=2e-5, rtol=1e-4)
+        for out in outs:
+            torch.testing.assert_close(out[i, ids.shape[1] - len(r):], alone, atol=2e-5, rtol=1e-4)
+    return ids, mask, inc
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()
+def test_left_padded_rows_equal_rows_alone(kind):
+    check_left_padded_rows_equal_rows_alone(build("llama", kind))
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from lolcats.attention.convert import (cache_kwarg_name, convert_model, keep_sof
 from lolcats.config import AttentionConfig, ConfigError, load_config
 from lolcats.generation import FastGenerator, enable_lolcats_generation
 from lolcats.training.stages import pick_softmax_layers
-from test_generation import VOCAB, check_fast_paths_on_cuda, incremental_logits, left_pad
+from test_generation import VOCAB, check_fast_paths_on_cuda, check_left_padded_rows_equal_rows_alone, left_pad
 
 ATTN = dict(kind="terraced_window", window_size=8, feature_map="hedgehog", feature_dim=8, feature_init="random",
             init_window_factor=0.5)
@@ -66,12 +66,7 @@ def test_kept_layer_gives_the_base_layer_output_exactly():
 @torch.no_grad()
 def test_prefill_then_decode_equals_full_forward_with_kept_layers():
     model = build()
-    rows = [torch.randint(1, VOCAB, (n,)) for n in (37, 26, 9)]
-    ids, mask = left_pad(rows)
-    dynamic = incremental_logits(model, ids, mask, splits=[20])  # kept layers: HF dynamic layers
-    for i, r in enumerate(rows):
-        alone = model(r[None]).logits[0]
-        torch.testing.assert_close(dynamic[i, ids.shape[1] - len(r):], alone, atol=2e-5, rtol=1e-4)
+    ids, mask, dynamic = check_left_padded_rows_equal_rows_alone(model)  # kept layers: HF dynamic layers
     cache, outs, start = make_cache(model, batch_size=3, max_length=ids.shape[1]), [], 0  # preallocated buffers
     assert [type(l) for l in cache.layers].count(SoftmaxLayer) == 2
     pos = (mask.cumsum(-1) - 1).clamp_min(0)

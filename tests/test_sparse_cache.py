@@ -17,7 +17,8 @@ from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naiv
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.sparse.chunk import sparse_chunk
 from lolcats.ops.sparse.naive import self_recall_error
-from test_generation import VOCAB, build, check_fast_paths_on_cuda, decode_state_sizes, incremental_logits, left_pad
+from test_generation import (VOCAB, build, check_fast_paths_on_cuda, check_left_padded_rows_equal_rows_alone,
+                             decode_state_sizes, incremental_logits, left_pad)
 
 WINDOWS = ("sliding_window", "terraced_window")
 
@@ -131,13 +132,7 @@ def test_prefill_then_decode_equals_full_forward(kind, arch):
 @pytest.mark.parametrize("kind", WINDOWS)
 @torch.no_grad()
 def test_left_padded_rows_equal_rows_alone(kind):
-    model = sparse_model(kind)
-    rows = [torch.randint(1, VOCAB, (n,)) for n in (37, 26, 9)]
-    ids, mask = left_pad(rows)
-    inc = incremental_logits(model, ids, mask, splits=[20])
-    for i, r in enumerate(rows):
-        alone = model(r[None]).logits[0]
-        torch.testing.assert_close(inc[i, ids.shape[1] - len(r):], alone, atol=2e-5, rtol=1e-4)
+    check_left_padded_rows_equal_rows_alone(sparse_model(kind))
 
 
 @pytest.mark.parametrize("kind", WINDOWS)
