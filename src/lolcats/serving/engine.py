@@ -28,8 +28,8 @@ copied into the slot it joins. The first chunk is right-padded to a length bucke
 prefill of a large model is bound by the host launching its thousands of kernels, and would stall
 the running streams for as long. Padding at the end changes no valid token's output (attention is
 causal) and is masked out of what the state keeps; the logits are read at the last prompt token.
-Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is not possible
-because decode steps run over padding rows of their bucket, which would write into a
+Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is
+not possible because decode steps run over padding rows of their bucket, which would write into a
 half-prefilled row.
 
 Sampling is per row: temperature and top-p are (B,) buffers, and the noise for a row is a hash
@@ -122,6 +122,7 @@ class Pending:
 
     def __init__(self, tokens: torch.Tensor, owners: list | None = None):
         self.owners = owners or []
+        self.tokens: list[int] | None = None
         if tokens.is_cuda:
             self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self.host.copy_(tokens, non_blocking=True)
@@ -131,9 +132,11 @@ class Pending:
             self.host, self.event = tokens.clone(), None
 
     def result(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
+        if self.tokens is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self.tokens = self.host.tolist()
+        return self.tokens
 
 
 # ---------------------------------------------------------------- the shared engine
@@ -147,6 +150,7 @@ class SlotEngine:
     # whether a step may be captured between running steps: its warm-up step must leave the running
     # rows' cache contents intact (the row buffers are restored either way)
     capture_while_serving = False
+    prefill_capturable = True  # whether the first-chunk prefill may be captured (no host reads in it)
     warmup_modes: tuple[str, ...] = MODES  # the sampling variants warmup() captures by default
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
@@ -211,9 +215,6 @@ class SlotEngine:
     def _prefill_mask(self, valid: torch.Tensor) -> torch.Tensor | None:
         """The mask a right-padded first chunk is read with; ``valid`` (1, T) bool."""
         return valid
-
-    def _prefill_capturable(self) -> bool:
-        return True
 
     # ------------------------------------------------------------ the forward
 
@@ -292,7 +293,7 @@ class SlotEngine:
         for key in sorted(self._all_keys(modes or self.warmup_modes), reverse=True):
             if key not in self.graphs:
                 self.graphs[key] = self._capture(key)
-        if self._prefill_capturable():
+        if self.prefill_capturable:
             for T in reversed(self.prefill_sizes):
                 if T not in self.prefill_graphs:
                     self.prefill_graphs[T] = self._capture_prefill(T)
@@ -357,7 +358,7 @@ class SlotEngine:
         self.stage_in["ids"][:, :T].copy_(host.pin_memory() if cuda else host, non_blocking=cuda)
         torch.lt(self.stage_pos[:, :T], n, out=self.stage_in["valid"][:, :T])
         self.stage_in["last"].fill_(n - 1)
-        if self.use_graph and self._prefill_capturable():
+        if self.use_graph and self.prefill_capturable:
             if T not in self.prefill_graphs:  # touches only the staging row: safe while others run
                 self.prefill_graphs[T] = self._capture_prefill(T)
             graph, logits = self.prefill_graphs[T]
@@ -421,6 +422,8 @@ class StateEngine(SlotEngine):
         self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
         for layer in self.stage_layers:  # the first chunk comes right-padded from position 0 (_first_chunk)
             layer.aligned_chunks = True
+        # the sparse cache's loop reads the host (a kept softmax layer's KVState has none)
+        self.prefill_capturable = not any(getattr(l.state, "sparse_size", 0) for l in self.stage_layers)
         self.full = [l.state for l in self.layers]
         self.views = {b: [st.rows(slice(0, b)) for st in self.full] for b in self.sizes}
 
@@ -451,10 +454,6 @@ class StateEngine(SlotEngine):
             layer.state = st.rows(slice(slot, slot + 1))
             layer.reset()  # fills the row's views in place
             layer.state = st
-
-    def _prefill_capturable(self) -> bool:
-        # the sparse cache's loop reads the host (a kept softmax layer's KVState has none)
-        return not any(getattr(l.state, "sparse_size", 0) for l in self.stage_layers)
 
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch

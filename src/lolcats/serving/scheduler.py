@@ -248,7 +248,7 @@ class Scheduler:
         while len(self.pending) > keep:
             p = self.pending.popleft()
             t = time.perf_counter()
-            self._guard(p.result, self._fail_running)  # the device sync: the tokens come to the host
+            self._guard(p.result, self._fail_running)  # the device sync (Pending keeps the tokens for _process)
             read += time.perf_counter() - t
             self._guard(lambda: self._process(p), self._fail_running)
         self._flush()
@@ -306,16 +306,17 @@ class Scheduler:
         """Prompt chunks until ``prefill_budget`` tokens were read this iteration (one chunk with budget 0)."""
         read = 0
         while read == 0 or read < self.prefill_budget:
-            before = self.timing["prefill_tokens"]
-            if not self._prefill_step():
+            n = self._prefill_step()
+            if not n:
                 break
-            read += self.timing["prefill_tokens"] - before
+            read += n
         return read > 0
 
-    def _prefill_step(self) -> bool:
+    def _prefill_step(self) -> int:
+        """One chunk of the prompt being staged (the next waiting one if none is): the tokens read, 0 if none."""
         if self.staging is None:
             if not self.waiting or len(self.running) >= self.engine.max_batch:
-                return False
+                return 0
             self.staging = self.waiting.popleft()
             self.staging.state = "prefill"
             self._left_queue()
@@ -333,7 +334,7 @@ class Scheduler:
             req.state = "running"
             self.staging = None
             self.pending.append(pending)
-        return True
+        return len(chunk)
 
     def _launch(self) -> bool:
         mode = batch_mode([r.sampling for r in self.running])
