@@ -160,13 +160,13 @@ def test_fuse_qkv_keeps_outputs_and_state_dict(arch, tmp_path):
     (keys and values; the Parameters are views of one tensor), and save_pretrained writes the same tensors."""
     from safetensors.torch import load_file
 
-    from lolcats.attention.convert import fuse_qkv, lolcats_modules
+    from lolcats.attention.convert import lolcats_modules, set_inference_fusion
 
     model = fused_model(arch)
     x = torch.randint(0, 128, (2, 21))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref = model(x).logits
-    assert fuse_qkv(model) == 2
+    assert set_inference_fusion(model) == 2
     mods = list(lolcats_modules(model))
     assert all(m.fused_qkv is not None and len(qkv_storages(m)) == 1 for m in mods)
     assert (mods[0].q_proj.bias is not None) == (arch == "qwen2")
@@ -190,18 +190,18 @@ def test_fuse_qkv_leaves_peft_alone_and_drops_out_when_wrapped_later():
     LoRA update is used, not the plain weights); so does replacing the weights' data (model.to)."""
     from peft import LoraConfig, get_peft_model
 
-    from lolcats.attention.convert import fuse_qkv, lolcats_modules
+    from lolcats.attention.convert import lolcats_modules, set_inference_fusion
 
     x = torch.randint(0, 128, (1, 13))
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     wrapped = get_peft_model(fused_model(), lora)
     perturb_lora(wrapped)
     ref = wrapped(x).logits
-    assert fuse_qkv(wrapped) == 0 and all(m.fused_qkv is None for m in lolcats_modules(wrapped))
+    assert set_inference_fusion(wrapped) == 0 and all(m.fused_qkv is None for m in lolcats_modules(wrapped))
     torch.testing.assert_close(wrapped(x).logits, ref, rtol=0, atol=0)
 
     model = fused_model()
-    assert fuse_qkv(model) == 2
+    assert set_inference_fusion(model) == 2
     late = get_peft_model(model, lora)
     perturb_lora(late)
     want = late(x).logits
@@ -211,7 +211,7 @@ def test_fuse_qkv_leaves_peft_alone_and_drops_out_when_wrapped_later():
     torch.testing.assert_close(late(x).logits, want, rtol=0, atol=0)
 
     model = fused_model()
-    fuse_qkv(model)
+    set_inference_fusion(model)
     model.to(torch.float64)  # swaps every Parameter's .data: the views are gone
     out = model(x).logits
     assert all(m.fused_qkv is None for m in lolcats_modules(model)) and out.dtype == torch.float64
@@ -219,10 +219,10 @@ def test_fuse_qkv_leaves_peft_alone_and_drops_out_when_wrapped_later():
 
 def test_fused_qkv_steps_aside_for_weight_gradients():
     """The fused tensor is not a Parameter: while the projections' weights want a gradient, three GEMMs run."""
-    from lolcats.attention.convert import fuse_qkv
+    from lolcats.attention.convert import set_inference_fusion
 
     model = fused_model()
-    fuse_qkv(model)
+    set_inference_fusion(model)
     attn = model.model.layers[0].self_attn
     attn.k_proj.weight.requires_grad_(True)
     model(torch.randint(0, 128, (1, 9))).logits.sum().backward()

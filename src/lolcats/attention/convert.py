@@ -135,21 +135,19 @@ def lolcats_attention_by_layer(model: nn.Module) -> dict[int, LolcatsAttention]:
     return {m.layer_idx: m for m in lolcats_modules(model)}
 
 
-def fuse_qkv(model: nn.Module) -> int:
-    """One q/k/v GEMM in every LolcatsAttention whose projections are plain nn.Linear
-    (:meth:`LolcatsAttention.fuse_qkv`; PEFT-wrapped ones are left as they are): the number fused."""
-    return sum(m.fuse_qkv() for m in lolcats_modules(model))
-
-
-def set_inference_fusion(model: nn.Module, on: bool = True) -> None:
+def set_inference_fusion(model: nn.Module, on: bool = True) -> int:
     """Both inference fusions of every LolcatsAttention on or off (an A/B switch): one q/k/v GEMM
-    (fuse_qkv / unfuse_qkv) and RoPE + Hedgehog as the backend's one op (``fuse_rope_features``)."""
+    (:meth:`LolcatsAttention.fuse_qkv`, skipped where the projections are not plain nn.Linear, e.g.
+    PEFT-wrapped; ``unfuse_qkv``) and RoPE + Hedgehog as the backend's one op (``fuse_rope_features``).
+    Returns the number of layers with one q/k/v GEMM."""
+    fused = 0
     for m in lolcats_modules(model):
         if on:
-            m.fuse_qkv()
+            fused += m.fuse_qkv()
         else:
             m.unfuse_qkv()
         m.fuse_rope_features = on
+    return fused
 
 
 def set_attention_mode(model: nn.Module, mode: Mode) -> None:
