@@ -25,7 +25,7 @@ A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, w
 ordinary layer forward (the fused Triton prefill on CUDA for a fresh row); then the staging row is
 copied into the slot it joins. The first chunk is right-padded to a length bucket (16, 32, ...,
 ``prefill_chunk``) in static buffers, so on CUDA it too replays a CUDA graph per bucket: an eager
-prefill of a large model is bound by the host launching its thousands of kernels, and would stall
+prefill of a large model can be bound by the host launching its thousands of kernels, and would stall
 the running streams for as long. Padding at the end changes no valid token's output (attention is
 causal) and is masked out of what the state keeps; the logits are read at the last prompt token.
 Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is
