@@ -503,6 +503,33 @@ def test_cuda_graph_engine_equals_eager(mode):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+@pytest.mark.parametrize("prompt", ["one chunk", "two chunks"])
+@torch.no_grad()
+def test_engine_calls_queue_without_waiting_for_the_device(mode, prompt):
+    """prefill, admit, launch, move and release only queue device work: a host sync in one of them would
+    hold the serving loop until the running decode step ends (``t[i] = x`` on a CUDA tensor was one)."""
+    tok = char_tokenizer()
+    engine = (KVEngine if mode == "teacher" else StateEngine)(tiny(tok, mode).cuda(), 4, 128, prefill_chunk=8)
+    engine.warmup(("greedy", "top_p"))
+    ids = tok(PROMPTS[0] if prompt == "one chunk" else PROMPTS[2][:12])["input_ids"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for slot in range(2):
+            for start in range(0, len(ids), 8):
+                last = start + 8 >= len(ids)
+                engine.prefill(ids[start:start + 8], start, Sampling(0.7, 0.9, slot) if last else None)
+            engine.admit(slot, len(ids))
+        engine.launch(2, "top_p")
+        engine.move(1, 0)
+        engine.release(1)
+        engine.launch(1, "greedy")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_serving_benchmark_smoke(tmp_path):
     """benchmarks/serving.py end to end at tiny sizes: both modes, two rates, every request served."""
     cfg, tok = tiny_dirs(tmp_path)

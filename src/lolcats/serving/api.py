@@ -194,12 +194,16 @@ class Server:
         return await self._whole(http, req, meta, chat)
 
     async def _events(self, req: Request):
-        """The request's events until its end; cancels it if the consumer stops early."""
+        """The request's events until its end, as lists of those already delivered (one when the consumer
+        keeps up; more when it falls behind, so a response writes them at once); cancels the request if
+        the consumer stops early."""
         try:
             while True:
-                ev = await req.sink.get()
-                yield ev
-                if isinstance(ev, (Done, Failed)):
+                evs = [await req.sink.get()]
+                while not req.sink.empty():
+                    evs.append(req.sink.get_nowait())
+                yield evs
+                if isinstance(evs[-1], (Done, Failed)):  # the last event of a request
                     return
         finally:
             if not req.done:
@@ -208,13 +212,14 @@ class Server:
     async def _whole(self, http: HTTPRequest, req: Request, meta: dict, chat: bool) -> JSONResponse:
         async def collect():
             parts = []
-            async for ev in self._events(req):
-                if isinstance(ev, Delta):
-                    parts.append(ev.text)
-                elif isinstance(ev, Failed):
-                    raise APIError(500, ev.message, type="server_error")
-                else:
-                    return "".join(parts), ev
+            async for evs in self._events(req):
+                for ev in evs:
+                    if isinstance(ev, Delta):
+                        parts.append(ev.text)
+                    elif isinstance(ev, Failed):
+                        raise APIError(500, ev.message, type="server_error")
+                    else:
+                        return "".join(parts), ev
 
         async def disconnected():
             while (await http.receive())["type"] != "http.disconnect":
@@ -233,8 +238,10 @@ class Server:
         return JSONResponse({**meta, "choices": [choice], "usage": _usage(done)})
 
     async def _sse(self, req: Request, meta: dict, chat: bool, include_usage: bool):
+        head = json.dumps(meta)[:-1]  # '{"id": ..., "model": ...' : the fields every chunk repeats
+
         def chunk(choices, **extra) -> str:
-            return f"data: {json.dumps({**meta, 'choices': choices, **extra})}\n\n"
+            return f"data: {head}, {json.dumps({'choices': choices, **extra})[1:]}\n\n"
 
         def choice(text: str | None, finish: str | None) -> dict:
             if chat:
@@ -245,17 +252,21 @@ class Server:
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                           "logprobs": None}])
-        async for ev in self._events(req):
-            if isinstance(ev, Delta):
-                yield chunk([choice(ev.text, None)])
-            elif isinstance(ev, Failed):
-                yield f"data: {json.dumps({'error': {'message': ev.message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
-                return
-            else:
-                yield chunk([choice(None, ev.finish_reason)])
-                if include_usage:
-                    yield chunk([], usage=_usage(ev))
-        yield "data: [DONE]\n\n"
+        async for evs in self._events(req):  # one event per chunk; the chunks of a batch in one write
+            out = []
+            for ev in evs:
+                if isinstance(ev, Delta):
+                    out.append(chunk([choice(ev.text, None)]))
+                elif isinstance(ev, Failed):
+                    error = {"message": ev.message, "type": "server_error", "param": None, "code": None}
+                    yield "".join(out) + f"data: {json.dumps({'error': error})}\n\n"
+                    return
+                else:
+                    out.append(chunk([choice(None, ev.finish_reason)]))
+                    if include_usage:
+                        out.append(chunk([], usage=_usage(ev)))
+                    out.append("data: [DONE]\n\n")
+            yield "".join(out)
 
 
 def _usage(done: Done) -> dict:

@@ -333,9 +333,8 @@ class SlotEngine:
             if start == 0:
                 self._stage_begin()
             self._stage_chunk(start)
-            t = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
             pos = torch.arange(start, start + len(ids), device=self.device)[None]  # (1, T)
-            logits = self._forward(t, pos, self.stage)
+            logits = self._forward(self._host([ids]).to(self.device, non_blocking=True), pos, self.stage)
         if sampling is None:
             return None
         s = self.stage_rows
@@ -347,15 +346,18 @@ class SlotEngine:
         s["counter"].fill_(1)
         return Pending(s["out"], [owner] if owner is not None else None)
 
+    def _host(self, rows: list[list[int]]) -> torch.Tensor:
+        """Token ids (b, T) on the host, pinned on CUDA: a copy from pageable memory would first wait for
+        everything queued on the device (the running decode step)."""
+        host = torch.tensor(rows, dtype=torch.long)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
     def _prefill_first(self, ids: list[int]) -> torch.Tensor:
         """A prompt's first chunk, right-padded to its length bucket in ``stage_in``: a graph replay on CUDA.
         Returns logits (1, V) at its last token."""
         n = len(ids)
         T = bucket_for(n, self.prefill_sizes)
-        host = torch.zeros(1, T, dtype=torch.long)
-        host[0, :n] = torch.tensor(ids, dtype=torch.long)
-        cuda = self.device.type == "cuda"
-        self.stage_in["ids"][:, :T].copy_(host.pin_memory() if cuda else host, non_blocking=cuda)
+        self.stage_in["ids"][:, :T].copy_(self._host([ids + [0] * (T - n)]), non_blocking=True)
         torch.lt(self.stage_pos[:, :T], n, out=self.stage_in["valid"][:, :T])
         self.stage_in["last"].fill_(n - 1)
         if self.use_graph and self.prefill_capturable:
@@ -367,10 +369,10 @@ class SlotEngine:
         return self._first_chunk(T)
 
     def _set_sampling(self, rows: dict[str, torch.Tensor], i: int, p: Sampling) -> None:
-        rows["temperature"][i] = p.temperature
-        rows["top_p"][i] = p.top_p
-        rows["seed"][i] = p.seed
-        rows["counter"][i] = 0
+        # fill_ takes the value as a kernel argument; ``t[i] = x`` copies it from pageable host memory,
+        # which waits for everything queued on the device (the running decode step) first
+        for name, value in (("temperature", p.temperature), ("top_p", p.top_p), ("seed", p.seed), ("counter", 0)):
+            rows[name][i:i + 1].fill_(value)
 
     @torch.no_grad()
     def admit(self, slot: int, length: int) -> None:
@@ -392,7 +394,7 @@ class SlotEngine:
     def release(self, slot: int) -> None:
         """Slot ``slot`` is free: clear what of it could leak into a later sequence."""
         self._reset_row(slot)
-        self.rows["pos"][slot] = 0
+        self.rows["pos"][slot:slot + 1].fill_(0)
         self.host_pos[slot] = 0
 
     def describe(self) -> dict:
