@@ -530,6 +530,25 @@ def test_engine_calls_queue_without_waiting_for_the_device(mode, prompt):
         torch.cuda.set_sync_debug_mode(0)
 
 
+def test_serving_engine_benchmark_smoke(tmp_path):
+    """benchmarks/serving_engine.py end to end at tiny sizes, both engines: every engine call timed, the loop profiled."""
+    cfg, tok = tiny_dirs(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for mode in ("student", "teacher"):
+        out = subprocess.run([sys.executable, "benchmarks/serving_engine.py", "--model", str(cfg), "--tokenizer", str(tok),
+                              "--attn", "attention.window_size=8", "--attn", "attention.feature_dim=8", "--mode", mode,
+                              "--max-batch", "8", "--running", "4", "--prompt-len", "12", "--prefill-chunk", "16",
+                              "--max-new-tokens", "96", "--iterations", "4", "--repeats", "2",
+                              "--trace", str(tmp_path / f"{mode}.json")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        for call in ("prefill 12 tokens, behind a decode step", "admit", "move", "release", "decode step, 4 rows"):
+            assert f"| {call}" in out.stdout
+        assert "loop: " in out.stdout and "rows per step" in out.stdout
+        assert json.loads((tmp_path / f"{mode}.json").read_text())["traceEvents"]
+
+
 def test_serving_benchmark_smoke(tmp_path):
     """benchmarks/serving.py end to end at tiny sizes: both modes, two rates, every request served."""
     cfg, tok = tiny_dirs(tmp_path)
