@@ -64,6 +64,13 @@ ROWS = [
         data=MIX),
     Row("combo_sparse", "combo + sparse cache 64 (eval time)", train=False, checkpoint_of="combo",
         eval_flags=["--sparse-cache", "64"]),
+    Row("sm4r", "4 softmax layers (the base model's retrieval heads)",
+        ["--attention.softmax_count", "4", "--attention.softmax_pick", "retrieval"]),
+    Row("combo_r", "combo, its 4 softmax layers picked by retrieval score",
+        ["--finetune.loss", "mix", "--attention.softmax_count", "4", "--attention.softmax_pick", "retrieval"],
+        data=MIX),
+    Row("combo_r_sparse", "combo_r + sparse cache 64 (eval time)", train=False, checkpoint_of="combo_r",
+        eval_flags=["--sparse-cache", "64"]),
 ]
 
 
@@ -241,7 +248,13 @@ def main(argv=None) -> None:
         for r in order:
             if r.train:
                 print(shlex.join(train_command(r, a)))
-            print(f"# then lolcats eval ({r.label}): {' '.join(model_flags(r, a, rows)) if not r.train else 'its checkpoint'}")
+            if r.train:
+                what = "its checkpoint"
+            elif r.checkpoint_of:
+                what = f"{r.checkpoint_of}'s checkpoint (once trained) {' '.join(r.eval_flags)}".rstrip()
+            else:
+                what = " ".join(model_flags(r, a, rows))
+            print(f"# then lolcats eval ({r.label}): {what}")
         return
     Path(a.out).mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}

@@ -15,7 +15,8 @@ from lolcats.attention.convert import convert_model, set_attention_mode
 from lolcats.config import AttentionConfig
 from lolcats.evaluation import eval_main, evaluate_model
 from lolcats.evaluation.recall import (RecallSettings, accuracy, build_all, build_samples, digit_separator,
-                                       evaluate_recall, find_key, prompt_frame, recall_settings, summarize)
+                                       evaluate_recall, find_key, prompt_frame, recall_settings, retrieval_scores,
+                                       summarize)
 
 SIMPLE_TEMPLATE = ("{% for m in messages %}<s> question : {{ m['content'] }} </s>{% endfor %}"
                    "{% if add_generation_prompt %} answer :{% endif %}")
@@ -255,3 +256,42 @@ def test_recall_on_cuda_converted_model(tok):
     set_attention_mode(m, "student")
     out = evaluate_recall(m.cuda(), tok, settings(lengths=(256,), samples=4, max_new_tokens=4))
     assert all(0 <= v["acc"] <= 1 for v in out.values())
+
+
+# ---------------------------------------------------------------- retrieval heads
+
+
+def test_key_span_is_the_key_sentence(tok):
+    for s in build_samples(tok, "passkey", 180, settings(samples=3)):
+        text = tok.decode(list(s.ids[s.key_start:s.key_start + s.key_len]))
+        assert find_key(text, s.sep) == s.answer and text.rstrip().endswith(".")
+        assert find_key(tok.decode(list(s.ids[s.key_start + s.key_len:])), s.sep) is None  # no key after it
+
+
+def test_retrieval_scores_equal_the_base_models_attention_weights(tok):
+    """The score of a layer = its best head's mean softmax weight from the last prompt token on the key sentence,
+    against HF's eager attention weights of the unconverted model; the layers' modes come back unchanged."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model(vocab_size=len(tok.get_vocab()), seed=5)
+    eager = AutoModelForCausalLM.from_config(base.config, attn_implementation="eager").eval()
+    eager.load_state_dict(base.state_dict())
+    s = settings(tasks=("passkey",), lengths=(150, 200), samples=3, depths=(0.2, 0.8))
+    samples = [x for n in s.lengths for x in build_samples(tok, "passkey", n, s)]
+    mass = 0
+    with torch.no_grad():
+        for x in samples:
+            w = eager(torch.tensor([x.ids]), output_attentions=True).attentions  # per layer (1, H, T, T)
+            mass = mass + torch.stack([a[0, :, -1, x.key_start:x.key_start + x.key_len].sum(-1) for a in w])
+    ref = (mass / len(samples)).max(-1).values  # (layers,)
+    m = copy.deepcopy(base)
+    convert_model(m, AttentionConfig(feature_dim=8, window_size=8))
+    set_attention_mode(m, "student")
+    got = retrieval_scores(m, tok, s)
+    assert list(got) == [0, 1]
+    torch.testing.assert_close(torch.tensor([got[0], got[1]]), ref.float(), rtol=1e-4, atol=1e-5)
+    assert all(a.mode == "student" and a.probe is None for a in (l.self_attn for l in m.model.layers))
+    far = settings(tasks=("passkey",), lengths=(5000,), samples=1)  # past the 1,024 positions: at 1,024 instead
+    assert set(retrieval_scores(m, tok, far)) == {0, 1}

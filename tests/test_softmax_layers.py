@@ -126,7 +126,8 @@ def test_config_says_which_layers_stay_softmax_once():
     assert load_config(None, {"attention": {"layers": [1, 3]}}).attention.converted_layers(4) == [1, 3]
     bad = [({"layers": [0], "softmax_layers": [1]}, "not both"),
            ({"softmax_layers": [1], "softmax_count": 1}, "not both"),
-           ({"softmax_count": -1}, ">= 0"), ({"softmax_layers": [1, 1]}, "distinct")]
+           ({"softmax_count": -1}, ">= 0"), ({"softmax_layers": [1, 1]}, "distinct"),
+           ({"softmax_pick": "retrieval"}, "softmax_count, which is 0"), ({"softmax_pick": "worst"}, "softmax_pick")]
     for attention, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             load_config(None, {"attention": attention})
@@ -169,6 +170,8 @@ def test_run_directories_follow_the_options():
     assert d["count"][0] == d["plain"][0] and d["count"][1] != d["plain"][1]  # stage 1 shared
     assert d["list"][0] != d["plain"][0] and d["list"][1] != d["plain"][1]
     assert stage_dirs(load_config(None, {"finetune": {"loss": "kl"}}))[1] != d["plain"][1]
+    by = stage_dirs(load_config(None, {"attention": {"softmax_count": 2, "softmax_pick": "retrieval"}}))
+    assert by[0] == d["plain"][0] and by[1] != d["count"][1]  # the pick's rule: stage 2 only
 
 
 # ---------------------------------------------------------------- the pipeline with a count
@@ -220,3 +223,31 @@ def test_count_pick_is_recorded_and_reloaded(counted, tmp_path):
         torch.testing.assert_close(back(ids).logits, ref, rtol=1e-5, atol=1e-5)
     stage1_only, _ = load_linearized(None, str(d1 / "best"), None, device="cpu", dtype="float32")
     assert softmax_layers(stage1_only) == []  # the pick belongs to stage 2
+
+
+def test_retrieval_pick_is_scored_once_and_kept(tmp_path, monkeypatch):
+    """softmax_pick retrieval: stage 2 keeps the layer the base model's retrieval scores rank first, writes the
+    scores and the pick to softmax_pick.json, and a later run of the finished stage reads it instead of scoring."""
+    import lolcats.evaluation.recall as recall
+    from conftest import save_tiny, write_alpaca
+    from lolcats.checkpoint import read_meta
+    from lolcats.pipeline import PICK, prepare, run_distill, run_finetune, stage_dirs
+    from test_pipeline import make_cfg
+
+    cfg = make_cfg(tmp_path, save_tiny(tmp_path / "model"), write_alpaca(tmp_path / "alpaca.jsonl", n=120),
+                   **{"attention.softmax_count": 1, "attention.softmax_pick": "retrieval", "distill.max_steps": 2,
+                      "finetune.max_steps": 2, "finetune.eval_every": 2})
+    ctx = prepare(cfg)
+    run_distill(ctx)
+    model, _ = run_finetune(ctx)
+    d1, d2 = stage_dirs(cfg)
+    pick = json.loads((d2 / PICK).read_text())
+    scores = {int(i): v for i, v in pick["scores"].items()}
+    assert pick["by"] == "retrieval" and set(scores) == {0, 1} and all(0 < v < 1 for v in scores.values())
+    assert pick["layers"] == [max(scores, key=scores.get)]
+    assert read_meta(d2 / "best")["softmax_layers"] == pick["layers"] == softmax_layers(model)
+    monkeypatch.setattr(recall, "retrieval_scores", lambda *a, **k: pytest.fail("scored again"))
+    ctx = prepare(cfg)
+    run_distill(ctx)  # loads the finished stage 1 (as `lolcats finetune` does)
+    again, _ = run_finetune(ctx)
+    assert softmax_layers(again) == pick["layers"]

@@ -85,6 +85,10 @@ class AttentionConfig:
     ("Keep this many of the converted layers as softmax, picked after stage 1: every converted layer is transferred, "
      "then the ones with the largest validation MSE (mse/<layer> of the best stage-1 checkpoint) stay softmax for "
      "stage 2 and use (recorded in the stage-2 checkpoint; runs differing only in it share stage 1).")
+    softmax_pick: Literal["mse", "retrieval"] = "mse"
+    ("How softmax_count picks its layers: mse (the largest stage-1 validation MSE) or retrieval (the layers whose "
+     "best head puts the most softmax attention, from the last prompt token, on the key sentence of passkey prompts: "
+     "the base model's retrieval heads; evaluation.recall.retrieval_scores). Only with softmax_count.")
 
     sparse_cache: int = 0
     "LoLA sparse global cache: key-value pairs per KV head kept beside the window (those the linear state "
@@ -242,7 +246,8 @@ class Config:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
 
 
-HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "attention.sparse_cache",
+HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "attention.softmax_pick",
+                   "attention.sparse_cache",
                    "attention.sparse_score", "data.max_file_tokens", "finetune.loss", "finetune.kl_weight",
                    "finetune.kl_temperature")
 "Fields added after run directories existed: in a run's hash only when set away from their default."
@@ -398,6 +403,9 @@ def _check_softmax_layers(a: AttentionConfig) -> None:
                           "converted are the softmax ones)")
     if a.softmax_count < 0:
         raise ConfigError(f"attention.softmax_count: {a.softmax_count} must be >= 0")
+    if a.softmax_pick != "mse" and not a.softmax_count:
+        raise ConfigError(f"attention.softmax_pick: {a.softmax_pick!r} picks the layers of attention.softmax_count, "
+                          "which is 0")
     if a.softmax_count and a.softmax_layers:
         raise ConfigError("attention.softmax_count: give it or attention.softmax_layers, not both")
     for key in ("layers", "softmax_layers"):

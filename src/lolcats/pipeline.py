@@ -35,7 +35,7 @@ from lolcats.models.trained import load_linearized, load_stage1, load_stage2
 from lolcats.runs import BEST, STATE, SUMMARY, check_output_dir, lock_dir, stage_dirs, stage_done
 from lolcats.runtime import resolve_device, resolve_dtype
 from lolcats.training.blockwise import train_blockwise
-from lolcats.training.stages import distill_stage, finetune_stage, lm_validate, pick_softmax_layers
+from lolcats.training.stages import distill_stage, finetune_stage, layer_mse, lm_validate, top_layers
 from lolcats.training.state import check_state
 from lolcats.training.trainer import StageResult, train_stage
 
@@ -117,17 +117,38 @@ def _for_distill(model, cfg: Config):
     return model
 
 
-def _for_finetune(model, cfg: Config, stage1: Path, fingerprint: str):
-    """Stage 2's model: stage 1's best loaded, the softmax layers kept, LoRA added (seeded by ``run.seed``)."""
+def _for_finetune(model, cfg: Config, stage1: Path, fingerprint: str, kept: list[int]):
+    """Stage 2's model: stage 1's best loaded, the layers ``kept`` as softmax, LoRA added (seeded by ``run.seed``)."""
     load_stage1(model, stage1, fingerprint)
-    _keep_worst(model, cfg, stage1)
+    if kept:
+        keep_softmax(model, kept)
     return add_lora(model, cfg.finetune, cfg.run.seed)
 
 
-def _keep_worst(model, cfg: Config, stage1: Path) -> None:
-    """With ``attention.softmax_count``: the layers stage 1 transferred worst stay softmax."""
-    if cfg.attention.softmax_count:
-        keep_softmax(model, pick_softmax_layers(read_meta(stage1)["metrics"], cfg.attention.softmax_count))
+PICK = "softmax_pick.json"  # in the stage-2 directory: the layers attention.softmax_count keeps, and why
+
+
+def _softmax_pick(ctx: Context, d1: Path, d2: Path) -> list[int]:
+    """The layers ``attention.softmax_count`` keeps as softmax in stage 2 (none without it), picked once per stage-2
+    directory (a resumed stage 2 reads ``softmax_pick.json``): by stage-1 validation MSE, or by the base model's
+    retrieval heads (``attention.softmax_pick: retrieval``, scored on ``ctx.model`` in teacher mode)."""
+    a = ctx.cfg.attention
+    if not a.softmax_count:
+        return []
+    if (d2 / PICK).exists():
+        return json.loads((d2 / PICK).read_text())["layers"]
+    if a.softmax_pick == "retrieval":
+        from lolcats.evaluation.recall import retrieval_scores
+
+        scores = retrieval_scores(ctx.model, ctx.tokenizer)  # every layer stage 1 converted
+    else:
+        scores = layer_mse(read_meta(d1 / BEST)["metrics"])
+    kept = top_layers(scores, a.softmax_count, f"{a.softmax_pick} scores")
+    if ctx.is_main:
+        d2.mkdir(parents=True, exist_ok=True)
+        write_json(d2 / PICK, {"by": a.softmax_pick, "scores": {str(i): v for i, v in sorted(scores.items())},
+                               "layers": kept})
+    return kept
 
 
 @contextlib.contextmanager
@@ -232,13 +253,15 @@ def run_finetune(ctx: Context, on_step=None):
     d1, d2 = stage_dirs(ctx.cfg)
     if not stage_done(d1):
         raise RuntimeError(f"stage 1 has not finished: {d1} (run `lolcats distill` first)")
+    kept = _softmax_pick(ctx, d1, d2)
     if ctx.strategy == "fsdp":  # LoRA goes in before sharding: a fresh model, built sharded with it
         ctx.model = None  # stage 1's shards go first
-        build = Build(edit=lambda m: _for_finetune(m, ctx.cfg, d1 / BEST, ctx.fingerprint),
+        build = Build(edit=lambda m: _for_finetune(m, ctx.cfg, d1 / BEST, ctx.fingerprint, kept),
                       shard=_sharder(ctx.info, ctx.strategy, "finetune"))
         ctx.model = model = load_base_model(ctx.cfg.model, ctx.device, build=build)
     else:
-        _keep_worst(ctx.model, ctx.cfg, d1 / BEST)
+        if kept:
+            keep_softmax(ctx.model, kept)
         model = add_lora(ctx.model, ctx.cfg.finetune, ctx.cfg.run.seed)
     result = None
     if not stage_done(d2):

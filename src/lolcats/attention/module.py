@@ -147,6 +147,8 @@ class LolcatsAttention(nn.Module):
         self.mode: Mode = "student"
         self.collector: list[DistillOutput] | None = None
         self.collect_xent = False
+        # teacher mode without a cache: called as probe(layer_idx, q, k) with q, k after RoPE (retrieval scores)
+        self.probe = None
         self.fused_qkv: FusedQKV | None = None  # fuse_qkv(): one q/k/v GEMM
         self.fuse_rope_features = True  # RoPE + Hedgehog in the backend's one op, where it has one (inference)
         if not converted:
@@ -325,6 +327,8 @@ class LolcatsAttention(nn.Module):
         elif mode == "teacher":
             if cache is not None:  # a converted layer's LolcatsLayer refuses update() with a clear error
                 k, v = cache.update(k, v, self.layer_idx)
+            elif self.probe is not None:
+                self.probe(self.layer_idx, q, k)
             y = self.softmax_attention(q, k, v, attention_mask)
         elif mode == "distill":
             y = self._distill(q, k, v, attention_mask, log_gate)

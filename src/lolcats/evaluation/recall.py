@@ -228,6 +228,7 @@ class RecallSample:
     key_start: int
     placed_depth: float  # filler tokens before the asked key / filler tokens
     info: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    key_len: int = 0  # tokens of the asked key sentence: ids[key_start:key_start + key_len]
 
 
 @dataclass(frozen=True)
@@ -287,8 +288,8 @@ def filler_ids(sentences: list[list[int]], n: int) -> tuple[list[int], list[int]
 
 
 def assemble(needles: Needles, frame: Frame, length: int, task: str, tokenizer,
-             filler: list[list[int]]) -> tuple[list[int], int, float]:
-    """(ids of exactly ``length`` tokens, index of the asked key sentence, its placed depth)."""
+             filler: list[list[int]]) -> tuple[list[int], int, int, float]:
+    """(ids of exactly ``length`` tokens, index of the asked key sentence, its length in tokens, its placed depth)."""
     question = needles.question + ("" if frame.chat else needles.lead)
     intro, question_ids, *sent = _encode([needles.intro, question] + [s for _, s in needles.sentences], tokenizer)
     fixed = len(frame.head) + len(intro) + sum(map(len, sent)) + len(question_ids) + len(frame.tail)
@@ -308,7 +309,7 @@ def assemble(needles: Needles, frame: Frame, length: int, task: str, tokenizer,
         prev = cuts[i]
     ids += hay[prev:] + question_ids + frame.tail
     assert len(ids) == length, (len(ids), length)
-    return ids, start, cuts[needles.asked] / n_fill
+    return ids, start, len(sent[needles.asked]), cuts[needles.asked] / n_fill
 
 
 def build_samples(tokenizer, task: str, length: int, settings: RecallSettings) -> list[RecallSample]:
@@ -323,9 +324,9 @@ def build_samples(tokenizer, task: str, length: int, settings: RecallSettings) -
         rng = random.Random(f"lolcats-recall:{task}:{length}:{settings.seed}:{i}")  # str seeds: stable across runs
         depth = rng.random() if settings.depths is None else settings.depths[i % len(settings.depths)]
         needles = fn(rng, depth, settings.keys, names, sep)
-        ids, start, placed = assemble(needles, frame, length, task, tokenizer, filler)
+        ids, start, key_len, placed = assemble(needles, frame, length, task, tokenizer, filler)
         out.append(RecallSample(task, length, depth, needles.answer, sep, tuple(ids), start, placed,
-                                dict(needles.info, chat_template=frame.chat)))
+                                dict(needles.info, chat_template=frame.chat), key_len))
     return out
 
 
@@ -423,3 +424,59 @@ def evaluate_recall(model: torch.nn.Module, tokenizer, settings: RecallSettings,
         out[name] = {**summarize(samples, hits, settings.depths is not None),
                      "chat_template": samples[0].info["chat_template"]}
     return out
+
+
+# ---------------------------------------------------------------- retrieval heads
+
+# the prompts retrieval_scores reads by default: passkey at two lengths, depths spread over the filler
+RETRIEVAL_PROBE = RecallSettings(tasks=("passkey",), lengths=(1024, 2048), samples=8,
+                                 depths=(0.1, 0.3, 0.5, 0.7, 0.9))
+
+
+def _key_mass(q: torch.Tensor, k: torch.Tensor, span: tuple[int, int], scaling: float) -> torch.Tensor:
+    """q (B, H, T, D), k (B, Hk, T, D) -> (B, H): softmax attention of the last query on keys span[0]:span[1]."""
+    group = q.shape[1] // k.shape[1]
+    s = torch.einsum("bhd,bhtd->bht", q[:, :, -1].float(), k.float().repeat_interleave(group, 1)) * scaling
+    return s.softmax(-1)[:, :, span[0]:span[1]].sum(-1)
+
+
+@torch.no_grad()
+def retrieval_scores(model: torch.nn.Module, tokenizer, settings: RecallSettings = RETRIEVAL_PROBE,
+                     ) -> dict[int, float]:
+    """{layer: score} for every LolcatsAttention layer, from the teacher (softmax) attention on recall prompts.
+
+    A layer's score is its best head's mean (over ``settings``' prompts) of the softmax attention that the last
+    prompt token (where the answer starts) puts on the asked key sentence: retrieval heads put most of it there,
+    other heads about the span's share of the context. Lengths past the model's ``max_position_embeddings`` are
+    left out (all of them: that length alone). The layers run in teacher mode for the scoring and get their
+    mode back.
+    """
+    from lolcats.attention.convert import lolcats_attention_by_layer
+
+    mods = lolcats_attention_by_layer(model)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max(settings.lengths)
+    lengths = [n for n in settings.lengths if n <= limit] or [limit]
+    samples = [x for t in settings.tasks for n in lengths for x in build_samples(tokenizer, t, n, settings)]
+    device, modes = model_device(model), {i: m.mode for i, m in mods.items()}
+    sums: dict[int, torch.Tensor] = {}
+    span = (0, 0)
+
+    def probe(layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        mass = _key_mass(q, k, span, mods[layer].scaling).sum(0)  # (H,)
+        sums[layer] = sums.get(layer, 0) + mass
+
+    was_training = model.training
+    model.eval()
+    try:
+        for m in mods.values():
+            m.mode, m.probe = "teacher", probe
+        for x in samples:  # one prompt at a time: each has its own key span
+            span = (x.key_start, x.key_start + x.key_len)
+            ids = torch.tensor([x.ids], device=device)
+            with autocast_context(device, "auto"):
+                model(input_ids=ids, use_cache=False)
+    finally:
+        for i, m in mods.items():
+            m.mode, m.probe = modes[i], None
+        model.train(was_training)
+    return {i: float(v.max()) / len(samples) for i, v in sorted(sums.items())}

@@ -123,14 +123,23 @@ def distill_stage(model, cfg: Config, val: torch.Tensor, device, meta: dict) -> 
                  sum(p.numel() for p in model.parameters()))
 
 
+def layer_mse(metrics: dict) -> dict[int, float]:
+    """{layer: stage-1 validation MSE} from a stage-1 checkpoint's metrics (``mse/<layer>``)."""
+    return {int(k[len(MSE_LOG):]): float(v) for k, v in metrics.items() if k.startswith(MSE_LOG)}
+
+
+def top_layers(scores: dict[int, float], count: int, what: str = "scores") -> list[int]:
+    """The ``count`` layers with the largest ``scores``, sorted; ties go to the lower index."""
+    if count > len(scores):
+        raise ValueError(f"attention.softmax_count: {count} layers asked for, but there are {what} for "
+                         f"{len(scores)} layers")
+    return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:count])
+
+
 def pick_softmax_layers(metrics: dict, count: int) -> list[int]:
     """The ``count`` layers with the largest stage-1 validation MSE (``mse/<layer>`` in ``metrics``, the
     best stage-1 checkpoint's), sorted; ties go to the lower index."""
-    mse = {int(k[len(MSE_LOG):]): float(v) for k, v in metrics.items() if k.startswith(MSE_LOG)}
-    if count > len(mse):
-        raise ValueError(f"attention.softmax_count: {count} layers asked for, but stage 1 logged the MSE of "
-                         f"{len(mse)} ({MSE_LOG}<layer> in its metrics)")
-    return sorted(sorted(mse, key=lambda i: (-mse[i], i))[:count])
+    return top_layers(layer_mse(metrics), count, f"stage-1 MSE logs ({MSE_LOG}<layer> in its metrics)")
 
 
 def finetune_stage(model, cfg: Config, val: torch.Tensor, device, meta: dict) -> Stage:
