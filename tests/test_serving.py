@@ -57,6 +57,10 @@ def collect(req: Request) -> tuple[str, Done]:
 def test_buckets():
     assert buckets(1) == [1] and buckets(8) == [1, 2, 4, 8] and buckets(12) == [1, 2, 4, 8, 12]
     assert buckets(100, 64) == [64, 100]
+    assert buckets(512, 1, 64) == [1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert buckets(1024, 16, 128) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]
+    assert buckets(4, 1, 3) == [1, 2, 3, 4] and buckets(50, 16, 8) == [16, 24, 32, 40, 48, 50]
+    assert buckets(8, 1, 64) == buckets(8)
 
 
 def test_seeded_uniform_is_uniform_and_reproducible():
@@ -148,6 +152,26 @@ def test_scheduler_greedy_equals_generate_alone_and_batched(mode):
     finally:
         sched.stop()
     assert sched.stats()["running"] == 0
+
+
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+def test_bucket_steps_serve_the_same_text(mode):
+    """Batch buckets in steps of 3 and first-chunk buckets in steps of 24 (--batch-bucket-step,
+    --prefill-bucket-step): 16 requests over 4 slots, each equal to run_generate alone."""
+    tok = char_tokenizer()
+    model = tiny(tok, mode)
+    refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
+    engine = (KVEngine if mode == "teacher" else StateEngine)(model, 4, 128, batch_step=3, prefill_step=24)
+    assert engine.sizes == [1, 2, 3, 4] and engine.prefill_sizes == [16, 24, 48, 72, 96, 120, 128]
+    sched = Scheduler(engine, eos_ids(model, tok), prefill_chunk=40, max_queue=32)
+    sched.start()
+    try:
+        reqs = [Request(tok(p)["input_ids"], 12, Sampling(), tok, sink=queue.Queue()) for p in PROMPTS * 2]
+        for r in reqs:
+            sched.submit(r)
+        assert [collect(r)[0] for r in reqs] == refs * 2
+    finally:
+        sched.stop()
 
 
 @pytest.mark.parametrize("mode", ["student", "teacher"])

@@ -16,7 +16,7 @@ keeps them compacted: when one ends, the last one's row is copied into its slot)
 
 One decode step (embedding, decoder layers with per-row positions, norm, LM head, per-row
 sampling) runs over the first ``bucket`` slots, ``bucket`` the smallest of 1, 2, 4, ..., max_batch
-that holds the running sequences; rows past ``n`` in the bucket compute garbage that no one reads
+(with ``batch_step``: powers of two up to it, then its multiples) that holds the running sequences; rows past ``n`` in the bucket compute garbage that no one reads
 (their buffers are overwritten when a sequence is admitted there). On CUDA each (bucket, sampling
 mode[, length bucket]) step is captured once in a CUDA graph over static buffers and replayed; on
 CPU the same code runs eagerly.
@@ -24,7 +24,7 @@ CPU the same code runs eagerly.
 A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, with the model's
 ordinary layer forward (the fused Triton prefill on CUDA for a fresh row); then the staging row is
 copied into the slot it joins. The first chunk is right-padded to a length bucket (16, 32, ...,
-``prefill_chunk``) in static buffers, so on CUDA it too replays a CUDA graph per bucket: an eager
+``prefill_chunk``; with ``prefill_step``, multiples of it above it) in static buffers, so on CUDA it too replays a CUDA graph per bucket: an eager
 prefill of a large model can be bound by the host launching its thousands of kernels, and would stall
 the running streams for as long. Padding at the end changes no valid token's output (attention is
 causal) and is masked out of what the state keeps; the logits are read at the last prompt token.
@@ -52,12 +52,18 @@ from lolcats.generation.fast import last_logits, pick_tokens
 MODES = ("greedy", "sample", "top_p")  # sampling variants of the step (graphs are kept per variant)
 
 
-def buckets(limit: int, start: int = 1) -> list[int]:
-    """Powers of two from ``start`` below ``limit``, then ``limit``: [1, 2, 4, ..., limit]."""
+def buckets(limit: int, start: int = 1, step: int = 0) -> list[int]:
+    """Powers of two from ``start`` below ``limit``, then ``limit``: [1, 2, 4, ..., limit]; with ``step``, the
+    powers of two only up to ``step``, then its multiples: step 64 gives [1, 2, ..., 64, 128, 192, ..., limit]."""
     out, b = [], start
-    while b < limit:
+    while b < limit and not (step and b > step):
         out.append(b)
         b *= 2
+    if step:
+        b = (out[-1] // step + 1) * step if out else -(-start // step) * step
+        while b < limit:
+            out.append(b)
+            b += step
     return out + [limit]
 
 
@@ -154,14 +160,14 @@ class SlotEngine:
     warmup_modes: tuple[str, ...] = MODES  # the sampling variants warmup() captures by default
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True, prefill_chunk: int = 512):
+                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0):
         self.model = causal_lm(model)
         set_inference_fusion(self.model, fuse)  # one q/k/v GEMM; RoPE + Hedgehog in one op (FastGenerator's)
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
         emb = self.lm.embed_tokens.weight
         self.device, self.vocab = emb.device, emb.shape[0]
         self.max_batch, self.max_len = max_batch, max_len
-        self.sizes = buckets(max_batch)
+        self.sizes = buckets(max_batch, 1, batch_step)  # decode batch buckets
         self.cache_key = layer_cache_kwarg(self.model)
         self.use_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -170,7 +176,7 @@ class SlotEngine:
         self.stage_rows = self._row_buffers(1)  # the staging row
         self.host_pos = [0] * max_batch  # each slot's position, mirrored on the host
         P = min(prefill_chunk, max_len)
-        self.prefill_sizes = buckets(P, min(16, P))  # the first chunk's length buckets
+        self.prefill_sizes = buckets(P, min(16, P), prefill_step)  # the first chunk's length buckets
         self.stage_in = {"ids": torch.zeros(1, P, dtype=torch.long, device=self.device),  # right-padded chunk
                          "valid": torch.zeros(1, P, dtype=torch.bool, device=self.device),
                          "last": torch.zeros(1, dtype=torch.long, device=self.device)}  # its last prompt token
@@ -410,13 +416,13 @@ class StateEngine(SlotEngine):
     """Slots are rows of the converted layers' constant-size states (student mode)."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True, prefill_chunk: int = 512):
+                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0):
         mods = lolcats_attention_by_layer(causal_lm(model))
         n_layers = len(decoder_stack(model).layers)
         if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
             raise ValueError("the constant-state engine needs every layer converted and in student mode "
                              f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
-        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk)
+        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step)
         # layers kept as softmax attention get SoftmaxLayers: key/value buffers of max_len positions per row
         self.cache = make_cache(self.model, max_batch, max_length=max_len)
         self.stage = make_cache(self.model, 1, max_length=max_len)
@@ -507,13 +513,13 @@ class KVEngine(SlotEngine):
     warmup_modes = ("greedy",)
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True, prefill_chunk: int = 512):
+                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0):
         inner = causal_lm(model)
         if len(lolcats_attention_by_layer(inner)) != len(decoder_stack(inner).layers):
             raise ValueError("the KV-slot engine runs converted layers in teacher mode; every layer must be "
                              "converted (convert_model with attention.layers empty)")
         set_attention_mode(model, "teacher")
-        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk)
+        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step)
         cfg = self.model.config.get_text_config(decoder=True)
         Hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

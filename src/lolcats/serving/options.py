@@ -30,6 +30,13 @@ class ServeOptions:
     prefill_budget: int = 0
     ("Prompt tokens read between two decode steps, in chunks of one or more prompts (0: one chunk). More "
      "admits requests faster (time to first token), less keeps the running streams' time per token down.")
+    batch_bucket_step: int = 0
+    ("Decode batch buckets (one CUDA graph each per sampling variant): powers of two up to this, then its "
+     "multiples (64: 1, 2, ..., 64, 128, 192, ...); 0: powers of two up to --max-batch. Finer buckets compute fewer "
+     "idle rows per step and capture more graphs at start-up.")
+    prefill_bucket_step: int = 0
+    ("First-chunk length buckets (a CUDA graph each): powers of two from 16 up to this, then its multiples; 0: "
+     "powers of two up to --prefill-chunk. Finer buckets pad prompts less and capture more graphs.")
     cuda_graph: bool = True
     "Replay each decode step from a CUDA graph (on CUDA devices)."
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -39,7 +46,8 @@ class ServeOptions:
         for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.prefill_budget < 0:
-            raise ValueError(f"serve: --prefill-budget must be >= 0, got {self.prefill_budget}")
+        for name in ("prefill_budget", "batch_bucket_step", "prefill_bucket_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"serve: --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"serve: --max-queue must be >= 0, got {self.max_queue}")

@@ -31,7 +31,8 @@ def build_engine(model, opts: ServeOptions):
     cls = KVEngine if opts.attention_mode == "teacher" else StateEngine
     max_len = opts.max_prompt_tokens + opts.max_new_tokens + 1
     return cls(model, opts.max_batch, max_len, use_cuda_graph=None if opts.cuda_graph else False,
-               prefill_chunk=opts.prefill_chunk)
+               prefill_chunk=opts.prefill_chunk, batch_step=opts.batch_bucket_step,
+               prefill_step=opts.prefill_bucket_step)
 
 
 def build_server(model, tokenizer, opts: ServeOptions):
