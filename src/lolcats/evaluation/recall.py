@@ -448,9 +448,8 @@ def retrieval_scores(model: torch.nn.Module, tokenizer, settings: RecallSettings
     A layer's score is its best head's mean (over ``settings``' prompts) of the softmax attention that the last
     prompt token (where the answer starts) puts on the asked key sentence: retrieval heads put most of it there,
     other heads about the span's share of the context. Lengths past the model's ``max_position_embeddings`` are
-    left out (all of them: that length alone). The layers run in teacher mode for the scoring and get their
-    mode back.
-    """
+    left out (when all are, prompts of that many positions are read instead). The layers run in teacher mode
+    for the scoring and get their mode back."""
     from lolcats.attention.convert import lolcats_attention_by_layer
 
     mods = lolcats_attention_by_layer(model)

@@ -16,17 +16,18 @@ keeps them compacted: when one ends, the last one's row is copied into its slot)
 
 One decode step (embedding, decoder layers with per-row positions, norm, LM head, per-row
 sampling) runs over the first ``bucket`` slots, ``bucket`` the smallest of 1, 2, 4, ..., max_batch
-(with ``batch_step``: powers of two up to it, then its multiples) that holds the running sequences; rows past ``n`` in the bucket compute garbage that no one reads
-(their buffers are overwritten when a sequence is admitted there). On CUDA each (bucket, sampling
+(with ``batch_step``: powers of two up to it, then its multiples) that holds the running sequences;
+rows past ``n`` in the bucket compute garbage that no one reads (their buffers are overwritten when
+a sequence is admitted there). On CUDA each (bucket, sampling
 mode[, length bucket]) step is captured once in a CUDA graph over static buffers and replayed; on
 CPU the same code runs eagerly.
 
 A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, with the model's
 ordinary layer forward (the fused Triton prefill on CUDA for a fresh row); then the staging row is
 copied into the slot it joins. The first chunk is right-padded to a length bucket (16, 32, ...,
-``prefill_chunk``; with ``prefill_step``, multiples of it above it) in static buffers, so on CUDA it too replays a CUDA graph per bucket: an eager
-prefill of a large model can be bound by the host launching its thousands of kernels, and would stall
-the running streams for as long. Padding at the end changes no valid token's output (attention is
+``prefill_chunk``; with ``prefill_step``, multiples of it above it) in static buffers, so on CUDA it
+too replays a CUDA graph per bucket: an eager prefill of a large model can be bound by the host
+launching its thousands of kernels, and would stall the running streams for as long. Padding at the end changes no valid token's output (attention is
 causal) and is masked out of what the state keeps; the logits are read at the last prompt token.
 Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is
 not possible because decode steps run over padding rows of their bucket, which would write into a
