@@ -29,8 +29,9 @@ dynamic slot, or writes a :class:`~lolcats.attention.cache.SoftmaxLayer`'s preal
 With ``attention.sparse_cache`` > 0 (LoLA, ``ops/sparse``) tokens leaving the window go through a
 per-KV-head sparse cache first; every forward with it (with or without a cache, prefill or a whole
 sequence) runs the chunk reference ``ops.sparse.chunk.sparse_chunk`` in pieces (what the cache keeps
-depends on the data, so no fused kernel applies), and the decode step is the reference
-``decode_step_naive`` (the Triton decode kernel has no sparse cache).
+depends on the data, so no fused kernel applies); the decode step is the backend's: the Triton kernel
+reads the cached pairs as softmax terms after the eviction through the cache ran in PyTorch
+(``ops.decode.naive.evict_sparse``).
 
 Padding keys (mask 0) are never written; positions come from ``position_ids`` (HF ``generate``
 derives them from the attention mask, so a left-padded row keeps its own windows).
@@ -68,7 +69,7 @@ from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.attention.qkv import FusedQKV, fusable, share_rows
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
-from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naive
+from lolcats.ops.decode.naive import DecodeState, absorb_chunk
 from lolcats.ops.gate import forget_log_gate, masked_log_gate
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, expand_kv_heads, linear_attention_quadratic
@@ -387,11 +388,9 @@ class LolcatsAttention(nn.Module):
         return y[:, :, None]  # (B, H, 1, Dv)
 
     def decode_op(self, state: DecodeState):
-        """The decode step this layer runs on ``state`` (the backend's): the reference when the state
-        has a sparse cache, which no kernel has."""
-        if state.sparse_size:
-            return functools.partial(decode_step_naive, sparse_score=self.cfg.sparse_score)
-        return get_backend(self.cfg.backend, state.kv).decode
+        """The decode step this layer runs on ``state``: the backend's (with a sparse cache, told its score)."""
+        op = get_backend(self.cfg.backend, state.kv).decode
+        return functools.partial(op, sparse_score=self.cfg.sparse_score) if state.sparse_size else op
 
     def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask, log_gate=None):
         B, H, T, _ = q.shape

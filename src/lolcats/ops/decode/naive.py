@@ -108,6 +108,31 @@ def _decay(state: DecodeState, log_gate: torch.Tensor) -> None:
     state.ks.mul_(g[..., None])
 
 
+def leaving_slots(state: DecodeState, pos: torch.Tensor, kind: str, window_size: int) -> torch.Tensor:
+    """(B, S) bool: the filled window slots that leave when the token at ``pos`` (B,) is written (sliding: the
+    slot it takes; terraced: the half it starts, at a block's first token)."""
+    S = state.win_pos.shape[1]
+    slot = pos % S  # (B,)
+    slots = torch.arange(S, device=pos.device)[None, :]  # (1, S)
+    filled = state.win_pos >= 0
+    if kind == "sliding_window":
+        return filled & (slots == slot[:, None])
+    half = (slots // window_size) == (slot[:, None] // window_size)
+    return filled & half & (pos % window_size == 0)[:, None]
+
+
+def evict_sparse(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor | None, kind: str, window_size: int,
+                 log_gate: torch.Tensor | None = None, sparse_score: str = "self_recall") -> None:
+    """The first part of :func:`decode_step_naive` with a sparse cache, in place: the gate's decay of (kv, ks)
+    (rows where ``valid``), then the slots leaving the window through the cache (they end up empty). A decode
+    kernel then writes the token and attends with nothing left to fold or decay."""
+    valid = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid
+    if log_gate is not None:
+        _decay(state, torch.where(valid[:, None], log_gate.float(), 0.0))
+    leave = leaving_slots(state, pos, kind, window_size) & valid[:, None]
+    evict_to_cache(state, leave, sparse_score, leaving_per_step(kind, window_size))
+
+
 def decode_step_naive(
     q: torch.Tensor,  # (B, H, D)
     k: torch.Tensor,  # (B, Hk, D)
@@ -136,12 +161,7 @@ def decode_step_naive(
     else:
         slot = pos % S  # (B,)
         slots = torch.arange(S, device=q.device)[None, :]  # (1, S)
-        filled = state.win_pos >= 0
-        if kind == "sliding_window":
-            leave = filled & (slots == slot[:, None])
-        else:
-            half = (slots // window_size) == (slot[:, None] // window_size)
-            leave = filled & half & (pos % window_size == 0)[:, None]
+        leave = leaving_slots(state, pos, kind, window_size)
         if state.sparse_size:
             evict_to_cache(state, leave & valid[:, None], sparse_score, leaving_per_step(kind, window_size))
         else:

@@ -16,6 +16,10 @@ rows of its tiles:
 With a log forget gate (B, Hk) the program first multiplies its (kv, ks) rows by exp(log_gate)
 (valid rows), then folds: as in the reference, keys decay from the step they leave the window.
 
+With a sparse cache (G pairs per KV head, ``ops/sparse``) the decay and the eviction through the cache run
+first in PyTorch (``evict_sparse``: choosing what the cache keeps is a top-k over the cache and the
+leaving slots), and the program reads the G cached pairs as more softmax terms under the same max.
+
 ``win_pos`` (B, S) is shared by the KV heads of a row, so a second tiny launch (one program per
 row) updates it after every head has read it. No host synchronisation and no allocation that
 depends on data: the step can be captured in a CUDA graph.
@@ -27,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.decode.naive import DecodeState
+from lolcats.ops.decode.naive import DecodeState, evict_sparse
 from lolcats.ops.triton.chunked import tile_dot, dot_dtype, pad_dim
 from lolcats.ops.kinds import kind_id
 from lolcats.ops.linear.naive import EPS
@@ -59,11 +63,12 @@ def _rows_times(fq, heads, rf, mf, kvb, rg, GQ: tl.constexpr, GP: tl.constexpr, 
 
 
 @triton.jit
-def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, valid_ptr, gp, lg, y,
+def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, valid_ptr, gp, lg, y, sp_k, sp_v, sp_pos,
             H, HK, scale, eps,
             KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_VALID: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
-            GP: tl.constexpr, GQ: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, GATED: tl.constexpr):
+            GP: tl.constexpr, GQ: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, GATED: tl.constexpr,
+            NS: tl.constexpr, NSP: tl.constexpr):
     bhk = tl.program_id(0).to(tl.int64)
     b, hk = bhk // HK, bhk % HK
     G = H // HK
@@ -101,10 +106,21 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         s = tile_dot(qt, tl.trans(kt), DT) * scale  # (GP, SP)
         s = tl.where((npos >= 0)[None, :], s, float("-inf"))
         m = tl.max(s, 1)
+        if NS > 0:  # the sparse cache's pairs: more softmax terms under the same max
+            rj = tl.arange(0, NSP)
+            mj = rj < NS
+            jpos = tl.load(sp_pos + bhk * NS + rj, mask=mj, other=-1)
+            kj = tl.load(sp_k + (bhk * NS + rj[:, None]) * D + rd[None, :], mask=mj[:, None] & md[None, :], other=0.0)
+            sj = tile_dot(qt, tl.trans(kj.to(kt.dtype)), DT) * scale  # (GP, NSP)
+            sj = tl.where((jpos >= 0)[None, :], sj, float("-inf"))
+            m = tl.maximum(m, tl.max(sj, 1))
         m = tl.where(m > float("-inf"), m, 0.0)
         g = tl.load(gp + hk * G + rg, mask=mg, other=0.0).to(tl.float32)
         p = g[:, None] * tl.exp(s - m[:, None])
         den = tl.sum(p, 1) + tl.sum(fqt * ks_row[None, :], 1)
+        if NS > 0:
+            pj = g[:, None] * tl.exp(sj - m[:, None])
+            den += tl.sum(pj, 1)
         tl.store(win_k + (bhk * S + rs[:, None]) * D + rd[None, :], kt, mask=write[:, None] & md[None, :])
     tl.store(ks + bhk * F + rf, ks_row, mask=mf)
     for dv0 in tl.static_range(0, DV, BV):
@@ -131,6 +147,10 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
             vt = tl.where(write[:, None], v_new[None, :].to(vt.dtype), vt)
             tl.store(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], vt, mask=write[:, None] & mv[None, :])
             num = _rows_times(fq, heads, rf, mf, kvb, rg, GQ, GP, BV, F) + tile_dot(p, vt, DT)
+            if NS > 0:
+                vj = tl.load(sp_v + (bhk * NS + rj[:, None]) * DV + rv[None, :], mask=mj[:, None] & mv[None, :],
+                             other=0.0)
+                num += tile_dot(pj, vj.to(vt.dtype), DT)
         tl.store(kv + (bhk * F + rf[:, None]) * DV + rv[None, :], kvb, mask=mf[:, None] & mv[None, :])
         if KIND == 0:
             out = num / den[:, None]
@@ -172,12 +192,23 @@ def decode_step_triton(
     scale: float,
     valid: torch.Tensor | None = None,  # (B,) bool
     log_gate: torch.Tensor | None = None,  # (B, Hk) float32
+    sparse_score: str = "self_recall",  # what a sparse cache keeps
 ) -> torch.Tensor:  # (B, H, Dv)
-    """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous."""
+    """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous.
+
+    With a sparse cache (``state.sparse_size`` > 0) the gate's decay and the slots leaving the window go through
+    the reference first (``evict_sparse``, in PyTorch: the kernel then sees those slots empty and folds nothing),
+    and the kernel adds the cached pairs to the softmax terms."""
     B, H, D = q.shape
     Hk, Dv, F = k.shape[1], v.shape[-1], fk.shape[-1]
     S = state.win_pos.shape[1]
     kid = kind_id(kind)
+    NS = state.sparse_size
+    if NS and kid == 0:
+        raise ValueError("a sparse cache needs a window kind (sliding_window or terraced_window)")
+    if NS:  # decay and eviction in the reference's order; the kernel then has neither to do
+        evict_sparse(state, pos, valid, kind, window_size, log_gate, sparse_score)
+        log_gate = None
     q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
     pos = pos.contiguous()  # the kernels read pos[b], valid[b] at offset b: a (B, 1) slice's column is strided
     valid = valid.contiguous() if valid is not None else None
@@ -190,9 +221,10 @@ def decode_step_triton(
     SP = pad_dim(max(S, 1))
     common = dict(KIND=kid, W=max(window_size, 1), S=max(S, 1), SP=SP, HAS_VALID=has_valid)
     _decode[(B * Hk,)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
-                       pos, vptr, gp, lg, y, H, Hk, float(scale), EPS, **common, D=D, DV=Dv, F=F, DP=pad_dim(D),
-                       FP=pad_dim(F), GP=pad_dim(H // Hk), GQ=H // Hk, BV=min(64, pad_dim(Dv)), DT=dt,
-                       GATED=log_gate is not None, num_warps=4)
+                       pos, vptr, gp, lg, y, state.sparse_k, state.sparse_v, state.sparse_pos, H, Hk, float(scale), EPS,
+                       **common, D=D, DV=Dv, F=F, DP=pad_dim(D), FP=pad_dim(F), GP=pad_dim(H // Hk), GQ=H // Hk,
+                       BV=min(64, pad_dim(Dv)), DT=dt, GATED=log_gate is not None, NS=NS, NSP=pad_dim(max(NS, 1)),
+                       num_warps=4)
     if kid != 0:
         _decode_pos[(B,)](state.win_pos, pos, vptr, **common, num_warps=1)
     return y
