@@ -316,3 +316,25 @@ def test_cli_flag_reaches_the_loaded_model_and_the_eval_output(tmp_path, monkeyp
 def test_attention_config_roundtrip_keeps_the_fields():
     cfg = replace(AttentionConfig(), sparse_cache=16, sparse_score="recency")
     assert AttentionConfig(**vars(cfg)) == cfg
+
+
+@torch.no_grad()
+def test_fast_path_evicts_only_where_a_block_starts(monkeypatch):
+    """Terraced window 8: FastGenerator runs the eviction through the cache only at steps where some row's token
+    starts a block (the host knows the positions), and its tokens still equal generate()'s, which evicts at
+    every step; the reference decode step with evict=False is the same step wherever nothing leaves."""
+    import lolcats.ops.decode.naive as naive
+
+    model = sparse_model("terraced_window")
+    ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (21, 14)])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)[:, ids.shape[1]:]
+    calls = []
+    real = naive.evict_to_cache
+    monkeypatch.setattr(naive, "evict_to_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast = FastGenerator(model, batch_size=2, max_new_tokens=30, eos_token_ids=[], use_cuda_graph=False)
+    fast.prefill(ids, mask)
+    calls.clear()
+    fast.decode(29)
+    assert torch.equal(fast.out[:, :30], ref)
+    # decode step k feeds positions 21 + k and 14 + k: one of them starts a block (% 8 == 0) at k = 2, 3 (mod 8)
+    assert len(calls) == 8 * 2  # 8 of the 29 steps, 2 layers

@@ -59,6 +59,10 @@ class LolcatsLayer(CacheLayerMixin):
     + 1, ... of every row, and that its padding (mask 0) comes only at the end of the chunk. A fresh
     state then takes the full-sequence path without checking that on the host (a device sync), so a
     CUDA graph can capture the prefill (the serving engines' staging row, right-padded to a length bucket).
+
+    ``evicts``: False is the writer's promise that no window slot leaves at the next decode step (terraced:
+    no row's token starts a block); a decode step with a sparse cache then skips its eviction work
+    (FastGenerator, which knows every row's position, captures a step for each case).
     """
 
     is_compileable = False
@@ -71,6 +75,7 @@ class LolcatsLayer(CacheLayerMixin):
         self.state = state
         self.seen = 0
         self.aligned_chunks = False
+        self.evicts = True
         self.is_initialized = state is not None
 
     # -- HF Cache layer interface

@@ -372,25 +372,28 @@ class LolcatsAttention(nn.Module):
         key_mask = chunk_key_mask(attention_mask, B, T)
         pos = chunk_positions(position_ids, B, T, slot.seen, q.device)
         if T == 1:
-            y = self._decode(slot.state, q, k, v, fq, fk, pos, key_mask, log_gate)
+            y = self._decode(slot.state, q, k, v, fq, fk, pos, key_mask, log_gate, slot.evicts)
         else:
             y = self._prefill(slot, q, k, v, fq, fk, pos, key_mask, masked_log_gate(log_gate, key_mask))
         slot.seen += T
         return y
 
-    def _decode(self, state: DecodeState, q, k, v, fq, fk, pos, key_mask, log_gate=None):
+    def _decode(self, state: DecodeState, q, k, v, fq, fk, pos, key_mask, log_gate=None, evicts: bool = True):
         cfg = self.cfg
         wf = None if cfg.kind == "linear" else self.window_factor()
         valid = None if key_mask is None else key_mask[:, 0]
         lg = None if log_gate is None else log_gate[:, :, 0]
-        y = self.decode_op(state)(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], state, pos[:, 0], wf,
-                                  cfg.kind, cfg.window_size, self.scaling, valid, log_gate=lg)
+        y = self.decode_op(state, evicts)(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], state,
+                                          pos[:, 0], wf, cfg.kind, cfg.window_size, self.scaling, valid, log_gate=lg)
         return y[:, :, None]  # (B, H, 1, Dv)
 
-    def decode_op(self, state: DecodeState):
-        """The decode step this layer runs on ``state``: the backend's (with a sparse cache, told its score)."""
+    def decode_op(self, state: DecodeState, evicts: bool = True):
+        """The decode step this layer runs on ``state``: the backend's; with a sparse cache, told its score and
+        whether a window slot may leave at this step (``LolcatsLayer.evicts``)."""
         op = get_backend(self.cfg.backend, state.kv).decode
-        return functools.partial(op, sparse_score=self.cfg.sparse_score) if state.sparse_size else op
+        if not state.sparse_size:
+            return op
+        return functools.partial(op, sparse_score=self.cfg.sparse_score, evict=evicts)
 
     def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask, log_gate=None):
         B, H, T, _ = q.shape

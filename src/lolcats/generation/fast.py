@@ -27,6 +27,12 @@ and values in buffers preallocated for the longest row (prompt + ``max_new_token
 sized at the first prompt, enlarged and the graph captured again for a longer one): the decode
 step writes each row's key at its position and attends over that row's positions [0, p].
 
+With a sparse cache on terraced windows (``attention.sparse_cache``) a window slot leaves only when a row's
+token starts a block (position % w == 0), and the host knows every row's position (its prompt length + the
+step). Two steps are captured, with and without the eviction through the cache, and each token replays the
+one it needs: the eviction (a top-k over the cache and the leaving block, in PyTorch) runs 1 step in w at
+batch 1 instead of every step.
+
 Sampling uses the Gumbel-max trick (argmax of logits / T plus Gumbel noise), with top-p applied
 by sorting; both are graph-safe. Stop *strings* are the caller's business (see ``cli.run_generate``);
 stop token ids are handled on device.
@@ -124,8 +130,14 @@ class FastGenerator:
         self.out = torch.full((B, max_new_tokens + 2), self.pad, dtype=torch.long, device=dev)  # 2 scratch columns
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.use_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether a window slot may leave at the step
         self.slots = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]  # SoftmaxLayers too
+        # a sparse cache on terraced windows evicts only at a block's first token: the host, which knows every
+        # row's position, runs the step without the eviction the other w - 1 steps of w
+        sparse = [m.cfg for m in mods.values() if m.converted and m.cfg.sparse_cache]
+        self.block = sparse[0].window_size if sparse and sparse[0].kind == "terraced_window" else 0
+        self.host_len: list[int] = []  # rows' prompt lengths (prefill); decode step k feeds position len + k
+        self.host_step = 0
         self._logits = self._forward_logits
         if compile:  # True: inductor; or a torch.compile backend name (tests: "eager")
             self._logits = torch.compile(self._forward_logits, backend="inductor" if compile is True else compile,
@@ -137,10 +149,15 @@ class FastGenerator:
 
     # ------------------------------------------------------------ the step
 
-    def _step(self) -> None:
+    def _evicts(self) -> bool:
+        """Whether a window slot may leave at the next decode step (always, but on terraced sparse layers)."""
+        return not (self.block and self.host_len) or any((n + self.host_step) % self.block == 0 for n in self.host_len)
+
+    def _step(self, evicts: bool = True) -> None:
         """One token for the whole batch, on static tensors only."""
         for slot in self.slots:  # positions come from self.pos; a fixed count keeps one compiled graph
             slot.seen = 0
+            slot.evicts = evicts
         logits = self._logits()  # (B, V); pick_tokens upcasts to sample
         self._emit(pick_tokens(logits, self.temperature, self.top_p))
 
@@ -157,22 +174,25 @@ class FastGenerator:
         self.pos += 1
 
     def capture(self) -> None:
-        """Warm up on a side stream, then record one step once (no-op on CPU or when already captured).
+        """Warm up on a side stream, then record the step once (no-op on CPU or when already captured): one
+        graph, or two (with and without the eviction) on terraced sparse layers, in one memory pool.
 
         The state contents are garbage afterwards; :meth:`prefill` resets them.
         """
-        if not self.use_graph or self.graph is not None:
+        if not self.use_graph or self.graphs:
             return
         self.step_idx.zero_()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        pool = torch.cuda.graph_pool_handle()
+        for evicts in (True, False) if self.block else (True,):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step(evicts)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.graphs[evicts] = graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._step(evicts)
 
     # ------------------------------------------------------------ generate
 
@@ -215,11 +235,14 @@ class FastGenerator:
             if isinstance(layer, SoftmaxLayer) and layer.state.max_length < length:
                 st = layer.state
                 layer.state = mods[i].empty_kv_state(self.B, length, st.k.dtype, st.k.device)
-                self.graph = None
+                self.graphs = {}
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """input_ids, attention_mask (b, T), left-padded: reset the states, read the prompt, emit token 1."""
+        if self.block:  # read on the host once (the caller's mask, before it moves to the device)
+            lens = [input_ids.shape[1]] * input_ids.shape[0] if attention_mask is None else attention_mask.sum(-1).tolist()
+            self.host_len, self.host_step = lens + [0] * (self.B - len(lens)), 0
         ids, mask = self._pad_batch(input_ids, attention_mask)
         self._fit_softmax_layers(ids.shape[1] + self.max_new)
         self.capture()
@@ -235,10 +258,12 @@ class FastGenerator:
     def decode(self, steps: int) -> None:
         """``steps`` more tokens for every row (one graph replay each on CUDA), no host synchronisation."""
         for _ in range(steps):
-            if self.graph is not None:
-                self.graph.replay()
+            evicts = self._evicts()
+            self.host_step += 1
+            if self.graphs:
+                self.graphs[evicts].replay()
             else:
-                self._step()
+                self._step(evicts)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

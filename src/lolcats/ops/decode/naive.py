@@ -122,15 +122,17 @@ def leaving_slots(state: DecodeState, pos: torch.Tensor, kind: str, window_size:
 
 
 def evict_sparse(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor | None, kind: str, window_size: int,
-                 log_gate: torch.Tensor | None = None, sparse_score: str = "self_recall") -> None:
+                 log_gate: torch.Tensor | None = None, sparse_score: str = "self_recall", evict: bool = True) -> None:
     """The first part of :func:`decode_step_naive` with a sparse cache, in place: the gate's decay of (kv, ks)
-    (rows where ``valid``), then the slots leaving the window through the cache (they end up empty). A decode
-    kernel then writes the token and attends with nothing left to fold or decay."""
+    (rows where ``valid``), then the slots leaving the window through the cache (they end up empty; skipped
+    with ``evict`` False: the caller knows none leaves). A decode kernel then writes the token and attends with
+    nothing left to fold or decay."""
     valid = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid
     if log_gate is not None:
         _decay(state, torch.where(valid[:, None], log_gate.float(), 0.0))
-    leave = leaving_slots(state, pos, kind, window_size) & valid[:, None]
-    evict_to_cache(state, leave, sparse_score, leaving_per_step(kind, window_size))
+    if evict:
+        leave = leaving_slots(state, pos, kind, window_size) & valid[:, None]
+        evict_to_cache(state, leave, sparse_score, leaving_per_step(kind, window_size))
 
 
 def decode_step_naive(
@@ -148,6 +150,7 @@ def decode_step_naive(
     valid: torch.Tensor | None = None,  # (B,) bool
     log_gate: torch.Tensor | None = None,  # (B, Hk) float32, <= 0
     sparse_score: str = "self_recall",  # what the sparse cache keeps (when the state has one)
+    evict: bool = True,  # False: the caller knows no window slot leaves now (a sparse cache's eviction is skipped)
 ) -> torch.Tensor:  # (B, H, Dv)
     B, H, _ = q.shape
     S = state.win_pos.shape[1]
@@ -163,7 +166,8 @@ def decode_step_naive(
         slots = torch.arange(S, device=q.device)[None, :]  # (1, S)
         leave = leaving_slots(state, pos, kind, window_size)
         if state.sparse_size:
-            evict_to_cache(state, leave & valid[:, None], sparse_score, leaving_per_step(kind, window_size))
+            if evict:
+                evict_to_cache(state, leave & valid[:, None], sparse_score, leaving_per_step(kind, window_size))
         else:
             _evict(state, leave & valid[:, None])
         write = (slots == slot[:, None]) & valid[:, None]  # (B, S)

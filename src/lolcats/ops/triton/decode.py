@@ -193,6 +193,7 @@ def decode_step_triton(
     valid: torch.Tensor | None = None,  # (B,) bool
     log_gate: torch.Tensor | None = None,  # (B, Hk) float32
     sparse_score: str = "self_recall",  # what a sparse cache keeps
+    evict: bool = True,  # False: the caller knows no window slot leaves now (a sparse cache's eviction is skipped)
 ) -> torch.Tensor:  # (B, H, Dv)
     """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous.
 
@@ -207,7 +208,7 @@ def decode_step_triton(
     if NS and kid == 0:
         raise ValueError("a sparse cache needs a window kind (sliding_window or terraced_window)")
     if NS:  # decay and eviction in the reference's order; the kernel then has neither to do
-        evict_sparse(state, pos, valid, kind, window_size, log_gate, sparse_score)
+        evict_sparse(state, pos, valid, kind, window_size, log_gate, sparse_score, evict)
         log_gate = None
     q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
     pos = pos.contiguous()  # the kernels read pos[b], valid[b] at offset b: a (B, 1) slice's column is strided
