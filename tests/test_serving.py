@@ -154,6 +154,18 @@ def test_scheduler_greedy_equals_generate_alone_and_batched(mode):
     assert sched.stats()["running"] == 0
 
 
+def test_sparse_terraced_steps_are_keyed_by_whether_a_block_starts():
+    """With a sparse cache on terraced windows (w 8) a step evicts only if a running row's fed position starts a
+    block; both variants are captured at warm-up (the serving test above checks the text against generate)."""
+    tok = char_tokenizer()
+    engine = StateEngine(tiny_kept(tok, sparse_cache=4), 4, 128)
+    assert engine.block == 8
+    engine.host_pos[:3] = [9, 13, 16]
+    assert engine._step_key(2, "greedy") == (2, "greedy", False)
+    assert engine._step_key(3, "greedy") == (4, "greedy", True)  # slot 2 feeds position 16
+    assert (4, "greedy", False) in engine._all_keys(("greedy",)) and StateEngine(tiny(tok), 4, 128).block == 0
+
+
 @pytest.mark.parametrize("mode", ["student", "teacher"])
 def test_bucket_steps_serve_the_same_text(mode):
     """Batch buckets in steps of 3 and first-chunk buckets in steps of 24 (--batch-bucket-step,

@@ -7,7 +7,9 @@ keeps them compacted: when one ends, the last one's row is copied into its slot)
 * :class:`StateEngine` (student mode, the converted model): a slot is one row of every layer's
   constant-size :class:`~lolcats.ops.decode.naive.DecodeState` (window ring buffer + linear state),
   i.e. a :class:`~lolcats.generation.LolcatsCache` allocated for ``max_batch`` rows. No paging,
-  no growth: admitting and retiring a sequence is a row copy.
+  no growth: admitting and retiring a sequence is a row copy. With a sparse cache on terraced windows
+  a step is keyed (and captured) also by whether a running row's token starts a block: only those
+  steps run the eviction through the cache.
 * :class:`KVEngine` (teacher mode: the same weights with softmax attention, the baseline): a slot
   is one row of per-layer key/value buffers ``(max_batch, Hk, max_len, D)`` preallocated for the
   longest allowed sequence (prompt + new tokens); decoding attends over the first ``L`` positions
@@ -433,12 +435,28 @@ class StateEngine(SlotEngine):
             layer.aligned_chunks = True
         # the sparse cache's loop reads the host (a kept softmax layer's KVState has none)
         self.prefill_capturable = not any(getattr(l.state, "sparse_size", 0) for l in self.stage_layers)
+        # a sparse cache on terraced windows evicts only when a row's token starts a block: steps are keyed
+        # (and captured) by whether one does, which the host knows from the slots' positions
+        sparse = [m.cfg for m in lolcats_attention_by_layer(self.model).values() if m.converted and m.cfg.sparse_cache]
+        self.block = sparse[0].window_size if sparse and sparse[0].kind == "terraced_window" else 0
         self.full = [l.state for l in self.layers]
         self.views = {b: [st.rows(slice(0, b)) for st in self.full] for b in self.sizes}
 
+    def _step_key(self, n: int, mode: str) -> tuple:
+        if not self.block:
+            return super()._step_key(n, mode)
+        evicts = any(p % self.block == 0 for p in self.host_pos[:n])  # the positions this step feeds
+        return (*super()._step_key(n, mode), evicts)
+
+    def _all_keys(self, modes) -> list[tuple]:
+        keys = super()._all_keys(modes)
+        return [(*k, e) for k in keys for e in (True, False)] if self.block else keys
+
     def _use_rows(self, key: tuple) -> None:
+        evicts = key[2] if self.block else True  # rows past n (garbage) may skip an eviction: admission rewrites them
         for layer, st in zip(self.layers, self.views[key[0]]):
             layer.state = st
+            layer.evicts = evicts
 
     def _stage_begin(self) -> None:
         for layer in self.stage_layers:
