@@ -15,7 +15,9 @@ Two measurements of the same command (a trained checkpoint, a short prompt, stre
     python benchmarks/startup.py --checkpoint ... --fast      # generate --fast (CUDA graphs on GPU)
 
 The machine is named in the output: wall times on a shared CPU move with its load (the CPU
-seconds move less).
+seconds move less). So is whether Python can reuse compiled bytecode for torch and transformers
+(``bytecode caching``): with ``PYTHONDONTWRITEBYTECODE`` set and no ``.pyc`` files, every process compiles
+them from source.
 """
 
 from __future__ import annotations
@@ -72,6 +74,23 @@ def machine() -> str:
     except ImportError:
         pass
     return f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def bytecode() -> dict:
+    """Whether Python can reuse compiled bytecode for the big imports: without it every process compiles torch
+    and transformers from source (PYTHONDONTWRITEBYTECODE set, or a read-only site-packages without .pyc files)."""
+    import importlib.util
+
+    out = {"dont_write_bytecode": bool(sys.flags.dont_write_bytecode), "pycache_prefix": sys.pycache_prefix}
+    for name in ("torch", "transformers"):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            continue
+        pkg = Path(spec.origin).parent
+        sources = [f for f in (pkg / "modeling_utils.py", pkg / "__init__.py") if f.is_file()]
+        out[name] = {"pyc": all(Path(importlib.util.cache_from_source(str(f))).is_file() for f in sources),
+                     "writable": os.access(pkg, os.W_OK)}
+    return out
 
 
 # ---------------------------------------------------------------- subprocess runs
@@ -246,9 +265,10 @@ def main(argv=None) -> None:
         return
     print(f"machine: {machine()}; command: lolcats {' '.join(cli_args(args))}; OMP_NUM_THREADS "
           f"{args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+    print(f"bytecode caching: {json.dumps(bytecode())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lolcats-startup-") as tmp:
         env = child_env(args, None if args.warm else tmp)
-        result = dict(machine=machine(), command=cli_args(args), threads=args.threads,
+        result = dict(machine=machine(), command=cli_args(args), threads=args.threads, bytecode=bytecode(),
                       runs=subprocess_runs(args, env) if args.runs else [])
         if args.phases:  # a fresh process, so that its imports are timed too
             child = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--in-process"]

@@ -231,6 +231,11 @@ def test_startup_benchmark_times_generate_and_its_phases(tmp_path, tiny_model_di
         assert name in names
     assert data["phases"]["rc"] == 0 and data["phases"]["gguf_parses"] == 0  # a plain HF directory
     assert "| load_base_model |" in text and "CPU only" in text
+    import importlib.util
+
+    assert data["bytecode"]["dont_write_bytecode"] == bool(sys.flags.dont_write_bytecode)
+    assert data["bytecode"]["torch"]["pyc"] == Path(importlib.util.cache_from_source(
+        str(Path(importlib.util.find_spec("torch").origin)))).is_file()
 
 
 def test_scaling_benchmark_reads_a_blockwise_run(tmp_path, tiny_model_dir, tiny_alpaca, monkeypatch, capsys):
