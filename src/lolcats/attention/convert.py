@@ -135,6 +135,20 @@ def lolcats_attention_by_layer(model: nn.Module) -> dict[int, LolcatsAttention]:
     return {m.layer_idx: m for m in lolcats_modules(model)}
 
 
+def eviction_block(model: nn.Module) -> int:
+    """w when the converted layers keep a sparse cache on terraced windows, whose slots leave only when the token
+    written sits at a position p with p % w == 0 (``ops.decode.naive.leaving_slots``): a caller that knows the
+    positions may then skip the eviction at the other steps (:func:`may_evict`). 0 otherwise."""
+    sparse = [m.cfg for m in lolcats_modules(model) if m.converted and m.cfg.sparse_cache]
+    return sparse[0].window_size if sparse and sparse[0].kind == "terraced_window" else 0
+
+
+def may_evict(positions, block: int) -> bool:
+    """Whether a window slot may leave at a decode step feeding tokens at ``positions`` (``block`` from
+    :func:`eviction_block`; 0: always)."""
+    return not block or any(p % block == 0 for p in positions)
+
+
 def set_inference_fusion(model: nn.Module, on: bool = True) -> int:
     """Both inference fusions of every LolcatsAttention on or off (an A/B switch): one q/k/v GEMM
     (:meth:`LolcatsAttention.fuse_qkv`, skipped where the projections are not plain nn.Linear, e.g.

@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer
-from lolcats.attention.convert import (causal_lm, decoder_stack, layer_cache_kwarg, lolcats_attention_by_layer,
-                                       make_cache, set_inference_fusion)
+from lolcats.attention.convert import (causal_lm, decoder_stack, eviction_block, layer_cache_kwarg,
+                                       lolcats_attention_by_layer, make_cache, may_evict, set_inference_fusion)
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor,
@@ -134,8 +134,7 @@ class FastGenerator:
         self.slots = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]  # SoftmaxLayers too
         # a sparse cache on terraced windows evicts only at a block's first token: the host, which knows every
         # row's position, runs the step without the eviction the other w - 1 steps of w
-        sparse = [m.cfg for m in mods.values() if m.converted and m.cfg.sparse_cache]
-        self.block = sparse[0].window_size if sparse and sparse[0].kind == "terraced_window" else 0
+        self.block = eviction_block(self.model)
         self.host_len: list[int] = []  # rows' prompt lengths (prefill); decode step k feeds position len + k
         self.host_step = 0
         self._logits = self._forward_logits
@@ -151,7 +150,7 @@ class FastGenerator:
 
     def _evicts(self) -> bool:
         """Whether a window slot may leave at the next decode step (always, but on terraced sparse layers)."""
-        return not (self.block and self.host_len) or any((n + self.host_step) % self.block == 0 for n in self.host_len)
+        return not self.host_len or may_evict((n + self.host_step for n in self.host_len), self.block)
 
     def _step(self, evicts: bool = True) -> None:
         """One token for the whole batch, on static tensors only."""

@@ -20,17 +20,17 @@ One decode step (embedding, decoder layers with per-row positions, norm, LM head
 sampling) runs over the first ``bucket`` slots, ``bucket`` the smallest of 1, 2, 4, ..., max_batch
 (with ``batch_step``: powers of two up to it, then its multiples) that holds the running sequences;
 rows past ``n`` in the bucket compute garbage that no one reads (their buffers are overwritten when
-a sequence is admitted there). On CUDA each (bucket, sampling
-mode[, length bucket]) step is captured once in a CUDA graph over static buffers and replayed; on
-CPU the same code runs eagerly.
+a sequence is admitted there). On CUDA each (bucket, sampling mode[, length bucket]) step is
+captured once in a CUDA graph over static buffers and replayed; on CPU the same code runs eagerly.
 
 A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, with the model's
 ordinary layer forward (the fused Triton prefill on CUDA for a fresh row); then the staging row is
 copied into the slot it joins. The first chunk is right-padded to a length bucket (16, 32, ...,
 ``prefill_chunk``; with ``prefill_step``, multiples of it above it) in static buffers, so on CUDA it
 too replays a CUDA graph per bucket: an eager prefill of a large model can be bound by the host
-launching its thousands of kernels, and would stall the running streams for as long. Padding at the end changes no valid token's output (attention is
-causal) and is masked out of what the state keeps; the logits are read at the last prompt token.
+launching its thousands of kernels, and would stall the running streams for as long. Padding at the
+end changes no valid token's output (attention is causal) and is masked out of what the state keeps;
+the logits are read at the last prompt token.
 Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is
 not possible because decode steps run over padding rows of their bucket, which would write into a
 half-prefilled row.
@@ -48,8 +48,9 @@ import torch
 import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer
-from lolcats.attention.convert import (causal_lm, decoder_stack, layer_cache_kwarg, lolcats_attention_by_layer,
-                                       make_cache, set_attention_mode, set_inference_fusion)
+from lolcats.attention.convert import (causal_lm, decoder_stack, eviction_block, layer_cache_kwarg,
+                                       lolcats_attention_by_layer, make_cache, may_evict, set_attention_mode,
+                                       set_inference_fusion)
 from lolcats.generation.fast import last_logits, pick_tokens
 
 MODES = ("greedy", "sample", "top_p")  # sampling variants of the step (graphs are kept per variant)
@@ -437,16 +438,14 @@ class StateEngine(SlotEngine):
         self.prefill_capturable = not any(getattr(l.state, "sparse_size", 0) for l in self.stage_layers)
         # a sparse cache on terraced windows evicts only when a row's token starts a block: steps are keyed
         # (and captured) by whether one does, which the host knows from the slots' positions
-        sparse = [m.cfg for m in lolcats_attention_by_layer(self.model).values() if m.converted and m.cfg.sparse_cache]
-        self.block = sparse[0].window_size if sparse and sparse[0].kind == "terraced_window" else 0
+        self.block = eviction_block(self.model)
         self.full = [l.state for l in self.layers]
         self.views = {b: [st.rows(slice(0, b)) for st in self.full] for b in self.sizes}
 
     def _step_key(self, n: int, mode: str) -> tuple:
         if not self.block:
             return super()._step_key(n, mode)
-        evicts = any(p % self.block == 0 for p in self.host_pos[:n])  # the positions this step feeds
-        return (*super()._step_key(n, mode), evicts)
+        return (*super()._step_key(n, mode), may_evict(self.host_pos[:n], self.block))  # the positions it feeds
 
     def _all_keys(self, modes) -> list[tuple]:
         keys = super()._all_keys(modes)

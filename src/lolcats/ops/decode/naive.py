@@ -164,12 +164,10 @@ def decode_step_naive(
     else:
         slot = pos % S  # (B,)
         slots = torch.arange(S, device=q.device)[None, :]  # (1, S)
-        leave = leaving_slots(state, pos, kind, window_size)
-        if state.sparse_size:
-            if evict:
-                evict_to_cache(state, leave & valid[:, None], sparse_score, leaving_per_step(kind, window_size))
+        if state.sparse_size:  # the decay ran above
+            evict_sparse(state, pos, valid, kind, window_size, None, sparse_score, evict)
         else:
-            _evict(state, leave & valid[:, None])
+            _evict(state, leaving_slots(state, pos, kind, window_size) & valid[:, None])
         write = (slots == slot[:, None]) & valid[:, None]  # (B, S)
         wk = write[:, None, :, None]
         state.win_k.copy_(torch.where(wk, k[:, :, None, :].to(state.win_k.dtype), state.win_k))
