@@ -27,11 +27,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def src_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child process, with this checkout's ``src`` first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+            **extra}
+
+
 def torchrun_two(script: str, *args: str, device: str = "cpu", timeout: int = 300) -> None:
     """Run ``script`` (a test file whose ``__main__`` half is the per-rank work) in two processes under
     ``torch.distributed.run``, this checkout's ``src`` first on the path; assert that it succeeded."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    env = {k: v for k, v in src_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -23,7 +23,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from conftest import REPO, save_tiny, write_alpaca
+from conftest import save_tiny, src_env, write_alpaca
 from lolcats import hub
 from lolcats.checkpoint import META, WEIGHTS, WriteError, atomic_write, read_meta, save_checkpoint
 from lolcats.cli import COMMANDS, build_parser, main
@@ -380,7 +380,7 @@ def lock_holder(tmp_path):
     def start(directory: Path):
         code = ("import sys, time\nfrom lolcats.runs import lock_dir\nwith lock_dir(sys.argv[1]):\n"
                 "    print('locked', flush=True)\n    time.sleep(120)\n")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+        env = src_env()
         env.pop("RANK", None)
         proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, env=env)
         procs.append(proc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import importlib.util
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from lolcats.generation.text import chat_prompt, eos_ids, run_generate, truncate
 from lolcats.generation.fast import pick_tokens
 from lolcats.serving.engine import KVEngine, Sampling, StateEngine, buckets, seeded_uniform
 from lolcats.serving.scheduler import Delta, Done, Request, Scheduler, TextStream, wait_idle
-from conftest import free_port
+from conftest import free_port, src_env
 from test_generation import build, char_tokenizer
 
 pytest.importorskip("fastapi")
@@ -470,7 +469,7 @@ def serve_command(tmp_path: Path, port: int, *extra: str) -> list[str]:
 
 def test_serve_command_ends_cleanly_on_sigterm(tmp_path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = src_env()
     proc = subprocess.Popen(serve_command(tmp_path, port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     url = f"http://127.0.0.1:{port}"
@@ -569,8 +568,7 @@ def test_engine_calls_queue_without_waiting_for_the_device(mode, prompt):
 def test_serving_engine_benchmark_smoke(tmp_path):
     """benchmarks/serving_engine.py end to end at tiny sizes, both engines: every engine call timed, the loop profiled."""
     cfg, tok = tiny_dirs(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = src_env(OMP_NUM_THREADS="1")
     for mode in ("student", "teacher"):
         out = subprocess.run([sys.executable, "benchmarks/serving_engine.py", "--model", str(cfg), "--tokenizer", str(tok),
                               "--attn", "attention.window_size=8", "--attn", "attention.feature_dim=8", "--mode", mode,
@@ -590,8 +588,7 @@ def test_serving_benchmark_smoke(tmp_path):
     cfg, tok = tiny_dirs(tmp_path)
     server_args = (f"--untrained --model.init random --model.name {cfg} --model.tokenizer {tok} "
                    "--attention.window_size 8 --attention.feature_dim 8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = src_env(OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "benchmarks/serving.py", "--server-args", server_args, "--max-batch", "4",
                           "--rates", "50,inf", "--num-requests", "6", "--prompt-len", "12", "--output-len", "6",
                           "--warmup-requests", "1", "--out", str(tmp_path / "bench")],
