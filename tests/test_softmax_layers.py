@@ -15,7 +15,7 @@ from lolcats.attention.convert import (cache_kwarg_name, convert_model, keep_sof
                                        make_cache, set_attention_mode, softmax_layers)
 from lolcats.config import AttentionConfig, ConfigError, load_config
 from lolcats.generation import FastGenerator, enable_lolcats_generation
-from lolcats.training.stages import pick_softmax_layers
+from lolcats.training.stages import layer_mse, top_layers
 from test_generation import VOCAB, check_fast_paths_on_cuda, check_left_padded_rows_equal_rows_alone, left_pad
 
 ATTN = dict(kind="terraced_window", window_size=8, feature_map="hedgehog", feature_dim=8, feature_init="random",
@@ -113,11 +113,11 @@ def test_cuda_graph_with_kept_layers_equals_generate():
 
 def test_pick_takes_the_largest_stage1_errors():
     metrics = {"val_loss": 9.0, "mse/0": 0.1, "mse/1": 0.5, "mse/2": 0.3, "mse/3": 0.5, "step": 4}
-    assert pick_softmax_layers(metrics, 0) == []
-    assert pick_softmax_layers(metrics, 1) == [1]  # a tie goes to the lower index
-    assert pick_softmax_layers(metrics, 3) == [1, 2, 3]
+    assert top_layers(layer_mse(metrics), 0) == []
+    assert top_layers(layer_mse(metrics), 1) == [1]  # a tie goes to the lower index
+    assert top_layers(layer_mse(metrics), 3) == [1, 2, 3]
     with pytest.raises(ValueError, match="softmax_count"):
-        pick_softmax_layers(metrics, 5)
+        top_layers(layer_mse(metrics), 5)
 
 
 def test_config_says_which_layers_stay_softmax_once():

@@ -35,7 +35,7 @@ from lolcats.models.trained import load_linearized, load_stage1, load_stage2
 from lolcats.runs import BEST, STATE, SUMMARY, check_output_dir, lock_dir, stage_dirs, stage_done
 from lolcats.runtime import resolve_device, resolve_dtype
 from lolcats.training.blockwise import train_blockwise
-from lolcats.training.stages import distill_stage, finetune_stage, layer_mse, lm_validate, top_layers
+from lolcats.training.stages import MSE_LOG, distill_stage, finetune_stage, layer_mse, lm_validate, top_layers
 from lolcats.training.state import check_state
 from lolcats.training.trainer import StageResult, train_stage
 
@@ -140,10 +140,10 @@ def _softmax_pick(ctx: Context, d1: Path, d2: Path) -> list[int]:
     if a.softmax_pick == "retrieval":
         from lolcats.evaluation.recall import retrieval_scores
 
-        scores = retrieval_scores(ctx.model, ctx.tokenizer)  # every layer stage 1 converted
+        scores, what = retrieval_scores(ctx.model, ctx.tokenizer), "retrieval scores"  # the converted layers
     else:
-        scores = layer_mse(read_meta(d1 / BEST)["metrics"])
-    kept = top_layers(scores, a.softmax_count, f"{a.softmax_pick} scores")
+        scores, what = layer_mse(read_meta(d1 / BEST)["metrics"]), f"stage-1 MSE logs ({MSE_LOG}<layer> in its metrics)"
+    kept = top_layers(scores, a.softmax_count, what)
     if ctx.is_main:
         d2.mkdir(parents=True, exist_ok=True)
         write_json(d2 / PICK, {"by": a.softmax_pick, "scores": {str(i): v for i, v in sorted(scores.items())},

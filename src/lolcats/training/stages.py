@@ -8,8 +8,8 @@ Stage 2, low-rank adjusting: feature maps frozen; LoRA (peft) on q/k/v/o; next-t
 the teacher's logits, or a mix (``finetune.loss``, :mod:`lolcats.training.kl`); validated by the
 next-token loss either way (so stages compare), plus the KL when it is trained.
 
-Between them, ``attention.softmax_count`` keeps the layers stage 1 transferred worst as softmax
-attention (:func:`pick_softmax_layers`).
+Between them, ``attention.softmax_count`` keeps some converted layers as softmax attention: those
+stage 1 transferred worst (:func:`layer_mse`) or another score's best, picked by :func:`top_layers`.
 """
 
 from __future__ import annotations
@@ -134,12 +134,6 @@ def top_layers(scores: dict[int, float], count: int, what: str = "scores") -> li
         raise ValueError(f"attention.softmax_count: {count} layers asked for, but there are {what} for "
                          f"{len(scores)} layers")
     return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:count])
-
-
-def pick_softmax_layers(metrics: dict, count: int) -> list[int]:
-    """The ``count`` layers with the largest stage-1 validation MSE (``mse/<layer>`` in ``metrics``, the
-    best stage-1 checkpoint's), sorted; ties go to the lower index."""
-    return top_layers(layer_mse(metrics), count, f"stage-1 MSE logs ({MSE_LOG}<layer> in its metrics)")
 
 
 def finetune_stage(model, cfg: Config, val: torch.Tensor, device, meta: dict) -> Stage:
