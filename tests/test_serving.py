@@ -124,17 +124,23 @@ def tiny_kept(vocab_tok, **attention):
     return enable_lolcats_generation(model)
 
 
-@pytest.mark.parametrize("mode", ["student", "teacher", "student-kept-softmax", "student-kept-softmax-sparse"])
-def test_scheduler_greedy_equals_generate_alone_and_batched(mode):
+@pytest.mark.parametrize("mode,steps", [("student", False), ("teacher", False), ("student-kept-softmax", False),
+                                        ("student-kept-softmax-sparse", False), ("student", True), ("teacher", True)])
+def test_scheduler_greedy_equals_generate_alone_and_batched(mode, steps):
     """16 requests over 4 slots, prompts in chunks of 5 tokens: each equals run_generate alone (also with a
-    layer kept as softmax attention, whose keys live in the slots too, and with a sparse cache)."""
+    layer kept as softmax attention, whose keys live in the slots too, and with a sparse cache). With ``steps``:
+    batch buckets in steps of 3 and first-chunk buckets in steps of 24 (--batch-bucket-step,
+    --prefill-bucket-step), prompts in chunks of 40 tokens, so that those buckets are used."""
     tok = char_tokenizer()
     model = (tiny(tok, mode) if mode in ("student", "teacher") else
              tiny_kept(tok, sparse_cache=4 if mode.endswith("sparse") else 0))
     mode = "teacher" if mode == "teacher" else "student"
     refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
-    engine = (KVEngine if mode == "teacher" else StateEngine)(model, 4, 128)
-    sched = Scheduler(engine, eos_ids(model, tok), prefill_chunk=5, max_queue=32)
+    engine = (KVEngine if mode == "teacher" else StateEngine)(model, 4, 128,
+                                                              **(dict(batch_step=3, prefill_step=24) if steps else {}))
+    if steps:
+        assert engine.sizes == [1, 2, 3, 4] and engine.prefill_sizes == [16, 24, 48, 72, 96, 120, 128]
+    sched = Scheduler(engine, eos_ids(model, tok), prefill_chunk=40 if steps else 5, max_queue=32)
     sched.start()
     try:
         alone = Request(tok(PROMPTS[2])["input_ids"], 12, Sampling(), tok, sink=queue.Queue())
@@ -163,26 +169,6 @@ def test_sparse_terraced_steps_are_keyed_by_whether_a_block_starts():
     assert engine._step_key(2, "greedy") == (2, "greedy", False)
     assert engine._step_key(3, "greedy") == (4, "greedy", True)  # slot 2 feeds position 16
     assert (4, "greedy", False) in engine._all_keys(("greedy",)) and StateEngine(tiny(tok), 4, 128).block == 0
-
-
-@pytest.mark.parametrize("mode", ["student", "teacher"])
-def test_bucket_steps_serve_the_same_text(mode):
-    """Batch buckets in steps of 3 and first-chunk buckets in steps of 24 (--batch-bucket-step,
-    --prefill-bucket-step): 16 requests over 4 slots, each equal to run_generate alone."""
-    tok = char_tokenizer()
-    model = tiny(tok, mode)
-    refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
-    engine = (KVEngine if mode == "teacher" else StateEngine)(model, 4, 128, batch_step=3, prefill_step=24)
-    assert engine.sizes == [1, 2, 3, 4] and engine.prefill_sizes == [16, 24, 48, 72, 96, 120, 128]
-    sched = Scheduler(engine, eos_ids(model, tok), prefill_chunk=40, max_queue=32)
-    sched.start()
-    try:
-        reqs = [Request(tok(p)["input_ids"], 12, Sampling(), tok, sink=queue.Queue()) for p in PROMPTS * 2]
-        for r in reqs:
-            sched.submit(r)
-        assert [collect(r)[0] for r in reqs] == refs * 2
-    finally:
-        sched.stop()
 
 
 @pytest.mark.parametrize("mode", ["student", "teacher"])
