@@ -207,17 +207,21 @@ def test_unknown_kind_raises():
 # ----------------------------------------------------------------------------- decode
 
 
-@pytest.mark.parametrize("kind,dtype", [("linear", torch.float32), ("sliding_window", torch.float32),
-                                        ("terraced_window", torch.float32), ("terraced_window", torch.bfloat16)])
+@pytest.mark.parametrize("kind,dtype,sparse", [("linear", torch.float32, 0), ("sliding_window", torch.float32, 0),
+                                               ("terraced_window", torch.float32, 0), ("terraced_window", torch.bfloat16, 0),
+                                               ("sliding_window", torch.float32, 3), ("terraced_window", torch.float32, 3),
+                                               ("terraced_window", torch.bfloat16, 3)])
 @GATED
-def test_decode_step_matches_reference(kind, dtype, gated):
+def test_decode_step_matches_reference(kind, dtype, sparse, gated):
+    """Left padding and gaps; with ``sparse`` a sparse cache of 3 pairs per KV head, which fills, evicts by
+    self-recall and folds in step with the reference (after the gate's decay)."""
     B, H, Hk, D, F, w = 3, 4, 2, 16, 8, 4
-    st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, dtype, DEV)
+    st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, dtype, DEV, sparse=sparse)
     st2 = copy.deepcopy(st)
     g = torch.Generator().manual_seed(0)
     wf = torch.rand(H, generator=g).to(DEV) if kind != "linear" else None
     pos = torch.zeros(B, dtype=torch.long, device=DEV)
-    for t in range(11):
+    for t in range(21 if sparse else 11):
         q, fq = torch.randn(B, H, D, generator=g), torch.rand(B, H, F, generator=g)
         k, v, fk = torch.randn(B, Hk, D, generator=g), torch.randn(B, Hk, D, generator=g), torch.rand(B, Hk, F, generator=g)
         q, k, v, fq, fk = (x.to(DEV, dtype) for x in (q, k, v, fq, fk))
@@ -231,33 +235,7 @@ def test_decode_step_matches_reference(kind, dtype, gated):
             if a.numel():
                 assert_close(b, a, TOL[dtype], f"{name} at step {t}", floor=1e-6)
         pos = pos + valid.long()
-
-
-@pytest.mark.parametrize("kind,dtype", [("sliding_window", torch.float32), ("terraced_window", torch.float32),
-                                        ("terraced_window", torch.bfloat16)])
-@GATED
-def test_decode_step_with_sparse_cache_matches_reference(kind, dtype, gated):
-    """A sparse cache of 3 pairs per KV head: the cache fills, evicts by self-recall and folds, in step with the
-    reference, with left padding and gaps (and the gate's decay before the fold)."""
-    B, H, Hk, D, F, w, G = 3, 4, 2, 16, 8, 4, 3
-    st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, dtype, DEV, sparse=G)
-    st2 = copy.deepcopy(st)
-    g = torch.Generator().manual_seed(1)
-    wf = torch.rand(H, generator=g).to(DEV)
-    pos = torch.zeros(B, dtype=torch.long, device=DEV)
-    for t in range(21):
-        q, fq = torch.randn(B, H, D, generator=g), torch.rand(B, H, F, generator=g)
-        k, v, fk = torch.randn(B, Hk, D, generator=g), torch.randn(B, Hk, D, generator=g), torch.rand(B, Hk, F, generator=g)
-        q, k, v, fq, fk = (x.to(DEV, dtype) for x in (q, k, v, fq, fk))
-        lg = (-0.1 * torch.rand(B, Hk, generator=g)).to(DEV) if gated else None
-        valid = torch.tensor([True, t >= 3, t % 3 != 1], device=DEV)
-        y1 = decode_step_naive(q, k, v, fq, fk, st, pos, wf, kind, w, D**-0.5, valid, lg)
-        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5, valid, lg)
-        assert_close(y2, y1, TOL[dtype], f"y at step {t}", floor=1e-6)
-        for name, a in vars(st).items():
-            assert_close(getattr(st2, name).float(), a.float(), TOL[dtype], f"{name} at step {t}", floor=1e-6)
-        pos = pos + valid.long()
-    assert (st.sparse_pos >= 0).all()  # the cache filled
+    assert not sparse or bool((st.sparse_pos >= 0).all())  # the cache filled
 
 
 def test_decode_step_reads_strided_positions_and_valid():
