@@ -71,6 +71,13 @@ ROWS = [
         data=MIX),
     Row("combo_r_sparse", "combo_r + sparse cache 64 (eval time)", train=False, checkpoint_of="combo_r",
         eval_flags=["--sparse-cache", "64"]),
+    Row("combo_r8", "combo, 8 softmax layers picked by retrieval score",
+        ["--finetune.loss", "mix", "--attention.softmax_count", "8", "--attention.softmax_pick", "retrieval"],
+        data=MIX),
+    Row("combo_r8_sparse", "combo_r8 + sparse cache 64 (eval time)", train=False, checkpoint_of="combo_r8",
+        eval_flags=["--sparse-cache", "64"]),
+    Row("combo_r_sparse256", "combo_r + sparse cache 256 (eval time)", train=False, checkpoint_of="combo_r",
+        eval_flags=["--sparse-cache", "256"]),
 ]
 
 
@@ -109,7 +116,7 @@ def cli(*args: str) -> list[str]:
 
 def train_command(row: Row, a) -> list[str]:
     files = [str(Path(a.data) / f) for f in (row.data or [ALPACA])]
-    return cli("linearize", "--config", str(REPO / "configs" / "smollm2-135m.yaml"), "--model.name", a.model,
+    return cli("linearize", "--config", str(REPO / "configs" / "study-smollm2-135m.yaml"), "--model.name", a.model,
                "--data.train", ",".join(files), "--data.max_file_tokens", str(a.tokens // len(files)),
                "--run.output_dir", str(Path(a.out) / "runs" / row.label), "--run.progress", "false",
                "--distill.epochs", str(a.epochs), "--finetune.epochs", str(a.epochs),
@@ -163,16 +170,32 @@ def run_logged(name: str, cmd: list[str], folder: Path) -> float:
 
 
 def run_row(row: Row, a, rows: dict[str, Row]) -> dict:
+    """Train and evaluate ``row``; a step whose output is already there (a study run again on the same
+    ``--out``, after a cut) is not run again, and its seconds come from the row's saved record."""
     folder = Path(a.out) / row.label
+    saved = folder / "row.json"
     rec: dict = {"label": row.label, "title": row.title}
+    if saved.is_file():
+        rec.update({k: v for k, v in json.loads(saved.read_text()).items() if k.endswith("_seconds")})
     try:
-        if row.train:
-            rec["train_seconds"] = run_logged("train", train_command(row, a), folder)
-        for name, cmd in eval_commands(row, a, rows):
-            rec[f"{name}_seconds"] = run_logged(name, cmd, folder)
+        if row.train and not _has_report(row, a):
+            _run_step(rec, "train", train_command(row, a), folder)
+        for name, cmd in eval_commands(row, a, rows):  # after training: they name its checkpoint
+            if not (folder / f"{name}.json").is_file():
+                _run_step(rec, name, cmd, folder)
     except Exception as e:  # noqa: BLE001 - one row's failure must not stop the others
         rec["error"] = str(e)
     return rec
+
+
+def _run_step(rec: dict, name: str, cmd: list[str], folder: Path) -> None:
+    rec[f"{name}_seconds"] = run_logged(name, cmd, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "row.json").write_text(json.dumps(rec, indent=2))
+
+
+def _has_report(row: Row, a) -> bool:
+    return bool(list((Path(a.out) / "runs" / row.label).glob("*/report.json")))
 
 
 # ---------------------------------------------------------------- the table

@@ -262,3 +262,67 @@ def test_scaling_benchmark_reads_a_blockwise_run(tmp_path, tiny_model_dir, tiny_
     assert "| blockwise-replicate | distill | 1 | 10 |" in text and "| blockwise-replicate | finetune | 1 | 2 |" in text
     rec = json.loads((out / "mem-rank0.json").read_text())
     assert set(rec["stages"]) == {"load", "distill", "finetune"} and rec["stages"]["load"]["host_peak_gib"] > 0
+
+
+# ---------------------------------------------------------------- benchmarks/study.py
+
+
+def _study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", REPO / "benchmarks/study.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_rows_start_from_the_schema_defaults_and_differ_only_by_their_flags():
+    from lolcats.config import load_config
+
+    mod = _study_module()
+    a = mod.parse_args(["--out", "OUT", "--model", "M.gguf", "--data", "D"])
+    rows = {r.label: r for r in mod.ROWS}
+    cmd = mod.train_command(rows["combo_r"], a)
+    cfg = load_config([cmd[cmd.index("--config") + 1]])
+    assert (cfg.attention.softmax_count, cfg.finetune.loss, cfg.data.template) == (0, "ce", "chat")
+    assert cmd[-6:] == ["--finetune.loss", "mix", "--attention.softmax_count", "4", "--attention.softmax_pick",
+                        "retrieval"]
+    assert cmd[cmd.index("--data.max_file_tokens") + 1] == str(a.tokens // 3)
+
+
+def test_study_run_again_on_the_same_out_skips_the_steps_it_finished(tmp_path, monkeypatch):
+    """A study cut after a row's training runs only that row's evaluations the next time, keeping the seconds."""
+    mod = _study_module()
+    a = mod.parse_args(["--out", str(tmp_path), "--rows", "sm4r,combo_r,combo_r_sparse"])
+    rows = {r.label: r for r in mod.ROWS}
+    ran: list[tuple[str, str]] = []
+
+    def fake_run(name, cmd, folder, fail=None):
+        label = folder.name
+        folder.mkdir(parents=True, exist_ok=True)
+        ran.append((label, name))
+        if (label, name) == fail:
+            raise RuntimeError(f"{name} exited 137")
+        if name == "train":
+            run = tmp_path / "runs" / label / "run"
+            run.mkdir(parents=True)
+            (run / "report.json").write_text(json.dumps({"run_dirs": [str(run / "s1"), str(run / "s2")],
+                                                         "stage1": {}, "stage2": {}}))
+        else:
+            (folder / f"{name}.json").write_text(json.dumps({"results": {}}))
+        return 7.0
+
+    monkeypatch.setattr(mod, "run_logged", lambda n, c, f: fake_run(n, c, f, fail=("combo_r", "eval")))
+    first = mod.run_row(rows["combo_r"], a, rows)
+    assert ran == [("combo_r", "train"), ("combo_r", "eval")] and "exited 137" in first["error"]
+    ran.clear()
+    monkeypatch.setattr(mod, "run_logged", fake_run)
+    again = mod.run_row(rows["combo_r"], a, rows)
+    assert ran == [("combo_r", "eval"), ("combo_r", "mmlu")]
+    assert (again["train_seconds"], again["eval_seconds"], "error" in again) == (7.0, 7.0, False)
+    ran.clear()
+    mod.run_row(rows["combo_r_sparse"], a, rows)  # evaluates combo_r's checkpoint with its own flags
+    assert ran == [("combo_r_sparse", "eval"), ("combo_r_sparse", "mmlu")]
+    ran.clear()
+    assert "error" not in mod.run_row(rows["combo_r"], a, rows) and ran == []
