@@ -202,6 +202,10 @@ def test_stub_that_answers_right_scores_one(tok, model, monkeypatch):
     for metrics in out.values():
         assert metrics["acc"] == 1.0 and metrics["acc_stderr"] == 0.0 and metrics["samples"] == 6
         assert all(metrics[f"acc@d{d:g}"] == 1.0 for d in s.depths)
+    for name, samples in build_all(tok, s).items():  # what each prompt got back, in prompt order
+        got = out[name]["answers"]
+        assert [(a["depth"], a["key"], a["hit"]) for a in got] == [(x.depth, x.answer, True) for x in samples]
+        assert all(find_key(a["output"], x.sep) == x.answer for a, x in zip(got, samples))
     assert calls == [(4, 200), (2, 200)] * 2
 
 

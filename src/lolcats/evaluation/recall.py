@@ -33,7 +33,8 @@ Samples are seeded per (task, length, sample): the same seed gives the same prom
 model with the same tokenizer. Depths cycle through ``depths`` (or are uniform at random).
 Results, as ``{task@length: metrics}``: ``acc`` (share of hits), ``acc_stderr`` (standard
 error of that mean, as lm_eval computes it), ``samples``, ``tokens`` and, for a depth list,
-``acc@d<depth>`` (with ``_stderr``) per depth.
+``acc@d<depth>`` (with ``_stderr``) per depth, and ``answers`` (per prompt: depth, key, hit, the
+model's output).
 
     lolcats eval --base smollm2-135m-instruct --stage1 runs/x/distill/best --compare-base \\
         --recall passkey,multikey --recall-lengths 1024,2048,4096 --recall-samples 25 --output recall.json
@@ -422,8 +423,14 @@ def evaluate_recall(model: torch.nn.Module, tokenizer, settings: RecallSettings,
         texts = generate_answers(model, tokenizer, samples, settings.batch_size, settings.max_new_tokens)
         hits = [is_hit(t, s) for t, s in zip(texts, samples)]
         out[name] = {**summarize(samples, hits, settings.depths is not None),
-                     "chat_template": samples[0].info["chat_template"]}
+                     "chat_template": samples[0].info["chat_template"], "answers": answers(samples, texts, hits)}
     return out
+
+
+def answers(samples: Sequence[RecallSample], texts: Sequence[str], hits: Sequence[bool]) -> list[dict[str, Any]]:
+    """What the model said to each prompt (in the JSON, not the table): a miss that writes another number
+    reads differently from one that writes no number or breaks down."""
+    return [{"depth": s.depth, "key": s.answer, "hit": bool(h), "output": t} for s, t, h in zip(samples, texts, hits)]
 
 
 # ---------------------------------------------------------------- retrieval heads
