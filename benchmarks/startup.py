@@ -219,7 +219,8 @@ def phases(args) -> dict:
         pass
     tm.wrap(cli, "build_parser", "argument parser")
     tm.wrap(trained, "load_trained", "load the trained model (all below)")
-    for name in ("load_base_model", "load_tokenizer", "base_fingerprint", "load_stage1", "add_lora", "load_stage2"):
+    for name in ("load_base_model", "load_tokenizer", "base_fingerprint", "load_stage1", "add_lora", "load_stage2",
+                 "merge_stage2"):
         tm.wrap(trained, name)
     tm.wrap(fast.FastGenerator, "capture", "CUDA-graph capture")
     tm.wrap(fast.FastGenerator, "prefill", "prefill (FastGenerator)")

@@ -124,14 +124,40 @@ def test_save_load_export_from_pretrained_same_logits(finished, tmp_path):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_unmerged_lora_equals_merged(finished):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merged_loading_gives_the_weights_of_peft_merge_and_unload(finished, dtype):
+    """Loading for use merges the adapters without peft: the same weights, bit for bit, as peft's merge of
+    the adapters it loads (merge=False), and the same logits as those unmerged adapters."""
     cfg, _ = finished
     d1, d2 = stage_dirs(cfg)
     ids = torch.randint(3, 60, (1, 30))
-    a, _ = load_linearized(None, str(d1 / "best"), str(d2 / "best"), device="cpu", dtype="float32", merge=False)
-    b, _ = load_linearized(None, str(d1 / "best"), str(d2 / "best"), device="cpu", dtype="float32", merge=True)
+    peft_model, _ = load_linearized(None, str(d1 / "best"), str(d2 / "best"), device="cpu", dtype=dtype, merge=False)
+    merged, _ = load_linearized(None, str(d1 / "best"), str(d2 / "best"), device="cpu", dtype=dtype, merge=True)
+    stage1, _ = load_linearized(None, str(d1 / "best"), None, device="cpu", dtype=dtype)
     with torch.no_grad():
-        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-4)
+        unmerged = peft_model(ids).logits
+        torch.testing.assert_close(merged(ids).logits, unmerged, **({} if dtype == "float32" else
+                                                                     dict(rtol=0.05, atol=0.05)))
+    ours, theirs, before = merged.state_dict(), peft_model.merge_and_unload().state_dict(), stage1.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    changed = [k for k in ours if not torch.equal(ours[k], before[k])]
+    assert changed and all(k.rsplit(".", 2)[-2] in cfg.finetune.lora_targets for k in changed)
+
+
+def test_stage2_checkpoint_missing_an_adapter_is_refused(finished, tmp_path):
+    from safetensors.torch import save_file
+
+    cfg, _ = finished
+    d1, d2 = stage_dirs(cfg)
+    bad = tmp_path / "bad"
+    shutil.copytree(d2 / "best", bad)
+    t = load_tensors(bad)
+    dropped = sorted(t)[0]
+    save_file({k: v for k, v in t.items() if k != dropped}, str(bad / "weights.safetensors"))
+    for merge in (True, False):
+        with pytest.raises(CheckpointError, match="missing"):
+            load_linearized(None, str(d1 / "best"), str(bad), device="cpu", merge=merge)
 
 
 def test_wrong_base_model_is_refused(finished, tmp_path):

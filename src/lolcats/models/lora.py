@@ -1,4 +1,5 @@
-"""LoRA adapters (peft) on a converted model: adding them, and their checkpoint names.
+"""LoRA adapters (peft) on a converted model: adding them, their checkpoint names, and merging a
+checkpoint's adapters straight into the weights (loading for use: no peft modules built).
 
 A stage-2 checkpoint keys each LoRA tensor by peft's state-dict name (the parameter name without
 the adapter name ``.default``), as ``peft.get_peft_model_state_dict`` writes it.
@@ -60,3 +61,32 @@ def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
 def lora_checkpoint_names(model) -> dict[str, str]:
     """{checkpoint name: parameter name} of every LoRA parameter (peft's names drop ``.default``)."""
     return {n.replace(f".{ADAPTER}.", "."): n for n, _ in model.named_parameters() if "lora_" in n}
+
+
+PEFT_PREFIX = "base_model.model."  # what get_peft_model puts before a module's name
+
+
+def lora_target_modules(model, targets) -> dict[str, torch.nn.Linear]:
+    """{module name: linear} that ``add_lora`` wraps: peft matches a target by the name's last part."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+
+
+def merge_shapes(model, cfg: FinetuneConfig) -> dict[str, tuple[int, int]]:
+    """The checkpoint names and shapes of the adapters of ``model`` (unwrapped), as a stage-2 checkpoint holds them."""
+    out = {}
+    for name, lin in lora_target_modules(model, cfg.lora_targets).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (cfg.lora_r, lin.in_features)  # A: (r, in)
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (lin.out_features, cfg.lora_r)  # B: (out, r)
+    return out
+
+
+@torch.no_grad()
+def merge_lora(model, tensors: dict[str, torch.Tensor], cfg: FinetuneConfig) -> None:
+    """W += (B @ A) * alpha / r for every adapter in ``tensors`` (names checked by the caller against
+    ``merge_shapes``): the weights peft's ``merge_and_unload`` gives, its operations in its order (peft
+    keeps the adapters of a bf16 / fp16 model in float32, so the product is float32 here too)."""
+    scale = cfg.lora_alpha / cfg.lora_r
+    for name, lin in lora_target_modules(model, cfg.lora_targets).items():
+        w = lin.weight
+        a, b = (tensors[f"{PEFT_PREFIX}{name}.lora_{x}.weight"].to(w.device, torch.float32) for x in "AB")
+        w.add_((b @ a) * scale)  # (out, r) @ (r, in), added in float32, rounded to w's dtype

@@ -30,11 +30,11 @@ from lolcats.attention.convert import (convert_model, enable_lolcats_generation,
                                        set_sparse_cache, stage1_checkpoint_names)
 from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
                                 load_tensors, read_meta)
-from lolcats.config import Config, ConfigError, ModelConfig, config_from_dict
+from lolcats.config import Config, ConfigError, FinetuneConfig, ModelConfig, config_from_dict
 from lolcats.models.gguf_cache import shared_gguf_reads
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
 from lolcats.models.locator import locate_base
-from lolcats.models.lora import add_lora, lora_checkpoint_names
+from lolcats.models.lora import add_lora, lora_checkpoint_names, merge_lora, merge_shapes
 from lolcats.runs import finished_checkpoints
 from lolcats.runtime import resolve_device, resolve_dtype
 
@@ -217,10 +217,11 @@ def load_linearized(base: str | None, stage1: str | None, stage2: str | None = N
     load_stage1(model, stage1, fp)
     if stage2:
         keep_softmax(model, read_meta(stage2).get("softmax_layers") or [])  # the layers stage 2 kept as softmax
-        model = add_lora(model, finetune)
-        load_stage2(model, stage2, fp)
-        if merge:
-            model = model.merge_and_unload()
+        if merge:  # the adapters straight into the weights (peft's merge_and_unload, without building peft)
+            merge_stage2(model, stage2, finetune, fp)
+        else:
+            model = add_lora(model, finetune)
+            load_stage2(model, stage2, fp)
     set_attention_mode(model, "student")
     enable_lolcats_generation(model)
     return model.eval(), tok
@@ -243,12 +244,27 @@ def load_stage1(model, directory: str | Path, fingerprint: str | None = None) ->
 
 def load_stage2(peft_model, directory: str | Path, fingerprint: str | None = None) -> dict:
     """Load a stage-2 checkpoint's LoRA weights into ``peft_model`` (made by ``add_lora``)."""
+    meta = _stage2_meta(directory, fingerprint)
+    _load_named(peft_model, lora_checkpoint_names(peft_model), directory)
+    return meta
+
+
+def merge_stage2(model, directory: str | Path, finetune: FinetuneConfig, fingerprint: str | None = None) -> dict:
+    """Merge a stage-2 checkpoint's LoRA weights into ``model`` (not wrapped by peft): every name and shape
+    checked first, as ``load_stage2`` checks them."""
+    meta = _stage2_meta(directory, fingerprint)
+    tensors = load_tensors(directory)
+    check_fits(merge_shapes(model, finetune), tensors, directory)
+    merge_lora(model, tensors, finetune)
+    return meta
+
+
+def _stage2_meta(directory: str | Path, fingerprint: str | None) -> dict:
     meta = read_meta(directory)
     if meta.get("stage") != "finetune":
         raise CheckpointError(f"{directory} is a {meta.get('stage')!r} checkpoint, not stage 2 (finetune)")
     if fingerprint is not None:
         check_base(meta, fingerprint, directory)
-    _load_named(peft_model, lora_checkpoint_names(peft_model), directory)
     return meta
 
 
