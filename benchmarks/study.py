@@ -78,6 +78,13 @@ ROWS = [
         eval_flags=["--sparse-cache", "64"]),
     Row("combo_r_sparse256", "combo_r + sparse cache 256 (eval time)", train=False, checkpoint_of="combo_r",
         eval_flags=["--sparse-cache", "256"]),
+    Row("combo_sparse256", "combo + sparse cache 256 (eval time)", train=False, checkpoint_of="combo",
+        eval_flags=["--sparse-cache", "256"]),
+    Row("combo_long", "combo on packed 4096-token sequences (the same tokens, 2 x 4096 per step)",
+        ["--finetune.loss", "mix", "--attention.softmax_count", "4", "--data.seq_len", "4096",
+         "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"], data=MIX),
+    Row("combo_long_sparse", "combo_long + sparse cache 64 (eval time)", train=False, checkpoint_of="combo_long",
+        eval_flags=["--sparse-cache", "64"]),
 ]
 
 

@@ -289,6 +289,12 @@ def test_study_rows_start_from_the_schema_defaults_and_differ_only_by_their_flag
     assert cmd[-6:] == ["--finetune.loss", "mix", "--attention.softmax_count", "4", "--attention.softmax_pick",
                         "retrieval"]
     assert cmd[cmd.index("--data.max_file_tokens") + 1] == str(a.tokens // 3)
+    for row in mod.ROWS:  # every row's flags are fields of the schema, with valid values
+        if row.train:
+            flags = mod.train_command(row, a)[mod.train_command(row, a).index("--config") + 2:]
+            load_config([cmd[cmd.index("--config") + 1]], flags)
+        else:
+            assert row.checkpoint_of is None or rows[row.checkpoint_of].train
 
 
 def test_study_run_again_on_the_same_out_skips_the_steps_it_finished(tmp_path, monkeypatch):
