@@ -26,9 +26,9 @@ WINDOWS = ("sliding_window", "terraced_window")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def sparse_model(kind: str, size: int = 3, arch: str = "llama", score: str | None = None):
+def sparse_model(kind: str, size: int = 3, arch: str = "llama", score: str | None = None, sink: int | None = None):
     model = build(arch, kind)
-    set_sparse_cache(model, size, score)
+    set_sparse_cache(model, size, score, sink)
     return model
 
 
@@ -85,7 +85,8 @@ def test_chunk_reference_with_empty_cache_is_lolcats(kind):
 
 
 @pytest.mark.parametrize("kind", WINDOWS)
-def test_chunk_reference_equals_decode_steps(kind):
+@pytest.mark.parametrize("sink", [0, 2])
+def test_chunk_reference_equals_decode_steps(kind, sink):
     q, k, v, fq, fk, wf = rand_chunk(T=33, seed=1)
     B, T, w = 2, q.shape[2], 4
     valid = torch.ones(B, T, dtype=torch.bool)
@@ -95,17 +96,19 @@ def test_chunk_reference_equals_decode_steps(kind):
     ys = []
     for t in range(T):
         ys.append(decode_step_naive(q[:, :, t], k[:, :, t], v[:, :, t], fq[:, :, t], fk[:, :, t], one, pos[:, t],
-                                    wf, kind, w, 0.3, valid[:, t]))
+                                    wf, kind, w, 0.3, valid[:, t], sparse_sink=sink))
     st = DecodeState.for_layer(B, 2, kind, w, 8, 8, 6, torch.float32, "cpu", sparse=3)
     chunks = []
     for sl in (slice(0, 9), slice(9, 20), slice(20, T)):
         y, st = sparse_chunk(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], pos[:, sl],
-                             valid[:, sl], wf, kind, w, 0.3, "self_recall")
+                             valid[:, sl], wf, kind, w, 0.3, "self_recall", sink)
         chunks.append(y)
     ref = torch.stack(ys, 2)
     torch.testing.assert_close(torch.cat(chunks, 2)[valid[:, None, :].expand_as(ref[..., 0])],
                                ref[valid[:, None, :].expand_as(ref[..., 0])])
     assert int((one.sparse_pos >= 0).sum()) == 2 * 2 * 3  # the cache filled up
+    sunk = ((one.sparse_pos >= 0) & (one.sparse_pos < sink)).sum((1, 2))
+    assert sunk.tolist() == [2 * sink] * 2  # every KV head of every row still holds positions 0..sink-1
     for a, b in zip(sorted_cache(st), sorted_cache(one)):
         torch.testing.assert_close(a, b)
     filled = (one.win_pos >= 0)[:, None, :, None]  # empty slots hold stale values
@@ -116,11 +119,11 @@ def test_chunk_reference_equals_decode_steps(kind):
         torch.testing.assert_close(getattr(st, name), getattr(one, name), msg=name)
 
 
-@pytest.mark.parametrize("kind,arch", [("sliding_window", "llama"), ("terraced_window", "llama"),
-                                       ("sliding_window", "mistral")])
+@pytest.mark.parametrize("kind,arch,sink", [("sliding_window", "llama", 0), ("terraced_window", "llama", 0),
+                                            ("sliding_window", "mistral", 0), ("terraced_window", "llama", 2)])
 @torch.no_grad()
-def test_prefill_then_decode_equals_full_forward(kind, arch):
-    model = sparse_model(kind, arch=arch)
+def test_prefill_then_decode_equals_full_forward(kind, arch, sink):
+    model = sparse_model(kind, arch=arch, sink=sink)
     ids = torch.randint(1, VOCAB, (2, 35))
     full = model(ids).logits
     inc = incremental_logits(model, ids, torch.ones_like(ids), splits=[13, 22])
@@ -185,13 +188,14 @@ def test_sequence_forward_has_gradients():
 # ---------------------------------------------------------------- hand cases
 
 
-def run_steps(pairs, G, w=1, score="self_recall"):
+def run_steps(pairs, G, w=1, score="self_recall", sink=0):
     """Sliding window of ``w``, one KV head, F = Dv = 2: decode steps over (phi(k), v) pairs."""
     st = DecodeState.for_layer(1, 1, "sliding_window", w, 2, 2, 2, torch.float32, "cpu", sparse=G)
     for p, (fk, v) in enumerate(pairs):
         fk, v = torch.tensor([[fk]], dtype=torch.float32), torch.tensor([[v]], dtype=torch.float32)
         decode_step_naive(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), v, torch.ones(1, 1, 2), fk, st,
-                          torch.tensor([p]), torch.ones(1), "sliding_window", w, 1.0, sparse_score=score)
+                          torch.tensor([p]), torch.ones(1), "sliding_window", w, 1.0, sparse_score=score,
+                          sparse_sink=sink)
     return st
 
 
@@ -228,6 +232,19 @@ def test_eviction_folds_the_pushed_out_pair_and_rescores():
     torch.testing.assert_close(after4.kv, torch.tensor([[[[1.0, 0.0], [0.0, 4.1]]]]))
     torch.testing.assert_close(after4.ks, torch.tensor([[[1.0, 2.0]]]))
     assert after4.win_pos.tolist() == [[4]]
+
+
+def test_sink_keeps_the_first_pairs_whatever_their_score():
+    """Cache 2 under the recency score keeps the latest two to leave (6, 7); with sink 1, position 0 holds
+    one slot for good and the other keeps the latest (7); 1..6 fold into the state."""
+    pairs = [([1.0, 0.0], [1.0, 0.0])] * 10
+    assert sorted(run_steps(pairs, G=2, w=2, score="recency").sparse_pos.flatten().tolist()) == [6, 7]
+    for score in ("recency", "self_recall"):
+        sunk = run_steps(pairs, G=2, w=2, score=score, sink=1)
+        assert 0 in sunk.sparse_pos.flatten().tolist()
+        if score == "recency":
+            assert sorted(sunk.sparse_pos.flatten().tolist()) == [0, 7]
+        torch.testing.assert_close(sunk.ks, torch.tensor([[[6.0, 0.0]]]))  # 8 left the window, 2 cached
 
 
 def test_recency_score_keeps_the_latest_to_leave():
@@ -267,6 +284,12 @@ def test_settings_are_checked():
         config_from_dict({"attention": {"sparse_cache": 4}, "distill": {"xent_factor": 1.0}})
     with pytest.raises(ConfigError, match="finetune.cuda_graph"):
         config_from_dict({"attention": {"sparse_cache": 4}, "finetune": {"cuda_graph": True}})
+    for sink, size in ((4, 4), (1, 0), (-1, 4)):
+        with pytest.raises(ConfigError, match="sparse_sink"):
+            config_from_dict({"attention": {"sparse_cache": size, "sparse_sink": sink}})
+    model = sparse_model("terraced_window", size=4, sink=2)
+    set_sparse_cache(model, 0)  # off again: its sink goes with it
+    assert {(m.cfg.sparse_cache, m.cfg.sparse_sink) for m in lolcats_modules(model)} == {(0, 0)}
     model = build("llama", "linear")
     with pytest.raises(ConfigError, match="window kind"):
         set_sparse_cache(model, 4)
@@ -285,6 +308,8 @@ def test_model_source_checks_the_option():
         ModelSource(base="x", sparse_cache=4)
     with pytest.raises(ValueError, match="--sparse-cache N"):
         ModelSource(checkpoint="x", sparse_score="recency")
+    with pytest.raises(ValueError, match="--sparse-sink needs"):
+        ModelSource(checkpoint="x", sparse_sink=4)
 
 
 def test_cli_flag_reaches_the_loaded_model_and_the_eval_output(tmp_path, monkeypatch):
@@ -303,14 +328,16 @@ def test_cli_flag_reaches_the_loaded_model_and_the_eval_output(tmp_path, monkeyp
     parser = argparse.ArgumentParser()
     cli._model_flags(parser)  # the flags of export, generate, chat and eval
     args, rest = parser.parse_known_args(["--checkpoint", "somewhere/best", "--sparse-cache", "5",
-                                          "--sparse-score", "recency"])
+                                          "--sparse-score", "recency", "--sparse-sink", "2"])
     eval_main(cli.model_source(args, rest), ppl=[str(text)], seq_len=32, output=str(out), device="cpu",
               print_table=False)
-    assert {(m.cfg.sparse_cache, m.cfg.sparse_score) for m in lolcats_modules(model)} == {(5, "recency")}
+    assert {(m.cfg.sparse_cache, m.cfg.sparse_score, m.cfg.sparse_sink) for m in lolcats_modules(model)} == {
+        (5, "recency", 2)}
     assert model.config.lolcats_attention["sparse_cache"] == 5
     saved = json.loads(out.read_text())
     assert saved["models"]["linearized"]["sparse_cache"] == 5
     assert saved["models"]["linearized"]["sparse_score"] == "recency"
+    assert saved["models"]["linearized"]["sparse_sink"] == 2
 
 
 def test_attention_config_roundtrip_keeps_the_fields():

@@ -73,6 +73,9 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
                         "beside the window (those its linear state recalls worst); no training needed; 0 = off")
     g.add_argument("--sparse-score", default=None, choices=SPARSE_SCORES,
                    help="which pairs the sparse cache keeps (default: the model's, self_recall)")
+    g.add_argument("--sparse-sink", type=int, metavar="N", default=None,
+                   help="the sparse cache always keeps the first N positions' pairs (attention sinks: system "
+                        "prompt, instructions); N < the cache size; default: the model's (0)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights dtype: auto = bfloat16 on GPU, float32 on CPU (export: the dtype written; "
@@ -92,7 +95,7 @@ def model_source(args: argparse.Namespace, rest: list[str]):
     config = None if explicit else load_config(args.config, rest)
     return ModelSource(checkpoint=args.checkpoint, stage1=args.stage1, export=args.export, base=args.base,
                        config=config, untrained=args.untrained, trust_remote_code=args.trust_remote_code,
-                       sparse_cache=args.sparse_cache, sparse_score=args.sparse_score)
+                       sparse_cache=args.sparse_cache, sparse_score=args.sparse_score, sparse_sink=args.sparse_sink)
 
 
 def _load(args, source):

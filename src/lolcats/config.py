@@ -97,6 +97,9 @@ class AttentionConfig:
     sparse_score: Literal["self_recall", "recency"] = "self_recall"
     "Which pairs the sparse cache keeps: self_recall (LoLA: largest ||v - phi(k)^T kv / phi(k)^T ks||, "
     "re-scored against the current state at each eviction) or recency (the latest to leave the window; an ablation)."
+    sparse_sink: int = 0
+    "The sparse cache always keeps the pairs of the first N positions of each sequence (attention sinks: the "
+    "system prompt and instructions a model keeps reading), whatever their score; < sparse_cache. 0 = none."
 
     def converted_layers(self, num_layers: int) -> list[int]:
         """Indices of the layers stage 1 converts (before a ``softmax_count`` pick), checked against the model."""
@@ -248,7 +251,7 @@ class Config:
 
 HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "attention.softmax_pick",
                    "attention.sparse_cache",
-                   "attention.sparse_score", "data.max_file_tokens", "finetune.loss", "finetune.kl_weight",
+                   "attention.sparse_score", "attention.sparse_sink", "data.max_file_tokens", "finetune.loss", "finetune.kl_weight",
                    "finetune.kl_temperature")
 "Fields added after run directories existed: in a run's hash only when set away from their default."
 
@@ -422,6 +425,9 @@ def check_sparse_cache(attn: AttentionConfig) -> None:
         raise ConfigError("attention.sparse_cache: needs a window kind (sliding_window or terraced_window); "
                           "linear attention has no softmax part for the cached pairs")
     _coerce("attention.sparse_score", attn.sparse_score, _field_types(AttentionConfig)["sparse_score"])
+    if attn.sparse_sink < 0 or (attn.sparse_sink and attn.sparse_sink >= attn.sparse_cache):
+        raise ConfigError(f"attention.sparse_sink: {attn.sparse_sink} must be >= 0 and below attention.sparse_cache "
+                          f"({attn.sparse_cache}): the cache keeps the sink's pairs and needs room for others")
 
 
 # ---------------------------------------------------------------- loading

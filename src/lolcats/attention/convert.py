@@ -109,20 +109,21 @@ def _record_layers(model: nn.Module, cfg: AttentionConfig) -> None:
                                       "softmax_count": 0}
 
 
-def set_sparse_cache(model: nn.Module, size: int, score: str | None = None) -> None:
+def set_sparse_cache(model: nn.Module, size: int, score: str | None = None, sink: int | None = None) -> None:
     """Turn LoLA's sparse cache on (``size`` pairs per KV head) or off (0) in every converted layer,
-    e.g. on a trained checkpoint (it needs no training); ``score`` None keeps the layers' score.
+    e.g. on a trained checkpoint (it needs no training); ``score`` / ``sink`` None keep the layers' own.
     Checked like ``attention.sparse_cache``; caches made before keep their old size."""
     mods = list(lolcats_modules(model))
     if not mods:
         raise ValueError("set_sparse_cache: the model has no LolcatsAttention layers (a linearized model is needed)")
     for m in mods:
-        m.cfg = replace(m.cfg, sparse_cache=size, sparse_score=score or m.cfg.sparse_score)
+        m.cfg = replace(m.cfg, sparse_cache=size, sparse_score=score or m.cfg.sparse_score,
+                        sparse_sink=(0 if size == 0 else m.cfg.sparse_sink) if sink is None else sink)
         check_sparse_cache(m.cfg)
     config = causal_lm(model).config
     if isinstance(getattr(config, "lolcats_attention", None), dict):
         config.lolcats_attention = {**config.lolcats_attention, "sparse_cache": size,
-                                    "sparse_score": mods[0].cfg.sparse_score}
+                                    "sparse_score": mods[0].cfg.sparse_score, "sparse_sink": mods[0].cfg.sparse_sink}
 
 
 def lolcats_modules(model: nn.Module) -> Iterator[LolcatsAttention]:

@@ -393,7 +393,7 @@ class LolcatsAttention(nn.Module):
         op = get_backend(self.cfg.backend, state.kv).decode
         if not state.sparse_size:
             return op
-        return functools.partial(op, sparse_score=self.cfg.sparse_score, evict=evicts)
+        return functools.partial(op, sparse_score=self.cfg.sparse_score, evict=evicts, sparse_sink=self.cfg.sparse_sink)
 
     def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask, log_gate=None):
         B, H, T, _ = q.shape
@@ -438,7 +438,7 @@ class LolcatsAttention(nn.Module):
             sl = slice(s, min(T, s + piece))
             y, st = sparse_chunk(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], pos[:, sl],
                                  valid[:, sl], self.window_factor(), cfg.kind, cfg.window_size, self.scaling,
-                                 cfg.sparse_score)
+                                 cfg.sparse_score, cfg.sparse_sink)
             ys.append(y)
         return torch.cat(ys, 2), st
 

@@ -53,6 +53,7 @@ class ModelSource:
     base_config: ModelConfig | None = None  # alone: the base model in full (a checkpoint's recorded one)
     sparse_cache: int | None = None  # LoLA's sparse cache (pairs per KV head) put on the loaded model; 0 = off
     sparse_score: str | None = None  # its score (attention.sparse_score); with sparse_cache only
+    sparse_sink: int | None = None  # positions its cache always keeps (attention.sparse_sink); with sparse_cache only
 
     def __post_init__(self):
         given = [k for k in ("checkpoint", "export", "config") if getattr(self, k) is not None]
@@ -69,6 +70,8 @@ class ModelSource:
             raise ValueError("--sparse-cache needs a linearized model (--checkpoint, --export or --config)")
         if self.sparse_score is not None and self.sparse_cache is None:
             raise ValueError("--sparse-score needs --sparse-cache N")
+        if self.sparse_sink is not None and self.sparse_cache is None:
+            raise ValueError("--sparse-sink needs --sparse-cache N")
 
     @property
     def linearized(self) -> bool:
@@ -139,7 +142,7 @@ def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: b
         trust = source.trust_remote_code or bool(source.config and source.config.model.trust_remote_code)
         model, tok = load_linearized(source.base, stage1, stage2, device, dtype, merge, trust)
     if source.sparse_cache is not None:
-        set_sparse_cache(model, source.sparse_cache, source.sparse_score)
+        set_sparse_cache(model, source.sparse_cache, source.sparse_score, source.sparse_sink)
     return model, tok
 
 

@@ -9,7 +9,7 @@ A :class:`Backend` carries every operator the attention layer runs:
 * ``linear(fq, fk, v, initial_state, output_final_state, log_gate=None) -> (y, state | None)``
 * ``hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=None) -> y``
 * ``decode(q, k, v, fq, fk, state, pos, window_factor, kind, window_size, scale, valid, log_gate=None,
-  sparse_score="self_recall") -> y``: one token against a constant-size
+  sparse_score="self_recall", evict=True, sparse_sink=0) -> y``: one token against a constant-size
   :class:`~lolcats.ops.decode.naive.DecodeState` (in place), its sparse cache too when it has one
 
 ``log_gate`` is the optional forget gate on the linear part (``ops/gate.py``): (B, Hk, T) for the

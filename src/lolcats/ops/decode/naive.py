@@ -122,7 +122,8 @@ def leaving_slots(state: DecodeState, pos: torch.Tensor, kind: str, window_size:
 
 
 def evict_sparse(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor | None, kind: str, window_size: int,
-                 log_gate: torch.Tensor | None = None, sparse_score: str = "self_recall", evict: bool = True) -> None:
+                 log_gate: torch.Tensor | None = None, sparse_score: str = "self_recall", evict: bool = True,
+                 sparse_sink: int = 0) -> None:
     """The first part of :func:`decode_step_naive` with a sparse cache, in place: the gate's decay of (kv, ks)
     (rows where ``valid``), then the slots leaving the window through the cache (they end up empty; skipped
     with ``evict`` False: the caller knows none leaves). A decode kernel then writes the token and attends with
@@ -132,7 +133,7 @@ def evict_sparse(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor | No
         _decay(state, torch.where(valid[:, None], log_gate.float(), 0.0))
     if evict:
         leave = leaving_slots(state, pos, kind, window_size) & valid[:, None]
-        evict_to_cache(state, leave, sparse_score, leaving_per_step(kind, window_size))
+        evict_to_cache(state, leave, sparse_score, leaving_per_step(kind, window_size), sparse_sink)
 
 
 def decode_step_naive(
@@ -151,6 +152,7 @@ def decode_step_naive(
     log_gate: torch.Tensor | None = None,  # (B, Hk) float32, <= 0
     sparse_score: str = "self_recall",  # what the sparse cache keeps (when the state has one)
     evict: bool = True,  # False: the caller knows no window slot leaves now (a sparse cache's eviction is skipped)
+    sparse_sink: int = 0,  # the sparse cache always keeps the pairs of positions below this
 ) -> torch.Tensor:  # (B, H, Dv)
     B, H, _ = q.shape
     S = state.win_pos.shape[1]
@@ -165,7 +167,7 @@ def decode_step_naive(
         slot = pos % S  # (B,)
         slots = torch.arange(S, device=q.device)[None, :]  # (1, S)
         if state.sparse_size:  # the decay ran above
-            evict_sparse(state, pos, valid, kind, window_size, None, sparse_score, evict)
+            evict_sparse(state, pos, valid, kind, window_size, None, sparse_score, evict, sparse_sink)
         else:
             _evict(state, leaving_slots(state, pos, kind, window_size) & valid[:, None])
         write = (slots == slot[:, None]) & valid[:, None]  # (B, S)

@@ -44,7 +44,7 @@ def _leave_columns(ppos: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, k
 
 
 def sparse_chunk(state: DecodeState, q, k, v, fq, fk, pos, valid, window_factor, kind: str, window_size: int,
-                 scale: float, score: str) -> tuple[torch.Tensor, DecodeState]:
+                 scale: float, score: str, sink: int = 0) -> tuple[torch.Tensor, DecodeState]:
     """Outputs (B, H, T, Dv) of a chunk continuing ``state`` and the state after it (a new one:
     ``state`` is only read, so this runs under autograd too).
 
@@ -71,7 +71,7 @@ def sparse_chunk(state: DecodeState, q, k, v, fq, fk, pos, valid, window_factor,
         ok = (col.gather(1, idx) == t)[:, None].expand(B, Hk, L)
         cand = [x.gather(2, idx[:, None, :, None].expand(B, Hk, L, x.shape[-1])) for x in pool]
         cand.append(ppos.gather(1, idx)[:, None].expand(B, Hk, L))
-        cache, kv, ks, keep, fold = merge_candidates(cache, tuple(cand), ok, kv, ks, score)
+        cache, kv, ks, keep, fold = merge_candidates(cache, tuple(cand), ok, kv, ks, score, sink)
         every = torch.cat([ids, (G + idx)[:, None].expand(B, Hk, L)], -1)  # (B, Hk, G + L)
         fold_pos.scatter_(-1, torch.where(fold, every, G + N), pos[:, t, None, None].expand(B, Hk, G + L))
         ids = every.gather(-1, keep)

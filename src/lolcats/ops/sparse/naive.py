@@ -21,6 +21,10 @@ Scores (:data:`SCORES`, higher = kept; :func:`register_score` adds one):
 * ``recency``: the position: the cache holds the latest pairs to leave the window (an ablation: as
   much extra softmax memory, chosen without looking at the state).
 
+A sink (``attention.sparse_sink = N``, N < G): the pairs of positions 0..N-1 are always kept, whatever
+the score (attention sinks; the base model's passkey retrieval needs its system prompt and instructions
+as much as the key, benchmarks/recall_masks.py).
+
 Attention over the cache: cached pairs join the softmax part of the hybrid formula, weighted by the
 window factor and under the same max stabiliser as the window (LoLA's "window + sparse" mask on the
 LoLCATs formula), see ``ops/hybrid/naive.py`` (``fold_pos``) and ``ops/decode/naive.py``.
@@ -75,8 +79,9 @@ def get_score(name: str) -> ScoreFn:
 
 
 def merge_candidates(cache: Pairs, cand: Pairs, cand_ok: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor,
-                     score: str) -> tuple[Pairs, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the G best of the cached pairs and the candidates; fold the others into (kv, ks).
+                     score: str, sink: int = 0) -> tuple[Pairs, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the G best of the cached pairs and the candidates; fold the others into (kv, ks). Pairs at
+    positions below ``sink`` are always kept (sink < G).
 
     cache: G pairs (empty where pos < 0); cand: M pairs, taking part where ``cand_ok`` (B, Hk, M).
     Returns (the new G cached pairs, kv, ks, keep (B, Hk, G) indices into [cache, cand], fold
@@ -87,7 +92,8 @@ def merge_candidates(cache: Pairs, cand: Pairs, cand_ok: torch.Tensor, kv: torch
     pos = torch.cat([cache[3], torch.where(cand_ok, cand[3], -1)], -1)  # (B, Hk, G+M)
     live = pos >= 0
     with torch.no_grad():
-        s = get_score(score)(v, fk, pos, kv, ks).masked_fill(~live, float("-inf"))
+        s = get_score(score)(v, fk, pos, kv, ks).masked_fill(live & (pos < sink), float("inf"))
+        s = s.masked_fill(~live, float("-inf"))
         keep = s.topk(G, dim=-1).indices  # (B, Hk, G); picks of -inf are empty slots (pos -1)
     fold = live & ~torch.zeros_like(live).scatter(-1, keep, True)
     w = fold.to(torch.float32)[..., None]  # (B, Hk, G+M, 1)
@@ -102,7 +108,7 @@ def leaving_per_step(kind: str, window_size: int) -> int:
     return 1 if kind == "sliding_window" else window_size
 
 
-def evict_to_cache(state, leave: torch.Tensor, score: str, most: int) -> None:
+def evict_to_cache(state, leave: torch.Tensor, score: str, most: int, sink: int = 0) -> None:
     """Window slots where ``leave`` (B, S) (at most ``most`` a row) go through the sparse cache, in
     place: it keeps the G best of its pairs and the leaving ones, the rest fold into (kv, ks)."""
     B, Hk = state.kv.shape[:2]
@@ -112,7 +118,7 @@ def evict_to_cache(state, leave: torch.Tensor, score: str, most: int) -> None:
             state.win_pos.gather(1, idx)[:, None].expand(B, Hk, most))
     ok = leave.gather(1, idx)[:, None].expand(B, Hk, most)
     cache = (state.sparse_k, state.sparse_v, state.sparse_fk, state.sparse_pos)
-    new, kv, ks, _, _ = merge_candidates(cache, cand, ok, state.kv, state.ks, score)
+    new, kv, ks, _, _ = merge_candidates(cache, cand, ok, state.kv, state.ks, score, sink)
     for buf, x in zip(cache, new):
         buf.copy_(x)
     state.kv.copy_(kv)

@@ -194,6 +194,7 @@ def decode_step_triton(
     log_gate: torch.Tensor | None = None,  # (B, Hk) float32
     sparse_score: str = "self_recall",  # what a sparse cache keeps
     evict: bool = True,  # False: the caller knows no window slot leaves now (a sparse cache's eviction is skipped)
+    sparse_sink: int = 0,  # the sparse cache always keeps the pairs of positions below this
 ) -> torch.Tensor:  # (B, H, Dv)
     """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous.
 
@@ -208,7 +209,7 @@ def decode_step_triton(
     if NS and kid == 0:
         raise ValueError("a sparse cache needs a window kind (sliding_window or terraced_window)")
     if NS:  # decay and eviction in the reference's order; the kernel then has neither to do
-        evict_sparse(state, pos, valid, kind, window_size, log_gate, sparse_score, evict)
+        evict_sparse(state, pos, valid, kind, window_size, log_gate, sparse_score, evict, sparse_sink)
         log_gate = None
     q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
     pos = pos.contiguous()  # the kernels read pos[b], valid[b] at offset b: a (B, 1) slice's column is strided
