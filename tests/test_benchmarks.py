@@ -332,3 +332,48 @@ def test_study_run_again_on_the_same_out_skips_the_steps_it_finished(tmp_path, m
     assert ran == [("combo_r_sparse", "eval"), ("combo_r_sparse", "mmlu")]
     ran.clear()
     assert "error" not in mod.run_row(rows["combo_r"], a, rows) and ran == []
+
+
+# ---------------------------------------------------------------- benchmarks/recall_masks.py
+
+
+def _masks_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recall_masks", REPO / "benchmarks/recall_masks.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["recall_masks"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recall_mask_rows_and_the_mask_by_hand():
+    import torch
+
+    mod = _masks_module()
+    assert mod.parse_row("full", 4).layers is None
+    row = mod.parse_row("window all, keep 1,3, sink 2, key", 4)
+    assert (row.layers, row.sink, row.key) == (frozenset({0, 2}), 2, True)
+    assert mod.parse_row("window 2,3", 4) == mod.MaskRow("window 2,3", frozenset({2, 3}))
+    for bad in ("window 9", "window all, keep 7", "windows all", "window all, sink"):
+        with pytest.raises(ValueError):
+            mod.parse_row(bad, 4)
+    # 6 keys, the last 2 queries; window 2, sink 1, span [2, 3)
+    want = torch.tensor([[1, 0, 1, 1, 1, 0],
+                         [1, 0, 1, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mod.allowed(2, 6, 2, 1, (2, 3)), want)
+
+
+def test_recall_masks_run_on_a_tiny_model():
+    """A window as long as the prompt masks nothing: the row answers what full attention answers; a window of
+    one token changes the answers (the mask reaches the model)."""
+    from conftest import tiny_model, tiny_tokenizer
+
+    mod = _masks_module()
+    tok = tiny_tokenizer()
+    model = tiny_model(vocab_size=len(tok.get_vocab()), seed=3).eval()
+    rows = [mod.parse_row(r, 2) for r in ("full", "window all, sink 2, key")]
+    wide = mod.run(model, tok, rows, [160], 3, window=1000)
+    assert wide[0]["outputs"] == wide[1]["outputs"] and wide[0]["samples"] == 3
+    narrow = mod.run(model, tok, [mod.parse_row("window all", 2)], [160], 3, window=1)
+    assert narrow[0]["outputs"] != wide[0]["outputs"]
