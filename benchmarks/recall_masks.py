@@ -45,13 +45,10 @@ def parse_row(text: str, num_layers: int) -> MaskRow:
     if not m:
         raise ValueError(f"row {text!r}: expected 'full' or 'window all|LIST[, keep LIST][, sink N][, key]'")
     spec = m.group(1)
-    if spec.startswith("all"):
-        keep = {int(x) for x in spec.split("keep ")[1].split(",") if x} if "keep" in spec else set()
-        layers = frozenset(range(num_layers)) - keep
-    else:
-        layers = frozenset(int(x) for x in spec.split(",") if x)
-    if any(i >= num_layers for i in layers | (keep if spec.startswith("all") else set())):
+    listed = {int(x) for x in spec.split("keep ")[-1].split(",") if x.isdigit()}  # kept, or windowed
+    if any(i >= num_layers for i in listed):
         raise ValueError(f"row {text!r}: the model has {num_layers} layers")
+    layers = frozenset(range(num_layers)) - listed if spec.startswith("all") else frozenset(listed)
     sink = re.search(r"sink (\d+)", m.group(2))
     return MaskRow(t, layers, int(sink.group(1)) if sink else 0, ", key" in m.group(2))
 
