@@ -3,6 +3,7 @@ export loads with from_pretrained, bad input gives clear errors, and a killed ru
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,16 +146,19 @@ def test_merged_loading_gives_the_weights_of_peft_merge_and_unload(finished, dty
     assert changed and all(k.rsplit(".", 2)[-2] in cfg.finetune.lora_targets for k in changed)
 
 
-def test_stage2_checkpoint_missing_an_adapter_is_refused(finished, tmp_path):
+def edited_copy(checkpoint: Path, to: Path, edit) -> Path:
+    """A copy of ``checkpoint`` whose tensors are ``edit(tensors)``."""
     from safetensors.torch import save_file
 
+    shutil.copytree(checkpoint, to)
+    save_file(edit(load_tensors(to)), str(to / "weights.safetensors"))
+    return to
+
+
+def test_stage2_checkpoint_missing_an_adapter_is_refused(finished, tmp_path):
     cfg, _ = finished
     d1, d2 = stage_dirs(cfg)
-    bad = tmp_path / "bad"
-    shutil.copytree(d2 / "best", bad)
-    t = load_tensors(bad)
-    dropped = sorted(t)[0]
-    save_file({k: v for k, v in t.items() if k != dropped}, str(bad / "weights.safetensors"))
+    bad = edited_copy(d2 / "best", tmp_path / "bad", lambda t: {k: v for k, v in t.items() if k != sorted(t)[0]})
     for merge in (True, False):
         with pytest.raises(CheckpointError, match="missing"):
             load_linearized(None, str(d1 / "best"), str(bad), device="cpu", merge=merge)
@@ -169,16 +173,9 @@ def test_wrong_base_model_is_refused(finished, tmp_path):
 
 
 def test_checkpoint_with_wrong_shapes_is_refused(finished, tmp_path):
-    from safetensors.torch import save_file
-
     cfg, _ = finished
     d1, _ = stage_dirs(cfg)
-    bad = tmp_path / "bad"
-    shutil.copytree(d1 / "best", bad)
-    t = load_tensors(bad)
-    k = next(iter(t))
-    t[k] = torch.zeros(3, 3)
-    save_file(t, str(bad / "weights.safetensors"))
+    bad = edited_copy(d1 / "best", tmp_path / "bad", lambda t: {**t, next(iter(t)): torch.zeros(3, 3)})
     with pytest.raises(CheckpointError, match="shape"):
         load_linearized(None, str(bad), None, device="cpu")
 

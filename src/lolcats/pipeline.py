@@ -120,6 +120,11 @@ def _for_distill(model, cfg: Config):
 def _for_finetune(model, cfg: Config, stage1: Path, fingerprint: str, kept: list[int]):
     """Stage 2's model: stage 1's best loaded, the layers ``kept`` as softmax, LoRA added (seeded by ``run.seed``)."""
     load_stage1(model, stage1, fingerprint)
+    return _with_lora(model, cfg, kept)
+
+
+def _with_lora(model, cfg: Config, kept: list[int]):
+    """The layers ``kept`` turned back into softmax, then LoRA added (seeded by ``run.seed``)."""
     if kept:
         keep_softmax(model, kept)
     return add_lora(model, cfg.finetune, cfg.run.seed)
@@ -260,9 +265,7 @@ def run_finetune(ctx: Context, on_step=None):
                       shard=_sharder(ctx.info, ctx.strategy, "finetune"))
         ctx.model = model = load_base_model(ctx.cfg.model, ctx.device, build=build)
     else:
-        if kept:
-            keep_softmax(ctx.model, kept)
-        model = add_lora(ctx.model, ctx.cfg.finetune, ctx.cfg.run.seed)
+        model = _with_lora(ctx.model, ctx.cfg, kept)
     result = None
     if not stage_done(d2):
         _start(ctx, d2)
