@@ -393,7 +393,8 @@ class LolcatsAttention(nn.Module):
         op = get_backend(self.cfg.backend, state.kv).decode
         if not state.sparse_size:
             return op
-        return functools.partial(op, sparse_score=self.cfg.sparse_score, evict=evicts, sparse_sink=self.cfg.sparse_sink)
+        return functools.partial(op, sparse_score=self.cfg.sparse_score, sparse_sink=self.cfg.sparse_sink,
+                                 evict=evicts)
 
     def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask, log_gate=None):
         B, H, T, _ = q.shape

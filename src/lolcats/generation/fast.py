@@ -240,7 +240,8 @@ class FastGenerator:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """input_ids, attention_mask (b, T), left-padded: reset the states, read the prompt, emit token 1."""
         if self.block:  # read on the host once (the caller's mask, before it moves to the device)
-            lens = [input_ids.shape[1]] * input_ids.shape[0] if attention_mask is None else attention_mask.sum(-1).tolist()
+            b, T = input_ids.shape
+            lens = [T] * b if attention_mask is None else attention_mask.sum(-1).tolist()
             self.host_len, self.host_step = lens + [0] * (self.B - len(lens)), 0
         ids, mask = self._pad_batch(input_ids, attention_mask)
         self._fit_softmax_layers(ids.shape[1] + self.max_new)

@@ -68,7 +68,8 @@ PEFT_PREFIX = "base_model.model."  # what get_peft_model puts before a module's 
 
 def lora_target_modules(model, targets) -> dict[str, torch.nn.Linear]:
     """{module name: linear} that ``add_lora`` wraps: peft matches a target by the name's last part."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
 
 
 def merge_shapes(model, cfg: FinetuneConfig) -> dict[str, tuple[int, int]]:
