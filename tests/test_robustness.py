@@ -23,7 +23,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from conftest import save_tiny, src_env, write_alpaca
+from conftest import save_tiny, src_env, tiny_model, tiny_tokenizer, write_alpaca
 from lolcats import hub
 from lolcats.checkpoint import META, WEIGHTS, WriteError, atomic_write, read_meta, save_checkpoint
 from lolcats.cli import COMMANDS, build_parser, main
@@ -606,3 +606,28 @@ def test_corrupt_meta_json_names_the_file(trained, tmp_path, capsys):
 def test_missing_ppl_file_fails_before_the_model_loads(trained, capsys, no_model_load):
     rc, _, err = cli(capsys, "eval", "--checkpoint", trained.s2, "--ppl", "no-such-file.txt")
     assert_one_line_error(rc, err, "no-such-file.txt")
+
+
+def test_compile_needs_fast(capsys):
+    rc, _, err = cli(capsys, "generate", "--base", "nowhere", "--prompt", "hi", "--compile")
+    assert_one_line_error(rc, err, "--compile", "--fast")
+
+
+def test_compile_flag_reaches_the_fast_generator(capsys, monkeypatch):
+    from lolcats.generation import text
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            raise RuntimeError("recorded")
+
+    tok = tiny_tokenizer()
+    model = tiny_model(vocab_size=len(tok.get_vocab()))
+    monkeypatch.setattr(text, "FastGenerator", Recorder)
+    with pytest.raises(RuntimeError, match="recorded"):
+        text.complete(model, tok, ["the cat"], max_new_tokens=2, fast=True, compile=True)
+    assert seen["compile"] is True
+    with pytest.raises(ValueError, match="only with fast"):
+        text.run_generate(model, tok, ["the cat"], compile=True)

@@ -312,7 +312,9 @@ def test_model_source_checks_the_option():
         ModelSource(checkpoint="x", sparse_sink=4)
 
 
-def test_cli_flag_reaches_the_loaded_model_and_the_eval_output(tmp_path, monkeypatch):
+def eval_with_model_flags(tmp_path, monkeypatch, flags: list[str]):
+    """``lolcats eval --checkpoint ... FLAGS --ppl`` on a tiny converted model (loading stubbed):
+    (the model, the saved JSON)."""
     from conftest import tiny_tokenizer
     from lolcats import cli
     from lolcats.evaluation import eval_main
@@ -326,15 +328,19 @@ def test_cli_flag_reaches_the_loaded_model_and_the_eval_output(tmp_path, monkeyp
     text.write_text("the cat sat on the mat and the dog ran to the big red house\n" * 4)
     out = tmp_path / "eval.json"
     parser = argparse.ArgumentParser()
-    cli._model_flags(parser)  # the flags of export, generate, chat and eval
-    args, rest = parser.parse_known_args(["--checkpoint", "somewhere/best", "--sparse-cache", "5",
-                                          "--sparse-score", "recency", "--sparse-sink", "2"])
+    cli._model_flags(parser)  # the flags of export, generate, chat, serve and eval
+    args, rest = parser.parse_known_args(["--checkpoint", "somewhere/best", *flags])
     eval_main(cli.model_source(args, rest), ppl=[str(text)], seq_len=32, output=str(out), device="cpu",
               print_table=False)
+    return model, json.loads(out.read_text())
+
+
+def test_cli_flag_reaches_the_loaded_model_and_the_eval_output(tmp_path, monkeypatch):
+    model, saved = eval_with_model_flags(tmp_path, monkeypatch,
+                                         ["--sparse-cache", "5", "--sparse-score", "recency", "--sparse-sink", "2"])
     assert {(m.cfg.sparse_cache, m.cfg.sparse_score, m.cfg.sparse_sink) for m in lolcats_modules(model)} == {
         (5, "recency", 2)}
     assert model.config.lolcats_attention["sparse_cache"] == 5
-    saved = json.loads(out.read_text())
     assert saved["models"]["linearized"]["sparse_cache"] == 5
     assert saved["models"]["linearized"]["sparse_score"] == "recency"
     assert saved["models"]["linearized"]["sparse_sink"] == 2

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -100,6 +101,11 @@ class AttentionConfig:
     sparse_sink: int = 0
     "The sparse cache always keeps the pairs of the first N positions of each sequence (attention sinks: the "
     "system prompt and instructions a model keeps reading), whatever their score; < sparse_cache. 0 = none."
+    linear_scale: float = 1.0
+    "Weight of the linear-attention terms against the softmax ones (window and sparse cache) in the hybrid's one "
+    "normalised sum: phi(q) is multiplied by it, so every linear term, numerator and normaliser, is. 1 = the "
+    "LoLCATs formula; below 1 the exact softmax part counts more (with a sparse cache: what it retrieves). Needs no "
+    "training (apply it to a checkpoint with --linear-scale); window kinds only."
 
     def converted_layers(self, num_layers: int) -> list[int]:
         """Indices of the layers stage 1 converts (before a ``softmax_count`` pick), checked against the model."""
@@ -250,8 +256,8 @@ class Config:
 
 
 HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "attention.softmax_pick",
-                   "attention.sparse_cache", "attention.sparse_score", "attention.sparse_sink", "data.max_file_tokens",
-                   "finetune.loss", "finetune.kl_weight", "finetune.kl_temperature")
+                   "attention.sparse_cache", "attention.sparse_score", "attention.sparse_sink", "attention.linear_scale",
+                   "data.max_file_tokens", "finetune.loss", "finetune.kl_weight", "finetune.kl_temperature")
 "Fields added after run directories existed: in a run's hash only when set away from their default."
 
 SHORT_FLAGS = {"seed": "run.seed", "hf-token": "model.hf_token", "hf_token": "model.hf_token", "model": "model.name"}
@@ -417,7 +423,14 @@ def _check_softmax_layers(a: AttentionConfig) -> None:
 
 
 def check_sparse_cache(attn: AttentionConfig) -> None:
-    """The sparse cache's settings: a size >= 0, on a window kind, a known score."""
+    """The eval-time settings of the softmax part: the sparse cache (a size >= 0, on a window kind, a known score,
+    a sink below its size) and the linear terms' weight (finite, >= 0, on a window kind)."""
+    scale = attn.linear_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise ConfigError(f"attention.linear_scale: {scale!r} must be a finite number >= 0 (1 = the LoLCATs formula)")
+    if scale != 1 and attn.kind == "linear":
+        raise ConfigError("attention.linear_scale: needs a window kind (sliding_window or terraced_window); "
+                          "pure linear attention's normaliser cancels it")
     if attn.sparse_cache < 0:
         raise ConfigError(f"attention.sparse_cache: {attn.sparse_cache} must be >= 0 (0 = off)")
     if attn.sparse_cache and attn.kind == "linear":

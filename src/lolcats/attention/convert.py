@@ -126,6 +126,21 @@ def set_sparse_cache(model: nn.Module, size: int, score: str | None = None, sink
                                     "sparse_score": mods[0].cfg.sparse_score, "sparse_sink": mods[0].cfg.sparse_sink}
 
 
+def set_linear_scale(model: nn.Module, scale: float) -> None:
+    """Weight the linear terms of every converted layer's hybrid sum by ``scale`` against the softmax ones
+    (``attention.linear_scale``; 1 = the LoLCATs formula), e.g. on a trained checkpoint. Checked like the config."""
+    mods = [m for m in lolcats_modules(model) if m.converted]
+    if not mods:
+        raise ValueError("set_linear_scale: the model has no converted LolcatsAttention layers (a linearized model "
+                         "is needed)")
+    for m in mods:
+        m.cfg = replace(m.cfg, linear_scale=scale)
+        check_sparse_cache(m.cfg)
+    config = causal_lm(model).config
+    if isinstance(getattr(config, "lolcats_attention", None), dict):
+        config.lolcats_attention = {**config.lolcats_attention, "linear_scale": scale}
+
+
 def lolcats_modules(model: nn.Module) -> Iterator[LolcatsAttention]:
     for m in model.modules():
         if isinstance(m, LolcatsAttention):

@@ -229,7 +229,7 @@ class LolcatsAttention(nn.Module):
         op = self.rope_features_op(q, k)
         if op is not None:
             q, k, fq, fk = op(q, k, cos, sin, self.feature_map_q.weight, self.feature_map_k.weight)
-            return q, k, v, fq, fk, log_gate
+            return q, k, v, self.scale_linear(fq), fk, log_gate
         q, k = apply_rope(q, k, cos, sin)
         return (q, k, v, *self.features(q, k), log_gate)
 
@@ -245,11 +245,18 @@ class LolcatsAttention(nn.Module):
         return op
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi(q) (B, H, T, F), phi(k) (B, Hk, T, F); Hedgehog through the backend's fused op if it has one."""
+        """phi(q) (B, H, T, F) times ``linear_scale``, phi(k) (B, Hk, T, F); Hedgehog through the backend's fused
+        op if it has one."""
         fused = get_backend(self.cfg.backend, q).hedgehog
         if fused is not None and isinstance(self.feature_map_q, HedgehogFeatureMap):
-            return fused(q, self.feature_map_q.weight), fused(k, self.feature_map_k.weight)
-        return self.feature_map_q(q), self.feature_map_k(k)
+            return self.scale_linear(fused(q, self.feature_map_q.weight)), fused(k, self.feature_map_k.weight)
+        return self.scale_linear(self.feature_map_q(q)), self.feature_map_k(k)
+
+    def scale_linear(self, fq: torch.Tensor) -> torch.Tensor:
+        """phi(q) times ``attention.linear_scale``: every linear term of the hybrid sum (numerator, normaliser,
+        state) scales with it against the softmax terms; phi(k), the state and the sparse cache's scores do not."""
+        s = self.cfg.linear_scale
+        return fq if s == 1 else fq * s
 
     def window_factor(self) -> torch.Tensor:
         """(H,) in (0, 1)."""

@@ -43,15 +43,17 @@ def _streamer(tokenizer, shown: list[str] | None = None):
 
 def run_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, stream: bool = False,
-                 fast: bool = False) -> list[str]:
+                 fast: bool = False, compile: bool = False) -> list[str]:
     """Completions (new text only, cut at ``stop``) of ``prompts``; streamed to stdout if asked.
 
-    ``fast`` uses :class:`FastGenerator` (CUDA graphs on GPU); otherwise ``model.generate``.
-    Streaming shows one prompt at a time.
+    ``fast`` uses :class:`FastGenerator` (CUDA graphs on GPU), its step through ``torch.compile`` with
+    ``compile``; otherwise ``model.generate``. Streaming shows one prompt at a time.
     """
+    if compile and not fast:
+        raise ValueError("compile: only with fast (FastGenerator compiles its decode step)")
     stop = list(stop or [])
     if stream and len(prompts) > 1:
-        return [run_generate(model, tokenizer, [p], max_new_tokens, temperature, top_p, stop, True, fast)[0]
+        return [run_generate(model, tokenizer, [p], max_new_tokens, temperature, top_p, stop, True, fast, compile)[0]
                 for p in prompts]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -61,7 +63,8 @@ def run_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128
     eos = eos_ids(model, tokenizer)
     streamer = _streamer(tokenizer) if stream else None
     if fast:
-        gen = FastGenerator(model, len(prompts), max_new_tokens, temperature, top_p, eos, tokenizer.pad_token_id)
+        gen = FastGenerator(model, len(prompts), max_new_tokens, temperature, top_p, eos, tokenizer.pad_token_id,
+                            compile=compile)
         if streamer is not None:
             streamer.next_tokens_are_prompt = False
         new = gen.generate(enc["input_ids"], enc["attention_mask"], streamer=streamer)
@@ -175,10 +178,10 @@ def check_prompts(prompts: list[str]) -> list[str]:
 
 def complete(model, tokenizer, prompts: list[str], chat_template: bool = False, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None, stream: bool = False,
-             fast: bool = False) -> list[str]:
+             fast: bool = False, compile: bool = False) -> list[str]:
     """:func:`run_generate` on ``prompts``, each first wrapped as a user message through the
     tokenizer's chat template when ``chat_template`` (instruct models)."""
     check_prompts(prompts)
     if chat_template:
         prompts = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    return run_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stream, fast)
+    return run_generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, stop, stream, fast, compile)

@@ -22,12 +22,13 @@ trained on), before any model loads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from lolcats import distributed as dist
 from lolcats.attention.convert import (convert_model, enable_lolcats_generation, keep_softmax, set_attention_mode,
-                                       set_sparse_cache, stage1_checkpoint_names)
+                                       set_linear_scale, set_sparse_cache, stage1_checkpoint_names)
 from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
                                 load_tensors, read_meta)
 from lolcats.config import Config, ConfigError, FinetuneConfig, ModelConfig, config_from_dict
@@ -54,6 +55,7 @@ class ModelSource:
     sparse_cache: int | None = None  # LoLA's sparse cache (pairs per KV head) put on the loaded model; 0 = off
     sparse_score: str | None = None  # its score (attention.sparse_score); with sparse_cache only
     sparse_sink: int | None = None  # positions its cache always keeps (attention.sparse_sink); with sparse_cache only
+    linear_scale: float | None = None  # weight of the linear terms against the softmax ones (attention.linear_scale)
 
     def __post_init__(self):
         given = [k for k in ("checkpoint", "export", "config") if getattr(self, k) is not None]
@@ -68,6 +70,10 @@ class ModelSource:
                              "--base NAME, or --config FILE of a finished run")
         if self.sparse_cache is not None and not self.linearized:
             raise ValueError("--sparse-cache needs a linearized model (--checkpoint, --export or --config)")
+        if self.linear_scale is not None and not self.linearized:
+            raise ValueError("--linear-scale needs a linearized model (--checkpoint, --export or --config)")
+        if self.linear_scale is not None and not (math.isfinite(self.linear_scale) and self.linear_scale >= 0):
+            raise ValueError(f"--linear-scale: {self.linear_scale} must be a finite number >= 0 (1 = the LoLCATs formula)")
         if self.sparse_score is not None and self.sparse_cache is None:
             raise ValueError("--sparse-score needs --sparse-cache N")
         if self.sparse_sink is not None and self.sparse_cache is None:
@@ -143,6 +149,8 @@ def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: b
         model, tok = load_linearized(source.base, stage1, stage2, device, dtype, merge, trust)
     if source.sparse_cache is not None:
         set_sparse_cache(model, source.sparse_cache, source.sparse_score, source.sparse_sink)
+    if source.linear_scale is not None:
+        set_linear_scale(model, source.linear_scale)
     return model, tok
 
 

@@ -16,6 +16,8 @@ Window shapes, by token positions p (so left padding does not move them):
   * ``terraced_window``: blocks of w tokens, b = p // w; j in W(i) iff p_j <= p_i and
     b_i - b_j <= 1 (own block and the previous one); j in L(i) iff b_i - b_j >= 2.
 The window always holds the query itself, so the normaliser is at least g_h > 0.
+``attention.linear_scale`` (lambda) is applied by the layer, not here: it passes lambda fq, so every linear
+term above (and the state's) is weighted lambda against the softmax terms.
 
 With a log forget gate ``log_gate`` (B, Hk, Tq) on the queries' tokens (``ops/gate.py``), each
 linear term decays by the gates of the tokens since the key left the window:
