@@ -52,9 +52,9 @@ def test_scale_zero_leaves_softmax_over_the_window_by_hand(kind):
     torch.testing.assert_close(y, s.softmax(-1) @ v)
 
 
-@pytest.mark.parametrize("kind,arch,sparse,sink", [("sliding_window", "llama", 0, 0), ("terraced_window", "llama", 0, 0),
-                                                   ("sliding_window", "mistral", 0, 0),
-                                                   ("terraced_window", "llama", 6, 2), ("sliding_window", "llama", 3, 0)])
+@pytest.mark.parametrize("kind,arch,sparse,sink", [
+    ("sliding_window", "llama", 0, 0), ("terraced_window", "llama", 0, 0), ("sliding_window", "mistral", 0, 0),
+    ("terraced_window", "llama", 6, 2), ("sliding_window", "llama", 3, 0)])
 @torch.no_grad()
 def test_prefill_then_decode_equals_full_forward(kind, arch, sparse, sink):
     model = scaled_model(kind, 0.3, sparse, sink, arch)

@@ -256,8 +256,9 @@ class Config:
 
 
 HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "attention.softmax_pick",
-                   "attention.sparse_cache", "attention.sparse_score", "attention.sparse_sink", "attention.linear_scale",
-                   "data.max_file_tokens", "finetune.loss", "finetune.kl_weight", "finetune.kl_temperature")
+                   "attention.sparse_cache", "attention.sparse_score", "attention.sparse_sink",
+                   "attention.linear_scale", "data.max_file_tokens", "finetune.loss", "finetune.kl_weight",
+                   "finetune.kl_temperature")
 "Fields added after run directories existed: in a run's hash only when set away from their default."
 
 SHORT_FLAGS = {"seed": "run.seed", "hf-token": "model.hf_token", "hf_token": "model.hf_token", "model": "model.name"}

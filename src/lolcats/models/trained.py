@@ -73,7 +73,8 @@ class ModelSource:
         if self.linear_scale is not None and not self.linearized:
             raise ValueError("--linear-scale needs a linearized model (--checkpoint, --export or --config)")
         if self.linear_scale is not None and not (math.isfinite(self.linear_scale) and self.linear_scale >= 0):
-            raise ValueError(f"--linear-scale: {self.linear_scale} must be a finite number >= 0 (1 = the LoLCATs formula)")
+            raise ValueError(f"--linear-scale: {self.linear_scale} must be a finite number >= 0 "
+                             "(1 = the LoLCATs formula)")
         if self.sparse_score is not None and self.sparse_cache is None:
             raise ValueError("--sparse-score needs --sparse-cache N")
         if self.sparse_sink is not None and self.sparse_cache is None:
