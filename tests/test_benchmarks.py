@@ -377,3 +377,35 @@ def test_recall_masks_run_on_a_tiny_model():
     assert wide[0]["outputs"] == wide[1]["outputs"] and wide[0]["samples"] == 3
     narrow = mod.run(model, tok, [mod.parse_row("window all", 2)], [160], 3, window=1)
     assert narrow[0]["outputs"] != wide[0]["outputs"]
+
+
+# ---------------------------------------------------------------- benchmarks/recall_probe.py
+
+
+def test_recall_probe_pins_the_key_and_runs_on_a_tiny_model():
+    """With the key pinned every converted layer's cache holds the whole key sentence after the prefill; the
+    rows come out per linear scale, with and without the pin."""
+    import importlib.util
+
+    from conftest import tiny_tokenizer
+    from test_generation import build
+
+    from lolcats.attention.convert import set_sparse_cache
+    from lolcats.evaluation.recall import build_samples, recall_settings
+
+    spec = importlib.util.spec_from_file_location("recall_probe", REPO / "benchmarks/recall_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tok = tiny_tokenizer()
+    model = build("llama", "terraced_window", vocab=len(tok.get_vocab()))
+    s = build_samples(tok, "passkey", 200, recall_settings("passkey", [200], samples=1))[0]
+    set_sparse_cache(model, s.key_len + 4, None, 2)
+    free = mod.occupancy(model, s)
+    with mod.key_pinned([s.key_start, s.key_start + s.key_len], "self_recall"):
+        pinned = mod.occupancy(model, s)
+    assert set(pinned) == {0, 1} and all(h == s.key_len for heads in pinned.values() for h in heads)
+    assert mod.occupancy(model, s) == free  # the score is restored
+    rows = mod.run(model, tok, [200], 2, [1.0, 0.0], pin=True)
+    assert [(r["linear_scale"], r["key_pinned"]) for r in rows[:-1]] == [(1.0, False), (1.0, True), (0.0, False),
+                                                                         (0.0, True)]
+    assert rows[-1]["occupancy"][0].keys() == {0, 1} and all(r["samples"] == 2 for r in rows[:-1])
