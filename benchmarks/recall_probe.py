@@ -51,9 +51,10 @@ def key_pinned(span: list[int], score: str):
 def occupancy(model, sample) -> dict[int, list[int]]:
     """{layer: key-sentence tokens in each KV head's sparse cache} after ``sample``'s prefill."""
     from lolcats.attention.convert import cache_kwarg_name, make_cache
+    from lolcats.evaluation.perplexity import model_device
 
     cache = make_cache(model)
-    ids = torch.tensor([sample.ids], device=next(model.parameters()).device)
+    ids = torch.tensor([sample.ids], device=model_device(model))
     model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
     lo, hi = sample.key_start, sample.key_start + sample.key_len
     out = {}

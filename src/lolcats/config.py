@@ -389,7 +389,7 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"finetune.kl_weight: {cfg.finetune.kl_weight} must be in [0, 1]")
     if not cfg.finetune.kl_temperature > 0:
         raise ConfigError(f"finetune.kl_temperature: {cfg.finetune.kl_temperature} must be > 0")
-    check_sparse_cache(cfg.attention)
+    check_eval_settings(cfg.attention)
     if cfg.attention.sparse_cache and cfg.distill.xent_factor > 0:
         raise ConfigError("attention.sparse_cache: the attention cross-entropy (distill.xent_factor > 0) is not "
                           "available with a sparse cache; set distill.xent_factor 0 or attention.sparse_cache 0")
@@ -423,13 +423,17 @@ def _check_softmax_layers(a: AttentionConfig) -> None:
             raise ConfigError(f"attention.{key}: {idx} must be distinct layer indices >= 0")
 
 
-def check_sparse_cache(attn: AttentionConfig) -> None:
-    """The eval-time settings of the softmax part: the sparse cache (a size >= 0, on a window kind, a known score,
-    a sink below its size) and the linear terms' weight (finite, >= 0, on a window kind)."""
-    scale = attn.linear_scale
+def check_linear_scale(scale, name: str = "attention.linear_scale") -> None:
+    """``scale`` is a finite number >= 0 (``name``: the key or flag it came from, for the message)."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-        raise ConfigError(f"attention.linear_scale: {scale!r} must be a finite number >= 0 (1 = the LoLCATs formula)")
-    if scale != 1 and attn.kind == "linear":
+        raise ConfigError(f"{name}: {scale!r} must be a finite number >= 0 (1 = the LoLCATs formula)")
+
+
+def check_eval_settings(attn: AttentionConfig) -> None:
+    """The settings a trained checkpoint takes at load time: the sparse cache (a size >= 0, on a window kind, a
+    known score, a sink below its size) and the linear terms' weight (finite, >= 0, on a window kind)."""
+    check_linear_scale(attn.linear_scale)
+    if attn.linear_scale != 1 and attn.kind == "linear":
         raise ConfigError("attention.linear_scale: needs a window kind (sliding_window or terraced_window); "
                           "pure linear attention's normaliser cancels it")
     if attn.sparse_cache < 0:

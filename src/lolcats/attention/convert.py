@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lolcats.attention.cache import LolcatsCache, LolcatsLayer, SoftmaxLayer
 from lolcats.attention.module import MODES, DistillOutput, LolcatsAttention, Mode
-from lolcats.config import AttentionConfig, check_sparse_cache
+from lolcats.config import AttentionConfig, check_eval_settings
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -119,11 +119,9 @@ def set_sparse_cache(model: nn.Module, size: int, score: str | None = None, sink
     for m in mods:
         m.cfg = replace(m.cfg, sparse_cache=size, sparse_score=score or m.cfg.sparse_score,
                         sparse_sink=(0 if size == 0 else m.cfg.sparse_sink) if sink is None else sink)
-        check_sparse_cache(m.cfg)
-    config = causal_lm(model).config
-    if isinstance(getattr(config, "lolcats_attention", None), dict):
-        config.lolcats_attention = {**config.lolcats_attention, "sparse_cache": size,
-                                    "sparse_score": mods[0].cfg.sparse_score, "sparse_sink": mods[0].cfg.sparse_sink}
+        check_eval_settings(m.cfg)
+    _record_settings(model, sparse_cache=size, sparse_score=mods[0].cfg.sparse_score,
+                     sparse_sink=mods[0].cfg.sparse_sink)
 
 
 def set_linear_scale(model: nn.Module, scale: float) -> None:
@@ -135,10 +133,16 @@ def set_linear_scale(model: nn.Module, scale: float) -> None:
                          "is needed)")
     for m in mods:
         m.cfg = replace(m.cfg, linear_scale=scale)
-        check_sparse_cache(m.cfg)
+        check_eval_settings(m.cfg)
+    _record_settings(model, linear_scale=scale)
+
+
+def _record_settings(model: nn.Module, **fields) -> None:
+    """Load-time attention settings into ``config.lolcats_attention`` (where the model records one: what an
+    export and an evaluation's JSON read back)."""
     config = causal_lm(model).config
     if isinstance(getattr(config, "lolcats_attention", None), dict):
-        config.lolcats_attention = {**config.lolcats_attention, "linear_scale": scale}
+        config.lolcats_attention = {**config.lolcats_attention, **fields}
 
 
 def lolcats_modules(model: nn.Module) -> Iterator[LolcatsAttention]:

@@ -249,8 +249,10 @@ class LolcatsAttention(nn.Module):
         op if it has one."""
         fused = get_backend(self.cfg.backend, q).hedgehog
         if fused is not None and isinstance(self.feature_map_q, HedgehogFeatureMap):
-            return self.scale_linear(fused(q, self.feature_map_q.weight)), fused(k, self.feature_map_k.weight)
-        return self.scale_linear(self.feature_map_q(q)), self.feature_map_k(k)
+            fq, fk = fused(q, self.feature_map_q.weight), fused(k, self.feature_map_k.weight)
+        else:
+            fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        return self.scale_linear(fq), fk
 
     def scale_linear(self, fq: torch.Tensor) -> torch.Tensor:
         """phi(q) times ``attention.linear_scale``: every linear term of the hybrid sum (numerator, normaliser,

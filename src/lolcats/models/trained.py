@@ -22,7 +22,6 @@ trained on), before any model loads.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from lolcats.attention.convert import (convert_model, enable_lolcats_generation,
                                        set_linear_scale, set_sparse_cache, stage1_checkpoint_names)
 from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
                                 load_tensors, read_meta)
-from lolcats.config import Config, ConfigError, FinetuneConfig, ModelConfig, config_from_dict
+from lolcats.config import Config, ConfigError, FinetuneConfig, ModelConfig, check_linear_scale, config_from_dict
 from lolcats.models.gguf_cache import shared_gguf_reads
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
 from lolcats.models.locator import locate_base
@@ -72,9 +71,8 @@ class ModelSource:
             raise ValueError("--sparse-cache needs a linearized model (--checkpoint, --export or --config)")
         if self.linear_scale is not None and not self.linearized:
             raise ValueError("--linear-scale needs a linearized model (--checkpoint, --export or --config)")
-        if self.linear_scale is not None and not (math.isfinite(self.linear_scale) and self.linear_scale >= 0):
-            raise ValueError(f"--linear-scale: {self.linear_scale} must be a finite number >= 0 "
-                             "(1 = the LoLCATs formula)")
+        if self.linear_scale is not None:
+            check_linear_scale(self.linear_scale, "--linear-scale")
         if self.sparse_score is not None and self.sparse_cache is None:
             raise ValueError("--sparse-score needs --sparse-cache N")
         if self.sparse_sink is not None and self.sparse_cache is None:
