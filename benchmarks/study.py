@@ -46,6 +46,8 @@ class Row:
 
 ALPACA = "alpaca_52k_en.jsonl.gz"
 MIX = [ALPACA, "wikipedia_en_enwiki_chunk.jsonl.gz", "gutenberg_en_books.jsonl.gz"]
+LONG = ["--data.seq_len", "4096", "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"]  # same tokens
+RECIPE_EVAL = ["--sparse-cache", "256", "--sparse-sink", "64", "--linear-scale", "0.3"]  # the recipe's eval settings
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
     Row("default", "today's default: terraced 64 + linear, Hedgehog, CE LoRA"),
@@ -95,30 +97,27 @@ ROWS = [
          "--attention.sparse_sink", "64", "--attention.linear_scale", "0.3"], data=MIX),
     Row("combo_sink256_ls03", "combo + sparse cache 256 with a 64-token sink, linear terms x 0.3 (eval time)",
         train=False, checkpoint_of="combo",
-        eval_flags=["--sparse-cache", "256", "--sparse-sink", "64", "--linear-scale", "0.3"]),
+        eval_flags=RECIPE_EVAL),
     Row("combo_long", "combo on packed 4096-token sequences (the same tokens, 2 x 4096 per step)",
-        ["--finetune.loss", "mix", "--attention.softmax_count", "4", "--data.seq_len", "4096",
-         "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"], data=MIX),
+        ["--finetune.loss", "mix", "--attention.softmax_count", "4", *LONG], data=MIX),
     Row("combo_long_sparse", "combo_long + sparse cache 64 (eval time)", train=False, checkpoint_of="combo_long",
         eval_flags=["--sparse-cache", "64"]),
     Row("combo_long_sink256_ls03", "combo_long + sparse cache 256, sink 64, linear terms x 0.3 (eval time)",
         train=False, checkpoint_of="combo_long",
-        eval_flags=["--sparse-cache", "256", "--sparse-sink", "64", "--linear-scale", "0.3"]),
+        eval_flags=RECIPE_EVAL),
     Row("combo_long_sink256_ls015", "combo_long + sparse cache 256, sink 64, linear terms x 0.15 (eval time)",
         train=False, checkpoint_of="combo_long",
         eval_flags=["--sparse-cache", "256", "--sparse-sink", "64", "--linear-scale", "0.15"]),
     Row("combo_long_kl", "combo_long with the LoRA stage on KL to the teacher alone (closer to the base model)",
-        ["--finetune.loss", "kl", "--attention.softmax_count", "4", "--data.seq_len", "4096",
-         "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"], data=MIX),
+        ["--finetune.loss", "kl", "--attention.softmax_count", "4", *LONG], data=MIX),
     Row("combo_long_kl_sink256_ls03", "combo_long_kl + sparse cache 256, sink 64, linear terms x 0.3 (eval time)",
         train=False, checkpoint_of="combo_long_kl",
-        eval_flags=["--sparse-cache", "256", "--sparse-sink", "64", "--linear-scale", "0.3"]),
+        eval_flags=RECIPE_EVAL),
     Row("combo0_long", "combo_long with no softmax layers: a decode state constant in the length",
-        ["--finetune.loss", "mix", "--data.seq_len", "4096", "--distill.micro_batch_size", "2",
-         "--finetune.micro_batch_size", "2"], data=MIX),
+        ["--finetune.loss", "mix", *LONG], data=MIX),
     Row("combo0_long_sink256_ls03", "combo0_long + sparse cache 256, sink 64, linear terms x 0.3 (eval time)",
         train=False, checkpoint_of="combo0_long",
-        eval_flags=["--sparse-cache", "256", "--sparse-sink", "64", "--linear-scale", "0.3"]),
+        eval_flags=RECIPE_EVAL),
 ]
 
 
