@@ -297,6 +297,25 @@ def test_study_rows_start_from_the_schema_defaults_and_differ_only_by_their_flag
             assert row.checkpoint_of is None or rows[row.checkpoint_of].train
 
 
+def test_the_smollm2_recipe_is_the_study_row_it_came_from():
+    """configs/smollm2-135m.yaml trains what the study row combo_long_kl trained (docs/RESULTS.md), at the
+    study's 3M-token pool: every field but the data files, the model path and the run's own directory."""
+    from dataclasses import asdict
+
+    from lolcats.config import load_config
+
+    mod = _study_module()
+    a = mod.parse_args(["--out", "OUT", "--model", "M.gguf", "--data", "D", "--tokens", "3000000"])
+    cmd = mod.train_command({r.label: r for r in mod.ROWS}["combo_long_kl"], a)
+    i = cmd.index("--config")
+    row = asdict(load_config([cmd[i + 1]], cmd[i + 2:]))
+    recipe = asdict(load_config([REPO / "configs/smollm2-135m.yaml"]))
+    for cfg in (row, recipe):
+        cfg["data"].pop("train"), cfg.pop("model"), cfg["run"].pop("output_dir"), cfg["run"].pop("progress")
+    assert recipe == row
+    assert (recipe["data"]["seq_len"], recipe["finetune"]["loss"], recipe["attention"]["softmax_count"]) == (4096, "kl", 4)
+
+
 def test_study_run_again_on_the_same_out_skips_the_steps_it_finished(tmp_path, monkeypatch):
     """A study cut after a row's training runs only that row's evaluations the next time, keeping the seconds."""
     mod = _study_module()
