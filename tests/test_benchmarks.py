@@ -312,8 +312,13 @@ def test_the_smollm2_recipe_is_the_study_row_it_came_from():
     recipe = asdict(load_config([REPO / "configs/smollm2-135m.yaml"]))
     for cfg in (row, recipe):
         cfg["data"].pop("train"), cfg.pop("model"), cfg["run"].pop("output_dir"), cfg["run"].pop("progress")
+    use = recipe.pop("use")  # what the study's eval rows of the recipe give as flags
+    assert row.pop("use") == {k: None for k in use}
     assert recipe == row
-    assert (recipe["data"]["seq_len"], recipe["finetune"]["loss"], recipe["attention"]["softmax_count"]) == (4096, "kl", 4)
+    assert mod.RECIPE_EVAL == ["--sparse-cache", str(use["sparse_cache"]), "--sparse-sink", str(use["sparse_sink"]),
+                               "--linear-scale", str(use["linear_scale"])] and use["sparse_score"] is None
+    picked = (recipe["data"]["seq_len"], recipe["finetune"]["loss"], recipe["attention"]["softmax_count"])
+    assert picked == (4096, "kl", 4)
 
 
 def test_study_run_again_on_the_same_out_skips_the_steps_it_finished(tmp_path, monkeypatch):

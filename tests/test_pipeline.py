@@ -28,7 +28,7 @@ def make_cfg(tmp_path, model_dir, data, **over):
          "run": {"output_dir": str(tmp_path / "runs"), "device": "cpu", "progress": False}}
     for k, v in over.items():
         sec, key = k.split(".")
-        o[sec][key] = v
+        o.setdefault(sec, {})[key] = v
     return load_config(None, o)
 
 
@@ -221,6 +221,41 @@ def test_student_perplexity_runs_after_stage1(finished):
     ctx = prepare(cfg)
     run_distill(ctx)
     assert student_perplexity(ctx) > 0
+
+
+def test_the_use_section_travels_with_the_checkpoints(env, tmp_path):
+    """A run's ``use`` settings are not trained with, are recorded in both checkpoints, and are set on the model
+    by every load (checkpoint of either stage, or the config); the command's flags replace them."""
+    from lolcats.attention.convert import lolcats_modules
+    from lolcats.checkpoint import read_meta
+    from lolcats.evaluation import eval_main
+    from lolcats.models.trained import ModelSource, load_trained
+
+    root, model_dir, data = env
+    use = {"use.sparse_cache": 8, "use.sparse_sink": 2, "use.linear_scale": 0.5}
+    cfg = make_cfg(tmp_path, model_dir, data, **use, **{"distill.max_steps": 4, "finetune.max_steps": 4})
+    linearize(cfg)
+    d1, d2 = stage_dirs(cfg)
+    assert stage_dirs(make_cfg(tmp_path, model_dir, data, **{"distill.max_steps": 4, "finetune.max_steps": 4})) == (
+        d1, d2)  # not part of the run's identity
+    for d in (d1, d2):
+        meta = read_meta(d / "best")
+        assert (meta["attention"]["sparse_cache"], meta["attention"]["linear_scale"]) == (0, 1.0)  # trained without
+        assert meta["config"]["use"] == {"sparse_cache": 8, "sparse_score": None, "sparse_sink": 2, "linear_scale": 0.5}
+
+    def used(**src):
+        model, _ = load_trained(ModelSource(**src), "cpu", "float32")
+        return {(m.cfg.sparse_cache, m.cfg.sparse_sink, m.cfg.linear_scale) for m in lolcats_modules(model)}
+
+    assert used(checkpoint=str(d2 / "best")) == used(checkpoint=str(d1 / "best")) == used(config=cfg) == {(8, 2, 0.5)}
+    assert used(checkpoint=str(d2 / "best"), sparse_cache=4) == {(4, 0, 0.5)}  # the cache flags replace all three
+    assert used(checkpoint=str(d2 / "best"), sparse_cache=0, linear_scale=1.0) == {(0, 0, 1.0)}
+    text = tmp_path / "docs.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the big red house\n" * 8)
+    eval_main(ModelSource(checkpoint=str(d2 / "best")), ppl=[str(text)], seq_len=32, output=str(tmp_path / "e.json"),
+              device="cpu", print_table=False)
+    assert json.loads((tmp_path / "e.json").read_text())["models"]["linearized"]["use"] == {
+        "sparse_cache": 8, "sparse_score": "self_recall", "sparse_sink": 2, "linear_scale": 0.5}  # what it ran with
 
 
 def test_fingerprint_does_not_depend_on_float32_or_bf16():

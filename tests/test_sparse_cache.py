@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lolcats.attention.convert import lolcats_modules, make_cache, set_attention_mode, set_sparse_cache
-from lolcats.config import AttentionConfig, ConfigError, config_from_dict
+from lolcats.config import AttentionConfig, ConfigError, UseConfig, config_from_dict
 from lolcats.generation import FastGenerator
 from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naive, window_slots
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
@@ -324,6 +324,7 @@ def eval_with_model_flags(tmp_path, monkeypatch, flags: list[str]):
     model = build("llama", "terraced_window", vocab=len(tok.get_vocab()))
     monkeypatch.setattr(trained, "checkpoint_pair", lambda source: ("stage1", None))
     monkeypatch.setattr(trained, "load_linearized", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(trained, "recorded_use", lambda source: UseConfig())  # no checkpoint to read it from
     text = tmp_path / "docs.txt"
     text.write_text("the cat sat on the mat and the dog ran to the big red house\n" * 4)
     out = tmp_path / "eval.json"

@@ -70,7 +70,8 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
                    help="allow the base model's own Python code (a checkpoint's metadata never turns this on)")
     g.add_argument("--sparse-cache", type=int, metavar="N", default=None,
                    help="LoLA sparse cache on the loaded linearized model: N key-value pairs per KV head kept "
-                        "beside the window (those its linear state recalls worst); no training needed; 0 = off")
+                        "beside the window (those its linear state recalls worst); no training needed; 0 = off; "
+                        "replaces the cache its run recorded (use.sparse_cache, with its score and sink)")
     g.add_argument("--sparse-score", default=None, choices=SPARSE_SCORES,
                    help="which pairs the sparse cache keeps (default: the model's, self_recall)")
     g.add_argument("--sparse-sink", type=int, metavar="N", default=None,
@@ -79,7 +80,7 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
     g.add_argument("--linear-scale", type=float, metavar="X", default=None,
                    help="weight of the linear-attention terms against the softmax ones (window, sparse cache) on "
                         "the loaded linearized model; below 1 favours what the softmax part reads; default: the "
-                        "model's (1)")
+                        "one its run recorded (use.linear_scale), else the model's (1)")
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights dtype: auto = bfloat16 on GPU, float32 on CPU (export: the dtype written; "

@@ -230,6 +230,23 @@ class RunConfig:
 
 
 @dataclass
+class UseConfig:
+    """How the trained model is used: put on it by every command that loads it (eval, generate, chat, serve,
+    export), never in training; recorded in its checkpoints, so a recipe's settings travel with its model.
+    Empty = as trained. A command's --sparse-cache (with its --sparse-score, --sparse-sink) replaces the
+    recorded cache settings, its --linear-scale the recorded scale."""
+
+    sparse_cache: int | None = None
+    "attention.sparse_cache when the model is used (LoLA's pairs per KV head; 0 = off); empty = as trained."
+    sparse_score: Literal["self_recall", "recency"] | None = None
+    "attention.sparse_score with use.sparse_cache; empty = self_recall."
+    sparse_sink: int | None = None
+    "attention.sparse_sink with use.sparse_cache; empty = 0."
+    linear_scale: float | None = None
+    "attention.linear_scale when the model is used; empty = as trained."
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -237,6 +254,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    use: UseConfig = field(default_factory=UseConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -390,6 +408,7 @@ def _check_values(cfg: Config) -> None:
     if not cfg.finetune.kl_temperature > 0:
         raise ConfigError(f"finetune.kl_temperature: {cfg.finetune.kl_temperature} must be > 0")
     check_eval_settings(cfg.attention)
+    check_eval_settings(used_attention(cfg.attention, cfg.use), "use")
     if cfg.attention.sparse_cache and cfg.distill.xent_factor > 0:
         raise ConfigError("attention.sparse_cache: the attention cross-entropy (distill.xent_factor > 0) is not "
                           "available with a sparse cache; set distill.xent_factor 0 or attention.sparse_cache 0")
@@ -429,22 +448,36 @@ def check_linear_scale(scale, name: str = "attention.linear_scale") -> None:
         raise ConfigError(f"{name}: {scale!r} must be a finite number >= 0 (1 = the LoLCATs formula)")
 
 
-def check_eval_settings(attn: AttentionConfig) -> None:
+def check_eval_settings(attn: AttentionConfig, where: str = "attention") -> None:
     """The settings a trained checkpoint takes at load time: the sparse cache (a size >= 0, on a window kind, a
-    known score, a sink below its size) and the linear terms' weight (finite, >= 0, on a window kind)."""
-    check_linear_scale(attn.linear_scale)
+    known score, a sink below its size) and the linear terms' weight (finite, >= 0, on a window kind).
+    ``where``: the section the values came from (attention, or use), for the messages."""
+    check_linear_scale(attn.linear_scale, f"{where}.linear_scale")
     if attn.linear_scale != 1 and attn.kind == "linear":
-        raise ConfigError("attention.linear_scale: needs a window kind (sliding_window or terraced_window); "
+        raise ConfigError(f"{where}.linear_scale: needs a window kind (sliding_window or terraced_window); "
                           "pure linear attention's normaliser cancels it")
     if attn.sparse_cache < 0:
-        raise ConfigError(f"attention.sparse_cache: {attn.sparse_cache} must be >= 0 (0 = off)")
+        raise ConfigError(f"{where}.sparse_cache: {attn.sparse_cache} must be >= 0 (0 = off)")
     if attn.sparse_cache and attn.kind == "linear":
-        raise ConfigError("attention.sparse_cache: needs a window kind (sliding_window or terraced_window); "
+        raise ConfigError(f"{where}.sparse_cache: needs a window kind (sliding_window or terraced_window); "
                           "linear attention has no softmax part for the cached pairs")
-    _coerce("attention.sparse_score", attn.sparse_score, _field_types(AttentionConfig)["sparse_score"])
+    _coerce(f"{where}.sparse_score", attn.sparse_score, _field_types(AttentionConfig)["sparse_score"])
     if attn.sparse_sink < 0 or (attn.sparse_sink and attn.sparse_sink >= attn.sparse_cache):
-        raise ConfigError(f"attention.sparse_sink: {attn.sparse_sink} must be >= 0 and below attention.sparse_cache "
+        raise ConfigError(f"{where}.sparse_sink: {attn.sparse_sink} must be >= 0 and below {where}.sparse_cache "
                           f"({attn.sparse_cache}): the cache keeps the sink's pairs and needs room for others")
+
+
+def used_attention(attn: AttentionConfig, use: UseConfig) -> AttentionConfig:
+    """``attn`` with the settings ``use`` gives in place of the trained ones (the model as it is used)."""
+    if use.sparse_cache is None and (use.sparse_score is not None or use.sparse_sink is not None):
+        raise ConfigError("use.sparse_score and use.sparse_sink go with use.sparse_cache N (they replace the "
+                          "trained cache settings together)")
+    if use.sparse_cache is not None:
+        attn = dataclasses.replace(attn, sparse_cache=use.sparse_cache, sparse_score=use.sparse_score or "self_recall",
+                                   sparse_sink=use.sparse_sink or 0)
+    if use.linear_scale is not None:
+        attn = dataclasses.replace(attn, linear_scale=use.linear_scale)
+    return attn
 
 
 # ---------------------------------------------------------------- loading

@@ -15,12 +15,13 @@ Recall (``--recall``, :mod:`lolcats.evaluation.recall`): passkey retrieval at ex
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from lolcats.config import UseConfig
 from lolcats.evaluation.perplexity import (PPL_MODES, frame_documents, packed_perplexity, perplexity,
                                            token_perplexity)
 from lolcats.evaluation.recall import RecallSettings, build_all, evaluate_recall
@@ -97,8 +98,10 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
                     num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, include_path=include_path,
                     recall=recall)
     results: dict[str, Any] = {}
+    models = {label: _describe(src) for label, src in runs}
     for label, src in runs:
         model, tokenizer = load_trained(src, None if device == "auto" else device, dtype)
+        models[label].update(_settings_used(model))
         results[label] = evaluate_model(model, tokenizer, **settings)
         del model
         gc.collect()
@@ -108,7 +111,7 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
     metrics = DEFAULT_METRICS + tuple(recall.depth_metrics() if recall and recall_depth_rows else ())
     table = compare_table(results, metrics=metrics, tasks=shown)
     if output:
-        save_results(output, results, table=table, models={label: _describe(src) for label, src in runs},
+        save_results(output, results, table=table, models=models,
                      settings={**settings, "recall": asdict(recall) if recall else None}, versions=_versions())
     if print_table:
         print(table)
@@ -117,6 +120,15 @@ def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str
 
 def _describe(source: ModelSource) -> dict[str, Any]:
     return {k: v for k, v in vars(source).items() if v not in (None, False) and k not in ("config", "base_config")}
+
+
+USE_KEYS = tuple(f.name for f in fields(UseConfig))  # the settings a trained model is used with
+
+
+def _settings_used(model) -> dict[str, Any]:
+    """A linearized model's load-time settings as it ran (``config.lolcats_attention``: trained, recorded or flags)."""
+    attn = getattr(model.config, "lolcats_attention", None) or {}
+    return {"use": {k: attn[k] for k in USE_KEYS if k in attn}} if attn else {}
 
 
 def _versions() -> dict[str, str]:
