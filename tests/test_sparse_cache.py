@@ -324,7 +324,7 @@ def eval_with_model_flags(tmp_path, monkeypatch, flags: list[str]):
     model = build("llama", "terraced_window", vocab=len(tok.get_vocab()))
     monkeypatch.setattr(trained, "checkpoint_pair", lambda source: ("stage1", None))
     monkeypatch.setattr(trained, "load_linearized", lambda *a, **k: (model, tok))
-    monkeypatch.setattr(trained, "recorded_use", lambda source: UseConfig())  # no checkpoint to read it from
+    monkeypatch.setattr(trained, "checkpoint_use", lambda directory: UseConfig())  # no checkpoint to read it from
     text = tmp_path / "docs.txt"
     text.write_text("the cat sat on the mat and the dog ran to the big red house\n" * 4)
     out = tmp_path / "eval.json"

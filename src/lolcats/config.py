@@ -107,6 +107,12 @@ class AttentionConfig:
     "LoLCATs formula; below 1 the exact softmax part counts more (with a sparse cache: what it retrieves). Needs no "
     "training (apply it to a checkpoint with --linear-scale); window kinds only."
 
+    def with_sparse_cache(self, size: int, score: str | None = None, sink: int | None = None) -> AttentionConfig:
+        """These settings with a sparse cache of ``size`` put on at load time: ``score`` / ``sink`` None keep
+        this config's own (the sink goes with the cache when it is turned off)."""
+        return dataclasses.replace(self, sparse_cache=size, sparse_score=score or self.sparse_score,
+                                   sparse_sink=(0 if size == 0 else self.sparse_sink) if sink is None else sink)
+
     def converted_layers(self, num_layers: int) -> list[int]:
         """Indices of the layers stage 1 converts (before a ``softmax_count`` pick), checked against the model."""
         for key in ("layers", "softmax_layers"):
@@ -239,9 +245,9 @@ class UseConfig:
     sparse_cache: int | None = None
     "attention.sparse_cache when the model is used (LoLA's pairs per KV head; 0 = off); empty = as trained."
     sparse_score: Literal["self_recall", "recency"] | None = None
-    "attention.sparse_score with use.sparse_cache; empty = self_recall."
+    "attention.sparse_score with use.sparse_cache; empty = the model's own (self_recall unless trained otherwise)."
     sparse_sink: int | None = None
-    "attention.sparse_sink with use.sparse_cache; empty = 0."
+    "attention.sparse_sink with use.sparse_cache; empty = the model's own (0 unless trained otherwise)."
     linear_scale: float | None = None
     "attention.linear_scale when the model is used; empty = as trained."
 
@@ -473,8 +479,7 @@ def used_attention(attn: AttentionConfig, use: UseConfig) -> AttentionConfig:
         raise ConfigError("use.sparse_score and use.sparse_sink go with use.sparse_cache N (they replace the "
                           "trained cache settings together)")
     if use.sparse_cache is not None:
-        attn = dataclasses.replace(attn, sparse_cache=use.sparse_cache, sparse_score=use.sparse_score or "self_recall",
-                                   sparse_sink=use.sparse_sink or 0)
+        attn = attn.with_sparse_cache(use.sparse_cache, use.sparse_score, use.sparse_sink)
     if use.linear_scale is not None:
         attn = dataclasses.replace(attn, linear_scale=use.linear_scale)
     return attn

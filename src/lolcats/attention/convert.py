@@ -117,8 +117,7 @@ def set_sparse_cache(model: nn.Module, size: int, score: str | None = None, sink
     if not mods:
         raise ValueError("set_sparse_cache: the model has no LolcatsAttention layers (a linearized model is needed)")
     for m in mods:
-        m.cfg = replace(m.cfg, sparse_cache=size, sparse_score=score or m.cfg.sparse_score,
-                        sparse_sink=(0 if size == 0 else m.cfg.sparse_sink) if sink is None else sink)
+        m.cfg = m.cfg.with_sparse_cache(size, score, sink)
         check_eval_settings(m.cfg)
     _record_settings(model, sparse_cache=size, sparse_score=mods[0].cfg.sparse_score,
                      sparse_sink=mods[0].cfg.sparse_sink)

@@ -12,7 +12,7 @@ Every command that uses a model (export, generate, chat, eval, serve) describes 
     load_trained(ModelSource(checkpoint=..., sparse_cache=64))             # with LoLA's sparse cache on
 
 A trained model is used with the settings its run's ``use`` section recorded (a sparse cache, the linear
-terms' weight: :func:`use_settings`); the command's own flags replace them.
+terms' weight); the command's own flags replace them.
 
 ``base`` with checkpoints replaces the base model the checkpoint records; without it the recorded
 one is found on this machine (:mod:`lolcats.models.locator`). A checkpoint's metadata only says
@@ -138,11 +138,12 @@ def base_source(source: ModelSource) -> ModelSource:
 
 def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: bool = True):
     """(model, tokenizer) in eval mode, student attention for linearized models, generation enabled; the
-    load-time settings (:func:`use_settings`: recorded, or the command's flags) set on a linearized model."""
+    load-time settings (the run's recorded ``use`` section, or the command's flags) set on a linearized model."""
     if not source.linearized and not source.untrained:
         cfg = source.base_config or ModelConfig(name=source.base, trust_remote_code=source.trust_remote_code)
         cfg = dataclasses.replace(cfg, dtype=dtype)
         return load_base_model(cfg, device), load_tokenizer(cfg)
+    use = source.config.use if source.config is not None else UseConfig()  # exports hold theirs in their config
     if source.untrained:
         model, tok = _load_untrained(source.config, device)
     elif source.export:
@@ -151,50 +152,38 @@ def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: b
         stage1, stage2 = checkpoint_pair(source)
         trust = source.trust_remote_code or bool(source.config and source.config.model.trust_remote_code)
         model, tok = load_linearized(source.base, stage1, stage2, device, dtype, merge, trust)
-    settings = use_settings(source)
+        if source.config is None:
+            use = checkpoint_use(stage2 or stage1)
+    _apply_use(model, use, source)
+    return model, tok
+
+
+def checkpoint_use(directory: str | Path) -> UseConfig:
+    """The ``use`` section a checkpoint's run recorded (empty for checkpoints made before it existed)."""
+    return _meta_section(read_meta(directory).get("config") or {}, "use", directory)
+
+
+def _apply_use(model, use: UseConfig, source: ModelSource) -> None:
+    """Put ``use`` on ``model`` with the command's flags in its place (a --sparse-cache replaces the recorded
+    cache, score and sink together); say which recorded settings applied."""
+    flags = {}
+    if source.sparse_cache is not None:
+        flags.update(sparse_cache=source.sparse_cache, sparse_score=source.sparse_score, sparse_sink=source.sparse_sink)
+    if source.linear_scale is not None:
+        flags["linear_scale"] = source.linear_scale
+    recorded = {}
+    if use.sparse_cache is not None and "sparse_cache" not in flags:
+        recorded.update(sparse_cache=use.sparse_cache, sparse_score=use.sparse_score, sparse_sink=use.sparse_sink)
+    if use.linear_scale is not None and "linear_scale" not in flags:
+        recorded["linear_scale"] = use.linear_scale
+    settings = {**recorded, **flags}
     if "sparse_cache" in settings:
         set_sparse_cache(model, settings["sparse_cache"], settings["sparse_score"], settings["sparse_sink"])
     if "linear_scale" in settings:
         set_linear_scale(model, settings["linear_scale"])
-    recorded = {k: v for k, v in settings.items() if k not in _flag_settings(source)}
     if recorded:
         print("lolcats: used with the settings its run recorded (use: "
               + ", ".join(f"{k} {v}" for k, v in recorded.items() if v is not None) + ")", file=sys.stderr)
-    return model, tok
-
-
-def recorded_use(source: ModelSource) -> UseConfig:
-    """The ``use`` section of the run ``source`` names: its config's, else its stage-2 (or stage-1) checkpoint's;
-    empty for exports (they hold their settings in the exported config) and base models."""
-    if source.config is not None:
-        return source.config.use
-    if source.export or not source.linearized:
-        return UseConfig()
-    stage1, stage2 = checkpoint_pair(source)
-    directory = stage2 or stage1
-    return _meta_section(read_meta(directory).get("config") or {}, "use", directory)
-
-
-def _flag_settings(source: ModelSource) -> dict:
-    out = {}
-    if source.sparse_cache is not None:
-        out.update(sparse_cache=source.sparse_cache, sparse_score=source.sparse_score, sparse_sink=source.sparse_sink)
-    if source.linear_scale is not None:
-        out["linear_scale"] = source.linear_scale
-    return out
-
-
-def use_settings(source: ModelSource) -> dict:
-    """The load-time settings :func:`load_trained` puts on the model ({sparse_cache, sparse_score, sparse_sink,
-    linear_scale}, those that apply): the recorded ``use`` section's, with the command's flags in their place
-    (a --sparse-cache replaces the recorded cache, score and sink together)."""
-    use = recorded_use(source)
-    out = {}
-    if use.sparse_cache is not None:
-        out.update(sparse_cache=use.sparse_cache, sparse_score=use.sparse_score, sparse_sink=use.sparse_sink)
-    if use.linear_scale is not None:
-        out["linear_scale"] = use.linear_scale
-    return {**out, **_flag_settings(source)}
 
 
 def _load_untrained(cfg: Config, device):
