@@ -1,6 +1,6 @@
 """Attention-transfer throughput (tokens/s) with each attention backend, same model, same run.
 
-    python benchmarks/distill_throughput.py --model smollm2-135m-instruct --backends torch triton
+    python -m benchmarks.distill_throughput --model smollm2-135m-instruct --backends torch triton
 
 Runs forward + backward of the stage-1 loss (all layers in distill mode) on random token ids
 of --seq-len, --batch sequences per step, bf16 autocast on CUDA, and prints a table with the
@@ -9,7 +9,7 @@ a configs/shapes architecture (e.g. smollm2-135m, llama3-8b) with random weights
 loading one (speed does not depend on the weights); ``--profile`` adds, per row, the CUDA kernels
 that took the most time over two steps (torch.profiler).
 
-    python benchmarks/distill_throughput.py --model smollm2-135m --init random --stages distill --profile
+    python -m benchmarks.distill_throughput --model smollm2-135m --init random --stages distill --profile
 
 A backend name ending in ``+torch-phi`` (e.g. ``triton+torch-phi``) is that backend with the
 PyTorch Hedgehog map instead of its fused one: the feature-map comparison at the step level.
@@ -21,7 +21,6 @@ PyTorch Hedgehog map instead of its fused one: the feature-map comparison at the
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 
@@ -34,6 +33,7 @@ from lolcats.ops import get_backend, register_backend
 from lolcats.training.cuda_graph import GraphedLoss, loss_and_backward
 from lolcats.models.lora import add_lora
 from lolcats.training.stages import distill_loss, lm_loss
+from benchmarks import common
 
 
 def _time(step, warmup: int, iters: int, device) -> float:
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--out")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    card = common.card(device, cpu="cpu")
     graphs = [False, True] if a.cuda_graph and device.type == "cuda" else [False]
     rows = [measure(a.model, b, s, a.batch, a.seq_len, a.iters, device, a.init, a.profile, g)
             for s in a.stages for b in a.backends for g in graphs]
@@ -142,8 +142,7 @@ def main() -> None:
                      f"{r['peak_gib']:.1f} | {rel:.2f}x |")
     print("\n".join(lines))
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"card": card, "rows": rows, "table": "\n".join(lines)}, f, indent=2)
+        common.write_json(a.out, {"card": card, "rows": rows, "table": "\n".join(lines)}, indent=2)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ already in --out/generation.json are kept (a row measured again replaces its old
 --fresh, so several calls add up to one table. ``--plot FILE.json ...`` only redraws table and
 plots (generation-<model>.png) from saved JSON, on a CPU too.
 
-    python benchmarks/generation.py --models llama3-8b --rows short --batches 1,16,256 --out runs/gen
-    python benchmarks/generation.py --models llama3-8b --rows long --prompt-lens 4096,16384 --out runs/gen
-    python benchmarks/generation.py --plot runs/gen/generation.json --out runs/gen
+    python -m benchmarks.generation --models llama3-8b --rows short --batches 1,16,256 --out runs/gen
+    python -m benchmarks.generation --models llama3-8b --rows long --prompt-lens 4096,16384 --out runs/gen
+    python -m benchmarks.generation --plot runs/gen/generation.json --out runs/gen
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import sys
 import time
 import traceback
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from benchmarks import common
 
 METHODS = ("fast", "fast-compiled", "generate", "hf-static", "hf-dynamic")
 OURS, BASELINES = ("fast", "fast-compiled", "generate"), ("hf-static", "hf-dynamic")
@@ -629,7 +629,7 @@ def run_meta(args, dev: torch.device, dtype: torch.dtype, bw: float | None) -> d
         tv = triton.__version__
     except ImportError:
         tv = None
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()})"
+    name = common.card(dev)
     return dict(device=name, torch=torch.__version__, transformers=transformers.__version__, triton=tv,
                 dtype=str(dtype).removeprefix("torch."), bandwidth_gbs=bw / 1e9 if bw else None,
                 attention=f"{args.kind} w={args.window} hedgehog F={2 * args.feature_dim}",

@@ -1,6 +1,6 @@
 """Where the time of the chunked hybrid kernels goes: per-kernel GPU times and launch-setting sweeps.
 
-    python benchmarks/kernel_profile.py            # needs CUDA
+    python -m benchmarks.kernel_profile            # needs CUDA
 
 Per-kernel device times (torch.profiler, mean over the calls) of the forward and forward+backward,
 for the current kernels and, if ``benchmarks/_chunked_v1.py`` exists (an earlier version of

@@ -1,11 +1,11 @@
 """One GPU against several: the same recipe once per (variant, GPU count), same global batch.
 
-    python benchmarks/scaling.py --gpus 1 2 --out OUT --label smollm2 -- \\
+    python -m benchmarks.scaling --gpus 1 2 --out OUT --label smollm2 -- \\
         --config configs/smollm2-135m.yaml --data.train ../shared/data/train/alpaca_52k_en.jsonl.gz \\
         --distill.max_steps 200 --finetune.max_steps 100
 
     # 70B shapes, random weights, a few steps; joint and block-wise transfer, sharded and replicated
-    python benchmarks/scaling.py --gpus 4 8 --variants joint-fsdp blockwise-fsdp --block-size 8 \\
+    python -m benchmarks.scaling --gpus 4 8 --variants joint-fsdp blockwise-fsdp --block-size 8 \\
         --out OUT --label llama3.1-70b-random -- --config configs/smollm2-135m.yaml \\
         --model.name llama3.1-70b --model.init random --model.tokenizer smollm2-135m-instruct ...
 
@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from benchmarks import common
 
 STAGES = ("distill", "finetune")
 SKIP_FIRST = 3  # warm-up steps (kernel compilation, allocator) left out of the rate
@@ -85,7 +86,7 @@ def rank_main(out: Path, configs: list[str] | None, flags: list[str], stages: li
             t = time.time()
             run(ctx)
             record["stages"][stage] = {"seconds": time.time() - t, **_memory(ctx.device)}
-    (out / f"mem-rank{record['rank']}.json").write_text(json.dumps(record, indent=2))
+    common.write_json(out / f"mem-rank{record['rank']}.json", record, indent=2)
     cleanup()
 
 
@@ -96,11 +97,11 @@ def run_one(n: int, flags: list[str], out: Path, stages: list[str]) -> float:
     out.mkdir(parents=True, exist_ok=True)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
                 if n > 1 else [sys.executable])
-    cmd = launcher + [__file__, "--rank", str(out), "--stages", *stages, "--", *flags,
+    cmd = launcher + ["-m", "benchmarks.scaling", "--rank", str(out), "--stages", *stages, "--", *flags,
                       "--run.output_dir", str(out), "--run.progress", "false"]
     t = time.time()
     with open(out / "run.log", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=common.REPO).returncode
     if rc != 0:
         raise SystemExit(f"{n} GPU run failed (exit {rc}); see {out / 'run.log'}")
     return time.time() - t
@@ -277,7 +278,7 @@ def main() -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    card = torch.cuda.get_device_name() if cuda else "cpu (gloo)"
+    card = common.card(None, cpu="cpu (gloo)")
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if cuda else 80.0
     root = Path(a.out) / a.label
     runs, walls, plans = {}, {}, {}

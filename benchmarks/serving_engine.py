@@ -13,7 +13,7 @@ Builds the engine ``lolcats serve`` would (random-weight shapes, untrained featu
   there is a sync), and ``--trace FILE`` keeps the trace (open it in Perfetto).
 
     # GPU: Llama-3-8B shapes, 200 running rows (the profile behind docs/SERVING.md's run 2 -> 3)
-    python benchmarks/serving_engine.py --model llama3-8b --tokenizer TOKENIZER --mode student --running 200
+    python -m benchmarks.serving_engine --model llama3-8b --tokenizer TOKENIZER --mode student --running 200
     # CPU smoke run: tests/test_serving.py::test_serving_engine_benchmark_smoke
 """
 
@@ -24,6 +24,7 @@ import queue
 import time
 
 import torch
+from benchmarks import common
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,7 +160,7 @@ def main(argv=None) -> None:
     graphs = engine.warmup(("greedy",))
     bench = Bench(engine, tok, args)
     bench.sync()
-    card = torch.cuda.get_device_name(engine.device) if bench.cuda else "cpu"
+    card = common.card(engine.device, cpu="cpu")
     print(f"device: {card}; {args.mode} engine, {args.model}, {graphs} graphs; built in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     bench.fill(min(args.running, args.max_batch - 1))

@@ -10,9 +10,9 @@ Two measurements of the same command (a trained checkpoint, a short prompt, stre
   parser, base model load and the number of GGUF parses, tokenizer, fingerprint, stage-1 and
   LoRA loading and merging, CUDA-graph capture, prefill, first streamed word).
 
-    python benchmarks/startup.py --checkpoint RUN/finetune-.../best --runs 3 --phases
-    python benchmarks/startup.py --checkpoint ... --command chat --runs 2
-    python benchmarks/startup.py --checkpoint ... --fast      # generate --fast (CUDA graphs on GPU)
+    python -m benchmarks.startup --checkpoint RUN/finetune-.../best --runs 3 --phases
+    python -m benchmarks.startup --checkpoint ... --command chat --runs 2
+    python -m benchmarks.startup --checkpoint ... --fast      # generate --fast (CUDA graphs on GPU)
 
 The machine is named in the output: wall times on a shared CPU move with its load (the CPU
 seconds move less). So is whether Python can reuse compiled bytecode for torch and transformers
@@ -33,8 +33,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from benchmarks import common
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = common.REPO
 
 
 def parse_args(argv=None):
@@ -273,16 +274,15 @@ def main(argv=None) -> None:
                       runs=subprocess_runs(args, env) if args.runs else [])
         if args.phases:  # a fresh process, so that its imports are timed too
             child = [a for a in (argv if argv is not None else sys.argv[1:])] + ["--in-process"]
-            out = subprocess.run([sys.executable, __file__, *child], env=env, capture_output=True, text=True,
-                                 timeout=args.timeout)
+            out = subprocess.run(common.module_command("benchmarks.startup", *child), env=env, capture_output=True,
+                                 text=True, timeout=args.timeout, cwd=REPO)
             print(out.stdout.split("PHASES ")[0])
             if out.returncode != 0 or "PHASES " not in out.stdout:
                 print(out.stderr[-3000:], file=sys.stderr)
             else:
                 result["phases"] = json.loads(out.stdout.split("PHASES ", 1)[1])
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        common.write_json(args.out, result)
 
 
 if __name__ == "__main__":

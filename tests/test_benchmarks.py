@@ -19,7 +19,7 @@ def _run(*args: str, timeout: int = 300) -> str:
 
 def test_kernels_benchmark_quick_writes_its_sections(tmp_path):
     md = tmp_path / "kernels.md"
-    _run("benchmarks/kernels.py", "--quick", "--sections", "decode,feature_map", "--out", str(md))
+    _run("-m", "benchmarks.kernel_speed", "--quick", "--sections", "decode,feature_map", "--out", str(md))
     data = json.loads(md.with_suffix(".json").read_text())
     assert data["prefill"] == [] and len(data["decode"]) == 6  # 3 kinds x 2 batches
     fm = data["feature_map"]
@@ -31,7 +31,7 @@ def test_kernels_benchmark_quick_writes_its_sections(tmp_path):
 
 def test_kernels_benchmark_gate_section(tmp_path):
     md = tmp_path / "gate.md"
-    _run("benchmarks/kernels.py", "--quick", "--sections", "gate", "--out", str(md))
+    _run("-m", "benchmarks.kernel_speed", "--quick", "--sections", "gate", "--out", str(md))
     rows = json.loads(md.with_suffix(".json").read_text())["gate"]
     assert [(r["section"], r["kind"]) for r in rows] == [(s, k) for s in ("prefill", "decode")
                                                         for k in ("linear", "sliding_window", "terraced_window")]
@@ -40,14 +40,14 @@ def test_kernels_benchmark_gate_section(tmp_path):
 
 
 def test_kernels_benchmark_rejects_unknown_section():
-    out = subprocess.run([sys.executable, "benchmarks/kernels.py", "--quick", "--sections", "prefil"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_speed", "--quick", "--sections", "prefil"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "prefil" in out.stderr
 
 
 def test_distill_throughput_on_a_random_shape(tmp_path):
     out = tmp_path / "d.json"
-    text = _run("benchmarks/distill_throughput.py", "--model", "smollm2-135m", "--init", "random", "--stages",
+    text = _run("-m", "benchmarks.distill_throughput", "--model", "smollm2-135m", "--init", "random", "--stages",
                 "distill", "--backends", "torch", "--batch", "1", "--seq-len", "32", "--iters", "1",
                 "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
@@ -62,9 +62,7 @@ def test_distill_throughput_torch_phi_variant():
 
     from lolcats import ops
 
-    spec = importlib.util.spec_from_file_location("distill_throughput", REPO / "benchmarks/distill_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("benchmarks.distill_throughput")
     try:
         assert mod.resolve_backend("triton+torch-phi", "cpu") == "triton+torch-phi"
         variant, base = ops.BACKENDS["triton+torch-phi"], ops.BACKENDS["triton"]
@@ -82,11 +80,9 @@ TINY_SHAPE = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "inte
 
 
 def _generation_module():
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("bench_generation", REPO / "benchmarks/generation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("benchmarks.generation")
     return mod
 
 
@@ -97,7 +93,7 @@ def test_generation_benchmark_all_methods_on_a_tiny_shape(tmp_path):
     shape = tmp_path / "tiny.json"
     shape.write_text(json.dumps(TINY_SHAPE))
     out = tmp_path / "gen"
-    _run("benchmarks/generation.py", "--models", str(shape), "--batches", "1,2", "--short-prompt", "8",
+    _run("-m", "benchmarks.generation", "--models", str(shape), "--batches", "1,2", "--short-prompt", "8",
          "--short-new", "4", "--prompt-lens", "16", "--long-new", "3", "--long-batches", "1",
          "--hf-compile-backend", "eager", "--out", str(out))
     data = json.loads((out / "generation.json").read_text())
@@ -185,7 +181,7 @@ def test_generation_benchmark_on_gpu_compiles_the_static_baseline(tmp_path):
     shape = tmp_path / "tiny.json"
     shape.write_text(json.dumps(TINY_SHAPE))
     out = tmp_path / "gen"
-    _run("benchmarks/generation.py", "--models", str(shape), "--batches", "1,4", "--short-prompt", "16",
+    _run("-m", "benchmarks.generation", "--models", str(shape), "--batches", "1,4", "--short-prompt", "16",
          "--short-new", "16", "--prompt-lens", "64", "--long-new", "8", "--long-batches", "2", "--diagnose",
          "--out", str(out), timeout=900)
     data = json.loads((out / "generation.json").read_text())
@@ -221,7 +217,7 @@ def _stage1_checkpoint(model_dir, out):
 def test_startup_benchmark_times_generate_and_its_phases(tmp_path, tiny_model_dir):
     ckpt = _stage1_checkpoint(tiny_model_dir, tmp_path / "ckpt")
     out = tmp_path / "startup.json"
-    text = _run("benchmarks/startup.py", "--checkpoint", str(ckpt), "--prompt", "the cat sat", "--runs", "1",
+    text = _run("-m", "benchmarks.startup", "--checkpoint", str(ckpt), "--prompt", "the cat sat", "--runs", "1",
                 "--threads", "1", "--phases", "--out", str(out))
     data = json.loads(out.read_text())
     run = data["runs"][0]
@@ -240,11 +236,9 @@ def test_startup_benchmark_times_generate_and_its_phases(tmp_path, tiny_model_di
 
 def test_scaling_benchmark_reads_a_blockwise_run(tmp_path, tiny_model_dir, tiny_alpaca, monkeypatch, capsys):
     """A rank's run and the report, in this process (the launcher adds torchrun; smoke-tested with gloo by hand)."""
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks/scaling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("benchmarks.scaling")
     flags = ["--model.name", str(tiny_model_dir), "--data.train", str(tiny_alpaca), "--data.seq_len", "32",
              "--data.max_val_tokens", "256", "--data.cache_dir", str(tmp_path / "cache"),
              "--attention.feature_dim", "8",
@@ -264,16 +258,13 @@ def test_scaling_benchmark_reads_a_blockwise_run(tmp_path, tiny_model_dir, tiny_
     assert set(rec["stages"]) == {"load", "distill", "finetune"} and rec["stages"]["load"]["host_peak_gib"] > 0
 
 
-# ---------------------------------------------------------------- benchmarks/study.py
+# ---------------------------------------------------------------- experiments/study.py
 
 
 def _study_module():
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("study", REPO / "benchmarks/study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("experiments.study")
     return mod
 
 
@@ -321,6 +312,27 @@ def test_the_smollm2_recipe_is_the_study_row_it_came_from():
     assert picked == (4096, "kl", 4)
 
 
+def test_the_study_reads_the_recipe_from_its_yaml():
+    """The recipe row trains configs/smollm2-135m.yaml as it is (only where the model, data and output are is
+    given), and RECIPE_EVAL is that file's use section as eval flags: the study restates neither."""
+    from dataclasses import asdict
+
+    from lolcats.config import load_config
+
+    mod = _study_module()
+    a = mod.parse_args(["--out", "OUT", "--model", "M.gguf", "--data", "D", "--tokens", "123"])
+    cmd = mod.train_command({r.label: r for r in mod.ROWS}["recipe"], a)
+    i = cmd.index("--config")
+    assert Path(cmd[i + 1]) == REPO / "configs/smollm2-135m.yaml"
+    given = dict(zip(cmd[i + 2::2], cmd[i + 3::2]))
+    assert set(given) == {"--model.name", "--data.train", "--run.output_dir", "--run.progress"}
+    row, recipe = (asdict(load_config([cmd[i + 1]], f)) for f in (cmd[i + 2:], []))
+    assert row["data"]["max_file_tokens"] == recipe["data"]["max_file_tokens"] and row["use"] == recipe["use"]
+    use = load_config([REPO / "configs/smollm2-135m.yaml"]).use
+    flags = dict(zip(mod.RECIPE_EVAL[::2], mod.RECIPE_EVAL[1::2]))
+    assert flags == {f"--{k.replace('_', '-')}": str(v) for k, v in asdict(use).items() if v is not None}
+
+
 def test_study_run_again_on_the_same_out_skips_the_steps_it_finished(tmp_path, monkeypatch):
     """A study cut after a row's training runs only that row's evaluations the next time, keeping the seconds."""
     mod = _study_module()
@@ -358,16 +370,13 @@ def test_study_run_again_on_the_same_out_skips_the_steps_it_finished(tmp_path, m
     assert "error" not in mod.run_row(rows["combo_r"], a, rows) and ran == []
 
 
-# ---------------------------------------------------------------- benchmarks/recall_masks.py
+# ---------------------------------------------------------------- experiments/recall_masks.py
 
 
 def _masks_module():
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("recall_masks", REPO / "benchmarks/recall_masks.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recall_masks"] = mod
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("experiments.recall_masks")
     return mod
 
 
@@ -403,7 +412,7 @@ def test_recall_masks_run_on_a_tiny_model():
     assert narrow[0]["outputs"] != wide[0]["outputs"]
 
 
-# ---------------------------------------------------------------- benchmarks/recall_probe.py
+# ---------------------------------------------------------------- experiments/recall_probe.py
 
 
 def test_recall_probe_pins_the_key_and_runs_on_a_tiny_model():
@@ -417,9 +426,7 @@ def test_recall_probe_pins_the_key_and_runs_on_a_tiny_model():
     from lolcats.attention.convert import set_sparse_cache
     from lolcats.evaluation.recall import build_samples, recall_settings
 
-    spec = importlib.util.spec_from_file_location("recall_probe", REPO / "benchmarks/recall_probe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("experiments.recall_probe")
     tok = tiny_tokenizer()
     model = build("llama", "terraced_window", vocab=len(tok.get_vocab()))
     s = build_samples(tok, "passkey", 200, recall_settings("passkey", [200], samples=1))[0]

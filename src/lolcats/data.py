@@ -240,12 +240,16 @@ def _record_format(record: dict, fmt: str) -> str:
     return ("alpaca" if "output" in record else "text") if fmt == "auto" else fmt
 
 
+def user_message(record: dict) -> str:
+    """The user's turn of a normalised alpaca record: the instruction, then its input after a blank line."""
+    return record["instruction"] + ("\n\n" + record["input"] if record["input"] else "")
+
+
 def _chat_text(record: dict, tokenizer) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("template 'chat' needs a tokenizer with a chat template; "
                         f"{getattr(tokenizer, 'name_or_path', tokenizer)!r} has none (use template 'alpaca')")
-    user = record["instruction"] + ("\n\n" + record["input"] if record["input"] else "")
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    messages = [{"role": "user", "content": user_message(record)}, {"role": "assistant", "content": record["output"]}]
     return tokenizer.apply_chat_template(messages, tokenize=False).rstrip("\n")
 
 

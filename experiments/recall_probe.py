@@ -11,7 +11,7 @@ For a trained checkpoint (stage 1 or stage 2) with LoLA's sparse cache on, each 
 Rows vary ``--linear-scales`` (``attention.linear_scale``: the weight of the linear terms against the
 softmax ones), so one run separates a selection that misses the key from a linear part that swamps it:
 
-    python benchmarks/recall_probe.py --checkpoint RUN/finetune-*/best --sparse-cache 128 --sparse-sink 64 \\
+    python -m experiments.recall_probe --checkpoint RUN/finetune-*/best --sparse-cache 128 --sparse-sink 64 \\
         --linear-scales 1,0.3,0 --pin-key --lengths 1024 --samples 8 --out probe.json
 
 Prompts are the recall evaluation's (seeded, chat template; the first ``--samples`` of ``lolcats eval``'s),
@@ -22,29 +22,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
-from pathlib import Path
 
 import torch
+from benchmarks.common import write_json
 
 
 @contextlib.contextmanager
 def key_pinned(span: list[int], score: str):
     """While open, the sparse cache's ``score`` keeps the pairs at positions span[0] <= p < span[1] whatever
     their score (``span`` is read at each eviction: the caller moves it per prompt)."""
-    from lolcats.ops.sparse import naive
+    from lolcats.ops.sparse import SCORES, register_score
 
-    base = naive.SCORES[score]
+    base = SCORES[score]
 
     def pinned(v, fk, pos, kv, ks):
         return base(v, fk, pos, kv, ks).masked_fill((pos >= span[0]) & (pos < span[1]), float("inf"))
 
-    naive.register_score(score, pinned)
+    register_score(score, pinned)
     try:
         yield
     finally:
-        naive.register_score(score, base)
+        register_score(score, base)
 
 
 @torch.no_grad()
@@ -107,9 +106,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="write the rows as JSON here")
     a = p.parse_args(argv)
 
+    from lolcats.config import UseSettings
     from lolcats.models.trained import ModelSource, load_trained
 
-    source = ModelSource(checkpoint=a.checkpoint, base=a.base, sparse_cache=a.sparse_cache, sparse_sink=a.sparse_sink)
+    source = ModelSource(checkpoint=a.checkpoint, base=a.base,
+                         use=UseSettings(sparse_cache=a.sparse_cache, sparse_sink=a.sparse_sink))
     model, tok = load_trained(source, a.device, "float32" if a.device == "cpu" else "auto")
     print(f"{a.checkpoint}; sparse cache {a.sparse_cache}, sink {a.sparse_sink}")
     print("| tokens | linear scale | key pinned | passkey | first answer |\n|---|---|---|---|---|")
@@ -122,8 +123,8 @@ def main(argv=None) -> None:
                     for k in layers}
             print(f"{r['length']} tokens: key-sentence tokens per KV head in the cache, mean by layer: {mean}")
     if a.out:
-        Path(a.out).write_text(json.dumps({"checkpoint": a.checkpoint, "sparse_cache": a.sparse_cache,
-                                           "sparse_sink": a.sparse_sink, "rows": rows}, indent=1))
+        write_json(a.out, {"checkpoint": a.checkpoint, "sparse_cache": a.sparse_cache, "sparse_sink": a.sparse_sink,
+                           "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ checkpoint with extra model flags (e.g. a sparse cache at eval time). Up to ``--
 once on one GPU; every command, its log and its JSON land under ``--out``; ``study.md`` (the table)
 and ``study.json`` are rewritten whenever a row finishes, so a run cut short keeps what it measured.
 
-    python benchmarks/study.py --out OUT --model PATH/smollm2.gguf --data DIR --eval-data DIR --jobs 4 \
+    python -m experiments.study --out OUT --model PATH/smollm2.gguf --data DIR --eval-data DIR --jobs 4 \
         [--rows default,kl,...] [--tokens 2500000] [--list]
 
 ``--data``: a folder with the training files the rows name (alpaca_52k_en.jsonl.gz, and for the data-mix
@@ -29,7 +29,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO
+from lolcats.config import load_config, use_flags
+
+RECIPE = REPO / "configs" / "smollm2-135m.yaml"  # the README's SmolLM2 recipe, which the study chose
 ZERO_SHOT = "piqa_local,arc_easy_local,arc_challenge_local"
 
 
@@ -42,14 +45,17 @@ class Row:
     data: list[str] | None = None  # training files (names inside --data); default: alpaca only
     checkpoint_of: str | None = None  # eval-only: evaluate this row's checkpoint
     eval_flags: list[str] = field(default_factory=list)  # added to the model flags of lolcats eval
+    config: Path | None = None  # train with this config file as it is (data, model and output given), not the study's
 
 
 ALPACA = "alpaca_52k_en.jsonl.gz"
 MIX = [ALPACA, "wikipedia_en_enwiki_chunk.jsonl.gz", "gutenberg_en_books.jsonl.gz"]
 LONG = ["--data.seq_len", "4096", "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"]  # same tokens
-RECIPE_EVAL = ["--sparse-cache", "256", "--sparse-sink", "64", "--linear-scale", "0.3"]  # the recipe's eval settings
+RECIPE_EVAL = use_flags(load_config([RECIPE]).use)  # the recipe's use settings, for other rows' checkpoints
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
+    Row("recipe", "the README's recipe: configs/smollm2-135m.yaml as it is (its use section applied at eval)",
+        config=RECIPE, data=MIX),
     Row("default", "today's default: terraced 64 + linear, Hedgehog, CE LoRA"),
     Row("control", "softmax model + the same LoRA stage (no linearizing)",
         ["--attention.softmax_layers", ",".join(str(i) for i in range(30))]),
@@ -156,6 +162,10 @@ def cli(*args: str) -> list[str]:
 
 def train_command(row: Row, a) -> list[str]:
     files = [str(Path(a.data) / f) for f in (row.data or [ALPACA])]
+    if row.config is not None:  # the config's own token budget and batches: only where things are is given
+        return cli("linearize", "--config", str(row.config), "--model.name", a.model, "--data.train", ",".join(files),
+                   "--run.output_dir", str(Path(a.out) / "runs" / row.label), "--run.progress", "false",
+                   *row.flags, *shlex.split(a.extra))
     return cli("linearize", "--config", str(REPO / "configs" / "study-smollm2-135m.yaml"), "--model.name", a.model,
                "--data.train", ",".join(files), "--data.max_file_tokens", str(a.tokens // len(files)),
                "--run.output_dir", str(Path(a.out) / "runs" / row.label), "--run.progress", "false",

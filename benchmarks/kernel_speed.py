@@ -1,8 +1,8 @@
 """Benchmark the Triton attention kernels against PyTorch SDPA (flash) and the references.
 
-    python benchmarks/kernels.py --out kernels.md      # GPU: prefill, decode and feature-map tables
-    python benchmarks/kernels.py --quick               # tiny CPU smoke run (TRITON_INTERPRET=1)
-    python benchmarks/kernels.py --sections gate --out gate.md   # GPU: gated vs ungated kernels only
+    python -m benchmarks.kernel_speed --out kernels.md      # GPU: prefill, decode and feature-map tables
+    python -m benchmarks.kernel_speed --quick               # tiny CPU smoke run (TRITON_INTERPRET=1)
+    python -m benchmarks.kernel_speed --sections gate --out gate.md   # GPU: gated vs ungated kernels only
 
 Prefill: forward and forward+backward milliseconds for SmolLM2 (H=9, Hk=3, D=64) and
 Llama-3-8B (H=32, Hk=8, D=128) shapes, F=128 hedgehog features, window 64, T = 1K..32K with
@@ -39,12 +39,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-from lolcats.ops.decode.naive import DecodeState, window_slots  # noqa: E402
+from lolcats.ops.decode.state import DecodeState  # noqa: E402
 from lolcats.ops.hybrid.naive import hybrid_attention_naive  # noqa: E402
+from lolcats.ops.kinds import window_slots  # noqa: E402
 from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton  # noqa: E402
 from lolcats.ops.triton.chunked import CHUNK, explicit_chunks  # noqa: E402
 from lolcats.ops.triton.decode import decode_step_triton  # noqa: E402
 from lolcats.ops.triton.feature_map import hedgehog_triton  # noqa: E402
+from benchmarks import common
 
 MODELS = {"smollm2": dict(H=9, Hk=3, D=64, F=128), "llama3-8b": dict(H=32, Hk=8, D=128, F=128)}
 TINY = dict(H=2, Hk=1, D=16, F=16)  # --quick (CPU, the Triton interpreter)
@@ -464,7 +466,7 @@ def main(argv=None) -> None:
     dev = "cpu" if args.quick else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --quick for the CPU smoke run)")
-    info = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu (triton interpreter)"}
+    info = {"gpu": common.card(dev, cpu="cpu (triton interpreter)")}
     print(f"device: {info['gpu']}", flush=True)
     info.update(ceilings(dev, args.quick))
     print(f"ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, copy {info['copy_gbs']:.0f} GB/s", flush=True)

@@ -6,7 +6,7 @@ chat template's system prompt and the instructions) and optionally the asked key
 sparse cache that caught the key). The other layers keep full attention. Passkey accuracy per row answers,
 before any training, whether kept softmax layers, a sparse cache or a sink could bring retrieval back:
 
-    python benchmarks/recall_masks.py --model smollm2-135m-instruct --lengths 1024 --samples 10 \\
+    python -m experiments.recall_masks --model smollm2-135m-instruct --lengths 1024 --samples 10 \\
         --rows "full;window all;window all, keep 4,7,8,21;window 23,24,27,29;window all, sink 32, key"
 
 A row is ``full`` or ``window LAYERS`` (``all`` or a list, ``all, keep LIST`` for every layer but those),
@@ -17,13 +17,12 @@ template), decoded greedily one prompt at a time (the key's span differs per pro
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from benchmarks.common import write_json
 
 MASK_NAME = "lolcats_recall_mask"
 
@@ -122,7 +121,7 @@ def main(argv=None) -> None:
     print("| row | tokens | passkey | first answer |\n|---|---|---|---|")
     res = run(model, tok, rows, [int(x) for x in a.lengths.split(",")], a.samples, a.window)
     if a.out:
-        Path(a.out).write_text(json.dumps({"model": a.model, "window": a.window, "rows": res}, indent=1))
+        write_json(a.out, {"model": a.model, "window": a.window, "rows": res})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test suite against the oldest supported releases of the packages named in FLOORS: a virtual environment
+# over the installed site-packages with each one pinned to its floor in pyproject.toml (read from there, not
+# restated). Run after .ci/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FLOORS="transformers peft"
+PY=${PYTHON:-python3}
+pins=$("$PY" - "$FLOORS" <<'PY'
+import re, sys, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+for name in sys.argv[1].split():
+    floor = [re.search(r">=\s*([\w.]+)", d).group(1) for d in deps if re.match(rf"{name}\b", d)]
+    print(f"{name}=={floor[0]}")
+PY
+)
+venv=$(mktemp -d)/oldest
+"$PY" -m venv --system-site-packages "$venv"
+"$venv/bin/python" -m pip install -q $pins
+"$venv/bin/python" -c "import transformers, peft; print('oldest: transformers', transformers.__version__, 'peft', peft.__version__)"
+"$venv/bin/python" -m pytest -q
