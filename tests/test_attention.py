@@ -6,7 +6,9 @@ import torch
 from conftest import tiny_model
 from lolcats.attention.convert import collect_distill_outputs, convert_model, set_attention_mode
 from lolcats.config import AttentionConfig
-from lolcats.ops.decode.naive import DecodeState, decode_step_naive, window_slots
+from lolcats.ops.decode.naive import decode_step_naive
+from lolcats.ops.decode.state import DecodeState
+from lolcats.ops.kinds import window_slots
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import linear_attention_quadratic, linear_attention_recurrent
 

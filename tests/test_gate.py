@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from lolcats.attention.convert import collect_distill_outputs, lolcats_modules, set_attention_mode
 from lolcats.config import Config, ConfigError, load_config
 from lolcats.generation import FastGenerator
-from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naive, window_slots
+from lolcats.ops.decode.naive import absorb_chunk, decode_step_naive
+from lolcats.ops.decode.state import DecodeState
 from lolcats.ops.gate import cumulative_log_gate, forget_log_gate
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
+from lolcats.ops.kinds import window_slots
 from lolcats.ops.linear.naive import linear_attention_quadratic, linear_attention_recurrent
 from test_generation import (VOCAB, build, check_fast_paths_on_cuda, check_left_padded_rows_equal_rows_alone,
                              decode_state_sizes, incremental_logits, left_pad)

@@ -22,7 +22,9 @@ os.environ["LOLCATS_KERNEL_DEBUG"] = "1"
 
 triton = pytest.importorskip("triton")
 
-from lolcats.ops.decode.naive import DecodeState, decode_step_naive, window_slots  # noqa: E402
+from lolcats.ops.decode.naive import decode_step_naive  # noqa: E402
+from lolcats.ops.decode.state import DecodeState  # noqa: E402
+from lolcats.ops.kinds import window_slots  # noqa: E402
 from lolcats.ops.hybrid.naive import hybrid_attention_naive  # noqa: E402
 from lolcats.ops.linear.naive import linear_attention_quadratic  # noqa: E402
 

@@ -80,3 +80,11 @@ def test_no_import_cycles():
     for m in graph:
         if not state.get(m):
             visit(m, [m])
+
+
+def test_only_the_registry_imports_a_reference():
+    """No module imports an ``ops/*/naive.py`` but the ops registry (``lolcats.ops``, which picks every kernel,
+    references included) and the references themselves (one reference builds on another)."""
+    bad = sorted(f"{m} -> {d}" for m, deps in module_imports().items() for d in deps
+                 if d.endswith(".naive") and m != "lolcats.ops" and not m.endswith(".naive"))
+    assert not bad, "modules that import a reference:\n" + "\n".join(bad)

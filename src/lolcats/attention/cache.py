@@ -1,11 +1,12 @@
 """LolcatsCache: a Hugging Face ``Cache`` whose size per layer does not grow with the text.
 
-It only stores. Each converted layer's slot (:class:`LolcatsLayer`) holds one
-:class:`~lolcats.ops.decode.naive.DecodeState` (a ring buffer of the last window's keys, values
-and phi(k), plus the linear-attention sums kv, ks) and ``seen``, the mask columns consumed so far
-(pads included). The attention layer reads and writes its slot itself
-(``LolcatsAttention.forward`` -> ``attend_cached``): prefill, chunked prefill and the decode step
-are the layer's math, in ``attention/module.py``.
+It only stores. Each converted layer's slot (:class:`LolcatsLayer`) holds the state its mixer declares
+(``attention/mixers``; for the built-in kinds a :class:`~lolcats.ops.decode.state.DecodeState`: a ring
+buffer of the last window's keys, values and phi(k), plus the linear-attention sums kv, ks), allocated from
+that declaration (``LolcatsAttention.state_spec``, ``ops/state.py``) and reset to its declared empty values,
+and ``seen``, the mask columns consumed so far (pads included). The attention layer reads and writes its
+slot itself (``LolcatsAttention.forward`` -> ``attend_cached``): prefill, chunked prefill and the decode step
+are its mixer's math.
 
 Layers kept as softmax attention (``AttentionConfig.layers`` / ``softmax_layers``) keep HF's
 dynamic layer for ``generate()`` (their memory grows as usual), or, for :class:`FastGenerator`,
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lolcats.ops.decode.naive import DecodeState
+from lolcats.ops.state import LayerState, StateSpec
 
 
 @dataclass
-class KVState:
+class KVState(LayerState):
     """A kept softmax layer's keys and values by position: slot p holds the token at position p of its
     row; the last slot is scratch (where padding and positions past the end are written)."""
 
@@ -32,24 +33,16 @@ class KVState:
     v: torch.Tensor  # (B, Hk, L + 1, Dv)
 
     @classmethod
-    def empty(cls, B, Hk, max_length, D, Dv, dtype, device) -> "KVState":
-        return cls(torch.zeros(B, Hk, max_length + 1, D, dtype=dtype, device=device),
-                   torch.zeros(B, Hk, max_length + 1, Dv, dtype=dtype, device=device))
+    def spec(cls, Hk, max_length, D, Dv, dtype) -> StateSpec:
+        return cls.declare(k=((Hk, max_length + 1, D), dtype), v=((Hk, max_length + 1, Dv), dtype))
 
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[0]
+    @classmethod
+    def empty(cls, B, Hk, max_length, D, Dv, dtype, device) -> KVState:
+        return cls.spec(Hk, max_length, D, Dv, dtype).allocate(B, device)
 
     @property
     def max_length(self) -> int:
         return self.k.shape[2] - 1
-
-    def rows(self, sl: slice) -> "KVState":
-        """A view of rows ``sl``: writing it writes this state."""
-        return KVState(self.k[sl], self.v[sl])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
 
 class LolcatsLayer(CacheLayerMixin):
@@ -63,6 +56,9 @@ class LolcatsLayer(CacheLayerMixin):
     ``evicts``: False is the writer's promise that no window slot leaves at the next decode step (terraced:
     no row's token starts a block); a decode step with a sparse cache then skips its eviction work
     (FastGenerator, which knows every row's position, captures a step for each case).
+
+    The layer hands ``seen``, ``aligned_chunks`` and ``evicts`` to its mixer as a
+    :class:`~lolcats.attention.mixers.Step`: the mixer never reads the cache.
     """
 
     is_compileable = False
@@ -70,7 +66,7 @@ class LolcatsLayer(CacheLayerMixin):
     is_sliding = True  # masks for these layers span only the new tokens (see get_mask_sizes)
     supports_early_init = False
 
-    def __init__(self, state: DecodeState | None = None):
+    def __init__(self, state: LayerState | None = None):
         super().__init__()
         self.state = state
         self.seen = 0
@@ -103,8 +99,7 @@ class LolcatsLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if self.state is not None:
-            for name, t in vars(self.state).items():
-                t.fill_(-1) if name.endswith("_pos") else t.zero_()
+            self.state.reset()  # every tensor to its declared empty value
         self.seen = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -113,7 +108,7 @@ class LolcatsLayer(CacheLayerMixin):
 
     def _map_batch(self, fn) -> None:
         if self.state is not None:
-            self.state = type(self.state)(**{n: fn(t) for n, t in vars(self.state).items()})
+            self.state = self.state.map(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -143,7 +138,7 @@ class LolcatsCache(Cache):
             raise RuntimeError(f"layer {layer_idx} is converted but its cache slot is {type(layer).__name__}")
         return layer
 
-    def states(self) -> dict[int, DecodeState | KVState]:
+    def states(self) -> dict[int, LayerState]:
         return {i: l.state for i, l in enumerate(self.layers) if isinstance(l, LolcatsLayer) and l.state is not None}
 
     def state_nbytes(self) -> int:

@@ -156,7 +156,7 @@ def lolcats_attention_by_layer(model: nn.Module) -> dict[int, LolcatsAttention]:
 
 def eviction_block(model: nn.Module) -> int:
     """w when the converted layers keep a sparse cache on terraced windows, whose slots leave only when the token
-    written sits at a position p with p % w == 0 (``ops.decode.naive.leaving_slots``): a caller that knows the
+    written sits at a position p with p % w == 0 (``ops.decode.evict.leaving_slots``): a caller that knows the
     positions may then skip the eviction at the other steps (:func:`may_evict`). 0 otherwise."""
     sparse = [m.cfg for m in lolcats_modules(model) if m.converted and m.cfg.sparse_cache]
     return sparse[0].window_size if sparse and sparse[0].kind == "terraced_window" else 0

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lolcats.ops.feature_map.naive import hedgehog_reference, project_heads
+from lolcats.ops import hedgehog_reference, project_heads
 
 class LearnedFeatureMap(nn.Module):
     """Per-head linear projection (H, D, F), used by ``hedgehog`` and ``t2r``."""

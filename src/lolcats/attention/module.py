@@ -11,27 +11,19 @@ Modes (``module.mode``):
   * ``distill``: both; the layer returns the teacher's output (so layers learn independently)
     and hands a :class:`DistillOutput` to ``module.collector`` for the loss.
 
-With a :class:`~lolcats.attention.cache.LolcatsCache` (student mode) the layer reads and writes
-its own slot of the cache (:meth:`LolcatsAttention.attend_cached`):
-
-* one new token (T == 1): the backend's decode step on the constant-size state;
-* a chunk (T > 1, prefill, possibly on a warm cache): on a fresh, unpadded cache the
-  full-sequence path (the fused kernel on GPU), otherwise the reference semantics over the window
-  slots placed in front of the new keys with their positions and the folded part as the initial
-  state, in pieces of bounded memory; then the chunk is absorbed into the state
-  (``ops.decode.naive.absorb_chunk``).
+The student's attention math is its *mixer* (``attention/mixers``: one variant per file, picked by
+``attention.kind``, :attr:`LolcatsAttention.mixer`): it declares the per-sequence state
+(:meth:`LolcatsAttention.state_spec`, what the cache allocates) and implements a whole sequence, a chunked
+prefill and a decode step against it, every operator from the ops registry. With a
+:class:`~lolcats.attention.cache.LolcatsCache` (student mode) the layer reads its own slot of the cache and
+hands the mixer the slot's state and a :class:`~lolcats.attention.mixers.Step` (positions, valid keys, fresh,
+the writer's promises) (:meth:`LolcatsAttention.attend_cached`): one new token (T == 1) is the decode step, a
+chunk (T > 1) the prefill.
 
 A layer kept as softmax attention (``converted=False``: ``AttentionConfig.softmax_layers``, or
 picked by ``softmax_count``) is the teacher path in every mode; with a cache it appends to an HF
 dynamic slot, or writes a :class:`~lolcats.attention.cache.SoftmaxLayer`'s preallocated buffers
 (:meth:`LolcatsAttention.attend_softmax_cached`; FastGenerator).
-
-With ``attention.sparse_cache`` > 0 (LoLA, ``ops/sparse``) tokens leaving the window go through a
-per-KV-head sparse cache first; every forward with it (with or without a cache, prefill or a whole
-sequence) runs the chunk reference ``ops.sparse.chunk.sparse_chunk`` in pieces (what the cache keeps
-depends on the data, so no fused kernel applies); the decode step is the backend's: the Triton kernel
-reads the cached pairs as softmax terms after the eviction through the cache ran in PyTorch
-(``ops.decode.naive.evict_sparse``).
 
 Padding keys (mask 0) are never written; positions come from ``position_ids`` (HF ``generate``
 derives them from the attention mask, so a left-padded row keeps its own windows).
@@ -55,7 +47,6 @@ Shapes: hidden (B, T, d_model); q (B, H, T, D); k, v (B, Hk, T, D); phi(q) (B, H
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -66,20 +57,18 @@ import torch.nn.functional as F
 
 from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, SoftmaxLayer
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
+from lolcats.attention.mixers import Mixer, Step, get_mixer
 from lolcats.attention.qkv import FusedQKV, fusable, share_rows
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
-from lolcats.ops.decode.naive import DecodeState, absorb_chunk
+from lolcats.ops.common import expand_kv_heads
 from lolcats.ops.gate import forget_log_gate, masked_log_gate
-from lolcats.ops.hybrid.naive import hybrid_attention_naive
-from lolcats.ops.linear.naive import causal_linear_scores, expand_kv_heads, linear_attention_quadratic
 from lolcats.ops.rope import apply_rope
-from lolcats.ops.sparse.chunk import sparse_chunk
+from lolcats.ops.state import LayerState, StateSpec
 from lolcats.runtime import capturing
 
 Mode = Literal["teacher", "student", "distill"]
 MODES = ("teacher", "student", "distill")
-PREFILL_BUDGET = 2**26  # elements of one (B, H, Tq, Tk) score tensor in a reference prefill piece
 
 
 @dataclass
@@ -128,6 +117,14 @@ def chunk_positions(position_ids, B: int, T: int, seen: int, device) -> torch.Te
     return position_ids[..., -T:].to(device=device, dtype=torch.long).expand(B, T)
 
 
+def step_of(slot: LolcatsLayer, attention_mask, position_ids, B: int, T: int, device) -> Step:
+    """What a cached call of T tokens knows, handed to the mixer: positions (``position_ids``, else ``seen``,
+    ``seen`` + 1, ...), valid keys (the mask), whether the state is fresh, and the writer's promises the slot
+    carries (``aligned_chunks``, ``evicts``)."""
+    return Step(chunk_positions(position_ids, B, T, slot.seen, device), chunk_key_mask(attention_mask, B, T),
+                fresh=slot.seen == 0, aligned=slot.aligned_chunks, may_evict=slot.evicts)
+
+
 class LolcatsAttention(nn.Module):
     """``converted=False``: a layer kept as softmax attention. It has no feature maps, always computes
     the teacher path (whatever its ``mode``), and with a cache uses a KV slot (dynamic, or a
@@ -152,6 +149,7 @@ class LolcatsAttention(nn.Module):
         self.probe = None
         self.fused_qkv: FusedQKV | None = None  # fuse_qkv(): one q/k/v GEMM
         self.fuse_rope_features = True  # RoPE + Hedgehog in the backend's one op, where it has one (inference)
+        self._mixer: Mixer | None = None  # made for self.cfg by the ``mixer`` property
         if not converted:
             return
         dev = self.q_proj.weight.device
@@ -161,11 +159,19 @@ class LolcatsAttention(nn.Module):
                                                cfg.feature_init).to(dev)
         self.feature_map_k = build_feature_map(cfg.feature_map, self.num_kv_heads, self.head_dim, cfg.feature_dim,
                                                cfg.feature_init).to(dev)
-        if cfg.kind != "linear":
+        if get_mixer(cfg.kind).has_window_factor:
             logit = math.log(cfg.init_window_factor / (1 - cfg.init_window_factor))
             self.window_factors = nn.Parameter(torch.full((self.num_heads,), logit, device=dev))
         else:
             self.register_parameter("window_factors", None)
+
+    @property
+    def mixer(self) -> Mixer:
+        """The student variant's math (``attention/mixers``, by ``cfg.kind``), made again when ``cfg`` is replaced
+        (``set_sparse_cache``, ``set_linear_scale``)."""
+        if self._mixer is None or self._mixer.cfg is not self.cfg:
+            self._mixer = get_mixer(self.cfg.kind)(self)
+        return self._mixer
 
     # ------------------------------------------------------------ pieces
 
@@ -287,31 +293,11 @@ class LolcatsAttention(nn.Module):
 
     def student_attention(self, q, k, v, fq, fk, positions=None, key_mask=None, return_weights=False,
                           log_gate=None):
-        """Linear or hybrid attention over a whole sequence (no cache): (B, H, T, D).
+        """Linear or hybrid attention over a whole sequence (no cache), the mixer's: (B, H, T, D) and the
+        attention weights (B, H, T, T) or None.
 
         ``log_gate`` (B, Hk, T): the forget gate, 0 at padding (``masked_log_gate``)."""
-        if self.cfg.sparse_cache:
-            return self._sparse_sequence(q, k, v, fq, fk, positions, key_mask, return_weights), None
-        plain = key_mask is None and positions is None and not return_weights
-        if plain:
-            backend = get_backend(self.cfg.backend, q)
-            if self.cfg.kind == "linear":
-                return backend.linear(fq, fk, v, None, False, log_gate=log_gate)[0], None
-            return backend.hybrid(q, k, v, fq, fk, self.window_factor(), self.cfg.kind, self.cfg.window_size,
-                                  self.scaling, log_gate=log_gate), None
-        if self.cfg.kind == "linear":
-            return self._linear_masked(fq, fk, v, key_mask, return_weights, log_gate)
-        return hybrid_attention_naive(q, k, v, fq, fk, self.window_factor(), self.cfg.kind, self.cfg.window_size,
-                                      self.scaling, positions, positions, key_mask, None, return_weights, log_gate)
-
-    def _linear_masked(self, fq, fk, v, key_mask, return_weights, log_gate=None):
-        if key_mask is not None:  # padding keys contribute nothing
-            fk = fk * key_mask[:, None, :, None].to(fk.dtype)
-        y, _ = linear_attention_quadratic(fq, fk, v, log_gate=log_gate)
-        if not return_weights:
-            return y, None
-        a = causal_linear_scores(fq, fk, log_gate)  # (B, H, T, T)
-        return y, a / (a.sum(-1, keepdim=True) + 1e-12)
+        return self.mixer.sequence(q, k, v, fq, fk, positions, key_mask, return_weights, log_gate)
 
     # ------------------------------------------------------------ forward
 
@@ -359,15 +345,18 @@ class LolcatsAttention(nn.Module):
 
     # ------------------------------------------------------------ with a constant-size state
 
-    def empty_state(self, batch_size: int, dtype, device) -> DecodeState:
-        """A zeroed state for ``batch_size`` sequences (window slots by kind, phi(k) width of phi_k)."""
-        F = getattr(self.feature_map_k, "out_dim", self.head_dim)
-        return DecodeState.for_layer(batch_size, self.num_kv_heads, self.cfg.kind, self.cfg.window_size,
-                                     self.head_dim, self.head_dim, F, dtype, device, self.cfg.sparse_cache)
+    def state_spec(self, dtype) -> StateSpec:
+        """This layer's per-sequence state, declared by its mixer (window and key tensors in ``dtype``)."""
+        return self.mixer.state_spec(dtype)
+
+    def empty_state(self, batch_size: int, dtype, device) -> LayerState:
+        """An empty state for ``batch_size`` sequences, allocated from :meth:`state_spec`."""
+        return self.mixer.empty_state(batch_size, dtype, device)
 
     def attend_cached(self, slot: LolcatsLayer, q, k, v, fq, fk, attention_mask=None, position_ids=None,
                       log_gate=None):
-        """Attention of a chunk (or one token) that continues ``slot``'s state, updating it in place.
+        """Attention of a chunk (or one token) that continues ``slot``'s state, updating it in place: the
+        mixer's decode step (T == 1) or prefill (T > 1), told what the call knows (:func:`step_of`).
 
         q (B, H, T, D), k/v (B, Hk, T, D), fq (B, H, T, F), fk (B, Hk, T, F), log_gate (B, Hk, T)
         or None -> (B, H, T, D).
@@ -378,108 +367,12 @@ class LolcatsAttention(nn.Module):
             slot.is_initialized = True
         if slot.state.batch_size != B:
             raise ValueError(f"LolcatsCache was made for batch {slot.state.batch_size}, got {B}")
-        key_mask = chunk_key_mask(attention_mask, B, T)
-        pos = chunk_positions(position_ids, B, T, slot.seen, q.device)
+        step = step_of(slot, attention_mask, position_ids, B, T, q.device)
         if T == 1:
-            y = self._decode(slot.state, q, k, v, fq, fk, pos, key_mask, log_gate, slot.evicts)
+            y = self.mixer.decode(slot.state, q, k, v, fq, fk, step, log_gate)
         else:
-            y = self._prefill(slot, q, k, v, fq, fk, pos, key_mask, masked_log_gate(log_gate, key_mask))
+            y = self.mixer.prefill(slot.state, q, k, v, fq, fk, step, masked_log_gate(log_gate, step.valid))
         slot.seen += T
-        return y
-
-    def _decode(self, state: DecodeState, q, k, v, fq, fk, pos, key_mask, log_gate=None, evicts: bool = True):
-        cfg = self.cfg
-        wf = None if cfg.kind == "linear" else self.window_factor()
-        valid = None if key_mask is None else key_mask[:, 0]
-        lg = None if log_gate is None else log_gate[:, :, 0]
-        y = self.decode_op(state, evicts)(q[:, :, 0], k[:, :, 0], v[:, :, 0], fq[:, :, 0], fk[:, :, 0], state,
-                                          pos[:, 0], wf, cfg.kind, cfg.window_size, self.scaling, valid, log_gate=lg)
-        return y[:, :, None]  # (B, H, 1, Dv)
-
-    def decode_op(self, state: DecodeState, evicts: bool = True):
-        """The decode step this layer runs on ``state``: the backend's; with a sparse cache, told its score and
-        whether a window slot may leave at this step (``LolcatsLayer.evicts``)."""
-        op = get_backend(self.cfg.backend, state.kv).decode
-        if not state.sparse_size:
-            return op
-        return functools.partial(op, sparse_score=self.cfg.sparse_score, sparse_sink=self.cfg.sparse_sink,
-                                 evict=evicts)
-
-    def _prefill(self, slot: LolcatsLayer, q, k, v, fq, fk, pos, key_mask, log_gate=None):
-        B, H, T, _ = q.shape
-        st, cfg = slot.state, self.cfg
-        piece = self._piece_len(st, B, H)
-        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
-        if st.sparse_size:
-            y, after = self._sparse_pieces(st, q, k, v, fq, fk, pos, valid)
-            for name, t in vars(after).items():
-                getattr(st, name).copy_(t)
-            return y
-        fused = get_backend(cfg.backend, q).is_fused(cfg.kind)  # no (T, T) score tensor: any T fits
-        fits = slot.seen == 0 and (fused or T <= piece)
-        if slot.aligned_chunks:  # the writer's promise: positions seen.., padding only at the end (no host check)
-            plain = fits
-        else:
-            plain = (fits and (key_mask is None or bool(key_mask.all()))
-                     and bool((pos == torch.arange(T, device=pos.device)).all()))
-        if plain:  # fresh, unpadded (or padded at the end only, which no valid query sees): the
-            # full-sequence path (a fused kernel on GPU), then absorb the valid tokens
-            y, _ = self.student_attention(q, k, v, fq, fk, log_gate=log_gate)
-            absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size, log_gate)
-            return y
-        ys = []
-        for s in range(0, T, piece):
-            sl = slice(s, min(T, s + piece))
-            lg = None if log_gate is None else log_gate[:, :, sl]
-            ys.append(self._prefill_piece(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl],
-                                          pos[:, sl], valid[:, sl], lg))
-        return torch.cat(ys, 2)
-
-    @staticmethod
-    def _piece_len(st: DecodeState, B: int, H: int) -> int:
-        """Queries per reference prefill piece: its scores over the slots and itself fit PREFILL_BUDGET."""
-        return max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - st.win_pos.shape[1] - st.sparse_size)
-
-    def _sparse_pieces(self, st: DecodeState, q, k, v, fq, fk, pos, valid) -> tuple[torch.Tensor, DecodeState]:
-        """The sparse-cache chunk reference over the sequence in pieces: outputs and the state after it."""
-        cfg, T = self.cfg, q.shape[2]
-        piece, ys = self._piece_len(st, q.shape[0], q.shape[1]), []
-        for s in range(0, T, piece):
-            sl = slice(s, min(T, s + piece))
-            y, st = sparse_chunk(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], pos[:, sl],
-                                 valid[:, sl], self.window_factor(), cfg.kind, cfg.window_size, self.scaling,
-                                 cfg.sparse_score, cfg.sparse_sink)
-            ys.append(y)
-        return torch.cat(ys, 2), st
-
-    def _sparse_sequence(self, q, k, v, fq, fk, positions, key_mask, return_weights):
-        """A whole sequence (no cache) with the sparse cache: the chunk reference from an empty state."""
-        if return_weights:
-            raise ValueError("attention.sparse_cache: attention weights (distill.xent_factor > 0) are not "
-                             "available with a sparse cache")
-        if capturing(q.device):  # its loop over eviction steps reads their count on the host
-            raise ValueError("attention.sparse_cache: a forward with the sparse cache cannot be captured in a CUDA "
-                             "graph; set distill.cuda_graph / finetune.cuda_graph false")
-        B, _, T, _ = q.shape
-        pos = torch.arange(T, device=q.device).expand(B, T) if positions is None else positions
-        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
-        return self._sparse_pieces(self.empty_state(B, k.dtype, k.device), q, k, v, fq, fk, pos, valid)[0]
-
-    def _prefill_piece(self, st: DecodeState, q, k, v, fq, fk, pos, valid, log_gate=None):
-        """Reference prefill of a piece: window slots in front of its keys, folded part as initial state."""
-        cfg = self.cfg
-        init = (st.kv, st.ks)
-        if cfg.kind == "linear":
-            y, _ = linear_attention_quadratic(fq, fk * valid[:, None, :, None].to(fk.dtype), v, init,
-                                              log_gate=log_gate)
-        else:  # window slots in front of the piece's keys, with their positions; empty slots masked
-            cat = lambda a, b: torch.cat([a.float(), b.float()], 2)  # noqa: E731
-            y, _ = hybrid_attention_naive(q, cat(st.win_k, k), cat(st.win_v, v), fq, cat(st.win_fk, fk),
-                                          self.window_factor(), cfg.kind, cfg.window_size, self.scaling,
-                                          pos, torch.cat([st.win_pos, pos], 1),
-                                          torch.cat([st.win_pos >= 0, valid], 1), init, log_gate=log_gate)
-            y = y.to(v.dtype)
-        absorb_chunk(st, k, v, fk, pos, valid, cfg.kind, cfg.window_size, log_gate)
         return y
 
     def empty_kv_state(self, batch_size: int, max_length: int, dtype, device) -> KVState:

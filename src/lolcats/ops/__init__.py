@@ -10,7 +10,7 @@ A :class:`Backend` carries every operator the attention layer runs:
 * ``hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=None) -> y``
 * ``decode(q, k, v, fq, fk, state, pos, window_factor, kind, window_size, scale, valid, log_gate=None,
   sparse_score="self_recall", evict=True, sparse_sink=0) -> y``: one token against a constant-size
-  :class:`~lolcats.ops.decode.naive.DecodeState` (in place), its sparse cache too when it has one
+  :class:`~lolcats.ops.decode.state.DecodeState` (in place), its sparse cache too when it has one
 
 ``log_gate`` is the optional forget gate on the linear part (``ops/gate.py``): (B, Hk, T) for the
 full-sequence operators, (B, Hk) for the decode step; None is the ungated function exactly.
@@ -22,7 +22,22 @@ full-sequence operators, (B, Hk) for the decode step; None is the ungated functi
 * ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores).
 
 The full-sequence fast paths take the plain case only (no padding mask, keys and queries aligned
-at positions 0..T-1); the layer sends anything else to the references.
+at positions 0..T-1). The general forms, which only the references implement so far, are operators of
+every backend too (the reference's unless a backend brings its own), so the layer reaches them here:
+
+* ``hybrid_general(q, k, v, fq, fk, window_factor, kind, window_size, scale, q_pos, k_pos, key_mask,
+  initial_state, return_weights, log_gate, fold_pos=None) -> (y, weights | None)``: positions, padding,
+  window slots in front, an initial state, a sparse cache's fold positions;
+* ``linear_general(fq, fk, v, initial_state, output_final_state, log_gate=None) -> (y, state | None)`` and
+  ``linear_weights(fq, fk, log_gate=None) -> (B, H, T, T)``: the quadratic form and its attention weights;
+* ``absorb(state, k, v, fk, pos, valid, kind, window_size, log_gate=None, fold=True)``: a chunk written into
+  a decode state as the decode step would token by token (in place);
+* ``sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score, sink)
+  -> (y, state after)``: a chunk through window, sparse cache and linear state.
+
+No module but this one (and the tests) imports an ``ops/*/naive.py``; the reference feature maps, which
+the layer's feature-map modules compute with autograd, are re-exported here too (:data:`hedgehog_reference`,
+:data:`project_heads`).
 """
 
 from __future__ import annotations
@@ -33,10 +48,15 @@ from typing import Callable
 
 import torch
 
-from lolcats.ops.decode.naive import decode_step_naive
+from lolcats.ops.common import State
+from lolcats.ops.decode.naive import absorb_chunk, decode_step_naive
+from lolcats.ops.feature_map.naive import hedgehog_reference, project_heads
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
-from lolcats.ops.linear.naive import State, linear_attention_quadratic
+from lolcats.ops.linear.naive import causal_linear_scores, linear_attention_quadratic
+from lolcats.ops.sparse.naive import sparse_chunk
 
+__all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "get_backend", "hedgehog_reference", "project_heads",
+           "register_backend"]
 OPTIONAL_BACKENDS = ("lolcats.ops.triton_backend", "lolcats.ops.fla_backend")  # skipped if their package is missing
 
 
@@ -50,6 +70,11 @@ class Backend:
     hedgehog: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     rope_hedgehog: Callable[..., tuple[torch.Tensor, ...]] | None = None
     fused: frozenset[str] = frozenset()
+    hybrid_general: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = hybrid_attention_naive
+    linear_general: Callable[..., tuple[torch.Tensor, State | None]] = linear_attention_quadratic
+    linear_weights: Callable[..., torch.Tensor] = causal_linear_scores
+    absorb: Callable[..., None] = absorb_chunk
+    sparse_chunk: Callable[..., tuple[torch.Tensor, object]] = sparse_chunk
 
     def is_fused(self, kind: str) -> bool:
         """Whether the full-sequence operator for ``kind`` keeps memory linear in T."""

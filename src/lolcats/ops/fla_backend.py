@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fla.ops.linear_attn import chunk_linear_attn
 
 from lolcats.ops import BACKENDS, Backend, register_backend
-from lolcats.ops.linear.naive import EPS, State, expand_kv_heads
+from lolcats.ops.common import EPS, State, expand_kv_heads
 from lolcats.ops.triton import linear_attention_triton
 from lolcats.ops.triton.decode import decode_step_triton
 

@@ -1,5 +1,6 @@
-"""Decode step with a constant-size state: the reference (``naive``); kernels register in ``lolcats.ops``."""
+"""Decode step with a constant-size state: the state (``state``), the eviction every step shares (``evict``),
+the reference (``naive``); kernels register in ``lolcats.ops``."""
 
-from lolcats.ops.decode.naive import DecodeState, decode_step_naive, window_slots
+from lolcats.ops.decode.state import DecodeState
 
-__all__ = ["DecodeState", "decode_step_naive", "window_slots"]
+__all__ = ["DecodeState"]

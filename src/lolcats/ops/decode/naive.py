@@ -22,118 +22,25 @@ With a log forget gate ``log_gate`` (B, Hk) for this token (``ops/gate.py``), (k
 multiplied by exp(log_gate) (rows where ``valid``), then the leaving slots are folded in: keys
 decay from the step they leave the window. The state layout does not change.
 
-With a sparse cache (``sparse`` = G > 0 slots per KV head, ``ops/sparse/naive.py``) the state also
+With a sparse cache (``sparse`` = G > 0 slots per KV head, ``ops/sparse/cache.py``) the state also
 holds ``sparse_k, sparse_v, sparse_fk`` (B, Hk, G, X) and ``sparse_pos`` (B, Hk, G); tokens leaving
 the window go through the cache (which folds the pairs it does not keep into (kv, ks)) and the
 cached pairs join the window's softmax terms. With G = 0 these buffers are empty and the step is the
 one above.
+
+The state type is ``ops/decode/state.py``; the eviction steps every decode step shares are
+``ops/decode/evict.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from lolcats.ops.common import EPS, expand_kv_heads
+from lolcats.ops.decode.evict import decay, evict_sparse, fold_slots, leaving_slots
+from lolcats.ops.decode.state import DecodeState
 from lolcats.ops.gate import arrival_positions, cumulative_log_gate, masked_log_gate
 from lolcats.ops.hybrid.naive import window_masks
-from lolcats.ops.kinds import window_slots
-from lolcats.ops.linear.naive import EPS, expand_kv_heads
-from lolcats.ops.sparse.naive import evict_to_cache, leaving_per_step
-
-
-@dataclass
-class DecodeState:
-    win_k: torch.Tensor  # (B, Hk, S, D)
-    win_v: torch.Tensor  # (B, Hk, S, Dv)
-    win_fk: torch.Tensor  # (B, Hk, S, F)
-    win_pos: torch.Tensor  # (B, S) int64, -1 = empty
-    kv: torch.Tensor  # (B, Hk, F, Dv) float32
-    ks: torch.Tensor  # (B, Hk, F) float32
-    sparse_k: torch.Tensor  # (B, Hk, G, D): the sparse cache (G = 0: off)
-    sparse_v: torch.Tensor  # (B, Hk, G, Dv)
-    sparse_fk: torch.Tensor  # (B, Hk, G, F)
-    sparse_pos: torch.Tensor  # (B, Hk, G) int64, -1 = empty
-
-    @classmethod
-    def empty(cls, B, Hk, S, D, Dv, F, dtype, device, sparse: int = 0) -> "DecodeState":
-        return cls(
-            torch.zeros(B, Hk, S, D, dtype=dtype, device=device),
-            torch.zeros(B, Hk, S, Dv, dtype=dtype, device=device),
-            torch.zeros(B, Hk, S, F, dtype=dtype, device=device),
-            torch.full((B, S), -1, dtype=torch.long, device=device),
-            torch.zeros(B, Hk, F, Dv, dtype=torch.float32, device=device),
-            torch.zeros(B, Hk, F, dtype=torch.float32, device=device),
-            torch.zeros(B, Hk, sparse, D, dtype=dtype, device=device),
-            torch.zeros(B, Hk, sparse, Dv, dtype=dtype, device=device),
-            torch.zeros(B, Hk, sparse, F, dtype=dtype, device=device),
-            torch.full((B, Hk, sparse), -1, dtype=torch.long, device=device),
-        )
-
-    @classmethod
-    def for_layer(cls, B, Hk, kind, window_size, D, Dv, F, dtype, device, sparse: int = 0) -> "DecodeState":
-        """An empty state for a layer of ``kind`` (window slots from :func:`window_slots`)."""
-        return cls.empty(B, Hk, window_slots(kind, window_size), D, Dv, F, dtype, device, sparse)
-
-    @property
-    def batch_size(self) -> int:
-        return self.win_pos.shape[0]
-
-    @property
-    def sparse_size(self) -> int:
-        """Slots of the sparse cache per KV head (0: none)."""
-        return self.sparse_pos.shape[-1]
-
-    def rows(self, sl: slice) -> "DecodeState":
-        """A view of rows ``sl``: writing it writes this state."""
-        return DecodeState(**{n: t[sl] for n, t in vars(self).items()})
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values())
-
-
-def _evict(state: DecodeState, leave: torch.Tensor) -> None:
-    """Move slots where ``leave`` (B, S) is True into (kv, ks) and mark them empty."""
-    w = leave.to(torch.float32)[:, None, :, None]  # (B, 1, S, 1)
-    fk = state.win_fk.float() * w
-    state.kv += torch.einsum("bhsf,bhsd->bhfd", fk, state.win_v.float())
-    state.ks += fk.sum(2)
-    state.win_pos.masked_fill_(leave, -1)
-
-
-def _decay(state: DecodeState, log_gate: torch.Tensor) -> None:
-    """(kv, ks) *= exp(log_gate), log_gate (B, Hk); in place."""
-    g = torch.exp(log_gate)
-    state.kv.mul_(g[..., None, None])
-    state.ks.mul_(g[..., None])
-
-
-def leaving_slots(state: DecodeState, pos: torch.Tensor, kind: str, window_size: int) -> torch.Tensor:
-    """(B, S) bool: the filled window slots that leave when the token at ``pos`` (B,) is written (sliding: the
-    slot it takes; terraced: the half it starts, at a block's first token)."""
-    S = state.win_pos.shape[1]
-    slot = pos % S  # (B,)
-    slots = torch.arange(S, device=pos.device)[None, :]  # (1, S)
-    filled = state.win_pos >= 0
-    if kind == "sliding_window":
-        return filled & (slots == slot[:, None])
-    half = (slots // window_size) == (slot[:, None] // window_size)
-    return filled & half & (pos % window_size == 0)[:, None]
-
-
-def evict_sparse(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor | None, kind: str, window_size: int,
-                 log_gate: torch.Tensor | None = None, sparse_score: str = "self_recall", evict: bool = True,
-                 sparse_sink: int = 0) -> None:
-    """The first part of :func:`decode_step_naive` with a sparse cache, in place: the gate's decay of (kv, ks)
-    (rows where ``valid``), then the slots leaving the window through the cache (they end up empty; skipped
-    with ``evict`` False: the caller knows none leaves). A decode kernel then writes the token and attends with
-    nothing left to fold or decay."""
-    valid = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid
-    if log_gate is not None:
-        _decay(state, torch.where(valid[:, None], log_gate.float(), 0.0))
-    if evict:
-        leave = leaving_slots(state, pos, kind, window_size) & valid[:, None]
-        evict_to_cache(state, leave, sparse_score, leaving_per_step(kind, window_size), sparse_sink)
 
 
 def decode_step_naive(
@@ -158,7 +65,7 @@ def decode_step_naive(
     S = state.win_pos.shape[1]
     valid = torch.ones(B, dtype=torch.bool, device=q.device) if valid is None else valid
     if log_gate is not None:  # decay, then fold: a key decays from the step it leaves the window
-        _decay(state, torch.where(valid[:, None], log_gate.float(), 0.0))
+        decay(state, torch.where(valid[:, None], log_gate.float(), 0.0))
     if kind == "linear":
         m = valid.float()[:, None, None]
         state.kv += m[..., None] * fk.float()[..., None] * v.float()[:, :, None, :]
@@ -169,7 +76,7 @@ def decode_step_naive(
         if state.sparse_size:  # the decay ran above
             evict_sparse(state, pos, valid, kind, window_size, None, sparse_score, evict, sparse_sink)
         else:
-            _evict(state, leaving_slots(state, pos, kind, window_size) & valid[:, None])
+            fold_slots(state, leaving_slots(state, pos, kind, window_size) & valid[:, None])
         write = (slots == slot[:, None]) & valid[:, None]  # (B, S)
         wk = write[:, None, :, None]
         state.win_k.copy_(torch.where(wk, k[:, :, None, :].to(state.win_k.dtype), state.win_k))
@@ -205,7 +112,7 @@ def _fold_weights(state: DecodeState, log_gate, pos, valid, key_pos, kind: str, 
         return 1.0
     lg = masked_log_gate(log_gate.float(), valid)  # (B, Hk, T)
     total = lg.sum(-1)  # (B, Hk): every token of the chunk is after the old state
-    _decay(state, total)
+    decay(state, total)
     lam = cumulative_log_gate(lg, pos, arrival_positions(key_pos, kind, window_size))  # (B, Hk, N)
     return torch.exp(total[..., None] - lam)[..., None]
 

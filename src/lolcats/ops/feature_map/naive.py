@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lolcats.ops.common import FEATURE_EPS
 from lolcats.ops.rope import rope
-
-FEATURE_EPS = 1e-12
 
 
 def project_heads(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

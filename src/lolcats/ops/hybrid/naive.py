@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 
 from lolcats.ops.gate import arrival_positions, cumulative_log_gate
-from lolcats.ops.linear.naive import State, expand_kv_heads
+from lolcats.ops.common import State, expand_kv_heads
 
 WindowKind = Literal["sliding_window", "terraced_window"]
 

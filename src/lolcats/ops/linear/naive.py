@@ -20,15 +20,7 @@ from __future__ import annotations
 
 import torch
 
-EPS = 1e-12
-
-State = tuple[torch.Tensor, torch.Tensor]  # (kv: (B, Hk, F, Dv), ksum: (B, Hk, F))
-
-
-def expand_kv_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, Hk, ...) -> (B, H, ...) by repeating each KV head for its query group."""
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+from lolcats.ops.common import EPS, State, expand_kv_heads
 
 
 def causal_linear_scores(fq: torch.Tensor, fk: torch.Tensor, log_gate: torch.Tensor | None = None) -> torch.Tensor:

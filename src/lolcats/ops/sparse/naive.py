@@ -1,126 +1,90 @@
-"""Sparse global cache (LoLA, arXiv 2505.23666): which pairs it keeps, and the eviction step.
+"""A chunk through window, sparse cache and linear state: the reference prefill with a sparse cache.
 
-With ``attention.sparse_cache = G > 0`` each KV head keeps, beside the window and the linear state
-(kv, ks), up to G key-value pairs that left the window:
+What the cache keeps depends on the data, so the state side is a loop over the chunk's *eviction
+steps* (the positions at which tokens leave the window: every token for a sliding window once it is
+full, every block start for a terraced one), each one :func:`~lolcats.ops.sparse.cache.merge_candidates`
+on fixed-size tensors, as the decode step does. The loop records, per KV head, the position at which
+each token was folded into (kv, ks). The chunk's outputs then come from one batched
+``hybrid_attention_naive`` over [the cache at the chunk's start, the window slots, the chunk] with
+those fold positions (``fold_pos``): a key past the window is a softmax term until it is folded.
 
-    sparse_k (B, Hk, G, D), sparse_v (B, Hk, G, Dv), sparse_fk (B, Hk, G, F)   keys, values, phi(k)
-    sparse_pos (B, Hk, G) int64    position of each pair, -1 where the slot is empty
-
-A pair leaving the window is not folded into (kv, ks) at once: it becomes a candidate. At every step
-where pairs leave the window (sliding: every token once the window is full; terraced: each block
-start, when a whole block leaves), the candidates and the cached pairs are all scored against the
-*current* (kv, ks); the G best are kept and the rest are folded into (kv, ks). Cached pairs are
-re-scored at each such step because the state changed since they were last scored; this is LoLA's
-rule (its reference re-computes the heap's scores with the current state at every chunk update).
-
-Scores (:data:`SCORES`, higher = kept; :func:`register_score` adds one):
-
-* ``self_recall``: LoLA's self-recall error ``|| v - phi(k)^T kv / (phi(k)^T ks + eps) ||_2``, how
-  badly the linear state returns the pair's own value when queried with its own key (a state that
-  holds nothing returns 0, so the score is then ||v||);
-* ``recency``: the position: the cache holds the latest pairs to leave the window (an ablation: as
-  much extra softmax memory, chosen without looking at the state).
-
-A sink (``attention.sparse_sink = N``, N < G): the pairs of positions 0..N-1 are always kept, whatever
-the score (attention sinks; the base model's passkey retrieval needs its system prompt and instructions
-as much as the key, benchmarks/recall_masks.py).
-
-Attention over the cache: cached pairs join the softmax part of the hybrid formula, weighted by the
-window factor and under the same max stabiliser as the window (LoLA's "window + sparse" mask on the
-LoLCATs formula), see ``ops/hybrid/naive.py`` (``fold_pos``) and ``ops/decode/naive.py``.
-
-Where this differs from LoLA's code (lukemcdermotttt/LoLA): there the cache is per query head (keys
-are repeated for GQA before it), here per KV head, as the rest of the state; its chunked variant
-mixes softmax and linear terms with an affine gate (g, 1 - g), here the trained LoLCATs formula is
-kept (window factor g on the softmax terms, 1 on the linear ones), as in its prefill variant; its
-window moves in chunks of w tokens (our terraced kind), here both window kinds are supported, a
-sliding window evicting one token per step.
-
-The functions here take plain tensors (and, for :func:`evict_to_cache`, any object with the
-:class:`~lolcats.ops.decode.naive.DecodeState` fields), keep every shape fixed by G and sync nothing
-with the host, so a decode step using them can be captured in a CUDA graph.
+Memory: the (B, H, T, G + S + T) scores of the plain reference prefill plus G columns (the caller
+cuts long prompts into pieces). Time: one small step per eviction step, T of them for a sliding
+window, T / w for a terraced one. The state and the outputs are those of ``decode_step_naive``
+token by token (up to float rounding).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from lolcats.ops.linear.naive import EPS
+from lolcats.ops.decode.naive import absorb_chunk
+from lolcats.ops.decode.state import DecodeState
+from lolcats.ops.hybrid.naive import hybrid_attention_naive
+from lolcats.ops.sparse.cache import leaving_per_step, merge_candidates
 
-Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # k, v, fk (B, Hk, N, X); pos (B, Hk, N)
-ScoreFn = Callable[..., torch.Tensor]  # (v, fk, pos, kv, ks) -> (B, Hk, N) float32
-
-
-def self_recall_error(v, fk, pos, kv, ks) -> torch.Tensor:
-    """|| v - phi(k) kv / (phi(k) . ks + eps) ||: v (B, Hk, N, Dv), fk (B, Hk, N, F) -> (B, Hk, N)."""
-    fkf = fk.float()
-    num = torch.einsum("bhnf,bhfd->bhnd", fkf, kv.float())
-    den = torch.einsum("bhnf,bhf->bhn", fkf, ks.float())
-    return (v.float() - num / (den[..., None] + EPS)).norm(dim=-1)
+FAR = -(2**40)  # position given to cached keys: past every window of every query
+NEVER = 2**62  # fold position of a key not folded in this chunk
 
 
-def recency(v, fk, pos, kv, ks) -> torch.Tensor:
-    return pos.float()
+def leave_steps(pos: torch.Tensor, kind: str, window_size: int) -> torch.Tensor:
+    """The position at which a token at ``pos`` leaves the window (the decode step's eviction)."""
+    if kind == "sliding_window":
+        return pos + window_size
+    return (pos // window_size + 2) * window_size  # terraced: when block b + 2 starts
 
 
-SCORES: dict[str, ScoreFn] = {"self_recall": self_recall_error, "recency": recency}
+def _leave_columns(ppos: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, kind: str, w: int) -> torch.Tensor:
+    """(B, N) the chunk column whose token's step evicts each pooled token; T where none does."""
+    T = pos.shape[1]
+    srt, order = torch.where(valid, pos, NEVER).sort(-1)  # (B, T) the chunk's steps, ascending
+    e = leave_steps(ppos, kind, w)  # (B, N)
+    i = torch.searchsorted(srt, e).clamp(max=T - 1)
+    hit = (srt.gather(1, i) == e) & (ppos >= 0)
+    return torch.where(hit, order.gather(1, i), T)
 
 
-def register_score(name: str, fn: ScoreFn) -> None:
-    SCORES[name] = fn
+def sparse_chunk(state: DecodeState, q, k, v, fq, fk, pos, valid, window_factor, kind: str, window_size: int,
+                 scale: float, score: str, sink: int = 0) -> tuple[torch.Tensor, DecodeState]:
+    """Outputs (B, H, T, Dv) of a chunk continuing ``state`` and the state after it (a new one:
+    ``state`` is only read, so this runs under autograd too).
 
-
-def get_score(name: str) -> ScoreFn:
-    if name not in SCORES:
-        raise ValueError(f"unknown sparse-cache score {name!r}; known: {', '.join(SCORES)}")
-    return SCORES[name]
-
-
-def merge_candidates(cache: Pairs, cand: Pairs, cand_ok: torch.Tensor, kv: torch.Tensor, ks: torch.Tensor,
-                     score: str, sink: int = 0) -> tuple[Pairs, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the G best of the cached pairs and the candidates; fold the others into (kv, ks). Pairs at
-    positions below ``sink`` are always kept (sink < G).
-
-    cache: G pairs (empty where pos < 0); cand: M pairs, taking part where ``cand_ok`` (B, Hk, M).
-    Returns (the new G cached pairs, kv, ks, keep (B, Hk, G) indices into [cache, cand], fold
-    (B, Hk, G + M) bool: the pairs folded). Nothing is written in place.
+    q (B, H, T, D), k/v (B, Hk, T, D|Dv), fq (B, H, T, F), fk (B, Hk, T, F), pos (B, T), valid (B, T).
     """
-    G = cache[3].shape[-1]
-    k, v, fk = (torch.cat([a, b.to(a.dtype)], 2) for a, b in zip(cache[:3], cand[:3]))  # (B, Hk, G+M, X)
-    pos = torch.cat([cache[3], torch.where(cand_ok, cand[3], -1)], -1)  # (B, Hk, G+M)
-    live = pos >= 0
-    with torch.no_grad():
-        s = get_score(score)(v, fk, pos, kv, ks).masked_fill(live & (pos < sink), float("inf"))
-        s = s.masked_fill(~live, float("-inf"))
-        keep = s.topk(G, dim=-1).indices  # (B, Hk, G); picks of -inf are empty slots (pos -1)
-    fold = live & ~torch.zeros_like(live).scatter(-1, keep, True)
-    w = fold.to(torch.float32)[..., None]  # (B, Hk, G+M, 1)
-    kv = kv + torch.einsum("bhnf,bhnd->bhfd", fk.float() * w, v.float())
-    ks = ks + (fk.float() * w).sum(2)
-    pick = lambda x: x.gather(2, keep[..., None].expand(*keep.shape, x.shape[-1]))  # noqa: E731
-    return (pick(k), pick(v), pick(fk), pos.gather(-1, keep)), kv, ks, keep, fold
+    B, Hk, T, _ = k.shape
+    G, S, dt = state.sparse_size, state.win_pos.shape[1], state.win_k.dtype
+    pool = [torch.cat([a, b.to(dt)], 2) for a, b in ((state.win_k, k), (state.win_v, v), (state.win_fk, fk))]
+    ppos = torch.cat([state.win_pos, torch.where(valid, pos, -1)], 1)  # (B, N): window slots, then the chunk
+    N = S + T
+    col = _leave_columns(ppos, pos, valid, kind, window_size)
+    by_col, rank = col.sort(dim=-1, stable=True)  # pooled tokens in the order they leave
+    steps = torch.unique(col[col < T])  # sorted chunk columns with an eviction step in some row
+    L = leaving_per_step(kind, window_size)
+    first = torch.searchsorted(by_col, steps[None].expand(B, -1).contiguous())  # (B, E)
+    span = torch.arange(L, device=k.device)
 
-
-def leaving_per_step(kind: str, window_size: int) -> int:
-    """Most tokens that leave the window at one step: 1 (sliding), a block of w (terraced)."""
-    return 1 if kind == "sliding_window" else window_size
-
-
-def evict_to_cache(state, leave: torch.Tensor, score: str, most: int, sink: int = 0) -> None:
-    """Window slots where ``leave`` (B, S) (at most ``most`` a row) go through the sparse cache, in
-    place: it keeps the G best of its pairs and the leaving ones, the rest fold into (kv, ks)."""
-    B, Hk = state.kv.shape[:2]
-    idx = leave.float().topk(most, dim=-1).indices  # (B, most): the leaving slots first
-    take = lambda x: x.gather(2, idx[:, None, :, None].expand(B, Hk, most, x.shape[-1]))  # noqa: E731
-    cand = (take(state.win_k), take(state.win_v), take(state.win_fk),
-            state.win_pos.gather(1, idx)[:, None].expand(B, Hk, most))
-    ok = leave.gather(1, idx)[:, None].expand(B, Hk, most)
     cache = (state.sparse_k, state.sparse_v, state.sparse_fk, state.sparse_pos)
-    new, kv, ks, _, _ = merge_candidates(cache, cand, ok, state.kv, state.ks, score, sink)
-    for buf, x in zip(cache, new):
-        buf.copy_(x)
-    state.kv.copy_(kv)
-    state.ks.copy_(ks)
-    state.win_pos.masked_fill_(leave, -1)
+    kv, ks = state.kv, state.ks
+    ids = torch.arange(G, device=k.device).expand(B, Hk, G)  # ids: cache 0..G-1, then G + pooled index
+    fold_pos = torch.full((B, Hk, G + N + 1), NEVER, dtype=torch.long, device=k.device)  # last: a scratch id
+    for e, t in enumerate(steps.tolist()):
+        idx = rank.gather(1, (first[:, e:e + 1] + span).clamp(max=N - 1))  # (B, L)
+        ok = (col.gather(1, idx) == t)[:, None].expand(B, Hk, L)
+        cand = [x.gather(2, idx[:, None, :, None].expand(B, Hk, L, x.shape[-1])) for x in pool]
+        cand.append(ppos.gather(1, idx)[:, None].expand(B, Hk, L))
+        cache, kv, ks, keep, fold = merge_candidates(cache, tuple(cand), ok, kv, ks, score, sink)
+        every = torch.cat([ids, (G + idx)[:, None].expand(B, Hk, L)], -1)  # (B, Hk, G + L)
+        fold_pos.scatter_(-1, torch.where(fold, every, G + N), pos[:, t, None, None].expand(B, Hk, G + L))
+        ids = every.gather(-1, keep)
+
+    cat = lambda *xs: torch.cat([x.float() for x in xs], 2)  # noqa: E731
+    k_pos = torch.cat([pos.new_full((B, G), FAR), state.win_pos, pos], 1)
+    k_mask = torch.cat([state.sparse_pos >= 0, (state.win_pos >= 0)[:, None].expand(B, Hk, S),
+                        valid[:, None].expand(B, Hk, T)], -1)  # (B, Hk, G + N)
+    y, _ = hybrid_attention_naive(q, cat(state.sparse_k, state.win_k, k), cat(state.sparse_v, state.win_v, v), fq,
+                                  cat(state.sparse_fk, state.win_fk, fk), window_factor, kind, window_size, scale,
+                                  pos, k_pos, k_mask, (state.kv, state.ks), fold_pos=fold_pos[..., :G + N])
+    after = DecodeState(state.win_k.clone(), state.win_v.clone(), state.win_fk.clone(), state.win_pos.clone(),
+                        kv, ks, *cache)
+    absorb_chunk(after, k, v, fk, pos, valid, kind, window_size, fold=False)
+    return y.to(v.dtype), after

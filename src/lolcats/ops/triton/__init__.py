@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lolcats.ops.linear.naive import EPS, State
+from lolcats.ops.common import EPS, State
 from lolcats.ops.kinds import kind_id
 from lolcats.ops.triton.chunked import CHUNK, ChunkedAttention
 

@@ -17,7 +17,7 @@ With a log forget gate (B, Hk) the program first multiplies its (kv, ks) rows by
 (valid rows), then folds: as in the reference, keys decay from the step they leave the window.
 
 With a sparse cache (G pairs per KV head, ``ops/sparse``) the decay and the eviction through the cache run
-first in PyTorch (``evict_sparse``: choosing what the cache keeps is a top-k over the cache and the
+first in PyTorch (``ops/decode/evict.py::evict_sparse``: choosing what the cache keeps is a top-k over the cache and the
 leaving slots), and the program reads the G cached pairs as more softmax terms under the same max.
 
 ``win_pos`` (B, S) is shared by the KV heads of a row, so a second tiny launch (one program per
@@ -31,10 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.decode.naive import DecodeState, evict_sparse
+from lolcats.ops.common import EPS
+from lolcats.ops.decode.evict import evict_sparse
+from lolcats.ops.decode.state import DecodeState
 from lolcats.ops.triton.chunked import tile_dot, dot_dtype, pad_dim
 from lolcats.ops.kinds import kind_id
-from lolcats.ops.linear.naive import EPS
 
 
 @triton.jit
@@ -199,7 +200,7 @@ def decode_step_triton(
     """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous.
 
     With a sparse cache (``state.sparse_size`` > 0) the gate's decay and the slots leaving the window go through
-    the reference first (``evict_sparse``, in PyTorch: the kernel then sees those slots empty and folds nothing),
+    PyTorch first (``evict_sparse``: the kernel then sees those slots empty and folds nothing),
     and the kernel adds the cached pairs to the softmax terms."""
     B, H, D = q.shape
     Hk, Dv, F = k.shape[1], v.shape[-1], fk.shape[-1]

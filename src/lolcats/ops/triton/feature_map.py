@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.feature_map.naive import FEATURE_EPS
+from lolcats.ops.common import FEATURE_EPS
 from lolcats.ops.triton.chunked import tile_dot, dot_dtype, pad_dim
 
 BM = 64  # tokens per program

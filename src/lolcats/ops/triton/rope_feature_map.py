@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.feature_map.naive import FEATURE_EPS
+from lolcats.ops.common import FEATURE_EPS
 from lolcats.ops.triton.chunked import _empty, pad_dim, tile_dot
 from lolcats.ops.triton.feature_map import autocast_dot_dtype, softmax_pair
 
