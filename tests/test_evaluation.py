@@ -304,3 +304,32 @@ def test_registered_model_type_loads_from_model_args(tiny_model_dir):
     assert get_model("lolcats") is cls
     lm = cls.create_from_arg_string(f"base={tiny_model_dir},dtype=float32,device=cpu", {"batch_size": 2})
     assert lm.model.config.model_type == "llama" and lm.batch_size == 2
+
+
+def test_limit_bounds_perplexity_and_progress_shows(model, tok, tmp_path, monkeypatch, capsys):
+    """`lolcats eval --ppl FILE --limit N` scores the first N windows of the file (it scored them all, silently:
+    issue 29), with a progress bar on stderr; a fraction < 1 takes that share of the windows."""
+    import lolcats.evaluation as evaluation
+    from lolcats.cli import main
+
+    monkeypatch.setattr(evaluation, "load_trained", lambda source, device=None, dtype="auto": (model, tok))
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    try:
+        whole = perplexity(model, tok, PPL_FILE, "packed", seq_len=8, batch_size=2)
+        assert whole["windows"] > 3
+        calls.clear()
+        capsys.readouterr()
+        assert main(["eval", "--base", "tiny", "--ppl", str(PPL_FILE), "--seq-len", "8", "--batch-size", "2",
+                     "--limit", "3", "--output", str(tmp_path / "r.json")]) == 0
+        assert sum(calls) == 3 and len(calls) == 2  # 3 windows: batches of 2 and 1
+        err = capsys.readouterr().err
+        assert "ppl ppl_docs.txt" in err and "3/3" in err  # the bar, in windows
+        saved = json.loads((tmp_path / "r.json").read_text())
+        scored = saved["results"]["base"]["ppl:ppl_docs.txt"]
+        assert scored["windows"] == 3 and scored["tokens"] == 3 * 7 and saved["settings"]["limit"] == 3
+        half = perplexity(model, tok, PPL_FILE, "packed", seq_len=8, batch_size=2, limit=0.5)
+        assert half["windows"] == math.ceil(whole["windows"] / 2)
+    finally:
+        hook.remove()

@@ -89,12 +89,13 @@ def test_settings_are_checked():
 
 
 def test_model_source_checks_the_option():
+    from lolcats.config import UseSettings
     from lolcats.models.trained import ModelSource
 
     with pytest.raises(ValueError, match="linearized"):
-        ModelSource(base="x", linear_scale=0.5)
+        ModelSource(base="x", use=UseSettings(linear_scale=0.5))
     with pytest.raises(ValueError, match=">= 0"):
-        ModelSource(checkpoint="x", linear_scale=-1.0)
+        ModelSource(checkpoint="x", use=UseSettings(linear_scale=-1.0))
 
 
 def test_cli_flag_reaches_the_loaded_model_and_the_eval_output(tmp_path, monkeypatch):

@@ -228,6 +228,7 @@ def test_the_use_section_travels_with_the_checkpoints(env, tmp_path):
     by every load (checkpoint of either stage, or the config); the command's flags replace them."""
     from lolcats.attention.convert import lolcats_modules
     from lolcats.checkpoint import read_meta
+    from lolcats.config import UseSettings
     from lolcats.evaluation import eval_main
     from lolcats.models.trained import ModelSource, load_trained
 
@@ -248,14 +249,52 @@ def test_the_use_section_travels_with_the_checkpoints(env, tmp_path):
         return {(m.cfg.sparse_cache, m.cfg.sparse_sink, m.cfg.linear_scale) for m in lolcats_modules(model)}
 
     assert used(checkpoint=str(d2 / "best")) == used(checkpoint=str(d1 / "best")) == used(config=cfg) == {(8, 2, 0.5)}
-    assert used(checkpoint=str(d2 / "best"), sparse_cache=4) == {(4, 0, 0.5)}  # the cache flags replace all three
-    assert used(checkpoint=str(d2 / "best"), sparse_cache=0, linear_scale=1.0) == {(0, 0, 1.0)}
+    assert used(checkpoint=str(d2 / "best"), use=UseSettings(sparse_cache=4)) == {(4, 0, 0.5)}  # flags replace all 3
+    assert used(checkpoint=str(d2 / "best"), use=UseSettings(sparse_cache=0, linear_scale=1.0)) == {(0, 0, 1.0)}
     text = tmp_path / "docs.txt"
     text.write_text("the cat sat on the mat and the dog ran to the big red house\n" * 8)
     eval_main(ModelSource(checkpoint=str(d2 / "best")), ppl=[str(text)], seq_len=32, output=str(tmp_path / "e.json"),
               device="cpu", print_table=False)
     assert json.loads((tmp_path / "e.json").read_text())["models"]["linearized"]["use"] == {
         "sparse_cache": 8, "sparse_score": "self_recall", "sparse_sink": 2, "linear_scale": 0.5}  # what it ran with
+
+
+def test_load_linearized_is_the_model_eval_loads(finished, tmp_path):
+    """The README's Python API (load_linearized) puts a run's recorded ``use`` section on the model as
+    ``lolcats eval --checkpoint`` does (issue 26: it left it off, so Python gave other numbers): the same
+    settings on every layer and the same logits, for a stage-2 and a stage-1 checkpoint."""
+    from lolcats.attention.convert import lolcats_modules
+    from lolcats.cli import build_parser, model_source
+    from lolcats.config import UseSettings
+    from lolcats.models.trained import load_trained
+
+    cfg, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(stage_dirs(cfg)[0].parent, run)  # the run directory: a stage 2 finds its stage 1 in it
+    d1, d2 = (run / d.name / "best" for d in stage_dirs(cfg))
+    for d in (d1, d2):  # a run whose config has a use section
+        meta = json.loads((d / "meta.json").read_text())
+        meta["config"]["use"] = {"sparse_cache": 8, "sparse_score": None, "sparse_sink": 2, "linear_scale": 0.5}
+        (d / "meta.json").write_text(json.dumps(meta))
+
+    def settings(model):
+        return {(m.cfg.sparse_cache, m.cfg.sparse_score, m.cfg.sparse_sink, m.cfg.linear_scale)
+                for m in lolcats_modules(model) if m.converted}
+
+    for d, python in ((d2, lambda: load_linearized(None, None, str(d2), device="cpu", dtype="float32")),
+                      (d1, lambda: load_linearized(None, str(d1), None, device="cpu", dtype="float32"))):
+        args, rest = build_parser().parse_known_args(["eval", "--checkpoint", str(d), "--dtype", "float32"])
+        cli_model, _ = load_trained(model_source(args, rest), "cpu", args.dtype)  # as eval_main loads it
+        py_model, _ = python()
+        ids = torch.randint(0, cli_model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+        assert settings(py_model) == settings(cli_model) == {(8, "self_recall", 2, 0.5)}, d
+        with torch.no_grad():
+            want = cli_model(input_ids=ids).logits
+            assert torch.equal(py_model(input_ids=ids).logits, want), d
+            trained, _ = load_linearized(None, str(d1), None if d == d1 else str(d2), device="cpu", dtype="float32",
+                                         use=UseSettings())  # as trained: the settings matter on this input
+            assert settings(trained) == {(0, "self_recall", 0, 1.0)}
+            assert not torch.allclose(trained(input_ids=ids).logits, want)
 
 
 def test_fingerprint_does_not_depend_on_float32_or_bf16():

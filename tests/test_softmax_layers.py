@@ -225,29 +225,74 @@ def test_count_pick_is_recorded_and_reloaded(counted, tmp_path):
     assert softmax_layers(stage1_only) == []  # the pick belongs to stage 2
 
 
-def test_retrieval_pick_is_scored_once_and_kept(tmp_path, monkeypatch):
-    """softmax_pick retrieval: stage 2 keeps the layer the base model's retrieval scores rank first, writes the
-    scores and the pick to softmax_pick.json, and a later run of the finished stage reads it instead of scoring."""
-    import lolcats.evaluation.recall as recall
+def _picked(tmp_path, by: str):
+    """A 2-layer tiny run keeping 1 layer picked ``by``: (cfg, softmax_pick.json, {layer: score}, stage-2 model),
+    the pick checked to be the one stage 2's checkpoint records and its model keeps."""
     from conftest import save_tiny, write_alpaca
     from lolcats.checkpoint import read_meta
     from lolcats.pipeline import PICK, prepare, run_distill, run_finetune, stage_dirs
     from test_pipeline import make_cfg
 
     cfg = make_cfg(tmp_path, save_tiny(tmp_path / "model"), write_alpaca(tmp_path / "alpaca.jsonl", n=120),
-                   **{"attention.softmax_count": 1, "attention.softmax_pick": "retrieval", "distill.max_steps": 2,
+                   **{"attention.softmax_count": 1, "attention.softmax_pick": by, "distill.max_steps": 2,
                       "finetune.max_steps": 2, "finetune.eval_every": 2})
     ctx = prepare(cfg)
     run_distill(ctx)
     model, _ = run_finetune(ctx)
-    d1, d2 = stage_dirs(cfg)
+    d2 = stage_dirs(cfg)[1]
     pick = json.loads((d2 / PICK).read_text())
-    scores = {int(i): v for i, v in pick["scores"].items()}
+    assert read_meta(d2 / "best")["softmax_layers"] == pick["layers"] == softmax_layers(model)
+    return cfg, pick, {int(i): v for i, v in pick["scores"].items()}, model
+
+
+def test_retrieval_pick_is_scored_once_and_kept(tmp_path, monkeypatch):
+    """softmax_pick retrieval: stage 2 keeps the layer the base model's retrieval scores rank first, writes the
+    scores and the pick to softmax_pick.json, and a later run of the finished stage reads it instead of scoring."""
+    import lolcats.evaluation.recall as recall
+    from lolcats.pipeline import prepare, run_distill, run_finetune
+
+    cfg, pick, scores, model = _picked(tmp_path, "retrieval")
     assert pick["by"] == "retrieval" and set(scores) == {0, 1} and all(0 < v < 1 for v in scores.values())
     assert pick["layers"] == [max(scores, key=scores.get)]
-    assert read_meta(d2 / "best")["softmax_layers"] == pick["layers"] == softmax_layers(model)
     monkeypatch.setattr(recall, "retrieval_scores", lambda *a, **k: pytest.fail("scored again"))
     ctx = prepare(cfg)
     run_distill(ctx)  # loads the finished stage 1 (as `lolcats finetune` does)
     again, _ = run_finetune(ctx)
     assert softmax_layers(again) == pick["layers"]
+
+
+# ---------------------------------------------------------------- softmax_pick kl
+
+
+def test_restore_kl_scores_find_the_one_layer_that_differs():
+    """With a window as long as the prompt every hybrid layer is its softmax layer exactly; narrowing layer 1's
+    window makes it the only one that differs: restoring it drops the KL to zero, restoring layer 0 drops none."""
+    from dataclasses import replace
+
+    from test_generation import build
+
+    from lolcats.evaluation.layer_pick import restore_kl_scores
+    from lolcats.evaluation.recall import RecallSample
+
+    model = build(window=512).float()
+    mods = lolcats_attention_by_layer(model)
+    samples = [RecallSample("probe", 40, 0.5, "", "", tuple(torch.randint(3, 60, (40,), generator=g).tolist()), 0,
+                            0.5) for g in [torch.Generator().manual_seed(i) for i in range(2)]]
+    exact = restore_kl_scores(model, samples, answer_tokens=4)
+    assert all(abs(v) < 1e-6 for v in exact.values())
+    mods[1].cfg = replace(mods[1].cfg, window_size=2)
+    drops = restore_kl_scores(model, samples, answer_tokens=4)
+    assert set(drops) == {0, 1} and drops[1] > 1e-4 and abs(drops[0]) < 1e-6 * max(1.0, drops[1])
+    assert {m.mode for m in mods.values()} == {"student"} and not model.training
+
+
+def test_kl_pick_keeps_the_layer_whose_restoring_helps_most_and_records_its_probe(tmp_path, monkeypatch):
+    """softmax_pick kl: stage 2 keeps the layer with the largest KL drop, and softmax_pick.json says on which
+    prompts it was scored (the run's own training text as the haystack, or passkey prompts where it is too short)."""
+    import lolcats.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "PICK_LENGTHS", (256,))  # the probe's prompts, small for the CPU
+    monkeypatch.setattr(pipeline, "PICK_SAMPLES", 2)
+    _, pick, scores, _ = _picked(tmp_path, "kl")
+    assert pick["by"] == "kl" and set(scores) == {0, 1} and pick["layers"] == [max(scores, key=scores.get)]
+    assert (pick["probe"]["task"], pick["probe"]["samples"], pick["probe"]["lengths"]) == ("niah_single", 2, [256])

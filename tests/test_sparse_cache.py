@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from lolcats.attention.convert import lolcats_modules, make_cache, set_attention_mode, set_sparse_cache
-from lolcats.config import AttentionConfig, ConfigError, UseConfig, config_from_dict
+from lolcats.config import AttentionConfig, ConfigError, UseSettings, config_from_dict
 from lolcats.generation import FastGenerator
-from lolcats.ops.decode.naive import DecodeState, absorb_chunk, decode_step_naive, window_slots
+from lolcats.ops.decode.naive import absorb_chunk, decode_step_naive
+from lolcats.ops.decode.state import DecodeState
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
-from lolcats.ops.sparse.chunk import sparse_chunk
-from lolcats.ops.sparse.naive import self_recall_error
+from lolcats.ops.kinds import window_slots
+from lolcats.ops.sparse.cache import self_recall_error
+from lolcats.ops.sparse.naive import sparse_chunk
 from test_generation import (VOCAB, build, check_fast_paths_on_cuda, check_left_padded_rows_equal_rows_alone,
                              decode_state_sizes, incremental_logits, left_pad)
 
@@ -305,11 +307,11 @@ def test_model_source_checks_the_option():
     from lolcats.models.trained import ModelSource
 
     with pytest.raises(ValueError, match="linearized"):
-        ModelSource(base="x", sparse_cache=4)
+        ModelSource(base="x", use=UseSettings(sparse_cache=4))
     with pytest.raises(ValueError, match="--sparse-cache N"):
-        ModelSource(checkpoint="x", sparse_score="recency")
+        ModelSource(checkpoint="x", use=UseSettings(sparse_score="recency"))
     with pytest.raises(ValueError, match="--sparse-sink needs"):
-        ModelSource(checkpoint="x", sparse_sink=4)
+        ModelSource(checkpoint="x", use=UseSettings(sparse_sink=4))
 
 
 def eval_with_model_flags(tmp_path, monkeypatch, flags: list[str]):
@@ -323,8 +325,8 @@ def eval_with_model_flags(tmp_path, monkeypatch, flags: list[str]):
     tok = tiny_tokenizer()
     model = build("llama", "terraced_window", vocab=len(tok.get_vocab()))
     monkeypatch.setattr(trained, "checkpoint_pair", lambda source: ("stage1", None))
-    monkeypatch.setattr(trained, "load_linearized", lambda *a, **k: (model, tok))
-    monkeypatch.setattr(trained, "checkpoint_use", lambda directory: UseConfig())  # no checkpoint to read it from
+    monkeypatch.setattr(trained, "_load_stages", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(trained, "checkpoint_use", lambda directory: UseSettings())  # no checkpoint to read it from
     text = tmp_path / "docs.txt"
     text.write_text("the cat sat on the mat and the dog ran to the big red house\n" * 4)
     out = tmp_path / "eval.json"
@@ -357,14 +359,14 @@ def test_fast_path_evicts_only_where_a_block_starts(monkeypatch):
     """Terraced window 8: FastGenerator runs the eviction through the cache only at steps where some row's token
     starts a block (the host knows the positions), and its tokens still equal generate()'s, which evicts at
     every step; the reference decode step with evict=False is the same step wherever nothing leaves."""
-    import lolcats.ops.decode.naive as naive
+    import lolcats.ops.decode.evict as evict
 
     model = sparse_model("terraced_window")
     ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (21, 14)])
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)[:, ids.shape[1]:]
     calls = []
-    real = naive.evict_to_cache
-    monkeypatch.setattr(naive, "evict_to_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = evict.evict_to_cache
+    monkeypatch.setattr(evict, "evict_to_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = FastGenerator(model, batch_size=2, max_new_tokens=30, eos_token_ids=[], use_cuda_graph=False)
     fast.prefill(ids, mask)
     calls.clear()

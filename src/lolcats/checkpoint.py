@@ -2,14 +2,17 @@
 
 A checkpoint directory holds ``weights.safetensors`` and ``meta.json`` (lolcats config, base
 model name, a fingerprint of the base weights, library version, stage). Every file is
-written atomically (temporary file, then ``os.replace``), so a killed run never leaves a
-broken checkpoint, and a write that fails (a full or read-only disk) leaves the previous
-files in place and says which file and why (:class:`WriteError`). Loading checks the
-base-model fingerprint and every shape, and says which one does not fit.
+written atomically (temporary file, then ``os.replace``; a directory: :func:`atomic_dir`), so a
+killed run never leaves a broken checkpoint, and a write that fails (a full or read-only disk)
+leaves the previous files in place and says which file and why (:class:`WriteError`). Written
+files get the mode a new file gets (0o666 less the umask), also where the writer (safetensors)
+made a private temporary file. Loading checks the base-model fingerprint and every shape, and
+says which one does not fit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -18,7 +21,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -82,8 +85,8 @@ def atomic_write_files(items: Iterable[tuple[str | Path, Callable[[str], Any]]])
                 fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
                 os.close(fd)
                 tmps.append((tmp, path))
-                os.chmod(tmp, 0o644)
                 write(tmp)
+                set_plain_modes(tmp)
             except (OSError, RuntimeError, SafetensorError) as e:
                 raise write_error(path, e) from e
         for tmp, path in tmps:
@@ -95,6 +98,65 @@ def atomic_write_files(items: Iterable[tuple[str | Path, Callable[[str], Any]]])
         for tmp, _ in tmps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def umask() -> int:
+    """This process's umask (read from /proc where it can be, without setting it)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def set_plain_modes(path: str | Path) -> None:
+    """Give ``path`` (a file, or a directory and everything under it) the modes new files and directories get
+    under the umask: writers that go through a private temporary file (safetensors, mkstemp) leave 0600."""
+    path, mask = Path(path), umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary directory beside ``path`` to write the block's files into, moved into place (replacing an
+    earlier ``path``) when the block ends: a write that fails leaves nothing half-written, and a failed write
+    (full disk...) is a :class:`WriteError` naming ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise write_error(path, e) from e
+    try:
+        try:
+            yield tmp
+            set_plain_modes(tmp)
+        except WriteError:
+            raise
+        except (OSError, SafetensorError) as e:
+            raise write_error(path, e) from e
+        _replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path``; an earlier ``path`` is moved aside first and removed once ``tmp`` is in place."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
+    try:
+        if old is not None:
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except OSError as e:
+        if old is not None and not path.exists():
+            os.rename(old, path)
+        raise write_error(path, e) from e
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:

@@ -5,6 +5,7 @@
     lolcats finetune  [...]                                       stage 2: LoRA (after stage 1)
     lolcats export OUT  MODEL                                     a from_pretrained directory
     lolcats generate | chat | eval  MODEL ...                     use a trained model
+    lolcats serve MODEL [--port N ...]                            an OpenAI-compatible HTTP server
     lolcats plan [--config FILE] --shape NAME --gpus N            memory and disk, before a run
     lolcats config                                                every config flag
 
@@ -23,16 +24,16 @@ the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import typing
 
-from lolcats.config import AttentionConfig, ConfigError, config_help, load_config
+from lolcats.config import ConfigError, UseSettings, check_device, config_help, field_docs, load_config, use_flag
 from lolcats.runs import RunInUseError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SPARSE_SCORES = typing.get_args(typing.get_type_hints(AttentionConfig)["sparse_score"])
 USER_ERRORS = (ValueError, OSError, ImportError, RunInUseError)  # their messages say what to do: no traceback
 
 
@@ -68,23 +69,38 @@ def _model_flags(p: argparse.ArgumentParser, base_alone: bool = True) -> None:
     _config_flags(g)
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the base model's own Python code (a checkpoint's metadata never turns this on)")
-    g.add_argument("--sparse-cache", type=int, metavar="N", default=None,
-                   help="LoLA sparse cache on the loaded linearized model: N key-value pairs per KV head kept "
-                        "beside the window (those its linear state recalls worst); no training needed; 0 = off; "
-                        "replaces the cache its run recorded (use.sparse_cache, with its score and sink)")
-    g.add_argument("--sparse-score", default=None, choices=SPARSE_SCORES,
-                   help="which pairs the sparse cache keeps (default: the model's, self_recall)")
-    g.add_argument("--sparse-sink", type=int, metavar="N", default=None,
-                   help="the sparse cache always keeps the first N positions' pairs (attention sinks: system "
-                        "prompt, instructions); N < the cache size; default: the model's (0)")
-    g.add_argument("--linear-scale", type=float, metavar="X", default=None,
-                   help="weight of the linear-attention terms against the softmax ones (window, sparse cache) on "
-                        "the loaded linearized model; below 1 favours what the softmax part reads; default: the "
-                        "one its run recorded (use.linear_scale), else the model's (1)")
-    g.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    g.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="weights dtype: auto = bfloat16 on GPU, float32 on CPU (export: the dtype written; "
                         "auto = float32)")
+    _use_flags(p)
+
+
+def _use_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per field of UseSettings (``sparse_cache`` -> ``--sparse-cache``), help from its docstring."""
+    g = p.add_argument_group("use (a linearized model's settings at load time; no training)",
+                             "Each replaces the one its run recorded (the config's use section), a --sparse-cache "
+                             "the recorded cache, score and sink together; not given: the recorded one, else as "
+                             "trained.")
+    docs = field_docs(UseSettings)
+    for f in dataclasses.fields(UseSettings):
+        tp = next(t for t in typing.get_args(typing.get_type_hints(UseSettings)[f.name]) if t is not type(None))
+        kw = {"choices": typing.get_args(tp)} if typing.get_origin(tp) is typing.Literal else {
+            "type": tp, "metavar": "N" if tp is int else "X"}
+        g.add_argument(use_flag(f.name), dest=f.name, default=None, help=docs[f.name], **kw)
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text, "")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (a whole number from 0 to 65535)")
+    return int(text)
 
 
 def model_source(args: argparse.Namespace, rest: list[str]):
@@ -98,10 +114,9 @@ def model_source(args: argparse.Namespace, rest: list[str]):
         raise ConfigError(f"{flags}: config flags name a run, and cannot be combined with --checkpoint, --export, "
                           "--stage1 or --base (use --base NAME to load a checkpoint onto another base model)")
     config = None if explicit else load_config(args.config, rest)
+    use = UseSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(UseSettings)})
     return ModelSource(checkpoint=args.checkpoint, stage1=args.stage1, export=args.export, base=args.base,
-                       config=config, untrained=args.untrained, trust_remote_code=args.trust_remote_code,
-                       sparse_cache=args.sparse_cache, sparse_score=args.sparse_score, sparse_sink=args.sparse_sink,
-                       linear_scale=args.linear_scale)
+                       config=config, untrained=args.untrained, trust_remote_code=args.trust_remote_code, use=use)
 
 
 def _load(args, source):
@@ -152,13 +167,14 @@ def cmd_finetune(args, rest) -> None:
 
 
 def cmd_export(args, rest) -> None:
-    from lolcats.hf import export_model
+    from lolcats.hf import check_export_dir, export_model
     from lolcats.models.trained import load_trained
     from lolcats.runtime import DTYPES as DTYPE_OF
 
     source = model_source(args, rest)
     if not source.linearized or source.export:
         raise ConfigError("export: give the trained model with --checkpoint DIR or --config FILE")
+    check_export_dir(args.out)  # before the model loads
     model, tok = load_trained(source, device="cpu", dtype="float32", merge=True)
     out = export_model(model, tok, args.out, dtype=None if args.dtype == "auto" else DTYPE_OF[args.dtype])
     print(f"exported to {out}; load with AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True) "
@@ -201,16 +217,17 @@ def cmd_chat(args, rest) -> None:
 
 
 def cmd_eval(args, rest) -> None:
-    from lolcats.evaluation import eval_main
+    from lolcats.evaluation import EvalSettings, eval_main
     from lolcats.evaluation.recall import recall_settings
 
     recall = recall_settings(args.recall, args.recall_lengths, args.recall_depths, samples=args.recall_samples,
                              keys=args.recall_keys, seed=args.recall_seed, batch_size=args.recall_batch_size,
-                             chat_template=args.recall_chat_template, max_new_tokens=args.recall_max_new_tokens)
-    eval_main(model_source(args, rest), args.compare_base, args.ppl, args.ppl_mode, args.seq_len, args.ppl_stride,
-              args.ppl_format, args.ppl_template, args.max_documents, args.tasks, args.num_fewshot, args.batch_size,
-              args.limit, args.include_path, args.output, args.device, args.dtype, recall=recall,
-              recall_depth_rows=args.recall_depth_rows)
+                             chat_template=args.recall_chat_template, max_new_tokens=args.recall_max_new_tokens,
+                             haystack=args.recall_haystack, values=args.recall_values,
+                             value_count=args.recall_value_count, lead_in=args.recall_lead_in)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)
+             if f.name not in ("recall", "print_table")}  # a flag per field (--ppl-mode: ppl_mode)
+    eval_main(model_source(args, rest), EvalSettings(**flags, recall=recall))
 
 
 def cmd_serve(args, rest) -> None:
@@ -286,7 +303,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tasks", default=None, help="comma-separated, e.g. piqa,arc_easy,arc_challenge,mmlu")
     g.add_argument("--num-fewshot", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--limit", type=_limit, default=None, help="documents per task (or a fraction < 1)")
+    g.add_argument("--limit", type=_limit, default=None,
+                   help="documents per task, and windows per --ppl file (or a fraction < 1 of them)")
     g.add_argument("--include-path", default=None,
                    help="folder of local task YAMLs (run offline; 'piqa' picks 'piqa_local' there)")
     _recall_flags(p)
@@ -294,7 +312,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _recall_flags(p: argparse.ArgumentParser) -> None:
-    from lolcats.evaluation.recall import RECALL_TASKS, RecallSettings
+    from lolcats.evaluation.recall import RECALL_TASKS, VALUE_KINDS, RecallSettings
 
     d = RecallSettings()
     joined = lambda values: ",".join(f"{v:g}" for v in values)  # noqa: E731
@@ -305,11 +323,23 @@ def _recall_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recall-depths", default=None, help="depths of the asked key in the filler, fractions in "
                    f"[0, 1], cycled over the samples, or 'random' (default {joined(d.depths)})")
     g.add_argument("--recall-samples", type=int, default=None, help=f"prompts per task and length ({d.samples})")
-    g.add_argument("--recall-keys", type=int, default=None, help=f"keys per multikey prompt ({d.keys})")
+    g.add_argument("--recall-keys", type=int, default=None,
+                   help=f"keys per multikey and niah_multikey prompt ({d.keys})")
+    g.add_argument("--recall-haystack", default=None, metavar="FILE",
+                   help="natural text the niah_* tasks hide their needles in, a contiguous span at a seeded offset "
+                        "(.txt/.tokens, .json/.jsonl records, optionally .gz; e.g. WikiText or Wikipedia)")
+    g.add_argument("--recall-values", default=None, choices=tuple(VALUE_KINDS),
+                   help=f"what the niah_* needles hide: 7-digit numbers or 'adjective noun' words ({d.values})")
+    g.add_argument("--recall-value-count", type=int, default=None,
+                   help=f"values of the asked key in niah_multivalue, all asked ({d.value_count})")
+    g.add_argument("--recall-lead-in", action=argparse.BooleanOptionalAction, default=None,
+                   help="end every prompt with an answer lead-in ('The special magic number for X mentioned in the "
+                        "provided text is'; after the chat template's assistant header), or none; default: in "
+                        "niah_* prompts, and in passkey / multikey prompts without a chat template")
     g.add_argument("--recall-seed", type=int, default=None, help=f"seed: same seed, same prompts ({d.seed})")
     g.add_argument("--recall-batch-size", type=int, default=None, help=f"prompts per generate call ({d.batch_size})")
     g.add_argument("--recall-max-new-tokens", type=int, default=None,
-                   help=f"greedy tokens per answer ({d.max_new_tokens})")
+                   help="greedy tokens per answer (default: 16; niah: 16 + 16 per asked value)")
     g.add_argument("--no-recall-chat-template", dest="recall_chat_template", action="store_false",
                    help="plain prompts even if the tokenizer has a chat template")
     g.add_argument("--recall-depth-rows", action="store_true", help="per-depth accuracies as table rows too")
@@ -333,7 +363,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         elif typing.get_origin(tp) is typing.Literal:
             kw["choices"] = list(typing.get_args(tp))
         else:
-            kw["type"] = tp
+            kw["type"] = _port if f.name == "port" else tp
         g.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 

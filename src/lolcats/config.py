@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -86,10 +87,12 @@ class AttentionConfig:
     ("Keep this many of the converted layers as softmax, picked after stage 1: every converted layer is transferred, "
      "then the ones with the largest validation MSE (mse/<layer> of the best stage-1 checkpoint) stay softmax for "
      "stage 2 and use (recorded in the stage-2 checkpoint; runs differing only in it share stage 1).")
-    softmax_pick: Literal["mse", "retrieval"] = "mse"
-    ("How softmax_count picks its layers: mse (the largest stage-1 validation MSE) or retrieval (the layers whose "
+    softmax_pick: Literal["mse", "retrieval", "kl"] = "mse"
+    ("How softmax_count picks its layers: mse (the largest stage-1 validation MSE), retrieval (the layers whose "
      "best head puts the most softmax attention, from the last prompt token, on the key sentence of passkey prompts: "
-     "the base model's retrieval heads; evaluation.recall.retrieval_scores). Only with softmax_count.")
+     "the base model's retrieval heads; evaluation.recall.retrieval_scores) or kl (the layers whose restoring to "
+     "softmax, one at a time after stage 1, lowers most the KL from the teacher on the answers of needle prompts "
+     "in the run's own training text; evaluation.layer_pick). Only with softmax_count.")
 
     sparse_cache: int = 0
     "LoLA sparse global cache: key-value pairs per KV head kept beside the window (those the linear state "
@@ -235,21 +238,66 @@ class RunConfig:
     "replicates when the bf16 weights take under a third of a GPU's memory (always on CPU)."
 
 
-@dataclass
-class UseConfig:
-    """How the trained model is used: put on it by every command that loads it (eval, generate, chat, serve,
-    export), never in training; recorded in its checkpoints, so a recipe's settings travel with its model.
-    Empty = as trained. A command's --sparse-cache (with its --sparse-score, --sparse-sink) replaces the
-    recorded cache settings, its --linear-scale the recorded scale."""
+@dataclass(frozen=True)
+class UseSettings:
+    """How a trained linearized model is used: the attention settings it takes at load time, with no training
+    (LoLA's sparse cache, the linear terms' weight). One type for the config's ``use`` section (recorded in a
+    run's checkpoints and put on its model by every command that loads it, never trained with), the flags
+    ``--sparse-cache`` ... of those commands (derived from these fields; they replace the recorded settings, a
+    --sparse-cache its cache, score and sink together) and ``ModelSource.use``. Empty = as trained."""
 
     sparse_cache: int | None = None
-    "attention.sparse_cache when the model is used (LoLA's pairs per KV head; 0 = off); empty = as trained."
+    ("LoLA's sparse cache on the model as used (attention.sparse_cache): key-value pairs per KV head kept beside "
+     "the window (those its linear state recalls worst); 0 = off; empty = as trained.")
     sparse_score: Literal["self_recall", "recency"] | None = None
-    "attention.sparse_score with use.sparse_cache; empty = the model's own (self_recall unless trained otherwise)."
+    ("Which pairs the sparse cache keeps (attention.sparse_score), with sparse_cache only; empty = the model's own "
+     "(self_recall unless trained otherwise).")
     sparse_sink: int | None = None
-    "attention.sparse_sink with use.sparse_cache; empty = the model's own (0 unless trained otherwise)."
+    ("The sparse cache always keeps the first N positions' pairs (attention.sparse_sink: attention sinks, the "
+     "system prompt and instructions), N below the cache size, with sparse_cache only; empty = the model's own "
+     "(0 unless trained otherwise).")
     linear_scale: float | None = None
-    "attention.linear_scale when the model is used; empty = as trained."
+    ("Weight of the linear-attention terms against the softmax ones (window, sparse cache) on the model as used "
+     "(attention.linear_scale): below 1 favours what the softmax part reads; empty = as trained (1 unless trained "
+     "otherwise).")
+
+    def over(self, under: UseSettings) -> UseSettings:
+        """These settings with ``under``'s where these are empty: a sparse cache replaces ``under``'s cache, score
+        and sink together, a linear scale its scale."""
+        cache = self if self.sparse_cache is not None else under
+        return UseSettings(cache.sparse_cache, cache.sparse_score, cache.sparse_sink,
+                           under.linear_scale if self.linear_scale is None else self.linear_scale)
+
+    def on(self, attn: AttentionConfig) -> AttentionConfig:
+        """``attn`` with these settings in place of the trained ones (the model as it is used)."""
+        if self.sparse_cache is not None:
+            attn = attn.with_sparse_cache(self.sparse_cache, self.sparse_score, self.sparse_sink)
+        if self.linear_scale is not None:
+            attn = dataclasses.replace(attn, linear_scale=self.linear_scale)
+        return attn
+
+    def check(self, name=lambda key: f"use.{key}") -> None:
+        """What can be checked without a model: score and sink go with a cache size, the scale is a number >= 0
+        (the rest, against the model's attention, by ``check_eval_settings``). ``name``: a field's key or flag."""
+        for key in ("sparse_score", "sparse_sink"):
+            if getattr(self, key) is not None and self.sparse_cache is None:
+                raise ConfigError(f"{name(key)} needs {name('sparse_cache')} N (they replace the trained cache "
+                                  "settings together)")
+        if self.linear_scale is not None:
+            check_linear_scale(self.linear_scale, name("linear_scale"))
+
+
+UseConfig = UseSettings  # the name the config's use section had first
+
+
+def use_flag(key: str) -> str:
+    """The command-line flag of a :class:`UseSettings` field: ``sparse_cache`` -> ``--sparse-cache``."""
+    return "--" + key.replace("_", "-")
+
+
+def use_flags(use: UseSettings) -> list[str]:
+    """The flags that set ``use`` (one per set field): ``["--sparse-cache", "256", "--linear-scale", "0.3"]``."""
+    return [a for k, v in asdict(use).items() if v is not None for a in (use_flag(k), str(v))]
 
 
 @dataclass
@@ -260,17 +308,30 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    use: UseConfig = field(default_factory=UseConfig)
+    use: UseSettings = field(default_factory=UseSettings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fingerprint(self, *sections: str, leave_out: tuple[str, ...] = ()) -> str:
+    def saved_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the ``SECRETS`` fields emptied: what goes into files (config.yaml, meta.json)."""
+        d = self.to_dict()
+        for key in SECRETS:
+            sec, name = key.split(".")
+            d[sec][name] = None
+        return d
+
+    def fingerprint(self, *sections: str, leave_out: tuple[str, ...] = (), legacy: bool = False) -> str:
         """Short hash of the named sections (all when none) without the ``leave_out`` fields
         ("section.key"): identifies a stage's work. Fields of ``HASHED_WHEN_SET`` count only away from
-        their default, so run directories made before they existed keep their names."""
+        their default, so run directories made before they existed keep their names; ``NOT_HASHED`` fields
+        count as their default (``legacy``: as set, the hash that run directories of earlier versions are
+        named by)."""
         d = self.to_dict()
         defaults = Config().to_dict()
+        for key in () if legacy else NOT_HASHED:
+            sec, name = key.split(".")
+            d[sec][name] = defaults[sec][name]
         for key in (*leave_out, *HASHED_WHEN_SET):
             sec, name = key.split(".")
             if key in leave_out or d[sec][name] == defaults[sec][name]:
@@ -284,6 +345,10 @@ HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.soft
                    "attention.linear_scale", "data.max_file_tokens", "finetune.loss", "finetune.kl_weight",
                    "finetune.kl_temperature")
 "Fields added after run directories existed: in a run's hash only when set away from their default."
+NOT_HASHED = ("model.hf_token", "model.cache_dir", "data.cache_dir", "distill.save_every", "finetune.save_every")
+"Fields that cannot change a run's result (access, cache places, how often state is saved): never in its hash."
+SECRETS = ("model.hf_token",)
+"Fields never written to a file, nor read from a config file (the environment or a flag gives them)."
 
 SHORT_FLAGS = {"seed": "run.seed", "hf-token": "model.hf_token", "hf_token": "model.hf_token", "model": "model.name"}
 
@@ -414,7 +479,8 @@ def _check_values(cfg: Config) -> None:
     if not cfg.finetune.kl_temperature > 0:
         raise ConfigError(f"finetune.kl_temperature: {cfg.finetune.kl_temperature} must be > 0")
     check_eval_settings(cfg.attention)
-    check_eval_settings(used_attention(cfg.attention, cfg.use), "use")
+    cfg.use.check()
+    check_eval_settings(cfg.use.on(cfg.attention), "use")
     if cfg.attention.sparse_cache and cfg.distill.xent_factor > 0:
         raise ConfigError("attention.sparse_cache: the attention cross-entropy (distill.xent_factor > 0) is not "
                           "available with a sparse cache; set distill.xent_factor 0 or attention.sparse_cache 0")
@@ -427,6 +493,17 @@ def _check_values(cfg: Config) -> None:
                           "that does not decay); set one of them off")
     if cfg.model.init == "random" and not cfg.model.tokenizer:
         raise ConfigError("model.tokenizer: required with model.init random (random weights come without one)")
+    check_device(cfg.run.device)
+
+
+def check_device(name: str, key: str = "run.device") -> str:
+    """``name`` is a device lolcats runs on: auto, cpu, cuda, cuda:N or mps (``key``: where it came from, for the
+    message; empty: not named)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        where = f"{key}: " if key else ""
+        raise ConfigError(f"{where}{name!r} is not a device; use auto (CUDA when available, else CPU), cpu, cuda, "
+                          "cuda:N (GPU N) or mps")
+    return name
 
 
 def _check_softmax_layers(a: AttentionConfig) -> None:
@@ -473,18 +550,6 @@ def check_eval_settings(attn: AttentionConfig, where: str = "attention") -> None
                           f"({attn.sparse_cache}): the cache keeps the sink's pairs and needs room for others")
 
 
-def used_attention(attn: AttentionConfig, use: UseConfig) -> AttentionConfig:
-    """``attn`` with the settings ``use`` gives in place of the trained ones (the model as it is used)."""
-    if use.sparse_cache is None and (use.sparse_score is not None or use.sparse_sink is not None):
-        raise ConfigError("use.sparse_score and use.sparse_sink go with use.sparse_cache N (they replace the "
-                          "trained cache settings together)")
-    if use.sparse_cache is not None:
-        attn = attn.with_sparse_cache(use.sparse_cache, use.sparse_score, use.sparse_sink)
-    if use.linear_scale is not None:
-        attn = dataclasses.replace(attn, linear_scale=use.linear_scale)
-    return attn
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -519,6 +584,17 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the values of the ``SECRETS`` flags replaced by ``***`` (a command line that is recorded)."""
+    out, hide = [], False
+    for arg in argv:
+        key, eq, _ = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        secret = SHORT_FLAGS.get(key, key).replace("-", "_") in SECRETS
+        out.append("***" if hide else f"--{key}=***" if secret and eq else arg)
+        hide = secret and not eq
+    return out
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -570,6 +646,11 @@ def load_config(path: str | Path | list[str | Path] | None = None,
     data: dict = {}
     for p in ([path] if isinstance(path, (str, Path)) else path or []):
         data = _merge(data, read_yaml(p))
+    for key in SECRETS:
+        sec, name = key.split(".")
+        if (data.get(sec) or {}).get(name) is not None:
+            raise ConfigError(f"{key}: a secret is not read from config files (they get copied and shared); "
+                              "set the HF_TOKEN environment variable or pass --hf-token")
     if overrides:
         data = _merge(data, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
     return config_from_dict(data)
@@ -585,13 +666,15 @@ def config_help() -> str:
         for f in fields(cls):
             doc = field_docs(cls).get(f.name, "")
             tp = _describe(_field_types(cls)[f.name])
-            lines.append(f"  --{sec.name}.{f.name:<22} {doc} [{tp}; default {getattr(defaults, f.name)!r}]")
+            flag = f"--{sec.name}.{f.name}"
+            lines.append(f"  {flag:<32} {doc} [{tp}; default {getattr(defaults, f.name)!r}]")
     return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=None)
 def _class_docs(module_file: str) -> dict[str, dict[str, str]]:
-    """{class name: {field: the docstring written under it}} of every class in a source file (parsed once)."""
+    """{class name: {field: the docstring written under it}} of every class in a source file (parsed once).
+    A docstring may run over several string statements (lines not joined by parentheses): all of them count."""
     import ast
 
     try:
@@ -601,10 +684,14 @@ def _class_docs(module_file: str) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
-            body = node.body
-            out[node.name] = {a.target.id: str(b.value.value) for a, b in zip(body, body[1:])  # type: ignore
-                              if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
-                              and isinstance(b.value, ast.Constant)}
+            docs, name = {}, None
+            for stmt in node.body:
+                if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and name:
+                    docs[name] = docs.get(name, "") + str(stmt.value.value)
+                else:  # a docstring belongs to the field right above it
+                    target = stmt.target if isinstance(stmt, ast.AnnAssign) else None
+                    name = target.id if isinstance(target, ast.Name) else None
+            out[node.name] = docs
     return out
 
 
@@ -624,4 +711,5 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """``cfg`` as YAML, without its secrets (:meth:`Config.saved_dict`)."""
+    Path(path).write_text(yaml.safe_dump(cfg.saved_dict(), sort_keys=False))

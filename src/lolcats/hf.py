@@ -36,12 +36,14 @@ def export_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | Non
 
     Weights go out as safetensors in ``dtype`` (default: as loaded), dequantized when the base came
     from a GGUF; the directory holds the modeling code (``trust_remote_code=True`` loads it without
-    lolcats) and the tokenizer.
+    lolcats) and the tokenizer. It is written beside ``out_dir`` and moved into place when complete
+    (replacing an earlier export there), so a failed write leaves nothing half-written.
     """
     from lolcats.bundle import write_bundle
+    from lolcats.checkpoint import atomic_dir
 
     register_all()
-    out_dir = Path(out_dir)
+    out_dir = check_export_dir(out_dir)
     arch = model.config.model_type.removeprefix("lolcats_")
     if arch not in BASES:
         raise ValueError(f"cannot export model type {model.config.model_type!r}; supported: {sorted(BASES)}")
@@ -51,12 +53,24 @@ def export_model(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | Non
     if dtype is not None:
         model.to(dtype)
     model.config = _export_config(model.config, arch)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    model.config.architectures = [class_names(arch)[1]]  # save_pretrained wrote the instance's class, the base's
-    model.config.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    write_bundle(out_dir, (make_classes.__module__,), ENTRY, _entry_source(arch))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        model.config.architectures = [class_names(arch)[1]]  # save_pretrained wrote the instance's class, the base's
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_bundle(tmp, (make_classes.__module__,), ENTRY, _entry_source(arch))
+    return out_dir
+
+
+def check_export_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a path an export may be written to: new, empty, or an earlier export (which it replaces)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"export: {out_dir} is a file; give a directory to write the model into")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / f"{ENTRY}.py").is_file():
+        raise ValueError(f"export: {out_dir} is a directory that holds other files (not an earlier export); "
+                         "give a new or empty directory")
     return out_dir
 
 

@@ -32,7 +32,7 @@ from lolcats.models.loading import Build, base_fingerprint, load_base_model, loa
 from lolcats.models.locator import base_locator
 from lolcats.models.lora import add_lora
 from lolcats.models.trained import load_linearized, load_stage1, load_stage2
-from lolcats.runs import BEST, STATE, SUMMARY, check_output_dir, lock_dir, stage_dirs, stage_done
+from lolcats.runs import BEST, CONFIG, STATE, SUMMARY, check_output_dir, lock_dir, stage_dirs, stage_done
 from lolcats.runtime import resolve_device, resolve_dtype
 from lolcats.training.blockwise import train_blockwise
 from lolcats.training.stages import MSE_LOG, distill_stage, finetune_stage, layer_mse, lm_validate, top_layers
@@ -69,14 +69,15 @@ class Context:
 
 def prepare(cfg: Config) -> Context:
     """Check the settings, then load the base model, tokenizer and packed data (from the tokenised
-    cache when present). Whatever can be checked before loading is: the output directory, resume
-    states, the data sources, and the settings against the model's architecture (from its config).
+    cache when present). Whatever can be checked before loading is: the output directory, the device,
+    resume states, the data sources, and the settings against the model's architecture (from its config).
 
     Under torchrun with ``run.parallel`` fsdp (decided from the config, before loading) the model
     is built sharded: converted for stage 1 on the meta device, FSDP2-wrapped, and each rank
     reads only its rows of the weights (:class:`~lolcats.models.loading.Build`).
     """
     check_output_dir(cfg)
+    resolve_device(cfg.run.device)  # a device that is not there (cuda on a CPU machine) stops here
     for d in stage_dirs(cfg):
         if (d / STATE).is_file() and not stage_done(d):
             check_state(d / STATE)
@@ -135,25 +136,56 @@ PICK = "softmax_pick.json"  # in the stage-2 directory: the layers attention.sof
 
 def _softmax_pick(ctx: Context, d1: Path, d2: Path) -> list[int]:
     """The layers ``attention.softmax_count`` keeps as softmax in stage 2 (none without it), picked once per stage-2
-    directory (a resumed stage 2 reads ``softmax_pick.json``): by stage-1 validation MSE, or by the base model's
-    retrieval heads (``attention.softmax_pick: retrieval``, scored on ``ctx.model`` in teacher mode)."""
+    directory (a resumed stage 2 reads ``softmax_pick.json``): by stage-1 validation MSE, by the base model's
+    retrieval heads (``attention.softmax_pick: retrieval``, scored on ``ctx.model`` in teacher mode), or by the KL
+    drop on needle answers when one stage-1 layer is restored to softmax (``kl``)."""
     a = ctx.cfg.attention
     if not a.softmax_count:
         return []
     if (d2 / PICK).exists():
         return json.loads((d2 / PICK).read_text())["layers"]
+    probe = None
     if a.softmax_pick == "retrieval":
         from lolcats.evaluation.recall import retrieval_scores
 
         scores, what = retrieval_scores(ctx.model, ctx.tokenizer), "retrieval scores"  # the converted layers
+    elif a.softmax_pick == "kl":
+        scores, probe = _kl_pick_scores(ctx)
+        what = "KL drops on the answers of needle prompts"
     else:
         scores, what = layer_mse(read_meta(d1 / BEST)["metrics"]), f"stage-1 MSE logs ({MSE_LOG}<layer> in its metrics)"
     kept = top_layers(scores, a.softmax_count, what)
     if ctx.is_main:
         d2.mkdir(parents=True, exist_ok=True)
         write_json(d2 / PICK, {"by": a.softmax_pick, "scores": {str(i): v for i, v in sorted(scores.items())},
-                               "layers": kept})
+                               "layers": kept, **({"probe": probe} if probe else {})})
     return kept
+
+
+def _kl_pick_scores(ctx: Context) -> tuple[dict[int, float], dict]:
+    """``attention.softmax_pick: kl``: each converted layer's KL drop when restored (``evaluation.layer_pick``), on
+    RULER single-needle prompts whose haystack is the run's first local training file (natural text of the run's
+    own data), or on passkey prompts when that is a Hub dataset; lengths up to the model's context."""
+    from lolcats.evaluation.layer_pick import restore_kl_scores
+    from lolcats.evaluation.recall import RecallSettings, build_samples
+
+    first = ctx.cfg.data.train[0]
+    limit = getattr(ctx.model.config, "max_position_embeddings", None) or max(PICK_LENGTHS)
+    lengths = [n for n in PICK_LENGTHS if n <= limit] or [limit]
+    probe: dict = {"lengths": lengths}
+    for task, hay in ([("niah_single", first)] if Path(first).is_file() else []) + [("passkey", None)]:
+        settings = RecallSettings(tasks=(task,), lengths=tuple(lengths), samples=PICK_SAMPLES, haystack=hay,
+                                  seed=ctx.cfg.run.seed)
+        try:
+            samples = [s for n in lengths for s in build_samples(ctx.tokenizer, task, n, settings)]
+            break
+        except ValueError as e:  # a training text too short to hide a needle in: the passkey prompts
+            probe["not_" + task] = str(e)
+    probe.update(task=task, haystack=hay, samples=len(samples))
+    return restore_kl_scores(ctx.model, samples), probe
+
+
+PICK_LENGTHS, PICK_SAMPLES = (1024, 2048), 8  # softmax_pick kl: prompts per length
 
 
 @contextlib.contextmanager
@@ -179,14 +211,14 @@ def checkpoint_meta(ctx: Context, stage: str) -> dict:
     """What a stage's checkpoint records besides its tensors (the trainer adds the metrics)."""
     return {"stage": stage, "base_model": ctx.cfg.model.name, "base_fingerprint": ctx.fingerprint,
             "base": base_locator(ctx.cfg.model, ctx.fingerprint), "attention": asdict(ctx.cfg.attention),
-            "finetune": asdict(ctx.cfg.finetune), "config": ctx.cfg.to_dict(),
+            "finetune": asdict(ctx.cfg.finetune), "config": ctx.cfg.saved_dict(),
             "num_layers": ctx.model.config.num_hidden_layers}
 
 
 def _start(ctx: Context, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
-        atomic_write(directory / "config.yaml", lambda p: save_config(ctx.cfg, p))
+        atomic_write(directory / CONFIG, lambda p: save_config(ctx.cfg, p))
 
 
 def _sharder(info: dist.DistInfo, strategy: str, stage: str):

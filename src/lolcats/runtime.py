@@ -14,10 +14,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (or None): CUDA when available, else CPU; anything else as torch reads it."""
+    """``auto`` (or None): CUDA when available, else CPU; anything else as torch reads it. A CUDA device
+    that is not there is a ValueError naming the ones that are."""
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        there = f"GPUs cuda:0 to cuda:{count - 1}" if count else "no CUDA GPU"
+        raise ValueError(f"device {name}: this machine has {there}; use one of those, cpu or auto")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:

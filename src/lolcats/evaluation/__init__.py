@@ -9,48 +9,97 @@
         --tasks piqa,arc_easy,arc_challenge,mmlu --include-path ../shared/data/lm_eval_local \\
         --recall passkey,multikey --recall-lengths 1024,2048,4096 --compare-base --output results.json
 
-Recall (``--recall``, :mod:`lolcats.evaluation.recall`): passkey retrieval at exact token lengths.
+Recall (``--recall``, :mod:`lolcats.evaluation.recall`): passkey and RULER-style needle-in-a-haystack
+retrieval (natural text, ``--recall-haystack FILE``) at exact token lengths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from lolcats.config import UseConfig
+from lolcats.config import UseSettings
 from lolcats.evaluation.perplexity import (PPL_MODES, frame_documents, packed_perplexity, perplexity,
                                            token_perplexity)
 from lolcats.evaluation.recall import RecallSettings, build_all, evaluate_recall
 from lolcats.evaluation.report import DEFAULT_METRICS, compare_table, save_results
 from lolcats.models.trained import ModelSource, base_source, load_trained
 
-__all__ = ["RecallSettings", "compare_table", "eval_main", "evaluate_model", "evaluate_recall", "frame_documents",
-           "packed_perplexity", "perplexity", "save_results", "split_tasks", "token_perplexity"]
+__all__ = ["EvalSettings", "RecallSettings", "compare_table", "eval_main", "evaluate_model", "evaluate_recall",
+           "frame_documents", "packed_perplexity", "perplexity", "save_results", "split_tasks", "token_perplexity"]
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer, ppl: Sequence[str] = (), ppl_mode: str = "packed",
-                   seq_len: int = 1024, ppl_stride: int | None = None, ppl_format: str = "auto",
-                   ppl_template: str = "alpaca", max_documents: int | None = None, tasks: Sequence[str] = (),
-                   num_fewshot: int | None = None, batch_size: int = 8, limit: int | float | None = None,
-                   include_path: str | None = None, recall: RecallSettings | None = None) -> dict[str, dict[str, Any]]:
+@dataclass
+class EvalSettings:
+    """What ``lolcats eval`` measures, on which device, and where it writes: one field per flag of the command."""
+
+    compare_base: bool = False  # also evaluate the base model (the recorded one, or --base), side by side
+    ppl: list[str] = field(default_factory=list)  # files to measure perplexity on (text or Alpaca-style)
+    ppl_mode: str = "packed"  # packed: chunks of seq_len as in training; document: each document alone
+    seq_len: int = 1024  # chunk length (packed) or window length (document)
+    ppl_stride: int | None = None  # document mode: new tokens per window of a long document (seq_len - 1)
+    ppl_format: str = "auto"  # auto, alpaca or text
+    ppl_template: str = "alpaca"  # alpaca, chat or none
+    max_documents: int | None = None  # perplexity on the first N documents only
+    tasks: list[str] = field(default_factory=list)  # lm_eval tasks ("piqa,arc_easy" is split)
+    num_fewshot: int | None = None
+    batch_size: int = 8  # sequences per forward (perplexity and lm_eval)
+    limit: int | float | None = None  # documents per lm_eval task, and windows per perplexity file (or a fraction)
+    include_path: str | None = None  # folder of local lm_eval task YAMLs
+    recall: RecallSettings | None = None  # long-context recall tasks (lolcats.evaluation.recall)
+    recall_depth_rows: bool = False  # per-depth recall accuracies as table rows too
+    output: str | None = None  # write the results (with these settings and the table) here as JSON
+    device: str = "auto"
+    dtype: str = "auto"
+    print_table: bool = True
+
+    def __post_init__(self):
+        self.ppl = list(self.ppl)
+        self.tasks = split_tasks(self.tasks)
+        if self.recall is not None and not self.recall.tasks:
+            self.recall = None
+
+    def check(self) -> None:
+        """Everything that can be checked before a model loads."""
+        if self.ppl_mode not in PPL_MODES:
+            raise ValueError(f"unknown perplexity mode {self.ppl_mode!r}; known: {', '.join(PPL_MODES)}")
+        if not self.ppl and not self.tasks and self.recall is None:
+            raise ValueError("nothing to evaluate: give --ppl FILE, --tasks and/or --recall")
+        for path in self.ppl:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--ppl: no such file: {path}")
+        if self.include_path and not Path(self.include_path).is_dir():
+            raise FileNotFoundError(f"--include-path: no such directory: {self.include_path}")
+
+    def saved(self) -> dict[str, Any]:
+        """These settings as they go into the output JSON."""
+        return {k: v for k, v in asdict(self).items() if k not in ("print_table", "output")}
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, settings: EvalSettings | None = None,
+                   **changes) -> dict[str, dict[str, Any]]:
     """``{task: metrics}`` of one loaded model: ``ppl:<file name>`` entries, lm_eval tasks, then
-    ``task@length`` recall entries (their prompts are built first, so a bad length fails at once)."""
-    prompts = build_all(tokenizer, recall) if recall is not None else {}
+    ``task@length`` recall entries (their prompts are built first, so a bad length fails at once).
+    ``changes``: fields of :class:`EvalSettings` in place of ``settings``' (``evaluate_model(m, tok, ppl=[f])``)."""
+    s = dataclasses.replace(settings or EvalSettings(), **changes)
+    prompts = build_all(tokenizer, s.recall, model) if s.recall is not None else {}  # lengths checked at once
     out: dict[str, dict[str, Any]] = {}
-    for path in ppl:
-        out[f"ppl:{Path(path).name}"] = perplexity(model, tokenizer, path, ppl_mode, seq_len, batch_size,
-                                                   fmt=ppl_format, template=ppl_template, stride=ppl_stride,
-                                                   max_documents=max_documents)
-    if tasks:
+    for path in s.ppl:
+        out[f"ppl:{Path(path).name}"] = perplexity(model, tokenizer, path, s.ppl_mode, s.seq_len, s.batch_size,
+                                                   fmt=s.ppl_format, template=s.ppl_template, stride=s.ppl_stride,
+                                                   max_documents=s.max_documents, limit=s.limit,
+                                                   progress=f"ppl {Path(path).name}")
+    if s.tasks:
         from lolcats.evaluation.harness import run_harness
 
-        out.update(run_harness(model, tokenizer, list(tasks), num_fewshot, batch_size, limit, include_path))
+        out.update(run_harness(model, tokenizer, s.tasks, s.num_fewshot, s.batch_size, s.limit, s.include_path))
     if prompts:
-        out.update(evaluate_recall(model, tokenizer, recall, prompts))
+        out.update(evaluate_recall(model, tokenizer, s.recall, prompts))
     return out
 
 
@@ -62,67 +111,47 @@ def split_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     return [t.strip() for t in items if t.strip()]
 
 
-def eval_main(source: ModelSource, compare_base: bool = False, ppl: Sequence[str] = (), ppl_mode: str = "packed",
-              seq_len: int = 1024, ppl_stride: int | None = None, ppl_format: str = "auto",
-              ppl_template: str = "alpaca", max_documents: int | None = None, tasks: str | Sequence[str] | None = None,
-              num_fewshot: int | None = None, batch_size: int = 8, limit: int | float | None = None,
-              include_path: str | None = None, output: str | None = None, device: str = "auto",
-              dtype: str = "auto", print_table: bool = True, recall: RecallSettings | None = None,
-              recall_depth_rows: bool = False) -> dict[str, Any]:
-    """Evaluate the model ``source`` names (and with ``compare_base`` its base model too).
-
-    ``recall``: long-context recall tasks (:mod:`lolcats.evaluation.recall`); ``recall_depth_rows``
-    adds their per-depth accuracies to the table.
+def eval_main(source: ModelSource, settings: EvalSettings | None = None, **changes) -> dict[str, Any]:
+    """Evaluate the model ``source`` names (and with ``settings.compare_base`` its base model too).
+    ``changes``: fields of :class:`EvalSettings` in place of ``settings``' (``eval_main(source, ppl=[f])``).
 
     Returns ``{label: {task: metrics}}`` with labels ``base`` and/or ``linearized``; writes it
-    (with the settings and the table) to ``output`` as JSON and prints the table.
+    (with the settings and the table) to ``settings.output`` as JSON and prints the table.
     """
-    if ppl_mode not in PPL_MODES:
-        raise ValueError(f"unknown perplexity mode {ppl_mode!r}; known: {', '.join(PPL_MODES)}")
-    task_list = split_tasks(tasks)
-    recall = recall if recall is not None and recall.tasks else None
-    if not ppl and not task_list and recall is None:
-        raise ValueError("nothing to evaluate: give --ppl FILE, --tasks and/or --recall")
-    for path in ppl:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--ppl: no such file: {path}")
-    if include_path and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"--include-path: no such directory: {include_path}")
+    s = dataclasses.replace(settings or EvalSettings(), **changes)
+    s.check()
     runs = []
-    if compare_base or not source.linearized:
+    if s.compare_base or not source.linearized:
         runs.append(("base", base_source(source)))
     if source.linearized:
         runs.append(("linearized", source))
-    settings = dict(ppl=list(ppl), ppl_mode=ppl_mode, seq_len=seq_len, ppl_stride=ppl_stride, ppl_format=ppl_format,
-                    ppl_template=ppl_template, max_documents=max_documents, tasks=task_list,
-                    num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, include_path=include_path,
-                    recall=recall)
     results: dict[str, Any] = {}
     models = {label: _describe(src) for label, src in runs}
     for label, src in runs:
-        model, tokenizer = load_trained(src, None if device == "auto" else device, dtype)
+        model, tokenizer = load_trained(src, None if s.device == "auto" else s.device, s.dtype)
         models[label].update(_settings_used(model))
-        results[label] = evaluate_model(model, tokenizer, **settings)
+        results[label] = evaluate_model(model, tokenizer, s)
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    shown = [f"ppl:{Path(p).name}" for p in ppl] + task_list + (recall.names() if recall else [])
-    metrics = DEFAULT_METRICS + tuple(recall.depth_metrics() if recall and recall_depth_rows else ())
+    shown = [f"ppl:{Path(p).name}" for p in s.ppl] + s.tasks + (s.recall.names() if s.recall else [])
+    metrics = DEFAULT_METRICS + tuple(s.recall.depth_metrics() if s.recall and s.recall_depth_rows else ())
     table = compare_table(results, metrics=metrics, tasks=shown)
-    if output:
-        save_results(output, results, table=table, models=models,
-                     settings={**settings, "recall": asdict(recall) if recall else None}, versions=_versions())
-    if print_table:
+    if s.output:
+        save_results(s.output, results, table=table, models=models, settings=s.saved(), versions=_versions())
+    if s.print_table:
         print(table)
     return results
 
 
 def _describe(source: ModelSource) -> dict[str, Any]:
-    return {k: v for k, v in vars(source).items() if v not in (None, False) and k not in ("config", "base_config")}
+    """The source's given fields, its use flags among them (``sparse_cache``: what the command asked for)."""
+    given = {**vars(source), **asdict(source.use)}
+    return {k: v for k, v in given.items() if v not in (None, False) and k not in ("config", "base_config", "use")}
 
 
-USE_KEYS = tuple(f.name for f in fields(UseConfig))  # the settings a trained model is used with
+USE_KEYS = tuple(f.name for f in fields(UseSettings))  # the settings a trained model is used with
 
 
 def _settings_used(model) -> dict[str, Any]:

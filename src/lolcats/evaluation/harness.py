@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import yaml
 
+from lolcats.config import UseSettings
 from lolcats.models.trained import ModelSource, load_trained
 
 LOCAL_SUFFIX = "_local"
@@ -64,7 +65,7 @@ def lolcats_lm_class() -> type:
                      sparse_cache: int | None = None, **kwargs):
             if pretrained is None or isinstance(pretrained, str):
                 source = ModelSource(checkpoint=stage2, stage1=stage1, export=export, base=base or pretrained,
-                                     sparse_cache=None if sparse_cache is None else int(sparse_cache))
+                                     use=UseSettings(sparse_cache=None if sparse_cache is None else int(sparse_cache)))
                 pretrained, tokenizer = load_trained(source, None if device in (None, "auto") else device, dtype)
             elif tokenizer is None:
                 raise ValueError("a model instance needs its tokenizer (tokenizer=...)")

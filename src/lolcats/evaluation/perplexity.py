@@ -18,6 +18,7 @@ of per-window means), and ``ppl = exp(loss)``.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -80,22 +81,37 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def first_windows(windows: list[Window], limit: int | float | None) -> list[Window]:
+    """The first ``limit`` windows (an int), or that share of them (a float < 1, at least one); all when None."""
+    if limit is None:
+        return windows
+    if isinstance(limit, float) and limit < 1:
+        limit = max(1, math.ceil(limit * len(windows)))
+    if limit < 1:
+        raise ValueError(f"--limit must be > 0, got {limit}")
+    return windows[:int(limit)]
+
+
 @torch.no_grad()
 def score_windows(model: torch.nn.Module, windows: Sequence[Window], batch_size: int = 8,
                   device: torch.device | str | None = None, pad_id: int = 0,
-                  precision: str = "auto") -> tuple[float, int]:
+                  precision: str = "auto", progress: str | None = None) -> tuple[float, int]:
     """(sum of NLL over scored tokens, number of scored tokens).
 
     Windows are sorted by length and right-padded into batches (B, T); padding sits after
     every scored token, so a causal model needs no attention mask. ``precision``: as the
-    trainer's (auto = bf16 autocast on CUDA).
+    trainer's (auto = bf16 autocast on CUDA). ``progress``: a bar of that name on stderr, in windows.
     """
+    from tqdm.auto import tqdm
+
     device = model_device(model) if device is None else torch.device(device)
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].ids))
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync at the end
     count = 0
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(windows), desc=progress, unit="window", disable=progress is None, file=sys.stderr,
+               dynamic_ncols=True)
     try:
         for b in range(0, len(order), batch_size):
             batch = [windows[i] for i in order[b:b + batch_size]]
@@ -110,7 +126,9 @@ def score_windows(model: torch.nn.Module, windows: Sequence[Window], batch_size:
                 pred = logits[r, first:len(w.ids) - 1].float()  # (n_target, V)
                 total += F.cross_entropy(pred, ids[r, first + 1:len(w.ids)], reduction="sum").double()
                 count += w.n_target
+            bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
     return float(total), count
 
@@ -137,12 +155,13 @@ def packed_perplexity(model: torch.nn.Module, tokens: torch.Tensor, batch_size: 
 
 def token_perplexity(model: torch.nn.Module, docs: Sequence[Sequence[int]], mode: PplMode = "packed",
                      seq_len: int = 1024, batch_size: int = 8, device: torch.device | str | None = None,
-                     stride: int | None = None, truncate: bool = False,
-                     pad_id: int = 0) -> dict[str, float | int]:
+                     stride: int | None = None, truncate: bool = False, pad_id: int = 0,
+                     limit: int | float | None = None, progress: str | None = None) -> dict[str, float | int]:
     """Perplexity of tokenised documents ``docs: list of token-id lists``.
 
     ``mode='packed'`` chunks the concatenation into ``seq_len`` tokens; ``mode='document'``
-    scores each document alone with ``seq_len`` as the maximum window length.
+    scores each document alone with ``seq_len`` as the maximum window length. ``limit``: only the
+    first windows (:func:`first_windows`); ``progress``: a progress bar's name (stderr).
     """
     if mode == "packed":
         windows = packed_windows(docs, seq_len)
@@ -150,7 +169,8 @@ def token_perplexity(model: torch.nn.Module, docs: Sequence[Sequence[int]], mode
         windows = [w for d in docs for w in document_windows(d, seq_len, stride, truncate)]
     else:
         raise ValueError(f"unknown perplexity mode {mode!r}; known: {', '.join(PPL_MODES)}")
-    out = _result(*score_windows(model, windows, batch_size, device, pad_id))
+    windows = first_windows(windows, limit)
+    out = _result(*score_windows(model, windows, batch_size, device, pad_id, progress=progress))
     return {**out, "documents": len(docs), "windows": len(windows)}
 
 
@@ -177,13 +197,14 @@ def frame_documents(texts: Sequence[str], tokenizer) -> list[list[int]]:
 def perplexity(model: torch.nn.Module, tokenizer, source: str | Path | Sequence[str] | Sequence[Sequence[int]],
                mode: PplMode = "packed", seq_len: int = 1024, batch_size: int = 8,
                device: torch.device | str | None = None, fmt: str = "auto", template: str = "alpaca",
-               stride: int | None = None, truncate: bool = False,
-               max_documents: int | None = None) -> dict[str, float | int]:
+               stride: int | None = None, truncate: bool = False, max_documents: int | None = None,
+               limit: int | float | None = None, progress: str | None = None) -> dict[str, float | int]:
     """Perplexity on a file (text or Alpaca records), a list of strings, or token-id lists.
 
     Texts are framed as in training (see :func:`frame_documents`); token-id lists are used
-    as they are, and ``tokenizer`` may then be None. Returns ``{"loss": mean NLL per
-    predicted token, "ppl", "tokens", "documents", "windows"}``.
+    as they are, and ``tokenizer`` may then be None. ``max_documents``: the first documents only;
+    ``limit``: the first windows only (an int, or a share < 1); ``progress``: a progress bar's name.
+    Returns ``{"loss": mean NLL per predicted token, "ppl", "tokens", "documents", "windows"}``.
     """
     if isinstance(source, (str, Path)):
         texts: Sequence = read_texts(source, fmt, template, tokenizer)
@@ -196,4 +217,4 @@ def perplexity(model: torch.nn.Module, tokenizer, source: str | Path | Sequence[
     else:
         docs = [list(d) for d in texts]
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
-    return token_perplexity(model, docs, mode, seq_len, batch_size, device, stride, truncate, pad_id)
+    return token_perplexity(model, docs, mode, seq_len, batch_size, device, stride, truncate, pad_id, limit, progress)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-DEFAULT_METRICS = ("acc", "acc_norm", "ppl", "loss")
+DEFAULT_METRICS = ("acc", "acc_partial", "acc_norm", "ppl", "loss")  # acc_partial: recall with several values
 
 
 def _fmt(value: Any, stderr: Any = None) -> str:

@@ -71,6 +71,25 @@ def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: 
     return torch.where(temperature <= 0, logits.argmax(-1), picked) if per_row else picked
 
 
+def penalize(logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor,
+             presence: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: logits (B, V) - counts * frequency - (counts > 0) * presence, in float32.
+
+    ``counts`` (B, V): how often each token was generated so far; ``frequency``, ``presence`` (B,). Rows
+    whose penalties are 0 keep their logits exactly (only upcast), so their argmax does not move.
+    """
+    penalty = counts * frequency[:, None] + (counts > 0).float() * presence[:, None]  # (B, V)
+    return logits.float() - penalty
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """logits (B, V), the picked tokens (B,) -> (their log-probabilities (B,), the ``k`` most likely tokens'
+    log-probabilities (B, k) in descending order, their ids (B, k)), all of the model's distribution."""
+    lp = logits.float().log_softmax(-1)  # (B, V)
+    top = lp.topk(k, dim=-1)
+    return lp.gather(1, tokens[:, None])[:, 0], top.values, top.indices
+
+
 def last_logits(model: nn.Module, lm: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache, cache_key: str,
                 mask: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
     """ids, pos (b, T) -> logits (b, V) of the last position (or of position ``index`` (b,) of each row),

@@ -34,6 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from lolcats.checkpoint import set_plain_modes
+
 FORMAT = 1
 MARKER = "lolcats-converted.json"
 
@@ -90,6 +92,7 @@ def write_part(part: Path, write: Callable[[Path], None], info: dict[str, Any] |
         _remove_stale(part)
         tmp.mkdir()
         write(tmp)
+        set_plain_modes(tmp)  # safetensors writes its file 0600
         _atomic_text(tmp / MARKER, json.dumps({"format": FORMAT, "written": time.time(), **(info or {})}))
         if part.exists() and not complete(part):  # left by hand or by another tool: not ours to trust
             shutil.rmtree(part, ignore_errors=True)

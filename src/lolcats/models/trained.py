@@ -9,10 +9,12 @@ Every command that uses a model (export, generate, chat, eval, serve) describes 
     load_trained(ModelSource(config=cfg))                                  # the finished stages cfg names
     load_trained(ModelSource(base="smollm2-135m-instruct"))                # the base model itself
     load_trained(ModelSource(config=cfg, untrained=True))                  # cfg's base, untrained maps (benchmarks)
-    load_trained(ModelSource(checkpoint=..., sparse_cache=64))             # with LoLA's sparse cache on
+    load_trained(ModelSource(checkpoint=..., use=UseSettings(sparse_cache=64)))  # with LoLA's sparse cache on
 
 A trained model is used with the settings its run's ``use`` section recorded (a sparse cache, the linear
-terms' weight); the command's own flags replace them.
+terms' weight, :class:`~lolcats.config.UseSettings`); ``ModelSource.use`` (the command's flags) replaces them.
+:func:`load_linearized`, the Python API, loads checkpoints the same way and puts the same settings on
+(:func:`apply_use`), so it gives the model ``lolcats eval --checkpoint`` measures.
 
 ``base`` with checkpoints replaces the base model the checkpoint records; without it the recorded
 one is found on this machine (:mod:`lolcats.models.locator`). A checkpoint's metadata only says
@@ -34,8 +36,8 @@ from lolcats.attention.convert import (convert_model, enable_lolcats_generation,
                                        set_linear_scale, set_sparse_cache, stage1_checkpoint_names)
 from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
                                 load_tensors, read_meta)
-from lolcats.config import (Config, ConfigError, FinetuneConfig, ModelConfig, UseConfig, check_linear_scale,
-                            config_from_dict)
+from lolcats.config import (Config, ConfigError, FinetuneConfig, ModelConfig, UseSettings, config_from_dict,
+                            use_flag)
 from lolcats.models.gguf_cache import shared_gguf_reads
 from lolcats.models.loading import base_fingerprint, load_base_model, load_tokenizer
 from lolcats.models.locator import locate_base
@@ -56,10 +58,7 @@ class ModelSource:
     untrained: bool = False  # with config: its base model converted by its attention section, maps untrained
     trust_remote_code: bool = False  # allow the base model's own Python code (never taken from a checkpoint)
     base_config: ModelConfig | None = None  # alone: the base model in full (a checkpoint's recorded one)
-    sparse_cache: int | None = None  # LoLA's sparse cache (pairs per KV head) put on the loaded model; 0 = off
-    sparse_score: str | None = None  # its score (attention.sparse_score); with sparse_cache only
-    sparse_sink: int | None = None  # positions its cache always keeps (attention.sparse_sink); with sparse_cache only
-    linear_scale: float | None = None  # weight of the linear terms against the softmax ones (attention.linear_scale)
+    use: UseSettings = UseSettings()  # put on a linearized model in place of the ones its run recorded (the flags)
 
     def __post_init__(self):
         given = [k for k in ("checkpoint", "export", "config") if getattr(self, k) is not None]
@@ -72,16 +71,10 @@ class ModelSource:
         if not given and not self.base and not self.stage1 and self.base_config is None:
             raise ValueError("no model given: pass --checkpoint DIR (a stage checkpoint), --export DIR, "
                              "--base NAME, or --config FILE of a finished run")
-        if self.sparse_cache is not None and not self.linearized:
-            raise ValueError("--sparse-cache needs a linearized model (--checkpoint, --export or --config)")
-        if self.linear_scale is not None and not self.linearized:
-            raise ValueError("--linear-scale needs a linearized model (--checkpoint, --export or --config)")
-        if self.linear_scale is not None:
-            check_linear_scale(self.linear_scale, "--linear-scale")
-        if self.sparse_score is not None and self.sparse_cache is None:
-            raise ValueError("--sparse-score needs --sparse-cache N")
-        if self.sparse_sink is not None and self.sparse_cache is None:
-            raise ValueError("--sparse-sink needs --sparse-cache N")
+        for key, value in dataclasses.asdict(self.use).items():
+            if value is not None and not self.linearized:
+                raise ValueError(f"{use_flag(key)} needs a linearized model (--checkpoint, --export or --config)")
+        self.use.check(use_flag)
 
     @property
     def linearized(self) -> bool:
@@ -143,47 +136,44 @@ def load_trained(source: ModelSource, device=None, dtype: str = "auto", merge: b
         cfg = source.base_config or ModelConfig(name=source.base, trust_remote_code=source.trust_remote_code)
         cfg = dataclasses.replace(cfg, dtype=dtype)
         return load_base_model(cfg, device), load_tokenizer(cfg)
-    use = source.config.use if source.config is not None else UseConfig()  # exports hold theirs in their config
     if source.untrained:
         model, tok = _load_untrained(source.config, device)
-    elif source.export:
+        apply_use(model, recorded_and(source.use, source.config.use))
+    elif source.export:  # an export holds its settings in its config
         model, tok = _load_export(source.export, device, dtype)
+        apply_use(model, source.use)
     else:
         stage1, stage2 = checkpoint_pair(source)
         trust = source.trust_remote_code or bool(source.config and source.config.model.trust_remote_code)
-        model, tok = load_linearized(source.base, stage1, stage2, device, dtype, merge, trust)
-        if source.config is None:
-            use = checkpoint_use(stage2 or stage1)
-    _apply_use(model, use, source)
+        recorded = source.config.use if source.config is not None else checkpoint_use(stage2 or stage1)
+        model, tok = load_linearized(source.base, stage1, stage2, device, dtype, merge, trust,
+                                     use=recorded_and(source.use, recorded))
     return model, tok
 
 
-def checkpoint_use(directory: str | Path) -> UseConfig:
+def checkpoint_use(directory: str | Path) -> UseSettings:
     """The ``use`` section a checkpoint's run recorded (empty for checkpoints made before it existed)."""
     return _meta_section(read_meta(directory).get("config") or {}, "use", directory)
 
 
-def _apply_use(model, use: UseConfig, source: ModelSource) -> None:
-    """Put ``use`` on ``model`` with the command's flags in its place (a --sparse-cache replaces the recorded
-    cache, score and sink together); say which recorded settings applied."""
-    flags = {}
-    if source.sparse_cache is not None:
-        flags.update(sparse_cache=source.sparse_cache, sparse_score=source.sparse_score, sparse_sink=source.sparse_sink)
-    if source.linear_scale is not None:
-        flags["linear_scale"] = source.linear_scale
-    recorded = {}
-    if use.sparse_cache is not None and "sparse_cache" not in flags:
-        recorded.update(sparse_cache=use.sparse_cache, sparse_score=use.sparse_score, sparse_sink=use.sparse_sink)
-    if use.linear_scale is not None and "linear_scale" not in flags:
-        recorded["linear_scale"] = use.linear_scale
-    settings = {**recorded, **flags}
-    if "sparse_cache" in settings:
-        set_sparse_cache(model, settings["sparse_cache"], settings["sparse_score"], settings["sparse_sink"])
-    if "linear_scale" in settings:
-        set_linear_scale(model, settings["linear_scale"])
-    if recorded:
+def recorded_and(flags: UseSettings, recorded: UseSettings) -> UseSettings:
+    """The settings a model is used with: ``recorded`` (its run's ``use`` section) with ``flags`` in their place
+    (:meth:`UseSettings.over`); says which recorded settings stay."""
+    kept = {k: v for k, v in dataclasses.asdict(recorded).items() if v is not None
+            and (flags.linear_scale if k == "linear_scale" else flags.sparse_cache) is None}
+    if kept:
         print("lolcats: used with the settings its run recorded (use: "
-              + ", ".join(f"{k} {v}" for k, v in recorded.items() if v is not None) + ")", file=sys.stderr)
+              + ", ".join(f"{k} {v}" for k, v in kept.items()) + ")", file=sys.stderr)
+    return flags.over(recorded)
+
+
+def apply_use(model, use: UseSettings) -> None:
+    """Put the load-time settings ``use`` on a linearized ``model`` (its empty fields leave the model as it is):
+    the one place every loader sets them."""
+    if use.sparse_cache is not None:
+        set_sparse_cache(model, use.sparse_cache, use.sparse_score, use.sparse_sink)
+    if use.linear_scale is not None:
+        set_linear_scale(model, use.linear_scale)
 
 
 def _load_untrained(cfg: Config, device):
@@ -243,13 +233,28 @@ def _meta_section(meta: dict, section: str, where: str | Path):
 
 
 def load_linearized(base: str | None, stage1: str | None, stage2: str | None = None, device=None,
-                    dtype: str = "auto", merge: bool = True, trust_remote_code: bool = False):
+                    dtype: str = "auto", merge: bool = True, trust_remote_code: bool = False,
+                    use: UseSettings | None = None):
     """(model, tokenizer) of a linearized model from its checkpoints; ``base`` defaults to the
-    checkpoint's recorded base model. With ``merge``, LoRA is merged into the weights."""
+    checkpoint's recorded base model. With ``merge``, LoRA is merged into the weights.
+
+    ``use``: the load-time settings it is used with; None = those its run recorded (the ``use`` section in
+    the checkpoint's meta.json), as ``lolcats eval --checkpoint`` uses it; ``UseSettings()`` = as trained;
+    ``recorded_and(UseSettings(linear_scale=1.0), checkpoint_use(stage2))`` changes one recorded setting."""
     if stage1 is None and stage2 is not None:
         stage1 = recorded_stage1(stage2)
     if stage1 is None:
         raise ValueError("load_linearized needs a stage-1 checkpoint (or a stage-2 one that names it)")
+    if use is None:
+        use = recorded_and(UseSettings(), checkpoint_use(stage2 or stage1))
+    model, tok = _load_stages(base, stage1, stage2, device, dtype, merge, trust_remote_code)
+    apply_use(model, use)
+    return model, tok
+
+
+def _load_stages(base: str | None, stage1: str, stage2: str | None, device, dtype: str, merge: bool,
+                 trust_remote_code: bool):
+    """(model, tokenizer) as trained: the base model converted and loaded with both stages' weights."""
     check_pair(stage1, stage2)
     finetune = _meta_section(read_meta(stage2), "finetune", stage2) if stage2 else None
     mcfg = base_model_config(stage1, base, dtype, trust_remote_code)

@@ -5,7 +5,7 @@ sequence lives in one slot; the running sequences always fill slots ``0 .. n-1``
 keeps them compacted: when one ends, the last one's row is copied into its slot).
 
 * :class:`StateEngine` (student mode, the converted model): a slot is one row of every layer's
-  constant-size :class:`~lolcats.ops.decode.naive.DecodeState` (window ring buffer + linear state),
+  constant-size :class:`~lolcats.ops.decode.state.DecodeState` (window ring buffer + linear state),
   i.e. a :class:`~lolcats.generation.LolcatsCache` allocated for ``max_batch`` rows. No paging,
   no growth: admitting and retiring a sequence is a row copy. With a sparse cache on terraced windows
   a step is keyed (and captured) also by whether a running row's token starts a block: only those
@@ -38,6 +38,10 @@ half-prefilled row.
 Sampling is per row: temperature and top-p are (B,) buffers, and the noise for a row is a hash
 of (the request's seed, the token's index in the request, the vocabulary index), so a seeded
 request samples the same tokens whatever else is in the batch. Greedy rows take the argmax.
+A step with a row that asks for penalties or log-probabilities runs the ``full`` variant: the
+penalties from each row's counts of generated tokens (B, V), then top-p sampling, and the picked
+token's and the ``TOP_LOGPROBS`` most likely tokens' log-probabilities; rows that ask for neither
+pick the same tokens in it as in their own variant.
 """
 
 from __future__ import annotations
@@ -51,9 +55,10 @@ from lolcats.attention.cache import LolcatsLayer
 from lolcats.attention.convert import (causal_lm, decoder_stack, eviction_block, layer_cache_kwarg,
                                        lolcats_attention_by_layer, make_cache, may_evict, set_attention_mode,
                                        set_inference_fusion)
-from lolcats.generation.fast import last_logits, pick_tokens
+from lolcats.generation.fast import last_logits, penalize, pick_tokens, top_logprobs
 
-MODES = ("greedy", "sample", "top_p")  # sampling variants of the step (graphs are kept per variant)
+MODES = ("greedy", "sample", "top_p", "full")  # sampling variants of the step (graphs are kept per variant)
+TOP_LOGPROBS = 20  # most likely tokens a full step records per row (OpenAI's top_logprobs limit)
 
 
 def buckets(limit: int, start: int = 1, step: int = 0) -> list[int]:
@@ -113,40 +118,58 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None  # most likely tokens to report with each token's log-probability; None: none
 
     @property
     def mode(self) -> str:
+        if self.frequency_penalty or self.presence_penalty or self.logprobs is not None:
+            return "full"
         return "greedy" if self.temperature <= 0 else ("top_p" if self.top_p < 1.0 else "sample")
 
 
 def batch_mode(params: list[Sampling]) -> str:
-    """The cheapest step variant that serves every row: greedy < sample < top_p."""
+    """The cheapest step variant that serves every row: greedy < sample < top_p < full."""
     return max((p.mode for p in params), key=MODES.index, default="greedy")
 
 
 class Pending:
-    """Token ids one launched step (or a finished prefill) will have produced, for ``owners``.
+    """Token ids one launched step (or a finished prefill) will have produced, for ``owners``, and with
+    ``logprobs`` (a full step's (n,) picked, (n, K) top log-probabilities and (n, K) top ids) those too.
 
-    On CUDA the ids are copied to pinned host memory without waiting; :meth:`result` waits for them.
+    On CUDA they are copied to pinned host memory without waiting; :meth:`result` waits for them.
     """
 
-    def __init__(self, tokens: torch.Tensor, owners: list | None = None):
+    def __init__(self, tokens: torch.Tensor, owners: list | None = None, logprobs: tuple | None = None):
         self.owners = owners or []
         self.tokens: list[int] | None = None
+        self.host = [self._copy(t) for t in (tokens, *(logprobs or ()))]
+        self.event = None
         if tokens.is_cuda:
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host, self.event = tokens.clone(), None
+
+    @staticmethod
+    def _copy(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_cuda:
+            return t.clone()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
 
     def result(self) -> list[int]:
         if self.tokens is None:
             if self.event is not None:
                 self.event.synchronize()
-            self.tokens = self.host.tolist()
+            self.tokens = self.host[0].tolist()
         return self.tokens
+
+    def logprobs(self) -> list[tuple[float, list[float], list[int]]] | None:
+        """Per row: (the picked token's log-probability, the top ones, their ids); None without them."""
+        if len(self.host) == 1:
+            return None
+        self.result()
+        return list(zip(*(t.tolist() for t in self.host[1:])))
 
 
 # ---------------------------------------------------------------- the shared engine
@@ -193,7 +216,16 @@ class SlotEngine:
                 "pos": z(torch.long),  # its position
                 "temperature": z(torch.float32), "top_p": torch.ones(n, device=self.device),
                 "seed": z(torch.long), "counter": z(torch.long),  # the next token's index in its request
-                "out": z(torch.long)}  # the token the step picked
+                "out": z(torch.long),  # the token the step picked
+                # the full variant: penalties, counts of generated tokens (n, V), log-probabilities of its pick
+                "frequency_penalty": z(torch.float32), "presence_penalty": z(torch.float32),
+                "counts": torch.zeros(n, self.vocab, device=self.device), "logprob": z(torch.float32),
+                "top_lp": torch.zeros(n, min(TOP_LOGPROBS, self.vocab), device=self.device),
+                "top_ids": torch.zeros(n, min(TOP_LOGPROBS, self.vocab), dtype=torch.long, device=self.device)}
+
+    @staticmethod
+    def _logprob_rows(rows: dict[str, torch.Tensor], n: int) -> tuple:
+        return rows["logprob"][:n], rows["top_lp"][:n], rows["top_ids"][:n]
 
     # ------------------------------------------------------------ subclass hooks
 
@@ -245,8 +277,16 @@ class SlotEngine:
         if mode == "greedy":
             return logits.argmax(-1)
         u = seeded_uniform(rows["seed"][:b], rows["counter"][:b], logits.shape[-1])
-        top_p = rows["top_p"][:b] if mode == "top_p" else 1.0
-        return pick_tokens(logits, rows["temperature"][:b], top_p, uniform=u)
+        top_p = rows["top_p"][:b] if mode in ("top_p", "full") else 1.0
+        if mode != "full":
+            return pick_tokens(logits, rows["temperature"][:b], top_p, uniform=u)
+        counts = rows["counts"][:b]
+        scores = penalize(logits, counts, rows["frequency_penalty"][:b], rows["presence_penalty"][:b])
+        tok = pick_tokens(scores, rows["temperature"][:b], top_p, uniform=u)
+        for buf, value in zip(self._logprob_rows(rows, b), top_logprobs(logits, tok, rows["top_ids"].shape[1])):
+            buf.copy_(value)
+        counts.scatter_add_(1, tok[:, None], torch.ones_like(counts[:, :1]))
+        return tok
 
     def _step(self, key: tuple) -> None:
         """One token for the first ``key[0]`` slots, on static tensors only."""
@@ -328,7 +368,7 @@ class SlotEngine:
             self._step(key)
         for i in range(n):
             self.host_pos[i] += 1
-        return Pending(self.rows["out"][:n], owners)
+        return Pending(self.rows["out"][:n], owners, self._logprob_rows(self.rows, n) if mode == "full" else None)
 
     @torch.no_grad()
     def prefill(self, ids: list[int], start: int, sampling: Sampling | None, owner=None) -> Pending | None:
@@ -354,7 +394,8 @@ class SlotEngine:
         s["ids"].copy_(tok)
         s["pos"].fill_(start + len(ids))
         s["counter"].fill_(1)
-        return Pending(s["out"], [owner] if owner is not None else None)
+        return Pending(s["out"], [owner] if owner is not None else None,
+                       self._logprob_rows(s, 1) if sampling.mode == "full" else None)
 
     def _host(self, rows: list[list[int]]) -> torch.Tensor:
         """Token ids (b, T) on the host, pinned on CUDA: a copy from pageable memory would first wait for
@@ -381,8 +422,10 @@ class SlotEngine:
     def _set_sampling(self, rows: dict[str, torch.Tensor], i: int, p: Sampling) -> None:
         # fill_ takes the value as a kernel argument; ``t[i] = x`` copies it from pageable host memory,
         # which waits for everything queued on the device (the running decode step) first
-        for name, value in (("temperature", p.temperature), ("top_p", p.top_p), ("seed", p.seed), ("counter", 0)):
+        for name, value in (("temperature", p.temperature), ("top_p", p.top_p), ("seed", p.seed), ("counter", 0),
+                            ("frequency_penalty", p.frequency_penalty), ("presence_penalty", p.presence_penalty)):
             rows[name][i:i + 1].fill_(value)
+        rows["counts"][i:i + 1].zero_()
 
     @torch.no_grad()
     def admit(self, slot: int, length: int) -> None:
@@ -467,12 +510,12 @@ class StateEngine(SlotEngine):
 
     def _copy_stage(self, slot: int, length: int) -> None:
         for st, src in zip(self.full, self.stage_layers):
-            for dst_t, src_t in zip(vars(st).values(), vars(src.state).values()):
+            for dst_t, src_t in zip(st.tensors().values(), src.state.tensors().values()):
                 dst_t[slot].copy_(src_t[0])
 
     def _copy_row(self, src: int, dst: int) -> None:
         for st in self.full:
-            for t in vars(st).values():
+            for t in st.tensors().values():
                 t[dst].copy_(t[src])
 
     def _reset_row(self, slot: int) -> None:

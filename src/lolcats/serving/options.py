@@ -25,6 +25,8 @@ class ServeOptions:
     "Longest prompt accepted (tokens)."
     max_new_tokens: int = 1024
     "Largest max_tokens accepted."
+    max_request_bytes: int = 0
+    "Largest request body (bytes; 413 beyond, before it is read); 0: 1 MiB + 128 bytes per --max-prompt-tokens."
     prefill_chunk: int = 512
     "Longest piece of one prompt read at a time (the first chunk replays a CUDA graph per length bucket)."
     prefill_budget: int = 0
@@ -46,8 +48,11 @@ class ServeOptions:
         for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("prefill_budget", "batch_bucket_step", "prefill_bucket_step"):
+        for name in ("prefill_budget", "batch_bucket_step", "prefill_bucket_step", "max_request_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"serve: --max-queue must be >= 0, got {self.max_queue}")
+
+    def request_bytes_limit(self) -> int:
+        return self.max_request_bytes or (1 << 20) + 128 * self.max_prompt_tokens

@@ -43,9 +43,11 @@ class ServerStopping(RuntimeError):
 
 @dataclass
 class Delta:
-    """New text of one generated token (may be empty: held back for a stop string, or a partial character)."""
+    """New text of one generated token (may be empty: held back for a stop string, or a partial character),
+    with the request's ``logprobs``: (the token, its log-probability, the top ones' (id, log-probability))."""
 
     text: str
+    logprobs: tuple[int, float, list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Done:
 @dataclass
 class Failed:
     message: str
+    stopping: bool = False  # the server shut down before the request ended
 
 
 Event = Delta | Done | Failed
@@ -70,7 +73,9 @@ class TextStream:
     emitted piece), and a piece that ends in an incomplete character waits for the next token.
     Up to ``len(longest stop) - 1`` characters are held back while they could start a stop
     string. :meth:`finish` replaces the text by a decode of all ids when that agrees with what
-    was sent, so the concatenated deltas equal ``tokenizer.decode(ids)`` cut at the first stop.
+    was sent, so the concatenated deltas equal ``tokenizer.decode(ids)`` cut at the first stop,
+    less the U+FFFD of an incomplete character at the end (a sequence cut by max_tokens in the
+    middle of a multi-byte character drops those bytes).
     """
 
     def __init__(self, tokenizer, stop: list[str] | None = None):
@@ -97,6 +102,8 @@ class TextStream:
     def finish(self) -> str:
         """The rest of the text (the sequence ended without a stop string so far)."""
         full = self._decode(self.ids)
+        if self.read < len(self.ids):  # the last tokens end in an incomplete character: not sent
+            full = full.rstrip("\ufffd")
         if full.startswith(self.text[:self.sent]):
             self.text = full
         return self._emit(final=True)[0]
@@ -221,7 +228,7 @@ class Scheduler:
         self._ingest()
         for req in list(self.waiting) + ([self.staging] if self.staging else []) + self.running:
             if not req.done:
-                self._fail(req, "the server is shutting down")
+                self._fail(req, "the server is shutting down", stopping=True)
         self._flush()
 
     def iteration(self) -> bool:
@@ -342,11 +349,13 @@ class Scheduler:
         return True
 
     def _process(self, pending: Pending) -> None:
-        for req, tok in zip(pending.owners, pending.result()):
+        logprobs = pending.logprobs() or [None] * len(pending.owners)
+        for req, tok, lp in zip(pending.owners, pending.result(), logprobs):
             if not req.done:
-                self._on_token(req, tok)
+                self._on_token(req, tok, lp)
 
-    def _on_token(self, req: Request, tok: int) -> None:
+    def _on_token(self, req: Request, tok: int, lp: tuple | None = None) -> None:
+        """``lp``: (its log-probability, the top ones, their ids) of a full step."""
         req.generated += 1
         self.tokens_out += 1
         if tok in self.eos and not req.ignore_eos:
@@ -355,7 +364,8 @@ class Scheduler:
         delta, stopped = req.text.add(tok)
         if not stopped and req.generated >= req.max_tokens:
             delta += req.text.finish()
-        self._send(req, Delta(delta))
+        k = req.sampling.logprobs  # top tokens asked for (None: no log-probabilities)
+        self._send(req, Delta(delta, None if lp is None or k is None else (tok, lp[0], list(zip(lp[2], lp[1]))[:k])))
         if stopped:
             self._finish(req, "stop")
         elif req.generated >= req.max_tokens:
@@ -372,11 +382,11 @@ class Scheduler:
         if was_running:
             self.retiring.append(req)
 
-    def _fail(self, req: Request, message: str) -> None:
+    def _fail(self, req: Request, message: str, stopping: bool = False) -> None:
         was_running = req.state == "running"
         req.state, req.finish_reason = "done", "error"
         self.finished["error"] += 1
-        self._send(req, Failed(message))
+        self._send(req, Failed(message, stopping))
         if was_running:
             self.retiring.append(req)
 

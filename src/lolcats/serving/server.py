@@ -8,6 +8,11 @@
 ``lolcats.cli`` loads the model once (``models.trained.load_trained``) and calls :func:`serve`
 with the :class:`~lolcats.serving.options.ServeOptions` its flags give.
 SIGTERM or Ctrl-C ends the server: running requests end with an error event, then it exits.
+
+Before the engine allocates its slots, :func:`check_memory` estimates what they take (computed on
+the meta device) and refuses to start, naming the flags, where that would not fit in the device's
+free memory: a layer kept as softmax attention (or every layer, in teacher mode) holds keys and
+values for ``max_prompt_tokens + max_new_tokens + 1`` positions in every slot.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import logging
 import signal
 import threading
 import time
+
+import torch
 
 from lolcats.generation.text import eos_ids
 from lolcats.serving.options import ServeOptions
@@ -35,6 +42,58 @@ def build_engine(model, opts: ServeOptions):
                prefill_step=opts.prefill_bucket_step)
 
 
+def slot_bytes(model, opts: ServeOptions) -> int:
+    """Bytes of one slot's preallocated buffers: every converted layer's state and the key/value rows of the
+    layers kept as softmax attention (student), or every layer's key/value rows (teacher), for
+    ``max_prompt_tokens + max_new_tokens + 1`` positions; and the row's counts of generated tokens (penalties)."""
+    from lolcats.attention.convert import causal_lm, decoder_stack, lolcats_attention_by_layer, make_cache
+
+    max_len = opts.max_prompt_tokens + opts.max_new_tokens + 1
+    emb = decoder_stack(model).embed_tokens.weight
+    if opts.attention_mode == "teacher":  # KVEngine: keys and values (Hk, max_len, D) per layer
+        mods = lolcats_attention_by_layer(causal_lm(model)).values()
+        state = sum(2 * m.num_kv_heads * m.head_dim * max_len for m in mods) * emb.element_size()
+    else:  # StateEngine: the cache it allocates, here on the meta device (no memory)
+        state = make_cache(model, 1, device="meta", max_length=max_len).state_nbytes()
+    return state + 4 * emb.shape[0]
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory still free on ``device``: CUDA's free memory and what PyTorch's allocator holds unused; the
+    host's available memory on CPU (psutil if installed, else /proc/meminfo); None where unknown."""
+    if device.type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(model, opts: ServeOptions) -> None:
+    """Refuse to start (one line naming the flags) when the slots would not fit in 90% of the free memory."""
+    from lolcats.attention.convert import decoder_stack
+
+    device = decoder_stack(model).embed_tokens.weight.device
+    per_slot, free = slot_bytes(model, opts), free_bytes(device)
+    need = per_slot * (opts.max_batch + 1)  # + the staging row prompts are read into
+    if free is not None and need > 0.9 * free:
+        raise ValueError(f"serve: the slots need an estimated {need / 2**30:.2f} GiB ({opts.max_batch} + 1 staging "
+                         f"x {per_slot / 2**20:.1f} MiB: states and key/value buffers for --max-prompt-tokens "
+                         f"{opts.max_prompt_tokens} + --max-new-tokens {opts.max_new_tokens} positions), but {device} "
+                         f"has {free / 2**30:.2f} GiB free; lower --max-batch or --max-prompt-tokens")
+
+
 def build_server(model, tokenizer, opts: ServeOptions):
     """Engine (graphs captured now), scheduler and the :class:`~lolcats.serving.api.Server` for ``model``."""
     try:
@@ -45,6 +104,7 @@ def build_server(model, tokenizer, opts: ServeOptions):
 
     opts.check()
     model.eval()
+    check_memory(model, opts)
     engine = build_engine(model, opts)
     t0 = time.perf_counter()
     graphs = engine.warmup()

@@ -47,7 +47,7 @@ from lolcats.checkpoint import load_tensors, save_checkpoint, write_json
 from lolcats.config import Config
 from lolcats.models.loading import Build, load_base_model
 from lolcats.models.sharded import layer_index
-from lolcats.runs import BEST, SUMMARY, stage_done
+from lolcats.runs import BEST, SUMMARY, legacy_named, stage_done
 from lolcats.runtime import autocast_context
 from lolcats.training.hidden_store import (HiddenStateReader, HiddenStateWriter, HiddenStoreError,
                                            collect_hidden_states, run_layer_block)
@@ -90,9 +90,11 @@ def parse_blocks(spec: str | None, n_blocks: int) -> list[int] | None:
     return sorted(set(out))
 
 
-def store_meta(model_fingerprint: str, cfg: Config) -> dict:
-    """What the stored states depend on: the base weights and the model and data sections."""
-    return {"model_fingerprint": model_fingerprint, "config_fingerprint": cfg.fingerprint("model", "data")}
+def store_meta(model_fingerprint: str, cfg: Config, d1: Path) -> dict:
+    """What the stored states depend on: the base weights and the model and data sections (hashed the old way
+    in a stage directory named the old way, as its store was)."""
+    return {"model_fingerprint": model_fingerprint,
+            "config_fingerprint": cfg.fingerprint("model", "data", legacy=legacy_named(cfg, d1))}
 
 
 # ---------------------------------------------------------------- step 1: the teacher's states
@@ -244,7 +246,7 @@ def train_blockwise(model, cfg: Config, train: torch.Tensor, val: torch.Tensor, 
         blocks = parse_blocks(os.environ.get(BLOCKS_ENV), len(ranges))
     root = Path(d1) / HIDDEN_DIR
     collect_block_inputs(model, {"train": train, "val": val}, root, [s for s, _ in ranges],
-                         store_meta(fingerprint, cfg), cfg.distill.micro_batch_size, device)
+                         store_meta(fingerprint, cfg, d1), cfg.distill.micro_batch_size, device)
     chosen = todo if blocks is None else [b for b in blocks if b in todo]
     info = dist.dist_info()
     initial = _attention_values(model) if dist.is_sharded(model) else None  # collective: before ranks part
@@ -288,8 +290,9 @@ def _block_model(model, cfg: Config, span: tuple[int, int], initial: dict | None
 
 def _train_block(model, cfg, span, index, root, fingerprint, device, meta, d1, on_step) -> StageResult:
     readers = {s: HiddenStateReader(root, span[0], s) for s in SPLITS}
+    want = store_meta(fingerprint, cfg, d1)
     for r in readers.values():
-        r.verify(fingerprint, cfg.fingerprint("model", "data"))
+        r.verify(want["model_fingerprint"], want["config_fingerprint"])
     meta = {**meta, "stage": "distill-block", "block": index, "layers": list(span)}
     stage = block_stage(model, cfg, span[0], span[1], readers["train"], readers["val"], device, meta)
     ids = torch.arange(len(readers["train"]))[:, None]  # (N, 1): the trainer's "data"

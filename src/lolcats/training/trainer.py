@@ -4,8 +4,8 @@ loss, and resumable state.
 
 A stage is described by a :class:`Stage` (its model and trainable parameters, a loss on a batch,
 a validation function, and what its checkpoint holds); :func:`train_stage` runs it in a run
-directory (layout: :mod:`lolcats.runs`). After a resume, steps since the last saved state appear
-twice in ``train_log.jsonl`` (the last wins).
+directory (layout: :mod:`lolcats.runs`). A resumed run first cuts ``train_log.jsonl`` back to the steps
+of the state it resumes from (a fresh start empties it), so every step appears once.
 
 A run killed at any point resumes from its state file and ends with the same weights as an
 uninterrupted run: the data order is a function of (seed, epoch) and the position in it is
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from lolcats import distributed as dist
-from lolcats.checkpoint import save_checkpoint, write_error, write_json
+from lolcats.checkpoint import atomic_write, save_checkpoint, write_error, write_json
 from lolcats.config import TrainConfig
 from lolcats.data import iterate_batches
 from lolcats.runs import BEST, LEGACY_STATE, STATE, SUMMARY, TRAIN_LOG, lock_dir
@@ -123,6 +123,25 @@ def _log(run_dir: Path, record: dict) -> None:
             raise write_error(run_dir / TRAIN_LOG, e) from e
 
 
+def _trim_log(run_dir: Path, last_step: int) -> None:
+    """Keep the training log's records up to ``last_step`` (rank 0): the steps a resumed run does again, or
+    all of a fresh start's, go (a line a killed run left half-written too)."""
+    path = run_dir / TRAIN_LOG
+    if not dist.dist_info().is_main or not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _log_step(line) <= last_step]
+    if len(keep) != len(lines):
+        atomic_write(path, lambda p: Path(p).write_text("".join(keep)))
+
+
+def _log_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _save_best(stage: Stage, directory: Path, metrics: dict) -> None:
     """The stage's checkpoint: rank 0 writes the gathered tensors (collective under FSDP)."""
     full = dist.gather_trainable_state_dict(stage.model, set(stage.checkpoint.values()))
@@ -163,13 +182,15 @@ def _train_stage(stage: Stage, train_data: torch.Tensor, run_dir: Path, seed: in
     loop = _Loop(stage, len(train_data))
     if graphs_wanted(c.cuda_graph, device, dist.dist_info().world_size):
         loop.graphed = GraphedLoss(stage.loss, [p for p in stage.params.values() if p.requires_grad])
-    if (run_dir / STATE).is_file():
+    resumed = (run_dir / STATE).is_file()
+    if resumed:
         loop.load(run_dir / STATE)
     else:
         if (run_dir / LEGACY_STATE).is_file():
             print(f"lolcats: {run_dir / LEGACY_STATE} (an older version's resume state, a pickle) is not read; "
                   "this stage starts again", file=sys.stderr)
         torch.manual_seed(seed)
+    _trim_log(run_dir, loop.step if resumed else -1)
     if not loop.done and loop.step == 0 and not loop.history:
         _evaluate(loop, run_dir)  # the starting point is a candidate too
     trainable = sum(p.numel() for p in stage.params.values() if p.requires_grad)
