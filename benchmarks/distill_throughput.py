@@ -26,7 +26,8 @@ from dataclasses import replace
 
 import torch
 
-from lolcats.attention.convert import convert_model, set_attention_mode
+from lolcats.attention.convert import convert_model
+from lolcats.attention.modes import set_attention_mode
 from lolcats.config import Config, ModelConfig
 from lolcats.models.loading import load_base_model
 from lolcats.ops import get_backend, register_backend

@@ -188,7 +188,8 @@ def load_model(name: str, dev: torch.device, dtype: str):
 
 
 def convert(model, args):
-    from lolcats.attention.convert import convert_model, set_attention_mode
+    from lolcats.attention.convert import convert_model
+    from lolcats.attention.modes import set_attention_mode
     from lolcats.config import config_from_dict
     from lolcats.generation import enable_lolcats_generation
 

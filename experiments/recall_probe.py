@@ -49,7 +49,7 @@ def key_pinned(span: list[int], score: str):
 @torch.no_grad()
 def occupancy(model, sample) -> dict[int, list[int]]:
     """{layer: key-sentence tokens in each KV head's sparse cache} after ``sample``'s prefill."""
-    from lolcats.attention.convert import cache_kwarg_name, make_cache
+    from lolcats.attention.generate import cache_kwarg_name, make_cache
     from lolcats.evaluation.perplexity import model_device
 
     cache = make_cache(model)
@@ -65,7 +65,8 @@ def occupancy(model, sample) -> dict[int, list[int]]:
 
 
 def run(model, tok, lengths: list[int], samples: int, scales: list[float], pin: bool) -> list[dict]:
-    from lolcats.attention.convert import lolcats_modules, set_linear_scale
+    from lolcats.attention.layers import lolcats_modules
+    from lolcats.attention.use import set_linear_scale
     from lolcats.evaluation.recall import build_samples, generate_answers, is_hit, recall_settings
 
     score = next(m.cfg.sparse_score for m in lolcats_modules(model) if m.converted)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from lolcats.attention.convert import collect_distill_outputs, convert_model, set_attention_mode
+from lolcats.attention.convert import convert_model
+from lolcats.attention.modes import collect_distill_outputs, set_attention_mode
 from lolcats.config import AttentionConfig
 from lolcats.ops.decode.naive import decode_step_naive
 from lolcats.ops.decode.state import DecodeState
@@ -162,7 +163,8 @@ def test_fuse_qkv_keeps_outputs_and_state_dict(arch, tmp_path):
     (keys and values; the Parameters are views of one tensor), and save_pretrained writes the same tensors."""
     from safetensors.torch import load_file
 
-    from lolcats.attention.convert import lolcats_modules, set_inference_fusion
+    from lolcats.attention.layers import lolcats_modules
+    from lolcats.attention.use import set_inference_fusion
 
     model = fused_model(arch)
     x = torch.randint(0, 128, (2, 21))
@@ -192,7 +194,8 @@ def test_fuse_qkv_leaves_peft_alone_and_drops_out_when_wrapped_later():
     LoRA update is used, not the plain weights); so does replacing the weights' data (model.to)."""
     from peft import LoraConfig, get_peft_model
 
-    from lolcats.attention.convert import lolcats_modules, set_inference_fusion
+    from lolcats.attention.layers import lolcats_modules
+    from lolcats.attention.use import set_inference_fusion
 
     x = torch.randint(0, 128, (1, 13))
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
@@ -221,7 +224,7 @@ def test_fuse_qkv_leaves_peft_alone_and_drops_out_when_wrapped_later():
 
 def test_fused_qkv_steps_aside_for_weight_gradients():
     """The fused tensor is not a Parameter: while the projections' weights want a gradient, three GEMMs run."""
-    from lolcats.attention.convert import set_inference_fusion
+    from lolcats.attention.use import set_inference_fusion
 
     model = fused_model()
     set_inference_fusion(model)

@@ -199,7 +199,8 @@ def _stage1_checkpoint(model_dir, out):
     """A stage-1 checkpoint (untrained feature maps) of the tiny model in ``model_dir``."""
     from dataclasses import asdict
 
-    from lolcats.attention.convert import attention_parameters, convert_model
+    from lolcats.attention.convert import convert_model
+    from lolcats.attention.params import attention_parameters
     from lolcats.checkpoint import save_checkpoint
     from lolcats.config import AttentionConfig, Config, ModelConfig
     from lolcats.models.loading import base_fingerprint, load_base_model
@@ -423,7 +424,7 @@ def test_recall_probe_pins_the_key_and_runs_on_a_tiny_model():
     from conftest import tiny_tokenizer
     from test_generation import build
 
-    from lolcats.attention.convert import set_sparse_cache
+    from lolcats.attention.use import set_sparse_cache
     from lolcats.evaluation.recall import build_samples, recall_settings
 
     mod = importlib.import_module("experiments.recall_probe")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from lolcats.attention.convert import convert_model, set_attention_mode
+from lolcats.attention.convert import convert_model
+from lolcats.attention.modes import set_attention_mode
 from lolcats.config import Config
 from lolcats.pipeline import prepare, run_distill, run_finetune, stage_dirs
 from lolcats.training.cuda_graph import GraphedLoss, check_graph_support, graphs_wanted

@@ -30,7 +30,9 @@ def tiny_converted_model(stage: str = "distill"):
     """Tiny Llama with hedgehog attention; trainable: feature maps (+ norms for the "lm" stage)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lolcats.attention.convert import attention_parameters, convert_model, set_attention_mode
+    from lolcats.attention.convert import convert_model
+    from lolcats.attention.modes import set_attention_mode
+    from lolcats.attention.params import attention_parameters
     from lolcats.config import AttentionConfig
 
     torch.manual_seed(0)
@@ -51,7 +53,7 @@ def tiny_converted_model(stage: str = "distill"):
 
 def stage_loss(model, ids: torch.Tensor, stage: str) -> torch.Tensor:
     """ids (b, T) -> scalar loss, a mean over this rank's sequences."""
-    from lolcats.attention.convert import collect_distill_outputs
+    from lolcats.attention.modes import collect_distill_outputs
 
     if stage == "lm":
         return model(input_ids=ids, labels=ids).loss

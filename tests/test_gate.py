@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lolcats.attention.convert import collect_distill_outputs, lolcats_modules, set_attention_mode
+from lolcats.attention.layers import lolcats_modules
+from lolcats.attention.modes import collect_distill_outputs, set_attention_mode
 from lolcats.config import Config, ConfigError, load_config
 from lolcats.generation import FastGenerator
 from lolcats.ops.decode.naive import absorb_chunk, decode_step_naive

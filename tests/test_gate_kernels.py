@@ -50,7 +50,7 @@ def test_gate_of_one_equals_the_ungated_kernel():
 def test_gated_layer_on_the_triton_backend_equals_torch(monkeypatch, kind):
     """The model with the gate on the triton backend (fused full sequence, fused prefill then the
     decode kernel) gives the torch backend's logits."""
-    from lolcats.attention.convert import lolcats_modules
+    from lolcats.attention.layers import lolcats_modules
     from test_generation import VOCAB, build, incremental_logits
 
     monkeypatch.setenv("LOLCATS_TRITON_ON_CPU", "1")

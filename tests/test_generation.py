@@ -8,10 +8,11 @@ from contextlib import redirect_stdout
 import pytest
 import torch
 
-from lolcats.attention.convert import convert_model, set_attention_mode
+from lolcats.attention.convert import convert_model
+from lolcats.attention.modes import set_attention_mode
 from lolcats.config import AttentionConfig
 from lolcats.generation import FastGenerator, LolcatsCache, enable_lolcats_generation, make_cache
-from lolcats.attention.convert import cache_kwarg_name
+from lolcats.attention.generate import cache_kwarg_name
 from lolcats.generation.text import ChatSession, run_generate, truncate_at_stop
 
 KINDS = ("linear", "sliding_window", "terraced_window")
@@ -178,7 +179,7 @@ def test_compiled_step_equals_eager(kind):
 def test_fast_path_fusion_keeps_tokens(arch):
     """FastGenerator fuses every layer's q/k/v projection (fuse=True, the default; Qwen2 with its biases):
     the same greedy tokens as generate(), eager and compiled; fuse=False turns it off on the model."""
-    from lolcats.attention.convert import lolcats_modules
+    from lolcats.attention.layers import lolcats_modules
 
     model = build(arch, "terraced_window")
     ids, mask = left_pad([torch.randint(1, VOCAB, (n,)) for n in (17, 6)])

@@ -68,7 +68,7 @@ def write_store(root, model, data, boundaries, split="train", shard_size=4, stop
 def test_stored_states_are_the_teachers(tmp_path, convert):
     model, data, boundaries = tiny_model(convert=convert), batches(3), [0, 2, L]
     if convert:
-        from lolcats.attention.convert import set_attention_mode
+        from lolcats.attention.modes import set_attention_mode
 
         set_attention_mode(model, "student")
         plain = tiny_model()  # the teacher is the unconverted model
@@ -84,7 +84,7 @@ def test_stored_states_are_the_teachers(tmp_path, convert):
         assert got.dtype == torch.bfloat16 and got.shape == (len(ids), T, D)
         torch.testing.assert_close(got, ref[b].to(torch.bfloat16), atol=0, rtol=0)
     if convert:  # modes restored
-        from lolcats.attention.convert import lolcats_modules
+        from lolcats.attention.layers import lolcats_modules
 
         assert all(m.mode == "student" for m in lolcats_modules(model))
 

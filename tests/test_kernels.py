@@ -512,7 +512,9 @@ def test_fast_generator_with_the_fused_rope_features(monkeypatch, backend, gate)
     import torch._dynamo
 
     from lolcats import ops
-    from lolcats.attention.convert import convert_model, enable_lolcats_generation, set_attention_mode
+    from lolcats.attention.convert import convert_model
+    from lolcats.attention.generate import enable_lolcats_generation
+    from lolcats.attention.modes import set_attention_mode
     from lolcats.config import AttentionConfig
     from lolcats.generation import FastGenerator
     from conftest import tiny_model

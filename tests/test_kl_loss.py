@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from lolcats.attention.convert import convert_model, lolcats_modules, set_attention_mode
+from lolcats.attention.convert import convert_model
+from lolcats.attention.layers import lolcats_modules
+from lolcats.attention.modes import set_attention_mode
 from lolcats.config import AttentionConfig, ConfigError, FinetuneConfig, load_config
 from lolcats.models.lora import add_lora, lora_parameters
 from lolcats.training import kl as kl_module

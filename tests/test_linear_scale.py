@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lolcats.attention.convert import lolcats_modules, set_linear_scale, set_sparse_cache
+from lolcats.attention.layers import lolcats_modules
+from lolcats.attention.use import set_linear_scale, set_sparse_cache
 from lolcats.config import ConfigError, config_from_dict
 from lolcats.generation import FastGenerator
 from lolcats.ops.hybrid.naive import hybrid_attention_naive, window_masks

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lolcats.attention.convert import lolcats_modules, make_cache
+from lolcats.attention.generate import make_cache
+from lolcats.attention.layers import lolcats_modules
 from lolcats.attention.mixers import MIXERS, Mixer, get_mixer, register_mixer
 from lolcats.generation import FastGenerator
 from lolcats.ops.state import LayerState

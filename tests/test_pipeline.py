@@ -226,7 +226,7 @@ def test_student_perplexity_runs_after_stage1(finished):
 def test_the_use_section_travels_with_the_checkpoints(env, tmp_path):
     """A run's ``use`` settings are not trained with, are recorded in both checkpoints, and are set on the model
     by every load (checkpoint of either stage, or the config); the command's flags replace them."""
-    from lolcats.attention.convert import lolcats_modules
+    from lolcats.attention.layers import lolcats_modules
     from lolcats.checkpoint import read_meta
     from lolcats.config import UseSettings
     from lolcats.evaluation import eval_main
@@ -263,7 +263,7 @@ def test_load_linearized_is_the_model_eval_loads(finished, tmp_path):
     """The README's Python API (load_linearized) puts a run's recorded ``use`` section on the model as
     ``lolcats eval --checkpoint`` does (issue 26: it left it off, so Python gave other numbers): the same
     settings on every layer and the same logits, for a stage-2 and a stage-1 checkpoint."""
-    from lolcats.attention.convert import lolcats_modules
+    from lolcats.attention.layers import lolcats_modules
     from lolcats.cli import build_parser, model_source
     from lolcats.config import UseSettings
     from lolcats.models.trained import load_trained

@@ -41,11 +41,13 @@ def test_parameter_count_is_exact(kind, kw):
 
 
 @pytest.mark.parametrize("fmap,kind,train_wf", [("hedgehog", "terraced_window", True), ("t2r", "sliding_window", True),
-                                                ("hedgehog", "linear", True), ("elu", "sliding_window", False)])
+                                                ("hedgehog", "linear", True), ("elu", "sliding_window", False),
+                                                ("hedgehog", "gated_delta", True)])
 def test_attention_trainable_count_matches_conversion(fmap, kind, train_wf):
     from transformers import AutoModelForCausalLM
 
-    from lolcats.attention.convert import attention_parameters, convert_model, set_attention_trainable
+    from lolcats.attention.convert import convert_model
+    from lolcats.attention.params import attention_parameters, set_attention_trainable
 
     cfg = load_config(None, {"attention": {"feature_map": fmap, "kind": kind, "feature_dim": 8,
                                            "train_window_factor": train_wf}})

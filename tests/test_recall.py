@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_tokenizer
-from lolcats.attention.convert import convert_model, set_attention_mode
+from lolcats.attention.convert import convert_model
+from lolcats.attention.modes import set_attention_mode
 from lolcats.config import AttentionConfig
 from lolcats.evaluation import eval_main, evaluate_model
 from lolcats.evaluation.recall import (RecallSettings, accuracy, build_all, build_samples, digit_separator,
@@ -236,7 +237,7 @@ def test_eval_main_recall_only(tok, model, tmp_path, monkeypatch):
 
 
 def test_converted_model_generates_with_lolcats_cache(tok, monkeypatch):
-    import lolcats.attention.convert as cache
+    import lolcats.attention.generate as cache
     from lolcats.generation import enable_lolcats_generation
 
     m = tiny_model(vocab_size=len(tok.get_vocab()), seed=4)

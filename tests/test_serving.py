@@ -33,7 +33,7 @@ PROMPTS = ["hello there", "a b", "the quick brown fox jumps over the lazy dog, a
 
 
 def tiny(vocab_tok, mode: str = "student", kind: str = "terraced_window"):
-    from lolcats.attention.convert import set_attention_mode
+    from lolcats.attention.modes import set_attention_mode
 
     model = build("llama", kind, vocab=len(vocab_tok.get_vocab()))
     model.generation_config.eos_token_id = 2
@@ -159,7 +159,9 @@ def tiny_kept(vocab_tok, **attention):
     with more AttentionConfig fields (e.g. the sparse cache)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lolcats.attention.convert import convert_model, enable_lolcats_generation, set_attention_mode
+    from lolcats.attention.convert import convert_model
+    from lolcats.attention.generate import enable_lolcats_generation
+    from lolcats.attention.modes import set_attention_mode
     from lolcats.config import AttentionConfig
 
     cfg = LlamaConfig(vocab_size=len(vocab_tok.get_vocab()), hidden_size=64, intermediate_size=128,
@@ -221,10 +223,38 @@ def test_sparse_terraced_steps_are_keyed_by_whether_a_block_starts():
     assert (4, "greedy", False) in engine._all_keys(("greedy",)) and StateEngine(tiny(tok), 4, 128).block == 0
 
 
+def test_kept_softmax_window_sizes_the_slots_and_equals_generate():
+    """--softmax-window 6 --softmax-sink 2: the kept layer's slots hold 8 positions whatever --max-prompt-tokens,
+    prompts read in chunks of 5 wrap its ring, and every request's text equals generate() with the same bound."""
+    from lolcats.serving.options import ServeOptions
+    from lolcats.serving.server import build_server, slot_bytes
+
+    tok = char_tokenizer()
+    model = tiny_kept(tok)
+    limits = dict(max_batch=4, max_prompt_tokens=100, max_new_tokens=27, prefill_chunk=5)
+    full = slot_bytes(model, ServeOptions(**limits))
+    server = build_server(model, tok, ServeOptions(**limits, softmax_window=6, softmax_sink=2))
+    sched = server.scheduler
+    assert server.info["state_bytes_per_slot"] < full
+    assert slot_bytes(model, server.opts) == server.info["state_bytes_per_slot"] + sched.engine.rows["counts"][0].nbytes
+    refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]  # generate() with the bound
+    sched.start()
+    try:
+        reqs = [Request(tok(p)["input_ids"], 12, Sampling(), tok, sink=queue.Queue()) for p in PROMPTS]
+        for r in reqs:
+            sched.submit(r)
+        assert [collect(r)[0] for r in reqs] == refs
+        assert wait_idle(sched)
+    finally:
+        sched.stop()
+    with pytest.raises(ValueError, match="--softmax-sink needs --softmax-window"):
+        ServeOptions(softmax_sink=2).check()
+
+
 @pytest.mark.parametrize("mode", ["student", "teacher"])
 def test_engines_fuse_the_qkv_projections(mode):
     """Both engines turn the inference fusions on (one q/k/v GEMM per layer), or off with fuse=False."""
-    from lolcats.attention.convert import lolcats_modules
+    from lolcats.attention.layers import lolcats_modules
 
     model = tiny(char_tokenizer(), mode)
     cls = KVEngine if mode == "teacher" else StateEngine
@@ -235,7 +265,7 @@ def test_engines_fuse_the_qkv_projections(mode):
 
 
 @pytest.mark.parametrize("mode", ["student", "teacher"])
-@pytest.mark.parametrize("kind", ["terraced_window", "sliding_window", "linear"])
+@pytest.mark.parametrize("kind", ["terraced_window", "sliding_window", "linear", "gated_delta"])
 def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
     """The first chunk, right-padded to its length bucket (what a CUDA graph replays), leaves the staging
     row's state and the first token's logits as an unpadded prefill does: padding is causal-invisible and
@@ -248,7 +278,7 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
         padded = engine._prefill_first(ids).clone()
         after = engine.stage.states() if mode == "student" else None
         kept = ({i: {n: t.clone() for n, t in vars(st).items()} for i, st in after.items()} if after else
-                [t[:, :, :11].clone() for t in engine.stage.keys + engine.stage.values])
+                [t[:, :, :11].clone() for st in engine.stage.states().values() for t in (st.k, st.v)])
         engine._stage_begin()
         engine._stage_chunk(0)
         plain = engine._forward(torch.tensor([ids]), torch.arange(11)[None], engine.stage)
@@ -258,7 +288,7 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
             for n, t in vars(st).items():
                 torch.testing.assert_close(kept[i][n], t, atol=1e-5, rtol=1e-5, msg=f"layer {i} {n}")
     else:
-        for a, t in zip(kept, engine.stage.keys + engine.stage.values):
+        for a, t in zip(kept, [t for st in engine.stage.states().values() for t in (st.k, st.v)]):
             torch.testing.assert_close(a, t[:, :, :11])
 
 

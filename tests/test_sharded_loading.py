@@ -74,7 +74,8 @@ def test_random_rows_are_the_whole_tensors_rows():
 def test_gguf_falls_back_to_the_whole_load(tmp_path, capsys):
     from gguf_fixture import write_tiny_gguf
 
-    from lolcats.attention.convert import convert_model, lolcats_modules
+    from lolcats.attention.convert import convert_model
+    from lolcats.attention.layers import lolcats_modules
 
     cfg = ModelConfig(name=str(write_tiny_gguf(tmp_path)))
     model = load_base_model(cfg, "cpu", Build(edit=lambda m: convert_model(m, AttentionConfig(feature_dim=8))))

@@ -11,8 +11,10 @@ import torch
 
 from conftest import tiny_model
 from lolcats.attention.cache import SoftmaxLayer
-from lolcats.attention.convert import (cache_kwarg_name, convert_model, keep_softmax, lolcats_attention_by_layer,
-                                       make_cache, set_attention_mode, softmax_layers)
+from lolcats.attention.convert import convert_model, keep_softmax
+from lolcats.attention.generate import cache_kwarg_name, make_cache
+from lolcats.attention.layers import lolcats_attention_by_layer, softmax_layers
+from lolcats.attention.modes import set_attention_mode
 from lolcats.config import AttentionConfig, ConfigError, load_config
 from lolcats.generation import FastGenerator, enable_lolcats_generation
 from lolcats.training.stages import layer_mse, top_layers

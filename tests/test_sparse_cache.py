@@ -10,7 +10,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lolcats.attention.convert import lolcats_modules, make_cache, set_attention_mode, set_sparse_cache
+from lolcats.attention.generate import make_cache
+from lolcats.attention.layers import lolcats_modules
+from lolcats.attention.modes import set_attention_mode
+from lolcats.attention.use import set_sparse_cache
 from lolcats.config import AttentionConfig, ConfigError, UseSettings, config_from_dict
 from lolcats.generation import FastGenerator
 from lolcats.ops.decode.naive import absorb_chunk, decode_step_naive

@@ -64,8 +64,9 @@ class AttentionConfig:
     "Output size of the learned projection (hedgehog gives twice this many features)."
     feature_init: Literal["identity", "zero", "random"] = "identity"
     "Initialisation of the feature-map projections."
-    kind: Literal["linear", "sliding_window", "terraced_window"] = "terraced_window"
-    "linear attention only, or softmax over a window plus linear attention over the rest."
+    kind: Literal["linear", "sliding_window", "terraced_window", "gated_delta"] = "terraced_window"
+    ("linear attention only, or softmax over a window plus linear attention over the rest, or (gated_delta) softmax "
+     "over a sliding window plus a gated delta-rule state over the rest (attention/mixers/gated_delta.py).")
     window_size: int = 64
     "Window (sliding) or block (terraced) size in tokens."
     init_window_factor: float = 0.1
@@ -484,6 +485,9 @@ def _check_values(cfg: Config) -> None:
     if cfg.attention.sparse_cache and cfg.distill.xent_factor > 0:
         raise ConfigError("attention.sparse_cache: the attention cross-entropy (distill.xent_factor > 0) is not "
                           "available with a sparse cache; set distill.xent_factor 0 or attention.sparse_cache 0")
+    if cfg.attention.kind == "gated_delta" and cfg.distill.xent_factor > 0:
+        raise ConfigError("distill.xent_factor: the attention cross-entropy needs attention weights, which "
+                          "attention.kind gated_delta does not have (its delta rule recalls values); set it to 0")
     for stage in ("distill", "finetune"):
         if cfg.attention.sparse_cache and getattr(cfg, stage).cuda_graph is True:
             raise ConfigError(f"{stage}.cuda_graph: a forward with the sparse cache cannot be captured in a CUDA "
@@ -536,14 +540,15 @@ def check_eval_settings(attn: AttentionConfig, where: str = "attention") -> None
     known score, a sink below its size) and the linear terms' weight (finite, >= 0, on a window kind).
     ``where``: the section the values came from (attention, or use), for the messages."""
     check_linear_scale(attn.linear_scale, f"{where}.linear_scale")
-    if attn.linear_scale != 1 and attn.kind == "linear":
+    if attn.linear_scale != 1 and attn.kind in ("linear", "gated_delta"):
         raise ConfigError(f"{where}.linear_scale: needs a window kind (sliding_window or terraced_window); "
-                          "pure linear attention's normaliser cancels it")
+                          f"{attn.kind} cancels it (linear attention's normaliser, the delta rule's L2-normalised "
+                          "queries)")
     if attn.sparse_cache < 0:
         raise ConfigError(f"{where}.sparse_cache: {attn.sparse_cache} must be >= 0 (0 = off)")
-    if attn.sparse_cache and attn.kind == "linear":
+    if attn.sparse_cache and attn.kind in ("linear", "gated_delta"):
         raise ConfigError(f"{where}.sparse_cache: needs a window kind (sliding_window or terraced_window); "
-                          "linear attention has no softmax part for the cached pairs")
+                          f"{attn.kind} has no linear state for the cache to fold into")
     _coerce(f"{where}.sparse_score", attn.sparse_score, _field_types(AttentionConfig)["sparse_score"])
     if attn.sparse_sink < 0 or (attn.sparse_sink and attn.sparse_sink >= attn.sparse_cache):
         raise ConfigError(f"{where}.sparse_sink: {attn.sparse_sink} must be >= 0 and below {where}.sparse_cache "

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from lolcats.attention.convert import decoder_layers
+from lolcats.attention.layers import decoder_layers
 
 
 @dataclass(frozen=True)

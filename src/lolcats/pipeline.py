@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from lolcats import distributed as dist
-from lolcats.attention.convert import (convert_model, keep_softmax, set_attention_mode, set_attention_trainable,
-                                       softmax_layers, stage1_checkpoint_names)
+from lolcats.attention.convert import convert_model, keep_softmax
+from lolcats.attention.layers import softmax_layers
+from lolcats.attention.modes import set_attention_mode
+from lolcats.attention.params import set_attention_trainable, stage1_checkpoint_names
 from lolcats.checkpoint import WEIGHTS, atomic_write, file_sha256, read_meta, save_checkpoint, write_json
 from lolcats.config import Config, save_config
 from lolcats.data import build_data, check_sources

@@ -113,7 +113,7 @@ class Shape:
 
 
 def attention_params_per_layer(shape: Shape, cfg: Config) -> int:
-    """Feature maps (one per query head and per KV head) and window factors of one layer."""
+    """Feature maps (one per query head and per KV head), window factors and gated_delta's gates of one layer."""
     a = cfg.attention
     heads = shape.heads + shape.kv_heads
     n = 0
@@ -125,6 +125,8 @@ def attention_params_per_layer(shape: Shape, cfg: Config) -> int:
         raise ValueError(f"unknown feature map {a.feature_map!r} for planning; known: hedgehog, t2r, elu, relu")
     if a.kind != "linear" and a.train_window_factor:
         n += shape.heads
+    if a.kind == "gated_delta":  # the delta rule's write strength (weight, bias), decay and mass scale per KV head
+        n += shape.kv_heads * (shape.head_dim + 3)
     return n
 
 

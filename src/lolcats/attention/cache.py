@@ -8,10 +8,19 @@ and ``seen``, the mask columns consumed so far (pads included). The attention la
 slot itself (``LolcatsAttention.forward`` -> ``attend_cached``): prefill, chunked prefill and the decode step
 are its mixer's math.
 
-Layers kept as softmax attention (``AttentionConfig.layers`` / ``softmax_layers``) keep HF's
-dynamic layer for ``generate()`` (their memory grows as usual), or, for :class:`FastGenerator`,
-a :class:`SoftmaxLayer`: keys and values in buffers preallocated for a maximum length, one slot
-per position of each row (bounded memory, static addresses for a CUDA graph).
+Layers kept as softmax attention (``AttentionConfig.layers`` / ``softmax_layers``) hold their keys and
+values in a :class:`SoftmaxLayer`, a :class:`KVState` store of N slots per row (static addresses for a CUDA
+graph), full or bounded:
+
+    full (window 0):         slot p holds position p, N = the longest row (later positions are dropped)
+    bounded (window W, sink S): slots 0..S-1 hold positions 0..S-1; slots S..S+W-1 are a ring of the last W
+                             positions (position p >= S in slot S + (p - S) % W); N = S + W
+
+Each slot records its token's position (``pos``; -1: empty), so a query at position p attends the slots
+whose position q satisfies 0 <= q <= p and (q < S or q > p - W) (:func:`kv_visible`; a full store: every
+q <= p). Keys are stored after RoPE, at their true positions. ``generate()`` keeps HF's dynamic layer for an
+unbounded kept layer (its memory grows as usual) and a lazily allocated bounded store for a bounded one
+(``attention.use.set_softmax_window``); :class:`FastGenerator` and the serving engine preallocate the store.
 """
 
 from __future__ import annotations
@@ -21,28 +30,61 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lolcats.ops.state import LayerState, StateSpec
+from lolcats.ops.decode.state import EMPTY_POS
+from lolcats.ops.state import LayerState, StateSpec, state_field
 
 
 @dataclass
 class KVState(LayerState):
-    """A kept softmax layer's keys and values by position: slot p holds the token at position p of its
-    row; the last slot is scratch (where padding and positions past the end are written)."""
+    """A kept softmax layer's key/value store: N slots per row (layout in the module docstring) and a last,
+    scratch slot, where padding and positions the store drops are written (its ``pos`` stays -1)."""
 
-    k: torch.Tensor  # (B, Hk, L + 1, D)
-    v: torch.Tensor  # (B, Hk, L + 1, Dv)
-
-    @classmethod
-    def spec(cls, Hk, max_length, D, Dv, dtype) -> StateSpec:
-        return cls.declare(k=((Hk, max_length + 1, D), dtype), v=((Hk, max_length + 1, Dv), dtype))
+    k: torch.Tensor  # (B, Hk, N + 1, D)
+    v: torch.Tensor  # (B, Hk, N + 1, Dv)
+    pos: torch.Tensor = state_field(EMPTY_POS)  # (B, N + 1) int64: each slot's position, -1 = empty; (B, 0): full
 
     @classmethod
-    def empty(cls, B, Hk, max_length, D, Dv, dtype, device) -> KVState:
-        return cls.spec(Hk, max_length, D, Dv, dtype).allocate(B, device)
+    def spec(cls, Hk, slots, D, Dv, dtype, bounded: bool = False) -> StateSpec:
+        """A full store's slot p holds position p: only a bounded one records its slots' positions."""
+        n = slots + 1
+        return cls.declare(k=((Hk, n, D), dtype), v=((Hk, n, Dv), dtype), pos=((n if bounded else 0,), torch.long))
+
+    @classmethod
+    def empty(cls, B, Hk, slots, D, Dv, dtype, device, bounded: bool = False) -> KVState:
+        return cls.spec(Hk, slots, D, Dv, dtype, bounded).allocate(B, device)
+
+    def prefix(self, rows: int, slots: int) -> KVState:
+        """A view of a full store's first ``rows`` rows and ``slots`` slots (positions), slot ``slots`` its scratch:
+        a step that writes and reads only positions below ``slots`` attends no more keys than that."""
+        return KVState(self.k[:rows, :, :slots + 1], self.v[:rows, :, :slots + 1], self.pos[:rows, :slots + 1])
+
+    def positions(self) -> torch.Tensor:
+        """(B, N + 1) each slot's position, -1 where empty (a full store: the slot's index; its scratch -1)."""
+        if self.pos.shape[1]:
+            return self.pos
+        n = self.max_length
+        idx = torch.arange(n + 1, device=self.k.device)
+        return torch.where(idx < n, idx, EMPTY_POS).expand(self.batch_size, n + 1)
 
     @property
     def max_length(self) -> int:
+        """N: the slots (positions of a full store)."""
         return self.k.shape[2] - 1
+
+
+def kv_slots(positions: int, window: int, sink: int) -> int:
+    """N for a store of rows up to ``positions`` long: every position (window 0), else at most the sinks and the
+    window (no more than the positions)."""
+    return positions if not window else min(positions, sink + window)
+
+
+def kv_visible(key_pos: torch.Tensor, pos: torch.Tensor, window: int, sink: int) -> torch.Tensor:
+    """key_pos (B, K) the keys' positions (-1: none), pos (B, T) the queries' -> (B, T, K) bool: which keys each
+    query attends (itself and earlier; with a window W, the sinks q < S and the last W positions)."""
+    q = key_pos[:, None, :]  # (B, 1, K)
+    p = pos[:, :, None]  # (B, T, 1)
+    ok = (q >= 0) & (q <= p)
+    return ok & ((q < sink) | (q > p - window)) if window else ok
 
 
 class LolcatsLayer(CacheLayerMixin):
@@ -121,8 +163,41 @@ class LolcatsLayer(CacheLayerMixin):
 
 
 class SoftmaxLayer(LolcatsLayer):
-    """A kept softmax layer's slot with preallocated keys and values (``state``: a :class:`KVState`);
-    the layer writes it itself (``LolcatsAttention.attend_softmax_cached``)."""
+    """A kept softmax layer's slot: its key/value store (``state``: a :class:`KVState`, full when ``window`` is 0,
+    else bounded to ``sink`` + ``window`` slots; None until the first call allocates it). The layer writes it
+    itself (``LolcatsAttention.attend_softmax_cached``)."""
+
+    def __init__(self, state: KVState | None = None, window: int = 0, sink: int = 0):
+        super().__init__(state)
+        self.window, self.sink = window, sink if window else 0
+
+    def visible(self, key_pos: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B, T, K): which keys at ``key_pos`` (B, K) the queries at ``pos`` (B, T) attend."""
+        return kv_visible(key_pos, pos, self.window, self.sink)
+
+    def keeps_chunk(self, T: int) -> bool:
+        """Whether a chunk of T tokens cannot overwrite its own keys (then it is written before it attends):
+        a full store, or a ring it does not wrap (positions <= mask columns consumed)."""
+        return T == 1 or not self.window or self.seen + T <= self.state.max_length
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store a chunk: k/v (B, Hk, T, D), its positions and valid tokens (B, T). Each kept token goes to the slot
+        of its position; padding, positions past a full store and those a later token of the chunk pushes out
+        of the ring go to the scratch slot."""
+        st, N = self.state, self.state.max_length
+        if self.window:
+            last = torch.where(valid, pos, -1).amax(1, keepdim=True)  # (B, 1): each row's newest position
+            keep = valid & ((pos < self.sink) | (pos > last - self.window))
+            slot = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.window)
+        else:
+            keep, slot = valid, pos
+        keep = keep & (slot < N)  # a store made for shorter rows drops later positions
+        idx = torch.where(keep, slot, N)  # (B, T)
+        if self.window:
+            st.pos.scatter_(1, idx, torch.where(keep, pos, EMPTY_POS))
+        idx = idx[:, None, :, None]  # (B, 1, T, 1)
+        st.k.scatter_(2, idx.expand(*k.shape), k.to(st.k.dtype))
+        st.v.scatter_(2, idx.expand(*v.shape), v.to(st.v.dtype))
 
 
 class LolcatsCache(Cache):

@@ -3,7 +3,8 @@
 It keeps the pretrained q/k/v/o projections (same parameter names, so LoRA and
 ``from_pretrained`` see the usual keys) and RoPE, and adds feature maps phi_q (one per query
 head) and phi_k (one per KV head, as the base model shares keys across a GQA group) applied
-after RoPE, plus a learnable per-head window factor for the hybrid kinds.
+after RoPE, plus a learnable per-head window factor for the hybrid kinds and the modules its mixer adds
+(``Mixer.modules``: ``gated_delta``'s write strength and decay, ``feature_map_delta``).
 
 Modes (``module.mode``):
   * ``teacher``: softmax attention through PyTorch SDPA, i.e. the original layer;
@@ -22,8 +23,9 @@ chunk (T > 1) the prefill.
 
 A layer kept as softmax attention (``converted=False``: ``AttentionConfig.softmax_layers``, or
 picked by ``softmax_count``) is the teacher path in every mode; with a cache it appends to an HF
-dynamic slot, or writes a :class:`~lolcats.attention.cache.SoftmaxLayer`'s preallocated buffers
-(:meth:`LolcatsAttention.attend_softmax_cached`; FastGenerator).
+dynamic slot, or writes a :class:`~lolcats.attention.cache.SoftmaxLayer`'s key/value store, full or bounded
+to a window plus sink positions (:meth:`LolcatsAttention.attend_softmax_cached`; FastGenerator, the serving
+engines, ``generate()`` when bounded), as every layer does in teacher mode in the serving KV engine.
 
 Padding keys (mask 0) are never written; positions come from ``position_ids`` (HF ``generate``
 derives them from the attention mask, so a left-padded row keeps its own windows).
@@ -33,7 +35,7 @@ before RoPE, zero at padding, and passes it to every path (full sequence, prefil
 chunk absorbed into the state, the decode step): the linear state decays by it.
 
 Two fusions for inference (a decode step at batch 1 is bound by kernel launches; FastGenerator and the
-serving engines turn them on, ``convert.set_inference_fusion``):
+serving engines turn them on, ``use.set_inference_fusion``):
 
 * :meth:`LolcatsAttention.fuse_qkv` makes the q/k/v weights (and biases) views of one tensor, and
   :meth:`~LolcatsAttention.qkv` runs one GEMM and splits it (B, T, (H + 2 Hk) D); a projection replaced
@@ -55,7 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, SoftmaxLayer
+from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, SoftmaxLayer, kv_slots
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.attention.mixers import Mixer, Step, get_mixer
 from lolcats.attention.qkv import FusedQKV, fusable, share_rows
@@ -149,6 +151,8 @@ class LolcatsAttention(nn.Module):
         self.probe = None
         self.fused_qkv: FusedQKV | None = None  # fuse_qkv(): one q/k/v GEMM
         self.fuse_rope_features = True  # RoPE + Hedgehog in the backend's one op, where it has one (inference)
+        # a kept layer's cached keys: the last kv_window positions and the first kv_sink (0: all; set_softmax_window)
+        self.kv_window, self.kv_sink = 0, 0
         self._mixer: Mixer | None = None  # made for self.cfg by the ``mixer`` property
         if not converted:
             return
@@ -164,6 +168,8 @@ class LolcatsAttention(nn.Module):
             self.window_factors = nn.Parameter(torch.full((self.num_heads,), logit, device=dev))
         else:
             self.register_parameter("window_factors", None)
+        for name, mod in get_mixer(cfg.kind).modules(self).items():  # the variant's own (gated_delta: beta, decay)
+            self.add_module(name, mod.to(dev))
 
     @property
     def mixer(self) -> Mixer:
@@ -376,31 +382,48 @@ class LolcatsAttention(nn.Module):
         return y
 
     def empty_kv_state(self, batch_size: int, max_length: int, dtype, device) -> KVState:
-        """Zeroed key/value buffers for ``batch_size`` rows of up to ``max_length`` positions (a kept layer)."""
-        return KVState.empty(batch_size, self.num_kv_heads, max_length, self.head_dim, self.head_dim, dtype, device)
+        """An empty key/value store for ``batch_size`` rows of up to ``max_length`` positions (a kept layer): a slot
+        per position, or at most ``kv_sink`` + ``kv_window`` slots when bounded."""
+        slots = kv_slots(max_length, self.kv_window, self.kv_sink)
+        return KVState.empty(batch_size, self.num_kv_heads, slots, self.head_dim, self.head_dim, dtype, device,
+                             bounded=bool(self.kv_window))
+
+    def softmax_slot(self, batch_size: int | None = None, max_length: int | None = None, dtype=None,
+                     device=None) -> SoftmaxLayer:
+        """A kept layer's cache slot, its store allocated now for ``batch_size`` rows of ``max_length`` positions
+        (or, bounded with no length given, at the first call)."""
+        state = None if batch_size is None else self.empty_kv_state(batch_size, max_length, dtype, device)
+        return SoftmaxLayer(state, self.kv_window, self.kv_sink)
 
     def attend_softmax_cached(self, slot: SoftmaxLayer, q, k, v, attention_mask=None, position_ids=None):
-        """Softmax attention of a chunk (or one token) over ``slot``'s buffers, writing its keys first.
+        """Softmax attention of a chunk (or one token) over ``slot``'s store and the chunk's own keys.
 
-        Each valid token goes to the slot of its position; a query at position p attends slots [0, p]
-        of its row (a row's positions are consecutive from its first token, so they are all written).
-        q (B, H, T, D), k/v (B, Hk, T, D) -> (B, H, T, D).
+        Each valid token goes to the slot of its position (``SoftmaxLayer.write``); a query at position p attends
+        the stored positions it sees (all of [0, p], or the sinks and the window; ``SoftmaxLayer.visible``). A
+        row's positions are consecutive from its first token, so all it sees is written. A chunk that could
+        overwrite its own keys (wrapping a bounded store's ring) attends the store as it was plus the chunk's
+        keys, and is written after. q (B, H, T, D), k/v (B, Hk, T, D) -> (B, H, T, D).
         """
         B, _, T, _ = q.shape
+        if slot.state is None:  # a bounded store for generate(): its size does not depend on the length
+            slot.state = self.empty_kv_state(B, slot.sink + slot.window, k.dtype, k.device)
+            slot.is_initialized = True
         st = slot.state
         if st.batch_size != B:
             raise ValueError(f"the SoftmaxLayer was made for batch {st.batch_size}, got {B}")
-        L = st.max_length
         key_mask = chunk_key_mask(attention_mask, B, T)
         pos = chunk_positions(position_ids, B, T, slot.seen, q.device)
-        ok = pos < L if key_mask is None else key_mask & (pos < L)
-        idx = torch.where(ok, pos, L)[:, None, :, None]  # (B, 1, T, 1); L = the scratch slot
-        st.k.scatter_(2, idx.expand(*k.shape), k.to(st.k.dtype))
-        st.v.scatter_(2, idx.expand(*v.shape), v.to(st.v.dtype))
-        slots = torch.arange(L + 1, device=q.device)
-        allowed = (slots[None, None, :] <= pos[:, :, None]) & (slots < L)  # (B, T, L + 1)
+        valid = torch.ones_like(pos, dtype=torch.bool) if key_mask is None else key_mask
+        if slot.keeps_chunk(T):
+            slot.write(k, v, pos, valid)
+            keys, values, key_pos = st.k, st.v, st.positions()
+        else:
+            keys, values = torch.cat([st.k, k.to(st.k.dtype)], 2), torch.cat([st.v, v.to(st.v.dtype)], 2)
+            key_pos = torch.cat([st.positions(), torch.where(valid, pos, -1)], 1)  # (B, N + 1 + T)
+            slot.write(k, v, pos, valid)
+        allowed = slot.visible(key_pos, pos)  # (B, T, K)
         slot.seen += T
-        return self.softmax_attention(q, st.k.to(q.dtype), st.v.to(q.dtype), allowed[:, None])
+        return self.softmax_attention(q, keys.to(q.dtype), values.to(q.dtype), allowed[:, None])
 
     # ------------------------------------------------------------ attention transfer
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lolcats.attention.convert import lolcats_attention_by_layer
+from lolcats.attention.layers import lolcats_attention_by_layer
 from lolcats.evaluation.recall import RecallSample
 from lolcats.evaluation.perplexity import model_device
 from lolcats.runtime import autocast_context

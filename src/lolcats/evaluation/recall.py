@@ -527,7 +527,7 @@ def summarize(samples: Sequence[RecallSample], scores: Sequence[float], per_dept
 
 def _prepare_generation(model: torch.nn.Module) -> None:
     """A converted model generates with its LolcatsCache (idempotent; load_linearized did it already)."""
-    from lolcats.attention.convert import lolcats_modules
+    from lolcats.attention.layers import lolcats_modules
 
     if next(lolcats_modules(model), None) is not None:
         from lolcats.generation import enable_lolcats_generation
@@ -621,7 +621,7 @@ def retrieval_scores(model: torch.nn.Module, tokenizer, settings: RecallSettings
     other heads about the span's share of the context. Lengths past the model's ``max_position_embeddings`` are
     left out (when all are, prompts of that many positions are read instead). The layers run in teacher mode
     for the scoring and get their mode back."""
-    from lolcats.attention.convert import lolcats_attention_by_layer
+    from lolcats.attention.layers import lolcats_attention_by_layer
 
     mods = lolcats_attention_by_layer(model)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max(settings.lengths)

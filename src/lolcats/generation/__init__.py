@@ -10,7 +10,7 @@ The cache and the layer's prefill/decode math live in the attention package
 """
 
 from lolcats.attention.cache import LolcatsCache, LolcatsLayer
-from lolcats.attention.convert import enable_lolcats_generation, make_cache
+from lolcats.attention.generate import enable_lolcats_generation, make_cache
 from lolcats.generation.fast import FastGenerator
 
 __all__ = ["LolcatsCache", "LolcatsLayer", "make_cache", "enable_lolcats_generation", "FastGenerator"]

@@ -23,9 +23,10 @@ q/k/v GEMM; RoPE and the Hedgehog maps in one op with the triton backend); ``fus
 on the model (the A/B baseline of a benchmark).
 
 Layers kept as softmax attention (``attention.softmax_layers`` / ``softmax_count``) hold their keys
-and values in buffers preallocated for the longest row (prompt + ``max_new_tokens`` positions;
-sized at the first prompt, enlarged and the graph captured again for a longer one): the decode
-step writes each row's key at its position and attends over that row's positions [0, p].
+and values in stores preallocated for the longest row (prompt + ``max_new_tokens`` positions;
+sized at the first prompt, enlarged and the graph captured again for a longer one), or for their bound
+(``--softmax-window`` / ``--softmax-sink``): the decode step writes each row's key at its position's slot
+and attends over the positions that row keeps (``attention/cache.py``).
 
 With a sparse cache on terraced windows (``attention.sparse_cache``) a window slot leaves only when a row's
 token starts a block (position % w == 0), and the host knows every row's position (its prompt length + the
@@ -43,9 +44,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer
-from lolcats.attention.convert import (causal_lm, decoder_stack, eviction_block, layer_cache_kwarg,
-                                       lolcats_attention_by_layer, make_cache, may_evict, set_inference_fusion)
+from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer, kv_slots
+from lolcats.attention.generate import eviction_block, layer_cache_kwarg, make_cache, may_evict
+from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
+from lolcats.attention.use import set_inference_fusion
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor,
@@ -247,10 +249,11 @@ class FastGenerator:
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def _fit_softmax_layers(self, length: int) -> None:
-        """Enlarge kept softmax layers' buffers to ``length`` positions if smaller (the graph is captured again)."""
+        """Enlarge kept softmax layers' stores to ``length`` positions (at most their bound) if smaller (the graph is
+        captured again)."""
         mods = lolcats_attention_by_layer(self.model)
         for i, layer in enumerate(self.cache.layers):
-            if isinstance(layer, SoftmaxLayer) and layer.state.max_length < length:
+            if isinstance(layer, SoftmaxLayer) and layer.state.max_length < kv_slots(length, layer.window, layer.sink):
                 st = layer.state
                 layer.state = mods[i].empty_kv_state(self.B, length, st.k.dtype, st.k.device)
                 self.graphs = {}

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from lolcats.attention.convert import cache_kwarg_name, enable_lolcats_generation, make_cache
+from lolcats.attention.generate import cache_kwarg_name, enable_lolcats_generation, make_cache
 from lolcats.generation.fast import FastGenerator
 
 

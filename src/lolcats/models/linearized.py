@@ -12,7 +12,9 @@ from __future__ import annotations
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lolcats.attention.convert import convert_model, enable_lolcats_generation, set_attention_mode
+from lolcats.attention.convert import convert_model
+from lolcats.attention.generate import enable_lolcats_generation
+from lolcats.attention.modes import set_attention_mode
 from lolcats.config import AttentionConfig
 
 BASES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from lolcats.attention.convert import set_attention_trainable
+from lolcats.attention.params import set_attention_trainable
 from lolcats.config import FinetuneConfig
 
 ADAPTER = "default"

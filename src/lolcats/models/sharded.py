@@ -30,7 +30,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from lolcats.attention.convert import check_architecture, decoder_stack
+from lolcats.attention.convert import check_architecture
+from lolcats.attention.layers import decoder_stack
 
 INDEX = "model.safetensors.index.json"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

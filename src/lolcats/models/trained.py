@@ -32,8 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lolcats import distributed as dist
-from lolcats.attention.convert import (convert_model, enable_lolcats_generation, keep_softmax, set_attention_mode,
-                                       set_linear_scale, set_sparse_cache, stage1_checkpoint_names)
+from lolcats.attention.convert import convert_model, keep_softmax
+from lolcats.attention.generate import enable_lolcats_generation
+from lolcats.attention.modes import set_attention_mode
+from lolcats.attention.params import stage1_checkpoint_names
+from lolcats.attention.use import set_linear_scale, set_sparse_cache
 from lolcats.checkpoint import (WEIGHTS, CheckpointError, check_base, check_fits, check_readable, file_sha256,
                                 load_tensors, read_meta)
 from lolcats.config import (Config, ConfigError, FinetuneConfig, ModelConfig, UseSettings, config_from_dict,

@@ -33,7 +33,10 @@ every backend too (the reference's unless a backend brings its own), so the laye
 * ``absorb(state, k, v, fk, pos, valid, kind, window_size, log_gate=None, fold=True)``: a chunk written into
   a decode state as the decode step would token by token (in place);
 * ``sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score, sink)
-  -> (y, state after)``: a chunk through window, sparse cache and linear state.
+  -> (y, state after)``: a chunk through window, sparse cache and linear state;
+* ``gated_delta(q, k, v, g, beta, scale, initial_state, output_final_state) -> (o, state | None)``: the gated
+  delta rule (``ops/delta/naive.py``: q (B, H, T, Dk), k (B, Hk, T, Dk) L2-normalised, v (B, Hk, T, Dv), g
+  and beta (B, Hk, T), state (B, Hk, Dk, Dv) float32), fla's kernels where it imports (``ops/fla_backend.py``).
 
 No module but this one (and the tests) imports an ``ops/*/naive.py``; the reference feature maps, which
 the layer's feature-map modules compute with autograd, are re-exported here too (:data:`hedgehog_reference`,
@@ -50,6 +53,7 @@ import torch
 
 from lolcats.ops.common import State
 from lolcats.ops.decode.naive import absorb_chunk, decode_step_naive
+from lolcats.ops.delta.naive import gated_delta_naive
 from lolcats.ops.feature_map.naive import hedgehog_reference, project_heads
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, linear_attention_quadratic
@@ -75,6 +79,7 @@ class Backend:
     linear_weights: Callable[..., torch.Tensor] = causal_linear_scores
     absorb: Callable[..., None] = absorb_chunk
     sparse_chunk: Callable[..., tuple[torch.Tensor, object]] = sparse_chunk
+    gated_delta: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = gated_delta_naive
 
     def is_fused(self, kind: str) -> bool:
         """Whether the full-sequence operator for ``kind`` keeps memory linear in T."""

@@ -1,4 +1,5 @@
-"""Registers an ``fla`` backend (flash-linear-attention's chunked kernel), linear kind only.
+"""Registers an ``fla`` backend (flash-linear-attention's chunked kernel), linear kind only, and fla's gated
+delta rule kernels in it and in the ``triton`` backend (``pip install lolcats[delta]``).
 
 Not chosen by ``auto``; import failure (no ``fla``) is harmless. fla's own ``normalize`` uses
 another epsilon and ignores an initial state's key sum, so the normaliser is computed here
@@ -7,12 +8,21 @@ when Dv + 1 is odd: fla's bf16 backward needs an even value width).
 Hybrid calls fall back to the reference (fla has no LoLCATs window); the decode step is the
 Triton one (fla has no decode kernel, and needs triton itself); gated linear attention (a
 ``log_gate``) runs the Triton kernel too.
+
+The gated delta rule (``Backend.gated_delta``, ``ops/delta/naive.py``; the ``gated_delta`` mixer) runs
+``chunk_gated_delta_rule`` (a chunk) or ``fused_recurrent_gated_delta_rule`` (a decode step, T = 1) on CUDA
+tensors, here and in the ``triton`` backend (what ``auto`` picks on CUDA): fla takes (B, T, H, .) tensors with
+as many key heads as query heads, so each KV head is repeated for its query group (the state too) and the
+final state is one head of each group; CPU tensors take the reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from fla.ops.linear_attn import chunk_linear_attn
 
 from lolcats.ops import BACKENDS, Backend, register_backend
@@ -50,5 +60,35 @@ def fla_linear(
     return y, (hT[..., :Dv], hT[..., Dv])
 
 
+def fla_gated_delta(
+    q: torch.Tensor,  # (B, H, T, Dk)
+    k: torch.Tensor,  # (B, Hk, T, Dk), L2-normalised
+    v: torch.Tensor,  # (B, Hk, T, Dv)
+    g: torch.Tensor,  # (B, Hk, T) log decay
+    beta: torch.Tensor,  # (B, Hk, T)
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,  # (B, Hk, Dk, Dv) float32
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's gated delta rule kernels with the reference's head-first, grouped-query interface."""
+    H, Hk, T, dt = q.shape[1], k.shape[1], q.shape[2], v.dtype
+    seq = lambda x: expand_kv_heads(x, H).transpose(1, 2).contiguous()  # noqa: E731  (B, T, H, .)
+    h0 = None if initial_state is None else expand_kv_heads(initial_state.float(), H)  # (B, H, Dk, Dv)
+    op = fused_recurrent_gated_delta_rule if T == 1 else chunk_gated_delta_rule
+    o, hT = op(q=q.to(dt).transpose(1, 2).contiguous(), k=seq(k.to(dt)), v=seq(v), g=seq(g.float()),
+               beta=seq(beta.to(dt)), scale=scale, initial_state=h0, output_final_state=output_final_state)
+    o = o.transpose(1, 2).to(dt)  # (B, H, T, Dv)
+    return o, (hT[:, :: H // Hk].float() if output_final_state else None)
+
+
+def _gated_delta(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """fla's kernels on CUDA tensors, the reference elsewhere."""
+    op = fla_gated_delta if q.is_cuda else BACKENDS["torch"].gated_delta
+    return op(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
 register_backend(Backend("fla", linear=fla_linear, hybrid=BACKENDS["torch"].hybrid, decode=decode_step_triton,
-                         supports=lambda x: x.is_cuda, fused=frozenset({"linear"})), auto=False)
+                         supports=lambda x: x.is_cuda, fused=frozenset({"linear"}), gated_delta=_gated_delta),
+                 auto=False)
+if "triton" in BACKENDS:  # auto's pick on CUDA has no delta-rule kernel of its own
+    register_backend(dataclasses.replace(BACKENDS["triton"], gated_delta=_gated_delta))

@@ -11,10 +11,10 @@ keeps them compacted: when one ends, the last one's row is copied into its slot)
   a step is keyed (and captured) also by whether a running row's token starts a block: only those
   steps run the eviction through the cache.
 * :class:`KVEngine` (teacher mode: the same weights with softmax attention, the baseline): a slot
-  is one row of per-layer key/value buffers ``(max_batch, Hk, max_len, D)`` preallocated for the
-  longest allowed sequence (prompt + new tokens); decoding attends over the first ``L`` positions
-  of the first ``b`` rows, ``L`` a power-of-two length bucket covering the longest running row,
-  with a mask for each row's own length.
+  is one row of every layer's key/value store (``attention/cache.py``'s ``KVState``, ``(max_batch, Hk,
+  max_len + 1, D)``) preallocated for the longest allowed sequence (prompt + new tokens); decoding attends
+  over the first ``L`` positions of the first ``b`` rows, ``L`` a power-of-two length bucket covering the
+  longest running row, each row masked to its own positions by the store.
 
 One decode step (embedding, decoder layers with per-row positions, norm, LM head, per-row
 sampling) runs over the first ``bucket`` slots, ``bucket`` the smallest of 1, 2, 4, ..., max_batch
@@ -52,9 +52,10 @@ import torch
 import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer
-from lolcats.attention.convert import (causal_lm, decoder_stack, eviction_block, layer_cache_kwarg,
-                                       lolcats_attention_by_layer, make_cache, may_evict, set_attention_mode,
-                                       set_inference_fusion)
+from lolcats.attention.generate import eviction_block, layer_cache_kwarg, make_cache, may_evict
+from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
+from lolcats.attention.modes import set_attention_mode
+from lolcats.attention.use import set_inference_fusion
 from lolcats.generation.fast import last_logits, penalize, pick_tokens, top_logprobs
 
 MODES = ("greedy", "sample", "top_p", "full")  # sampling variants of the step (graphs are kept per variant)
@@ -470,7 +471,8 @@ class StateEngine(SlotEngine):
             raise ValueError("the constant-state engine needs every layer converted and in student mode "
                              f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step)
-        # layers kept as softmax attention get SoftmaxLayers: key/value buffers of max_len positions per row
+        # layers kept as softmax attention get SoftmaxLayers: key/value stores of max_len positions per row, or of
+        # their bound (attention.use.set_softmax_window)
         self.cache = make_cache(self.model, max_batch, max_length=max_len)
         self.stage = make_cache(self.model, 1, max_length=max_len)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
@@ -531,42 +533,12 @@ class StateEngine(SlotEngine):
 # ---------------------------------------------------------------- teacher: softmax with KV slots
 
 
-class SlotKVCache:
-    """Key/value buffers per layer, (B, Hk, L, D), for softmax attention (teacher mode).
-
-    ``LolcatsAttention`` in teacher mode calls ``update(k, v, layer_idx)`` and attends over what it
-    returns. ``window`` says what a call means: ``("prefill", start)``: k (1, Hk, T, D) are row 0's
-    positions start .. start+T-1, and the prefix 0 .. start+T-1 is returned (the module's causal mask
-    handles the offset); ``("decode", b, L)``: k (b, Hk, 1, D) go to each row's position ``pos[:b]``
-    and the first ``L`` positions of rows 0 .. b-1 are returned (the caller masks each row's tail).
-    """
-
-    def __init__(self, n_layers: int, B: int, Hk: int, L: int, D: int, dtype, device, pos: torch.Tensor):
-        self.keys = [torch.zeros(B, Hk, L, D, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values = [torch.zeros(B, Hk, L, D, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.pos = pos
-        self.window: tuple = ("prefill", 0)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        K, V = self.keys[layer_idx], self.values[layer_idx]
-        if self.window[0] == "prefill":
-            s, T = self.window[1], k.shape[2]
-            K[:, :, s:s + T] = k
-            V[:, :, s:s + T] = v
-            return K[:, :, :s + T], V[:, :, :s + T]
-        _, b, L = self.window
-        at = self.pos[:b].clamp(max=L - 1)  # padding rows of the bucket may have run past L; live rows have not
-        idx = at.view(b, 1, 1, 1).expand(b, K.shape[1], 1, K.shape[3])
-        K[:b].scatter_(2, idx, k.to(K.dtype))
-        V[:b].scatter_(2, idx, v.to(V.dtype))
-        return K[:b, :, :L], V[:b, :, :L]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-
 class KVEngine(SlotEngine):
-    """Slots are rows of preallocated softmax key/value buffers of ``max_len`` positions (teacher mode)."""
+    """Slots are rows of every layer's softmax key/value store (``attention/cache.py``'s :class:`KVState`, the
+    store of kept layers, FastGenerator and generate()) of ``max_len`` positions (teacher mode).
+
+    A decode step of ``b`` rows up to ``L`` positions runs over views of the stores' first ``b`` rows and ``L``
+    slots; a prefill chunk of the staging row over the slots up to its end."""
 
     MIN_LEN = 64  # smallest length bucket
     # a warm-up step writes keys only at positions a running row has not reached (overwritten before read)
@@ -581,14 +553,17 @@ class KVEngine(SlotEngine):
                              "converted (convert_model with attention.layers empty)")
         set_attention_mode(model, "teacher")
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step)
-        cfg = self.model.config.get_text_config(decoder=True)
-        Hk = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype, n = self.lm.embed_tokens.weight.dtype, cfg.num_hidden_layers
-        self.cache = SlotKVCache(n, max_batch, Hk, max_len, D, dtype, self.device, self.rows["pos"])
-        self.stage = SlotKVCache(n, 1, Hk, max_len, D, dtype, self.device, self.stage_rows["pos"])
+        self.cache = make_cache(self.model, max_batch, max_length=max_len, softmax=True)
+        self.stage = make_cache(self.model, 1, max_length=max_len, softmax=True)
+        self.full = [layer.state for layer in self.cache.layers]
+        self.stage_full = [layer.state for layer in self.stage.layers]
+        self.stage_start = 0
         self.lengths = buckets(max_len, min(self.MIN_LEN, max_len))
-        self.arange = torch.arange(max_len, device=self.device)
+
+    @staticmethod
+    def _view(cache, full: list, rows: int, slots: int) -> None:
+        for layer, st in zip(cache.layers, full):
+            layer.state = st.prefix(rows, slots)
 
     def _step_key(self, n: int, mode: str) -> tuple:
         longest = max(self.host_pos[:n]) + 1  # the step writes position host_pos and reads 0 .. host_pos
@@ -600,29 +575,32 @@ class KVEngine(SlotEngine):
         return [(b, m, L) for b in self.sizes for m in modes for L in self.lengths]
 
     def _use_rows(self, key: tuple) -> None:
-        self.cache.window = ("decode", key[0], key[2])
-
-    def _decode_mask(self, key: tuple) -> torch.Tensor:
-        b, L = key[0], key[2]
-        return (self.arange[:L][None, :] <= self.rows["pos"][:b, None])[:, None, None, :]  # (b, 1, 1, L)
+        self._view(self.cache, self.full, key[0], key[2])  # rows past n (garbage) drop positions past L
 
     def _prefill_mask(self, valid: torch.Tensor) -> None:
         return None  # causal softmax: the padding at the end is written past the prompt and never read
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None, index=None) -> torch.Tensor:
+        if cache is self.stage:  # a chunk reads the slots up to its end only
+            self._view(self.stage, self.stage_full, 1, min(self.stage_start + ids.shape[1], self.max_len))
+        return super()._forward(ids, pos, cache, mask, index)
 
     def _stage_begin(self) -> None:
         pass  # prefill writes positions 0 .. before anything reads them
 
     def _stage_chunk(self, start: int) -> None:
-        self.stage.window = ("prefill", start)
+        self.stage_start = start
 
     def _copy_stage(self, slot: int, length: int) -> None:
-        for dst, src in zip(self.cache.keys + self.cache.values, self.stage.keys + self.stage.values):
-            dst[slot, :, :length].copy_(src[0, :, :length])
+        for dst, src in zip(self.full, self.stage_full):
+            dst.k[slot, :, :length].copy_(src.k[0, :, :length])
+            dst.v[slot, :, :length].copy_(src.v[0, :, :length])
 
     def _copy_row(self, src: int, dst: int) -> None:
         n = self.host_pos[src] + 1
-        for t in self.cache.keys + self.cache.values:
-            t[dst, :, :n].copy_(t[src, :, :n])
+        for st in self.full:
+            st.k[dst, :, :n].copy_(st.k[src, :, :n])
+            st.v[dst, :, :n].copy_(st.v[src, :, :n])
 
     def state_bytes_per_slot(self) -> int:
-        return self.cache.nbytes() // self.max_batch
+        return sum(st.nbytes() for st in self.full) // self.max_batch

@@ -39,6 +39,11 @@ class ServeOptions:
     prefill_bucket_step: int = 0
     ("First-chunk length buckets (a CUDA graph each): powers of two from 16 up to this, then its multiples; 0: "
      "powers of two up to --prefill-chunk. Finer buckets pad prompts less and capture more graphs.")
+    softmax_window: int = 0
+    ("Layers kept as softmax attention cache the keys of the last N positions only (and --softmax-sink's), which "
+     "bounds their slots' memory whatever --max-prompt-tokens; 0: every position (student mode).")
+    softmax_sink: int = 0
+    "With --softmax-window: kept softmax layers also keep the first N positions' keys (attention sinks)."
     cuda_graph: bool = True
     "Replay each decode step from a CUDA graph (on CUDA devices)."
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -48,9 +53,15 @@ class ServeOptions:
         for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("prefill_budget", "batch_bucket_step", "prefill_bucket_step", "max_request_bytes"):
+        for name in ("prefill_budget", "batch_bucket_step", "prefill_bucket_step", "max_request_bytes",
+                     "softmax_window", "softmax_sink"):
             if getattr(self, name) < 0:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.softmax_sink and not self.softmax_window:
+            raise ValueError("serve: --softmax-sink needs --softmax-window")
+        if self.softmax_window and self.attention_mode == "teacher":
+            raise ValueError("serve: --softmax-window bounds the layers kept as softmax attention in student mode; "
+                             "teacher mode keeps every position")
         if self.max_queue < 0:
             raise ValueError(f"serve: --max-queue must be >= 0, got {self.max_queue}")
 

@@ -12,7 +12,8 @@ SIGTERM or Ctrl-C ends the server: running requests end with an error event, the
 Before the engine allocates its slots, :func:`check_memory` estimates what they take (computed on
 the meta device) and refuses to start, naming the flags, where that would not fit in the device's
 free memory: a layer kept as softmax attention (or every layer, in teacher mode) holds keys and
-values for ``max_prompt_tokens + max_new_tokens + 1`` positions in every slot.
+values for ``max_prompt_tokens + max_new_tokens + 1`` positions in every slot (a kept layer bounded by
+``--softmax-window`` / ``--softmax-sink``: for that many).
 """
 
 from __future__ import annotations
@@ -46,16 +47,14 @@ def slot_bytes(model, opts: ServeOptions) -> int:
     """Bytes of one slot's preallocated buffers: every converted layer's state and the key/value rows of the
     layers kept as softmax attention (student), or every layer's key/value rows (teacher), for
     ``max_prompt_tokens + max_new_tokens + 1`` positions; and the row's counts of generated tokens (penalties)."""
-    from lolcats.attention.convert import causal_lm, decoder_stack, lolcats_attention_by_layer, make_cache
+    from lolcats.attention.generate import make_cache
+    from lolcats.attention.layers import decoder_stack
 
     max_len = opts.max_prompt_tokens + opts.max_new_tokens + 1
     emb = decoder_stack(model).embed_tokens.weight
-    if opts.attention_mode == "teacher":  # KVEngine: keys and values (Hk, max_len, D) per layer
-        mods = lolcats_attention_by_layer(causal_lm(model)).values()
-        state = sum(2 * m.num_kv_heads * m.head_dim * max_len for m in mods) * emb.element_size()
-    else:  # StateEngine: the cache it allocates, here on the meta device (no memory)
-        state = make_cache(model, 1, device="meta", max_length=max_len).state_nbytes()
-    return state + 4 * emb.shape[0]
+    # the cache the engine allocates (KVEngine: every layer's key/value store), here on the meta device (no memory)
+    cache = make_cache(model, 1, device="meta", max_length=max_len, softmax=opts.attention_mode == "teacher")
+    return cache.state_nbytes() + 4 * emb.shape[0]
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -82,7 +81,7 @@ def free_bytes(device: torch.device) -> int | None:
 
 def check_memory(model, opts: ServeOptions) -> None:
     """Refuse to start (one line naming the flags) when the slots would not fit in 90% of the free memory."""
-    from lolcats.attention.convert import decoder_stack
+    from lolcats.attention.layers import decoder_stack
 
     device = decoder_stack(model).embed_tokens.weight.device
     per_slot, free = slot_bytes(model, opts), free_bytes(device)
@@ -104,6 +103,10 @@ def build_server(model, tokenizer, opts: ServeOptions):
 
     opts.check()
     model.eval()
+    if opts.softmax_window:
+        from lolcats.attention.use import set_softmax_window
+
+        set_softmax_window(model, opts.softmax_window, opts.softmax_sink)  # before the slots are sized
     check_memory(model, opts)
     engine = build_engine(model, opts)
     t0 = time.perf_counter()

@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 from lolcats import distributed as dist
-from lolcats.attention.convert import (attention_parameters, collect_distill_outputs, convert_model,
-                                       set_attention_mode, set_attention_trainable, stage1_checkpoint_names)
+from lolcats.attention.convert import convert_model
+from lolcats.attention.modes import collect_distill_outputs, set_attention_mode
+from lolcats.attention.params import attention_parameters, set_attention_trainable, stage1_checkpoint_names
 from lolcats.checkpoint import load_tensors, save_checkpoint, write_json
 from lolcats.config import Config
 from lolcats.models.loading import Build, load_base_model

@@ -36,7 +36,7 @@ import torch
 
 import torch.nn as nn
 
-from lolcats.attention.convert import decoder_stack, lolcats_modules
+from lolcats.attention.layers import decoder_stack, lolcats_modules
 from lolcats.checkpoint import write_json
 from lolcats.distributed import is_sharded
 

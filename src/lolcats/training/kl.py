@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lolcats.attention.convert import attention_mode
+from lolcats.attention.modes import attention_mode
 from lolcats.config import FinetuneConfig
 from lolcats.runtime import autocast_context
 

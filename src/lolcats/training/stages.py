@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from lolcats.attention.convert import (attention_parameters, collect_distill_outputs, set_attention_mode,
-                                       set_attention_trainable, stage1_checkpoint_names)
+from lolcats.attention.modes import collect_distill_outputs, set_attention_mode
+from lolcats.attention.params import attention_parameters, set_attention_trainable, stage1_checkpoint_names
 from lolcats.config import Config, FinetuneConfig
 from lolcats.models.lora import lora_checkpoint_names, lora_parameters
 from lolcats.runtime import autocast_context

@@ -9,6 +9,7 @@ modes and hands the attention math to its mixer. A new variant is one new file p
 from __future__ import annotations
 
 from lolcats.attention.mixers.base import Mixer, Step
+from lolcats.attention.mixers.gated_delta import GatedDeltaMixer
 from lolcats.attention.mixers.hybrid import HybridMixer
 from lolcats.attention.mixers.linear import LinearMixer
 
@@ -29,5 +30,6 @@ def get_mixer(name: str) -> type[Mixer]:
 register_mixer("linear", LinearMixer)
 register_mixer("sliding_window", HybridMixer)
 register_mixer("terraced_window", HybridMixer)
+register_mixer("gated_delta", GatedDeltaMixer)
 
-__all__ = ["MIXERS", "HybridMixer", "LinearMixer", "Mixer", "Step", "get_mixer", "register_mixer"]
+__all__ = ["MIXERS", "GatedDeltaMixer", "HybridMixer", "LinearMixer", "Mixer", "Step", "get_mixer", "register_mixer"]

@@ -7,7 +7,9 @@ implements, for the layer that owns it (``LolcatsAttention``: projections, featu
   slots allocate from it;
 * :meth:`Mixer.sequence`: a whole sequence without a state (training, a plain forward);
 * :meth:`Mixer.prefill`: a chunk (T > 1) continuing a state, written into it;
-* :meth:`Mixer.decode`: one token (T == 1) continuing a state, written into it.
+* :meth:`Mixer.decode`: one token (T == 1) continuing a state, written into it;
+* :meth:`Mixer.modules` (optional): learned modules it adds to its layer beside the feature maps (gated_delta's
+  write strength and decay), trained in attention transfer.
 
 A cached call gets :class:`Step`, what the caller knows about its tokens; the mixer never reads the cache.
 Every operator a mixer runs comes from the ops registry (``lolcats.ops.get_backend``), references included.
@@ -59,6 +61,12 @@ class Mixer:
     ``feature_map_k`` (its ``out_dim``) and ``window_factor()`` (where ``has_window_factor``)."""
 
     has_window_factor: ClassVar[bool] = True  # whether the layer learns a per-head window factor for it
+
+    @classmethod
+    def modules(cls, layer) -> dict[str, torch.nn.Module]:
+        """Learned modules the variant adds to its layer, by attribute name (made with the feature maps; named
+        ``feature_map_*`` so that attention transfer trains them and stage-1 checkpoints carry them)."""
+        return {}
 
     def __init__(self, layer):
         self.layer = layer
