@@ -18,4 +18,6 @@ venv=$(mktemp -d)/oldest
 "$PY" -m venv --system-site-packages "$venv"
 "$venv/bin/python" -m pip install -q $pins
 "$venv/bin/python" -c "import transformers, peft; print('oldest: transformers', transformers.__version__, 'peft', peft.__version__)"
-"$venv/bin/python" -m pytest -q
+# the benchmark and experiment scripts' end-to-end runs are left out here (the library they call is what the rest
+# covers), to keep CI near 15 minutes
+"$venv/bin/python" -m pytest -q --ignore tests/test_benchmarks.py --ignore tests/test_serving_benchmark.py

@@ -2,11 +2,11 @@
 
 A row is a `lolcats linearize` with the study's common flags plus the row's own, then `lolcats eval`
 on its stage-2 checkpoint (WikiText-2 test perplexity, PIQA / ARC-Easy / ARC-Challenge on the full
-sets, passkey and multikey recall at 1K-8K tokens) and a second `lolcats eval` for MMLU 5-shot on
-``--mmlu-limit`` questions per subject. Eval-only rows evaluate the base model, or another row's
-checkpoint with extra model flags (e.g. a sparse cache at eval time). Up to ``--jobs`` rows run at
-once on one GPU; every command, its log and its JSON land under ``--out``; ``study.md`` (the table)
-and ``study.json`` are rewritten whenever a row finishes, so a run cut short keeps what it measured.
+sets, RULER's needle tasks in WikiText and passkey at 1K-8K tokens, the answer led in) and a second
+`lolcats eval` for MMLU 5-shot on ``--mmlu-limit`` questions per subject. Eval-only rows evaluate the base
+model, or another row's checkpoint with extra model flags (e.g. a sparse cache at eval time). Up to ``--jobs``
+rows run at once on one GPU; every command, its log and its JSON land under ``--out``; ``study.md`` (the
+table) and ``study.json`` are rewritten whenever a row finishes, so a run cut short keeps what it measured.
 
     python -m experiments.study --out OUT --model PATH/smollm2.gguf --data DIR --eval-data DIR --jobs 4 \
         [--rows default,kl,...] [--tokens 2500000] [--list]
@@ -56,6 +56,8 @@ ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
     Row("recipe", "the README's recipe: configs/smollm2-135m.yaml as it is (its use section applied at eval)",
         config=RECIPE, data=MIX),
+    Row("recipe_klpick", "the recipe with its 4 softmax layers picked by the KL drop on needle answers",
+        ["--attention.softmax_pick", "kl"], config=RECIPE, data=MIX),
     Row("default", "today's default: terraced 64 + linear, Hedgehog, CE LoRA"),
     Row("control", "softmax model + the same LoRA stage (no linearizing)",
         ["--attention.softmax_layers", ",".join(str(i) for i in range(30))]),
@@ -141,8 +143,13 @@ def parse_args(argv=None):
                         "this divided by the number of files (the same token count for a mix)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--recall-lengths", default="1024,2048,4096,8192")
-    p.add_argument("--recall-tasks", default="passkey,multikey")
-    p.add_argument("--recall-samples", type=int, default=20)
+    p.add_argument("--recall-tasks", default="niah_single,niah_multikey,passkey")
+    p.add_argument("--recall-samples", type=int, default=50)
+    p.add_argument("--recall-haystack", default=str(REPO.parent / "shared" / "data" / "wikitext-2" /
+                                                    "wiki.test.tokens"),
+                   help="natural text the niah tasks hide their needles in")
+    p.add_argument("--recall-lead-in", action=argparse.BooleanOptionalAction, default=True,
+                   help="answer lead-in on every recall task (passkey too)")
     p.add_argument("--mmlu-limit", type=int, default=5, help="MMLU 5-shot questions per subject")
     p.add_argument("--task-limit", type=int, default=None,
                    help="PIQA / ARC documents per task (default: the full sets; smaller for a smoke run)")
@@ -199,7 +206,9 @@ def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str
     out = Path(a.out) / row.label
     zero = cli("eval", *model_flags(row, a, rows), "--ppl", a.ppl,
                "--tasks", ZERO_SHOT, "--recall", a.recall_tasks, "--recall-lengths", a.recall_lengths,
-               "--recall-samples", str(a.recall_samples), "--output", str(out / "eval.json"), *common,
+               "--recall-samples", str(a.recall_samples), "--recall-haystack", a.recall_haystack,
+               "--recall-lead-in" if a.recall_lead_in else "--no-recall-lead-in", "--output", str(out / "eval.json"),
+               *common,
                *(["--limit", str(a.task_limit)] if a.task_limit else []))
     mmlu = cli("eval", *model_flags(row, a, rows), "--tasks", "mmlu_local", "--num-fewshot", "5",
                "--limit", str(a.mmlu_limit), "--output", str(out / "mmlu.json"), *common)

@@ -283,8 +283,9 @@ def test_study_rows_start_from_the_schema_defaults_and_differ_only_by_their_flag
     assert cmd[cmd.index("--data.max_file_tokens") + 1] == str(a.tokens // 3)
     for row in mod.ROWS:  # every row's flags are fields of the schema, with valid values
         if row.train:
-            flags = mod.train_command(row, a)[mod.train_command(row, a).index("--config") + 2:]
-            load_config([cmd[cmd.index("--config") + 1]], flags)
+            row_cmd = mod.train_command(row, a)
+            i = row_cmd.index("--config")
+            load_config([row_cmd[i + 1]], row_cmd[i + 2:])  # the row's own config: the study's, or the recipe
         else:
             assert row.checkpoint_of is None or rows[row.checkpoint_of].train
 
