@@ -169,21 +169,26 @@ def _kl_pick_scores(ctx: Context) -> tuple[dict[int, float], dict]:
     RULER single-needle prompts whose haystack is the run's first local training file (natural text of the run's
     own data), or on passkey prompts when that is a Hub dataset; lengths up to the model's context."""
     from lolcats.evaluation.layer_pick import restore_kl_scores
-    from lolcats.evaluation.recall import RecallSettings, build_samples
+    from lolcats.evaluation.recall import RecallSettings, build_samples, lengths_in_context
 
-    first = ctx.cfg.data.train[0]
-    limit = getattr(ctx.model.config, "max_position_embeddings", None) or max(PICK_LENGTHS)
-    lengths = [n for n in PICK_LENGTHS if n <= limit] or [limit]
-    probe: dict = {"lengths": lengths}
-    for task, hay in ([("niah_single", first)] if Path(first).is_file() else []) + [("passkey", None)]:
-        settings = RecallSettings(tasks=(task,), lengths=tuple(lengths), samples=PICK_SAMPLES, haystack=hay,
+    lengths = lengths_in_context(ctx.model, PICK_LENGTHS)
+
+    def prompts(task: str, haystack: str | None) -> list:
+        settings = RecallSettings(tasks=(task,), lengths=tuple(lengths), samples=PICK_SAMPLES, haystack=haystack,
                                   seed=ctx.cfg.run.seed)
+        return [s for n in lengths for s in build_samples(ctx.tokenizer, task, n, settings)]
+
+    first, samples = ctx.cfg.data.train[0], None
+    probe: dict = {"lengths": lengths, "task": "niah_single", "haystack": first}
+    if Path(first).is_file():
         try:
-            samples = [s for n in lengths for s in build_samples(ctx.tokenizer, task, n, settings)]
-            break
+            samples = prompts("niah_single", first)
         except ValueError as e:  # a training text too short to hide a needle in: the passkey prompts
-            probe["not_" + task] = str(e)
-    probe.update(task=task, haystack=hay, samples=len(samples))
+            probe["not_niah_single"] = str(e)
+    if samples is None:
+        probe.update(task="passkey", haystack=None)
+        samples = prompts("passkey", None)
+    probe["samples"] = len(samples)
     return restore_kl_scores(ctx.model, samples), probe
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lolcats.attention.layers import lolcats_attention_by_layer
+from lolcats.attention.modes import attention_mode
 from lolcats.evaluation.recall import RecallSample
 from lolcats.evaluation.perplexity import model_device
 from lolcats.runtime import autocast_context
@@ -64,26 +65,20 @@ def restore_kl_scores(model: torch.nn.Module, samples: Sequence[RecallSample], a
     mods = {i: m for i, m in lolcats_attention_by_layer(model).items() if m.converted}
     if not mods or not samples:
         raise ValueError("restore_kl_scores needs converted layers and at least one recall prompt")
-    modes, was_training = {i: m.mode for i, m in mods.items()}, model.training
+    was_training = model.training
     model.eval()
-    drops = {i: 0.0 for i in mods}
+    drops = dict.fromkeys(mods, 0.0)
     try:
-        for m in mods.values():
-            m.mode = "teacher"
-        forced = teacher_answers(model, samples, answer_tokens)
-        for ids in forced:
-            teacher = _answer_logprobs(model, ids, answer_tokens)
-            for m in mods.values():
-                m.mode = "student"
-            base = _kl(teacher, _answer_logprobs(model, ids, answer_tokens))
-            for i, m in mods.items():
-                m.mode = "teacher"
-                drops[i] += base - _kl(teacher, _answer_logprobs(model, ids, answer_tokens))
-                m.mode = "student"
-            for m in mods.values():
-                m.mode = "teacher"
+        with attention_mode(model, "teacher"):
+            forced = teacher_answers(model, samples, answer_tokens)
+            teachers = [_answer_logprobs(model, ids, answer_tokens) for ids in forced]  # (1, A, V) each
+        with attention_mode(model, "student"):
+            for ids, teacher in zip(forced, teachers):
+                base = _kl(teacher, _answer_logprobs(model, ids, answer_tokens))
+                for i, m in mods.items():
+                    m.mode = "teacher"
+                    drops[i] += base - _kl(teacher, _answer_logprobs(model, ids, answer_tokens))
+                    m.mode = "student"
     finally:
-        for i, m in mods.items():
-            m.mode = modes[i]
         model.train(was_training)
     return {i: d / len(forced) for i, d in sorted(drops.items())}

@@ -611,6 +611,13 @@ def _key_mass(q: torch.Tensor, k: torch.Tensor, span: tuple[int, int], scaling: 
     return s.softmax(-1)[:, :, span[0]:span[1]].sum(-1)
 
 
+def lengths_in_context(model: torch.nn.Module, lengths: Sequence[int]) -> list[int]:
+    """The ``lengths`` within the model's ``max_position_embeddings`` (all without one); when none is, that many
+    positions: the prompt lengths a probe of the model reads."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max(lengths)
+    return [n for n in lengths if n <= limit] or [limit]
+
+
 @torch.no_grad()
 def retrieval_scores(model: torch.nn.Module, tokenizer, settings: RecallSettings = RETRIEVAL_PROBE,
                      ) -> dict[int, float]:
@@ -624,8 +631,7 @@ def retrieval_scores(model: torch.nn.Module, tokenizer, settings: RecallSettings
     from lolcats.attention.layers import lolcats_attention_by_layer
 
     mods = lolcats_attention_by_layer(model)
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or max(settings.lengths)
-    lengths = [n for n in settings.lengths if n <= limit] or [limit]
+    lengths = lengths_in_context(model, settings.lengths)
     samples = [x for t in settings.tasks for n in lengths for x in build_samples(tokenizer, t, n, settings)]
     device, modes = model_device(model), {i: m.mode for i, m in mods.items()}
     sums: dict[int, torch.Tensor] = {}
