@@ -288,8 +288,6 @@ class UseSettings:
             check_linear_scale(self.linear_scale, name("linear_scale"))
 
 
-UseConfig = UseSettings  # the name the config's use section had first
-
 
 def use_flag(key: str) -> str:
     """The command-line flag of a :class:`UseSettings` field: ``sparse_cache`` -> ``--sparse-cache``."""
