@@ -3,6 +3,7 @@
     python -m benchmarks.kernel_speed --out kernels.md      # GPU: prefill, decode and feature-map tables
     python -m benchmarks.kernel_speed --quick               # tiny CPU smoke run (TRITON_INTERPRET=1)
     python -m benchmarks.kernel_speed --sections gate --out gate.md   # GPU: gated vs ungated kernels only
+    python -m benchmarks.kernel_speed --sections sparse --out sparse.md   # GPU: the sparse-cache prefill
 
 Prefill: forward and forward+backward milliseconds for SmolLM2 (H=9, Hk=3, D=64) and
 Llama-3-8B (H=32, Hk=8, D=128) shapes, F=128 hedgehog features, window 64, T = 1K..32K with
@@ -18,7 +19,11 @@ batched matmul, two softmaxes, concatenation, clamp) and as one fused Triton op
 kernel on its outputs. Gate: the kernels with a forget gate on the linear part
 (``attention.gate pooled_keys``, ``ops/gate.py``; log gates of Liger's scale, with their gradient)
 against the same kernels ungated, prefill forward / forward+backward and the decode step (from a
-CUDA graph), ratio = gated / ungated time. Medians of triton.testing.do_bench. Writes markdown to
+CUDA graph), ratio = gated / ungated time.
+Sparse: a prefill chunk through LoLA's sparse cache (256 pairs per KV head, sink 64, terraced window 64: the
+SmolLM2 recipe as used) from an empty state, the fused kernel (``ops/triton/sparse.py``) against the chunk reference the
+layer ran before it (``ops/sparse/naive.py``, in the layer's pieces) and causal SDPA flash, forward, with the
+largest output difference between kernel and reference. Medians of triton.testing.do_bench. Writes markdown to
 --out and JSON beside it; ``--sections`` picks sections (default all).
 """
 
@@ -51,7 +56,8 @@ from benchmarks import common
 MODELS = {"smollm2": dict(H=9, Hk=3, D=64, F=128), "llama3-8b": dict(H=32, Hk=8, D=128, F=128)}
 TINY = dict(H=2, Hk=1, D=16, F=16)  # --quick (CPU, the Triton interpreter)
 WINDOW = 64
-SECTIONS = ("prefill", "decode", "feature_map", "gate")
+SECTIONS = ("prefill", "decode", "feature_map", "gate", "sparse")
+SPARSE = dict(G=256, sink=64)  # the SmolLM2 recipe's sparse cache
 
 
 def bench_shapes(quick: bool) -> tuple[torch.dtype, dict[str, dict]]:
@@ -431,7 +437,70 @@ def feature_map_markdown(rows) -> list[str]:
     return out
 
 
-def to_markdown(info, prefill, decode, fmap=(), gate=()) -> str:
+def sparse_rows(dev, quick, on_row=lambda rows: None):
+    """Fused sparse-cache prefill vs the chunk reference (in pieces) vs SDPA flash, one layer, forward."""
+    from lolcats.ops import BACKENDS, get_backend
+    from lolcats.attention.mixers.base import PREFILL_BUDGET
+
+    dt, models = bench_shapes(quick)
+    G, sink = (4, 2) if quick else (SPARSE["G"], SPARSE["sink"])
+    w = 4 if quick else WINDOW
+    rows = []
+    for name, s in models.items():
+        H, Hk, D, Fd = s["H"], s["Hk"], s["D"], s["F"]
+        for T, B in ([(64, 1)] if quick else [(2048, 1), (8192, 1), (8192, 16), (32768, 1)]):
+            with torch.no_grad():
+                q, k, v, fq, fk, wf = (x.detach() for x in attention_inputs(
+                    B, H, Hk, T, D, Fd, dt, dev, torch.Generator(device=dev).manual_seed(0)))
+            pos = torch.arange(T, device=dev).expand(B, T)
+            valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+            empty = lambda: DecodeState.for_layer(B, Hk, "terraced_window", w, D, D, Fd, dt, dev, sparse=G)  # noqa: E731
+            fused = get_backend("triton", q).sparse_chunk
+            piece = max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - (G + 2 * w))  # the layer's pieces
+
+            def run(op, piece):
+                st, ys = empty(), []
+                for a in range(0, T, piece):
+                    sl = slice(a, a + piece)
+                    y, st = op(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], pos[:, sl],
+                               valid[:, sl], wf, "terraced_window", w, D**-0.5, "self_recall", sink)
+                    ys.append(y)
+                return torch.cat(ys, 2)
+
+            ke, ve = (x.repeat_interleave(H // Hk, 1) for x in (k, v))
+            row = {"model": name, "T": T, "B": B, "G": G, "sink": sink}
+            with torch.no_grad():
+                row["sdpa_fwd"] = _try(lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True), quick)
+                row["fused_fwd"] = _try(lambda: run(fused, T), quick)
+                if T <= 8192 and B == 1:
+                    ref = BACKENDS["torch"].sparse_chunk
+                    t0 = time.perf_counter()
+                    y_ref = run(ref, piece)
+                    if dev == "cuda":
+                        torch.cuda.synchronize()
+                    row["reference_fwd"] = (time.perf_counter() - t0) * 1e3  # one run (its first): seconds
+                    row["max_abs_diff"] = float((run(fused, T).float() - y_ref.float()).abs().max())
+            rows.append(row)
+            on_row(rows)
+            print(sparse_markdown([row])[-1], flush=True)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def sparse_markdown(rows) -> list[str]:
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = ["", "| sparse prefill | T | B | sdpa fwd ms | fused ms | reference ms | reference / fused | "
+             "fused / sdpa | max abs diff |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref, fu, sd = r.get("reference_fwd"), r.get("fused_fwd"), r.get("sdpa_fwd")
+        lines.append(f"| {r['model']} | {r['T']} | {r['B']} | {f(sd)} | {f(fu)} | {f(ref)} | "
+                     f"{f(ref / fu) if ref and fu else '-'} | {f(fu / sd) if fu and sd else '-'} | "
+                     f"{r.get('max_abs_diff', '-')} |")
+    return lines
+
+
+def to_markdown(info, prefill, decode, fmap=(), gate=(), sparse=()) -> str:
     lines = [f"# Kernel benchmark on {info['gpu']}", "",
              f"Ceilings: bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s, device copy {info['copy_gbs']:.0f} GB/s. "
              f"torch {torch.__version__}, triton {triton.__version__}. Times in ms (median).", "",
@@ -451,6 +520,7 @@ def to_markdown(info, prefill, decode, fmap=(), gate=()) -> str:
                      f"{r['pct_copy']:.0f}% |")
     lines += feature_map_markdown(list(fmap))
     lines += gate_markdown(list(gate))
+    lines += sparse_markdown(list(sparse)) if sparse else []
     return "\n".join(lines) + "\n"
 
 
@@ -476,7 +546,8 @@ def main(argv=None) -> None:
         res[key] = rows
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(to_markdown(info, res["prefill"], res["decode"], res["feature_map"], res["gate"]))
+            args.out.write_text(to_markdown(info, res["prefill"], res["decode"], res["feature_map"], res["gate"],
+                                              res["sparse"]))
             args.out.with_suffix(".json").write_text(json.dumps({"info": info, **res}, indent=1))
 
     if "prefill" in sections:
@@ -488,6 +559,8 @@ def main(argv=None) -> None:
         save("feature_map", feature_map_rows(dev, args.quick, lambda rows: save("feature_map", rows)))
     if "gate" in sections:
         save("gate", gate_rows(dev, args.quick, lambda rows: save("gate", rows)))
+    if "sparse" in sections:
+        save("sparse", sparse_rows(dev, args.quick, lambda rows: save("sparse", rows)))
     if args.out:
         print(f"wrote {args.out}")
 

@@ -98,6 +98,12 @@ def eviction_block(model: nn.Module) -> int:
     return sparse[0].window_size if sparse and sparse[0].kind == "terraced_window" else 0
 
 
+def prefill_capturable(model: nn.Module, like: torch.Tensor) -> bool:
+    """Whether every converted layer's prefill on tensors like ``like`` can be captured in a CUDA graph (a sparse
+    cache's only through its fused kernel: ``Mixer.prefill_capturable``)."""
+    return all(m.mixer.prefill_capturable(like) for m in lolcats_modules(model) if m.converted)
+
+
 def may_evict(positions, block: int) -> bool:
     """Whether a window slot may leave at a decode step feeding tokens at ``positions`` (``block`` from
     :func:`eviction_block`; 0: always)."""

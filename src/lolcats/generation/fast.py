@@ -11,7 +11,9 @@ runs eagerly (that is what the tests compare with ``generate()``).
 
 The prompt is prefilled in groups of rows (at most ``prefill_tokens`` prompt tokens at a time):
 each group's layers get views of its rows of the preallocated states, which the prefill writes
-in place, so a large batch never holds the activations of the whole prompt batch at once.
+in place, so a large batch never holds the activations of the whole prompt batch at once. The bound is
+large (64K tokens) because a group's sparse-cache prefill costs about as much for one row as for many (its
+eviction runs block after block, ``ops/triton/sparse.py``): fewer groups, fewer such chains.
 
 With ``compile`` the model's forward of the step (embedding to logits; the sampling stays eager) is
 ``torch.compile``d before it is captured: the compiler fuses norms, RoPE, casts and residual adds
@@ -120,7 +122,7 @@ class FastGenerator:
 
     def __init__(self, model: nn.Module, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_ids: list[int] | int | None = None, pad_token_id: int | None = None,
-                 use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 16384,
+                 use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 65536,
                  compile: bool | str = False, fuse: bool = True):
         self.model = causal_lm(model)
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb

@@ -19,7 +19,8 @@ full-sequence operators, (B, Hk) for the decode step; None is the ungated functi
 * ``rope_hedgehog(q, k, cos, sin, wq, wk) -> (q_rot, k_rot, phi(q_rot), phi(k_rot))`` or None: RoPE and the
   Hedgehog map of q and k in one forward-only op (``rope_hedgehog_reference`` on each), which the layer
   uses for inference (no gradient needed) in student mode;
-* ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores).
+* ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores): ``linear``, ``hybrid``,
+  and ``sparse_<kind>`` where ``sparse_chunk`` is a kernel for that window kind (any chunk in one call).
 
 The full-sequence fast paths take the plain case only (no padding mask, keys and queries aligned
 at positions 0..T-1). The general forms, which only the references implement so far, are operators of
@@ -33,7 +34,8 @@ every backend too (the reference's unless a backend brings its own), so the laye
 * ``absorb(state, k, v, fk, pos, valid, kind, window_size, log_gate=None, fold=True)``: a chunk written into
   a decode state as the decode step would token by token (in place);
 * ``sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score, sink)
-  -> (y, state after)``: a chunk through window, sparse cache and linear state;
+  -> (y, state after)``: a chunk through window, sparse cache and linear state (``ops/triton/sparse.py`` fuses
+  it for the terraced window on CUDA);
 * ``gated_delta(q, k, v, g, beta, scale, initial_state, output_final_state) -> (o, state | None)``: the gated
   delta rule (``ops/delta/naive.py``: q (B, H, T, Dk), k (B, Hk, T, Dk) L2-normalised, v (B, Hk, T, Dv), g
   and beta (B, Hk, T), state (B, Hk, Dk, Dv) float32), fla's kernels where it imports (``ops/fla_backend.py``).
@@ -84,6 +86,10 @@ class Backend:
     def is_fused(self, kind: str) -> bool:
         """Whether the full-sequence operator for ``kind`` keeps memory linear in T."""
         return ("linear" if kind == "linear" else "hybrid") in self.fused
+
+    def is_fused_sparse(self, kind: str) -> bool:
+        """Whether ``sparse_chunk`` takes a chunk of any length in one call for ``kind`` (no T x T scores)."""
+        return f"sparse_{kind}" in self.fused
 
 
 def _torch_linear(fq, fk, v, initial_state=None, output_final_state=False, log_gate=None):

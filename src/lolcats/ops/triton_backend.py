@@ -13,11 +13,13 @@ import os
 import torch
 
 import triton  # noqa: F401  (ImportError here means: no triton backend)
-from lolcats.ops import Backend, register_backend
+from lolcats.ops import BACKENDS, Backend, register_backend
 from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton
 from lolcats.ops.triton.decode import decode_step_triton
 from lolcats.ops.triton.feature_map import hedgehog_triton
 from lolcats.ops.triton.rope_feature_map import rope_hedgehog_triton
+from lolcats.ops.triton.sparse import sparse_prefill_triton
+from lolcats.ops.triton.sparse import supports as sparse_supports
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -28,6 +30,19 @@ def _hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=N
     return hybrid_attention_triton(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate)
 
 
+def _sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score, sink=0):
+    """The fused sparse-cache prefill where it applies (terraced window, no gradient), else the reference; the
+    chunk then goes into the window slots as the reference writes it (no folding: the kernel placed the leavers)."""
+    ref = BACKENDS["torch"]
+    if not sparse_supports(kind, score, q, k, v, fq, fk, window_factor):
+        return ref.sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score,
+                                sink)
+    y, after = sparse_prefill_triton(state, q, k, v, fq, fk, pos, valid, window_factor, window_size, scale, score,
+                                     sink)
+    ref.absorb(after, k, v, fk, pos, valid, kind, window_size, fold=False)
+    return y, after
+
+
 register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, decode=decode_step_triton,
-                         supports=supports, hedgehog=hedgehog_triton,
-                         rope_hedgehog=rope_hedgehog_triton, fused=frozenset({"linear", "hybrid"})))
+                         supports=supports, hedgehog=hedgehog_triton, rope_hedgehog=rope_hedgehog_triton,
+                         fused=frozenset({"linear", "hybrid", "sparse_terraced_window"}), sparse_chunk=_sparse_chunk))

@@ -52,7 +52,8 @@ import torch
 import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer
-from lolcats.attention.generate import eviction_block, layer_cache_kwarg, make_cache, may_evict
+from lolcats.attention.generate import (eviction_block, layer_cache_kwarg, make_cache, may_evict,
+                                        prefill_capturable)
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.modes import set_attention_mode
 from lolcats.attention.use import set_inference_fusion
@@ -479,8 +480,8 @@ class StateEngine(SlotEngine):
         self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
         for layer in self.stage_layers:  # the first chunk comes right-padded from position 0 (_first_chunk)
             layer.aligned_chunks = True
-        # the sparse cache's loop reads the host (a kept softmax layer's KVState has none)
-        self.prefill_capturable = not any(getattr(l.state, "sparse_size", 0) for l in self.stage_layers)
+        # a sparse cache's prefill is captured only through its fused kernel (a kept softmax layer's KVState has none)
+        self.prefill_capturable = prefill_capturable(self.model, next(self.model.parameters()))
         # a sparse cache on terraced windows evicts only when a row's token starts a block: steps are keyed
         # (and captured) by whether one does, which the host knows from the slots' positions
         self.block = eviction_block(self.model)

@@ -113,6 +113,10 @@ class Mixer:
         """Whether the full-sequence operator keeps memory linear in T (any chunk fits one call)."""
         return self.backend(like).is_fused(self.cfg.kind)
 
+    def prefill_capturable(self, like: torch.Tensor) -> bool:
+        """Whether a prefill on tensors like ``like`` can be captured in a CUDA graph (no host read)."""
+        return True
+
     def state_keys(self, state: LayerState) -> int:
         """Keys of ``state`` a prefill piece attends to besides its own (sizes the pieces)."""
         return 0

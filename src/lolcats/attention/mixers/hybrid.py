@@ -11,8 +11,8 @@ positions; S = w sliding, 2w terraced), the linear state (kv, ks), and the spars
 Paths: a whole sequence is the backend's fused op in the plain case, else the general reference (positions,
 padding); a prefill piece puts the window slots in front of its keys with their positions, the linear state
 as the initial state; the decode step is the backend's. With a sparse cache every prefill or whole sequence
-runs the chunk reference (``sparse_chunk``) in pieces (what the cache keeps depends on the data, so no fused
-kernel applies); the decode step then is the backend's with the eviction through the cache (skipped where
+runs the backend's ``sparse_chunk``: one Triton launch for the whole chunk on GPU with the terraced window (the
+default kind), else the chunk reference in pieces; the decode step then is the backend's with the eviction through the cache (skipped where
 the writer promises no slot leaves, ``Step.may_evict``).
 """
 
@@ -72,11 +72,19 @@ class HybridMixer(LinearMixer):
 
     # ------------------------------------------------------------ the sparse cache
 
+    def prefill_capturable(self, like: torch.Tensor) -> bool:
+        """Whether a prefill can be captured in a CUDA graph: with a sparse cache only through a fused kernel
+        (the chunk reference's loop over eviction steps reads their count on the host)."""
+        return not self.cfg.sparse_cache or self.backend(like).is_fused_sparse(self.cfg.kind)
+
     def _sparse_pieces(self, st: DecodeState, q, k, v, fq, fk, pos, valid) -> tuple[torch.Tensor, DecodeState]:
         """The sparse-cache chunk reference over the sequence in pieces: outputs and the state after it."""
         cfg, T = self.cfg, q.shape[2]
-        op = self.backend(q).sparse_chunk
-        piece, ys = self.piece_len(st, q.shape[0], q.shape[1]), []
+        backend = self.backend(q)
+        op = backend.sparse_chunk
+        whole = backend.is_fused_sparse(cfg.kind) and not (torch.is_grad_enabled() and q.requires_grad)
+        piece = T if whole else self.piece_len(st, q.shape[0], q.shape[1])
+        ys = []
         for s in range(0, T, piece):
             sl = slice(s, min(T, s + piece))
             y, st = op(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], pos[:, sl], valid[:, sl],
@@ -89,7 +97,7 @@ class HybridMixer(LinearMixer):
         if return_weights:
             raise ValueError("attention.sparse_cache: attention weights (distill.xent_factor > 0) are not "
                              "available with a sparse cache")
-        if capturing(q.device):  # its loop over eviction steps reads their count on the host
+        if capturing(q.device) and not self.prefill_capturable(q):  # the reference's loop reads the host
             raise ValueError("attention.sparse_cache: a forward with the sparse cache cannot be captured in a CUDA "
                              "graph; set distill.cuda_graph / finetune.cuda_graph false")
         B, _, T, _ = q.shape

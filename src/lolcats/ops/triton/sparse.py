@@ -1,0 +1,314 @@
+"""A prefill chunk through LoLA's sparse cache in two Triton launches: terraced window, eviction and attention.
+
+Same function as the chunk reference (``ops/sparse/naive.py::sparse_chunk``) for ``terraced_window`` (the
+default kind), without its Python loop over eviction steps:
+
+1. ``_evict``, one program per (batch row, KV head), walks the chunk's blocks of w positions in order, holding
+   its linear state (kv, ks) in registers. At each block start p = b w (b >= 2) in the chunk, the w keys of
+   block b - 2 leave the window: they and the G cached pairs are scored against the current (kv, ks)
+   (``self_recall``: ||v - phi(k) kv / (phi(k) ks + eps)||; ``recency``: the position; live pairs below the
+   sink +inf, empty slots -inf) and the w lowest of the G + w are dropped (a strict order: ties go to the
+   lower index, cache slots before candidates), as the reference's top-G keeps the rest. Dropped live pairs
+   are folded into (kv, ks), one (F, rows) x (rows, Dv) product per tile; the kept candidates take the
+   dropped slots (the reference orders slots by score: the set is the same). Then it writes a snapshot of
+   what the block's queries read: the cache's keys, values and positions, and (kv, ks).
+2. ``_attend``, one program per (batch row, query head, block), all in parallel: softmax over the block's
+   cache snapshot and the window (blocks b - 1 and b, causal) under one running max, weighted by the
+   window factor, and phi(q) over the snapshot's (kv, ks), one normaliser, as in ``ops/hybrid/naive.py``.
+
+The eviction is a chain of T / w dependent steps per (row, KV head): its time hardly grows with the batch
+(programs run side by side) and sets the prefill's (benchmarks/kernel_speed.py ``--sections sparse``). The
+snapshots take (T / w + 2) x (G (D + Dv) + F (Dv + 1)) elements per (row, KV head) while the call runs.
+
+Keys before the chunk are read from the state's window slots, keys in it from the chunk, by position. The
+valid tokens of a row are one run of consecutive positions (left or right padding), as every writer gives
+them. The window slots are not written here: the caller writes the chunk into them (``absorb`` without
+folding, as the reference does). Scores and drop flags go through a small scratch buffer per program, read
+back after a barrier. Products of float32 tiles are exact (``ieee``), of 16-bit ones tf32 (bf16 / fp16
+values are exact in tf32; the float32 state is rounded to it in the scores and phi(q) kv). Nothing syncs
+with the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lolcats.ops.common import EPS
+from lolcats.ops.decode.state import DecodeState
+from lolcats.ops.sparse.cache import SCORES, recency, self_recall_error
+from lolcats.ops.triton.chunked import dot_dtype, pad_dim, tile_dot
+
+SCORE_IDS = {"self_recall": 0, "recency": 1}
+BUILT_IN = {"self_recall": self_recall_error, "recency": recency}  # what the kernel computes for each id
+
+
+@triton.jit
+def _by_pos(chunk, win, wpos, p, live, p0, c0, rx, mx, X: tl.constexpr, S: tl.constexpr):
+    """Rows (R, XP) in float32 of the keys at positions ``p`` (R,) where ``live``: from the chunk at or after
+    its first position p0 (column c0 + p - p0), else from the state's window slot p % S where it holds p.
+    Returns (rows, present (R,))."""
+    in_chunk = live & (p >= p0)
+    before = live & (p < p0)
+    slot = tl.where(before, p % S, 0)
+    in_win = before & (tl.load(wpos + slot, mask=before, other=-1) == p)
+    col = tl.where(in_chunk, c0 + p - p0, 0)
+    a = tl.load(chunk + col[:, None] * X + rx[None, :], mask=in_chunk[:, None] & mx[None, :], other=0.0)
+    b = tl.load(win + slot[:, None] * X + rx[None, :], mask=in_win[:, None] & mx[None, :], other=0.0)
+    rows = tl.where(in_chunk[:, None], a.to(b.dtype).to(tl.float32), b.to(tl.float32))  # the state's dtype
+    return rows, in_chunk | in_win
+
+
+@triton.jit
+def _score(fkt, vt, pos, kvt, kst, sink, eps, SCORE: tl.constexpr, PREC: tl.constexpr):
+    """(R,) what the cache keeps the highest: fkt (R, FP), vt (R, DVP) float32, pos (R,) (-1 = empty)."""
+    if SCORE == 0:
+        num = tl.dot(fkt, kvt, input_precision=PREC)  # (R, DVP)
+        den = tl.sum(fkt * kst[None, :], 1)
+        d = vt - num / (den + eps)[:, None]
+        s = tl.sqrt(tl.sum(d * d, 1))
+    else:
+        s = pos.to(tl.float32)
+    s = tl.where((pos >= 0) & (pos < sink), float("inf"), s)
+    return tl.where(pos >= 0, s, float("-inf"))
+
+
+@triton.jit
+def _online(qt, kt, vt, mask, m, l, acc, scale, DT: tl.constexpr):
+    """One tile of softmax terms into the running max m (R,), sum l (R,) and numerator acc (R, DVP)."""
+    s = tile_dot(qt, tl.trans(kt), DT) * scale
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    mm = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row with no term yet: nothing to rescale
+    alpha = tl.exp(tl.where(m_new > float("-inf"), m, 0.0) - mm)
+    p = tl.where(mask, tl.exp(s - mm[:, None]), 0.0)
+    acc = acc * alpha[:, None] + tile_dot(p, vt, DT)
+    return m_new, l * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _tile(t: tl.constexpr, NT: tl.constexpr, G: tl.constexpr, W: tl.constexpr, R: tl.constexpr):
+    """Scratch offsets (R,) of tile ``t`` (cache tiles 0..NT-1, then the candidates) and which rows are real."""
+    r = tl.arange(0, R)
+    if t < NT:
+        idx, real = t * R + r, t * R + r < G
+    else:
+        idx, real = NT * R + r, r < W
+    return idx, real
+
+
+@triton.jit
+def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0, c0, sink, eps,
+           W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+           DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, G: tl.constexpr, NT: tl.constexpr,
+           SCORE: tl.constexpr, PREC: tl.constexpr):
+    """The eviction at block start P (block P / w - 2 leaves) through the cache; returns (kv, ks) after it."""
+    rw = tl.arange(0, R)
+    rd, rv, rf = tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
+    md, mv, mf = rd < D, rv < DV, rf < F
+    DROP: tl.constexpr = (NT + 1) * R  # scratch: scores (cache tiles, then the candidates), then drop flags
+    pc = P - 2 * W + rw  # (R,) the leaving block's positions
+    live_c = rw < W
+    fkc, pres = _by_pos(cfk, wfk, wp, pc, live_c, p0, c0, rf, mf, F, S)
+    vc, _ = _by_pos(cv, wv, wp, pc, live_c, p0, c0, rv, mv, DV, S)
+    cpos = tl.where(pres, pc, -1)
+    # scores, against the state before this eviction
+    for t in tl.static_range(NT):
+        rg, mg = _tile(t, NT, G, W, R)
+        gp = tl.load(gpos + rg, mask=mg, other=-1)
+        f = tl.load(gfk + rg[:, None] * F + rf[None, :], mask=mg[:, None] & mf[None, :], other=0.0).to(tl.float32)
+        v = tl.load(gv + rg[:, None] * DV + rv[None, :], mask=mg[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        tl.store(sc + rg, _score(f, v, gp, kvt, kst, sink, eps, SCORE, PREC))
+    tl.store(sc + NT * R + rw, _score(fkc, vc, cpos, kvt, kst, sink, eps, SCORE, PREC))
+    tl.debug_barrier()
+    # drop the W lowest of the G + W (a strict order: score, then index)
+    for i in tl.static_range(NT + 1):
+        ri, real_i = _tile(i, NT, G, W, R)
+        si = tl.load(sc + ri)
+        below = tl.zeros([R], tl.int32)
+        for j in tl.static_range(NT + 1):
+            rj, real_j = _tile(j, NT, G, W, R)
+            sj = tl.load(sc + rj)
+            lower = (sj[None, :] < si[:, None]) | ((sj[None, :] == si[:, None]) & (rj[None, :] < ri[:, None]))
+            below += tl.sum((lower & real_j[None, :]).to(tl.int32), 1)
+        tl.store(sc + DROP + ri, (real_i & (below < W)).to(tl.float32))
+    tl.debug_barrier()
+    # fold the dropped live pairs into (kv, ks)
+    for t in tl.static_range(NT):
+        rg, mg = _tile(t, NT, G, W, R)
+        fold = mg & (tl.load(sc + DROP + rg) != 0) & (tl.load(gpos + rg, mask=mg, other=-1) >= 0)
+        f = tl.load(gfk + rg[:, None] * F + rf[None, :], mask=fold[:, None] & mf[None, :], other=0.0).to(tl.float32)
+        v = tl.load(gv + rg[:, None] * DV + rv[None, :], mask=fold[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        kvt += tl.dot(tl.trans(f), v, input_precision=PREC)
+        kst += tl.sum(f, 0)
+    dc = tl.load(sc + DROP + NT * R + rw) != 0
+    fc = tl.where((dc & pres)[:, None], fkc, 0.0)
+    kvt += tl.dot(tl.trans(fc), vc, input_precision=PREC)
+    kst += tl.sum(fc, 0)
+    # the kept candidates (empty ones too) take the dropped slots, in order
+    kept = live_c & ~dc
+    krank = tl.cumsum(kept.to(tl.int32), 0) - 1
+    dest = tl.zeros([R], tl.int32) - 1
+    off = 0
+    for t in tl.static_range(NT):
+        rg, mg = _tile(t, NT, G, W, R)
+        dg = mg & (tl.load(sc + DROP + rg) != 0)
+        frank = off + tl.cumsum(dg.to(tl.int32), 0) - 1
+        hit = dg[None, :] & (frank[None, :] == krank[:, None])  # (R candidates, R slots)
+        dest += tl.sum(tl.where(hit, rg[None, :] + 1, 0), 1)
+        off += tl.sum(dg.to(tl.int32), 0)
+    ok = kept & (dest >= 0)
+    slot = tl.where(ok, dest, 0)
+    kc, _ = _by_pos(ck, wk, wp, pc, live_c, p0, c0, rd, md, D, S)
+    tl.store(gk + slot[:, None] * D + rd[None, :], kc.to(gk.dtype.element_ty), mask=ok[:, None] & md[None, :])
+    tl.store(gv + slot[:, None] * DV + rv[None, :], vc.to(gv.dtype.element_ty), mask=ok[:, None] & mv[None, :])
+    tl.store(gfk + slot[:, None] * F + rf[None, :], fkc.to(gfk.dtype.element_ty), mask=ok[:, None] & mf[None, :])
+    tl.store(gpos + slot, cpos, mask=ok)
+    tl.debug_barrier()
+    return kvt, kst
+
+
+@triton.jit
+def _evict(k, v, fk, win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, sp_pos, runs, scratch,
+           snap_k, snap_v, snap_pos, snap_kv, snap_ks, T, HK, NB, eps, sink,
+           W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+           DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, G: tl.constexpr, NT: tl.constexpr,
+           SCORE: tl.constexpr, PREC: tl.constexpr):
+    """One program per (row, KV head), the chunk's blocks in order: the eviction at each block start, then a
+    snapshot of what the block's queries read (cache keys, values, positions; kv, ks) for ``_attend``."""
+    bhk = tl.program_id(0).to(tl.int64)
+    b = bhk // HK
+    p0, c0, n = tl.load(runs + b * 3), tl.load(runs + b * 3 + 1), tl.load(runs + b * 3 + 2)
+    rt, rd, rv, rf = tl.arange(0, R), tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
+    md, mv, mf = rd < D, rv < DV, rf < F
+    ck, cv, cfk = k + bhk * T * D, v + bhk * T * DV, fk + bhk * T * F  # this KV head's rows
+    wk, wv, wfk, wp = win_k + bhk * S * D, win_v + bhk * S * DV, win_fk + bhk * S * F, win_pos + b * S
+    gk, gv, gfk, gpos = sp_k + bhk * G * D, sp_v + bhk * G * DV, sp_fk + bhk * G * F, sp_pos + bhk * G
+    sc = scratch + bhk * (2 * (NT + 1) * R)
+    kv_at = rf[:, None] * DV + rv[None, :]
+    kvt = tl.load(kv + bhk * F * DV + kv_at, mask=mf[:, None] & mv[None, :], other=0.0)
+    kst = tl.load(ks + bhk * F + rf, mask=mf, other=0.0)
+    first = p0 // W
+    last = tl.where(n > 0, (p0 + n - 1) // W, first - 1)
+    for blk in range(first, last + 1):
+        P = blk * W
+        if (P >= p0) & (blk >= 2):
+            kvt, kst = _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0, c0, sink, eps,
+                              W, S, R, D, DV, F, DP, DVP, FP, G, NT, SCORE, PREC)
+        i = bhk * NB + blk - first  # this block's snapshot
+        for t in tl.static_range(NT):
+            rg, mg = _tile(t, NT, G, W, R)
+            tl.store(snap_pos + i * G + rg, tl.load(gpos + rg, mask=mg), mask=mg)
+            tl.store(snap_k + (i * G + rg[:, None]) * D + rd[None, :],
+                     tl.load(gk + rg[:, None] * D + rd[None, :], mask=mg[:, None] & md[None, :]),
+                     mask=mg[:, None] & md[None, :])
+            tl.store(snap_v + (i * G + rg[:, None]) * DV + rv[None, :],
+                     tl.load(gv + rg[:, None] * DV + rv[None, :], mask=mg[:, None] & mv[None, :]),
+                     mask=mg[:, None] & mv[None, :])
+        tl.store(snap_kv + i * F * DV + kv_at, kvt, mask=mf[:, None] & mv[None, :])
+        tl.store(snap_ks + i * F + rf, kst, mask=mf)
+    tl.store(kv + bhk * F * DV + kv_at, kvt, mask=mf[:, None] & mv[None, :])
+    tl.store(ks + bhk * F + rf, kst, mask=mf)
+
+
+@triton.jit
+def _attend(q, k, v, fq, win_k, win_v, win_pos, runs, gp, y, snap_k, snap_v, snap_pos, snap_kv, snap_ks,
+            T, H, HK, NB, scale,
+            W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+            DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, G: tl.constexpr, NT: tl.constexpr,
+            DT: tl.constexpr, PREC: tl.constexpr):
+    """One program per (row, query head, block): softmax over the block's cache snapshot and the window (the
+    previous block and its own, causal) under one running max, and phi(q) over the snapshot's (kv, ks)."""
+    bh, j = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    bhk = b * HK + h // (H // HK)
+    p0, c0, n = tl.load(runs + b * 3), tl.load(runs + b * 3 + 1), tl.load(runs + b * 3 + 2)
+    P = (p0 // W + j) * W
+    p_end = p0 + n
+    if P < p_end:
+        rw, rd, rv, rf = tl.arange(0, R), tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
+        md, mv, mf = rd < D, rv < DV, rf < F
+        ck, cv = k + bhk * T * D, v + bhk * T * DV
+        wk, wv, wp = win_k + bhk * S * D, win_v + bhk * S * DV, win_pos + b * S
+        i = bhk * NB + j
+        qp = P + rw
+        vq = (rw < W) & (qp >= p0) & (qp < p_end)
+        rows = bh * T + tl.where(vq, c0 + qp - p0, 0)  # (R,) rows of q, fq, y
+        qt = tl.load(q + rows[:, None] * D + rd[None, :], mask=vq[:, None] & md[None, :], other=0.0)
+        m = tl.full([R], float("-inf"), tl.float32)
+        l = tl.zeros([R], tl.float32)
+        acc = tl.zeros([R, DVP], tl.float32)
+        for t in tl.static_range(NT):
+            rg, mg = _tile(t, NT, G, W, R)
+            live = tl.load(snap_pos + i * G + rg, mask=mg, other=-1) >= 0
+            kt = tl.load(snap_k + (i * G + rg[:, None]) * D + rd[None, :], mask=live[:, None] & md[None, :], other=0.0)
+            vt = tl.load(snap_v + (i * G + rg[:, None]) * DV + rv[None, :], mask=live[:, None] & mv[None, :],
+                         other=0.0)
+            m, l, acc = _online(qt, kt, vt, vq[:, None] & live[None, :], m, l, acc, scale, DT)
+        kp = P - W + rw
+        k1, in1 = _by_pos(ck, wk, wp, kp, (rw < W) & (kp >= 0), p0, c0, rd, md, D, S)
+        v1, _ = _by_pos(cv, wv, wp, kp, (rw < W) & (kp >= 0), p0, c0, rv, mv, DV, S)
+        m, l, acc = _online(qt, k1, v1, vq[:, None] & in1[None, :], m, l, acc, scale, DT)
+        here = (rw < W) & (qp < p_end)  # the block's keys: before the chunk (window slots) or in it
+        k2, in2 = _by_pos(ck, wk, wp, qp, here, p0, c0, rd, md, D, S)
+        v2, _ = _by_pos(cv, wv, wp, qp, here, p0, c0, rv, mv, DV, S)
+        causal = in2[None, :] & (qp[None, :] <= qp[:, None])
+        m, l, acc = _online(qt, k2, v2, vq[:, None] & causal, m, l, acc, scale, DT)
+        fqt = tl.load(fq + rows[:, None] * F + rf[None, :], mask=vq[:, None] & mf[None, :], other=0.0).to(tl.float32)
+        kvt = tl.load(snap_kv + i * F * DV + rf[:, None] * DV + rv[None, :], mask=mf[:, None] & mv[None, :],
+                      other=0.0)
+        kst = tl.load(snap_ks + i * F + rf, mask=mf, other=0.0)
+        wf = tl.load(gp + h).to(tl.float32)
+        num = wf * acc + tl.dot(fqt, kvt, input_precision=PREC)
+        den = wf * l + tl.sum(fqt * kst[None, :], 1)
+        out = tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-30)[:, None], 0.0)
+        tl.store(y + rows[:, None] * DV + rv[None, :], out.to(y.dtype.element_ty), mask=vq[:, None] & mv[None, :])
+
+
+def supports(kind: str, score: str, *tensors) -> bool:
+    """Whether :func:`sparse_prefill_triton` takes this chunk: a terraced window, a built-in score (not one
+    registered over it: ``register_score``), no gradient."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return kind == "terraced_window" and score in BUILT_IN and SCORES.get(score) is BUILT_IN[score] and not grad
+
+
+def row_runs(pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, 3) int64 per row: the first valid token's position, its column, the number of valid tokens."""
+    c0 = valid.to(torch.int8).argmax(1)  # first True (0 for a row with none, which n = 0 skips)
+    p0 = pos.gather(1, c0[:, None])[:, 0]
+    return torch.stack([p0, c0, valid.sum(1)], 1).to(torch.int64).contiguous()
+
+
+def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, window_factor, window_size: int,
+                          scale: float, score: str, sink: int = 0) -> tuple[torch.Tensor, DecodeState]:
+    """Outputs (B, H, T, Dv) of a chunk continuing ``state`` and the state after it, its window slots not yet
+    written (the caller absorbs the chunk into them without folding). ``state`` is only read.
+
+    q (B, H, T, D), k/v (B, Hk, T, D|Dv), fq (B, H, T, F), fk (B, Hk, T, F), pos (B, T), valid (B, T);
+    terraced window, ``state.sparse_size`` > 0.
+    """
+    B, H, T, D = q.shape
+    Hk, Dv, F = k.shape[1], v.shape[-1], fk.shape[-1]
+    G, S, W = state.sparse_size, state.win_pos.shape[1], window_size
+    after = state.map(lambda t: t.clone().contiguous())
+    q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
+    y = torch.zeros(B, H, T, Dv, dtype=v.dtype, device=v.device)  # padding columns stay 0
+    R = pad_dim(W)
+    NT, NB = triton.cdiv(G, R), T // W + 2  # NB: most blocks a row's run of T tokens touches
+    runs = row_runs(pos, valid)
+    exact = k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"  # else tf32: bf16 values are exact
+    dims = dict(W=W, S=S, R=R, D=D, DV=Dv, F=F, DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), G=G, NT=NT,
+                PREC="ieee" if exact else "tf32")
+    new = lambda *shape, dtype=k.dtype: torch.empty(B * Hk, NB, *shape, dtype=dtype, device=k.device)  # noqa: E731
+    snap = (new(G, D, dtype=after.sparse_k.dtype), new(G, Dv, dtype=after.sparse_v.dtype),
+            new(G, dtype=torch.long), new(F, Dv, dtype=torch.float32), new(F, dtype=torch.float32))
+    scratch = torch.empty(B * Hk, 2 * (NT + 1) * R, dtype=torch.float32, device=q.device)
+    _evict[(B * Hk,)](k, v, fk, after.win_k, after.win_v, after.win_fk, after.win_pos, after.kv, after.ks,
+                      after.sparse_k, after.sparse_v, after.sparse_fk, after.sparse_pos, runs, scratch, *snap,
+                      T, Hk, NB, EPS, int(sink), **dims, SCORE=SCORE_IDS[score], num_warps=8, num_stages=1)
+    _attend[(B * H, NB)](q, k, v, fq, after.win_k, after.win_v, after.win_pos, runs, window_factor.float().contiguous(),
+                         y, *snap, T, H, Hk, NB, float(scale), **dims, DT=dot_dtype(state.win_k, q), num_warps=4)
+    return y, after
