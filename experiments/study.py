@@ -52,12 +52,41 @@ ALPACA = "alpaca_52k_en.jsonl.gz"
 MIX = [ALPACA, "wikipedia_en_enwiki_chunk.jsonl.gz", "gutenberg_en_books.jsonl.gz"]
 LONG = ["--data.seq_len", "4096", "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"]  # same tokens
 RECIPE_EVAL = use_flags(load_config([RECIPE]).use)  # the recipe's use settings, for other rows' checkpoints
+
+
+def variant(label: str, title: str, *flags: str) -> Row:
+    """A row training the recipe with ``flags`` on top (its use section applied at eval, as the recipe's)."""
+    return Row(label, f"the recipe, {title}", list(flags), config=RECIPE, data=MIX)
+
+
+MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# The long-context study (issue 27): the recipe against its variants, one change each. Their speed and state at 8K
+# (which do not depend on the weights) come from benchmarks/generation.py with the same --attn settings.
+RECIPE_VARIANTS = [
+    variant("recipe_mse2", "2 softmax layers by transfer error", "--attention.softmax_count", "2"),
+    variant("recipe_mse6", "6 softmax layers by transfer error", "--attention.softmax_count", "6"),
+    variant("recipe_kl2", "2 softmax layers by the KL pick", "--attention.softmax_pick", "kl",
+            "--attention.softmax_count", "2"),
+    variant("recipe_kl6", "6 softmax layers by the KL pick", "--attention.softmax_pick", "kl",
+            "--attention.softmax_count", "6"),
+    variant("recipe_ret4", "4 softmax layers by the base's retrieval score", "--attention.softmax_pick", "retrieval"),
+    Row("recipe_nosparse", "the recipe without its sparse cache and linear scale (eval time)", train=False,
+        checkpoint_of="recipe", eval_flags=["--sparse-cache", "0", "--linear-scale", "1"]),
+    variant("recipe_w256", "window 256", "--attention.window_size", "256"),
+    variant("recipe_delta", "a gated delta-rule state in place of the hybrid's linear one (no sparse cache: window "
+            "kinds only)", "--attention.kind", "gated_delta", "--use.sparse_cache", "0", "--use.sparse_sink", "0",
+            "--use.linear_scale", "1"),
+    variant("recipe_more", "LoRA rank 64 on attention and MLP in stage 2", "--finetune.lora_r", "64",
+            "--finetune.lora_alpha", "128", "--finetune.lora_targets", MLP),
+    variant("recipe_seq8k", "trained on 8,192-token sequences (same tokens per step)", "--data.seq_len", "8192",
+            "--distill.micro_batch_size", "1", "--finetune.micro_batch_size", "1"),
+]
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
     Row("recipe", "the README's recipe: configs/smollm2-135m.yaml as it is (its use section applied at eval)",
         config=RECIPE, data=MIX),
-    Row("recipe_klpick", "the recipe with its 4 softmax layers picked by the KL drop on needle answers",
-        ["--attention.softmax_pick", "kl"], config=RECIPE, data=MIX),
+    variant("recipe_klpick", "its 4 softmax layers picked by the KL drop on needle answers",
+            "--attention.softmax_pick", "kl"),
     Row("default", "today's default: terraced 64 + linear, Hedgehog, CE LoRA"),
     Row("control", "softmax model + the same LoRA stage (no linearizing)",
         ["--attention.softmax_layers", ",".join(str(i) for i in range(30))]),
@@ -126,6 +155,7 @@ ROWS = [
     Row("combo0_long_sink256_ls03", "combo0_long + sparse cache 256, sink 64, linear terms x 0.3 (eval time)",
         train=False, checkpoint_of="combo0_long",
         eval_flags=RECIPE_EVAL),
+    *RECIPE_VARIANTS,
 ]
 
 
