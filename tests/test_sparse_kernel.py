@@ -56,17 +56,19 @@ def run(op, cuts, xs, pos, valid, w, G, score, sink):
 
 
 @pytest.mark.parametrize("w,G,cuts,sink,score,pad", [
-    (4, 3, (0, 33), 0, "self_recall", 0),
     (4, 3, (0, 9, 20, 33), 2, "self_recall", 5),  # chunks starting inside a block, a left-padded row
     (4, 6, (0, 14, 40), 0, "recency", 0),
     (5, 7, (0, 3, 27, 41), 3, "self_recall", 7),  # w not a power of two, G more than one block
     (4, 20, (0, 17, 30), 0, "self_recall", 0),  # a cache larger than a tile
+    (4, 5, (0, 30), 2, "self_recall", -6),  # a right-padded row (the serving engine's first chunk)
 ])
 def test_kernel_equals_the_chunk_reference(w, G, cuts, sink, score, pad):
     B, T = 2, cuts[-1]
     xs = rand_chunk(B, 6, 2, T, 8, 6, seed=w * 100 + G)
     valid = torch.ones(B, T, dtype=torch.bool, device=DEV)
-    valid[1, :pad] = False
+    valid[1, :pad] = False  # left padding; a negative pad: right padding
+    if pad < 0:
+        valid[1] = torch.arange(T, device=DEV) < T + pad
     pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
     fused = get_backend("triton", xs[0])
     assert fused.is_fused_sparse(KIND) and not fused.is_fused_sparse("sliding_window")
@@ -83,6 +85,19 @@ def test_kernel_equals_the_chunk_reference(w, G, cuts, sink, score, pad):
     filled = (ref.win_pos >= 0)[:, None, :, None]
     for name in ("win_k", "win_v", "win_fk"):
         torch.testing.assert_close(getattr(st, name) * filled, getattr(ref, name) * filled, msg=name)
+
+
+def test_bfloat16_state_equals_the_reference():
+    """The model's dtype: the state in bfloat16 (window, cache), kv / ks in float32, outputs rounded once."""
+    B, T, w, G = 2, 30, 4, 5
+    xs = rand_chunk(B, 6, 2, T, 8, 6, seed=3, dtype=torch.bfloat16)
+    valid = torch.ones(B, T, dtype=torch.bool, device=DEV)
+    pos = torch.arange(T, device=DEV).expand(B, T)
+    y, st = run(get_backend("triton", xs[0]).sparse_chunk, (0, 13, T), xs, pos, valid, w, G, "self_recall", 2)
+    y_ref, ref = run(sparse_chunk, (0, 13, T), xs, pos, valid, w, G, "self_recall", 2)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(by_position(st)[0], by_position(ref)[0])  # the same pairs kept
+    torch.testing.assert_close(st.kv, ref.kv, atol=1e-3, rtol=1e-3)
 
 
 def test_other_kinds_gradients_and_registered_scores_take_the_reference(monkeypatch):
