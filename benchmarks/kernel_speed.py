@@ -440,7 +440,7 @@ def feature_map_markdown(rows) -> list[str]:
 def sparse_rows(dev, quick, on_row=lambda rows: None):
     """Fused sparse-cache prefill vs the chunk reference (in pieces) vs SDPA flash, one layer, forward."""
     from lolcats.ops import BACKENDS, get_backend
-    from lolcats.attention.mixers.base import PREFILL_BUDGET
+    from lolcats.attention.mixers.base import piece_length
 
     dt, models = bench_shapes(quick)
     G, sink = (4, 2) if quick else (SPARSE["G"], SPARSE["sink"])
@@ -456,7 +456,7 @@ def sparse_rows(dev, quick, on_row=lambda rows: None):
             valid = torch.ones(B, T, dtype=torch.bool, device=dev)
             empty = lambda: DecodeState.for_layer(B, Hk, "terraced_window", w, D, D, Fd, dt, dev, sparse=G)  # noqa: E731
             fused = get_backend("triton", q).sparse_chunk
-            piece = max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - (G + 2 * w))  # the layer's pieces
+            piece = piece_length(B, H, G + 2 * w)  # the layer's pieces: its state's keys are the cache and window
 
             def run(op, piece):
                 st, ys = empty(), []

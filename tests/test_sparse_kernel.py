@@ -71,7 +71,7 @@ def test_kernel_equals_the_chunk_reference(w, G, cuts, sink, score, pad):
         valid[1] = torch.arange(T, device=DEV) < T + pad
     pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
     fused = get_backend("triton", xs[0])
-    assert fused.is_fused_sparse(KIND) and not fused.is_fused_sparse("sliding_window")
+    assert fused.sparse_fused(KIND, score) and not fused.sparse_fused("sliding_window", score)
     y, st = run(fused.sparse_chunk, cuts, xs, pos, valid, w, G, score, sink)
     y_ref, ref = run(sparse_chunk, cuts, xs, pos, valid, w, G, score, sink)
     m = valid[:, None, :, None].expand_as(y)
@@ -140,7 +140,7 @@ def test_a_model_with_the_kernel_equals_the_reference(monkeypatch):
     fused = get_backend("triton", torch.zeros(1, device=DEV))
     monkeypatch.setitem(ops.BACKENDS, "sparse-kernel", replace(ops.BACKENDS["torch"], name="sparse-kernel",
                                                                 sparse_chunk=fused.sparse_chunk,
-                                                                fused=frozenset({"sparse_terraced_window"})))
+                                                                sparse_fused=fused.sparse_fused))
     model = build("llama", KIND).to(DEV)
     set_sparse_cache(model, 3, sink=2)
     ids = torch.randint(1, VOCAB, (2, 35), device=DEV)
@@ -154,3 +154,18 @@ def test_a_model_with_the_kernel_equals_the_reference(monkeypatch):
     got = model(ids).logits, incremental_logits(model, ids, mask, splits=[13, 22])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    # the layer gives the kernel the whole chunk, and the reference (a score registered over a built-in one) pieces
+    from lolcats.attention.mixers import HybridMixer
+    from lolcats.ops.sparse import SCORES, register_score
+
+    pieces = []
+    monkeypatch.setattr(HybridMixer, "piece_len", lambda self, st, B, H: pieces.append(B) or 16)
+    model(ids)
+    assert not pieces
+    base = SCORES["self_recall"]
+    register_score("self_recall", lambda *a: base(*a))
+    try:
+        model(ids)
+    finally:
+        register_score("self_recall", base)
+    assert pieces

@@ -19,8 +19,9 @@ full-sequence operators, (B, Hk) for the decode step; None is the ungated functi
 * ``rope_hedgehog(q, k, cos, sin, wq, wk) -> (q_rot, k_rot, phi(q_rot), phi(k_rot))`` or None: RoPE and the
   Hedgehog map of q and k in one forward-only op (``rope_hedgehog_reference`` on each), which the layer
   uses for inference (no gradient needed) in student mode;
-* ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores): ``linear``, ``hybrid``,
-  and ``sparse_<kind>`` where ``sparse_chunk`` is a kernel for that window kind (any chunk in one call).
+* ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores);
+* ``sparse_fused(kind, score, *tensors) -> bool``: whether ``sparse_chunk`` runs a kernel for this call (any chunk
+  in one call, nothing read on the host); False where it falls back to the reference (the torch backend always).
 
 The full-sequence fast paths take the plain case only (no padding mask, keys and queries aligned
 at positions 0..T-1). The general forms, which only the references implement so far, are operators of
@@ -82,14 +83,11 @@ class Backend:
     absorb: Callable[..., None] = absorb_chunk
     sparse_chunk: Callable[..., tuple[torch.Tensor, object]] = sparse_chunk
     gated_delta: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = gated_delta_naive
+    sparse_fused: Callable[..., bool] = lambda kind, score, *tensors: False
 
     def is_fused(self, kind: str) -> bool:
         """Whether the full-sequence operator for ``kind`` keeps memory linear in T."""
         return ("linear" if kind == "linear" else "hybrid") in self.fused
-
-    def is_fused_sparse(self, kind: str) -> bool:
-        """Whether ``sparse_chunk`` takes a chunk of any length in one call for ``kind`` (no T x T scores)."""
-        return f"sparse_{kind}" in self.fused
 
 
 def _torch_linear(fq, fk, v, initial_state=None, output_final_state=False, log_gate=None):

@@ -45,4 +45,5 @@ def _sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, windo
 
 register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, decode=decode_step_triton,
                          supports=supports, hedgehog=hedgehog_triton, rope_hedgehog=rope_hedgehog_triton,
-                         fused=frozenset({"linear", "hybrid", "sparse_terraced_window"}), sparse_chunk=_sparse_chunk))
+                         fused=frozenset({"linear", "hybrid"}), sparse_chunk=_sparse_chunk,
+                         sparse_fused=sparse_supports))

@@ -56,6 +56,11 @@ class Step:
         return torch.ones_like(self.pos, dtype=torch.bool) if self.valid is None else self.valid
 
 
+def piece_length(B: int, H: int, state_keys: int) -> int:
+    """Queries per reference prefill piece whose (B, H, Tq, state_keys + Tq) scores fit PREFILL_BUDGET."""
+    return max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - state_keys)
+
+
 class Mixer:
     """One student variant. Reads from its layer: ``cfg``, ``scaling``, ``num_kv_heads``, ``head_dim``,
     ``feature_map_k`` (its ``out_dim``) and ``window_factor()`` (where ``has_window_factor``)."""
@@ -126,7 +131,7 @@ class Mixer:
 
     def piece_len(self, state: LayerState, B: int, H: int) -> int:
         """Queries per prefill piece: its scores over the state's keys and itself fit PREFILL_BUDGET."""
-        return max(16, int((PREFILL_BUDGET / (B * H)) ** 0.5) - self.state_keys(state))
+        return piece_length(B, H, self.state_keys(state))
 
     def prefill(self, state: LayerState, q, k, v, fq, fk, step: Step, log_gate=None) -> torch.Tensor:
         """A chunk (T > 1) continuing ``state``, written into it; log_gate 0 at padding."""

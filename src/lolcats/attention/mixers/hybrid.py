@@ -11,9 +11,10 @@ positions; S = w sliding, 2w terraced), the linear state (kv, ks), and the spars
 Paths: a whole sequence is the backend's fused op in the plain case, else the general reference (positions,
 padding); a prefill piece puts the window slots in front of its keys with their positions, the linear state
 as the initial state; the decode step is the backend's. With a sparse cache every prefill or whole sequence
-runs the backend's ``sparse_chunk``: one Triton launch for the whole chunk on GPU with the terraced window (the
-default kind), else the chunk reference in pieces; the decode step then is the backend's with the eviction through the cache (skipped where
-the writer promises no slot leaves, ``Step.may_evict``).
+runs the backend's ``sparse_chunk``: the fused kernel for the whole chunk where the backend has one for the call
+(``sparse_fused``: GPU, terraced window, the default kind), else the chunk reference in pieces; the decode step then
+is the backend's with the eviction through the cache (skipped where the writer promises no slot leaves,
+``Step.may_evict``).
 """
 
 from __future__ import annotations
@@ -75,20 +76,21 @@ class HybridMixer(LinearMixer):
     def prefill_capturable(self, like: torch.Tensor) -> bool:
         """Whether a prefill can be captured in a CUDA graph: with a sparse cache only through a fused kernel
         (the chunk reference's loop over eviction steps reads their count on the host)."""
-        return not self.cfg.sparse_cache or self.backend(like).is_fused_sparse(self.cfg.kind)
+        return not self.cfg.sparse_cache or self.backend(like).sparse_fused(self.cfg.kind, self.cfg.sparse_score)
 
     def _sparse_pieces(self, st: DecodeState, q, k, v, fq, fk, pos, valid) -> tuple[torch.Tensor, DecodeState]:
-        """The sparse-cache chunk reference over the sequence in pieces: outputs and the state after it."""
-        cfg, T = self.cfg, q.shape[2]
+        """The backend's sparse-cache chunk op over the sequence (one piece where it is fused, else pieces of the
+        reference): outputs and the state after it."""
+        cfg, T, wf = self.cfg, q.shape[2], self.window_factor()
         backend = self.backend(q)
         op = backend.sparse_chunk
-        whole = backend.is_fused_sparse(cfg.kind) and not (torch.is_grad_enabled() and q.requires_grad)
-        piece = T if whole else self.piece_len(st, q.shape[0], q.shape[1])
+        fused = backend.sparse_fused(cfg.kind, cfg.sparse_score, q, k, v, fq, fk, wf)  # else the reference: in pieces
+        piece = T if fused else self.piece_len(st, q.shape[0], q.shape[1])
         ys = []
         for s in range(0, T, piece):
             sl = slice(s, min(T, s + piece))
             y, st = op(st, q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], pos[:, sl], valid[:, sl],
-                       self.window_factor(), cfg.kind, cfg.window_size, self.scaling, cfg.sparse_score, cfg.sparse_sink)
+                       wf, cfg.kind, cfg.window_size, self.scaling, cfg.sparse_score, cfg.sparse_sink)
             ys.append(y)
         return torch.cat(ys, 2), st
 

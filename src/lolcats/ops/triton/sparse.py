@@ -42,8 +42,8 @@ from lolcats.ops.decode.state import DecodeState
 from lolcats.ops.sparse.cache import SCORES, recency, self_recall_error
 from lolcats.ops.triton.chunked import dot_dtype, pad_dim, tile_dot
 
-SCORE_IDS = {"self_recall": 0, "recency": 1}
-BUILT_IN = {"self_recall": self_recall_error, "recency": recency}  # what the kernel computes for each id
+BUILT_IN = {"self_recall": self_recall_error, "recency": recency}  # the scores the kernel computes
+SCORE_IDS = {name: i for i, name in enumerate(BUILT_IN)}  # the kernel's SCORE: 0 self_recall, 1 recency
 
 
 @triton.jit
@@ -182,7 +182,7 @@ def _evict(k, v, fk, win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, s
     bhk = tl.program_id(0).to(tl.int64)
     b = bhk // HK
     p0, c0, n = tl.load(runs + b * 3), tl.load(runs + b * 3 + 1), tl.load(runs + b * 3 + 2)
-    rt, rd, rv, rf = tl.arange(0, R), tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
+    rd, rv, rf = tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
     md, mv, mf = rd < D, rv < DV, rf < F
     ck, cv, cfk = k + bhk * T * D, v + bhk * T * DV, fk + bhk * T * F  # this KV head's rows
     wk, wv, wfk, wp = win_k + bhk * S * D, win_v + bhk * S * DV, win_fk + bhk * S * F, win_pos + b * S
