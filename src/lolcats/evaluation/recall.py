@@ -629,11 +629,12 @@ def retrieval_scores(model: torch.nn.Module, tokenizer, settings: RecallSettings
     left out (when all are, prompts of that many positions are read instead). The layers run in teacher mode
     for the scoring and get their mode back."""
     from lolcats.attention.layers import lolcats_attention_by_layer
+    from lolcats.attention.modes import attention_mode
 
     mods = lolcats_attention_by_layer(model)
     lengths = lengths_in_context(model, settings.lengths)
     samples = [x for t in settings.tasks for n in lengths for x in build_samples(tokenizer, t, n, settings)]
-    device, modes = model_device(model), {i: m.mode for i, m in mods.items()}
+    device = model_device(model)
     sums: dict[int, torch.Tensor] = {}
     span = (0, 0)
 
@@ -644,15 +645,16 @@ def retrieval_scores(model: torch.nn.Module, tokenizer, settings: RecallSettings
     was_training = model.training
     model.eval()
     try:
-        for m in mods.values():
-            m.mode, m.probe = "teacher", probe
-        for x in samples:  # one prompt at a time: each has its own key span
-            span = (x.key_start, x.key_start + x.key_len)
-            ids = torch.tensor([x.ids], device=device)
-            with autocast_context(device, "auto"):
-                model(input_ids=ids, use_cache=False)
+        with attention_mode(model, "teacher"):
+            for m in mods.values():
+                m.probe = probe
+            for x in samples:  # one prompt at a time: each has its own key span
+                span = (x.key_start, x.key_start + x.key_len)
+                ids = torch.tensor([x.ids], device=device)
+                with autocast_context(device, "auto"):
+                    model(input_ids=ids, use_cache=False)
     finally:
-        for i, m in mods.items():
-            m.mode, m.probe = modes[i], None
+        for m in mods.values():
+            m.probe = None
         model.train(was_training)
     return {i: float(v.max()) / len(samples) for i, v in sorted(sums.items())}
