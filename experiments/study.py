@@ -180,7 +180,8 @@ def parse_args(argv=None):
                    help="natural text the niah tasks hide their needles in")
     p.add_argument("--recall-lead-in", action=argparse.BooleanOptionalAction, default=True,
                    help="answer lead-in on every recall task (passkey too)")
-    p.add_argument("--mmlu-limit", type=int, default=5, help="MMLU 5-shot questions per subject")
+    p.add_argument("--mmlu-limit", type=int, default=5, help="MMLU 5-shot questions per subject (0: no MMLU)")
+    p.add_argument("--seed", type=int, default=0, help="every row's linearize --seed")
     p.add_argument("--task-limit", type=int, default=None,
                    help="PIQA / ARC documents per task (default: the full sets; smaller for a smoke run)")
     p.add_argument("--batch-size", type=int, default=32, help="lolcats eval --batch-size")
@@ -200,10 +201,12 @@ def cli(*args: str) -> list[str]:
 def train_command(row: Row, a) -> list[str]:
     files = [str(Path(a.data) / f) for f in (row.data or [ALPACA])]
     if row.config is not None:  # the config's own token budget and batches: only where things are is given
-        return cli("linearize", "--config", str(row.config), "--model.name", a.model, "--data.train", ",".join(files),
+        return cli("linearize", "--config", str(row.config), "--seed", str(a.seed), "--model.name", a.model,
+                   "--data.train", ",".join(files),
                    "--run.output_dir", str(Path(a.out) / "runs" / row.label), "--run.progress", "false",
                    *row.flags, *shlex.split(a.extra))
-    return cli("linearize", "--config", str(REPO / "configs" / "study-smollm2-135m.yaml"), "--model.name", a.model,
+    return cli("linearize", "--config", str(REPO / "configs" / "study-smollm2-135m.yaml"), "--seed", str(a.seed),
+               "--model.name", a.model,
                "--data.train", ",".join(files), "--data.max_file_tokens", str(a.tokens // len(files)),
                "--run.output_dir", str(Path(a.out) / "runs" / row.label), "--run.progress", "false",
                "--distill.epochs", str(a.epochs), "--finetune.epochs", str(a.epochs),
@@ -242,7 +245,7 @@ def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str
                *(["--limit", str(a.task_limit)] if a.task_limit else []))
     mmlu = cli("eval", *model_flags(row, a, rows), "--tasks", "mmlu_local", "--num-fewshot", "5",
                "--limit", str(a.mmlu_limit), "--output", str(out / "mmlu.json"), *common)
-    return [("eval", zero), ("mmlu", mmlu)]
+    return [("eval", zero), ("mmlu", mmlu)] if a.mmlu_limit > 0 else [("eval", zero)]
 
 
 def run_logged(name: str, cmd: list[str], folder: Path) -> float:

@@ -315,8 +315,8 @@ def test_the_smollm2_recipe_is_the_study_row_it_came_from():
 
 
 def test_the_study_reads_the_recipe_from_its_yaml():
-    """The recipe row trains configs/smollm2-135m.yaml as it is (only where the model, data and output are is
-    given), and RECIPE_EVAL is that file's use section as eval flags: the study restates neither."""
+    """The recipe row trains configs/smollm2-135m.yaml as it is (only the seed and where the model, data and output
+    are is given), and RECIPE_EVAL is that file's use section as eval flags: the study restates neither."""
     from dataclasses import asdict
 
     from lolcats.config import load_config
@@ -327,7 +327,8 @@ def test_the_study_reads_the_recipe_from_its_yaml():
     i = cmd.index("--config")
     assert Path(cmd[i + 1]) == REPO / "configs/smollm2-135m.yaml"
     given = dict(zip(cmd[i + 2::2], cmd[i + 3::2]))
-    assert set(given) == {"--model.name", "--data.train", "--run.output_dir", "--run.progress"}
+    assert set(given) == {"--seed", "--model.name", "--data.train", "--run.output_dir", "--run.progress"}
+    assert given["--seed"] == "0"  # the README's seed, stated in each row's command
     row, recipe = (asdict(load_config([cmd[i + 1]], f)) for f in (cmd[i + 2:], []))
     assert row["data"]["max_file_tokens"] == recipe["data"]["max_file_tokens"] and row["use"] == recipe["use"]
     use = load_config([REPO / "configs/smollm2-135m.yaml"]).use
