@@ -50,48 +50,7 @@ from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer, kv_slots
 from lolcats.attention.generate import eviction_block, layer_cache_kwarg, make_cache, may_evict
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.use import set_inference_fusion
-
-
-def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor,
-                uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else sampled (graph-safe).
-
-    ``temperature`` and ``top_p`` are floats, or (B,) tensors of per-row values (rows whose
-    temperature is <= 0 take the argmax). ``uniform`` (B, V) in (0, 1) is the noise to sample with
-    (default ``torch.rand_like``), e.g. drawn per row from a request's seed.
-    """
-    per_row = isinstance(temperature, torch.Tensor)
-    if not per_row and temperature <= 0:
-        return logits.argmax(-1)
-    scaled = logits.float() / (temperature.float().clamp_min(1e-6)[:, None] if per_row else temperature)
-    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
-        keep = top_p.float()[:, None] if isinstance(top_p, torch.Tensor) else top_p
-        srt, idx = scaled.sort(-1, descending=True)
-        p = srt.softmax(-1)
-        drop = (p.cumsum(-1) - p) > keep  # keep the smallest prefix whose mass reaches top_p
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    u = torch.rand_like(scaled) if uniform is None else uniform
-    picked = (scaled - torch.log(-torch.log(u.clamp(1e-20, 1.0)))).argmax(-1)
-    return torch.where(temperature <= 0, logits.argmax(-1), picked) if per_row else picked
-
-
-def penalize(logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor,
-             presence: torch.Tensor) -> torch.Tensor:
-    """OpenAI's penalties: logits (B, V) - counts * frequency - (counts > 0) * presence, in float32.
-
-    ``counts`` (B, V): how often each token was generated so far; ``frequency``, ``presence`` (B,). Rows
-    whose penalties are 0 keep their logits exactly (only upcast), so their argmax does not move.
-    """
-    penalty = counts * frequency[:, None] + (counts > 0).float() * presence[:, None]  # (B, V)
-    return logits.float() - penalty
-
-
-def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
-    """logits (B, V), the picked tokens (B,) -> (their log-probabilities (B,), the ``k`` most likely tokens'
-    log-probabilities (B, k) in descending order, their ids (B, k)), all of the model's distribution."""
-    lp = logits.float().log_softmax(-1)  # (B, V)
-    top = lp.topk(k, dim=-1)
-    return lp.gather(1, tokens[:, None])[:, 0], top.values, top.indices
+from lolcats.generation.sampling import penalize, pick_tokens, top_logprobs  # noqa: F401 (their home before sampling.py)
 
 
 def last_logits(model: nn.Module, lm: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache, cache_key: str,

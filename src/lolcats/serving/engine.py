@@ -35,18 +35,15 @@ Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Pref
 not possible because decode steps run over padding rows of their bucket, which would write into a
 half-prefilled row.
 
-Sampling is per row: temperature and top-p are (B,) buffers, and the noise for a row is a hash
-of (the request's seed, the token's index in the request, the vocabulary index), so a seeded
-request samples the same tokens whatever else is in the batch. Greedy rows take the argmax.
-A step with a row that asks for penalties or log-probabilities runs the ``full`` variant: the
+Sampling is per row (``generation/sampling.py``): temperature and top-p are (B,) buffers, and the noise for a
+row is a hash of (the request's seed, the token's index in the request, the vocabulary index), so a seeded
+request samples the same tokens whatever else is in the batch. Greedy rows take the argmax. A step with a row that asks for penalties or log-probabilities runs the ``full`` variant: the
 penalties from each row's counts of generated tokens (B, V), then top-p sampling, and the picked
 token's and the ``TOP_LOGPROBS`` most likely tokens' log-probabilities; rows that ask for neither
 pick the same tokens in it as in their own variant.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -57,10 +54,9 @@ from lolcats.attention.generate import (eviction_block, layer_cache_kwarg, make_
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.modes import set_attention_mode
 from lolcats.attention.use import set_inference_fusion
-from lolcats.generation.fast import last_logits, penalize, pick_tokens, top_logprobs
-
-MODES = ("greedy", "sample", "top_p", "full")  # sampling variants of the step (graphs are kept per variant)
-TOP_LOGPROBS = 20  # most likely tokens a full step records per row (OpenAI's top_logprobs limit)
+from lolcats.generation.fast import last_logits
+from lolcats.generation.sampling import (MODES, TOP_LOGPROBS, Sampling, penalize, pick_tokens, seeded_uniform,
+                                        top_logprobs)
 
 
 def buckets(limit: int, start: int = 1, step: int = 0) -> list[int]:
@@ -80,60 +76,6 @@ def buckets(limit: int, start: int = 1, step: int = 0) -> list[int]:
 
 def bucket_for(n: int, sizes: list[int]) -> int:
     return next(b for b in sizes if b >= n)
-
-
-# ---------------------------------------------------------------- per-row seeded noise
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32) without overflowing int64 (c split in 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash with good avalanche (Wellons' lowbias32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def seeded_uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
-    """seed, counter (B,) int64 -> (B, V) float32 uniform in (0, 1), a pure function of its inputs.
-
-    24 bits per draw, so no value rounds to 1.0 (which would give a Gumbel draw of +inf).
-    """
-    row = _mix32(_mix32(seed & _M32) ^ (counter & _M32))  # (B,)
-    salt = _mix32(row ^ 0x5BD1E995)
-    col = torch.arange(vocab, device=seed.device)
-    x = _mix32(_mix32(row[:, None] ^ col[None, :]) ^ salt[:, None])  # (B, V)
-    return ((x >> 8).float() + 0.5) * (1.0 / 2**24)
-
-
-@dataclass
-class Sampling:
-    """One request's sampling parameters."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logprobs: int | None = None  # most likely tokens to report with each token's log-probability; None: none
-
-    @property
-    def mode(self) -> str:
-        if self.frequency_penalty or self.presence_penalty or self.logprobs is not None:
-            return "full"
-        return "greedy" if self.temperature <= 0 else ("top_p" if self.top_p < 1.0 else "sample")
-
-
-def batch_mode(params: list[Sampling]) -> str:
-    """The cheapest step variant that serves every row: greedy < sample < top_p < full."""
-    return max((p.mode for p in params), key=MODES.index, default="greedy")
 
 
 class Pending:
