@@ -10,8 +10,8 @@ every ``check_every`` steps only (never when there are no stop tokens). On CPU t
 runs eagerly (that is what the tests compare with ``generate()``).
 
 The prompt is prefilled in groups of rows (at most ``prefill_tokens`` prompt tokens at a time):
-each group's layers get views of its rows of the preallocated states, which the prefill writes
-in place, so a large batch never holds the activations of the whole prompt batch at once. The bound is
+each group's call declares its rows of the preallocated states (``StepMeta.rows``), which the prefill
+writes in place, so a large batch never holds the activations of the whole prompt batch at once. The bound is
 large (64K tokens) because a group's sparse-cache prefill costs about as much for one row as for many (its
 eviction runs block after block, ``ops/triton/sparse.py``): fewer groups, fewer such chains.
 
@@ -32,8 +32,8 @@ and attends over the positions that row keeps (``attention/cache.py``).
 
 With a sparse cache on terraced windows (``attention.sparse_cache``) a window slot leaves only when a row's
 token starts a block (position % w == 0), and the host knows every row's position (its prompt length + the
-step). Two steps are captured, with and without the eviction through the cache, and each token replays the
-one it needs: the eviction (a top-k over the cache and the leaving block, in PyTorch) runs 1 step in w at
+step). Two steps are captured, with and without the eviction through the cache (``StepMeta.may_evict``), and
+each token replays the one it needs: the eviction (a top-k over the cache and the leaving block, in PyTorch) runs 1 step in w at
 batch 1 instead of every step.
 
 Sampling uses the Gumbel-max trick (argmax of logits / T plus Gumbel noise), with top-p applied
@@ -49,20 +49,22 @@ import torch.nn as nn
 from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer, kv_slots
 from lolcats.attention.generate import eviction_block, layer_cache_kwarg, make_cache, may_evict
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
+from lolcats.attention.step import STEP_KWARG, StepMeta
 from lolcats.attention.use import set_inference_fusion
 from lolcats.generation.sampling import penalize, pick_tokens, top_logprobs  # noqa: F401 (their home before sampling.py)
 
 
 def last_logits(model: nn.Module, lm: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache, cache_key: str,
-                mask: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                meta: StepMeta | None = None) -> torch.Tensor:
     """ids, pos (b, T) -> logits (b, V) of the last position (or of position ``index`` (b,) of each row),
-    through the decoder layers' own forward, which read and write ``cache``; ``lm`` is
+    through the decoder layers' own forward, which read and write ``cache`` as ``meta`` declares; ``lm`` is
     ``decoder_stack(model)``, ``cache_key`` the layers' cache keyword."""
     h = lm.embed_tokens(ids)  # (b, T, d)
     pe = lm.rotary_emb(h, pos)
     for layer in lm.layers:
         h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
-                  **{cache_key: cache})
+                  **{cache_key: cache, STEP_KWARG: meta})
         h = h[0] if isinstance(h, tuple) else h
     if index is None:
         h = h[:, -1]  # (b, d)
@@ -113,6 +115,7 @@ class FastGenerator:
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.use_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether a window slot may leave at the step
+        self.metas = {e: StepMeta(may_evict=e) for e in (True, False)}  # what the layers are told, by the same
         self.slots = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]  # SoftmaxLayers too
         # a sparse cache on terraced windows evicts only at a block's first token: the host, which knows every
         # row's position, runs the step without the eviction the other w - 1 steps of w
@@ -136,15 +139,13 @@ class FastGenerator:
 
     def _step(self, evicts: bool = True) -> None:
         """One token for the whole batch, on static tensors only."""
-        for slot in self.slots:  # positions come from self.pos; a fixed count keeps one compiled graph
-            slot.seen = 0
-            slot.evicts = evicts
-        logits = self._logits()  # (B, V); pick_tokens upcasts to sample
+        logits = self._logits(self.metas[evicts])  # (B, V); pick_tokens upcasts to sample
         self._emit(pick_tokens(logits, self.temperature, self.top_p))
 
-    def _forward_logits(self) -> torch.Tensor:
+    def _forward_logits(self, meta: StepMeta) -> torch.Tensor:
         """The model's forward for the tokens in ``self.ids`` at ``self.pos``: next-token logits (B, V)."""
-        return last_logits(self.model, self.lm, self.ids[:, None], self.pos[:, None], self.cache, self.cache_key)
+        return last_logits(self.model, self.lm, self.ids[:, None], self.pos[:, None], self.cache, self.cache_key,
+                           meta=meta)
 
     def _emit(self, nxt: torch.Tensor) -> None:
         nxt = torch.where(self.finished, self.pad, nxt)
@@ -191,22 +192,14 @@ class FastGenerator:
         """ids, mask (B, T) -> last-token logits (B, V); fills the states in groups of rows, in place."""
         B, T = ids.shape
         rows = max(1, self.prefill_tokens // max(T, 1))
-        layers = self.slots
-        full = [l.state for l in layers]
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         logits = []
-        try:
-            for r0 in range(0, B, rows):
-                sl = slice(r0, min(B, r0 + rows))
-                for l, st in zip(layers, full):  # views of these rows: the prefill writes them in place
-                    l.state = st if rows >= B else st.rows(sl)
-                    l.seen = 0
-                out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids[sl],
-                                 use_cache=True, logits_to_keep=1, **{self.cache_key: self.cache})
-                logits.append(out.logits[:, -1])  # (rows, V)
-        finally:
-            for l, st in zip(layers, full):
-                l.state, l.seen = st, T
+        for r0 in range(0, B, rows):
+            sl = slice(r0, min(B, r0 + rows))
+            meta = StepMeta(start=0, rows=None if rows >= B else range(sl.start, sl.stop))  # fresh rows, in place
+            out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids[sl],
+                             use_cache=True, logits_to_keep=1, **{self.cache_key: self.cache, STEP_KWARG: meta})
+            logits.append(out.logits[:, -1])  # (rows, V)
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def _fit_softmax_layers(self, length: int) -> None:

@@ -1,4 +1,4 @@
-"""Slot engines: the model side of continuous batching (the only module that touches cache internals).
+"""Slot engines: the model side of continuous batching (the only module that copies and resets cache rows).
 
 An engine owns ``max_batch`` *slots*: rows of preallocated per-sequence buffers. A running
 sequence lives in one slot; the running sequences always fill slots ``0 .. n-1`` (the scheduler
@@ -20,8 +20,9 @@ One decode step (embedding, decoder layers with per-row positions, norm, LM head
 sampling) runs over the first ``bucket`` slots, ``bucket`` the smallest of 1, 2, 4, ..., max_batch
 (with ``batch_step``: powers of two up to it, then its multiples) that holds the running sequences;
 rows past ``n`` in the bucket compute garbage that no one reads (their buffers are overwritten when
-a sequence is admitted there). On CUDA each (bucket, sampling mode[, length bucket]) step is
-captured once in a CUDA graph over static buffers and replayed; on CPU the same code runs eagerly.
+a sequence is admitted there). The step is told which slots it runs over and what it may skip by its
+``StepMeta`` (``attention/step.py``); on CUDA each (bucket, sampling mode[, length bucket | may evict]) step
+is captured once in a CUDA graph over static buffers and replayed; on CPU the same code runs eagerly.
 
 A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, with the model's
 ordinary layer forward (the fused Triton prefill on CUDA for a fresh row); then the staging row is
@@ -30,7 +31,9 @@ copied into the slot it joins. The first chunk is right-padded to a length bucke
 too replays a CUDA graph per bucket: an eager prefill of a large model can be bound by the host
 launching its thousands of kernels, and would stall the running streams for as long. Padding at the
 end changes no valid token's output (attention is causal) and is masked out of what the state keeps;
-the logits are read at the last prompt token.
+the logits are read at the last prompt token. Each staging chunk declares where it starts (``StepMeta.start``:
+0 is a fresh row) and, on the student, that it is aligned (padding only at its end: the fused full-sequence
+prefill without a host check).
 Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is
 not possible because decode steps run over padding rows of their bucket, which would write into a
 half-prefilled row.
@@ -53,6 +56,7 @@ from lolcats.attention.generate import (eviction_block, layer_cache_kwarg, make_
                                         prefill_capturable)
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.modes import set_attention_mode
+from lolcats.attention.step import StepMeta
 from lolcats.attention.use import set_inference_fusion
 from lolcats.generation.fast import last_logits
 from lolcats.generation.sampling import (MODES, TOP_LOGPROBS, Sampling, penalize, pick_tokens, seeded_uniform,
@@ -152,6 +156,7 @@ class SlotEngine:
                          "valid": torch.zeros(1, P, dtype=torch.bool, device=self.device),
                          "last": torch.zeros(1, dtype=torch.long, device=self.device)}  # its last prompt token
         self.stage_pos = torch.arange(P, device=self.device)[None]  # (1, P)
+        self.stage_start = 0  # prompt tokens the staging row holds before the chunk it reads
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def _row_buffers(self, n: int) -> dict[str, torch.Tensor]:
@@ -173,20 +178,18 @@ class SlotEngine:
 
     # ------------------------------------------------------------ subclass hooks
 
-    def _use_rows(self, key: tuple) -> None:
-        """Point the main cache at the rows (and lengths) step ``key`` runs over."""
-        raise NotImplementedError
-
-    def _decode_mask(self, key: tuple) -> torch.Tensor | None:
-        return None
-
     def _step_key(self, n: int, mode: str) -> tuple:
         return (bucket_for(n, self.sizes), mode)
 
-    def _stage_begin(self) -> None:
-        raise NotImplementedError
+    def _step_meta(self, key: tuple) -> StepMeta:
+        """What the layers are told at step ``key``: the slots it runs over (rows past n are garbage)."""
+        return StepMeta(rows=range(key[0]))
 
-    def _stage_chunk(self, start: int) -> None:
+    def _stage_meta(self, T: int) -> StepMeta:
+        """What the layers are told when the staging row reads a chunk of T tokens (from ``stage_start``)."""
+        return StepMeta(start=self.stage_start)
+
+    def _stage_begin(self) -> None:
         raise NotImplementedError
 
     def _copy_stage(self, slot: int, length: int) -> None:
@@ -204,10 +207,14 @@ class SlotEngine:
 
     # ------------------------------------------------------------ the forward
 
+    def _stage_chunk(self, start: int) -> None:
+        self.stage_start = start  # tokens already read: a fresh row (0) takes the fused full-sequence path
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None, index=None) -> torch.Tensor:
-        """ids, pos (b, T) -> logits (b, V) of the last position (or of ``index`` (b,)), reading and
-        writing ``cache``."""
-        return last_logits(self.model, self.lm, ids, pos, cache, self.cache_key, mask, index)
+        """A staging chunk: ids, pos (1, T) -> logits (1, V) of the last position (or of ``index`` (1,)), reading
+        and writing ``cache`` (the staging row) from ``stage_start``."""
+        return last_logits(self.model, self.lm, ids, pos, cache, self.cache_key, mask, index,
+                           self._stage_meta(ids.shape[1]))
 
     def _first_chunk(self, T: int) -> torch.Tensor:
         """Reset the staging row and read ``stage_in``'s first ``T`` (right-padded) tokens into it, on static
@@ -237,7 +244,8 @@ class SlotEngine:
         b, mode = key[0], key[1]
         r = self.rows
         ids, pos = r["ids"][:b], r["pos"][:b]
-        logits = self._forward(ids[:, None], pos[:, None], self.cache, self._decode_mask(key))
+        logits = last_logits(self.model, self.lm, ids[:, None], pos[:, None], self.cache, self.cache_key,
+                             meta=self._step_meta(key))
         tok = self._pick(logits, r, b, mode)
         r["out"][:b].copy_(tok)
         ids.copy_(tok)
@@ -263,7 +271,6 @@ class SlotEngine:
 
     def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
         """Warm up once on a side stream, then record the step; the slots' row buffers are restored."""
-        self._use_rows(key)
         saved = {n: t.clone() for n, t in self.rows.items()}
         self._side_run(lambda: self._step(key))
         for n, t in self.rows.items():
@@ -308,7 +315,6 @@ class SlotEngine:
         if key in self.graphs:
             self.graphs[key].replay()
         else:
-            self._use_rows(key)
             self._step(key)
         for i in range(n):
             self.host_pos[i] += 1
@@ -420,15 +426,12 @@ class StateEngine(SlotEngine):
         self.stage = make_cache(self.model, 1, max_length=max_len)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
         self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
-        for layer in self.stage_layers:  # the first chunk comes right-padded from position 0 (_first_chunk)
-            layer.aligned_chunks = True
         # a sparse cache's prefill is captured only through its fused kernel (a kept softmax layer's KVState has none)
         self.prefill_capturable = prefill_capturable(self.model, next(self.model.parameters()))
         # a sparse cache on terraced windows evicts only when a row's token starts a block: steps are keyed
         # (and captured) by whether one does, which the host knows from the slots' positions
         self.block = eviction_block(self.model)
         self.full = [l.state for l in self.layers]
-        self.views = {b: [st.rows(slice(0, b)) for st in self.full] for b in self.sizes}
 
     def _step_key(self, n: int, mode: str) -> tuple:
         if not self.block:
@@ -439,19 +442,17 @@ class StateEngine(SlotEngine):
         keys = super()._all_keys(modes)
         return [(*k, e) for k in keys for e in (True, False)] if self.block else keys
 
-    def _use_rows(self, key: tuple) -> None:
+    def _step_meta(self, key: tuple) -> StepMeta:
         evicts = key[2] if self.block else True  # rows past n (garbage) may skip an eviction: admission rewrites them
-        for layer, st in zip(self.layers, self.views[key[0]]):
-            layer.state = st
-            layer.evicts = evicts
+        return StepMeta(rows=range(key[0]), may_evict=evicts)
+
+    def _stage_meta(self, T: int) -> StepMeta:
+        # a chunk comes unpadded, or right-padded from position 0 (_first_chunk): aligned
+        return StepMeta(start=self.stage_start, aligned=True)
 
     def _stage_begin(self) -> None:
         for layer in self.stage_layers:
             layer.reset()
-
-    def _stage_chunk(self, start: int) -> None:
-        for layer in self.stage_layers:
-            layer.seen = start  # tokens already read: a fresh row (0) takes the fused full-sequence path
 
     def _copy_stage(self, slot: int, length: int) -> None:
         for st, src in zip(self.full, self.stage_layers):
@@ -464,10 +465,8 @@ class StateEngine(SlotEngine):
                 t[dst].copy_(t[src])
 
     def _reset_row(self, slot: int) -> None:
-        for layer, st in zip(self.layers, self.full):
-            layer.state = st.rows(slice(slot, slot + 1))
-            layer.reset()  # fills the row's views in place
-            layer.state = st
+        for st in self.full:
+            st.rows(slice(slot, slot + 1)).reset()  # fills the row's views in place
 
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch
@@ -481,7 +480,7 @@ class KVEngine(SlotEngine):
     store of kept layers, FastGenerator and generate()) of ``max_len`` positions (teacher mode).
 
     A decode step of ``b`` rows up to ``L`` positions runs over views of the stores' first ``b`` rows and ``L``
-    slots; a prefill chunk of the staging row over the slots up to its end."""
+    slots; a prefill chunk of the staging row over the slots up to its end (``StepMeta.rows`` and ``length``)."""
 
     MIN_LEN = 64  # smallest length bucket
     # a warm-up step writes keys only at positions a running row has not reached (overwritten before read)
@@ -500,13 +499,7 @@ class KVEngine(SlotEngine):
         self.stage = make_cache(self.model, 1, max_length=max_len, softmax=True)
         self.full = [layer.state for layer in self.cache.layers]
         self.stage_full = [layer.state for layer in self.stage.layers]
-        self.stage_start = 0
         self.lengths = buckets(max_len, min(self.MIN_LEN, max_len))
-
-    @staticmethod
-    def _view(cache, full: list, rows: int, slots: int) -> None:
-        for layer, st in zip(cache.layers, full):
-            layer.state = st.prefix(rows, slots)
 
     def _step_key(self, n: int, mode: str) -> tuple:
         longest = max(self.host_pos[:n]) + 1  # the step writes position host_pos and reads 0 .. host_pos
@@ -517,22 +510,17 @@ class KVEngine(SlotEngine):
     def _all_keys(self, modes) -> list[tuple]:
         return [(b, m, L) for b in self.sizes for m in modes for L in self.lengths]
 
-    def _use_rows(self, key: tuple) -> None:
-        self._view(self.cache, self.full, key[0], key[2])  # rows past n (garbage) drop positions past L
+    def _step_meta(self, key: tuple) -> StepMeta:
+        return StepMeta(rows=range(key[0]), length=key[2])  # rows past n (garbage) drop positions past L
+
+    def _stage_meta(self, T: int) -> StepMeta:
+        return StepMeta(start=self.stage_start, length=min(self.stage_start + T, self.max_len))  # up to its end
 
     def _prefill_mask(self, valid: torch.Tensor) -> None:
         return None  # causal softmax: the padding at the end is written past the prompt and never read
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None, index=None) -> torch.Tensor:
-        if cache is self.stage:  # a chunk reads the slots up to its end only
-            self._view(self.stage, self.stage_full, 1, min(self.stage_start + ids.shape[1], self.max_len))
-        return super()._forward(ids, pos, cache, mask, index)
-
     def _stage_begin(self) -> None:
         pass  # prefill writes positions 0 .. before anything reads them
-
-    def _stage_chunk(self, start: int) -> None:
-        self.stage_start = start
 
     def _copy_stage(self, slot: int, length: int) -> None:
         for dst, src in zip(self.full, self.stage_full):
