@@ -284,8 +284,7 @@ class LolcatsAttention(nn.Module):
                 and capturing(hidden_states.device)):
             # transformers materialises the causal mask while a CUDA graph is captured (masking_utils'
             # is_tracing), and reading it would sync the host. Captured steps are train.cuda_graph's
-            # packed micro-batches and the decode steps of FastGenerator and the serving engines (no mask): there
-            # is no padding to keep.
+            # packed micro-batches and the decode runner's steps (no mask): there is no padding to keep.
             # Softmax never reads the mask on the host, and the serving KV engine's graphs need theirs;
             # a 2D mask is a caller's own (the serving engines' right-padded prefill), kept.
             attention_mask = None

@@ -2,8 +2,8 @@
 the per-row seeded noise the serving engine samples with. All graph-safe (no host reads).
 
 A request's sampling parameters are a :class:`Sampling`; a step serves a batch in one variant (``MODES``: greedy <
-sample < top_p < full, :func:`batch_mode`), the cheapest that serves every row. FastGenerator and the serving
-engine pick with these.
+sample < top_p < full, :func:`batch_mode`), the cheapest that serves every row. ``generation/runner.py`` picks
+with them over its per-row buffers.
 """
 
 from __future__ import annotations
