@@ -342,7 +342,7 @@ def diagnostics(gen) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            gen._step()
+            gen.runner.step(gen.step_key())
             torch.cuda.synchronize()
         out["kernels_per_step"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     except Exception as e:  # noqa: BLE001 - a diagnostic only

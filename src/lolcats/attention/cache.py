@@ -4,9 +4,10 @@ It only stores. Each converted layer's slot (:class:`LolcatsLayer`) holds the st
 (``attention/mixers``; for the built-in kinds a :class:`~lolcats.ops.decode.state.DecodeState`: a ring
 buffer of the last window's keys, values and phi(k), plus the linear-attention sums kv, ks), allocated from
 that declaration (``LolcatsAttention.state_spec``, ``ops/state.py``) and reset to its declared empty values,
-and ``seen``, the mask columns consumed so far (pads included). The attention layer reads and writes its
-slot itself (``LolcatsAttention.forward`` -> ``attend_cached``): prefill, chunked prefill and the decode step
-are its mixer's math.
+and ``seen``, the mask columns plain calls consumed so far (pads included; HF's sequence length). The attention
+layer reads and writes its slot itself (``LolcatsAttention.forward`` -> ``attend_cached``): prefill, chunked
+prefill and the decode step are its mixer's math. What a call declares about itself (where it starts, which rows
+it runs on, whether a slot may leave the window) travels with the call (``attention/step.py``), never on a slot.
 
 Layers kept as softmax attention (``AttentionConfig.layers`` / ``softmax_layers``) hold their keys and
 values in a :class:`SoftmaxLayer`, a :class:`KVState` store of N slots per row (static addresses for a CUDA
@@ -53,10 +54,10 @@ class KVState(LayerState):
     def empty(cls, B, Hk, slots, D, Dv, dtype, device, bounded: bool = False) -> KVState:
         return cls.spec(Hk, slots, D, Dv, dtype, bounded).allocate(B, device)
 
-    def prefix(self, rows: int, slots: int) -> KVState:
-        """A view of a full store's first ``rows`` rows and ``slots`` slots (positions), slot ``slots`` its scratch:
+    def prefix(self, rows: slice, slots: int) -> KVState:
+        """A view of a full store's rows ``rows`` and first ``slots`` slots (positions), slot ``slots`` its scratch:
         a step that writes and reads only positions below ``slots`` attends no more keys than that."""
-        return KVState(self.k[:rows, :, :slots + 1], self.v[:rows, :, :slots + 1], self.pos[:rows, :slots + 1])
+        return KVState(self.k[rows, :, :slots + 1], self.v[rows, :, :slots + 1], self.pos[rows, :slots + 1])
 
     def positions(self) -> torch.Tensor:
         """(B, N + 1) each slot's position, -1 where empty (a full store: the slot's index; its scratch -1)."""
@@ -88,19 +89,12 @@ def kv_visible(key_pos: torch.Tensor, pos: torch.Tensor, window: int, sink: int)
 
 
 class LolcatsLayer(CacheLayerMixin):
-    """One converted layer's constant-size state. ``seen``: mask columns consumed (pads included).
+    """One converted layer's constant-size state, and ``seen``: the mask columns consumed (pads included) by plain
+    calls (HF ``generate()``, a forward with the cache), which HF reads as the sequence length.
 
-    ``aligned_chunks``: the writer promises that every chunk's tokens sit at positions ``seen``, ``seen``
-    + 1, ... of every row, and that its padding (mask 0) comes only at the end of the chunk. A fresh
-    state then takes the full-sequence path without checking that on the host (a device sync), so a
-    CUDA graph can capture the prefill (the serving engines' staging row, right-padded to a length bucket).
-
-    ``evicts``: False is the writer's promise that no window slot leaves at the next decode step (terraced:
-    no row's token starts a block); a decode step with a sparse cache then skips its eviction work
-    (FastGenerator, which knows every row's position, captures a step for each case).
-
-    The layer hands ``seen``, ``aligned_chunks`` and ``evicts`` to its mixer as a
-    :class:`~lolcats.attention.mixers.Step`: the mixer never reads the cache.
+    A writer that declares its calls (``attention/step.py``'s ``StepMeta``: FastGenerator, the serving engines)
+    tells the layer with each call where it starts and which rows it runs on, and the layer leaves ``seen`` alone.
+    Nothing else is set on a slot: it holds what its layer's state spec declares.
     """
 
     is_compileable = False
@@ -112,9 +106,12 @@ class LolcatsLayer(CacheLayerMixin):
         super().__init__()
         self.state = state
         self.seen = 0
-        self.aligned_chunks = False
-        self.evicts = True
         self.is_initialized = state is not None
+
+    def view(self, rows: slice | None, length: int | None = None) -> LayerState:
+        """The state a call runs on: a view of ``rows`` (all when None), written in place. ``length``: positions, which
+        only a kept layer's full store has (:meth:`SoftmaxLayer.view`)."""
+        return self.state if rows is None else self.state.rows(rows)
 
     # -- HF Cache layer interface
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -175,16 +172,23 @@ class SoftmaxLayer(LolcatsLayer):
         """(B, T, K): which keys at ``key_pos`` (B, K) the queries at ``pos`` (B, T) attend."""
         return kv_visible(key_pos, pos, self.window, self.sink)
 
-    def keeps_chunk(self, T: int) -> bool:
-        """Whether a chunk of T tokens cannot overwrite its own keys (then it is written before it attends):
-        a full store, or a ring it does not wrap (positions <= mask columns consumed)."""
-        return T == 1 or not self.window or self.seen + T <= self.state.max_length
+    def view(self, rows: slice | None, length: int | None = None) -> KVState:
+        """The store a call runs on: a view of ``rows`` (all when None), of a full store's first ``length`` positions
+        when given (a bounded ring's slots are not positions: all of them)."""
+        if length is None or self.window:
+            return super().view(rows)
+        return self.state.prefix(slice(None) if rows is None else rows, length)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
-        """Store a chunk: k/v (B, Hk, T, D), its positions and valid tokens (B, T). Each kept token goes to the slot
-        of its position; padding, positions past a full store and those a later token of the chunk pushes out
-        of the ring go to the scratch slot."""
-        st, N = self.state, self.state.max_length
+    def keeps_chunk(self, state: KVState, start: int | None, T: int) -> bool:
+        """Whether a chunk of T tokens, ``start`` mask columns after the first (None: unknown), cannot overwrite its
+        own keys in ``state`` (then it is written before it attends): a full store, or a ring it does not wrap."""
+        return T == 1 or not self.window or (start is not None and start + T <= state.max_length)
+
+    def write(self, st: KVState, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
+        """Store a chunk in ``st`` (this slot's store or a view of it): k/v (B, Hk, T, D), its positions and valid
+        tokens (B, T). Each kept token goes to the slot of its position; padding, positions past a full store and
+        those a later token of the chunk pushes out of the ring go to the scratch slot."""
+        N = st.max_length
         if self.window:
             last = torch.where(valid, pos, -1).amax(1, keepdim=True)  # (B, 1): each row's newest position
             keep = valid & ((pos < self.sink) | (pos > last - self.window))

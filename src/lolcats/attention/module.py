@@ -17,9 +17,11 @@ The student's attention math is its *mixer* (``attention/mixers``: one variant p
 (:meth:`LolcatsAttention.state_spec`, what the cache allocates) and implements a whole sequence, a chunked
 prefill and a decode step against it, every operator from the ops registry. With a
 :class:`~lolcats.attention.cache.LolcatsCache` (student mode) the layer reads its own slot of the cache and
-hands the mixer the slot's state and a :class:`~lolcats.attention.mixers.Step` (positions, valid keys, fresh,
+hands the mixer the slot's state and a :class:`~lolcats.attention.step.Step` (positions, valid keys, fresh,
 the writer's promises) (:meth:`LolcatsAttention.attend_cached`): one new token (T == 1) is the decode step, a
-chunk (T > 1) the prefill.
+chunk (T > 1) the prefill. A writer that runs the model itself declares each call in a
+:class:`~lolcats.attention.step.StepMeta` passed with the forward (``lolcats_step=``: where it starts, the cache
+rows it runs on, whether a window slot may leave); a plain call (HF ``generate()``) declares nothing.
 
 A layer kept as softmax attention (``converted=False``: ``AttentionConfig.softmax_layers``, or
 picked by ``softmax_count``) is the teacher path in every mode; with a cache it appends to an HF
@@ -59,8 +61,9 @@ import torch.nn.functional as F
 
 from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, SoftmaxLayer, kv_slots
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
-from lolcats.attention.mixers import Mixer, Step, get_mixer
+from lolcats.attention.mixers import Mixer, get_mixer
 from lolcats.attention.qkv import FusedQKV, fusable, share_rows
+from lolcats.attention.step import STEP_KWARG, StepMeta, chunk_key_mask, chunk_positions, step_of
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
 from lolcats.ops.common import expand_kv_heads
@@ -93,38 +96,6 @@ def key_mask_from_attention_mask(mask: torch.Tensor | None, k_len: int) -> torch
         last = mask[:, 0, -1, :k_len]  # the last query sees every non-padding key
         km = last if last.dtype == torch.bool else last == 0
     return km
-
-
-def chunk_key_mask(attention_mask, B: int, T: int) -> torch.Tensor | None:
-    """Valid keys (B, T) of the current chunk, from HF's 2D or 4D mask; None if there is none.
-
-    A 4D mask (B|1, 1, Tq, Tk) ends with the chunk's T keys; key j of the chunk is valid iff the
-    chunk's query j may see it (its own diagonal), which holds whatever window the base config adds.
-    """
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"LolcatsCache needs a tensor attention mask (sdpa/eager), got {type(attention_mask).__name__}")
-    if attention_mask.dim() == 2:
-        return attention_mask[:, -T:].bool().expand(B, T)
-    m = attention_mask[:, 0, -T:, -T:]  # (B|1, T, T)
-    d = torch.diagonal(m, dim1=-2, dim2=-1)  # (B|1, T)
-    return (d if d.dtype == torch.bool else d == 0).expand(B, T)
-
-
-def chunk_positions(position_ids, B: int, T: int, seen: int, device) -> torch.Tensor:
-    """(B, T) int64 positions of the chunk's tokens; default seen, seen+1, ..."""
-    if position_ids is None:
-        return torch.arange(seen, seen + T, device=device).expand(B, T)
-    return position_ids[..., -T:].to(device=device, dtype=torch.long).expand(B, T)
-
-
-def step_of(slot: LolcatsLayer, attention_mask, position_ids, B: int, T: int, device) -> Step:
-    """What a cached call of T tokens knows, handed to the mixer: positions (``position_ids``, else ``seen``,
-    ``seen`` + 1, ...), valid keys (the mask), whether the state is fresh, and the writer's promises the slot
-    carries (``aligned_chunks``, ``evicts``)."""
-    return Step(chunk_positions(position_ids, B, T, slot.seen, device), chunk_key_mask(attention_mask, B, T),
-                fresh=slot.seen == 0, aligned=slot.aligned_chunks, may_evict=slot.evicts)
 
 
 class LolcatsAttention(nn.Module):
@@ -313,7 +284,7 @@ class LolcatsAttention(nn.Module):
                 and capturing(hidden_states.device)):
             # transformers materialises the causal mask while a CUDA graph is captured (masking_utils'
             # is_tracing), and reading it would sync the host. Captured steps are train.cuda_graph's
-            # packed micro-batches and FastGenerator's decode (no mask): there is no padding to keep.
+            # packed micro-batches and the decode runner's steps (no mask): there is no padding to keep.
             # Softmax never reads the mask on the host, and the serving KV engine's graphs need theirs;
             # a 2D mask is a caller's own (the serving engines' right-padded prefill), kept.
             attention_mask = None
@@ -324,8 +295,9 @@ class LolcatsAttention(nn.Module):
         else:
             q, k, v, log_gate = self.project(hidden_states, position_embeddings)
         slot = cache.layers[self.layer_idx] if isinstance(cache, LolcatsCache) else None
+        meta = kwargs.get(STEP_KWARG)  # the writer's StepMeta (attention/step.py); None: a plain call
         if mode == "teacher" and isinstance(slot, SoftmaxLayer):
-            y = self.attend_softmax_cached(slot, q, k, v, attention_mask, position_ids)
+            y = self.attend_softmax_cached(slot, q, k, v, attention_mask, position_ids, meta)
         elif mode == "teacher":
             if cache is not None:  # a converted layer's LolcatsLayer refuses update() with a clear error
                 k, v = cache.update(k, v, self.layer_idx)
@@ -336,7 +308,7 @@ class LolcatsAttention(nn.Module):
             y = self._distill(q, k, v, attention_mask, log_gate)
         elif isinstance(cache, LolcatsCache):
             y = self.attend_cached(cache.slot(self.layer_idx), q, k, v, fq, fk, attention_mask, position_ids,
-                                   log_gate)
+                                   log_gate, meta)
         else:
             key_mask = key_mask_from_attention_mask(attention_mask, T)
             if key_mask is not None and bool(key_mask.all()):
@@ -360,26 +332,39 @@ class LolcatsAttention(nn.Module):
         return self.mixer.empty_state(batch_size, dtype, device)
 
     def attend_cached(self, slot: LolcatsLayer, q, k, v, fq, fk, attention_mask=None, position_ids=None,
-                      log_gate=None):
+                      log_gate=None, meta: StepMeta | None = None):
         """Attention of a chunk (or one token) that continues ``slot``'s state, updating it in place: the
-        mixer's decode step (T == 1) or prefill (T > 1), told what the call knows (:func:`step_of`).
+        mixer's decode step (T == 1) or prefill (T > 1), told what the call knows (:func:`step_of`): its
+        positions, valid tokens and the writer's declaration ``meta`` (None: a plain call, :meth:`slot_state`).
 
         q (B, H, T, D), k/v (B, Hk, T, D), fq (B, H, T, F), fk (B, Hk, T, F), log_gate (B, Hk, T)
         or None -> (B, H, T, D).
         """
         B, _, T, _ = q.shape
-        if slot.state is None:
-            slot.state = self.empty_state(B, k.dtype, k.device)
-            slot.is_initialized = True
-        if slot.state.batch_size != B:
-            raise ValueError(f"LolcatsCache was made for batch {slot.state.batch_size}, got {B}")
-        step = step_of(slot, attention_mask, position_ids, B, T, q.device)
+        state, declared = self.slot_state(slot, meta, B, lambda: self.empty_state(B, k.dtype, k.device))
+        step = step_of(declared, attention_mask, position_ids, B, T, q.device)
         if T == 1:
-            y = self.mixer.decode(slot.state, q, k, v, fq, fk, step, log_gate)
+            y = self.mixer.decode(state, q, k, v, fq, fk, step, log_gate)
         else:
-            y = self.mixer.prefill(slot.state, q, k, v, fq, fk, step, masked_log_gate(log_gate, step.valid))
-        slot.seen += T
+            y = self.mixer.prefill(state, q, k, v, fq, fk, step, masked_log_gate(log_gate, step.valid))
+        if meta is None:
+            slot.seen += T
         return y
+
+    @staticmethod
+    def slot_state(slot: LolcatsLayer, meta: StepMeta | None, B: int, make) -> tuple[LayerState, StepMeta]:
+        """The state a cached call of batch ``B`` runs on (the rows and positions ``meta`` declares; ``make()``
+        allocates a slot's state at its first call) and the call's declaration: ``meta``, or for a plain call
+        one that starts where the cache counted (``slot.seen``, which the plain call then advances)."""
+        if slot.state is None:
+            slot.state = make()
+            slot.is_initialized = True
+        declared = StepMeta(start=slot.seen) if meta is None else meta
+        state = slot.view(declared.row_slice, declared.length)
+        if state.batch_size != B:
+            raise ValueError(f"LolcatsCache: a call of batch {B} on {state.batch_size} of its rows (made for "
+                             f"{slot.state.batch_size}; StepMeta.rows picks them)")
+        return state, declared
 
     def empty_kv_state(self, batch_size: int, max_length: int, dtype, device) -> KVState:
         """An empty key/value store for ``batch_size`` rows of up to ``max_length`` positions (a kept layer): a slot
@@ -395,34 +380,34 @@ class LolcatsAttention(nn.Module):
         state = None if batch_size is None else self.empty_kv_state(batch_size, max_length, dtype, device)
         return SoftmaxLayer(state, self.kv_window, self.kv_sink)
 
-    def attend_softmax_cached(self, slot: SoftmaxLayer, q, k, v, attention_mask=None, position_ids=None):
+    def attend_softmax_cached(self, slot: SoftmaxLayer, q, k, v, attention_mask=None, position_ids=None,
+                              meta: StepMeta | None = None):
         """Softmax attention of a chunk (or one token) over ``slot``'s store and the chunk's own keys.
 
         Each valid token goes to the slot of its position (``SoftmaxLayer.write``); a query at position p attends
         the stored positions it sees (all of [0, p], or the sinks and the window; ``SoftmaxLayer.visible``). A
         row's positions are consecutive from its first token, so all it sees is written. A chunk that could
         overwrite its own keys (wrapping a bounded store's ring) attends the store as it was plus the chunk's
-        keys, and is written after. q (B, H, T, D), k/v (B, Hk, T, D) -> (B, H, T, D).
+        keys, and is written after. ``meta``: the writer's declaration, as in :meth:`attend_cached`.
+        q (B, H, T, D), k/v (B, Hk, T, D) -> (B, H, T, D).
         """
         B, _, T, _ = q.shape
-        if slot.state is None:  # a bounded store for generate(): its size does not depend on the length
-            slot.state = self.empty_kv_state(B, slot.sink + slot.window, k.dtype, k.device)
-            slot.is_initialized = True
-        st = slot.state
-        if st.batch_size != B:
-            raise ValueError(f"the SoftmaxLayer was made for batch {st.batch_size}, got {B}")
+        # a bounded store for generate() is made at the first call: its size does not depend on the length
+        st, declared = self.slot_state(slot, meta, B, lambda: self.empty_kv_state(B, slot.sink + slot.window,
+                                                                                  k.dtype, k.device))
         key_mask = chunk_key_mask(attention_mask, B, T)
-        pos = chunk_positions(position_ids, B, T, slot.seen, q.device)
+        pos = chunk_positions(position_ids, B, T, declared.start, q.device)
         valid = torch.ones_like(pos, dtype=torch.bool) if key_mask is None else key_mask
-        if slot.keeps_chunk(T):
-            slot.write(k, v, pos, valid)
+        if slot.keeps_chunk(st, declared.start, T):
+            slot.write(st, k, v, pos, valid)
             keys, values, key_pos = st.k, st.v, st.positions()
         else:
             keys, values = torch.cat([st.k, k.to(st.k.dtype)], 2), torch.cat([st.v, v.to(st.v.dtype)], 2)
             key_pos = torch.cat([st.positions(), torch.where(valid, pos, -1)], 1)  # (B, N + 1 + T)
-            slot.write(k, v, pos, valid)
+            slot.write(st, k, v, pos, valid)
         allowed = slot.visible(key_pos, pos)  # (B, T, K)
-        slot.seen += T
+        if meta is None:
+            slot.seen += T
         return self.softmax_attention(q, keys.to(q.dtype), values.to(q.dtype), allowed[:, None])
 
     # ------------------------------------------------------------ attention transfer

@@ -6,7 +6,9 @@
     FastGenerator(model, batch_size=64, max_new_tokens=256).generate(ids, mask)   # CUDA-graph decode
 
 The cache and the layer's prefill/decode math live in the attention package
-(``attention/cache.py``, ``attention/module.py``); they are named here for convenience.
+(``attention/cache.py``, ``attention/module.py``); they are named here for convenience. The decode step itself
+(static buffers, CUDA graphs per key, step metadata, logits, sampling) is ``generation/runner.py``'s
+:class:`~lolcats.generation.runner.DecodeRunner`, which the serving engines use too.
 """
 
 from lolcats.attention.cache import LolcatsCache, LolcatsLayer

@@ -5,13 +5,15 @@ states were allocated up front for the batch (prefill writes them in place, so t
 never change). One decoding step (embedding, every decoder layer with its projections, feature
 maps and decode step, MLP, final norm, LM head, greedy or sampled pick, finished mask, writing
 the token into the output buffer) reads and writes only static tensors, so on CUDA it is captured
-once in a ``torch.cuda.CUDAGraph`` and replayed per token. The host looks at the finished mask
+once in a ``torch.cuda.CUDAGraph`` and replayed per token: the step is the decode runner's
+(``generation/runner.py``, the serving engines' too), the finished mask and the output columns this
+module's (its ``emit``). The host looks at the finished mask
 every ``check_every`` steps only (never when there are no stop tokens). On CPU the same step
 runs eagerly (that is what the tests compare with ``generate()``).
 
 The prompt is prefilled in groups of rows (at most ``prefill_tokens`` prompt tokens at a time):
-each group's layers get views of its rows of the preallocated states, which the prefill writes
-in place, so a large batch never holds the activations of the whole prompt batch at once. The bound is
+each group's call declares its rows of the preallocated states (``StepMeta.rows``), which the prefill
+writes in place, so a large batch never holds the activations of the whole prompt batch at once. The bound is
 large (64K tokens) because a group's sparse-cache prefill costs about as much for one row as for many (its
 eviction runs block after block, ``ops/triton/sparse.py``): fewer groups, fewer such chains.
 
@@ -32,13 +34,13 @@ and attends over the positions that row keeps (``attention/cache.py``).
 
 With a sparse cache on terraced windows (``attention.sparse_cache``) a window slot leaves only when a row's
 token starts a block (position % w == 0), and the host knows every row's position (its prompt length + the
-step). Two steps are captured, with and without the eviction through the cache, and each token replays the
-one it needs: the eviction (a top-k over the cache and the leaving block, in PyTorch) runs 1 step in w at
-batch 1 instead of every step.
+step). Two steps are captured, with and without the eviction through the cache (``StepMeta.may_evict``), and
+each token replays the one it needs: the eviction (a top-k over the cache and the leaving block, in PyTorch)
+runs 1 step in w at batch 1 instead of every step.
 
 Sampling uses the Gumbel-max trick (argmax of logits / T plus Gumbel noise), with top-p applied
-by sorting; both are graph-safe. Stop *strings* are the caller's business (see ``cli.run_generate``);
-stop token ids are handled on device.
+by sorting; both are graph-safe (``generation/sampling.py``). Stop *strings* are the caller's business
+(see ``cli.run_generate``); stop token ids are handled on device.
 """
 
 from __future__ import annotations
@@ -47,69 +49,13 @@ import torch
 import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer, kv_slots
-from lolcats.attention.generate import eviction_block, layer_cache_kwarg, make_cache, may_evict
+from lolcats.attention.generate import make_cache
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
+from lolcats.attention.step import STEP_KWARG, StepMeta
 from lolcats.attention.use import set_inference_fusion
-
-
-def pick_tokens(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor,
-                uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): greedy when temperature <= 0, else sampled (graph-safe).
-
-    ``temperature`` and ``top_p`` are floats, or (B,) tensors of per-row values (rows whose
-    temperature is <= 0 take the argmax). ``uniform`` (B, V) in (0, 1) is the noise to sample with
-    (default ``torch.rand_like``), e.g. drawn per row from a request's seed.
-    """
-    per_row = isinstance(temperature, torch.Tensor)
-    if not per_row and temperature <= 0:
-        return logits.argmax(-1)
-    scaled = logits.float() / (temperature.float().clamp_min(1e-6)[:, None] if per_row else temperature)
-    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
-        keep = top_p.float()[:, None] if isinstance(top_p, torch.Tensor) else top_p
-        srt, idx = scaled.sort(-1, descending=True)
-        p = srt.softmax(-1)
-        drop = (p.cumsum(-1) - p) > keep  # keep the smallest prefix whose mass reaches top_p
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    u = torch.rand_like(scaled) if uniform is None else uniform
-    picked = (scaled - torch.log(-torch.log(u.clamp(1e-20, 1.0)))).argmax(-1)
-    return torch.where(temperature <= 0, logits.argmax(-1), picked) if per_row else picked
-
-
-def penalize(logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor,
-             presence: torch.Tensor) -> torch.Tensor:
-    """OpenAI's penalties: logits (B, V) - counts * frequency - (counts > 0) * presence, in float32.
-
-    ``counts`` (B, V): how often each token was generated so far; ``frequency``, ``presence`` (B,). Rows
-    whose penalties are 0 keep their logits exactly (only upcast), so their argmax does not move.
-    """
-    penalty = counts * frequency[:, None] + (counts > 0).float() * presence[:, None]  # (B, V)
-    return logits.float() - penalty
-
-
-def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
-    """logits (B, V), the picked tokens (B,) -> (their log-probabilities (B,), the ``k`` most likely tokens'
-    log-probabilities (B, k) in descending order, their ids (B, k)), all of the model's distribution."""
-    lp = logits.float().log_softmax(-1)  # (B, V)
-    top = lp.topk(k, dim=-1)
-    return lp.gather(1, tokens[:, None])[:, 0], top.values, top.indices
-
-
-def last_logits(model: nn.Module, lm: nn.Module, ids: torch.Tensor, pos: torch.Tensor, cache, cache_key: str,
-                mask: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
-    """ids, pos (b, T) -> logits (b, V) of the last position (or of position ``index`` (b,) of each row),
-    through the decoder layers' own forward, which read and write ``cache``; ``lm`` is
-    ``decoder_stack(model)``, ``cache_key`` the layers' cache keyword."""
-    h = lm.embed_tokens(ids)  # (b, T, d)
-    pe = lm.rotary_emb(h, pos)
-    for layer in lm.layers:
-        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True,
-                  **{cache_key: cache})
-        h = h[0] if isinstance(h, tuple) else h
-    if index is None:
-        h = h[:, -1]  # (b, d)
-    else:
-        h = h.gather(1, index.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))[:, 0]
-    return model.get_output_embeddings()(lm.norm(h))
+from lolcats.generation.runner import DecodeRunner, StepKey, set_sampling
+from lolcats.generation.sampling import Sampling
+from lolcats.generation.sampling import penalize, pick_tokens, top_logprobs  # noqa: F401 (their home before sampling.py)
 
 
 class FastGenerator:
@@ -133,8 +79,6 @@ class FastGenerator:
                              f"the converted ones in student mode ({len(mods)} of {n_layers} are LolcatsAttention); "
                              "use model.generate() otherwise")
         set_inference_fusion(self.model, fuse)
-        emb = self.lm.embed_tokens.weight
-        self.device = emb.device
         self.B, self.max_new = batch_size, max_new_tokens
         self.temperature, self.top_p, self.check_every = temperature, top_p, check_every
         self.prefill_tokens = prefill_tokens
@@ -142,28 +86,23 @@ class FastGenerator:
         eos = [eos] if isinstance(eos, int) else list(eos)
         pad = pad_token_id if pad_token_id is not None else getattr(self.model.generation_config, "pad_token_id", None)
         self.pad = int(pad if pad is not None else (eos[0] if eos else 0))
+        self.cache = make_cache(self.model, batch_size, max_length=max_new_tokens + 1)
+        # the step is the runner's (its first call compiles with ``compile``: warmed up twice before a capture)
+        self.runner = DecodeRunner(self.model, self.cache, batch_size, use_cuda_graph, compile, emit=self._emit,
+                                   warmup=2)
+        self.device, self.cache_key = self.runner.device, self.runner.cache_key
         self.eos = torch.tensor(eos if eos else [-1], dtype=torch.long, device=self.device)
         self.has_stop = bool(eos)
-        self.cache = make_cache(self.model, batch_size, max_length=max_new_tokens + 1)
-        self.cache_key = layer_cache_kwarg(self.model)
         B, dev = batch_size, self.device
-        self.ids = torch.zeros(B, dtype=torch.long, device=dev)  # token fed to the next step
-        self.pos = torch.zeros(B, dtype=torch.long, device=dev)  # its position
         self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
         self.out = torch.full((B, max_new_tokens + 2), self.pad, dtype=torch.long, device=dev)  # 2 scratch columns
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
-        self.use_graph = (dev.type == "cuda") if use_cuda_graph is None else use_cuda_graph
-        self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # by whether a window slot may leave at the step
+        sampling = Sampling(temperature, top_p)
+        set_sampling(self.runner.rows, slice(None), sampling)
+        self.mode = sampling.mode  # greedy, sample or top_p
+        # one step with and one without the eviction (terraced sparse layers evict only at a block's first token)
+        self.keys = {e: StepKey(B, self.mode, StepMeta(may_evict=e)) for e in (True, False)}
         self.slots = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]  # SoftmaxLayers too
-        # a sparse cache on terraced windows evicts only at a block's first token: the host, which knows every
-        # row's position, runs the step without the eviction the other w - 1 steps of w
-        self.block = eviction_block(self.model)
-        self.host_len: list[int] = []  # rows' prompt lengths (prefill); decode step k feeds position len + k
-        self.host_step = 0
-        self._logits = self._forward_logits
-        if compile:  # True: inductor; or a torch.compile backend name (tests: "eager")
-            self._logits = torch.compile(self._forward_logits, backend="inductor" if compile is True else compile,
-                                         dynamic=False)
 
     def _default_eos(self) -> list[int]:
         e = getattr(self.model.generation_config, "eos_token_id", None)
@@ -171,50 +110,32 @@ class FastGenerator:
 
     # ------------------------------------------------------------ the step
 
-    def _evicts(self) -> bool:
-        """Whether a window slot may leave at the next decode step (always, but on terraced sparse layers)."""
-        return not self.host_len or may_evict((n + self.host_step for n in self.host_len), self.block)
+    def step_key(self) -> StepKey:
+        """The next decode step's key: whether a window slot may leave at it (always, but on terraced sparse
+        layers), from the positions the rows feed."""
+        return self.keys[self.runner.may_evict(self.B)]
 
-    def _step(self, evicts: bool = True) -> None:
-        """One token for the whole batch, on static tensors only."""
-        for slot in self.slots:  # positions come from self.pos; a fixed count keeps one compiled graph
-            slot.seen = 0
-            slot.evicts = evicts
-        logits = self._logits()  # (B, V); pick_tokens upcasts to sample
-        self._emit(pick_tokens(logits, self.temperature, self.top_p))
-
-    def _forward_logits(self) -> torch.Tensor:
-        """The model's forward for the tokens in ``self.ids`` at ``self.pos``: next-token logits (B, V)."""
-        return last_logits(self.model, self.lm, self.ids[:, None], self.pos[:, None], self.cache, self.cache_key)
-
-    def _emit(self, nxt: torch.Tensor) -> None:
-        nxt = torch.where(self.finished, self.pad, nxt)
+    def _emit(self, tok: torch.Tensor, b: int) -> torch.Tensor:
+        """The runner's ``emit``: tok (B,) -> the tokens fed next, padding after a row's stop token, written to
+        the next output column."""
+        nxt = torch.where(self.finished, self.pad, tok)
         self.finished |= torch.isin(nxt, self.eos)
         self.out.index_copy_(1, self.step_idx, nxt[:, None])
         self.step_idx += 1
-        self.ids.copy_(nxt)
-        self.pos += 1
+        return nxt
 
     def capture(self) -> None:
-        """Warm up on a side stream, then record the step once (no-op on CPU or when already captured): one
-        graph, or two (with and without the eviction) on terraced sparse layers, in one memory pool.
+        """Record the step once (no-op on CPU or when already captured): one graph, or two (with and without the
+        eviction) on terraced sparse layers, in the runner's memory pool.
 
         The state contents are garbage afterwards; :meth:`prefill` resets them.
         """
-        if not self.use_graph or self.graphs:
+        r = self.runner
+        if not r.use_graph or r.graphs:
             return
-        self.step_idx.zero_()
-        pool = torch.cuda.graph_pool_handle()
-        for evicts in (True, False) if self.block else (True,):
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._step(evicts)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            self.graphs[evicts] = graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._step(evicts)
+        for evicts in (True, False) if r.block else (True,):
+            self.step_idx.zero_()  # the warm-up steps write output columns 0 and 1
+            r.graphs[self.keys[evicts]] = r.capture(self.keys[evicts])
 
     # ------------------------------------------------------------ generate
 
@@ -232,22 +153,14 @@ class FastGenerator:
         """ids, mask (B, T) -> last-token logits (B, V); fills the states in groups of rows, in place."""
         B, T = ids.shape
         rows = max(1, self.prefill_tokens // max(T, 1))
-        layers = self.slots
-        full = [l.state for l in layers]
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         logits = []
-        try:
-            for r0 in range(0, B, rows):
-                sl = slice(r0, min(B, r0 + rows))
-                for l, st in zip(layers, full):  # views of these rows: the prefill writes them in place
-                    l.state = st if rows >= B else st.rows(sl)
-                    l.seen = 0
-                out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids[sl],
-                                 use_cache=True, logits_to_keep=1, **{self.cache_key: self.cache})
-                logits.append(out.logits[:, -1])  # (rows, V)
-        finally:
-            for l, st in zip(layers, full):
-                l.state, l.seen = st, T
+        for r0 in range(0, B, rows):
+            sl = slice(r0, min(B, r0 + rows))
+            meta = StepMeta(start=0, rows=None if rows >= B else range(sl.start, sl.stop))  # fresh rows, in place
+            out = self.model(input_ids=ids[sl], attention_mask=mask[sl], position_ids=position_ids[sl],
+                             use_cache=True, logits_to_keep=1, **{self.cache_key: self.cache, STEP_KWARG: meta})
+            logits.append(out.logits[:, -1])  # (rows, V)
         return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def _fit_softmax_layers(self, length: int) -> None:
@@ -258,15 +171,16 @@ class FastGenerator:
             if isinstance(layer, SoftmaxLayer) and layer.state.max_length < kv_slots(length, layer.window, layer.sink):
                 st = layer.state
                 layer.state = mods[i].empty_kv_state(self.B, length, st.k.dtype, st.k.device)
-                self.graphs = {}
+                self.runner.graphs.clear()
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """input_ids, attention_mask (b, T), left-padded: reset the states, read the prompt, emit token 1."""
-        if self.block:  # read on the host once (the caller's mask, before it moves to the device)
+        r = self.runner
+        if r.block:  # read on the host once (the caller's mask, before it moves to the device)
             b, T = input_ids.shape
             lens = [T] * b if attention_mask is None else attention_mask.sum(-1).tolist()
-            self.host_len, self.host_step = lens + [0] * (self.B - len(lens)), 0
+            r.host_pos[:] = lens + [0] * (self.B - len(lens))  # decode step k feeds position len + k
         ids, mask = self._pad_batch(input_ids, attention_mask)
         self._fit_softmax_layers(ids.shape[1] + self.max_new)
         self.capture()
@@ -275,19 +189,14 @@ class FastGenerator:
         logits = self._prefill_logits(ids, mask)
         self.finished.copy_(mask.sum(-1) == 0)
         self.step_idx.zero_()
-        self.pos.copy_(mask.sum(-1) - 1)  # _emit moves it to the first new token's position
-        self._emit(pick_tokens(logits, self.temperature, self.top_p))
+        r.rows["pos"].copy_(mask.sum(-1) - 1)  # feed() moves it to the first new token's position
+        r.feed(r.pick(logits, r.rows, self.B, self.mode), self.B)
 
     @torch.no_grad()
     def decode(self, steps: int) -> None:
         """``steps`` more tokens for every row (one graph replay each on CUDA), no host synchronisation."""
         for _ in range(steps):
-            evicts = self._evicts()
-            self.host_step += 1
-            if self.graphs:
-                self.graphs[evicts].replay()
-            else:
-                self._step(evicts)
+            self.runner.run(self.step_key(), self.B)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+from lolcats.generation.sampling import Sampling
 from lolcats.generation.text import chat_prompt
-from lolcats.serving.engine import Sampling
 from lolcats.serving.logprobs import TokenPieces, chat_entry, completion_logprobs
 from lolcats.serving.options import ServeOptions
 from lolcats.serving.scheduler import Delta, Done, Failed, QueueFull, Request, Scheduler, ServerStopping

@@ -1,4 +1,4 @@
-"""Slot engines: the model side of continuous batching (the only module that touches cache internals).
+"""Slot engines: the model side of continuous batching (the only module that copies and resets cache rows).
 
 An engine owns ``max_batch`` *slots*: rows of preallocated per-sequence buffers. A running
 sequence lives in one slot; the running sequences always fill slots ``0 .. n-1`` (the scheduler
@@ -20,8 +20,10 @@ One decode step (embedding, decoder layers with per-row positions, norm, LM head
 sampling) runs over the first ``bucket`` slots, ``bucket`` the smallest of 1, 2, 4, ..., max_batch
 (with ``batch_step``: powers of two up to it, then its multiples) that holds the running sequences;
 rows past ``n`` in the bucket compute garbage that no one reads (their buffers are overwritten when
-a sequence is admitted there). On CUDA each (bucket, sampling mode[, length bucket]) step is
-captured once in a CUDA graph over static buffers and replayed; on CPU the same code runs eagerly.
+a sequence is admitted there). The step is the decode runner's (``generation/runner.py``, FastGenerator's
+too), told which slots it runs over and what it may skip by its ``StepMeta`` (``attention/step.py``); on
+CUDA each (bucket, sampling mode[, length bucket | may evict]) step is captured once in a CUDA graph over
+static buffers and replayed; on CPU the same code runs eagerly.
 
 A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, with the model's
 ordinary layer forward (the fused Triton prefill on CUDA for a fresh row); then the staging row is
@@ -30,15 +32,17 @@ copied into the slot it joins. The first chunk is right-padded to a length bucke
 too replays a CUDA graph per bucket: an eager prefill of a large model can be bound by the host
 launching its thousands of kernels, and would stall the running streams for as long. Padding at the
 end changes no valid token's output (attention is causal) and is masked out of what the state keeps;
-the logits are read at the last prompt token.
+the logits are read at the last prompt token. Each staging chunk declares where it starts (``StepMeta.start``:
+0 is a fresh row) and, on the student, that it is aligned (padding only at its end: the fused full-sequence
+prefill without a host check).
 Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is
 not possible because decode steps run over padding rows of their bucket, which would write into a
 half-prefilled row.
 
-Sampling is per row: temperature and top-p are (B,) buffers, and the noise for a row is a hash
-of (the request's seed, the token's index in the request, the vocabulary index), so a seeded
-request samples the same tokens whatever else is in the batch. Greedy rows take the argmax.
-A step with a row that asks for penalties or log-probabilities runs the ``full`` variant: the
+Sampling is per row (``generation/sampling.py``, picked by the runner): temperature and top-p are (B,)
+buffers, and the noise for a row is a hash of (the request's seed, the token's index in the request, the
+vocabulary index), so a seeded request samples the same tokens whatever else is in the batch. Greedy rows take
+the argmax. A step with a row that asks for penalties or log-probabilities runs the ``full`` variant: the
 penalties from each row's counts of generated tokens (B, V), then top-p sampling, and the picked
 token's and the ``TOP_LOGPROBS`` most likely tokens' log-probabilities; rows that ask for neither
 pick the same tokens in it as in their own variant.
@@ -46,94 +50,19 @@ pick the same tokens in it as in their own variant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from lolcats.attention.cache import LolcatsLayer
-from lolcats.attention.generate import (eviction_block, layer_cache_kwarg, make_cache, may_evict,
-                                        prefill_capturable)
+from lolcats.attention.generate import make_cache, prefill_capturable
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.modes import set_attention_mode
+from lolcats.attention.step import StepMeta
 from lolcats.attention.use import set_inference_fusion
-from lolcats.generation.fast import last_logits, penalize, pick_tokens, top_logprobs
-
-MODES = ("greedy", "sample", "top_p", "full")  # sampling variants of the step (graphs are kept per variant)
-TOP_LOGPROBS = 20  # most likely tokens a full step records per row (OpenAI's top_logprobs limit)
-
-
-def buckets(limit: int, start: int = 1, step: int = 0) -> list[int]:
-    """Powers of two from ``start`` below ``limit``, then ``limit``: [1, 2, 4, ..., limit]; with ``step``, the
-    powers of two only up to ``step``, then its multiples: step 64 gives [1, 2, ..., 64, 128, 192, ..., limit]."""
-    out, b = [], start
-    while b < limit and not (step and b > step):
-        out.append(b)
-        b *= 2
-    if step:
-        b = (out[-1] // step + 1) * step if out else -(-start // step) * step
-        while b < limit:
-            out.append(b)
-            b += step
-    return out + [limit]
-
-
-def bucket_for(n: int, sizes: list[int]) -> int:
-    return next(b for b in sizes if b >= n)
-
-
-# ---------------------------------------------------------------- per-row seeded noise
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32) without overflowing int64 (c split in 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash with good avalanche (Wellons' lowbias32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def seeded_uniform(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
-    """seed, counter (B,) int64 -> (B, V) float32 uniform in (0, 1), a pure function of its inputs.
-
-    24 bits per draw, so no value rounds to 1.0 (which would give a Gumbel draw of +inf).
-    """
-    row = _mix32(_mix32(seed & _M32) ^ (counter & _M32))  # (B,)
-    salt = _mix32(row ^ 0x5BD1E995)
-    col = torch.arange(vocab, device=seed.device)
-    x = _mix32(_mix32(row[:, None] ^ col[None, :]) ^ salt[:, None])  # (B, V)
-    return ((x >> 8).float() + 0.5) * (1.0 / 2**24)
-
-
-@dataclass
-class Sampling:
-    """One request's sampling parameters."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logprobs: int | None = None  # most likely tokens to report with each token's log-probability; None: none
-
-    @property
-    def mode(self) -> str:
-        if self.frequency_penalty or self.presence_penalty or self.logprobs is not None:
-            return "full"
-        return "greedy" if self.temperature <= 0 else ("top_p" if self.top_p < 1.0 else "sample")
-
-
-def batch_mode(params: list[Sampling]) -> str:
-    """The cheapest step variant that serves every row: greedy < sample < top_p < full."""
-    return max((p.mode for p in params), key=MODES.index, default="greedy")
+from lolcats.generation.runner import (DecodeRunner, StepKey, bucket_for, buckets, logprob_rows, row_buffers,
+                                       set_sampling)
+from lolcats.generation.sampling import MODES, Sampling
+from lolcats.generation.sampling import seeded_uniform  # noqa: F401 (its home before generation/sampling.py)
 
 
 class Pending:
@@ -178,10 +107,9 @@ class Pending:
 
 
 class SlotEngine:
-    """Static per-slot buffers, the bucketed decode step and its CUDA graphs; subclasses own the caches."""
+    """The slots' caches, the staging row and its prefill graphs; the decode step is a :class:`DecodeRunner`'s
+    over the slots (its row buffers are the slots' positions and sampling parameters). Subclasses own the caches."""
 
-    cache: object  # the slots' cache, handed to the layers
-    stage: object  # the one-row staging cache prompts are read into
     # whether a step may be captured between running steps: its warm-up step must leave the running
     # rows' cache contents intact (the row buffers are restored either way)
     capture_while_serving = False
@@ -192,59 +120,42 @@ class SlotEngine:
                  fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0):
         self.model = causal_lm(model)
         set_inference_fusion(self.model, fuse)  # one q/k/v GEMM; RoPE + Hedgehog in one op (FastGenerator's)
-        self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
-        emb = self.lm.embed_tokens.weight
-        self.device, self.vocab = emb.device, emb.shape[0]
         self.max_batch, self.max_len = max_batch, max_len
-        self.sizes = buckets(max_batch, 1, batch_step)  # decode batch buckets
-        self.cache_key = layer_cache_kwarg(self.model)
-        self.use_graph = (self.device.type == "cuda") if use_cuda_graph is None else use_cuda_graph
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self.pool = None
-        self.rows = self._row_buffers(max_batch)  # the slots
-        self.stage_rows = self._row_buffers(1)  # the staging row
-        self.host_pos = [0] * max_batch  # each slot's position, mirrored on the host
+        self.cache = self._make_cache(max_batch)  # the slots, handed to the layers
+        self.stage = self._make_cache(1)  # the one-row staging cache prompts are read into
+        self.runner = DecodeRunner(self.model, self.cache, max_batch, use_cuda_graph, full=True, seeded=True,
+                                   batch_step=batch_step)
+        r = self.runner
+        self.device, self.vocab, self.use_graph, self.sizes = r.device, r.vocab, r.use_graph, r.sizes
+        self.rows, self.host_pos = r.rows, r.host_pos  # the slots' buffers; each slot's position on the host
+        self.stage_rows = row_buffers(1, self.vocab, self.device)  # the staging row
         P = min(prefill_chunk, max_len)
         self.prefill_sizes = buckets(P, min(16, P), prefill_step)  # the first chunk's length buckets
         self.stage_in = {"ids": torch.zeros(1, P, dtype=torch.long, device=self.device),  # right-padded chunk
                          "valid": torch.zeros(1, P, dtype=torch.bool, device=self.device),
                          "last": torch.zeros(1, dtype=torch.long, device=self.device)}  # its last prompt token
         self.stage_pos = torch.arange(P, device=self.device)[None]  # (1, P)
+        self.stage_start = 0  # prompt tokens the staging row holds before the chunk it reads
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-
-    def _row_buffers(self, n: int) -> dict[str, torch.Tensor]:
-        z = lambda dt: torch.zeros(n, dtype=dt, device=self.device)  # noqa: E731
-        return {"ids": z(torch.long),  # token fed to the next step
-                "pos": z(torch.long),  # its position
-                "temperature": z(torch.float32), "top_p": torch.ones(n, device=self.device),
-                "seed": z(torch.long), "counter": z(torch.long),  # the next token's index in its request
-                "out": z(torch.long),  # the token the step picked
-                # the full variant: penalties, counts of generated tokens (n, V), log-probabilities of its pick
-                "frequency_penalty": z(torch.float32), "presence_penalty": z(torch.float32),
-                "counts": torch.zeros(n, self.vocab, device=self.device), "logprob": z(torch.float32),
-                "top_lp": torch.zeros(n, min(TOP_LOGPROBS, self.vocab), device=self.device),
-                "top_ids": torch.zeros(n, min(TOP_LOGPROBS, self.vocab), dtype=torch.long, device=self.device)}
-
-    @staticmethod
-    def _logprob_rows(rows: dict[str, torch.Tensor], n: int) -> tuple:
-        return rows["logprob"][:n], rows["top_lp"][:n], rows["top_ids"][:n]
 
     # ------------------------------------------------------------ subclass hooks
 
-    def _use_rows(self, key: tuple) -> None:
-        """Point the main cache at the rows (and lengths) step ``key`` runs over."""
+    def _make_cache(self, rows: int):
+        """A cache of ``rows`` rows of ``max_len`` positions."""
         raise NotImplementedError
-
-    def _decode_mask(self, key: tuple) -> torch.Tensor | None:
-        return None
 
     def _step_key(self, n: int, mode: str) -> tuple:
-        return (bucket_for(n, self.sizes), mode)
+        return (self.runner.bucket(n), mode)
+
+    def _step_meta(self, key: tuple) -> StepMeta:
+        """What the layers are told at step ``key``: the slots it runs over (rows past n are garbage)."""
+        return StepMeta(rows=range(key[0]))
+
+    def _stage_meta(self, T: int) -> StepMeta:
+        """What the layers are told when the staging row reads a chunk of T tokens (from ``stage_start``)."""
+        return StepMeta(start=self.stage_start)
 
     def _stage_begin(self) -> None:
-        raise NotImplementedError
-
-    def _stage_chunk(self, start: int) -> None:
         raise NotImplementedError
 
     def _copy_stage(self, slot: int, length: int) -> None:
@@ -262,10 +173,17 @@ class SlotEngine:
 
     # ------------------------------------------------------------ the forward
 
+    def _runner_key(self, key: tuple) -> StepKey:
+        """The runner's key of step ``key`` (bucket, mode, ...): its batch, sampling variant and metadata."""
+        return StepKey(key[0], key[1], self._step_meta(key))
+
+    def _stage_chunk(self, start: int) -> None:
+        self.stage_start = start  # tokens already read: a fresh row (0) takes the fused full-sequence path
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None, index=None) -> torch.Tensor:
-        """ids, pos (b, T) -> logits (b, V) of the last position (or of ``index`` (b,)), reading and
-        writing ``cache``."""
-        return last_logits(self.model, self.lm, ids, pos, cache, self.cache_key, mask, index)
+        """A staging chunk: ids, pos (1, T) -> logits (1, V) of the last position (or of ``index`` (1,)), reading
+        and writing ``cache`` (the staging row) from ``stage_start``."""
+        return self.runner.logits(ids, pos, cache, self._stage_meta(ids.shape[1]), mask, index)
 
     def _first_chunk(self, T: int) -> torch.Tensor:
         """Reset the staging row and read ``stage_in``'s first ``T`` (right-padded) tokens into it, on static
@@ -275,63 +193,10 @@ class SlotEngine:
         return self._forward(self.stage_in["ids"][:, :T], self.stage_pos[:, :T], self.stage,
                              self._prefill_mask(self.stage_in["valid"][:, :T]), self.stage_in["last"])
 
-    def _pick(self, logits: torch.Tensor, rows: dict[str, torch.Tensor], b: int, mode: str) -> torch.Tensor:
-        if mode == "greedy":
-            return logits.argmax(-1)
-        u = seeded_uniform(rows["seed"][:b], rows["counter"][:b], logits.shape[-1])
-        top_p = rows["top_p"][:b] if mode in ("top_p", "full") else 1.0
-        if mode != "full":
-            return pick_tokens(logits, rows["temperature"][:b], top_p, uniform=u)
-        counts = rows["counts"][:b]
-        scores = penalize(logits, counts, rows["frequency_penalty"][:b], rows["presence_penalty"][:b])
-        tok = pick_tokens(scores, rows["temperature"][:b], top_p, uniform=u)
-        for buf, value in zip(self._logprob_rows(rows, b), top_logprobs(logits, tok, rows["top_ids"].shape[1])):
-            buf.copy_(value)
-        counts.scatter_add_(1, tok[:, None], torch.ones_like(counts[:, :1]))
-        return tok
-
-    def _step(self, key: tuple) -> None:
-        """One token for the first ``key[0]`` slots, on static tensors only."""
-        b, mode = key[0], key[1]
-        r = self.rows
-        ids, pos = r["ids"][:b], r["pos"][:b]
-        logits = self._forward(ids[:, None], pos[:, None], self.cache, self._decode_mask(key))
-        tok = self._pick(logits, r, b, mode)
-        r["out"][:b].copy_(tok)
-        ids.copy_(tok)
-        pos += 1
-        r["counter"][:b] += 1
-
-    def _side_run(self, fn) -> None:
-        """Run ``fn`` once on a side stream: the warm-up a capture needs."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-
-    def _record(self, fn) -> tuple[torch.cuda.CUDAGraph, object]:
-        """Capture ``fn`` in a graph (the engine's one memory pool): the graph and what ``fn`` returned."""
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
-        return graph, out
-
-    def _capture(self, key: tuple) -> torch.cuda.CUDAGraph:
-        """Warm up once on a side stream, then record the step; the slots' row buffers are restored."""
-        self._use_rows(key)
-        saved = {n: t.clone() for n, t in self.rows.items()}
-        self._side_run(lambda: self._step(key))
-        for n, t in self.rows.items():
-            t.copy_(saved[n])
-        return self._record(lambda: self._step(key))[0]
-
     def _capture_prefill(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The first-chunk prefill of length bucket ``T`` as a graph (it touches only the staging row)."""
-        self._side_run(lambda: self._first_chunk(T))
-        return self._record(lambda: self._first_chunk(T))
+        self.runner.side_run(lambda: self._first_chunk(T))
+        return self.runner.record(lambda: self._first_chunk(T))
 
     @torch.no_grad()
     def warmup(self, modes: tuple[str, ...] | None = None) -> int:
@@ -342,15 +207,17 @@ class SlotEngine:
         """
         if not self.use_graph:
             return 0
+        graphs = self.runner.graphs
         for key in sorted(self._all_keys(modes or self.warmup_modes), reverse=True):
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(key)
+            step = self._runner_key(key)
+            if step not in graphs:
+                graphs[step] = self.runner.capture(step)
         if self.prefill_capturable:
             for T in reversed(self.prefill_sizes):
                 if T not in self.prefill_graphs:
                     self.prefill_graphs[T] = self._capture_prefill(T)
         torch.cuda.synchronize(self.device)
-        return len(self.graphs) + len(self.prefill_graphs)
+        return len(graphs) + len(self.prefill_graphs)
 
     def _all_keys(self, modes) -> list[tuple]:
         return [(b, m) for b in self.sizes for m in modes]
@@ -360,17 +227,8 @@ class SlotEngine:
     @torch.no_grad()
     def launch(self, n: int, mode: str, owners: list | None = None) -> Pending:
         """One decode step for slots 0 .. n-1 (queued on the device; nothing waits)."""
-        key = self._step_key(n, mode)
-        if self.use_graph and key not in self.graphs and self.capture_while_serving:
-            self.graphs[key] = self._capture(key)
-        if key in self.graphs:
-            self.graphs[key].replay()
-        else:
-            self._use_rows(key)
-            self._step(key)
-        for i in range(n):
-            self.host_pos[i] += 1
-        return Pending(self.rows["out"][:n], owners, self._logprob_rows(self.rows, n) if mode == "full" else None)
+        self.runner.run(self._runner_key(self._step_key(n, mode)), n, capture=self.capture_while_serving)
+        return Pending(self.rows["out"][:n], owners, logprob_rows(self.rows, n) if mode == "full" else None)
 
     @torch.no_grad()
     def prefill(self, ids: list[int], start: int, sampling: Sampling | None, owner=None) -> Pending | None:
@@ -390,14 +248,14 @@ class SlotEngine:
         if sampling is None:
             return None
         s = self.stage_rows
-        self._set_sampling(s, 0, sampling)
-        tok = self._pick(logits, s, 1, sampling.mode)
+        set_sampling(s, slice(0, 1), sampling)
+        tok = self.runner.pick(logits, s, 1, sampling.mode)
         s["out"].copy_(tok)
         s["ids"].copy_(tok)
         s["pos"].fill_(start + len(ids))
         s["counter"].fill_(1)
         return Pending(s["out"], [owner] if owner is not None else None,
-                       self._logprob_rows(s, 1) if sampling.mode == "full" else None)
+                       logprob_rows(s, 1) if sampling.mode == "full" else None)
 
     def _host(self, rows: list[list[int]]) -> torch.Tensor:
         """Token ids (b, T) on the host, pinned on CUDA: a copy from pageable memory would first wait for
@@ -420,14 +278,6 @@ class SlotEngine:
             graph.replay()
             return logits
         return self._first_chunk(T)
-
-    def _set_sampling(self, rows: dict[str, torch.Tensor], i: int, p: Sampling) -> None:
-        # fill_ takes the value as a kernel argument; ``t[i] = x`` copies it from pageable host memory,
-        # which waits for everything queued on the device (the running decode step) first
-        for name, value in (("temperature", p.temperature), ("top_p", p.top_p), ("seed", p.seed), ("counter", 0),
-                            ("frequency_penalty", p.frequency_penalty), ("presence_penalty", p.presence_penalty)):
-            rows[name][i:i + 1].fill_(value)
-        rows["counts"][i:i + 1].zero_()
 
     @torch.no_grad()
     def admit(self, slot: int, length: int) -> None:
@@ -472,44 +322,40 @@ class StateEngine(SlotEngine):
             raise ValueError("the constant-state engine needs every layer converted and in student mode "
                              f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step)
-        # layers kept as softmax attention get SoftmaxLayers: key/value stores of max_len positions per row, or of
-        # their bound (attention.use.set_softmax_window)
-        self.cache = make_cache(self.model, max_batch, max_length=max_len)
-        self.stage = make_cache(self.model, 1, max_length=max_len)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
         self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
-        for layer in self.stage_layers:  # the first chunk comes right-padded from position 0 (_first_chunk)
-            layer.aligned_chunks = True
         # a sparse cache's prefill is captured only through its fused kernel (a kept softmax layer's KVState has none)
         self.prefill_capturable = prefill_capturable(self.model, next(self.model.parameters()))
         # a sparse cache on terraced windows evicts only when a row's token starts a block: steps are keyed
         # (and captured) by whether one does, which the host knows from the slots' positions
-        self.block = eviction_block(self.model)
+        self.block = self.runner.block
         self.full = [l.state for l in self.layers]
-        self.views = {b: [st.rows(slice(0, b)) for st in self.full] for b in self.sizes}
+
+    def _make_cache(self, rows: int):
+        # layers kept as softmax attention get SoftmaxLayers: key/value stores of max_len positions per row, or of
+        # their bound (attention.use.set_softmax_window)
+        return make_cache(self.model, rows, max_length=self.max_len)
 
     def _step_key(self, n: int, mode: str) -> tuple:
         if not self.block:
             return super()._step_key(n, mode)
-        return (*super()._step_key(n, mode), may_evict(self.host_pos[:n], self.block))  # the positions it feeds
+        return (*super()._step_key(n, mode), self.runner.may_evict(n))  # the positions it feeds
 
     def _all_keys(self, modes) -> list[tuple]:
         keys = super()._all_keys(modes)
         return [(*k, e) for k in keys for e in (True, False)] if self.block else keys
 
-    def _use_rows(self, key: tuple) -> None:
+    def _step_meta(self, key: tuple) -> StepMeta:
         evicts = key[2] if self.block else True  # rows past n (garbage) may skip an eviction: admission rewrites them
-        for layer, st in zip(self.layers, self.views[key[0]]):
-            layer.state = st
-            layer.evicts = evicts
+        return StepMeta(rows=range(key[0]), may_evict=evicts)
+
+    def _stage_meta(self, T: int) -> StepMeta:
+        # a chunk comes unpadded, or right-padded from position 0 (_first_chunk): aligned
+        return StepMeta(start=self.stage_start, aligned=True)
 
     def _stage_begin(self) -> None:
         for layer in self.stage_layers:
             layer.reset()
-
-    def _stage_chunk(self, start: int) -> None:
-        for layer in self.stage_layers:
-            layer.seen = start  # tokens already read: a fresh row (0) takes the fused full-sequence path
 
     def _copy_stage(self, slot: int, length: int) -> None:
         for st, src in zip(self.full, self.stage_layers):
@@ -522,10 +368,8 @@ class StateEngine(SlotEngine):
                 t[dst].copy_(t[src])
 
     def _reset_row(self, slot: int) -> None:
-        for layer, st in zip(self.layers, self.full):
-            layer.state = st.rows(slice(slot, slot + 1))
-            layer.reset()  # fills the row's views in place
-            layer.state = st
+        for st in self.full:
+            st.rows(slice(slot, slot + 1)).reset()  # fills the row's views in place
 
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch
@@ -539,7 +383,7 @@ class KVEngine(SlotEngine):
     store of kept layers, FastGenerator and generate()) of ``max_len`` positions (teacher mode).
 
     A decode step of ``b`` rows up to ``L`` positions runs over views of the stores' first ``b`` rows and ``L``
-    slots; a prefill chunk of the staging row over the slots up to its end."""
+    slots; a prefill chunk of the staging row over the slots up to its end (``StepMeta.rows`` and ``length``)."""
 
     MIN_LEN = 64  # smallest length bucket
     # a warm-up step writes keys only at positions a running row has not reached (overwritten before read)
@@ -554,43 +398,33 @@ class KVEngine(SlotEngine):
                              "converted (convert_model with attention.layers empty)")
         set_attention_mode(model, "teacher")
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step)
-        self.cache = make_cache(self.model, max_batch, max_length=max_len, softmax=True)
-        self.stage = make_cache(self.model, 1, max_length=max_len, softmax=True)
         self.full = [layer.state for layer in self.cache.layers]
         self.stage_full = [layer.state for layer in self.stage.layers]
-        self.stage_start = 0
         self.lengths = buckets(max_len, min(self.MIN_LEN, max_len))
 
-    @staticmethod
-    def _view(cache, full: list, rows: int, slots: int) -> None:
-        for layer, st in zip(cache.layers, full):
-            layer.state = st.prefix(rows, slots)
+    def _make_cache(self, rows: int):
+        return make_cache(self.model, rows, max_length=self.max_len, softmax=True)
 
     def _step_key(self, n: int, mode: str) -> tuple:
         longest = max(self.host_pos[:n]) + 1  # the step writes position host_pos and reads 0 .. host_pos
         if longest > self.max_len:
             raise ValueError(f"a sequence reached {longest} positions; the KV slots hold {self.max_len}")
-        return (bucket_for(n, self.sizes), mode, bucket_for(longest, self.lengths))
+        return (self.runner.bucket(n), mode, bucket_for(longest, self.lengths))
 
     def _all_keys(self, modes) -> list[tuple]:
         return [(b, m, L) for b in self.sizes for m in modes for L in self.lengths]
 
-    def _use_rows(self, key: tuple) -> None:
-        self._view(self.cache, self.full, key[0], key[2])  # rows past n (garbage) drop positions past L
+    def _step_meta(self, key: tuple) -> StepMeta:
+        return StepMeta(rows=range(key[0]), length=key[2])  # rows past n (garbage) drop positions past L
+
+    def _stage_meta(self, T: int) -> StepMeta:
+        return StepMeta(start=self.stage_start, length=min(self.stage_start + T, self.max_len))  # up to its end
 
     def _prefill_mask(self, valid: torch.Tensor) -> None:
         return None  # causal softmax: the padding at the end is written past the prompt and never read
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None, index=None) -> torch.Tensor:
-        if cache is self.stage:  # a chunk reads the slots up to its end only
-            self._view(self.stage, self.stage_full, 1, min(self.stage_start + ids.shape[1], self.max_len))
-        return super()._forward(ids, pos, cache, mask, index)
-
     def _stage_begin(self) -> None:
         pass  # prefill writes positions 0 .. before anything reads them
-
-    def _stage_chunk(self, start: int) -> None:
-        self.stage_start = start
 
     def _copy_stage(self, slot: int, length: int) -> None:
         for dst, src in zip(self.full, self.stage_full):

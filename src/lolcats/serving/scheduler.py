@@ -28,7 +28,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
-from lolcats.serving.engine import Pending, Sampling, SlotEngine, batch_mode
+from lolcats.generation.sampling import Sampling, batch_mode
+from lolcats.serving.engine import Pending, SlotEngine
 
 log = logging.getLogger("lolcats.serve")
 

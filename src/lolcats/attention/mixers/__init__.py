@@ -8,10 +8,11 @@ modes and hands the attention math to its mixer. A new variant is one new file p
 
 from __future__ import annotations
 
-from lolcats.attention.mixers.base import Mixer, Step
+from lolcats.attention.mixers.base import Mixer
 from lolcats.attention.mixers.gated_delta import GatedDeltaMixer
 from lolcats.attention.mixers.hybrid import HybridMixer
 from lolcats.attention.mixers.linear import LinearMixer
+from lolcats.attention.step import Step
 
 MIXERS: dict[str, type[Mixer]] = {}
 

@@ -11,8 +11,9 @@ implements, for the layer that owns it (``LolcatsAttention``: projections, featu
 * :meth:`Mixer.modules` (optional): learned modules it adds to its layer beside the feature maps (gated_delta's
   write strength and decay), trained in attention transfer.
 
-A cached call gets :class:`Step`, what the caller knows about its tokens; the mixer never reads the cache.
-Every operator a mixer runs comes from the ops registry (``lolcats.ops.get_backend``), references included.
+A cached call gets a :class:`~lolcats.attention.step.Step`, what the caller knows about its tokens
+(``attention/step.py``); the mixer never reads the cache. Every operator a mixer runs comes from the ops registry
+(``lolcats.ops.get_backend``), references included.
 
 :meth:`Mixer.prefill` is shared: a fresh state whose chunk starts at position 0 unpadded (checked, or promised
 by the writer: ``Step.aligned``) takes the full-sequence path (a fused kernel on GPU) and then absorbs the
@@ -25,35 +26,15 @@ outputs (B, H, T, Dv).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from lolcats.attention.step import Step
 from lolcats.ops import Backend, get_backend
 from lolcats.ops.state import LayerState, StateSpec
 
 PREFILL_BUDGET = 2**26  # elements of one (B, H, Tq, Tk) score tensor in a reference prefill piece
-
-
-@dataclass
-class Step:
-    """What a cached call knows about its tokens (the layer builds it; a mixer never reads the cache).
-
-    ``aligned``: the writer promises that the chunk's tokens sit at positions ``seen``, ``seen`` + 1, ... of
-    every row and that padding comes only at the end, so a fresh state takes the full-sequence path without
-    a host check (capturable in a CUDA graph). ``may_evict`` False: the writer promises that no window slot
-    leaves at this decode step (a sparse cache then skips its eviction work).
-    """
-
-    pos: torch.Tensor  # (B, T) int64 positions
-    valid: torch.Tensor | None  # (B, T) bool, False at padding; None: every token is valid
-    fresh: bool  # the state holds nothing yet
-    aligned: bool = False
-    may_evict: bool = True
-
-    def valid_or_ones(self) -> torch.Tensor:
-        return torch.ones_like(self.pos, dtype=torch.bool) if self.valid is None else self.valid
 
 
 def piece_length(B: int, H: int, state_keys: int) -> int:

@@ -52,7 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lolcats.attention.mixers.base import Mixer, Step
+from lolcats.attention.mixers.base import Mixer
+from lolcats.attention.step import Step
 from lolcats.ops.common import expand_kv_heads
 from lolcats.ops.state import LayerState, StateSpec, state_field
 

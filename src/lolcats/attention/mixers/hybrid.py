@@ -23,8 +23,8 @@ import functools
 
 import torch
 
-from lolcats.attention.mixers.base import Step
 from lolcats.attention.mixers.linear import LinearMixer
+from lolcats.attention.step import Step
 from lolcats.ops.decode.state import DecodeState
 from lolcats.runtime import capturing
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from lolcats.attention.mixers.base import Mixer, Step
+from lolcats.attention.mixers.base import Mixer
+from lolcats.attention.step import Step
 from lolcats.ops.decode.state import DecodeState
 from lolcats.ops.state import StateSpec
 
