@@ -292,7 +292,8 @@ def test_study_rows_start_from_the_schema_defaults_and_differ_only_by_their_flag
 
 def test_the_smollm2_recipe_is_the_study_row_it_came_from():
     """configs/smollm2-135m.yaml trains what the study row combo_long_kl trained (docs/RESULTS.md), at the
-    study's 3M-token pool: every field but the data files, the model path and the run's own directory."""
+    study's 3M-token pool: every field but the data files, the model path and the run's own directory, and the
+    kept layers' pick, which issue 27's study changed from transfer error to the KL drop."""
     from dataclasses import asdict
 
     from lolcats.config import load_config
@@ -307,6 +308,7 @@ def test_the_smollm2_recipe_is_the_study_row_it_came_from():
         cfg["data"].pop("train"), cfg.pop("model"), cfg["run"].pop("output_dir"), cfg["run"].pop("progress")
     use = recipe.pop("use")  # what the study's eval rows of the recipe give as flags
     assert row.pop("use") == {k: None for k in use}
+    assert (row["attention"].pop("softmax_pick"), recipe["attention"].pop("softmax_pick")) == ("mse", "kl")
     assert recipe == row
     assert mod.RECIPE_EVAL == ["--sparse-cache", str(use["sparse_cache"]), "--sparse-sink", str(use["sparse_sink"]),
                                "--linear-scale", str(use["linear_scale"])] and use["sparse_score"] is None
