@@ -3,6 +3,8 @@
 The recurrent and chunked references agree (outputs, final state, gradients) at lengths that are not multiples
 of the chunk, with an initial state and grouped-query heads; with the window covering the sequence the layer is
 softmax attention exactly; the delta rule's parameters are transferred in stage 1, which lowers the MSE. The
+mixer's block-wise path equals the same function written over every key (quadratic masks and decay): outputs,
+state and gradients, with padding and continued chunks; its largest tensor grows linearly with the length. The
 shared mixer contract (prefill + decode = one forward, left padding, FastGenerator) is tests/test_mixers.py's,
 run over every registered mixer, this one included. On CUDA with fla installed, fla's kernels equal the reference.
 """
@@ -15,6 +17,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import save_tiny, write_alpaca
 from lolcats.attention.convert import convert_model
@@ -295,6 +299,7 @@ def test_block_wise_path_equals_the_quadratic_form(T, W, P):
     w = torch.randn(3, layer.num_heads, T, layer.head_dim) * valid[:, None, :, None]  # pad outputs are not read
     y0, S0, n0 = quadratic_attend(mixer, st, *xs[:5], pos, valid, xs[5])
     y1 = mixer.attend(st.map(torch.clone), *xs[:5], pos, valid, xs[5], write=False)  # the training path's call
+    assert torch.isfinite(y1).all()  # padding queries too
     torch.testing.assert_close(y1 * valid[:, None, :, None], y0 * valid[:, None, :, None], atol=1e-5, rtol=1e-4)
     for i, (a, b) in enumerate(zip(*(torch.autograd.grad((y * w).sum(), xs + params) for y in (y1, y0)))):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"gradient {i}")
@@ -302,6 +307,32 @@ def test_block_wise_path_equals_the_quadratic_form(T, W, P):
         mixer.attend(st, *xs[:5], pos, valid, xs[5])
     torch.testing.assert_close(st.delta, S0, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(st.mass, n0[..., -1], atol=1e-5, rtol=1e-4)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op makes while active (the backward's ops included)."""
+
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.numel = max([self.numel, *sizes])
+        return out
+
+
+def test_training_path_memory_is_linear_in_the_length():
+    """No T x T tensor: the largest tensor a forward and backward of the whole-sequence path makes grows as T."""
+    layer = delta_layer(16)
+    per_token = []
+    for T in (256, 512, 1024):
+        pos, valid = torch.arange(T).expand(2, T), torch.ones(2, T, dtype=torch.bool)
+        *xs, lg = random_chunk(layer, pos, valid, seed=0)
+        with LargestTensor() as largest:
+            y, _ = layer.mixer.sequence(*xs, log_gate=lg)
+            y.sum().backward()
+        per_token.append(largest.numel / T)
+    assert max(per_token) <= 1.1 * min(per_token), per_token
 
 
 # ---------------------------------------------------------------- fla's kernels

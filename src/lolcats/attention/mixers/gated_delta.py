@@ -38,9 +38,19 @@ read it) and the count n (Hk,) float32 (``mass``).
 Paths: one function (:meth:`GatedDeltaMixer.attend`) serves the whole sequence (from an empty state), each
 prefill piece and the decode step (T = 1): the window slots go in front of the chunk's keys; the key leaving
 at each query's step is found by position (so left padding and pieces need no special case: a row's valid
-positions must be consecutive); the delta rule runs over those keys through the backend
+tokens must be one run of consecutive positions); the delta rule runs over those keys through the backend
 (``Backend.gated_delta``: the chunked reference on CPU, fla's kernels on CUDA where ``lolcats[delta]`` is
 installed), from the state's S. Attention weights (``distill.xent_factor``) are not available.
+
+Memory is O(T w), never T x T (a 4,096-token training sequence would otherwise need gigabytes per layer):
+
+* the window softmax runs over blocks of C = min(T, max(w, 64)) queries; block b reads only the C + w keys
+  ending with its last query (the slots in front, for block 0), masked by position as a whole-chunk mask
+  would be: scores (B, H, T, C + w);
+* the key leaving at position p is at p - w: in slot (p - w) % w, or w places before its query in the
+  chunk, checked by position and validity (valid tokens of a row are one run of consecutive positions,
+  left or right padding, as every writer gives; a padding query's output is not defined beyond being finite);
+* the count n runs in chunks of 64 steps (:func:`decayed_count`).
 """
 
 from __future__ import annotations
@@ -183,9 +193,9 @@ class GatedDeltaMixer(Mixer):
         """Softmax terms over each query's window (keys ek, ev (B, Hk, N, .) = slots then chunk, at epos with
         evalid (B, N)): numerator (B, H, T, Dv), normaliser (B, H, T).
 
-        Queries go in blocks of C; block b (chunk queries [bC, bC + C), keys [W + bC, W + bC + C)) reads the
-        keys ek[bC, bC + C + W): the W before its first query (the slots, for block 0) and its own, masked by
-        position. The query heads of a KV head share its keys: (B, Hk, n, G * C, C + W) scores, no copies."""
+        Queries go in blocks of C; block b (chunk queries bC .. bC + C - 1, keys W + bC .. W + bC + C - 1) reads
+        the keys ek[bC : bC + C + W]: the W before its first query (the slots, for block 0) and its own, masked
+        by position. A KV head's G query heads are rows of one product: scores (B, Hk, n, G * C, C + W)."""
         B, H, T, D = q.shape
         W, Hk = self.cfg.window_size, ek.shape[1]
         G, C = H // Hk, min(T, max(W, BLOCK))
@@ -213,7 +223,7 @@ class GatedDeltaMixer(Mixer):
         want, slot = pos - W, pos % W  # (B, T)
         in_slots = evalid[:, :W].gather(1, slot) & (epos[:, :W].gather(1, slot) == want)
         in_chunk = evalid[:, :T] & (epos[:, :T] == want)
-        idx = torch.where(in_slots, slot, torch.arange(T, device=pos.device))
+        idx = torch.where(in_slots, slot, torch.arange(T, device=pos.device))  # where none: any (beta is 0)
         return idx, valid & (in_slots | in_chunk)
 
     def _delta(self, st, fq, efk, ev, idx, left, valid, log_gate):
