@@ -31,6 +31,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO
 from lolcats.config import load_config, use_flags
+from lolcats.evaluation.harness import localized_include_path
 
 RECIPE = REPO / "configs" / "smollm2-135m.yaml"  # the README's SmolLM2 recipe, which the study chose
 ZERO_SHOT = "piqa_local,arc_easy_local,arc_challenge_local"
@@ -353,6 +354,23 @@ def write_tables(done: dict[str, dict], order: list[Row], a) -> None:
 # ---------------------------------------------------------------- scheduling
 
 
+def check_eval_inputs(a) -> None:
+    """Stop before any row trains when its evaluations could not read their inputs: the perplexity and haystack
+    files, and every data file the task folder names, resolved as the evaluations will (from the repository)."""
+    for flag, path in (("--ppl", a.ppl), ("--recall-haystack", a.recall_haystack)):
+        if not Path(path).is_file():
+            raise SystemExit(f"study: {flag} {path} is not a file")
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)  # the evaluations run from here (run_logged)
+        with localized_include_path(Path(a.eval_data) / "lm_eval_local"):
+            pass
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"study: --eval-data {a.eval_data}: {e}") from None
+    finally:
+        os.chdir(cwd)
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     rows = {r.label: r for r in ROWS}
@@ -372,6 +390,7 @@ def main(argv=None) -> None:
                 what = " ".join(model_flags(r, a, rows))
             print(f"# then lolcats eval ({r.label}): {what}")
         return
+    check_eval_inputs(a)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
     pending = list(order)

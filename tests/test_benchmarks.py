@@ -269,6 +269,27 @@ def _study_module():
     return mod
 
 
+def test_study_stops_before_training_when_an_evaluation_input_is_missing(tmp_path, monkeypatch):
+    """A task file naming data that is not there, or a missing perplexity file, stops the study at once with one
+    line naming it: no row trains for minutes only for its evaluation to fail."""
+    mod = _study_module()
+    ran = []
+    monkeypatch.setattr(mod, "run_logged", lambda *a, **k: ran.append(a) or 0.0)
+    text = tmp_path / "wiki.txt"
+    text.write_text("Some text. " * 10)
+    tasks = tmp_path / "data" / "lm_eval_local"
+    tasks.mkdir(parents=True)
+    (tasks / "piqa_local.yaml").write_text("task: piqa_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                           "    validation: ../shared/data/piqa/missing.jsonl\n")
+    common = ["--out", str(tmp_path / "out"), "--model", "M.gguf", "--data", "D", "--rows", "recipe",
+              "--recall-haystack", str(text)]
+    with pytest.raises(SystemExit, match="missing.jsonl"):
+        mod.main([*common, "--eval-data", str(tmp_path / "data"), "--ppl", str(text)])
+    with pytest.raises(SystemExit, match="--ppl .*nope.txt is not a file"):
+        mod.main([*common, "--eval-data", str(tmp_path / "data"), "--ppl", str(tmp_path / "nope.txt")])
+    assert ran == [] and not (tmp_path / "out").exists()
+
+
 def test_study_rows_start_from_the_schema_defaults_and_differ_only_by_their_flags():
     from lolcats.config import load_config
 
