@@ -81,7 +81,7 @@ class Bench:
         return torch.randint(1, self.engine.vocab, (self.args.prompt_len,), generator=self.g).tolist()
 
     def request(self, new: int):
-        from lolcats.serving.engine import Sampling
+        from lolcats.generation.sampling import Sampling
         from lolcats.serving.scheduler import Request
 
         return Request(self.prompt(), new, Sampling(), self.tok, ignore_eos=True, sink=queue.Queue())
@@ -117,7 +117,7 @@ class Bench:
         return (time.perf_counter() - t) / repeats * 1e3
 
     def calls(self) -> list[tuple[str, str]]:
-        from lolcats.serving.engine import Sampling
+        from lolcats.generation.sampling import Sampling
 
         e, n, ids = self.engine, len(self.sched.running), self.prompt()
         prefill = lambda: e.prefill(ids, 0, Sampling())  # noqa: E731

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from lolcats.generation.text import chat_prompt, eos_ids, run_generate, truncate_at_stop
-from lolcats.generation.fast import pick_tokens
-from lolcats.serving.engine import KVEngine, Sampling, StateEngine, buckets, seeded_uniform
+from lolcats.generation.runner import buckets
+from lolcats.generation.sampling import Sampling, pick_tokens, seeded_uniform
+from lolcats.serving.engine import KVEngine, StateEngine
 from lolcats.serving.scheduler import Delta, Done, Request, Scheduler, TextStream, wait_idle
 from conftest import free_port, src_env
 from test_generation import build, char_tokenizer
@@ -133,7 +134,7 @@ def test_text_cut_inside_a_multibyte_character_drops_its_bytes():
 
 
 def test_penalties_and_logprobs_math():
-    from lolcats.generation.fast import penalize, top_logprobs
+    from lolcats.generation.sampling import penalize, top_logprobs
 
     logits = torch.randn(3, 10, dtype=torch.bfloat16)
     counts = torch.zeros(3, 10)

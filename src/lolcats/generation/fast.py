@@ -55,7 +55,6 @@ from lolcats.attention.step import STEP_KWARG, StepMeta
 from lolcats.attention.use import set_inference_fusion
 from lolcats.generation.runner import DecodeRunner, StepKey, set_sampling
 from lolcats.generation.sampling import Sampling
-from lolcats.generation.sampling import penalize, pick_tokens, top_logprobs  # noqa: F401 (their home before sampling.py)
 
 
 class FastGenerator:

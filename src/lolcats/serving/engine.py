@@ -62,7 +62,6 @@ from lolcats.attention.use import set_inference_fusion
 from lolcats.generation.runner import (DecodeRunner, StepKey, bucket_for, buckets, logprob_rows, row_buffers,
                                        set_sampling)
 from lolcats.generation.sampling import MODES, Sampling
-from lolcats.generation.sampling import seeded_uniform  # noqa: F401 (its home before generation/sampling.py)
 
 
 class Pending:
