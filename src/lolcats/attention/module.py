@@ -63,7 +63,7 @@ from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, Softmax
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.attention.mixers import Mixer, get_mixer
 from lolcats.attention.qkv import FusedQKV, fusable, share_rows
-from lolcats.attention.step import STEP_KWARG, StepMeta, chunk_key_mask, chunk_positions, step_of
+from lolcats.attention.step import STEP_KWARG, StepMeta, step_of
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
 from lolcats.ops.common import expand_kv_heads
@@ -395,9 +395,8 @@ class LolcatsAttention(nn.Module):
         # a bounded store for generate() is made at the first call: its size does not depend on the length
         st, declared = self.slot_state(slot, meta, B, lambda: self.empty_kv_state(B, slot.sink + slot.window,
                                                                                   k.dtype, k.device))
-        key_mask = chunk_key_mask(attention_mask, B, T)
-        pos = chunk_positions(position_ids, B, T, declared.start, q.device)
-        valid = torch.ones_like(pos, dtype=torch.bool) if key_mask is None else key_mask
+        step = step_of(declared, attention_mask, position_ids, B, T, q.device)
+        pos, valid = step.pos, step.valid_or_ones()
         if slot.keeps_chunk(st, declared.start, T):
             slot.write(st, k, v, pos, valid)
             keys, values, key_pos = st.k, st.v, st.positions()
