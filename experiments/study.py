@@ -357,12 +357,12 @@ def write_tables(done: dict[str, dict], order: list[Row], a) -> None:
 def check_eval_inputs(a) -> None:
     """Stop before any row trains when its evaluations could not read their inputs: the perplexity and haystack
     files, and every data file the task folder names, resolved as the evaluations will (from the repository)."""
-    for flag, path in (("--ppl", a.ppl), ("--recall-haystack", a.recall_haystack)):
-        if not Path(path).is_file():
-            raise SystemExit(f"study: {flag} {path} is not a file")
     cwd = os.getcwd()
     try:
-        os.chdir(REPO)  # the evaluations run from here (run_logged)
+        os.chdir(REPO)  # the evaluations run from here (run_logged): relative paths are read from here too
+        for flag, path in (("--ppl", a.ppl), ("--recall-haystack", a.recall_haystack)):
+            if not Path(path).is_file():
+                raise SystemExit(f"study: {flag} {path} is not a file")
         with localized_include_path(Path(a.eval_data) / "lm_eval_local"):
             pass
     except (FileNotFoundError, ValueError) as e:
