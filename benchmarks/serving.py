@@ -136,6 +136,7 @@ def parse_args(argv=None):
     g.add_argument("--max-prompt-tokens", type=int, help="the server's prompt limit (default: from the loads)")
     g.add_argument("--prefill-chunk", type=int, default=512)
     g.add_argument("--prefill-budget", type=int, default=0, help="prompt tokens per server iteration (0: one chunk)")
+    g.add_argument("--prefill-rows", type=int, default=8, help="prompts the server reads together in one forward")
     g = p.add_argument_group("measuring")
     g.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                    help="processes sending a row's requests (a row of C clients uses min(C, this)); default: "
@@ -383,7 +384,8 @@ def lolcats_command(args, mode: str, port: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(args.max_batch),
             "--max-prompt-tokens", str(max_prompt), "--max-new-tokens", str(max_new),
             "--max-queue", str(args.max_requests), "--prefill-chunk", str(args.prefill_chunk),
-            "--prefill-budget", str(args.prefill_budget), "--log-level", "warning"]
+            "--prefill-budget", str(args.prefill_budget), "--prefill-rows", str(args.prefill_rows),
+            "--log-level", "warning"]
 
 
 def lolcats_server(url: str, proc: subprocess.Popen | None = None) -> Server:

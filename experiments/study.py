@@ -190,6 +190,8 @@ def parse_args(argv=None):
     p.add_argument("--extra", default="", help="flags added to every linearize (quoted)")
     p.add_argument("--eval-extra", default="", help="flags added to every eval (quoted)")
     p.add_argument("--list", action="store_true", help="print the commands and stop")
+    p.add_argument("--train-only", action="store_true",
+                   help="train the rows and stop (a later run on the same --out evaluates them without training)")
     return p.parse_args(argv)
 
 
@@ -274,7 +276,7 @@ def run_row(row: Row, a, rows: dict[str, Row]) -> dict:
     try:
         if row.train and not _has_report(row, a):
             _run_step(rec, "train", train_command(row, a), folder)
-        for name, cmd in eval_commands(row, a, rows):  # after training: they name its checkpoint
+        for name, cmd in [] if a.train_only else eval_commands(row, a, rows):  # after training: they name its checkpoint
             if not (folder / f"{name}.json").is_file():
                 _run_step(rec, name, cmd, folder)
     except Exception as e:  # noqa: BLE001 - one row's failure must not stop the others
@@ -390,14 +392,18 @@ def main(argv=None) -> None:
                 what = " ".join(model_flags(r, a, rows))
             print(f"# then lolcats eval ({r.label}): {what}")
         return
-    check_eval_inputs(a)
+    if a.train_only:
+        order = [r for r in order if r.train]
+    else:
+        check_eval_inputs(a)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
     pending = list(order)
     with ThreadPoolExecutor(a.jobs) as pool:
         running: dict = {}
         while pending or running:
-            for r in [r for r in pending if r.checkpoint_of is None or r.checkpoint_of in done]:
+            for r in [r for r in pending if r.checkpoint_of is None or r.checkpoint_of in done
+                      or _has_report(rows[r.checkpoint_of], a)]:  # trained by an earlier run on this --out
                 if len(running) >= a.jobs:
                     break
                 pending.remove(r)

@@ -396,6 +396,34 @@ def test_study_run_again_on_the_same_out_skips_the_steps_it_finished(tmp_path, m
     assert "error" not in mod.run_row(rows["combo_r"], a, rows) and ran == []
 
 
+def test_study_trains_only_then_evaluates_later_without_training(tmp_path, monkeypatch):
+    """--train-only trains the rows (eval-only rows skipped, no evaluation input checked); a later run on the same
+    --out evaluates them and the eval-only rows of their checkpoints without training again."""
+    mod = _study_module()
+    ran: list[tuple[str, str]] = []
+
+    def fake_run(name, cmd, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        ran.append((folder.name, name))
+        if name == "train":
+            run = tmp_path / "runs" / folder.name / "run"
+            run.mkdir(parents=True)
+            (run / "report.json").write_text(json.dumps({"run_dirs": [str(run / "s1"), str(run / "s2")]}))
+        else:
+            (folder / f"{name}.json").write_text(json.dumps({"results": {}}))
+        return 1.0
+
+    monkeypatch.setattr(mod, "run_logged", fake_run)
+    monkeypatch.setattr(mod, "write_tables", lambda *a: Path(a[2].out, "study.md").write_text("table"))
+    common = ["--out", str(tmp_path), "--rows", "recipe,recipe_nosparse", "--mmlu-limit", "0"]
+    mod.main([*common, "--train-only", "--eval-data", str(tmp_path / "nowhere")])
+    assert ran == [("recipe", "train")]
+    ran.clear()
+    monkeypatch.setattr(mod, "check_eval_inputs", lambda a: None)
+    mod.main(["--out", str(tmp_path), "--rows", "recipe_nosparse", "--mmlu-limit", "0"])  # recipe not asked for
+    assert ran == [("recipe_nosparse", "eval")]
+
+
 # ---------------------------------------------------------------- experiments/recall_masks.py
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lolcats.attention.cache import KVState
 from lolcats.generation.text import chat_prompt, eos_ids, run_generate, truncate_at_stop
 from lolcats.generation.runner import buckets
 from lolcats.generation.sampling import Sampling, pick_tokens, seeded_uniform
@@ -219,9 +220,30 @@ def test_sparse_terraced_steps_are_keyed_by_whether_a_block_starts():
     engine = StateEngine(tiny_kept(tok, sparse_cache=4), 4, 128)
     assert engine.block == 8
     engine.host_pos[:3] = [9, 13, 16]
-    assert engine._step_key(2, "greedy") == (2, "greedy", False)
-    assert engine._step_key(3, "greedy") == (4, "greedy", True)  # slot 2 feeds position 16
-    assert (4, "greedy", False) in engine._all_keys(("greedy",)) and StateEngine(tiny(tok), 4, 128).block == 0
+    key = lambda n: (lambda k: (k.batch, k.mode, k.meta.may_evict))(engine._step_key(n, "greedy"))  # noqa: E731
+    assert key(2) == (2, "greedy", False)
+    assert key(3) == (4, "greedy", True)  # slot 2 feeds position 16
+    assert engine._key(4, "greedy", False, 64) in engine._all_keys(("greedy",))
+    assert StateEngine(tiny(tok), 4, 128).block == 0
+
+
+def test_kept_softmax_steps_read_the_stores_up_to_a_length_bucket():
+    """A layer kept as softmax attention with every position (slots of max_len): a step reads and writes its store
+    only up to the length bucket covering the longest running row, as the teacher's steps do; a student without
+    one has no length buckets. Both capture a missing step while serving, restoring the running rows' states."""
+    tok = char_tokenizer()
+    engine = StateEngine(tiny_kept(tok), 4, 300)
+    assert engine.lengths == [64, 128, 256, 300] and engine.capture_while_serving
+    engine.host_pos[:2] = [70, 12]
+    assert engine._step_key(2, "greedy").meta.length == 128
+    engine.host_pos[1] = 299
+    assert engine._step_key(2, "greedy").meta.length == 300
+    engine.host_pos[1] = 300
+    with pytest.raises(ValueError, match="reached 301 positions"):
+        engine._step_key(2, "greedy")
+    plain = StateEngine(tiny(tok), 4, 300)
+    assert plain.lengths is None and plain._step_key(1, "greedy").meta.length is None
+    assert not plain.capture_while_serving
 
 
 def test_kept_softmax_window_sizes_the_slots_and_equals_generate():
@@ -294,12 +316,13 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
 
 
 def test_prefill_budget_admits_several_prompts_per_iteration():
-    """--prefill-budget: one iteration reads chunks of several prompts (up to the budget), then one step."""
+    """--prefill-budget: one iteration reads chunks of several prompts (up to the budget), then one step (here one
+    prompt per forward: --prefill-rows 1)."""
     tok = char_tokenizer()
     model = tiny(tok)
     ids = [tok(p)["input_ids"] for p in ("abc", "defg", "hijkl")]
     for budget, admitted in ((0, 1), (7, 2), (8, 3)):  # prompts of 3, 4 and 5 tokens
-        sched = Scheduler(StateEngine(model, 4, 64), [], prefill_chunk=8, prefill_budget=budget)
+        sched = Scheduler(StateEngine(model, 4, 64, prefill_rows=1), [], prefill_chunk=8, prefill_budget=budget)
         for i in ids:
             sched.submit(Request(i, 4, Sampling(), tok, sink=queue.Queue()))
         sched.iteration()
@@ -307,18 +330,69 @@ def test_prefill_budget_admits_several_prompts_per_iteration():
         assert sched.timing["prefill_tokens"] == sum(len(i) for i in ids[:admitted])
 
 
+def row_state(engine, row: int, length: int) -> dict[str, torch.Tensor]:
+    """Staging row ``row``'s state, a key/value store's first ``length`` positions only (padding writes past them)."""
+    out = {}
+    for i, st in engine.stage.states().items():
+        for name, t in st.tensors().items():
+            t = t[row]
+            if isinstance(st, KVState):
+                t = t[:, :length] if name in ("k", "v") else t[:length]
+            out[f"{i}.{name}"] = t.clone()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["student", "teacher", "student-kept-softmax-sparse"])
+@torch.no_grad()
+def test_prompts_read_together_equal_each_read_alone(mode):
+    """Waiting prompts of different lengths are read in one forward (right-padded to the longest, rows to a power
+    of two): each row's first-token logits and state equal the prompt read alone, and the text each request gets
+    equals generate() alone. Groups stay within the engine's rows and padded tokens (longer prompts go alone, in
+    chunks), and one iteration admits a whole group."""
+    tok = char_tokenizer()
+    model = tiny_kept(tok, sparse_cache=4, sparse_sink=2) if mode.endswith("sparse") else tiny(tok, mode)
+    cls = KVEngine if mode == "teacher" else StateEngine
+    prompts = [tok(PROMPTS[i])["input_ids"] for i in (0, 1, 4)]  # 12, 4 and 12 tokens
+    engine = cls(model, 8, 128, prefill_chunk=32, prefill_rows=4)
+    assert engine.group_keys() == [(1, 16), (1, 32), (2, 16)]  # within 32 padded tokens; one row: any length
+    assert engine.group_fits(2, 15) and not engine.group_fits(3, 9) and not engine.group_fits(1, 33)
+    engine = cls(model, 8, 128, prefill_chunk=32, prefill_rows=4, prefill_tokens=128)
+    together = engine._group_logits(prompts).clone()  # (4, V): 3 prompts and a padding row
+    rows = [row_state(engine, i, len(p)) for i, p in enumerate(prompts)]
+    for i, p in enumerate(prompts):
+        alone = engine._group_logits([p])
+        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
+        for name, t in row_state(engine, 0, len(p)).items():
+            torch.testing.assert_close(rows[i][name], t, atol=1e-5, rtol=1e-5, msg=f"row {i} {name}")
+    refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
+    sched = Scheduler(cls(model, 8, 128, prefill_chunk=32, prefill_rows=4, prefill_tokens=128), eos_ids(model, tok),
+                      prefill_chunk=32)
+    reqs = [Request(tok(p)["input_ids"], 12, Sampling(), tok, sink=queue.Queue()) for p in PROMPTS * 2]
+    for r in reqs:
+        sched.submit(r)
+    sched.iteration()
+    assert len(sched.running) == 2  # the first two together; the third is longer than a chunk: read alone next
+    sched.start()
+    try:
+        for i, r in enumerate(reqs):
+            assert collect(r)[0] == refs[i % len(PROMPTS)], i
+        assert wait_idle(sched)
+    finally:
+        sched.stop()
+
+
 def test_failed_step_fails_its_requests_not_the_loop():
     tok = char_tokenizer()
     engine = StateEngine(tiny(tok), 2, 64)
     sched = Scheduler(engine, [], prefill_chunk=8)
-    real = engine.prefill
-    engine.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    real = engine.prefill_group  # a 3-token prompt is read as a group (of one)
+    engine.prefill_group = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     sched.start()
     try:
         bad = Request([5, 6, 7], 4, Sampling(), tok, sink=queue.Queue())
         sched.submit(bad)
         assert "boom" in bad.sink.get(timeout=10).message
-        engine.prefill = real
+        engine.prefill_group = real
         good = Request([5, 6, 7], 4, Sampling(), tok, sink=queue.Queue())
         sched.submit(good)
         assert collect(good)[1].completion_tokens == 4
@@ -795,10 +869,12 @@ def test_cuda_graph_engine_equals_eager(mode):
 @pytest.mark.parametrize("prompt", ["one chunk", "two chunks"])
 @torch.no_grad()
 def test_engine_calls_queue_without_waiting_for_the_device(mode, prompt):
-    """prefill, admit, launch, move and release only queue device work: a host sync in one of them would
+    """prefill, admit, launch, move and release (and a group's prefill and admission) only queue device work: a
+    host sync in one of them would
     hold the serving loop until the running decode step ends (``t[i] = x`` on a CUDA tensor was one)."""
     tok = char_tokenizer()
-    engine = (KVEngine if mode == "teacher" else StateEngine)(tiny(tok, mode).cuda(), 4, 128, prefill_chunk=8)
+    engine = (KVEngine if mode == "teacher" else StateEngine)(tiny(tok, mode).cuda(), 4, 128, prefill_chunk=8,
+                                                              prefill_tokens=16)
     engine.warmup(("greedy", "top_p", "full"))
     ids = tok(PROMPTS[0] if prompt == "one chunk" else PROMPTS[2][:12])["input_ids"]
     torch.cuda.set_sync_debug_mode("error")
@@ -814,6 +890,10 @@ def test_engine_calls_queue_without_waiting_for_the_device(mode, prompt):
         engine.move(1, 0)
         engine.release(1)
         engine.launch(1, "greedy")
+        short = [tok(p)["input_ids"] for p in ("a b", "x")]  # read together, into slots 1 and 2
+        engine.prefill_group(short, [Sampling(), Sampling(0.7, 0.9, 3, logprobs=2)])
+        engine.admit_group(1, [len(i) for i in short])
+        engine.launch(3, "full")
     finally:
         torch.cuda.set_sync_debug_mode(0)
 

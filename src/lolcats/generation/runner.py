@@ -189,11 +189,9 @@ class DecodeRunner:
         logits = self.step_logits(r["ids"][:b, None], r["pos"][:b, None], self.cache, key.meta)  # (b, V)
         self.feed(self.pick(logits, r, b, key.mode), b)
 
-    def run(self, key: StepKey, n: int, capture: bool = False) -> None:
-        """The step ``key`` for rows 0 .. n-1 of its batch: its graph replayed (recorded first if ``capture``), else
-        eager. The rows' host positions move on."""
-        if capture and self.use_graph and key not in self.graphs:
-            self.graphs[key] = self.capture(key)
+    def run(self, key: StepKey, n: int) -> None:
+        """The step ``key`` for rows 0 .. n-1 of its batch: its graph replayed if captured, else eager. The rows'
+        host positions move on."""
         if key in self.graphs:
             self.graphs[key].replay()
         else:
@@ -203,12 +201,13 @@ class DecodeRunner:
 
     # ------------------------------------------------------------ CUDA graphs
 
-    def capture(self, key: StepKey) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream, then record the step; the row buffers are restored (the cache is not)."""
-        saved = {n: t.clone() for n, t in self.rows.items()}
+    def capture(self, key: StepKey, keep: list[torch.Tensor] = ()) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream, then record the step; the row buffers and the cache tensors in ``keep`` are
+        restored (the rest of the cache is not)."""
+        saved = [t.clone() for t in (*self.rows.values(), *keep)]
         self.side_run(lambda: [self.step(key) for _ in range(self.warmup)])
-        for n, t in self.rows.items():
-            t.copy_(saved[n])
+        for t, s in zip((*self.rows.values(), *keep), saved):
+            t.copy_(s)
         return self.record(lambda: self.step(key))[0]
 
     def side_run(self, fn) -> None:

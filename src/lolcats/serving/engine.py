@@ -25,19 +25,19 @@ too), told which slots it runs over and what it may skip by its ``StepMeta`` (``
 CUDA each (bucket, sampling mode[, length bucket | may evict]) step is captured once in a CUDA graph over
 static buffers and replayed; on CPU the same code runs eagerly.
 
-A prompt is prefilled into a separate one-row *staging* state, chunk by chunk, with the model's
-ordinary layer forward (the fused Triton prefill on CUDA for a fresh row); then the staging row is
-copied into the slot it joins. The first chunk is right-padded to a length bucket (16, 32, ...,
-``prefill_chunk``; with ``prefill_step``, multiples of it above it) in static buffers, so on CUDA it
-too replays a CUDA graph per bucket: an eager prefill of a large model can be bound by the host
-launching its thousands of kernels, and would stall the running streams for as long. Padding at the
-end changes no valid token's output (attention is causal) and is masked out of what the state keeps;
-the logits are read at the last prompt token. Each staging chunk declares where it starts (``StepMeta.start``:
-0 is a fresh row) and, on the student, that it is aligned (padding only at its end: the fused full-sequence
-prefill without a host check).
-Later chunks (prompts longer than ``prefill_chunk``) run eagerly, unpadded. Prefilling in place is
-not possible because decode steps run over padding rows of their bucket, which would write into a
-half-prefilled row.
+Prompts are prefilled into separate *staging* rows (``prefill_rows`` of them), then copied into the slots they
+join. Waiting prompts that fit in one chunk are read together, a *group* of up to ``prefill_rows`` prompts in one
+forward: each right-padded to the group's length bucket (16, 32, ..., ``prefill_chunk``; with ``prefill_step``,
+multiples of it above it), the rows to a power of two, in static buffers, so on CUDA each (rows, length) bucket
+replays one CUDA graph (an eager prefill of a large model can be bound by the host launching its thousands of
+kernels, and would stall the running streams for as long); a group's padded tokens stay within ``group_tokens``.
+Padding at the end changes no valid token's output (attention is causal) and is masked out of what the state
+keeps; the logits are read at each row's last prompt token, and the group's first tokens picked in one call.
+Each staging call declares where it starts (``StepMeta.start``: 0 is a fresh row), the staging rows it runs on
+and, on the student, that it is aligned (padding only at its end: the fused full-sequence prefill without a
+host check). A longer prompt is read alone into staging row 0, chunk by chunk (its later chunks eagerly,
+unpadded). Prefilling in place is not possible because decode steps run over padding rows of their bucket,
+which would write into a half-prefilled row.
 
 Sampling is per row (``generation/sampling.py``, picked by the runner): temperature and top-p are (B,)
 buffers, and the noise for a row is a hash of (the request's seed, the token's index in the request, the
@@ -53,7 +53,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lolcats.attention.cache import LolcatsLayer
+from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer
 from lolcats.attention.generate import make_cache, prefill_capturable
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.modes import set_attention_mode
@@ -61,7 +61,7 @@ from lolcats.attention.step import StepMeta
 from lolcats.attention.use import set_inference_fusion
 from lolcats.generation.runner import (DecodeRunner, StepKey, bucket_for, buckets, logprob_rows, row_buffers,
                                        set_sampling)
-from lolcats.generation.sampling import MODES, Sampling
+from lolcats.generation.sampling import MODES, Sampling, batch_mode
 
 
 class Pending:
@@ -110,32 +110,39 @@ class SlotEngine:
     over the slots (its row buffers are the slots' positions and sampling parameters). Subclasses own the caches."""
 
     # whether a step may be captured between running steps: its warm-up step must leave the running
-    # rows' cache contents intact (the row buffers are restored either way)
+    # rows' cache contents intact (the row buffers are restored either way; ``_kept_by_warmup``)
     capture_while_serving = False
     prefill_capturable = True  # whether the first-chunk prefill may be captured (no host reads in it)
     warmup_modes: tuple[str, ...] = MODES  # the sampling variants warmup() captures by default
+    MIN_LEN = 64  # smallest length bucket of a full key/value store
+    block = 0  # w of a sparse cache on terraced windows: steps keyed by whether a slot may leave (StateEngine)
+    lengths: list[int] | None = None  # length buckets of the full key/value stores, if the slots have any
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0):
+                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0,
+                 prefill_rows: int = 8, prefill_tokens: int = 0):
         self.model = causal_lm(model)
         set_inference_fusion(self.model, fuse)  # one q/k/v GEMM; RoPE + Hedgehog in one op (FastGenerator's)
         self.max_batch, self.max_len = max_batch, max_len
+        P = min(prefill_chunk, max_len)
+        self.prefill_sizes = buckets(P, min(16, P), prefill_step)  # a group's length buckets
+        R = self.prefill_rows = max(1, min(prefill_rows, max_batch))
+        self.group_sizes = buckets(R)  # a group's row buckets
+        self.group_tokens = max(prefill_tokens, P)  # a group's padded tokens (rows x length buckets) stay within
         self.cache = self._make_cache(max_batch)  # the slots, handed to the layers
-        self.stage = self._make_cache(1)  # the one-row staging cache prompts are read into
+        self.stage = self._make_cache(R)  # the staging rows prompts are read into
         self.runner = DecodeRunner(self.model, self.cache, max_batch, use_cuda_graph, full=True, seeded=True,
                                    batch_step=batch_step)
         r = self.runner
         self.device, self.vocab, self.use_graph, self.sizes = r.device, r.vocab, r.use_graph, r.sizes
         self.rows, self.host_pos = r.rows, r.host_pos  # the slots' buffers; each slot's position on the host
-        self.stage_rows = row_buffers(1, self.vocab, self.device)  # the staging row
-        P = min(prefill_chunk, max_len)
-        self.prefill_sizes = buckets(P, min(16, P), prefill_step)  # the first chunk's length buckets
-        self.stage_in = {"ids": torch.zeros(1, P, dtype=torch.long, device=self.device),  # right-padded chunk
-                         "valid": torch.zeros(1, P, dtype=torch.bool, device=self.device),
-                         "last": torch.zeros(1, dtype=torch.long, device=self.device)}  # its last prompt token
+        self.stage_rows = row_buffers(R, self.vocab, self.device)  # the staging rows' sampling and first tokens
+        z = lambda *shape, dt=torch.long: torch.zeros(*shape, dtype=dt, device=self.device)  # noqa: E731
+        self.stage_in = {"ids": z(R, P), "valid": z(R, P, dt=torch.bool),  # a group's right-padded prompts
+                         "length": z(R), "last": z(R)}  # their lengths, and the index of their last tokens
         self.stage_pos = torch.arange(P, device=self.device)[None]  # (1, P)
         self.stage_start = 0  # prompt tokens the staging row holds before the chunk it reads
-        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (rows, T)
 
     # ------------------------------------------------------------ subclass hooks
 
@@ -143,21 +150,19 @@ class SlotEngine:
         """A cache of ``rows`` rows of ``max_len`` positions."""
         raise NotImplementedError
 
-    def _step_key(self, n: int, mode: str) -> tuple:
-        return (self.runner.bucket(n), mode)
+    def _kept_by_warmup(self, key: StepKey) -> list[torch.Tensor]:
+        """The cache tensors a warm-up step of ``key`` would change for running rows (restored after it)."""
+        return []
 
-    def _step_meta(self, key: tuple) -> StepMeta:
-        """What the layers are told at step ``key``: the slots it runs over (rows past n are garbage)."""
-        return StepMeta(rows=range(key[0]))
-
-    def _stage_meta(self, T: int) -> StepMeta:
-        """What the layers are told when the staging row reads a chunk of T tokens (from ``stage_start``)."""
-        return StepMeta(start=self.stage_start)
+    def _stage_meta(self, T: int, b: int = 1) -> StepMeta:
+        """What the layers are told when staging rows 0 .. b-1 read a chunk of T tokens (from ``stage_start``)."""
+        return StepMeta(start=self.stage_start, rows=range(b))
 
     def _stage_begin(self) -> None:
         raise NotImplementedError
 
-    def _copy_stage(self, slot: int, length: int) -> None:
+    def _copy_stage(self, slots: slice, length: int) -> None:
+        """Staging rows 0 .. n-1 into ``slots`` (n of them), the longest ``length`` tokens long."""
         raise NotImplementedError
 
     def _copy_row(self, src: int, dst: int) -> None:
@@ -172,30 +177,58 @@ class SlotEngine:
 
     # ------------------------------------------------------------ the forward
 
-    def _runner_key(self, key: tuple) -> StepKey:
-        """The runner's key of step ``key`` (bucket, mode, ...): its batch, sampling variant and metadata."""
-        return StepKey(key[0], key[1], self._step_meta(key))
+    def _key(self, b: int, mode: str, evicts: bool = True, length: int | None = None) -> StepKey:
+        """The step over slots 0 .. b-1 (rows past the running ones are garbage) in sampling variant ``mode``; a
+        full store read and written below ``length``; ``evicts`` False: no window slot leaves (rows past n may skip
+        an eviction: admission rewrites them)."""
+        return StepKey(b, mode, StepMeta(rows=range(b), length=length, may_evict=evicts))
+
+    def _step_key(self, n: int, mode: str) -> StepKey:
+        """The step of the running slots 0 .. n-1: its batch bucket, whether a window slot may leave (from the
+        positions they feed) and the full stores' length bucket covering the longest."""
+        length = None
+        if self.lengths:
+            longest = max(self.host_pos[:n]) + 1  # the step writes position host_pos and reads 0 .. host_pos
+            if longest > self.max_len:
+                raise ValueError(f"a sequence reached {longest} positions; the slots hold {self.max_len}")
+            length = bucket_for(longest, self.lengths)
+        return self._key(self.runner.bucket(n), mode, self.runner.may_evict(n) if self.block else True, length)
+
+    def _all_keys(self, modes) -> list[StepKey]:
+        evicts = (True, False) if self.block else (True,)
+        return [self._key(b, m, e, L) for b in self.sizes for m in modes for e in evicts for L in self.lengths or [None]]
 
     def _stage_chunk(self, start: int) -> None:
         self.stage_start = start  # tokens already read: a fresh row (0) takes the fused full-sequence path
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None, index=None) -> torch.Tensor:
-        """A staging chunk: ids, pos (1, T) -> logits (1, V) of the last position (or of ``index`` (1,)), reading
-        and writing ``cache`` (the staging row) from ``stage_start``."""
+        """A staging chunk of row 0: ids, pos (1, T) -> logits (1, V) of the last position (or of ``index`` (1,)),
+        reading and writing ``cache`` (the staging rows) from ``stage_start``."""
         return self.runner.logits(ids, pos, cache, self._stage_meta(ids.shape[1]), mask, index)
 
-    def _first_chunk(self, T: int) -> torch.Tensor:
-        """Reset the staging row and read ``stage_in``'s first ``T`` (right-padded) tokens into it, on static
-        buffers only: logits (1, V) at the last prompt token."""
+    def _first_chunk(self, b: int, T: int) -> torch.Tensor:
+        """Reset the staging rows and read ``stage_in``'s first ``b`` rows of ``T`` (right-padded) tokens into them,
+        on static buffers only: logits (b, V) at each row's last prompt token."""
         self._stage_begin()
         self._stage_chunk(0)
-        return self._forward(self.stage_in["ids"][:, :T], self.stage_pos[:, :T], self.stage,
-                             self._prefill_mask(self.stage_in["valid"][:, :T]), self.stage_in["last"])
+        si = self.stage_in
+        return self.runner.logits(si["ids"][:b, :T], self.stage_pos[:, :T].expand(b, T), self.stage,
+                                  self._stage_meta(T, b), self._prefill_mask(si["valid"][:b, :T]), si["last"][:b])
 
-    def _capture_prefill(self, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The first-chunk prefill of length bucket ``T`` as a graph (it touches only the staging row)."""
-        self.runner.side_run(lambda: self._first_chunk(T))
-        return self.runner.record(lambda: self._first_chunk(T))
+    def _capture_prefill(self, b: int, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The group prefill of bucket (b rows, T tokens) as a graph (it touches only the staging rows)."""
+        self.runner.side_run(lambda: self._first_chunk(b, T))
+        return self.runner.record(lambda: self._first_chunk(b, T))
+
+    def group_keys(self) -> list[tuple[int, int]]:
+        """The (rows, length) buckets a group may take: one row at any length, more within ``group_tokens``."""
+        return [(b, T) for b in self.group_sizes for T in self.prefill_sizes if b == 1 or b * T <= self.group_tokens]
+
+    def group_fits(self, n: int, longest: int) -> bool:
+        """Whether ``n`` prompts, the longest ``longest`` tokens, are read together in one forward."""
+        if n > self.prefill_rows or longest > self.prefill_sizes[-1]:
+            return False
+        return (bucket_for(n, self.group_sizes), bucket_for(longest, self.prefill_sizes)) in self.group_keys()
 
     @torch.no_grad()
     def warmup(self, modes: tuple[str, ...] | None = None) -> int:
@@ -207,37 +240,37 @@ class SlotEngine:
         if not self.use_graph:
             return 0
         graphs = self.runner.graphs
-        for key in sorted(self._all_keys(modes or self.warmup_modes), reverse=True):
-            step = self._runner_key(key)
-            if step not in graphs:
-                graphs[step] = self.runner.capture(step)
+        for key in sorted(self._all_keys(modes or self.warmup_modes), key=lambda k: (k.batch, k.meta.length or 0),
+                          reverse=True):
+            if key not in graphs:
+                graphs[key] = self.runner.capture(key)
         if self.prefill_capturable:
-            for T in reversed(self.prefill_sizes):
-                if T not in self.prefill_graphs:
-                    self.prefill_graphs[T] = self._capture_prefill(T)
+            for key in sorted(self.group_keys(), reverse=True):
+                if key not in self.prefill_graphs:
+                    self.prefill_graphs[key] = self._capture_prefill(*key)
         torch.cuda.synchronize(self.device)
         return len(graphs) + len(self.prefill_graphs)
-
-    def _all_keys(self, modes) -> list[tuple]:
-        return [(b, m) for b in self.sizes for m in modes]
 
     # ------------------------------------------------------------ what the scheduler calls
 
     @torch.no_grad()
     def launch(self, n: int, mode: str, owners: list | None = None) -> Pending:
         """One decode step for slots 0 .. n-1 (queued on the device; nothing waits)."""
-        self.runner.run(self._runner_key(self._step_key(n, mode)), n, capture=self.capture_while_serving)
+        key = self._step_key(n, mode)
+        if self.capture_while_serving and self.use_graph and key not in self.runner.graphs:
+            self.runner.graphs[key] = self.runner.capture(key, keep=self._kept_by_warmup(key))
+        self.runner.run(key, n)
         return Pending(self.rows["out"][:n], owners, logprob_rows(self.rows, n) if mode == "full" else None)
 
     @torch.no_grad()
     def prefill(self, ids: list[int], start: int, sampling: Sampling | None, owner=None) -> Pending | None:
-        """Read prompt tokens ``ids`` (positions start ..) into the staging row; ``start`` 0 resets it.
+        """Read prompt tokens ``ids`` (positions start ..) into staging row 0; ``start`` 0 resets it.
 
         With ``sampling`` (the prompt's last chunk) the first new token is picked on the device and a
         :class:`Pending` for it returned; :meth:`admit` then moves the row into a slot.
         """
         if start == 0 and len(ids) <= self.prefill_sizes[-1]:
-            logits = self._prefill_first(ids)
+            logits = self._group_logits([ids])
         else:
             if start == 0:
                 self._stage_begin()
@@ -246,15 +279,28 @@ class SlotEngine:
             logits = self._forward(self._host([ids]).to(self.device, non_blocking=True), pos, self.stage)
         if sampling is None:
             return None
-        s = self.stage_rows
-        set_sampling(s, slice(0, 1), sampling)
-        tok = self.runner.pick(logits, s, 1, sampling.mode)
-        s["out"].copy_(tok)
-        s["ids"].copy_(tok)
-        s["pos"].fill_(start + len(ids))
+        return self._pick_first(logits, [sampling], [start + len(ids)], [owner] if owner is not None else None)
+
+    @torch.no_grad()
+    def prefill_group(self, prompts: list[list[int]], samplings: list[Sampling], owners: list | None = None) -> Pending:
+        """Read whole prompts (``group_fits`` them) into staging rows 0 .. n-1 in one forward and pick their first
+        tokens; :meth:`admit_group` then moves the rows into slots."""
+        logits = self._group_logits(prompts)
+        return self._pick_first(logits, samplings, [len(p) for p in prompts], owners)
+
+    def _pick_first(self, logits: torch.Tensor, samplings: list[Sampling], lengths: list[int], owners) -> Pending:
+        """Staging rows 0 .. n-1 (prompts of ``lengths`` read, ``logits`` (b >= n, V) at their last tokens) pick
+        their first tokens with ``samplings``; a :class:`Pending` for them."""
+        n, b, s = len(samplings), logits.shape[0], self.stage_rows
+        for i, p in enumerate(samplings):
+            set_sampling(s, slice(i, i + 1), p)
+        mode = batch_mode(samplings)
+        tok = self.runner.pick(logits, s, b, mode)
+        s["out"][:b].copy_(tok)
+        s["ids"][:b].copy_(tok)
+        s["pos"][:n].copy_(self._host([lengths])[0].to(self.device, non_blocking=True))
         s["counter"].fill_(1)
-        return Pending(s["out"], [owner] if owner is not None else None,
-                       logprob_rows(s, 1) if sampling.mode == "full" else None)
+        return Pending(s["out"][:n], owners, logprob_rows(s, n) if mode == "full" else None)
 
     def _host(self, rows: list[list[int]]) -> torch.Tensor:
         """Token ids (b, T) on the host, pinned on CUDA: a copy from pageable memory would first wait for
@@ -262,29 +308,48 @@ class SlotEngine:
         host = torch.tensor(rows, dtype=torch.long)
         return host.pin_memory() if self.device.type == "cuda" else host
 
-    def _prefill_first(self, ids: list[int]) -> torch.Tensor:
-        """A prompt's first chunk, right-padded to its length bucket in ``stage_in``: a graph replay on CUDA.
-        Returns logits (1, V) at its last token."""
-        n = len(ids)
-        T = bucket_for(n, self.prefill_sizes)
-        self.stage_in["ids"][:, :T].copy_(self._host([ids + [0] * (T - n)]), non_blocking=True)
-        torch.lt(self.stage_pos[:, :T], n, out=self.stage_in["valid"][:, :T])
-        self.stage_in["last"].fill_(n - 1)
+    def _group_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Prompts read into staging rows 0 .. n-1 from position 0, right-padded to their (rows, length) bucket in
+        ``stage_in``: a graph replay on CUDA. Returns logits (b, V) at each row's last token (rows past n: a
+        one-token padding prompt, never read)."""
+        n, longest = len(prompts), max(len(p) for p in prompts)
+        if not self.group_fits(n, longest):
+            raise ValueError(f"{n} prompts of up to {longest} tokens are not read in one forward (group_fits)")
+        b, T = bucket_for(n, self.group_sizes), bucket_for(longest, self.prefill_sizes)
+        lengths = [len(p) for p in prompts] + [1] * (b - n)
+        si = self.stage_in
+        si["ids"][:b, :T].copy_(self._host([p + [0] * (T - len(p)) for p in prompts] + [[0] * T] * (b - n)),
+                                non_blocking=True)
+        si["length"][:b].copy_(self._host([lengths])[0], non_blocking=True)
+        torch.lt(self.stage_pos[:, :T], si["length"][:b, None], out=si["valid"][:b, :T])
+        torch.sub(si["length"][:b], 1, out=si["last"][:b])
         if self.use_graph and self.prefill_capturable:
-            if T not in self.prefill_graphs:  # touches only the staging row: safe while others run
-                self.prefill_graphs[T] = self._capture_prefill(T)
-            graph, logits = self.prefill_graphs[T]
+            if (b, T) not in self.prefill_graphs:  # touches only the staging rows: safe while others run
+                self.prefill_graphs[b, T] = self._capture_prefill(b, T)
+            graph, logits = self.prefill_graphs[b, T]
             graph.replay()
             return logits
-        return self._first_chunk(T)
+        return self._first_chunk(b, T)
+
+    def _prefill_first(self, ids: list[int]) -> torch.Tensor:
+        """One prompt's first chunk, right-padded to its length bucket: logits (1, V) at its last token."""
+        return self._group_logits([ids])
 
     @torch.no_grad()
     def admit(self, slot: int, length: int) -> None:
-        """Move the staging row (a prompt of ``length`` tokens, its first token picked) into ``slot``."""
-        self._copy_stage(slot, length)
-        for name, buf in self.rows.items():
-            buf[slot] = self.stage_rows[name][0]
-        self.host_pos[slot] = length
+        """Move staging row 0 (a prompt of ``length`` tokens, its first token picked) into ``slot``."""
+        self.admit_group(slot, [length])
+
+    @torch.no_grad()
+    def admit_group(self, first: int, lengths: list[int]) -> None:
+        """Move staging rows 0 .. n-1 (prompts of ``lengths`` tokens, their first tokens picked) into slots
+        ``first`` .. ``first`` + n - 1."""
+        n = len(lengths)
+        slots = slice(first, first + n)
+        self._copy_stage(slots, max(lengths))
+        torch._foreach_copy_([buf[slots] for buf in self.rows.values()],
+                             [self.stage_rows[name][:n] for name in self.rows])
+        self.host_pos[slots] = lengths
 
     @torch.no_grad()
     def move(self, src: int, dst: int) -> None:
@@ -314,13 +379,15 @@ class StateEngine(SlotEngine):
     """Slots are rows of the converted layers' constant-size states (student mode)."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0):
+                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0,
+                 prefill_rows: int = 8, prefill_tokens: int = 0):
         mods = lolcats_attention_by_layer(causal_lm(model))
         n_layers = len(decoder_stack(model).layers)
         if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
             raise ValueError("the constant-state engine needs every layer converted and in student mode "
                              f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
-        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step)
+        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step,
+                         prefill_rows, prefill_tokens)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
         self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
         # a sparse cache's prefill is captured only through its fused kernel (a kept softmax layer's KVState has none)
@@ -329,37 +396,35 @@ class StateEngine(SlotEngine):
         # (and captured) by whether one does, which the host knows from the slots' positions
         self.block = self.runner.block
         self.full = [l.state for l in self.layers]
+        # layers kept as softmax attention with every position: a step reads and writes their stores only up to a
+        # length bucket covering the longest running row (steps keyed by it, as the teacher's)
+        if any(isinstance(l, SoftmaxLayer) and not l.window for l in self.layers):
+            self.lengths = buckets(max_len, min(self.MIN_LEN, max_len))
+            self.capture_while_serving, self.warmup_modes = True, ("greedy",)
 
     def _make_cache(self, rows: int):
         # layers kept as softmax attention get SoftmaxLayers: key/value stores of max_len positions per row, or of
         # their bound (attention.use.set_softmax_window)
         return make_cache(self.model, rows, max_length=self.max_len)
 
-    def _step_key(self, n: int, mode: str) -> tuple:
-        if not self.block:
-            return super()._step_key(n, mode)
-        return (*super()._step_key(n, mode), self.runner.may_evict(n))  # the positions it feeds
+    def _kept_by_warmup(self, key: StepKey) -> list[torch.Tensor]:
+        # the recurrent states of the step's rows; a kept layer's step writes only the position a row has not reached
+        return [t for l in self.layers if not isinstance(l, SoftmaxLayer)
+                for t in l.view(key.meta.row_slice).tensors().values()]
 
-    def _all_keys(self, modes) -> list[tuple]:
-        keys = super()._all_keys(modes)
-        return [(*k, e) for k in keys for e in (True, False)] if self.block else keys
-
-    def _step_meta(self, key: tuple) -> StepMeta:
-        evicts = key[2] if self.block else True  # rows past n (garbage) may skip an eviction: admission rewrites them
-        return StepMeta(rows=range(key[0]), may_evict=evicts)
-
-    def _stage_meta(self, T: int) -> StepMeta:
+    def _stage_meta(self, T: int, b: int = 1) -> StepMeta:
         # a chunk comes unpadded, or right-padded from position 0 (_first_chunk): aligned
-        return StepMeta(start=self.stage_start, aligned=True)
+        return StepMeta(start=self.stage_start, rows=range(b), aligned=True)
 
     def _stage_begin(self) -> None:
         for layer in self.stage_layers:
             layer.reset()
 
-    def _copy_stage(self, slot: int, length: int) -> None:
-        for st, src in zip(self.full, self.stage_layers):
-            for dst_t, src_t in zip(st.tensors().values(), src.state.tensors().values()):
-                dst_t[slot].copy_(src_t[0])
+    def _copy_stage(self, slots: slice, length: int) -> None:
+        n = slots.stop - slots.start
+        pairs = [(d[slots], s[:n]) for st, src in zip(self.full, self.stage_layers)
+                 for d, s in zip(st.tensors().values(), src.state.tensors().values())]
+        torch._foreach_copy_(*map(list, zip(*pairs)))
 
     def _copy_row(self, src: int, dst: int) -> None:
         for st in self.full:
@@ -384,19 +449,20 @@ class KVEngine(SlotEngine):
     A decode step of ``b`` rows up to ``L`` positions runs over views of the stores' first ``b`` rows and ``L``
     slots; a prefill chunk of the staging row over the slots up to its end (``StepMeta.rows`` and ``length``)."""
 
-    MIN_LEN = 64  # smallest length bucket
     # a warm-up step writes keys only at positions a running row has not reached (overwritten before read)
     capture_while_serving = True
     warmup_modes = ("greedy",)
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
-                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0):
+                 fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0,
+                 prefill_rows: int = 8, prefill_tokens: int = 0):
         inner = causal_lm(model)
         if len(lolcats_attention_by_layer(inner)) != len(decoder_stack(inner).layers):
             raise ValueError("the KV-slot engine runs converted layers in teacher mode; every layer must be "
                              "converted (convert_model with attention.layers empty)")
         set_attention_mode(model, "teacher")
-        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step)
+        super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step,
+                         prefill_rows, prefill_tokens)
         self.full = [layer.state for layer in self.cache.layers]
         self.stage_full = [layer.state for layer in self.stage.layers]
         self.lengths = buckets(max_len, min(self.MIN_LEN, max_len))
@@ -404,20 +470,8 @@ class KVEngine(SlotEngine):
     def _make_cache(self, rows: int):
         return make_cache(self.model, rows, max_length=self.max_len, softmax=True)
 
-    def _step_key(self, n: int, mode: str) -> tuple:
-        longest = max(self.host_pos[:n]) + 1  # the step writes position host_pos and reads 0 .. host_pos
-        if longest > self.max_len:
-            raise ValueError(f"a sequence reached {longest} positions; the KV slots hold {self.max_len}")
-        return (self.runner.bucket(n), mode, bucket_for(longest, self.lengths))
-
-    def _all_keys(self, modes) -> list[tuple]:
-        return [(b, m, L) for b in self.sizes for m in modes for L in self.lengths]
-
-    def _step_meta(self, key: tuple) -> StepMeta:
-        return StepMeta(rows=range(key[0]), length=key[2])  # rows past n (garbage) drop positions past L
-
-    def _stage_meta(self, T: int) -> StepMeta:
-        return StepMeta(start=self.stage_start, length=min(self.stage_start + T, self.max_len))  # up to its end
+    def _stage_meta(self, T: int, b: int = 1) -> StepMeta:
+        return StepMeta(start=self.stage_start, rows=range(b), length=min(self.stage_start + T, self.max_len))
 
     def _prefill_mask(self, valid: torch.Tensor) -> None:
         return None  # causal softmax: the padding at the end is written past the prompt and never read
@@ -425,10 +479,11 @@ class KVEngine(SlotEngine):
     def _stage_begin(self) -> None:
         pass  # prefill writes positions 0 .. before anything reads them
 
-    def _copy_stage(self, slot: int, length: int) -> None:
-        for dst, src in zip(self.full, self.stage_full):
-            dst.k[slot, :, :length].copy_(src.k[0, :, :length])
-            dst.v[slot, :, :length].copy_(src.v[0, :, :length])
+    def _copy_stage(self, slots: slice, length: int) -> None:
+        n = slots.stop - slots.start
+        pairs = [(d[slots, :, :length], s[:n, :, :length]) for dst, src in zip(self.full, self.stage_full)
+                 for d, s in ((dst.k, src.k), (dst.v, src.v))]
+        torch._foreach_copy_(*map(list, zip(*pairs)))
 
     def _copy_row(self, src: int, dst: int) -> None:
         n = self.host_pos[src] + 1

@@ -32,6 +32,10 @@ class ServeOptions:
     prefill_budget: int = 0
     ("Prompt tokens read between two decode steps, in chunks of one or more prompts (0: one chunk). More "
      "admits requests faster (time to first token), less keeps the running streams' time per token down.")
+    prefill_rows: int = 8
+    ("Waiting prompts that fit in one --prefill-chunk are read together, up to N in one forward (right-padded to "
+     "the longest, within --prefill-chunk padded tokens, or --prefill-budget if larger; a CUDA graph per rows and "
+     "length bucket). Each staging row holds a sequence's state (its keys and values in teacher mode).")
     batch_bucket_step: int = 0
     ("Decode batch buckets (one CUDA graph each per sampling variant): powers of two up to this, then its "
      "multiples (64: 1, 2, ..., 64, 128, 192, ...); 0: powers of two up to --max-batch. Finer buckets compute fewer "
@@ -50,7 +54,7 @@ class ServeOptions:
     "uvicorn's log level."
 
     def check(self) -> None:
-        for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "prefill_chunk"):
+        for name in ("max_batch", "max_prompt_tokens", "max_new_tokens", "prefill_chunk", "prefill_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("prefill_budget", "batch_bucket_step", "prefill_bucket_step", "max_request_bytes",

@@ -7,9 +7,10 @@ every event produced in it). One iteration:
 1. take new requests and cancellations from the inbox;
 2. retire the requests that ended (stop, length, cancelled): the last running slot's row is
    copied into the freed slot, so running sequences stay in slots 0 .. n-1, and the row is reset;
-3. read at most one chunk (``prefill_chunk`` tokens) of the oldest waiting prompt into the
-   engine's staging row; after the prompt's last chunk its first token is picked on the device
-   and the row joins the running batch in slot n;
+3. read prompts into the engine's staging rows: the oldest waiting prompts that each fit in one chunk
+   (``prefill_chunk`` tokens) together, as many as one forward takes (``SlotEngine.group_fits``), or one
+   chunk of a longer one; after a prompt's last chunk its first token is picked on the device and its
+   row joins the running batch (slots n, n + 1, ...);
 4. launch one decode step for slots 0 .. n-1;
 5. process the previous step's tokens while the device runs this one (a request that ended
    there wastes one token of this step, which no one reads): text, stop strings, limits.
@@ -166,7 +167,8 @@ class Scheduler:
         self.lock = threading.Lock()
         self.n_waiting = 0  # submitted, not yet prefilling (guarded by lock)
         self.waiting: deque[Request] = deque()
-        self.staging: Request | None = None
+        self.staging: Request | None = None  # a prompt longer than one chunk, being read
+        self.group: list[Request] = []  # prompts being read together (within one iteration)
         self.running: list[Request] = []  # index = slot
         self.pending: deque[Pending] = deque()
         self.retiring: list[Request] = []
@@ -197,7 +199,7 @@ class Scheduler:
         self.wake.set()
 
     def stats(self) -> dict:
-        return {"running": len(self.running), "prefilling": int(self.staging is not None),
+        return {"running": len(self.running), "prefilling": int(self.staging is not None) + len(self.group),
                 "waiting": self.n_waiting, "finished": dict(self.finished), "tokens_generated": self.tokens_out,
                 "timing": dict(self.timing)}
 
@@ -321,10 +323,15 @@ class Scheduler:
         return read > 0
 
     def _prefill_step(self) -> int:
-        """One chunk of the prompt being staged (the next waiting one if none is): the tokens read, 0 if none."""
+        """The waiting prompts that fit in one forward, or one chunk of the prompt being staged (the next waiting
+        one if none is): the tokens read, 0 if none."""
         if self.staging is None:
-            if not self.waiting or len(self.running) >= self.engine.max_batch:
+            free = self.engine.max_batch - len(self.running)
+            if not self.waiting or free <= 0:
                 return 0
+            group = self._take_group(free)
+            if group:
+                return self._prefill_group(group)
             self.staging = self.waiting.popleft()
             self.staging.state = "prefill"
             self._left_queue()
@@ -336,13 +343,46 @@ class Scheduler:
         req.prefilled += len(chunk)
         self.timing["prefill_tokens"] += len(chunk)
         if last:
-            req.slot = len(self.running)
-            self.engine.admit(req.slot, len(req.prompt_ids))
-            self.running.append(req)
-            req.state = "running"
             self.staging = None
-            self.pending.append(pending)
+            self._join([req], pending)
         return len(chunk)
+
+    def _take_group(self, free: int) -> list[Request]:
+        """The oldest waiting prompts, each within one chunk, that one forward reads together (at most ``free``)."""
+        group: list[Request] = []
+        longest = 0
+        for req in self.waiting:
+            n = len(req.prompt_ids)
+            if len(group) == free or n > self.prefill_chunk or not self.engine.group_fits(len(group) + 1,
+                                                                                          max(longest, n)):
+                break
+            group.append(req)
+            longest = max(longest, n)
+        for req in group:
+            self.waiting.popleft()
+            req.state = "prefill"
+            self._left_queue()
+        return group
+
+    def _prefill_group(self, group: list[Request]) -> int:
+        self.group = group
+        pending = self.engine.prefill_group([r.prompt_ids for r in group], [r.sampling for r in group], group)
+        tokens = sum(len(r.prompt_ids) for r in group)
+        for r in group:
+            r.prefilled = len(r.prompt_ids)
+        self.timing["prefill_tokens"] += tokens
+        self._join(group, pending)
+        self.group = []
+        return tokens
+
+    def _join(self, reqs: list[Request], pending: Pending) -> None:
+        """Prompts read (their first tokens in ``pending``) join the running batch in the next slots."""
+        first = len(self.running)
+        self.engine.admit_group(first, [len(r.prompt_ids) for r in reqs])
+        for i, r in enumerate(reqs):
+            r.slot, r.state = first + i, "running"
+        self.running += reqs
+        self.pending.append(pending)
 
     def _launch(self) -> bool:
         mode = batch_mode([r.sampling for r in self.running])
@@ -392,9 +432,11 @@ class Scheduler:
             self.retiring.append(req)
 
     def _fail_staging(self, message: str) -> None:
-        if self.staging is not None:
-            self._fail(self.staging, message)
-            self.staging = None
+        """A prefill failed: the prompts being read fail (a group's not yet running)."""
+        for req in ([self.staging] if self.staging is not None else []) + self.group:
+            if not req.done and req.state != "running":
+                self._fail(req, message)
+        self.staging, self.group = None, []
 
     def _fail_running(self, message: str) -> None:
         """A decode step failed: every running request fails and the pending tokens are dropped."""

@@ -40,7 +40,8 @@ def build_engine(model, opts: ServeOptions):
     max_len = opts.max_prompt_tokens + opts.max_new_tokens + 1
     return cls(model, opts.max_batch, max_len, use_cuda_graph=None if opts.cuda_graph else False,
                prefill_chunk=opts.prefill_chunk, batch_step=opts.batch_bucket_step,
-               prefill_step=opts.prefill_bucket_step)
+               prefill_step=opts.prefill_bucket_step, prefill_rows=opts.prefill_rows,
+               prefill_tokens=opts.prefill_budget)
 
 
 def slot_bytes(model, opts: ServeOptions) -> int:
@@ -85,12 +86,13 @@ def check_memory(model, opts: ServeOptions) -> None:
 
     device = decoder_stack(model).embed_tokens.weight.device
     per_slot, free = slot_bytes(model, opts), free_bytes(device)
-    need = per_slot * (opts.max_batch + 1)  # + the staging row prompts are read into
+    staging = min(opts.prefill_rows, opts.max_batch)  # + the staging rows prompts are read into
+    need = per_slot * (opts.max_batch + staging)
     if free is not None and need > 0.9 * free:
-        raise ValueError(f"serve: the slots need an estimated {need / 2**30:.2f} GiB ({opts.max_batch} + 1 staging "
+        raise ValueError(f"serve: the slots need an estimated {need / 2**30:.2f} GiB ({opts.max_batch} + {staging} staging "
                          f"x {per_slot / 2**20:.1f} MiB: states and key/value buffers for --max-prompt-tokens "
                          f"{opts.max_prompt_tokens} + --max-new-tokens {opts.max_new_tokens} positions), but {device} "
-                         f"has {free / 2**30:.2f} GiB free; lower --max-batch or --max-prompt-tokens")
+                         f"has {free / 2**30:.2f} GiB free; lower --max-batch, --prefill-rows or --max-prompt-tokens")
 
 
 def build_server(model, tokenizer, opts: ServeOptions):
