@@ -89,3 +89,12 @@ def test_fla_gated_delta_wrapper_matches_reference(fla_linear, T):
         o1, s1 = gated_delta_recurrent(q, k, v, gate, beta, 0.5, init, True)
         torch.testing.assert_close(o, o1, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(s, s1, rtol=1e-4, atol=1e-5)
+
+
+def test_fla_gated_backward_is_used_only_where_fla_runs_it(fla_linear):
+    """fla 0.6 refuses the gated chunk backward on Hopper with Triton 3.4.0 - 3.7.0 (fla issue #640) unless tilelang
+    is installed; elsewhere it runs it."""
+    ok = sys.modules["lolcats.ops.fla_backend"].fla_backward_ok
+    assert not ok((9, 0), "3.6.0", False) and not ok((9, 0), "3.4.0", False)
+    assert ok((9, 0), "3.7.1", False) and ok((9, 0), "3.3.1", False) and ok((9, 0), "3.6.0", True)
+    assert ok((8, 0), "3.6.0", False) and ok((10, 0), "3.6.0", False)

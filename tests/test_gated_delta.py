@@ -343,13 +343,18 @@ def test_training_path_memory_is_linear_in_the_length():
 @pytest.mark.parametrize("T", [1, 65, 300])
 def test_fla_kernels_equal_the_reference(T):
     pytest.importorskip("fla")
+    from lolcats.ops.fla_backend import fla_gated_delta
+
     (q, k, v, g, beta), s0 = inputs(T=T, Dk=32, Dv=32, device="cuda")
-    xs = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
-    o, s = get_backend("fla", q).gated_delta(*xs, None, s0, True)
+    o, s = fla_gated_delta(q, k, v, g, beta, None, s0, True)  # fla's kernels (the decode step at T = 1)
     assert get_backend("auto", q).gated_delta is get_backend("fla", q).gated_delta  # auto's pick runs fla's too
     o1, s1 = gated_delta_chunk(q, k, v, g, beta, None, s0, True)
     torch.testing.assert_close(o, o1, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(s, s1, atol=1e-2, rtol=1e-2)
-    if T > 1:  # the chunked kernel's backward
-        o.sum().backward()
-        assert all(torch.isfinite(x.grad).all() for x in xs)
+    if T > 1:  # gradients through the backend: fla's backward where fla runs it here, else the reference's
+        xs = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
+        get_backend("fla", q).gated_delta(*xs, None, s0, True)[0].sum().backward()
+        ref = [t.clone().requires_grad_(True) for t in (q, k, v, g, beta)]
+        gated_delta_chunk(*ref, None, s0, True)[0].sum().backward()
+        for x, r in zip(xs, ref):
+            torch.testing.assert_close(x.grad, r.grad, atol=5e-2, rtol=5e-2)

@@ -13,14 +13,22 @@ The gated delta rule (``Backend.gated_delta``, ``ops/delta/naive.py``; the ``gat
 ``chunk_gated_delta_rule`` (a chunk) or ``fused_recurrent_gated_delta_rule`` (a decode step, T = 1) on CUDA
 tensors, here and in the ``triton`` backend (what ``auto`` picks on CUDA): fla takes (B, T, H, .) tensors with
 as many key heads as query heads, so each KV head is repeated for its query group (the state too) and the
-final state is one head of each group; CPU tensors take the reference.
+final state is one head of each group; CPU tensors take the reference. fla 0.6 refuses the gated chunk kernel's
+backward on Hopper GPUs with Triton >= 3.4.0, < 3.7.1 unless tilelang is installed (wrong gradients there, fla
+issue #640): there a call that needs gradients takes the reference (forward and backward; one warning), and a
+call without them still runs fla's forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import logging
 
 import torch
+import triton
+from packaging import version
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from fla.ops.linear_attn import chunk_linear_attn
@@ -81,9 +89,34 @@ def fla_gated_delta(
     return o, (hT[:, :: H // Hk].float() if output_final_state else None)
 
 
+log = logging.getLogger(__name__)
+
+
+def fla_backward_ok(capability: tuple[int, int], triton_version: str, tilelang: bool) -> bool:
+    """Whether fla runs its gated chunk kernel's backward on a GPU of CUDA ``capability`` with this Triton: fla 0.6
+    refuses it on Hopper (9.x) with Triton >= 3.4.0, < 3.7.1 (wrong gradients, fla issue #640) unless tilelang is
+    installed (then it dispatches there)."""
+    bad = version.parse("3.4.0") <= version.parse(triton_version) < version.parse("3.7.1")
+    return tilelang or capability[0] != 9 or not bad
+
+
+@functools.cache
+def _backward_ok(device: torch.device) -> bool:
+    ok = fla_backward_ok(torch.cuda.get_device_capability(device), triton.__version__,
+                         importlib.util.find_spec("tilelang") is not None)
+    if not ok:
+        log.warning("fla's gated delta rule backward does not run on this GPU with Triton %s (fla issue #640): "
+                    "training calls take the PyTorch reference (slower); Triton >= 3.7.1 or `pip install tilelang` "
+                    "lifts this", triton.__version__)
+    return ok
+
+
 def _gated_delta(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
-    """fla's kernels on CUDA tensors, the reference elsewhere."""
-    op = fla_gated_delta if q.is_cuda else BACKENDS["torch"].gated_delta
+    """fla's kernels on CUDA tensors (with gradients only where fla runs their backward), the reference elsewhere."""
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (q, k, v, g, beta, initial_state))
+    use_fla = q.is_cuda and (not grads or _backward_ok(q.device))
+    op = fla_gated_delta if use_fla else BACKENDS["torch"].gated_delta
     return op(q, k, v, g, beta, scale, initial_state, output_final_state)
 
 
