@@ -303,8 +303,7 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
         kept = ({i: {n: t.clone() for n, t in vars(st).items()} for i, st in after.items()} if after else
                 [t[:, :, :11].clone() for st in engine.stage.states().values() for t in (st.k, st.v)])
         engine._stage_begin()
-        engine._stage_chunk(0)
-        plain = engine._forward(torch.tensor([ids]), torch.arange(11)[None], engine.stage)
+        plain = engine._chunks_logits([ids], [0])  # unpadded, eagerly
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
     if mode == "student":
         for i, st in engine.stage.states().items():
@@ -379,6 +378,38 @@ def test_prompts_read_together_equal_each_read_alone(mode):
         assert wait_idle(sched)
     finally:
         sched.stop()
+
+
+@pytest.mark.parametrize("mode", ["student", "teacher", "student-kept-softmax-sparse"])
+@torch.no_grad()
+def test_chunks_of_prompts_at_different_positions_read_in_one_forward(mode):
+    """Staging rows reading chunks from different positions in one forward (one row continues its prompt at
+    position 9, one starts a new one, one reads a shorter chunk) give each row's logits and state as that row read
+    alone; a row that leaves is replaced by moving the next one down. The scheduler reads the chunks of every
+    prompt being read in one forward per iteration (here up to 64 tokens: --prefill-budget 64)."""
+    tok = char_tokenizer()
+    model = tiny_kept(tok, sparse_cache=4, sparse_sink=2) if mode.endswith("sparse") else tiny(tok, mode)
+    cls = KVEngine if mode == "teacher" else StateEngine
+    a, b, c = (tok(p)["input_ids"] for p in PROMPTS[2:5:1])  # 72, 4 and 12 tokens
+    engine = cls(model, 4, 128, prefill_chunk=16, prefill_rows=4)
+    engine.prefill_chunks([a[:9]], [0], [None])  # row 0 read 9 tokens of a
+    together = engine._chunks_logits([a[9:18], b, c[:5]], [9, 0, 0]).clone()
+    rows = [row_state(engine, i, n) for i, n in enumerate((18, len(b), 5))]
+    for i, (chunks, starts, n) in enumerate((([a[:9], a[9:18]], [0, 9], 18), ([b], [0], len(b)), ([c[:5]], [0], 5))):
+        for chunk, start in zip(chunks, starts):
+            alone = engine._chunks_logits([chunk], [start])
+        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
+        for name, t in row_state(engine, 0, n).items():
+            torch.testing.assert_close(rows[i][name], t, atol=1e-5, rtol=1e-5, msg=f"row {i} {name}")
+    engine._chunks_logits([a[:9], c[:5]], [0, 0])
+    engine.move_stage(1, 0, 5)  # row 1 (c, 5 tokens read) moves down
+    for name, t in row_state(engine, 0, 5).items():
+        torch.testing.assert_close(rows[2][name], t, atol=1e-5, rtol=1e-5, msg=f"moved {name}")
+    sched = Scheduler(cls(model, 4, 128, prefill_chunk=16, prefill_rows=4, prefill_tokens=64), [], prefill_chunk=16)
+    for p in (PROMPTS[2], PROMPTS[5], PROMPTS[7]):  # 72, 34 and 33 tokens: chunks of 16
+        sched.submit(Request(tok(p)["input_ids"], 4, Sampling(), tok, sink=queue.Queue()))
+    sched.iteration()
+    assert [r.prefilled for r in sched.staging] == [16, 16, 16] and sched.timing["prefill_tokens"] == 48
 
 
 def test_failed_step_fails_its_requests_not_the_loop():

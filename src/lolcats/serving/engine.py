@@ -30,14 +30,17 @@ join. Waiting prompts that fit in one chunk are read together, a *group* of up t
 forward: each right-padded to the group's length bucket (16, 32, ..., ``prefill_chunk``; with ``prefill_step``,
 multiples of it above it), the rows to a power of two, in static buffers, so on CUDA each (rows, length) bucket
 replays one CUDA graph (an eager prefill of a large model can be bound by the host launching its thousands of
-kernels, and would stall the running streams for as long); a group's padded tokens stay within ``group_tokens``.
+kernels, and would stall the running streams for as long); a forward's padded tokens stay within ``group_tokens``.
 Padding at the end changes no valid token's output (attention is causal) and is masked out of what the state
 keeps; the logits are read at each row's last prompt token, and the group's first tokens picked in one call.
-Each staging call declares where it starts (``StepMeta.start``: 0 is a fresh row), the staging rows it runs on
-and, on the student, that it is aligned (padding only at its end: the fused full-sequence prefill without a
-host check). A longer prompt is read alone into staging row 0, chunk by chunk (its later chunks eagerly,
-unpadded). Prefilling in place is not possible because decode steps run over padding rows of their bucket,
-which would write into a half-prefilled row.
+Each staging call declares where its rows start (``StepMeta.start``: 0 is fresh rows; None: per-row positions),
+the staging rows it runs on and, on the student, whether it is aligned (rows starting alike, padding only at their
+ends: the fused full-sequence prefill without a host check). Longer prompts are read chunk by chunk
+(:meth:`SlotEngine.prefill_chunks`): the staging rows read their next chunks in one eager forward, each row from
+its own position (a row starting a prompt is reset first); rows whose prompts end pick their first tokens and are
+admitted (:meth:`SlotEngine.admit_rows`), and the scheduler moves the rest down (:meth:`SlotEngine.move_stage`).
+Prefilling in place is not possible because decode steps run over padding rows of their bucket, which would write
+into a half-prefilled row.
 
 Sampling is per row (``generation/sampling.py``, picked by the runner): temperature and top-p are (B,)
 buffers, and the noise for a row is a hash of (the request's seed, the token's index in the request, the
@@ -53,7 +56,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lolcats.attention.cache import LolcatsLayer, SoftmaxLayer
+from lolcats.attention.cache import KVState, LolcatsLayer, SoftmaxLayer
 from lolcats.attention.generate import make_cache, prefill_capturable
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.modes import set_attention_mode
@@ -141,7 +144,6 @@ class SlotEngine:
         self.stage_in = {"ids": z(R, P), "valid": z(R, P, dt=torch.bool),  # a group's right-padded prompts
                          "length": z(R), "last": z(R)}  # their lengths, and the index of their last tokens
         self.stage_pos = torch.arange(P, device=self.device)[None]  # (1, P)
-        self.stage_start = 0  # prompt tokens the staging row holds before the chunk it reads
         self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (rows, T)
 
     # ------------------------------------------------------------ subclass hooks
@@ -154,16 +156,50 @@ class SlotEngine:
         """The cache tensors a warm-up step of ``key`` would change for running rows (restored after it)."""
         return []
 
-    def _stage_meta(self, T: int, b: int = 1) -> StepMeta:
-        """What the layers are told when staging rows 0 .. b-1 read a chunk of T tokens (from ``stage_start``)."""
-        return StepMeta(start=self.stage_start, rows=range(b))
+    def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
+        """What the layers are told when staging rows 0 .. b-1 read chunks of up to T tokens from positions ``starts``
+        (one each; right-padded): where they start when they all start alike (0: fresh rows), else per-row positions
+        only."""
+        return StepMeta(start=self._common_start(starts), rows=range(len(starts)))
+
+    @staticmethod
+    def _common_start(starts: list[int]) -> int | None:
+        return starts[0] if len(set(starts)) == 1 else None
 
     def _stage_begin(self) -> None:
+        """Reset every staging row (a group's prefill: they are all fresh)."""
         raise NotImplementedError
 
-    def _copy_stage(self, slots: slice, length: int) -> None:
-        """Staging rows 0 .. n-1 into ``slots`` (n of them), the longest ``length`` tokens long."""
+    def _reset_stage_row(self, row: int) -> None:
+        """Staging row ``row`` starts a new prompt."""
+
+    def _stage_pairs(self, rows: list[int], slots: list[int], length: int,
+                     into_stage: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination view, staging view) pairs of every state tensor that moving staging rows ``rows`` into
+        ``slots`` copies (staging rows instead with ``into_stage``), for rows up to ``length`` tokens long (consecutive
+        rows and slots: one pair per tensor)."""
+        dst = self._stage_states() if into_stage else self._slot_states()
+        return [(d[ds], s_[sr]) for dst_st, src_st in zip(dst, self._stage_states())
+                for d, s_ in self._state_tensors(dst_st, src_st, length) for ds, sr in self._stage_moves(rows, slots)]
+
+    def _slot_states(self) -> list:
         raise NotImplementedError
+
+    def _stage_states(self) -> list:
+        raise NotImplementedError
+
+    def _state_tensors(self, dst, src, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) tensors of one layer's state that a row move copies (all of them; a full key/value
+        store's first ``length`` positions)."""
+        if isinstance(dst, KVState) and not dst.pos.shape[1]:  # a full store: slot p holds position p
+            return [(dst.k[:, :, :length], src.k[:, :, :length]), (dst.v[:, :, :length], src.v[:, :, :length])]
+        return list(zip(dst.tensors().values(), src.tensors().values()))
+
+    def _stage_moves(self, rows: list[int], slots: list[int]) -> list[tuple[slice, slice]]:
+        """Row moves as (slots, staging rows) slices: one when both run consecutively, else one per row."""
+        if rows == list(range(rows[0], rows[0] + len(rows))) and slots == list(range(slots[0], slots[0] + len(rows))):
+            return [(slice(slots[0], slots[0] + len(rows)), slice(rows[0], rows[0] + len(rows)))]
+        return [(slice(d, d + 1), slice(r, r + 1)) for r, d in zip(rows, slots)]
 
     def _copy_row(self, src: int, dst: int) -> None:
         raise NotImplementedError
@@ -198,22 +234,28 @@ class SlotEngine:
         evicts = (True, False) if self.block else (True,)
         return [self._key(b, m, e, L) for b in self.sizes for m in modes for e in evicts for L in self.lengths or [None]]
 
-    def _stage_chunk(self, start: int) -> None:
-        self.stage_start = start  # tokens already read: a fresh row (0) takes the fused full-sequence path
-
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, cache, mask=None, index=None) -> torch.Tensor:
-        """A staging chunk of row 0: ids, pos (1, T) -> logits (1, V) of the last position (or of ``index`` (1,)),
-        reading and writing ``cache`` (the staging rows) from ``stage_start``."""
-        return self.runner.logits(ids, pos, cache, self._stage_meta(ids.shape[1]), mask, index)
+    def _chunks_logits(self, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Staging rows 0 .. b-1 read ``chunks`` (row i from position starts[i]; 0 resets the row) in one eager forward,
+        right-padded to the longest: logits (b, V) at each row's last token."""
+        for i, start in enumerate(starts):
+            if start == 0:
+                self._reset_stage_row(i)
+        T = max(len(c) for c in chunks)
+        ids = self._host([c + [0] * (T - len(c)) for c in chunks]).to(self.device, non_blocking=True)  # (b, T)
+        start, n = (self._host([x])[0].to(self.device, non_blocking=True) for x in (starts, [len(c) for c in chunks]))
+        ar = torch.arange(T, device=self.device)[None]  # (1, T)
+        valid = ar < n[:, None]  # (b, T): each row's chunk, padding at its end
+        return self.runner.logits(ids, start[:, None] + ar, self.stage, self._stage_meta(T, starts),
+                                  self._prefill_mask(valid), n - 1)
 
     def _first_chunk(self, b: int, T: int) -> torch.Tensor:
         """Reset the staging rows and read ``stage_in``'s first ``b`` rows of ``T`` (right-padded) tokens into them,
         on static buffers only: logits (b, V) at each row's last prompt token."""
         self._stage_begin()
-        self._stage_chunk(0)
         si = self.stage_in
         return self.runner.logits(si["ids"][:b, :T], self.stage_pos[:, :T].expand(b, T), self.stage,
-                                  self._stage_meta(T, b), self._prefill_mask(si["valid"][:b, :T]), si["last"][:b])
+                                  self._stage_meta(T, [0] * b), self._prefill_mask(si["valid"][:b, :T]),
+                                  si["last"][:b])
 
     def _capture_prefill(self, b: int, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The group prefill of bucket (b rows, T tokens) as a graph (it touches only the staging rows)."""
@@ -271,15 +313,8 @@ class SlotEngine:
         """
         if start == 0 and len(ids) <= self.prefill_sizes[-1]:
             logits = self._group_logits([ids])
-        else:
-            if start == 0:
-                self._stage_begin()
-            self._stage_chunk(start)
-            pos = torch.arange(start, start + len(ids), device=self.device)[None]  # (1, T)
-            logits = self._forward(self._host([ids]).to(self.device, non_blocking=True), pos, self.stage)
-        if sampling is None:
-            return None
-        return self._pick_first(logits, [sampling], [start + len(ids)], [owner] if owner is not None else None)
+            return None if sampling is None else self._pick_first(logits, [sampling], [len(ids)], [owner])
+        return self.prefill_chunks([ids], [start], [sampling], [owner])
 
     @torch.no_grad()
     def prefill_group(self, prompts: list[list[int]], samplings: list[Sampling], owners: list | None = None) -> Pending:
@@ -288,13 +323,27 @@ class SlotEngine:
         logits = self._group_logits(prompts)
         return self._pick_first(logits, samplings, [len(p) for p in prompts], owners)
 
-    def _pick_first(self, logits: torch.Tensor, samplings: list[Sampling], lengths: list[int], owners) -> Pending:
-        """Staging rows 0 .. n-1 (prompts of ``lengths`` read, ``logits`` (b >= n, V) at their last tokens) pick
-        their first tokens with ``samplings``; a :class:`Pending` for them."""
+    @torch.no_grad()
+    def prefill_chunks(self, chunks: list[list[int]], starts: list[int], samplings: list[Sampling | None],
+                       owners: list | None = None) -> Pending | None:
+        """Staging rows 0 .. b-1 read their next chunks in one forward: row i ``chunks[i]`` at positions ``starts[i]``
+        .. (0 resets the row). A row with a sampling (its prompt's last chunk) picks its first token; the
+        :class:`Pending` holds a token for every row (``owners[i]`` None, and ``samplings[i]`` None, where a row
+        goes on reading). :meth:`admit_rows` then moves the rows that finished into slots."""
+        logits = self._chunks_logits(chunks, starts)
+        if all(p is None for p in samplings):
+            return None
+        return self._pick_first(logits, samplings, [s + len(c) for s, c in zip(starts, chunks)], owners)
+
+    def _pick_first(self, logits: torch.Tensor, samplings: list[Sampling | None], lengths: list[int], owners) -> Pending:
+        """Staging rows 0 .. n-1 (prompts read up to ``lengths``, ``logits`` (b >= n, V) at their last tokens) pick
+        their first tokens with ``samplings`` (None: a row still reading, whose token nobody reads); a
+        :class:`Pending` for rows 0 .. n-1."""
         n, b, s = len(samplings), logits.shape[0], self.stage_rows
         for i, p in enumerate(samplings):
-            set_sampling(s, slice(i, i + 1), p)
-        mode = batch_mode(samplings)
+            if p is not None:
+                set_sampling(s, slice(i, i + 1), p)
+        mode = batch_mode([p for p in samplings if p is not None])
         tok = self.runner.pick(logits, s, b, mode)
         s["out"][:b].copy_(tok)
         s["ids"][:b].copy_(tok)
@@ -338,18 +387,30 @@ class SlotEngine:
     @torch.no_grad()
     def admit(self, slot: int, length: int) -> None:
         """Move staging row 0 (a prompt of ``length`` tokens, its first token picked) into ``slot``."""
-        self.admit_group(slot, [length])
+        self.admit_rows([0], slot, [length])
 
     @torch.no_grad()
     def admit_group(self, first: int, lengths: list[int]) -> None:
         """Move staging rows 0 .. n-1 (prompts of ``lengths`` tokens, their first tokens picked) into slots
         ``first`` .. ``first`` + n - 1."""
-        n = len(lengths)
-        slots = slice(first, first + n)
-        self._copy_stage(slots, max(lengths))
-        torch._foreach_copy_([buf[slots] for buf in self.rows.values()],
-                             [self.stage_rows[name][:n] for name in self.rows])
-        self.host_pos[slots] = lengths
+        self.admit_rows(list(range(len(lengths))), first, lengths)
+
+    @torch.no_grad()
+    def admit_rows(self, rows: list[int], first: int, lengths: list[int]) -> None:
+        """Move staging rows ``rows`` (prompts of ``lengths`` tokens, their first tokens picked) into slots ``first``,
+        ``first`` + 1, ...: one multi-tensor copy."""
+        slots = list(range(first, first + len(rows)))
+        pairs = self._stage_pairs(rows, slots, max(lengths))
+        for dst, src in self._stage_moves(rows, slots):
+            pairs += [(buf[dst], self.stage_rows[name][src]) for name, buf in self.rows.items()]
+        torch._foreach_copy_(*map(list, zip(*pairs)))
+        self.host_pos[first:first + len(rows)] = lengths
+
+    @torch.no_grad()
+    def move_stage(self, src: int, dst: int, length: int) -> None:
+        """Copy staging row ``src`` (a prompt read up to ``length`` tokens) into staging row ``dst`` (compaction)."""
+        pairs = self._stage_pairs([src], [dst], length, into_stage=True)
+        torch._foreach_copy_(*map(list, zip(*pairs)))
 
     @torch.no_grad()
     def move(self, src: int, dst: int) -> None:
@@ -412,19 +473,24 @@ class StateEngine(SlotEngine):
         return [t for l in self.layers if not isinstance(l, SoftmaxLayer)
                 for t in l.view(key.meta.row_slice).tensors().values()]
 
-    def _stage_meta(self, T: int, b: int = 1) -> StepMeta:
-        # a chunk comes unpadded, or right-padded from position 0 (_first_chunk): aligned
-        return StepMeta(start=self.stage_start, rows=range(b), aligned=True)
+    def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
+        # rows that start alike are aligned (padding only at their ends); a mix of starts: per-row positions
+        start = self._common_start(starts)
+        return StepMeta(start=start, rows=range(len(starts)), aligned=start is not None)
 
     def _stage_begin(self) -> None:
         for layer in self.stage_layers:
             layer.reset()
 
-    def _copy_stage(self, slots: slice, length: int) -> None:
-        n = slots.stop - slots.start
-        pairs = [(d[slots], s[:n]) for st, src in zip(self.full, self.stage_layers)
-                 for d, s in zip(st.tensors().values(), src.state.tensors().values())]
-        torch._foreach_copy_(*map(list, zip(*pairs)))
+    def _reset_stage_row(self, row: int) -> None:
+        for layer in self.stage_layers:
+            layer.state.rows(slice(row, row + 1)).reset()
+
+    def _slot_states(self) -> list:
+        return self.full
+
+    def _stage_states(self) -> list:
+        return [l.state for l in self.stage_layers]
 
     def _copy_row(self, src: int, dst: int) -> None:
         for st in self.full:
@@ -470,8 +536,9 @@ class KVEngine(SlotEngine):
     def _make_cache(self, rows: int):
         return make_cache(self.model, rows, max_length=self.max_len, softmax=True)
 
-    def _stage_meta(self, T: int, b: int = 1) -> StepMeta:
-        return StepMeta(start=self.stage_start, rows=range(b), length=min(self.stage_start + T, self.max_len))
+    def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
+        return StepMeta(start=self._common_start(starts), rows=range(len(starts)),
+                        length=min(max(starts) + T, self.max_len))
 
     def _prefill_mask(self, valid: torch.Tensor) -> None:
         return None  # causal softmax: the padding at the end is written past the prompt and never read
@@ -479,11 +546,15 @@ class KVEngine(SlotEngine):
     def _stage_begin(self) -> None:
         pass  # prefill writes positions 0 .. before anything reads them
 
-    def _copy_stage(self, slots: slice, length: int) -> None:
-        n = slots.stop - slots.start
-        pairs = [(d[slots, :, :length], s[:n, :, :length]) for dst, src in zip(self.full, self.stage_full)
-                 for d, s in ((dst.k, src.k), (dst.v, src.v))]
-        torch._foreach_copy_(*map(list, zip(*pairs)))
+    def _reset_stage_row(self, row: int) -> None:
+        pass
+
+    def _slot_states(self) -> list:
+        return self.full
+
+    def _stage_states(self) -> list:
+        return self.stage_full
+
 
     def _copy_row(self, src: int, dst: int) -> None:
         n = self.host_pos[src] + 1

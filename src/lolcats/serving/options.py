@@ -33,9 +33,10 @@ class ServeOptions:
     ("Prompt tokens read between two decode steps, in chunks of one or more prompts (0: one chunk). More "
      "admits requests faster (time to first token), less keeps the running streams' time per token down.")
     prefill_rows: int = 8
-    ("Waiting prompts that fit in one --prefill-chunk are read together, up to N in one forward (right-padded to "
-     "the longest, within --prefill-chunk padded tokens, or --prefill-budget if larger; a CUDA graph per rows and "
-     "length bucket). Each staging row holds a sequence's state (its keys and values in teacher mode).")
+    ("Prompts read together in one forward, up to N (a staging row each, holding a sequence's state; its keys and "
+     "values in teacher mode), within --prefill-chunk tokens, or --prefill-budget if larger: waiting prompts that "
+     "fit in one chunk (right-padded to the longest; a CUDA graph per rows and length bucket), or the next chunks "
+     "of longer ones, each from its own position.")
     batch_bucket_step: int = 0
     ("Decode batch buckets (one CUDA graph each per sampling variant): powers of two up to this, then its "
      "multiples (64: 1, 2, ..., 64, 128, 192, ...); 0: powers of two up to --max-batch. Finer buckets compute fewer "

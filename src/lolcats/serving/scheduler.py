@@ -7,9 +7,11 @@ every event produced in it). One iteration:
 1. take new requests and cancellations from the inbox;
 2. retire the requests that ended (stop, length, cancelled): the last running slot's row is
    copied into the freed slot, so running sequences stay in slots 0 .. n-1, and the row is reset;
-3. read prompts into the engine's staging rows: the oldest waiting prompts that each fit in one chunk
-   (``prefill_chunk`` tokens) together, as many as one forward takes (``SlotEngine.group_fits``), or one
-   chunk of a longer one; after a prompt's last chunk its first token is picked on the device and its
+3. read prompts into the engine's staging rows, in one forward: the oldest waiting prompts that each fit
+   in one chunk (``prefill_chunk`` tokens) together as a *group*, as many as one forward takes
+   (``SlotEngine.group_fits``; a CUDA graph per bucket); or, where a longer prompt is being read, the next
+   chunk of every prompt being read (up to ``prefill_rows`` of them, topped up from the queue, within the
+   engine's ``group_tokens``); after a prompt's last chunk its first token is picked on the device and its
    row joins the running batch (slots n, n + 1, ...);
 4. launch one decode step for slots 0 .. n-1;
 5. process the previous step's tokens while the device runs this one (a request that ended
@@ -167,8 +169,7 @@ class Scheduler:
         self.lock = threading.Lock()
         self.n_waiting = 0  # submitted, not yet prefilling (guarded by lock)
         self.waiting: deque[Request] = deque()
-        self.staging: Request | None = None  # a prompt longer than one chunk, being read
-        self.group: list[Request] = []  # prompts being read together (within one iteration)
+        self.staging: list[Request] = []  # prompts being read, staging row i holding staging[i]
         self.running: list[Request] = []  # index = slot
         self.pending: deque[Pending] = deque()
         self.retiring: list[Request] = []
@@ -199,7 +200,7 @@ class Scheduler:
         self.wake.set()
 
     def stats(self) -> dict:
-        return {"running": len(self.running), "prefilling": int(self.staging is not None) + len(self.group),
+        return {"running": len(self.running), "prefilling": len(self.staging),
                 "waiting": self.n_waiting, "finished": dict(self.finished), "tokens_generated": self.tokens_out,
                 "timing": dict(self.timing)}
 
@@ -229,7 +230,7 @@ class Scheduler:
                 self.wake.wait(0.05)
                 self.wake.clear()
         self._ingest()
-        for req in list(self.waiting) + ([self.staging] if self.staging else []) + self.running:
+        for req in list(self.waiting) + self.staging + self.running:
             if not req.done:
                 self._fail(req, "the server is shutting down", stopping=True)
         self._flush()
@@ -293,7 +294,7 @@ class Scheduler:
                     self.waiting.remove(req)
                     self._left_queue()
                 elif req.state == "prefill":
-                    self.staging = None
+                    self._unstage(req)
                 self._finish(req, "cancelled")
 
     def _left_queue(self) -> None:
@@ -323,29 +324,17 @@ class Scheduler:
         return read > 0
 
     def _prefill_step(self) -> int:
-        """The waiting prompts that fit in one forward, or one chunk of the prompt being staged (the next waiting
-        one if none is): the tokens read, 0 if none."""
-        if self.staging is None:
-            free = self.engine.max_batch - len(self.running)
+        """One forward of prompt tokens: a group of waiting prompts that each fit in one chunk, or the next chunk of
+        every prompt being read (topped up from the queue). Returns the tokens read, 0 if none."""
+        free = self.engine.max_batch - len(self.running) - len(self.staging)
+        if not self.staging:
             if not self.waiting or free <= 0:
                 return 0
             group = self._take_group(free)
             if group:
                 return self._prefill_group(group)
-            self.staging = self.waiting.popleft()
-            self.staging.state = "prefill"
-            self._left_queue()
-        req = self.staging
-        start = req.prefilled
-        chunk = req.prompt_ids[start:start + self.prefill_chunk]
-        last = start + len(chunk) >= len(req.prompt_ids)
-        pending = self.engine.prefill(chunk, start, req.sampling if last else None, owner=req)
-        req.prefilled += len(chunk)
-        self.timing["prefill_tokens"] += len(chunk)
-        if last:
-            self.staging = None
-            self._join([req], pending)
-        return len(chunk)
+        self._top_up(free)
+        return self._prefill_chunks()
 
     def _take_group(self, free: int) -> list[Request]:
         """The oldest waiting prompts, each within one chunk, that one forward reads together (at most ``free``)."""
@@ -358,31 +347,79 @@ class Scheduler:
                 break
             group.append(req)
             longest = max(longest, n)
-        for req in group:
-            self.waiting.popleft()
-            req.state = "prefill"
-            self._left_queue()
+        for _ in group:
+            self._stage_next()
         return group
 
+    def _stage_next(self) -> Request:
+        req = self.waiting.popleft()
+        req.state = "prefill"
+        self._left_queue()
+        self.staging.append(req)
+        return req
+
+    def _chunk(self, req: Request) -> list[int]:
+        return req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
+
+    def _top_up(self, free: int) -> None:
+        """Waiting prompts join the ones being read while staging rows, slots and the forward's tokens allow."""
+        tokens = sum(len(self._chunk(r)) for r in self.staging)
+        while self.waiting and free > 0 and len(self.staging) < self.engine.prefill_rows:
+            n = len(self._chunk(self.waiting[0]))
+            if self.staging and tokens + n > self.engine.group_tokens:
+                break
+            self._stage_next()
+            tokens, free = tokens + n, free - 1
+
     def _prefill_group(self, group: list[Request]) -> int:
-        self.group = group
         pending = self.engine.prefill_group([r.prompt_ids for r in group], [r.sampling for r in group], group)
-        tokens = sum(len(r.prompt_ids) for r in group)
         for r in group:
             r.prefilled = len(r.prompt_ids)
+        self._admit(list(range(len(group))), pending)
+        return self._read(sum(len(r.prompt_ids) for r in group))
+
+    def _prefill_chunks(self) -> int:
+        """The next chunk of every prompt being read, in one forward; the prompts that ended join the batch."""
+        reqs = self.staging
+        chunks = [self._chunk(r) for r in reqs]
+        last = [r.prefilled + len(c) >= len(r.prompt_ids) for r, c in zip(reqs, chunks)]
+        pending = self.engine.prefill_chunks(chunks, [r.prefilled for r in reqs],
+                                             [r.sampling if e else None for r, e in zip(reqs, last)],
+                                             [r if e else None for r, e in zip(reqs, last)])
+        for r, c in zip(reqs, chunks):
+            r.prefilled += len(c)
+        if any(last):
+            self._admit([i for i, e in enumerate(last) if e], pending)
+        return self._read(sum(len(c) for c in chunks))
+
+    def _read(self, tokens: int) -> int:
         self.timing["prefill_tokens"] += tokens
-        self._join(group, pending)
-        self.group = []
         return tokens
 
-    def _join(self, reqs: list[Request], pending: Pending) -> None:
-        """Prompts read (their first tokens in ``pending``) join the running batch in the next slots."""
+    def _admit(self, rows: list[int], pending: Pending) -> None:
+        """Staging rows ``rows`` (their prompts read, first tokens in ``pending``) join the running batch in the next
+        slots; the rows still reading move down to the first staging rows."""
         first = len(self.running)
-        self.engine.admit_group(first, [len(r.prompt_ids) for r in reqs])
-        for i, r in enumerate(reqs):
+        done = [self.staging[i] for i in rows]
+        self.engine.admit_rows(rows, first, [len(r.prompt_ids) for r in done])
+        for i, r in enumerate(done):
             r.slot, r.state = first + i, "running"
-        self.running += reqs
+        self.running += done
         self.pending.append(pending)
+        self._compact([r for r in self.staging if r not in done])
+
+    def _compact(self, keep: list[Request]) -> None:
+        """Staging rows of ``keep`` (in their order) move to rows 0, 1, ..."""
+        for dst, req in enumerate(keep):
+            src = self.staging.index(req)
+            if src != dst:
+                self.engine.move_stage(src, dst, req.prefilled)
+                self.staging[dst], self.staging[src] = req, self.staging[dst]
+        self.staging = keep
+
+    def _unstage(self, req: Request) -> None:
+        """A prompt being read leaves (cancelled): the others keep their rows, moved down."""
+        self._compact([r for r in self.staging if r is not req])
 
     def _launch(self) -> bool:
         mode = batch_mode([r.sampling for r in self.running])
@@ -392,7 +429,7 @@ class Scheduler:
     def _process(self, pending: Pending) -> None:
         logprobs = pending.logprobs() or [None] * len(pending.owners)
         for req, tok, lp in zip(pending.owners, pending.result(), logprobs):
-            if not req.done:
+            if req is not None and not req.done:  # None: a staging row still reading
                 self._on_token(req, tok, lp)
 
     def _on_token(self, req: Request, tok: int, lp: tuple | None = None) -> None:
@@ -432,11 +469,11 @@ class Scheduler:
             self.retiring.append(req)
 
     def _fail_staging(self, message: str) -> None:
-        """A prefill failed: the prompts being read fail (a group's not yet running)."""
-        for req in ([self.staging] if self.staging is not None else []) + self.group:
+        """A prefill failed: the prompts being read fail."""
+        for req in self.staging:
             if not req.done and req.state != "running":
                 self._fail(req, message)
-        self.staging, self.group = None, []
+        self.staging = []
 
     def _fail_running(self, message: str) -> None:
         """A decode step failed: every running request fails and the pending tokens are dropped."""
