@@ -201,12 +201,6 @@ class SlotEngine:
             return [(slice(slots[0], slots[0] + len(rows)), slice(rows[0], rows[0] + len(rows)))]
         return [(slice(d, d + 1), slice(r, r + 1)) for r, d in zip(rows, slots)]
 
-    def _copy_row(self, src: int, dst: int) -> None:
-        raise NotImplementedError
-
-    def _reset_row(self, slot: int) -> None:
-        pass
-
     def _prefill_mask(self, valid: torch.Tensor) -> torch.Tensor | None:
         """The mask a right-padded first chunk is read with; ``valid`` (1, T) bool."""
         return valid
@@ -414,16 +408,18 @@ class SlotEngine:
 
     @torch.no_grad()
     def move(self, src: int, dst: int) -> None:
-        """Copy slot ``src`` (state, position, sampling) into slot ``dst`` (compaction)."""
-        self._copy_row(src, dst)
-        for buf in self.rows.values():
-            buf[dst] = buf[src]
+        """Copy slot ``src`` (state, position, sampling) into slot ``dst`` (compaction): one multi-tensor copy."""
+        n = self.host_pos[src] + 1  # a full key/value store's positions in use
+        pairs = [(d[dst], s_[src]) for st in self._slot_states() for d, s_ in self._state_tensors(st, st, n)]
+        pairs += [(buf[dst], buf[src]) for buf in self.rows.values()]
+        torch._foreach_copy_(*map(list, zip(*pairs)))
         self.host_pos[dst] = self.host_pos[src]
 
     @torch.no_grad()
     def release(self, slot: int) -> None:
-        """Slot ``slot`` is free: clear what of it could leak into a later sequence."""
-        self._reset_row(slot)
+        """Slot ``slot`` is free. Its state is left as it is: an admission overwrites every state tensor of the row
+        (a full key/value store's first positions, those the new sequence's queries see, as it writes the rest before
+        reading them), and until then the row computes garbage nobody reads, if any step's bucket covers it."""
         self.rows["pos"][slot:slot + 1].fill_(0)
         self.host_pos[slot] = 0
 
@@ -492,15 +488,6 @@ class StateEngine(SlotEngine):
     def _stage_states(self) -> list:
         return [l.state for l in self.stage_layers]
 
-    def _copy_row(self, src: int, dst: int) -> None:
-        for st in self.full:
-            for t in st.tensors().values():
-                t[dst].copy_(t[src])
-
-    def _reset_row(self, slot: int) -> None:
-        for st in self.full:
-            st.rows(slice(slot, slot + 1)).reset()  # fills the row's views in place
-
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch
 
@@ -555,12 +542,6 @@ class KVEngine(SlotEngine):
     def _stage_states(self) -> list:
         return self.stage_full
 
-
-    def _copy_row(self, src: int, dst: int) -> None:
-        n = self.host_pos[src] + 1
-        for st in self.full:
-            st.k[dst, :, :n].copy_(st.k[src, :, :n])
-            st.v[dst, :, :n].copy_(st.v[src, :, :n])
 
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch
