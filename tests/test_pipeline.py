@@ -255,8 +255,10 @@ def test_the_use_section_travels_with_the_checkpoints(env, tmp_path):
     text.write_text("the cat sat on the mat and the dog ran to the big red house\n" * 8)
     eval_main(ModelSource(checkpoint=str(d2 / "best")), ppl=[str(text)], seq_len=32, output=str(tmp_path / "e.json"),
               device="cpu", print_table=False)
-    assert json.loads((tmp_path / "e.json").read_text())["models"]["linearized"]["use"] == {
+    linearized = json.loads((tmp_path / "e.json").read_text())["models"]["linearized"]
+    assert linearized["use"] == {
         "sparse_cache": 8, "sparse_score": "self_recall", "sparse_sink": 2, "linear_scale": 0.5}  # what it ran with
+    assert linearized["softmax_layers"] == []  # the layers it keeps as softmax attention (this run: none)
 
 
 def test_load_linearized_is_the_model_eval_loads(finished, tmp_path):

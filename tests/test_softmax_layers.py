@@ -298,3 +298,10 @@ def test_kl_pick_keeps_the_layer_whose_restoring_helps_most_and_records_its_prob
     _, pick, scores, _ = _picked(tmp_path, "kl")
     assert pick["by"] == "kl" and set(scores) == {0, 1} and pick["layers"] == [max(scores, key=scores.get)]
     assert (pick["probe"]["task"], pick["probe"]["samples"], pick["probe"]["lengths"]) == ("niah_single", 2, [256])
+
+
+def test_eval_records_the_layers_kept_as_softmax():
+    """`lolcats eval --output` records, beside the use settings, the layers the model keeps as softmax attention."""
+    from lolcats.evaluation import _settings_used
+
+    assert _settings_used(build(kept=(0, 2)))["softmax_layers"] == [0, 2]

@@ -155,9 +155,12 @@ USE_KEYS = tuple(f.name for f in fields(UseSettings))  # the settings a trained 
 
 
 def _settings_used(model) -> dict[str, Any]:
-    """A linearized model's load-time settings as it ran (``config.lolcats_attention``: trained, recorded or flags)."""
+    """A linearized model's load-time settings as it ran (``config.lolcats_attention``: trained, recorded or flags)
+    and the layers it keeps as softmax attention (the checkpoint's pick)."""
     attn = getattr(model.config, "lolcats_attention", None) or {}
-    return {"use": {k: attn[k] for k in USE_KEYS if k in attn}} if attn else {}
+    if not attn:
+        return {}
+    return {"use": {k: attn[k] for k in USE_KEYS if k in attn}, "softmax_layers": attn.get("softmax_layers") or []}
 
 
 def _versions() -> dict[str, str]:
