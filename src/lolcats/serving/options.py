@@ -30,8 +30,9 @@ class ServeOptions:
     prefill_chunk: int = 512
     "Longest piece of one prompt read at a time (the first chunk replays a CUDA graph per length bucket)."
     prefill_budget: int = 0
-    ("Prompt tokens read between two decode steps, in chunks of one or more prompts (0: one chunk). More "
-     "admits requests faster (time to first token), less keeps the running streams' time per token down.")
+    ("Prompt tokens read between two decode steps, in forwards of one or more prompts (0: one forward), and a "
+     "forward's tokens if above --prefill-chunk. More admits requests faster (time to first token), less keeps "
+     "the running streams' time per token down.")
     prefill_rows: int = 8
     ("Prompts read together in one forward, up to N (a staging row each, holding a sequence's state; its keys and "
      "values in teacher mode), within --prefill-chunk tokens, or --prefill-budget if larger: waiting prompts that "
