@@ -298,7 +298,7 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
     engine = cls(model, 2, 64, prefill_chunk=32)
     ids = torch.randint(3, 20, (11,)).tolist()  # bucket 16: 5 padding tokens
     with torch.no_grad():
-        padded = engine._prefill_first(ids).clone()
+        padded = engine._group_logits([ids]).clone()
         after = engine.stage.states() if mode == "student" else None
         kept = ({i: {n: t.clone() for n, t in vars(st).items()} for i, st in after.items()} if after else
                 [t[:, :, :11].clone() for st in engine.stage.states().values() for t in (st.k, st.v)])

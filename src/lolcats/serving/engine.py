@@ -134,6 +134,8 @@ class SlotEngine:
         self.group_tokens = max(prefill_tokens, P)  # a group's padded tokens (rows x length buckets) stay within
         self.cache = self._make_cache(max_batch)  # the slots, handed to the layers
         self.stage = self._make_cache(R)  # the staging rows prompts are read into
+        self.full = [layer.state for layer in self.cache.layers]  # every layer's state, a row per slot
+        self.stage_full = [layer.state for layer in self.stage.layers]  # and per staging row
         self.runner = DecodeRunner(self.model, self.cache, max_batch, use_cuda_graph, full=True, seeded=True,
                                    batch_step=batch_step)
         r = self.runner
@@ -178,15 +180,14 @@ class SlotEngine:
         """(destination view, staging view) pairs of every state tensor that moving staging rows ``rows`` into
         ``slots`` copies (staging rows instead with ``into_stage``), for rows up to ``length`` tokens long (consecutive
         rows and slots: one pair per tensor)."""
-        dst = self._stage_states() if into_stage else self._slot_states()
-        return [(d[ds], s_[sr]) for dst_st, src_st in zip(dst, self._stage_states())
+        dst = self.stage_full if into_stage else self.full
+        return [(d[ds], s_[sr]) for dst_st, src_st in zip(dst, self.stage_full)
                 for d, s_ in self._state_tensors(dst_st, src_st, length) for ds, sr in self._stage_moves(rows, slots)]
 
-    def _slot_states(self) -> list:
-        raise NotImplementedError
-
-    def _stage_states(self) -> list:
-        raise NotImplementedError
+    def _length_buckets(self) -> list[int]:
+        """Length buckets of a full key/value store (64, 128, ..., max_len): a step reads and writes it only up to
+        the one covering the longest running row."""
+        return buckets(self.max_len, min(self.MIN_LEN, self.max_len))
 
     def _state_tensors(self, dst, src, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(destination, source) tensors of one layer's state that a row move copies (all of them; a full key/value
@@ -374,10 +375,6 @@ class SlotEngine:
             return logits
         return self._first_chunk(b, T)
 
-    def _prefill_first(self, ids: list[int]) -> torch.Tensor:
-        """One prompt's first chunk, right-padded to its length bucket: logits (1, V) at its last token."""
-        return self._group_logits([ids])
-
     @torch.no_grad()
     def admit(self, slot: int, length: int) -> None:
         """Move staging row 0 (a prompt of ``length`` tokens, its first token picked) into ``slot``."""
@@ -410,7 +407,7 @@ class SlotEngine:
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src`` (state, position, sampling) into slot ``dst`` (compaction): one multi-tensor copy."""
         n = self.host_pos[src] + 1  # a full key/value store's positions in use
-        pairs = [(d[dst], s_[src]) for st in self._slot_states() for d, s_ in self._state_tensors(st, st, n)]
+        pairs = [(d[dst], s_[src]) for st in self.full for d, s_ in self._state_tensors(st, st, n)]
         pairs += [(buf[dst], buf[src]) for buf in self.rows.values()]
         torch._foreach_copy_(*map(list, zip(*pairs)))
         self.host_pos[dst] = self.host_pos[src]
@@ -422,6 +419,9 @@ class SlotEngine:
         reading them), and until then the row computes garbage nobody reads, if any step's bucket covers it."""
         self.rows["pos"][slot:slot + 1].fill_(0)
         self.host_pos[slot] = 0
+
+    def state_bytes_per_slot(self) -> int:
+        return sum(st.nbytes() for st in self.full) // self.max_batch
 
     def describe(self) -> dict:
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -452,11 +452,10 @@ class StateEngine(SlotEngine):
         # a sparse cache on terraced windows evicts only when a row's token starts a block: steps are keyed
         # (and captured) by whether one does, which the host knows from the slots' positions
         self.block = self.runner.block
-        self.full = [l.state for l in self.layers]
         # layers kept as softmax attention with every position: a step reads and writes their stores only up to a
         # length bucket covering the longest running row (steps keyed by it, as the teacher's)
         if any(isinstance(l, SoftmaxLayer) and not l.window for l in self.layers):
-            self.lengths = buckets(max_len, min(self.MIN_LEN, max_len))
+            self.lengths = self._length_buckets()
             self.capture_while_serving, self.warmup_modes = True, ("greedy",)
 
     def _make_cache(self, rows: int):
@@ -482,14 +481,6 @@ class StateEngine(SlotEngine):
         for layer in self.stage_layers:
             layer.state.rows(slice(row, row + 1)).reset()
 
-    def _slot_states(self) -> list:
-        return self.full
-
-    def _stage_states(self) -> list:
-        return [l.state for l in self.stage_layers]
-
-    def state_bytes_per_slot(self) -> int:
-        return sum(st.nbytes() for st in self.full) // self.max_batch
 
 
 # ---------------------------------------------------------------- teacher: softmax with KV slots
@@ -516,9 +507,7 @@ class KVEngine(SlotEngine):
         set_attention_mode(model, "teacher")
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step,
                          prefill_rows, prefill_tokens)
-        self.full = [layer.state for layer in self.cache.layers]
-        self.stage_full = [layer.state for layer in self.stage.layers]
-        self.lengths = buckets(max_len, min(self.MIN_LEN, max_len))
+        self.lengths = self._length_buckets()
 
     def _make_cache(self, rows: int):
         return make_cache(self.model, rows, max_length=self.max_len, softmax=True)
@@ -533,15 +522,3 @@ class KVEngine(SlotEngine):
     def _stage_begin(self) -> None:
         pass  # prefill writes positions 0 .. before anything reads them
 
-    def _reset_stage_row(self, row: int) -> None:
-        pass
-
-    def _slot_states(self) -> list:
-        return self.full
-
-    def _stage_states(self) -> list:
-        return self.stage_full
-
-
-    def state_bytes_per_slot(self) -> int:
-        return sum(st.nbytes() for st in self.full) // self.max_batch

@@ -351,12 +351,12 @@ class Scheduler:
             self._stage_next()
         return group
 
-    def _stage_next(self) -> Request:
+    def _stage_next(self) -> None:
+        """The oldest waiting prompt takes the next staging row."""
         req = self.waiting.popleft()
         req.state = "prefill"
         self._left_queue()
         self.staging.append(req)
-        return req
 
     def _chunk(self, req: Request) -> list[int]:
         return req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
@@ -410,11 +410,10 @@ class Scheduler:
 
     def _compact(self, keep: list[Request]) -> None:
         """Staging rows of ``keep`` (in their order) move to rows 0, 1, ..."""
-        for dst, req in enumerate(keep):
+        for dst, req in enumerate(keep):  # rows only move down, into rows of prompts that left or moved already
             src = self.staging.index(req)
             if src != dst:
                 self.engine.move_stage(src, dst, req.prefilled)
-                self.staging[dst], self.staging[src] = req, self.staging[dst]
         self.staging = keep
 
     def _unstage(self, req: Request) -> None:
