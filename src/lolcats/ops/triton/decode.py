@@ -16,9 +16,11 @@ rows of its tiles:
 With a log forget gate (B, Hk) the program first multiplies its (kv, ks) rows by exp(log_gate)
 (valid rows), then folds: as in the reference, keys decay from the step they leave the window.
 
-With a sparse cache (G pairs per KV head, ``ops/sparse``) the decay and the eviction through the cache run
-first in PyTorch (``ops/decode/evict.py::evict_sparse``: choosing what the cache keeps is a top-k over the cache and the
-leaving slots), and the program reads the G cached pairs as more softmax terms under the same max.
+With a sparse cache (G pairs per KV head, ``ops/sparse``) the eviction through the cache runs first: on terraced
+windows with a built-in score in one launch (``ops/triton/sparse.py::sparse_evict_step``: only the rows whose
+token starts a block do any work; the program here then masks the leaving half without folding it), else in
+PyTorch (``ops/decode/evict.py::evict_sparse``, a top-k over the cache and the leaving slots); the program reads
+the G cached pairs as more softmax terms under the same max.
 
 ``win_pos`` (B, S) is shared by the KV heads of a row, so a second tiny launch (one program per
 row) updates it after every head has read it. No host synchronisation and no allocation that
@@ -32,10 +34,12 @@ import triton
 import triton.language as tl
 
 from lolcats.ops.common import EPS
-from lolcats.ops.decode.evict import evict_sparse
+from lolcats.ops.decode.evict import decay, evict_sparse
 from lolcats.ops.decode.state import DecodeState
 from lolcats.ops.triton.chunked import tile_dot, dot_dtype, pad_dim
 from lolcats.ops.kinds import kind_id
+from lolcats.ops.triton.sparse import sparse_evict_step
+from lolcats.ops.triton.sparse import supports as sparse_supports
 
 
 @triton.jit
@@ -69,7 +73,7 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
             KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_VALID: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
             GP: tl.constexpr, GQ: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, GATED: tl.constexpr,
-            NS: tl.constexpr, NSP: tl.constexpr):
+            NS: tl.constexpr, NSP: tl.constexpr, FOLD: tl.constexpr):
     bhk = tl.program_id(0).to(tl.int64)
     b, hk = bhk // HK, bhk % HK
     G = H // HK
@@ -97,7 +101,11 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         wpos = tl.load(win_pos + b * S + rs, mask=ms, other=-1)
         leave, write = _leave_write(wpos, rs, pos, valid, KIND, W, S)
         npos = tl.where(write, pos, tl.where(leave, -1, wpos))
-        fk_old = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=leave[:, None] & mf[None, :],
+        if FOLD:
+            gone = leave
+        else:  # the leaving slots went through the sparse cache (sparse_evict_step): masked, not folded
+            gone = leave & (rs < 0)
+        fk_old = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=gone[:, None] & mf[None, :],
                          other=0.0)  # (SP, FP): only leaving rows are read
         ks_row += tl.sum(fk_old.to(tl.float32), 0)
         k_new = tl.load(k + bhk * D + rd, mask=md, other=0.0)
@@ -139,10 +147,10 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
                          other=0.0)
             if KIND == 1:  # sliding: one slot leaves at (nearly) every step
                 kvb += tile_dot(tl.trans(fk_old), vt, DT)
-            elif tl.sum(leave.to(tl.int32), 0) > 0:
+            elif tl.sum(gone.to(tl.int32), 0) > 0:
                 # terraced: a half leaves once per block. Its rows are re-read here (cached) rather
                 # than held in registers across the loop (that spilled: Nsight Compute, PERFORMANCE.md)
-                fko = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=leave[:, None] & mf[None, :],
+                fko = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=gone[:, None] & mf[None, :],
                               other=0.0)
                 kvb += tile_dot(tl.trans(fko), vt, DT)
             vt = tl.where(write[:, None], v_new[None, :].to(vt.dtype), vt)
@@ -200,8 +208,9 @@ def decode_step_triton(
     """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous.
 
     With a sparse cache (``state.sparse_size`` > 0) the gate's decay and the slots leaving the window go through
-    PyTorch first (``evict_sparse``: the kernel then sees those slots empty and folds nothing),
-    and the kernel adds the cached pairs to the softmax terms."""
+    the cache first (``sparse_evict_step`` on terraced windows: the kernel then masks the leaving half and folds
+    nothing; else ``evict_sparse``, which marks those slots empty), and the kernel adds the cached pairs to the
+    softmax terms. The cache's slot order may differ from the reference's (the same pairs)."""
     B, H, D = q.shape
     Hk, Dv, F = k.shape[1], v.shape[-1], fk.shape[-1]
     S = state.win_pos.shape[1]
@@ -209,7 +218,14 @@ def decode_step_triton(
     NS = state.sparse_size
     if NS and kid == 0:
         raise ValueError("a sparse cache needs a window kind (sliding_window or terraced_window)")
-    if NS:  # decay and eviction in the reference's order; the kernel then has neither to do
+    fold = True
+    if NS and sparse_supports(kind, sparse_score):  # decay, then the eviction in one launch; the kernel masks
+        if log_gate is not None:                     # the leaving half without folding it
+            decay(state, log_gate.float() if valid is None else torch.where(valid[:, None], log_gate.float(), 0.0))
+        if evict:
+            sparse_evict_step(state, pos, valid, window_size, sparse_score, sparse_sink)
+        log_gate, fold = None, False
+    elif NS:  # decay and eviction in the reference's order; the kernel then has neither to do
         evict_sparse(state, pos, valid, kind, window_size, log_gate, sparse_score, evict, sparse_sink)
         log_gate = None
     q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
@@ -226,7 +242,7 @@ def decode_step_triton(
     _decode[(B * Hk,)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
                        pos, vptr, gp, lg, y, state.sparse_k, state.sparse_v, state.sparse_pos, H, Hk, float(scale), EPS,
                        **common, D=D, DV=Dv, F=F, DP=pad_dim(D), FP=pad_dim(F), GP=pad_dim(H // Hk), GQ=H // Hk,
-                       BV=min(64, pad_dim(Dv)), DT=dt, GATED=log_gate is not None, NS=NS, NSP=pad_dim(max(NS, 1)),
+                       BV=min(64, pad_dim(Dv)), DT=dt, GATED=log_gate is not None, NS=NS, NSP=pad_dim(max(NS, 1)), FOLD=fold,
                        num_warps=4)
     if kid != 0:
         _decode_pos[(B,)](state.win_pos, pos, vptr, **common, num_warps=1)

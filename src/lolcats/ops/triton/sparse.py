@@ -268,6 +268,39 @@ def _attend(q, k, v, fq, win_k, win_v, win_pos, runs, gp, y, snap_k, snap_v, sna
         tl.store(y + rows[:, None] * DV + rv[None, :], out.to(y.dtype.element_ty), mask=vq[:, None] & mv[None, :])
 
 
+@triton.jit
+def _evict_step(win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, sp_pos, pos_ptr, valid_ptr, scratch,
+                HK, eps, sink, HAS_VALID: tl.constexpr,
+                W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+                DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, G: tl.constexpr, NT: tl.constexpr,
+                SCORE: tl.constexpr, PREC: tl.constexpr):
+    """A decode step's eviction, one program per (row, KV head): where the row's token starts a block (pos % w ==
+    0) the block two back leaves the window through the cache (``_merge``: the window slots are its source); every
+    other program returns at once. The window slots keep their positions: the decode kernel then masks the
+    leaving half without folding it (``FOLD`` off) and marks it empty."""
+    bhk = tl.program_id(0).to(tl.int64)
+    b = bhk // HK
+    pos = tl.load(pos_ptr + b)
+    if HAS_VALID:
+        ok = tl.load(valid_ptr + b).to(tl.int32) != 0
+    else:
+        ok = pos >= 0
+    if ok & (pos % W == 0) & (pos >= 2 * W):
+        rv, rf = tl.arange(0, DVP), tl.arange(0, FP)
+        mv, mf = rv < DV, rf < F
+        wk, wv, wfk, wp = win_k + bhk * S * D, win_v + bhk * S * DV, win_fk + bhk * S * F, win_pos + b * S
+        gk, gv, gfk, gpos = sp_k + bhk * G * D, sp_v + bhk * G * DV, sp_fk + bhk * G * F, sp_pos + bhk * G
+        sc = scratch + bhk * (2 * (NT + 1) * R)
+        kv_at = rf[:, None] * DV + rv[None, :]
+        kvt = tl.load(kv + bhk * F * DV + kv_at, mask=mf[:, None] & mv[None, :], other=0.0)
+        kst = tl.load(ks + bhk * F + rf, mask=mf, other=0.0)
+        # the chunk is empty (p0 = pos): _by_pos reads every leaving key from its window slot
+        kvt, kst = _merge(kvt, kst, wk, wv, wfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, pos, pos, 0, sink, eps,
+                          W, S, R, D, DV, F, DP, DVP, FP, G, NT, SCORE, PREC)
+        tl.store(kv + bhk * F * DV + kv_at, kvt, mask=mf[:, None] & mv[None, :])
+        tl.store(ks + bhk * F + rf, kst, mask=mf)
+
+
 def supports(kind: str, score: str, *tensors) -> bool:
     """Whether :func:`sparse_prefill_triton` takes this chunk: a terraced window, a built-in score (not one
     registered over it: ``register_score``), no gradient."""
@@ -312,3 +345,25 @@ def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, windo
     _attend[(B * H, NB)](q, k, v, fq, after.win_k, after.win_v, after.win_pos, runs, window_factor.float().contiguous(),
                          y, *snap, T, H, Hk, NB, float(scale), **dims, DT=dot_dtype(state.win_k, q), num_warps=4)
     return y, after
+
+
+def sparse_evict_step(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor | None, window_size: int,
+                      score: str, sink: int = 0) -> None:
+    """The eviction of a decode step on terraced windows (``evict_to_cache`` of ``ops/sparse/cache.py``), in
+    place, one launch: rows whose token starts a block send the block two back through the cache (kept pairs,
+    folds into (kv, ks)); the window slots are left as they are for the decode kernel (it must not fold them).
+
+    pos (B,) int64, valid (B,) bool or None; the state contiguous. Nothing syncs with the host."""
+    B, Hk, G, D = state.sparse_k.shape
+    Dv, F, S, W = state.sparse_v.shape[-1], state.sparse_fk.shape[-1], state.win_pos.shape[1], window_size
+    R = pad_dim(W)
+    NT = triton.cdiv(G, R)
+    exact = state.win_k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    scratch = torch.empty(B * Hk, 2 * (NT + 1) * R, dtype=torch.float32, device=pos.device)
+    pos = pos.contiguous()
+    vptr = valid.contiguous().view(torch.int8) if valid is not None else pos
+    _evict_step[(B * Hk,)](state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
+                           state.sparse_k, state.sparse_v, state.sparse_fk, state.sparse_pos, pos, vptr, scratch,
+                           Hk, EPS, int(sink), HAS_VALID=valid is not None, W=W, S=S, R=R, D=D, DV=Dv, F=F,
+                           DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), G=G, NT=NT, SCORE=SCORE_IDS[score],
+                           PREC="ieee" if exact else "tf32", num_warps=8, num_stages=1)
