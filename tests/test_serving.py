@@ -329,6 +329,41 @@ def test_prefill_budget_admits_several_prompts_per_iteration():
         assert sched.timing["prefill_tokens"] == sum(len(i) for i in ids[:admitted])
 
 
+@torch.no_grad()
+def test_engine_states_are_stacked_by_spec_and_rows_move_in_one_copy_per_field():
+    """The slots' states: layers declaring one state share a tensor per field (their states are views of it), so
+    admitting a staging row copies one view per field and stack, whatever the number of layers."""
+    from lolcats.attention.generate import make_cache
+    from lolcats.serving.engine import StateEngine
+
+    tok = char_tokenizer()
+    model = tiny_kept(tok, sparse_cache=3)
+    plain, stacked = make_cache(model, 2, max_length=40), make_cache(model, 2, max_length=40, stacked=True)
+    assert not plain.stacks and len(stacked.stacks) == 2  # the converted layers' spec, the kept layer's store
+    for i, st in stacked.states().items():
+        assert [t.shape for t in st.tensors().values()] == [t.shape for t in plain.states()[i].tensors().values()]
+        assert all(t.is_contiguous() for t in st.tensors().values())
+    hybrid = stacked.stacks[0]
+    assert hybrid.tensors["kv"].shape[0] == 2  # layers 0 and 2
+    stacked.states()[2].kv.fill_(3.0)  # a layer's state is a view of its stack
+    assert bool((hybrid.tensors["kv"][1] == 3.0).all()) and bool((hybrid.tensors["kv"][0] == 0).all())
+    hybrid.reset(slice(1, 2))
+    assert bool((stacked.states()[2].kv[1] == 0).all()) and bool((stacked.states()[2].kv[0] == 3.0).all())
+    engine = StateEngine(model, 4, 40, use_cuda_graph=False)
+    fields = sum(len(st.tensors) for st in engine.full)
+    assert len(engine._stage_pairs([0], [2], 10)) == fields - 1  # a full store's positions are its slots: k, v
+    prompt = tok("hello there", add_special_tokens=False)["input_ids"]
+    engine.prefill_group([prompt], [Sampling()])
+    engine.admit(2, len(prompt))
+    for i, st in engine.cache.states().items():
+        for name, t in st.tensors().items():
+            want = engine.stage.states()[i].tensors()[name][0]
+            got = t[2]
+            if isinstance(st, KVState) and name in ("k", "v"):
+                got, want = got[:, :len(prompt)], want[:, :len(prompt)]
+            assert torch.equal(got, want), (i, name)
+
+
 def row_state(engine, row: int, length: int) -> dict[str, torch.Tensor]:
     """Staging row ``row``'s state, a key/value store's first ``length`` positions only (padding writes past them)."""
     out = {}

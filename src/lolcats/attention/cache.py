@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lolcats.ops.decode.state import EMPTY_POS
-from lolcats.ops.state import LayerState, StateSpec, state_field
+from lolcats.ops.state import LayerState, StateSpec, StateStack, state_field
 
 
 @dataclass
@@ -209,6 +209,7 @@ class LolcatsCache(Cache):
 
     def __init__(self, layers: list):
         super().__init__(layers=layers)
+        self.stacks: list[StateStack] = []  # the layers' states in shared tensors (make_cache(stacked=True))
 
     def slot(self, layer_idx: int) -> LolcatsLayer:
         """The stored state of converted layer ``layer_idx``."""

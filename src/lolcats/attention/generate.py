@@ -15,39 +15,52 @@ import torch.nn as nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lolcats.attention.cache import LolcatsCache, LolcatsLayer
+from lolcats.ops.state import allocate_stacked
 from lolcats.attention.layers import causal_lm, decoder_layers, lolcats_attention_by_layer, lolcats_modules
 
 
 def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dtype | None = None,
-               device=None, max_length: int | None = None, softmax: bool = False) -> LolcatsCache:
+               device=None, max_length: int | None = None, softmax: bool = False, stacked: bool = False) -> LolcatsCache:
     """A LolcatsCache for ``model``; states are allocated now if ``batch_size`` is given, else lazily.
 
     Layers kept as softmax attention get a :class:`SoftmaxLayer`: its key/value store preallocated with
     ``batch_size`` and ``max_length`` (positions per row), else allocated at the first call when the layer's
     store is bounded (``attention.use.set_softmax_window``); an unbounded one otherwise keeps HF's dynamic layer.
-    ``softmax``: every layer gets a preallocated store (teacher mode: the converted layers attend by softmax too)."""
+    ``softmax``: every layer gets a preallocated store (teacher mode: the converted layers attend by softmax too).
+    ``stacked`` (with ``batch_size``): layers declaring equal states share one tensor per field (``cache.stacks``,
+    ``ops/state.py``'s :class:`StateStack`), so that rows of every layer move in a few copies; the layers' states
+    are views of it and must not be replaced."""
     inner = causal_lm(model)
     config = inner.config.get_text_config(decoder=True)
     mods = lolcats_attention_by_layer(inner)
     if not mods:
         raise ValueError("make_cache: the model has no LolcatsAttention layers (run convert_model first)")
     dynamic = DynamicCache(config=config).layers
-    layers = []
+    layers, specs = [], []  # specs: (layer, its state's spec, device) of the states allocated now
     for i in range(config.num_hidden_layers):
         m = mods.get(i)
         w = None if m is None else m.q_proj.weight
         dt = dtype or (w.dtype if w is not None and w.is_floating_point() else torch.float32)
         kept = m is not None and (softmax or not m.converted)
         if kept and batch_size is not None and max_length is not None:
-            layers.append(m.softmax_slot(batch_size, max_length, dt, device or w.device))
+            layers.append(m.softmax_slot())
+            specs.append((layers[-1], m.kv_state_spec(max_length, dt), device or w.device))
         elif kept and m.kv_window:
             layers.append(m.softmax_slot())
         elif m is None or not m.converted:
             layers.append(dynamic[i] if i < len(dynamic) else DynamicLayer())
         else:
-            state = None if batch_size is None else m.empty_state(batch_size, dt, device or w.device)
-            layers.append(LolcatsLayer(state))
-    return LolcatsCache(layers)
+            layers.append(LolcatsLayer())
+            if batch_size is not None:
+                specs.append((layers[-1], m.state_spec(dt), device or w.device))
+    cache = LolcatsCache(layers)
+    if stacked and specs:
+        states, cache.stacks = allocate_stacked([s for _, s, _ in specs], batch_size, [d for _, _, d in specs])
+    else:
+        states = [spec.allocate(batch_size, d) for _, spec, d in specs]
+    for (layer, _, _), state in zip(specs, states):
+        layer.state, layer.is_initialized = state, True
+    return cache
 
 
 def cache_kwarg_name(model: nn.Module) -> str:

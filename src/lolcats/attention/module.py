@@ -366,12 +366,15 @@ class LolcatsAttention(nn.Module):
                              f"{slot.state.batch_size}; StepMeta.rows picks them)")
         return state, declared
 
-    def empty_kv_state(self, batch_size: int, max_length: int, dtype, device) -> KVState:
-        """An empty key/value store for ``batch_size`` rows of up to ``max_length`` positions (a kept layer): a slot
-        per position, or at most ``kv_sink`` + ``kv_window`` slots when bounded."""
+    def kv_state_spec(self, max_length: int, dtype) -> StateSpec:
+        """A kept layer's key/value store for rows of up to ``max_length`` positions: a slot per position, or at
+        most ``kv_sink`` + ``kv_window`` slots when bounded."""
         slots = kv_slots(max_length, self.kv_window, self.kv_sink)
-        return KVState.empty(batch_size, self.num_kv_heads, slots, self.head_dim, self.head_dim, dtype, device,
-                             bounded=bool(self.kv_window))
+        return KVState.spec(self.num_kv_heads, slots, self.head_dim, self.head_dim, dtype, bounded=bool(self.kv_window))
+
+    def empty_kv_state(self, batch_size: int, max_length: int, dtype, device) -> KVState:
+        """An empty :meth:`kv_state_spec` store for ``batch_size`` rows."""
+        return self.kv_state_spec(max_length, dtype).allocate(batch_size, device)
 
     def softmax_slot(self, batch_size: int | None = None, max_length: int | None = None, dtype=None,
                      device=None) -> SoftmaxLayer:

@@ -68,6 +68,50 @@ class StateSpec:
         return self.state(**{f.name: torch.full((batch_size, *f.shape), f.empty, dtype=f.dtype, device=device)
                              for f in self.fields})
 
+    def allocate_stack(self, layers: int, batch_size: int, device=None) -> StateStack:
+        """Empty states of ``layers`` layers for ``batch_size`` sequences each, in one tensor per field."""
+        return StateStack(self, {f.name: torch.full((layers, batch_size, *f.shape), f.empty, dtype=f.dtype,
+                                                    device=device) for f in self.fields})
+
+
+@dataclass
+class StateStack:
+    """The states of several layers that declare one spec, in one tensor per field, ``(n, B, *shape)``: layer i's
+    state is the views ``[i]`` (contiguous, as the kernels need). Whoever moves or empties rows of every layer
+    at once (the serving engine) does it in one operation per field instead of one per layer and field."""
+
+    spec: StateSpec
+    tensors: dict[str, torch.Tensor]  # {field: (n, B, *shape)}
+
+    def layer(self, i: int) -> LayerState:
+        """Layer i's state: views, written in place."""
+        return self.spec.state(**{name: t[i] for name, t in self.tensors.items()})
+
+    def reset(self, rows: slice | None = None) -> None:
+        """Rows ``rows`` (all when None) of every layer back to the fields' empty values, in place."""
+        for f in self.spec.fields:
+            t = self.tensors[f.name]
+            (t if rows is None else t[:, rows]).fill_(f.empty)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def allocate_stacked(specs: list[StateSpec], batch_size: int, devices: list) -> tuple[list[LayerState], list[StateStack]]:
+    """Empty states for layers declaring ``specs`` on ``devices`` (in order), those with equal specs on one device
+    stacked: (each layer's state, the stacks in order of their first layer)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(specs, map(torch.device, devices))):
+        groups.setdefault(key, []).append(i)
+    states: list[LayerState | None] = [None] * len(specs)
+    stacks = []
+    for (spec, device), idx in groups.items():
+        stack = spec.allocate_stack(len(idx), batch_size, device)
+        stacks.append(stack)
+        for j, i in enumerate(idx):
+            states[i] = stack.layer(j)
+    return states, stacks
+
 
 class LayerState:
     """Base of a layer's state: subclasses are dataclasses of batch-first tensors (B, ...), one per field."""

@@ -65,6 +65,7 @@ from lolcats.attention.use import set_inference_fusion
 from lolcats.generation.runner import (DecodeRunner, StepKey, bucket_for, buckets, logprob_rows, row_buffers,
                                        set_sampling)
 from lolcats.generation.sampling import MODES, Sampling, batch_mode
+from lolcats.ops.state import StateStack
 
 
 class Pending:
@@ -134,8 +135,8 @@ class SlotEngine:
         self.group_tokens = max(prefill_tokens, P)  # a group's padded tokens (rows x length buckets) stay within
         self.cache = self._make_cache(max_batch)  # the slots, handed to the layers
         self.stage = self._make_cache(R)  # the staging rows prompts are read into
-        self.full = [layer.state for layer in self.cache.layers]  # every layer's state, a row per slot
-        self.stage_full = [layer.state for layer in self.stage.layers]  # and per staging row
+        self.full = self.cache.stacks  # every layer's state, a row per slot, layers of one spec stacked
+        self.stage_full = self.stage.stacks  # and per staging row
         self.runner = DecodeRunner(self.model, self.cache, max_batch, use_cuda_graph, full=True, seeded=True,
                                    batch_step=batch_step)
         r = self.runner
@@ -181,7 +182,7 @@ class SlotEngine:
         ``slots`` copies (staging rows instead with ``into_stage``), for rows up to ``length`` tokens long (consecutive
         rows and slots: one pair per tensor)."""
         dst = self.stage_full if into_stage else self.full
-        return [(d[ds], s_[sr]) for dst_st, src_st in zip(dst, self.stage_full)
+        return [(d[:, ds], s_[:, sr]) for dst_st, src_st in zip(dst, self.stage_full)
                 for d, s_ in self._state_tensors(dst_st, src_st, length) for ds, sr in self._stage_moves(rows, slots)]
 
     def _length_buckets(self) -> list[int]:
@@ -189,12 +190,12 @@ class SlotEngine:
         the one covering the longest running row."""
         return buckets(self.max_len, min(self.MIN_LEN, self.max_len))
 
-    def _state_tensors(self, dst, src, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(destination, source) tensors of one layer's state that a row move copies (all of them; a full key/value
-        store's first ``length`` positions)."""
-        if isinstance(dst, KVState) and not dst.pos.shape[1]:  # a full store: slot p holds position p
-            return [(dst.k[:, :, :length], src.k[:, :, :length]), (dst.v[:, :, :length], src.v[:, :, :length])]
-        return list(zip(dst.tensors().values(), src.tensors().values()))
+    def _state_tensors(self, dst: StateStack, src: StateStack, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(destination, source) tensors (n, B, ...) of a stack of layer states that a row move copies (all of them; a
+        full key/value store's first ``length`` positions)."""
+        if dst.spec.state is KVState and not dst.tensors["pos"].shape[2]:  # a full store: slot p holds position p
+            return [(dst.tensors[n][..., :length, :], src.tensors[n][..., :length, :]) for n in ("k", "v")]
+        return list(zip(dst.tensors.values(), src.tensors.values()))
 
     def _stage_moves(self, rows: list[int], slots: list[int]) -> list[tuple[slice, slice]]:
         """Row moves as (slots, staging rows) slices: one when both run consecutively, else one per row."""
@@ -407,7 +408,7 @@ class SlotEngine:
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src`` (state, position, sampling) into slot ``dst`` (compaction): one multi-tensor copy."""
         n = self.host_pos[src] + 1  # a full key/value store's positions in use
-        pairs = [(d[dst], s_[src]) for st in self.full for d, s_ in self._state_tensors(st, st, n)]
+        pairs = [(d[:, dst], s_[:, src]) for st in self.full for d, s_ in self._state_tensors(st, st, n)]
         pairs += [(buf[dst], buf[src]) for buf in self.rows.values()]
         torch._foreach_copy_(*map(list, zip(*pairs)))
         self.host_pos[dst] = self.host_pos[src]
@@ -446,7 +447,6 @@ class StateEngine(SlotEngine):
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step,
                          prefill_rows, prefill_tokens)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
-        self.stage_layers = [l for l in self.stage.layers if isinstance(l, LolcatsLayer)]
         # a sparse cache's prefill is captured only through its fused kernel (a kept softmax layer's KVState has none)
         self.prefill_capturable = prefill_capturable(self.model, next(self.model.parameters()))
         # a sparse cache on terraced windows evicts only when a row's token starts a block: steps are keyed
@@ -461,12 +461,11 @@ class StateEngine(SlotEngine):
     def _make_cache(self, rows: int):
         # layers kept as softmax attention get SoftmaxLayers: key/value stores of max_len positions per row, or of
         # their bound (attention.use.set_softmax_window)
-        return make_cache(self.model, rows, max_length=self.max_len)
+        return make_cache(self.model, rows, max_length=self.max_len, stacked=True)
 
     def _kept_by_warmup(self, key: StepKey) -> list[torch.Tensor]:
         # the recurrent states of the step's rows; a kept layer's step writes only the position a row has not reached
-        return [t for l in self.layers if not isinstance(l, SoftmaxLayer)
-                for t in l.view(key.meta.row_slice).tensors().values()]
+        return [t[:, key.meta.row_slice] for st in self.full if st.spec.state is not KVState for t in st.tensors.values()]
 
     def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
         # rows that start alike are aligned (padding only at their ends); a mix of starts: per-row positions
@@ -474,12 +473,12 @@ class StateEngine(SlotEngine):
         return StepMeta(start=start, rows=range(len(starts)), aligned=start is not None)
 
     def _stage_begin(self) -> None:
-        for layer in self.stage_layers:
-            layer.reset()
+        for st in self.stage_full:
+            st.reset()
 
     def _reset_stage_row(self, row: int) -> None:
-        for layer in self.stage_layers:
-            layer.state.rows(slice(row, row + 1)).reset()
+        for st in self.stage_full:
+            st.reset(slice(row, row + 1))
 
 
 
@@ -510,7 +509,7 @@ class KVEngine(SlotEngine):
         self.lengths = self._length_buckets()
 
     def _make_cache(self, rows: int):
-        return make_cache(self.model, rows, max_length=self.max_len, softmax=True)
+        return make_cache(self.model, rows, max_length=self.max_len, softmax=True, stacked=True)
 
     def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
         return StepMeta(start=self._common_start(starts), rows=range(len(starts)),
