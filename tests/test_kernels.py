@@ -236,8 +236,9 @@ def test_decode_step_matches_reference(kind, dtype, sparse, gated):
             b = getattr(st2, name)
             if a.numel() and not name.startswith("sparse_"):
                 assert_close(b, a, TOL[dtype], f"{name} at step {t}", floor=1e-6)
-        for name, a, b in zip(("sparse_pos", "sparse_k", "sparse_v", "sparse_fk"), by_position(st), by_position(st2)):
-            assert_close(b, a, TOL[dtype], f"{name} at step {t}", floor=1e-6)  # the same pairs, slots in any order
+        names = ("sparse_pos", "sparse_k", "sparse_v", "sparse_fk")
+        for name, a, b in zip(names, by_position(st), by_position(st2)):  # the same pairs, slots in any order
+            assert_close(b, a, TOL[dtype], f"{name} at step {t}", floor=1e-6)
         pos = pos + valid.long()
     assert not sparse or bool((st.sparse_pos >= 0).all())  # the cache filled
 
@@ -248,7 +249,8 @@ def by_position(st: DecodeState) -> tuple[torch.Tensor, ...]:
         return ()
     order = st.sparse_pos.argsort(-1)
     pos = st.sparse_pos.gather(-1, order)
-    take = lambda x: x.gather(2, order[..., None].expand(*order.shape, x.shape[-1])).float() * (pos >= 0)[..., None]  # noqa: E731
+    live = (pos >= 0)[..., None]
+    take = lambda x: x.gather(2, order[..., None].expand(*order.shape, x.shape[-1])).float() * live  # noqa: E731
     return pos, take(st.sparse_k), take(st.sparse_v), take(st.sparse_fk)  # empty slots' contents are not compared
 
 

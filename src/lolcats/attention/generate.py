@@ -15,12 +15,13 @@ import torch.nn as nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lolcats.attention.cache import LolcatsCache, LolcatsLayer
-from lolcats.ops.state import allocate_stacked
 from lolcats.attention.layers import causal_lm, decoder_layers, lolcats_attention_by_layer, lolcats_modules
+from lolcats.ops.state import allocate_stacked
 
 
 def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dtype | None = None,
-               device=None, max_length: int | None = None, softmax: bool = False, stacked: bool = False) -> LolcatsCache:
+               device=None, max_length: int | None = None, softmax: bool = False,
+               stacked: bool = False) -> LolcatsCache:
     """A LolcatsCache for ``model``; states are allocated now if ``batch_size`` is given, else lazily.
 
     Layers kept as softmax attention get a :class:`SoftmaxLayer`: its key/value store preallocated with

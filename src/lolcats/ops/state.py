@@ -97,7 +97,8 @@ class StateStack:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def allocate_stacked(specs: list[StateSpec], batch_size: int, devices: list) -> tuple[list[LayerState], list[StateStack]]:
+def allocate_stacked(specs: list[StateSpec], batch_size: int,
+                     devices: list) -> tuple[list[LayerState], list[StateStack]]:
     """Empty states for layers declaring ``specs`` on ``devices`` (in order), those with equal specs on one device
     stacked: (each layer's state, the stacks in order of their first layer)."""
     groups: dict[tuple, list[int]] = {}

@@ -190,7 +190,8 @@ class SlotEngine:
         the one covering the longest running row."""
         return buckets(self.max_len, min(self.MIN_LEN, self.max_len))
 
-    def _state_tensors(self, dst: StateStack, src: StateStack, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _state_tensors(self, dst: StateStack, src: StateStack,
+                       length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(destination, source) tensors (n, B, ...) of a stack of layer states that a row move copies (all of them; a
         full key/value store's first ``length`` positions)."""
         if dst.spec.state is KVState and not dst.tensors["pos"].shape[2]:  # a full store: slot p holds position p
@@ -465,7 +466,8 @@ class StateEngine(SlotEngine):
 
     def _kept_by_warmup(self, key: StepKey) -> list[torch.Tensor]:
         # the recurrent states of the step's rows; a kept layer's step writes only the position a row has not reached
-        return [t[:, key.meta.row_slice] for st in self.full if st.spec.state is not KVState for t in st.tensors.values()]
+        return [t[:, key.meta.row_slice] for st in self.full if st.spec.state is not KVState
+                for t in st.tensors.values()]
 
     def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
         # rows that start alike are aligned (padding only at their ends); a mix of starts: per-row positions

@@ -242,8 +242,8 @@ def decode_step_triton(
     _decode[(B * Hk,)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
                        pos, vptr, gp, lg, y, state.sparse_k, state.sparse_v, state.sparse_pos, H, Hk, float(scale), EPS,
                        **common, D=D, DV=Dv, F=F, DP=pad_dim(D), FP=pad_dim(F), GP=pad_dim(H // Hk), GQ=H // Hk,
-                       BV=min(64, pad_dim(Dv)), DT=dt, GATED=log_gate is not None, NS=NS, NSP=pad_dim(max(NS, 1)), FOLD=fold,
-                       num_warps=4)
+                       BV=min(64, pad_dim(Dv)), DT=dt, GATED=log_gate is not None, NS=NS, NSP=pad_dim(max(NS, 1)),
+                       FOLD=fold, num_warps=4)
     if kid != 0:
         _decode_pos[(B,)](state.win_pos, pos, vptr, **common, num_warps=1)
     return y
