@@ -85,6 +85,9 @@ def test_kernel_equals_the_chunk_reference(w, G, cuts, sink, score, pad):
     filled = (ref.win_pos >= 0)[:, None, :, None]
     for name in ("win_k", "win_v", "win_fk"):
         torch.testing.assert_close(getattr(st, name) * filled, getattr(ref, name) * filled, msg=name)
+    _, after = fused.sparse_chunk(st, *(x[:, :, :4] for x in xs[:5]), pos[:, :4] + T, valid[:, :4], xs[5], KIND, w,
+                                  0.3, score, sink)
+    assert after is st  # the kernel updates the state in place (no copy of it per layer and chunk)
 
 
 def test_bfloat16_state_equals_the_reference():

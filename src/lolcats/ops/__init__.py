@@ -36,7 +36,8 @@ every backend too (the reference's unless a backend brings its own), so the laye
   a decode state as the decode step would token by token (in place);
 * ``sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score, sink)
   -> (y, state after)``: a chunk through window, sparse cache and linear state (``ops/triton/sparse.py`` fuses
-  it for the terraced window on CUDA);
+  it for the terraced window on CUDA, updating ``state`` in place and returning it; the reference returns a new
+  state);
 * ``gated_delta(q, k, v, g, beta, scale, initial_state, output_final_state) -> (o, state | None)``: the gated
   delta rule (``ops/delta/naive.py``: q (B, H, T, Dk), k (B, Hk, T, Dk) L2-normalised, v (B, Hk, T, Dv), g
   and beta (B, Hk, T), state (B, Hk, Dk, Dv) float32), fla's kernels where it imports (``ops/fla_backend.py``).

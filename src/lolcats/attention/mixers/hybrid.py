@@ -46,8 +46,9 @@ class HybridMixer(LinearMixer):
         if not state.sparse_size:
             return super().prefill(state, q, k, v, fq, fk, step, log_gate)
         y, after = self._sparse_pieces(state, q, k, v, fq, fk, step.pos, step.valid_or_ones())
-        for name, t in after.tensors().items():
-            getattr(state, name).copy_(t)
+        if after is not state:  # the reference returns a new state; the kernel updates this one in place
+            for name, t in after.tensors().items():
+                getattr(state, name).copy_(t)
         return y
 
     def prefill_piece(self, state: DecodeState, q, k, v, fq, fk, pos, valid, log_gate=None) -> torch.Tensor:

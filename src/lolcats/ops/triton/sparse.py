@@ -318,7 +318,8 @@ def row_runs(pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, window_factor, window_size: int,
                           scale: float, score: str, sink: int = 0) -> tuple[torch.Tensor, DecodeState]:
     """Outputs (B, H, T, Dv) of a chunk continuing ``state`` and the state after it, its window slots not yet
-    written (the caller absorbs the chunk into them without folding). ``state`` is only read.
+    written (the caller absorbs the chunk into them without folding). ``state`` itself is updated in place and
+    returned when its tensors are contiguous (a row view of a batch is); else a contiguous copy is.
 
     q (B, H, T, D), k/v (B, Hk, T, D|Dv), fq (B, H, T, F), fk (B, Hk, T, F), pos (B, T), valid (B, T);
     terraced window, ``state.sparse_size`` > 0.
@@ -326,7 +327,7 @@ def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, windo
     B, H, T, D = q.shape
     Hk, Dv, F = k.shape[1], v.shape[-1], fk.shape[-1]
     G, S, W = state.sparse_size, state.win_pos.shape[1], window_size
-    after = state.map(lambda t: t.clone().contiguous())
+    after = state if all(t.is_contiguous() for t in state.tensors().values()) else state.map(lambda t: t.contiguous())
     q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
     y = torch.zeros(B, H, T, Dv, dtype=v.dtype, device=v.device)  # padding columns stay 0
     R = pad_dim(W)
