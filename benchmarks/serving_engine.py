@@ -14,6 +14,11 @@ Builds the engine ``lolcats serve`` would (random-weight shapes, untrained featu
 
     # GPU: Llama-3-8B shapes, 200 running rows (the profile behind docs/SERVING.md's run 2 -> 3)
     python -m benchmarks.serving_engine --model llama3-8b --tokenizer TOKENIZER --mode student --running 200
+    # GPU: SmolLM2 at chat shapes with the default's settings as used (docs/SERVING.md, 2026-12-06)
+    python -m benchmarks.serving_engine --model smollm2-135m --tokenizer TOKENIZER --mode student \
+        --attn attention.softmax_layers=5,15,18,23 --attn use.sparse_cache=256 --attn use.sparse_sink=64 \
+        --attn use.linear_scale=0.3 --max-batch 256 --running 256 --prompt-len 200 --prefill-chunk 512 \
+        --max-new-tokens 456 --iterations 20 --repeats 3
     # CPU smoke run: tests/test_serving.py::test_serving_engine_benchmark_smoke
 """
 
