@@ -172,6 +172,17 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
 
 
 @triton.jit
+def _head_ptrs(win_k, win_v, win_fk, win_pos, sp_k, sp_v, sp_fk, sp_pos, scratch, bhk, b,
+               S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, G: tl.constexpr,
+               NT: tl.constexpr):
+    """Row ``b``'s, KV head ``bhk``'s window slots (keys, values, phi(k), the row's positions), sparse cache (the
+    same and positions) and scratch: the state ``_merge`` reads and writes."""
+    return (win_k + bhk * S * D, win_v + bhk * S * DV, win_fk + bhk * S * F, win_pos + b * S,
+            sp_k + bhk * G * D, sp_v + bhk * G * DV, sp_fk + bhk * G * F, sp_pos + bhk * G,
+            scratch + bhk * (2 * (NT + 1) * R))
+
+
+@triton.jit
 def _evict(k, v, fk, win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, sp_pos, runs, scratch,
            snap_k, snap_v, snap_pos, snap_kv, snap_ks, T, HK, NB, eps, sink,
            W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -185,9 +196,8 @@ def _evict(k, v, fk, win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, s
     rd, rv, rf = tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
     md, mv, mf = rd < D, rv < DV, rf < F
     ck, cv, cfk = k + bhk * T * D, v + bhk * T * DV, fk + bhk * T * F  # this KV head's rows
-    wk, wv, wfk, wp = win_k + bhk * S * D, win_v + bhk * S * DV, win_fk + bhk * S * F, win_pos + b * S
-    gk, gv, gfk, gpos = sp_k + bhk * G * D, sp_v + bhk * G * DV, sp_fk + bhk * G * F, sp_pos + bhk * G
-    sc = scratch + bhk * (2 * (NT + 1) * R)
+    wk, wv, wfk, wp, gk, gv, gfk, gpos, sc = _head_ptrs(win_k, win_v, win_fk, win_pos, sp_k, sp_v, sp_fk, sp_pos,
+                                                        scratch, bhk, b, S, R, D, DV, F, G, NT)
     kv_at = rf[:, None] * DV + rv[None, :]
     kvt = tl.load(kv + bhk * F * DV + kv_at, mask=mf[:, None] & mv[None, :], other=0.0)
     kst = tl.load(ks + bhk * F + rf, mask=mf, other=0.0)
@@ -288,9 +298,8 @@ def _evict_step(win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, sp_pos
     if ok & (pos % W == 0) & (pos >= 2 * W):
         rv, rf = tl.arange(0, DVP), tl.arange(0, FP)
         mv, mf = rv < DV, rf < F
-        wk, wv, wfk, wp = win_k + bhk * S * D, win_v + bhk * S * DV, win_fk + bhk * S * F, win_pos + b * S
-        gk, gv, gfk, gpos = sp_k + bhk * G * D, sp_v + bhk * G * DV, sp_fk + bhk * G * F, sp_pos + bhk * G
-        sc = scratch + bhk * (2 * (NT + 1) * R)
+        wk, wv, wfk, wp, gk, gv, gfk, gpos, sc = _head_ptrs(win_k, win_v, win_fk, win_pos, sp_k, sp_v, sp_fk,
+                                                            sp_pos, scratch, bhk, b, S, R, D, DV, F, G, NT)
         kv_at = rf[:, None] * DV + rv[None, :]
         kvt = tl.load(kv + bhk * F * DV + kv_at, mask=mf[:, None] & mv[None, :], other=0.0)
         kst = tl.load(ks + bhk * F + rf, mask=mf, other=0.0)
