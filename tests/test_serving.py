@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import importlib.util
 import json
 import queue
@@ -303,7 +304,7 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
         kept = ({i: {n: t.clone() for n, t in vars(st).items()} for i, st in after.items()} if after else
                 [t[:, :, :11].clone() for st in engine.stage.states().values() for t in (st.k, st.v)])
         engine._stage_begin()
-        plain = engine._chunks_logits([ids], [0])  # unpadded, eagerly
+        plain = unpadded_logits(engine, ids, 0)
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
     if mode == "student":
         for i, st in engine.stage.states().items():
@@ -312,6 +313,29 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
     else:
         for a, t in zip(kept, [t for st in engine.stage.states().values() for t in (st.k, st.v)]):
             torch.testing.assert_close(a, t[:, :, :11])
+
+
+@pytest.mark.parametrize("mode,kind", [(m, k) for m in ("student", "teacher")
+                                       for k in ("terraced_window", "sliding_window", "gated_delta")]
+                         + [("student-kept-softmax-sparse", "terraced_window")])
+@torch.no_grad()
+def test_right_padded_later_chunk_equals_the_unpadded_read(mode, kind):
+    """A later chunk (the prompt's second, from position 9), right-padded to its length bucket in the static
+    buffers a CUDA graph replays, with a kept layer's store read up to a length bucket, leaves the staging row's
+    state and logits as an unpadded read over the whole store does."""
+    tok = char_tokenizer()
+    model = tiny_kept(tok, sparse_cache=4, sparse_sink=2) if mode.endswith("sparse") else tiny(tok, mode, kind)
+    cls = KVEngine if mode == "teacher" else StateEngine
+    ids = tok(PROMPTS[2])["input_ids"][:20]  # 9 tokens, then 11 (bucket 16: 5 padding tokens)
+    states = []
+    for read in ("padded", "unpadded"):
+        engine = cls(model, 2, 160, prefill_chunk=16)
+        engine.prefill_chunks([ids[:9]], [0], [None])
+        logits = (engine._chunks_logits([ids[9:]], [9]) if read == "padded" else unpadded_logits(engine, ids[9:], 9))
+        states.append((logits.clone(), row_state(engine, 0, len(ids))))
+    torch.testing.assert_close(states[0][0], states[1][0], atol=1e-5, rtol=1e-5)
+    for name, t in states[1][1].items():
+        torch.testing.assert_close(states[0][1][name], t, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_prefill_budget_admits_several_prompts_per_iteration():
@@ -362,6 +386,15 @@ def test_engine_states_are_stacked_by_spec_and_rows_move_in_one_copy_per_field()
             if isinstance(st, KVState) and name in ("k", "v"):
                 got, want = got[:, :len(prompt)], want[:, :len(prompt)]
             assert torch.equal(got, want), (i, name)
+
+
+def unpadded_logits(engine, ids: list[int], start: int) -> torch.Tensor:
+    """Staging row 0 reads ``ids`` from position ``start`` unpadded, eagerly, outside the engine's static buffers:
+    logits (1, V) at its last token (the reference a right-padded chunk is held to)."""
+    T = len(ids)
+    meta = dataclasses.replace(engine._stage_meta(T, [start]), length=engine.lengths and engine.max_len)
+    return engine.runner.logits(torch.tensor([ids]), torch.arange(start, start + T)[None], engine.stage, meta,
+                                engine._prefill_mask(torch.ones(1, T, dtype=torch.bool)))
 
 
 def row_state(engine, row: int, length: int) -> dict[str, torch.Tensor]:
@@ -905,8 +938,8 @@ def test_smollm2_chat_through_the_server_equals_generate():
 @pytest.mark.parametrize("mode", ["student", "teacher", "student-kept-softmax-sparse"])
 @torch.no_grad()
 def test_cuda_graph_engine_equals_eager(mode):
-    """Graphs (decode steps and first-chunk prefills) give the eager engine's tokens; with a sparse cache on
-    terraced windows the prefill is captured too (its fused kernel reads nothing on the host)."""
+    """Graphs (decode steps, first-chunk prefills and later chunks) give the eager engine's tokens; with a sparse
+    cache on terraced windows the prefill is captured too (its fused kernel reads nothing on the host)."""
     tok = char_tokenizer()
     outs = []
     for graph in (False, True):
@@ -926,6 +959,7 @@ def test_cuda_graph_engine_equals_eager(mode):
             sched.submit(r)
         outs.append([collect(r)[0] for r in reqs])
         sched.stop()
+        assert bool(engine.chunk_graphs) == graph  # the prompts longer than a chunk: later chunks replayed
     assert outs[0] == outs[1]
 
 
@@ -943,6 +977,8 @@ def test_engine_calls_queue_without_waiting_for_the_device(mode, prompt):
                                                               prefill_tokens=16)
     engine.warmup(("greedy", "top_p", "full"))
     ids = tok(PROMPTS[0] if prompt == "one chunk" else PROMPTS[2][:12])["input_ids"]
+    engine.prefill_chunks([ids[:8]], [0], [None])  # the later chunks' graphs, captured when first needed
+    engine.prefill_chunks([ids[8:]], [8], [None])
     torch.cuda.set_sync_debug_mode("error")
     try:
         for slot in range(2):

@@ -34,11 +34,14 @@ kernels, and would stall the running streams for as long); a forward's padded to
 Padding at the end changes no valid token's output (attention is causal) and is masked out of what the state
 keeps; the logits are read at each row's last prompt token, and the group's first tokens picked in one call.
 Each staging call declares where its rows start (``StepMeta.start``: 0 is fresh rows; None: per-row positions),
-the staging rows it runs on and, on the student, whether it is aligned (rows starting alike, padding only at their
-ends: the fused full-sequence prefill without a host check). Longer prompts are read chunk by chunk
-(:meth:`SlotEngine.prefill_chunks`): the staging rows read their next chunks in one eager forward, each row from
-its own position (a row starting a prompt is reset first); rows whose prompts end pick their first tokens and are
-admitted (:meth:`SlotEngine.admit_rows`), and the scheduler moves the rest down (:meth:`SlotEngine.move_stage`).
+the staging rows it runs on, the full key/value stores' length bucket covering its last position and, on the
+student, whether it is aligned (fresh rows, padding only at their ends: the fused full-sequence prefill without a
+host check). Longer prompts are read chunk by chunk (:meth:`SlotEngine.prefill_chunks`): the staging rows read
+their next chunks in one forward, each row from its own position (a row starting a prompt is reset first),
+right-padded to a length bucket in the same static buffers, so that on CUDA each (rows, length, declaration) key
+replays one CUDA graph too (captured when first needed; the warm-up a capture runs is undone on the staging rows);
+rows whose prompts end pick their first tokens and are admitted (:meth:`SlotEngine.admit_rows`), and the scheduler
+moves the rest down (:meth:`SlotEngine.move_stage`).
 Prefilling in place is not possible because decode steps run over padding rows of their bucket, which would write
 into a half-prefilled row.
 
@@ -52,6 +55,8 @@ pick the same tokens in it as in their own variant.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -144,10 +149,15 @@ class SlotEngine:
         self.rows, self.host_pos = r.rows, r.host_pos  # the slots' buffers; each slot's position on the host
         self.stage_rows = row_buffers(R, self.vocab, self.device)  # the staging rows' sampling and first tokens
         z = lambda *shape, dt=torch.long: torch.zeros(*shape, dtype=dt, device=self.device)  # noqa: E731
-        self.stage_in = {"ids": z(R, P), "valid": z(R, P, dt=torch.bool),  # a group's right-padded prompts
-                         "length": z(R), "last": z(R)}  # their lengths, and the index of their last tokens
+        # the staging rows' right-padded chunks: token ids, then each row's first position and its chunk's length,
+        # filled by one copy from the host; which tokens are valid, and the index of each row's last one
+        host = self.stage_host = z(R, P + 2)
+        self.stage_in = {"ids": host[:, :P], "start": host[:, P], "length": host[:, P + 1],
+                         "valid": z(R, P, dt=torch.bool), "last": z(R)}
         self.stage_pos = torch.arange(P, device=self.device)[None]  # (1, P)
         self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (rows, T)
+        # later chunks (rows continuing or starting prompts from their own positions): (rows, T, declaration)
+        self.chunk_graphs: dict[tuple[int, int, StepMeta], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     # ------------------------------------------------------------ subclass hooks
 
@@ -160,14 +170,12 @@ class SlotEngine:
         return []
 
     def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
-        """What the layers are told when staging rows 0 .. b-1 read chunks of up to T tokens from positions ``starts``
-        (one each; right-padded): where they start when they all start alike (0: fresh rows), else per-row positions
-        only."""
-        return StepMeta(start=self._common_start(starts), rows=range(len(starts)))
-
-    @staticmethod
-    def _common_start(starts: list[int]) -> int | None:
-        return starts[0] if len(set(starts)) == 1 else None
+        """What the layers are told when staging rows 0 .. b-1 read chunks of T tokens (right-padded) from positions
+        ``starts``: fresh rows (every start 0) or per-row positions only, and the full key/value stores' length
+        bucket covering the chunks' last positions (where the stores have one)."""
+        fresh = not any(starts)
+        length = None if not self.lengths else bucket_for(min(max(starts) + T, self.max_len), self.lengths)
+        return StepMeta(start=0 if fresh else None, rows=range(len(starts)), length=length)
 
     def _stage_begin(self) -> None:
         """Reset every staging row (a group's prefill: they are all fresh)."""
@@ -231,28 +239,57 @@ class SlotEngine:
         evicts = (True, False) if self.block else (True,)
         return [self._key(b, m, e, L) for b in self.sizes for m in modes for e in evicts for L in self.lengths or [None]]
 
+    def _stage_chunks(self, chunks: list[list[int]], starts: list[int], T: int) -> None:
+        """Staging rows 0 .. b-1's chunks into ``stage_in`` (one copy from pinned memory): row i ``chunks[i]`` from
+        position ``starts[i]``, right-padded to T tokens; which tokens are valid and each row's last one."""
+        b, si = len(chunks), self.stage_in
+        host = [c + [0] * (self.stage_host.shape[1] - 2 - len(c)) + [s, len(c)] for c, s in zip(chunks, starts)]
+        self.stage_host[:b].copy_(self._host(host), non_blocking=True)
+        torch.lt(self.stage_pos[:, :T], si["length"][:b, None], out=si["valid"][:b, :T])
+        torch.sub(si["length"][:b], 1, out=si["last"][:b])
+
+    def _chunk_forward(self, b: int, T: int, meta: StepMeta) -> torch.Tensor:
+        """Staging rows 0 .. b-1 read ``stage_in``'s chunks of T (right-padded) tokens, each from its row's start, on
+        static buffers only: logits (b, V) at each row's last token."""
+        si = self.stage_in
+        pos = self.stage_pos[:, :T] + si["start"][:b, None]  # (b, T)
+        return self.runner.logits(si["ids"][:b, :T], pos, self.stage, meta, self._prefill_mask(si["valid"][:b, :T]),
+                                  si["last"][:b])
+
     def _chunks_logits(self, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Staging rows 0 .. b-1 read ``chunks`` (row i from position starts[i]; 0 resets the row) in one eager forward,
-        right-padded to the longest: logits (b, V) at each row's last token."""
+        """Staging rows 0 .. b-1 read ``chunks`` (row i from position starts[i]; 0 resets the row) in one forward,
+        right-padded to their length bucket: a graph replay on CUDA (captured when first needed). Returns logits
+        (b, V) at each row's last token."""
         for i, start in enumerate(starts):
             if start == 0:
                 self._reset_stage_row(i)
-        T = max(len(c) for c in chunks)
-        ids = self._host([c + [0] * (T - len(c)) for c in chunks]).to(self.device, non_blocking=True)  # (b, T)
-        start, n = (self._host([x])[0].to(self.device, non_blocking=True) for x in (starts, [len(c) for c in chunks]))
-        ar = torch.arange(T, device=self.device)[None]  # (1, T)
-        valid = ar < n[:, None]  # (b, T): each row's chunk, padding at its end
-        return self.runner.logits(ids, start[:, None] + ar, self.stage, self._stage_meta(T, starts),
-                                  self._prefill_mask(valid), n - 1)
+        b, T = len(chunks), bucket_for(max(len(c) for c in chunks), self.prefill_sizes)
+        self._stage_chunks(chunks, starts, T)
+        meta = self._stage_meta(T, starts)
+        if not (self.use_graph and self.prefill_capturable):
+            return self._chunk_forward(b, T, meta)
+        key = (b, T, meta)
+        if key not in self.chunk_graphs:
+            self.chunk_graphs[key] = self._capture_chunk(b, T, meta)
+        graph, logits = self.chunk_graphs[key]
+        graph.replay()
+        return logits
+
+    def _capture_chunk(self, b: int, T: int, meta: StepMeta) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The later-chunk read of (b rows, T tokens, ``meta``) as a graph. Rows 0 .. b-1 may be reading prompts: what
+        the warm-up wrote into them is undone (a full store's positions from ``meta.length`` on are written before
+        they are read)."""
+        keep = [t[:, :b] for st in self.stage_full for t, _ in self._state_tensors(st, st, meta.length or self.max_len)]
+        saved = [t.clone() for t in keep]
+        self.runner.side_run(lambda: self._chunk_forward(b, T, meta))
+        torch._foreach_copy_(keep, saved)
+        return self.runner.record(lambda: self._chunk_forward(b, T, meta))
 
     def _first_chunk(self, b: int, T: int) -> torch.Tensor:
         """Reset the staging rows and read ``stage_in``'s first ``b`` rows of ``T`` (right-padded) tokens into them,
-        on static buffers only: logits (b, V) at each row's last prompt token."""
+        from position 0, on static buffers only: logits (b, V) at each row's last prompt token."""
         self._stage_begin()
-        si = self.stage_in
-        return self.runner.logits(si["ids"][:b, :T], self.stage_pos[:, :T].expand(b, T), self.stage,
-                                  self._stage_meta(T, [0] * b), self._prefill_mask(si["valid"][:b, :T]),
-                                  si["last"][:b])
+        return self._chunk_forward(b, T, self._stage_meta(T, [0] * b))
 
     def _capture_prefill(self, b: int, T: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The group prefill of bucket (b rows, T tokens) as a graph (it touches only the staging rows)."""
@@ -362,13 +399,7 @@ class SlotEngine:
         if not self.group_fits(n, longest):
             raise ValueError(f"{n} prompts of up to {longest} tokens are not read in one forward (group_fits)")
         b, T = bucket_for(n, self.group_sizes), bucket_for(longest, self.prefill_sizes)
-        lengths = [len(p) for p in prompts] + [1] * (b - n)
-        si = self.stage_in
-        si["ids"][:b, :T].copy_(self._host([p + [0] * (T - len(p)) for p in prompts] + [[0] * T] * (b - n)),
-                                non_blocking=True)
-        si["length"][:b].copy_(self._host([lengths])[0], non_blocking=True)
-        torch.lt(self.stage_pos[:, :T], si["length"][:b, None], out=si["valid"][:b, :T])
-        torch.sub(si["length"][:b], 1, out=si["last"][:b])
+        self._stage_chunks(prompts + [[0]] * (b - n), [0] * b, T)  # padding rows: a one-token prompt
         if self.use_graph and self.prefill_capturable:
             if (b, T) not in self.prefill_graphs:  # touches only the staging rows: safe while others run
                 self.prefill_graphs[b, T] = self._capture_prefill(b, T)
@@ -428,7 +459,9 @@ class SlotEngine:
     def describe(self) -> dict:
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"engine": type(self).__name__, "device": dev, "max_batch": self.max_batch,
-                "cuda_graphs": self.use_graph, "buckets": self.sizes}
+                "cuda_graphs": self.use_graph, "buckets": self.sizes,
+                "graphs": {"steps": len(self.runner.graphs), "groups": len(self.prefill_graphs),
+                           "chunks": len(self.chunk_graphs)}}
 
 
 # ---------------------------------------------------------------- student: constant-size states
@@ -470,9 +503,9 @@ class StateEngine(SlotEngine):
                 for t in st.tensors.values()]
 
     def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
-        # rows that start alike are aligned (padding only at their ends); a mix of starts: per-row positions
-        start = self._common_start(starts)
-        return StepMeta(start=start, rows=range(len(starts)), aligned=start is not None)
+        # fresh rows are aligned (padding only at their ends): the fused full-sequence prefill without a host check
+        meta = super()._stage_meta(T, starts)
+        return dataclasses.replace(meta, aligned=meta.start == 0)
 
     def _stage_begin(self) -> None:
         for st in self.stage_full:
@@ -512,10 +545,6 @@ class KVEngine(SlotEngine):
 
     def _make_cache(self, rows: int):
         return make_cache(self.model, rows, max_length=self.max_len, softmax=True, stacked=True)
-
-    def _stage_meta(self, T: int, starts: list[int]) -> StepMeta:
-        return StepMeta(start=self._common_start(starts), rows=range(len(starts)),
-                        length=min(max(starts) + T, self.max_len))
 
     def _prefill_mask(self, valid: torch.Tensor) -> None:
         return None  # causal softmax: the padding at the end is written past the prompt and never read
