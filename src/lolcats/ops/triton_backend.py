@@ -31,16 +31,12 @@ def _hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=N
 
 
 def _sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score, sink=0):
-    """The fused sparse-cache prefill where it applies (terraced window, no gradient), else the reference; the
-    chunk then goes into the window slots as the reference writes it (no folding: the kernel placed the leavers)."""
-    ref = BACKENDS["torch"]
+    """The fused sparse-cache prefill where it applies (terraced window, no gradient; it writes the window slots
+    too), else the reference."""
     if not sparse_supports(kind, score, q, k, v, fq, fk, window_factor):
-        return ref.sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score,
-                                sink)
-    y, after = sparse_prefill_triton(state, q, k, v, fq, fk, pos, valid, window_factor, window_size, scale, score,
-                                     sink)
-    ref.absorb(after, k, v, fk, pos, valid, kind, window_size, fold=False)
-    return y, after
+        return BACKENDS["torch"].sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size,
+                                              scale, score, sink)
+    return sparse_prefill_triton(state, q, k, v, fq, fk, pos, valid, window_factor, window_size, scale, score, sink)
 
 
 register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, decode=decode_step_triton,

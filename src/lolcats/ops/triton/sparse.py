@@ -1,4 +1,5 @@
-"""A prefill chunk through LoLA's sparse cache in two Triton launches: terraced window, eviction and attention.
+"""A prefill chunk through LoLA's sparse cache in three Triton launches: terraced window, eviction, attention and
+the window's slots.
 
 Same function as the chunk reference (``ops/sparse/naive.py::sparse_chunk``) for ``terraced_window`` (the
 default kind), without its Python loop over eviction steps:
@@ -15,6 +16,9 @@ default kind), without its Python loop over eviction steps:
 2. ``_attend``, one program per (batch row, query head, block), all in parallel: softmax over the block's
    cache snapshot and the window (blocks b - 1 and b, causal) under one running max, weighted by the
    window factor, and phi(q) over the snapshot's (kv, ks), one normaliser, as in ``ops/hybrid/naive.py``.
+3. ``_window_write``, one program per row once the window was read: the chunk's tokens in the terraced window of
+   the row's last position take their slots in every KV head, the older slots that left it are marked empty (the
+   reference's ``absorb`` without folding, ~30 PyTorch launches per layer before 2026-12-07).
 
 The eviction is a chain of T / w dependent steps per (row, KV head): its time hardly grows with the batch
 (programs run side by side) and sets the prefill's (benchmarks/kernel_speed.py ``--sections sparse``). The
@@ -22,8 +26,7 @@ snapshots take (T / w + 2) x (G (D + Dv) + F (Dv + 1)) elements per (row, KV hea
 
 Keys before the chunk are read from the state's window slots, keys in it from the chunk, by position. The
 valid tokens of a row are one run of consecutive positions (left or right padding), as every writer gives
-them. The window slots are not written here: the caller writes the chunk into them (``absorb`` without
-folding, as the reference does). Scores and drop flags go through a small scratch buffer per program, read
+them. Scores and drop flags go through a small scratch buffer per program, read
 back after a barrier. Products of float32 tiles are exact (``ieee``), of 16-bit ones tf32 (bf16 / fp16
 values are exact in tf32; the float32 state is rounded to it in the scores and phi(q) kv). Nothing syncs
 with the host.
@@ -279,6 +282,41 @@ def _attend(q, k, v, fq, win_k, win_v, win_pos, runs, gp, y, snap_k, snap_v, sna
 
 
 @triton.jit
+def _rows_to_slots(src, dst, col, slot, take, r, X: tl.constexpr):
+    """Rows ``col`` of ``src`` (T, X) into rows ``slot`` of ``dst`` (S, X), where ``take``, in ``dst``'s dtype."""
+    m = take[:, None] & (r[None, :] < X)
+    x = tl.load(src + col[:, None] * X + r[None, :], mask=m)
+    tl.store(dst + slot[:, None] * X + r[None, :], x.to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _window_write(k, v, fk, win_k, win_v, win_fk, win_pos, runs, T, HK,
+                  W: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                  F: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr):
+    """One program per row, after ``_attend`` read the window: the chunk's tokens in the terraced window of the row's
+    last position take their slots (position % S) in every KV head; older slots that leave it are marked empty
+    (their pairs went through the cache in ``_evict``): the reference's absorb without folding."""
+    b = tl.program_id(0).to(tl.int64)
+    p0, c0, n = tl.load(runs + b * 3), tl.load(runs + b * 3 + 1), tl.load(runs + b * 3 + 2)
+    s = tl.arange(0, SP)
+    ms = s < S
+    old = tl.load(win_pos + b * S + s, mask=ms, other=-1)  # (SP,)
+    last_new = tl.where(n > 0, p0 + n - 1, -1)
+    last = tl.maximum(tl.max(old, 0), last_new)  # the row's last position (-1: none)
+    stay_old = (old >= 0) & (last // W - tl.where(old >= 0, old, 0) // W <= 1)
+    pn = last_new - (last_new - s + S) % S  # the chunk's last position in slot s
+    new = ms & (n > 0) & (pn >= p0) & (last // W - tl.where(pn >= 0, pn, 0) // W <= 1)
+    col = tl.where(new, c0 + pn - p0, 0)
+    rd, rv, rf = tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
+    for hk in range(HK):
+        bhk = b * HK + hk
+        _rows_to_slots(k + bhk * T * D, win_k + bhk * S * D, col, s, new, rd, D)
+        _rows_to_slots(v + bhk * T * DV, win_v + bhk * S * DV, col, s, new, rv, DV)
+        _rows_to_slots(fk + bhk * T * F, win_fk + bhk * S * F, col, s, new, rf, F)
+    tl.store(win_pos + b * S + s, tl.where(new, pn, tl.where(stay_old, old, -1)), mask=ms)
+
+
+@triton.jit
 def _evict_step(win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, sp_pos, pos_ptr, valid_ptr, scratch,
                 HK, eps, sink, HAS_VALID: tl.constexpr,
                 W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
@@ -326,9 +364,9 @@ def row_runs(pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, window_factor, window_size: int,
                           scale: float, score: str, sink: int = 0) -> tuple[torch.Tensor, DecodeState]:
-    """Outputs (B, H, T, Dv) of a chunk continuing ``state`` and the state after it, its window slots not yet
-    written (the caller absorbs the chunk into them without folding). ``state`` itself is updated in place and
-    returned when its tensors are contiguous (a row view of a batch is); else a contiguous copy is.
+    """Outputs (B, H, T, Dv) of a chunk continuing ``state`` and the state after it, the chunk written into its
+    window slots as the reference's absorb without folding does (``_window_write``). ``state`` itself is updated in
+    place and returned when its tensors are contiguous (a row view of a batch is); else a contiguous copy is.
 
     q (B, H, T, D), k/v (B, Hk, T, D|Dv), fq (B, H, T, F), fk (B, Hk, T, F), pos (B, T), valid (B, T);
     terraced window, ``state.sparse_size`` > 0.
@@ -354,6 +392,8 @@ def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, windo
                       T, Hk, NB, EPS, int(sink), **dims, SCORE=SCORE_IDS[score], num_warps=8, num_stages=1)
     _attend[(B * H, NB)](q, k, v, fq, after.win_k, after.win_v, after.win_pos, runs, window_factor.float().contiguous(),
                          y, *snap, T, H, Hk, NB, float(scale), **dims, DT=dot_dtype(state.win_k, q), num_warps=4)
+    _window_write[(B,)](k, v, fk, after.win_k, after.win_v, after.win_fk, after.win_pos, runs, T, Hk, W=W, S=S,
+                        SP=triton.next_power_of_2(S), D=D, DV=Dv, F=F, DP=dims["DP"], DVP=dims["DVP"], FP=dims["FP"])
     return y, after
 
 
