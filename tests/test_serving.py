@@ -338,6 +338,27 @@ def test_right_padded_later_chunk_equals_the_unpadded_read(mode, kind):
         torch.testing.assert_close(states[0][1][name], t, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["student", "teacher", "student-kept-softmax-sparse"])
+@torch.no_grad()
+def test_capturing_a_later_chunk_leaves_the_staging_rows_as_they_were(mode, monkeypatch):
+    """Capturing a later chunk's graph runs its forward once first (the warm-up), over staging rows that may be
+    half-way through prompts: every state tensor it writes is restored before the graph is recorded (on CPU: the
+    warm-up runs eagerly, the recording is skipped), and the chunk is then read once, by the replay."""
+    tok = char_tokenizer()
+    model = tiny_kept(tok, sparse_cache=4, sparse_sink=2) if mode.endswith("sparse") else tiny(tok, mode)
+    engine = (KVEngine if mode == "teacher" else StateEngine)(model, 2, 160, prefill_chunk=16)
+    ids = tok(PROMPTS[2])["input_ids"][:20]
+    engine.prefill_chunks([ids[:9]], [0], [None])
+    before = row_state(engine, 0, engine.max_len)
+    engine._stage_chunks([ids[9:]], [9], 16)
+    monkeypatch.setattr(engine.runner, "side_run", lambda fn: fn())
+    monkeypatch.setattr(engine.runner, "record", lambda fn: (None, None))
+    engine._capture_chunk(1, 16, engine._stage_meta(16, [9]))
+    after = row_state(engine, 0, engine.max_len)
+    for name, t in before.items():
+        assert torch.equal(after[name], t), name
+
+
 def test_prefill_budget_admits_several_prompts_per_iteration():
     """--prefill-budget: one iteration reads chunks of several prompts (up to the budget), then one step (here one
     prompt per forward: --prefill-rows 1)."""

@@ -277,9 +277,9 @@ class SlotEngine:
 
     def _capture_chunk(self, b: int, T: int, meta: StepMeta) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """The later-chunk read of (b rows, T tokens, ``meta``) as a graph. Rows 0 .. b-1 may be reading prompts: what
-        the warm-up wrote into them is undone (a full store's positions from ``meta.length`` on are written before
-        they are read)."""
-        keep = [t[:, :b] for st in self.stage_full for t, _ in self._state_tensors(st, st, meta.length or self.max_len)]
+        the warm-up wrote into them is undone (of a full store, the positions the call reads and its scratch slot)."""
+        slots = (meta.length or self.max_len) + 1
+        keep = [t[:, :b] for st in self.stage_full for t, _ in self._state_tensors(st, st, slots)]
         saved = [t.clone() for t in keep]
         self.runner.side_run(lambda: self._chunk_forward(b, T, meta))
         torch._foreach_copy_(keep, saved)
