@@ -284,7 +284,7 @@ def _attend(q, k, v, fq, win_k, win_v, win_pos, runs, gp, y, snap_k, snap_v, sna
 @triton.jit
 def _rows_to_slots(src, dst, col, slot, take, r, X: tl.constexpr):
     """Rows ``col`` of ``src`` (T, X) into rows ``slot`` of ``dst`` (S, X), where ``take``, in ``dst``'s dtype."""
-    m = take[:, None] & (r[None, :] < X)
+    m = (take[:, None] != 0) & (r[None, :] < X)  # (the interpreter may hand a mask over as int32)
     x = tl.load(src + col[:, None] * X + r[None, :], mask=m)
     tl.store(dst + slot[:, None] * X + r[None, :], x.to(dst.dtype.element_ty), mask=m)
 
