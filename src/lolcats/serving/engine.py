@@ -459,9 +459,7 @@ class SlotEngine:
     def describe(self) -> dict:
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"engine": type(self).__name__, "device": dev, "max_batch": self.max_batch,
-                "cuda_graphs": self.use_graph, "buckets": self.sizes,
-                "graphs": {"steps": len(self.runner.graphs), "groups": len(self.prefill_graphs),
-                           "chunks": len(self.chunk_graphs)}}
+                "cuda_graphs": self.use_graph, "buckets": self.sizes}
 
 
 # ---------------------------------------------------------------- student: constant-size states
