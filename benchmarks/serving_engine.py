@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--max-new-tokens", type=int, default=640, help="with the prompt: the slots' length")
+    p.add_argument("--kv-tokens", type=int, default=0,
+                   help="page the full key/value stores: a pool of N positions (lolcats serve --kv-tokens)")
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5, help="timings per engine call")
     p.add_argument("--device", default="auto")
@@ -65,7 +67,7 @@ def build(args):
                               "cuda" if cuda else "cpu", "bfloat16" if cuda else "float32")
     cls = KVEngine if args.mode == "teacher" else StateEngine
     max_len = args.prompt_len + args.max_new_tokens + 1
-    return cls(model, args.max_batch, max_len, prefill_chunk=args.prefill_chunk), tok
+    return cls(model, args.max_batch, max_len, prefill_chunk=args.prefill_chunk, kv_tokens=args.kv_tokens), tok
 
 
 class Bench:

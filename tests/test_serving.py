@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lolcats.attention.cache import KVState
+from lolcats.attention.cache import KVState, PagedKVState
 from lolcats.generation.text import chat_prompt, eos_ids, run_generate, truncate_at_stop
 from lolcats.generation.runner import buckets
 from lolcats.generation.sampling import Sampling, pick_tokens, seeded_uniform
 from lolcats.serving.engine import KVEngine, StateEngine
-from lolcats.serving.scheduler import Delta, Done, Request, Scheduler, TextStream, wait_idle
+from lolcats.serving.scheduler import Delta, Done, Failed, Request, Scheduler, TextStream, wait_idle
 from conftest import free_port, src_env
 from test_generation import build, char_tokenizer
 
@@ -214,6 +214,60 @@ def test_scheduler_greedy_equals_generate_alone_and_batched(mode, steps):
     assert sched.stats()["running"] == 0
 
 
+@pytest.mark.parametrize("mode", ["student-kept-softmax", "teacher"])
+def test_paged_key_value_stores_serve_the_same_text_and_bound_the_sequences(mode):
+    """--kv-tokens: the full key/value stores are pages of one pool. 16 requests over 4 slots, prompts in chunks of
+    5 tokens, with a pool of 2 pages of 64 positions: a sequence (prompt + 12 new tokens + 1) takes 1 or 2, so at
+    most 2 are read or decoded at once (the others wait for pages) and each text still equals generate() alone;
+    every page is back in the pool at the end, and the rows that hold no sequence name the scratch page."""
+    tok = char_tokenizer()
+    model = tiny(tok, "teacher") if mode == "teacher" else tiny_kept(tok)
+    refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
+    engine = (KVEngine if mode == "teacher" else StateEngine)(model, 4, 128, kv_tokens=128)
+    assert engine.pool.capacity == 128 and engine.free_positions() == 128
+    busy = []
+    launch = engine.launch
+    engine.launch = lambda n, *a, **k: (busy.append(n + len(sched.staging)), launch(n, *a, **k))[1]
+    sched = Scheduler(engine, eos_ids(model, tok), prefill_chunk=5, max_queue=32)
+    sched.start()
+    try:
+        reqs = [Request(tok(p)["input_ids"], 12, Sampling(), tok, sink=queue.Queue()) for p in PROMPTS * 2]
+        for r in reqs:
+            sched.submit(r)
+        for i, r in enumerate(reqs):
+            assert collect(r)[0] == refs[i % len(PROMPTS)], i
+        assert wait_idle(sched)
+    finally:
+        sched.stop()
+    assert max(busy) == 2
+    assert engine.free_positions() == 128 and not any(engine.slot_pages) and not any(engine.stage_pages)
+    assert not engine.slot_table.any() and not engine.stage_table.any()
+
+
+def test_a_request_larger_than_the_key_value_pool_fails_alone():
+    """A sequence that needs more positions than the pool holds fails with a message naming --kv-tokens (through the
+    server, --kv-tokens below --max-prompt-tokens + --max-new-tokens + 1 is refused at start); the others are
+    served."""
+    from lolcats.serving.options import ServeOptions
+
+    tok = char_tokenizer()
+    model = tiny_kept(tok)
+    sched = Scheduler(StateEngine(model, 2, 200, kv_tokens=64), eos_ids(model, tok), prefill_chunk=16)
+    sched.start()
+    try:
+        big = Request(tok(PROMPTS[2])["input_ids"], 40, Sampling(), tok, sink=queue.Queue())
+        small = Request(tok(PROMPTS[0])["input_ids"], 8, Sampling(), tok, sink=queue.Queue())
+        sched.submit(big)
+        sched.submit(small)
+        assert collect(small)[0] == run_generate(model, tok, [PROMPTS[0]], max_new_tokens=8)[0]
+        event = big.sink.get(timeout=30)
+        assert isinstance(event, Failed) and "--kv-tokens" in event.message and "holds 64" in event.message, event
+    finally:
+        sched.stop()
+    with pytest.raises(ValueError, match="--kv-tokens 100 holds no sequence"):
+        ServeOptions(max_prompt_tokens=64, max_new_tokens=64, kv_tokens=100).check()
+
+
 def test_sparse_terraced_steps_are_keyed_by_whether_a_block_starts():
     """With a sparse cache on terraced windows (w 8) a step evicts only if a running row's fed position starts a
     block; both variants are captured at warm-up (the serving test above checks the text against generate)."""
@@ -317,19 +371,20 @@ def test_right_padded_first_chunk_equals_the_unpadded_prefill(mode, kind):
 
 @pytest.mark.parametrize("mode,kind", [(m, k) for m in ("student", "teacher")
                                        for k in ("terraced_window", "sliding_window", "gated_delta")]
-                         + [("student-kept-softmax-sparse", "terraced_window")])
+                         + [("student-kept-softmax-sparse", "terraced_window"), ("teacher-paged", "terraced_window")])
 @torch.no_grad()
 def test_right_padded_later_chunk_equals_the_unpadded_read(mode, kind):
     """A later chunk (the prompt's second, from position 9), right-padded to its length bucket in the static
     buffers a CUDA graph replays, with a kept layer's store read up to a length bucket, leaves the staging row's
-    state and logits as an unpadded read over the whole store does."""
+    state and logits as an unpadded read over the whole store does (also with paged stores: --kv-tokens)."""
     tok = char_tokenizer()
-    model = tiny_kept(tok, sparse_cache=4, sparse_sink=2) if mode.endswith("sparse") else tiny(tok, mode, kind)
-    cls = KVEngine if mode == "teacher" else StateEngine
+    model = (tiny_kept(tok, sparse_cache=4, sparse_sink=2) if mode.endswith("sparse") else
+             tiny(tok, mode.removesuffix("-paged"), kind))
+    cls = KVEngine if mode.startswith("teacher") else StateEngine
     ids = tok(PROMPTS[2])["input_ids"][:20]  # 9 tokens, then 11 (bucket 16: 5 padding tokens)
     states = []
     for read in ("padded", "unpadded"):
-        engine = cls(model, 2, 160, prefill_chunk=16)
+        engine = paged_or_not(cls(model, 2, 160, prefill_chunk=16, kv_tokens=256 if mode.endswith("paged") else 0))
         engine.prefill_chunks([ids[:9]], [0], [None])
         logits = (engine._chunks_logits([ids[9:]], [9]) if read == "padded" else unpadded_logits(engine, ids[9:], 9))
         states.append((logits.clone(), row_state(engine, 0, len(ids))))
@@ -338,15 +393,18 @@ def test_right_padded_later_chunk_equals_the_unpadded_read(mode, kind):
         torch.testing.assert_close(states[0][1][name], t, atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("mode", ["student", "teacher", "student-kept-softmax-sparse"])
+@pytest.mark.parametrize("mode", ["student", "teacher", "student-kept-softmax-sparse", "teacher-paged"])
 @torch.no_grad()
 def test_capturing_a_later_chunk_leaves_the_staging_rows_as_they_were(mode, monkeypatch):
     """Capturing a later chunk's graph runs its forward once first (the warm-up), over staging rows that may be
     half-way through prompts: every state tensor it writes is restored before the graph is recorded (on CPU: the
-    warm-up runs eagerly, the recording is skipped), and the chunk is then read once, by the replay."""
+    warm-up runs eagerly, the recording is skipped), and the chunk is then read once, by the replay. Paged stores:
+    the warm-up writes the scratch page only."""
     tok = char_tokenizer()
-    model = tiny_kept(tok, sparse_cache=4, sparse_sink=2) if mode.endswith("sparse") else tiny(tok, mode)
-    engine = (KVEngine if mode == "teacher" else StateEngine)(model, 2, 160, prefill_chunk=16)
+    model = (tiny_kept(tok, sparse_cache=4, sparse_sink=2) if mode.endswith("sparse") else
+             tiny(tok, mode.removesuffix("-paged")))
+    engine = paged_or_not((KVEngine if mode.startswith("teacher") else StateEngine)(
+        model, 2, 160, prefill_chunk=16, kv_tokens=256 if mode.endswith("paged") else 0))
     ids = tok(PROMPTS[2])["input_ids"][:20]
     engine.prefill_chunks([ids[:9]], [0], [None])
     before = row_state(engine, 0, engine.max_len)
@@ -409,6 +467,12 @@ def test_engine_states_are_stacked_by_spec_and_rows_move_in_one_copy_per_field()
             assert torch.equal(got, want), (i, name)
 
 
+def paged_or_not(engine):
+    """``engine`` with staging row 0's pages reserved for its longest sequence, if its stores are paged."""
+    assert engine.reserve(0, engine.max_len)
+    return engine
+
+
 def unpadded_logits(engine, ids: list[int], start: int) -> torch.Tensor:
     """Staging row 0 reads ``ids`` from position ``start`` unpadded, eagerly, outside the engine's static buffers:
     logits (1, V) at its last token (the reference a right-padded chunk is held to)."""
@@ -422,6 +486,10 @@ def row_state(engine, row: int, length: int) -> dict[str, torch.Tensor]:
     """Staging row ``row``'s state, a key/value store's first ``length`` positions only (padding writes past them)."""
     out = {}
     for i, st in engine.stage.states().items():
+        if isinstance(st, PagedKVState):  # its pages, as a store of ``length`` positions would hold them
+            k, v, _ = st.prefix(slice(row, row + 1), length).read()
+            out[f"{i}.k"], out[f"{i}.v"] = k[0].clone(), v[0].clone()
+            continue
         for name, t in st.tensors().items():
             t = t[row]
             if isinstance(st, KVState):
@@ -858,16 +926,24 @@ def test_http_non_streaming_request_at_shutdown_gets_503():
 
 
 @pytest.mark.parametrize("mode", ["student-kept-softmax", "teacher"])
-def test_slot_bytes_estimate_equals_what_the_engine_allocates(mode):
+@pytest.mark.parametrize("kv_tokens", [0, 300])
+def test_slot_bytes_estimate_equals_what_the_engine_allocates(mode, kv_tokens):
+    """The memory check's estimate (per slot; the key/value pool apart with --kv-tokens) is what the engine holds."""
     from lolcats.serving.options import ServeOptions
-    from lolcats.serving.server import build_engine, slot_bytes
+    from lolcats.serving.server import build_engine, pool_bytes, slot_bytes
 
     tok = char_tokenizer()
     model = tiny(tok, "teacher") if mode == "teacher" else tiny_kept(tok)
     opts = ServeOptions(attention_mode="teacher" if mode == "teacher" else "student", max_batch=4,
-                        max_prompt_tokens=100, max_new_tokens=27)
+                        max_prompt_tokens=100, max_new_tokens=27, kv_tokens=kv_tokens)
     engine = build_engine(model, opts)
     assert slot_bytes(model, opts) == engine.state_bytes_per_slot() + engine.rows["counts"][0].nbytes
+    assert pool_bytes(model, opts) == (engine.pool.nbytes() if kv_tokens else 0)
+    if kv_tokens:  # 5 pages of 64 positions (320 >= 300) and the scratch page, k and v, per layer with a full store
+        c = model.config
+        layers = c.num_hidden_layers if mode == "teacher" else 1
+        per_position = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4  # fp32
+        assert pool_bytes(model, opts) == 2 * layers * 6 * 64 * per_position
 
 
 def test_serve_refuses_slots_that_do_not_fit_in_memory(tmp_path, monkeypatch, capsys):
@@ -1022,15 +1098,16 @@ def test_engine_calls_queue_without_waiting_for_the_device(mode, prompt):
 
 
 def test_serving_engine_benchmark_smoke(tmp_path):
-    """benchmarks/serving_engine.py end to end at tiny sizes, both engines: every engine call timed, the loop profiled."""
+    """benchmarks/serving_engine.py end to end at tiny sizes, both engines (the teacher's stores paged too): every
+    engine call timed, the loop profiled."""
     cfg, tok = tiny_dirs(tmp_path)
     env = src_env(OMP_NUM_THREADS="1")
-    for mode in ("student", "teacher"):
+    for mode, extra in (("student", []), ("teacher", []), ("teacher", ["--kv-tokens", "1024"])):
         out = subprocess.run([sys.executable, "-m", "benchmarks.serving_engine", "--model", str(cfg), "--tokenizer", str(tok),
                               "--attn", "attention.window_size=8", "--attn", "attention.feature_dim=8", "--mode", mode,
                               "--max-batch", "8", "--running", "4", "--prompt-len", "12", "--prefill-chunk", "16",
                               "--max-new-tokens", "96", "--iterations", "4", "--repeats", "2",
-                              "--trace", str(tmp_path / f"{mode}.json")],
+                              "--trace", str(tmp_path / f"{mode}.json"), *extra],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         for call in ("prefill 12 tokens, behind a decode step", "admit", "move", "release", "decode step, 4 rows"):

@@ -22,6 +22,12 @@ whose position q satisfies 0 <= q <= p and (q < S or q > p - W) (:func:`kv_visib
 q <= p). Keys are stored after RoPE, at their true positions. ``generate()`` keeps HF's dynamic layer for an
 unbounded kept layer (its memory grows as usual) and a lazily allocated bounded store for a bounded one
 (``attention.use.set_softmax_window``); :class:`FastGenerator` and the serving engine preallocate the store.
+
+The serving engine may page full stores instead (``lolcats serve --kv-tokens``): a :class:`PagedKVState` is a
+view of a :class:`KVPool` shared by all its rows, pages of ``page`` positions, each row's page table naming the
+pages its positions live in (page 0 is scratch: a table entry no page was reserved for, where padding and the
+positions a row does not own are written, never read as a row's own). The engine reserves a row's pages for its
+whole sequence (prompt + new tokens) when the row starts it, so the store's memory is what the running rows use.
 """
 
 from __future__ import annotations
@@ -54,6 +60,23 @@ class KVState(LayerState):
     def empty(cls, B, Hk, slots, D, Dv, dtype, device, bounded: bool = False) -> KVState:
         return cls.spec(Hk, slots, D, Dv, dtype, bounded).allocate(B, device)
 
+    def put(self, slot: torch.Tensor, keep: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            pos: torch.Tensor) -> None:
+        """Write k/v (B, Hk, T, D) at slots ``slot`` (B, T) where ``keep``, the rest (and slots past the store) into
+        the scratch slot; a bounded store records the kept tokens' positions ``pos``."""
+        N = self.max_length
+        keep = keep & (slot < N)
+        idx = torch.where(keep, slot, N)  # (B, T)
+        if self.pos.shape[1]:
+            self.pos.scatter_(1, idx, torch.where(keep, pos, EMPTY_POS))
+        idx = idx[:, None, :, None]  # (B, 1, T, 1)
+        self.k.scatter_(2, idx.expand(*k.shape), k.to(self.k.dtype))
+        self.v.scatter_(2, idx.expand(*v.shape), v.to(self.v.dtype))
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys (B, Hk, K, D), values (B, Hk, K, Dv), their positions (B, K), -1 where empty)."""
+        return self.k, self.v, self.positions()
+
     def prefix(self, rows: slice, slots: int) -> KVState:
         """A view of a full store's rows ``rows`` and first ``slots`` slots (positions), slot ``slots`` its scratch:
         a step that writes and reads only positions below ``slots`` attends no more keys than that."""
@@ -71,6 +94,112 @@ class KVState(LayerState):
     def max_length(self) -> int:
         """N: the slots (positions of a full store)."""
         return self.k.shape[2] - 1
+
+
+class PagedKVState:
+    """A full key/value store in pages of a :class:`KVPool` (module docstring): one layer's pool tensors, shared by
+    every row, and the rows' page tables; written and read as a :class:`KVState` is (``put``, ``read``)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, page: int, length: int):
+        self.k, self.v = k, v  # (pages * page, Hk, D): the layer's pool, page 0 scratch
+        self.table = table  # (B, M) int64: row b's position p lives in pool row table[b, p // page] * page + p % page
+        self.page, self.length = page, length  # positions per page; positions a call reads (and writes below)
+
+    @property
+    def batch_size(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.length
+
+    def rows(self, sl: slice) -> PagedKVState:
+        return PagedKVState(self.k, self.v, self.table[sl], self.page, self.length)
+
+    def prefix(self, rows: slice, slots: int) -> PagedKVState:
+        """Rows ``rows``, their first ``slots`` positions (a :meth:`KVState.prefix`)."""
+        return PagedKVState(self.k, self.v, self.table[rows], self.page, slots)
+
+    def reset(self) -> None:
+        """Nothing to empty: a row writes its positions before its queries read them (pages are the engine's)."""
+
+    def map(self, fn):
+        raise NotImplementedError("a paged key/value store's rows move with their page tables (the serving engine)")
+
+    def nbytes(self) -> int:
+        """0: the rows hold no memory of their own (the pool's is :meth:`KVPool.nbytes`)."""
+        return 0
+
+    def _pool_rows(self, pos: torch.Tensor) -> torch.Tensor:
+        """(B, T) positions (0 <= pos < M * page) -> their pool rows."""
+        page = self.table.gather(1, (pos // self.page).clamp(max=self.table.shape[1] - 1))  # (B, T)
+        return page * self.page + pos % self.page
+
+    def put(self, slot: torch.Tensor, keep: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            pos: torch.Tensor) -> None:
+        """:meth:`KVState.put`: slots are positions; dropped tokens (and positions past the table) go to page 0."""
+        keep = keep & (slot >= 0) & (slot < self.table.shape[1] * self.page)
+        idx = torch.where(keep, self._pool_rows(slot.clamp(min=0)), 0)  # (B, T)
+        self.k.index_put_((idx,), k.transpose(1, 2).to(self.k.dtype))  # rows (B, T) <- (B, T, Hk, D)
+        self.v.index_put_((idx,), v.transpose(1, 2).to(self.v.dtype))
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first ``length`` positions of every row, gathered from the pool: (B, Hk, L, D) keys, values and the
+        positions (B, L) (a position a row has not written is later than its queries: never seen)."""
+        B, L = self.batch_size, self.length
+        pos = torch.arange(L, device=self.table.device).expand(B, L)
+        idx = self._pool_rows(pos)  # (B, L)
+        return self.k[idx].transpose(1, 2), self.v[idx].transpose(1, 2), pos
+
+
+class KVPool:
+    """Pages of key/value positions for the full stores of several layers (``layers``: {layer: (Hk, D, Dv, dtype,
+    device)}), shared by the rows of several caches (the serving engine's slots and staging rows). ``pages``
+    includes page 0, the scratch page; the host hands the others out (:meth:`take`) and back (:meth:`give`)."""
+
+    def __init__(self, layers: dict[int, tuple], pages: int, page: int):
+        if pages < 2:
+            raise ValueError(f"a key/value pool needs at least 2 pages (one is scratch), got {pages}")
+        self.page, self.pages = page, pages
+        groups: dict[tuple, list[int]] = {}
+        for i, shape in layers.items():
+            groups.setdefault(shape, []).append(i)
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.tensors: list[torch.Tensor] = []  # (n, pages * page, Hk, D): layers of one shape stacked
+        for (Hk, D, Dv, dtype, device), idx in groups.items():
+            k = torch.zeros(len(idx), pages * page, Hk, D, dtype=dtype, device=device)
+            v = torch.zeros(len(idx), pages * page, Hk, Dv, dtype=dtype, device=device)
+            self.tensors += [k, v]
+            for j, i in enumerate(idx):
+                self.k[i], self.v[i] = k[j], v[j]
+        self.free = list(range(pages - 1, 0, -1))  # a stack: the lowest pages first
+
+    def state(self, layer: int, table: torch.Tensor, length: int) -> PagedKVState:
+        """Layer ``layer``'s store for the rows of ``table`` (B, M), rows up to ``length`` positions."""
+        return PagedKVState(self.k[layer], self.v[layer], table, self.page, length)
+
+    def pages_for(self, positions: int) -> int:
+        return -(-positions // self.page)
+
+    def take(self, n: int) -> list[int] | None:
+        """``n`` free pages, or None (taking none) where fewer are free."""
+        if n > len(self.free):
+            return None
+        taken = self.free[len(self.free) - n:][::-1]
+        del self.free[len(self.free) - n:]
+        return taken
+
+    def give(self, pages: list[int]) -> None:
+        self.free += pages[::-1]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the pool holds for rows (the scratch page left out)."""
+        return (self.pages - 1) * self.page
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 def kv_slots(positions: int, window: int, sink: int) -> int:
@@ -188,20 +317,13 @@ class SoftmaxLayer(LolcatsLayer):
         """Store a chunk in ``st`` (this slot's store or a view of it): k/v (B, Hk, T, D), its positions and valid
         tokens (B, T). Each kept token goes to the slot of its position; padding, positions past a full store and
         those a later token of the chunk pushes out of the ring go to the scratch slot."""
-        N = st.max_length
         if self.window:
             last = torch.where(valid, pos, -1).amax(1, keepdim=True)  # (B, 1): each row's newest position
             keep = valid & ((pos < self.sink) | (pos > last - self.window))
             slot = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % self.window)
         else:
             keep, slot = valid, pos
-        keep = keep & (slot < N)  # a store made for shorter rows drops later positions
-        idx = torch.where(keep, slot, N)  # (B, T)
-        if self.window:
-            st.pos.scatter_(1, idx, torch.where(keep, pos, EMPTY_POS))
-        idx = idx[:, None, :, None]  # (B, 1, T, 1)
-        st.k.scatter_(2, idx.expand(*k.shape), k.to(st.k.dtype))
-        st.v.scatter_(2, idx.expand(*v.shape), v.to(st.v.dtype))
+        st.put(slot, keep, k, v, pos)  # a store made for shorter rows drops later positions
 
 
 class LolcatsCache(Cache):

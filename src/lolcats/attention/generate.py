@@ -14,14 +14,15 @@ import torch
 import torch.nn as nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from lolcats.attention.cache import LolcatsCache, LolcatsLayer
+from lolcats.attention.cache import KVPool, LolcatsCache, LolcatsLayer, SoftmaxLayer
 from lolcats.attention.layers import causal_lm, decoder_layers, lolcats_attention_by_layer, lolcats_modules
 from lolcats.ops.state import allocate_stacked
 
 
 def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dtype | None = None,
                device=None, max_length: int | None = None, softmax: bool = False,
-               stacked: bool = False) -> LolcatsCache:
+               stacked: bool = False, kv_pool: KVPool | None = None,
+               kv_table: torch.Tensor | None = None) -> LolcatsCache:
     """A LolcatsCache for ``model``; states are allocated now if ``batch_size`` is given, else lazily.
 
     Layers kept as softmax attention get a :class:`SoftmaxLayer`: its key/value store preallocated with
@@ -30,7 +31,8 @@ def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dty
     ``softmax``: every layer gets a preallocated store (teacher mode: the converted layers attend by softmax too).
     ``stacked`` (with ``batch_size``): layers declaring equal states share one tensor per field (``cache.stacks``,
     ``ops/state.py``'s :class:`StateStack`), so that rows of every layer move in a few copies; the layers' states
-    are views of it and must not be replaced."""
+    are views of it and must not be replaced. ``kv_pool`` (:func:`make_kv_pool`) and ``kv_table`` (batch_size, M):
+    full stores are pages of that pool, the rows' pages named by the table (the serving engine's paging)."""
     inner = causal_lm(model)
     config = inner.config.get_text_config(decoder=True)
     mods = lolcats_attention_by_layer(inner)
@@ -43,7 +45,9 @@ def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dty
         w = None if m is None else m.q_proj.weight
         dt = dtype or (w.dtype if w is not None and w.is_floating_point() else torch.float32)
         kept = m is not None and (softmax or not m.converted)
-        if kept and batch_size is not None and max_length is not None:
+        if kept and kv_pool is not None and not m.kv_window:
+            layers.append(SoftmaxLayer(kv_pool.state(i, kv_table, max_length)))
+        elif kept and batch_size is not None and max_length is not None:
             layers.append(m.softmax_slot())
             specs.append((layers[-1], m.kv_state_spec(max_length, dt), device or w.device))
         elif kept and m.kv_window:
@@ -62,6 +66,20 @@ def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dty
     for (layer, _, _), state in zip(specs, states):
         layer.state, layer.is_initialized = state, True
     return cache
+
+
+def make_kv_pool(model: nn.Module, positions: int, page: int, softmax: bool = False, dtype: torch.dtype | None = None,
+                 device=None) -> KVPool | None:
+    """A :class:`KVPool` of ``positions`` positions (rounded up to pages of ``page``, plus the scratch page) for the
+    layers :func:`make_cache` gives a full key/value store (kept as softmax attention, unbounded; every layer with
+    ``softmax``); None where there are none."""
+    layers = {}
+    for i, m in lolcats_attention_by_layer(causal_lm(model)).items():
+        if (softmax or not m.converted) and not m.kv_window:
+            w = m.q_proj.weight
+            dt = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+            layers[i] = (m.num_kv_heads, m.head_dim, m.head_dim, dt, torch.device(device or w.device))
+    return KVPool(layers, -(-positions // page) + 1, page) if layers else None
 
 
 def cache_kwarg_name(model: nn.Module) -> str:

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, SoftmaxLayer, kv_slots
+from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, PagedKVState, SoftmaxLayer, kv_slots
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.attention.mixers import Mixer, get_mixer
 from lolcats.attention.qkv import FusedQKV, fusable, share_rows
@@ -400,12 +400,19 @@ class LolcatsAttention(nn.Module):
                                                                                   k.dtype, k.device))
         step = step_of(declared, attention_mask, position_ids, B, T, q.device)
         pos, valid = step.pos, step.valid_or_ones()
+        if T == 1 and isinstance(st, PagedKVState):  # a decode step reads the pages in place (the backend's op)
+            slot.write(st, k, v, pos, valid)
+            if meta is None:
+                slot.seen += T
+            return get_backend(self.cfg.backend, q).paged_decode(q, st.k, st.v, st.table, pos[:, 0], st.page,
+                                                                 st.length, self.scaling)
         if slot.keeps_chunk(st, declared.start, T):
             slot.write(st, k, v, pos, valid)
-            keys, values, key_pos = st.k, st.v, st.positions()
+            keys, values, key_pos = st.read()
         else:
-            keys, values = torch.cat([st.k, k.to(st.k.dtype)], 2), torch.cat([st.v, v.to(st.v.dtype)], 2)
-            key_pos = torch.cat([st.positions(), torch.where(valid, pos, -1)], 1)  # (B, N + 1 + T)
+            keys, values, key_pos = st.read()
+            keys, values = torch.cat([keys, k.to(keys.dtype)], 2), torch.cat([values, v.to(values.dtype)], 2)
+            key_pos = torch.cat([key_pos, torch.where(valid, pos, -1)], 1)  # (B, N + 1 + T)
             slot.write(st, k, v, pos, valid)
         allowed = slot.visible(key_pos, pos)  # (B, T, K)
         if meta is None:

@@ -45,6 +45,15 @@ moves the rest down (:meth:`SlotEngine.move_stage`).
 Prefilling in place is not possible because decode steps run over padding rows of their bucket, which would write
 into a half-prefilled row.
 
+Full key/value stores (the teacher's layers, the student's layers kept as softmax attention) may be paged
+(``kv_tokens``, ``lolcats serve --kv-tokens``): one :class:`~lolcats.attention.cache.KVPool` of that many positions
+for the slots and the staging rows, each row naming its pages in a page table (slots' and staging rows', static
+buffers the graphs read). The scheduler reserves a staging row's pages for its whole sequence (prompt, new tokens and
+one step) before the row starts a prompt (:meth:`SlotEngine.reserve`), and a prompt waits while too few are free;
+the pages move with the row (admission, compaction: a table row copy instead of the keys) and return to the pool
+when its slot is released. Rows that hold no sequence name the scratch page only, so the padding rows of a step
+write nowhere that is read. Without ``kv_tokens`` each row holds ``max_len`` positions.
+
 Sampling is per row (``generation/sampling.py``, picked by the runner): temperature and top-p are (B,)
 buffers, and the noise for a row is a hash of (the request's seed, the token's index in the request, the
 vocabulary index), so a seeded request samples the same tokens whatever else is in the batch. Greedy rows take
@@ -62,7 +71,7 @@ import torch
 import torch.nn as nn
 
 from lolcats.attention.cache import KVState, LolcatsLayer, SoftmaxLayer
-from lolcats.attention.generate import make_cache, prefill_capturable
+from lolcats.attention.generate import make_cache, make_kv_pool, prefill_capturable
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.modes import set_attention_mode
 from lolcats.attention.step import StepMeta
@@ -124,12 +133,14 @@ class SlotEngine:
     prefill_capturable = True  # whether the first-chunk prefill may be captured (no host reads in it)
     warmup_modes: tuple[str, ...] = MODES  # the sampling variants warmup() captures by default
     MIN_LEN = 64  # smallest length bucket of a full key/value store
+    KV_PAGE = 64  # positions per page of a paged key/value store (kv_tokens)
+    softmax_stores = False  # every layer holds a full key/value store (teacher mode)
     block = 0  # w of a sparse cache on terraced windows: steps keyed by whether a slot may leave (StateEngine)
     lengths: list[int] | None = None  # length buckets of the full key/value stores, if the slots have any
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
                  fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0,
-                 prefill_rows: int = 8, prefill_tokens: int = 0):
+                 prefill_rows: int = 8, prefill_tokens: int = 0, kv_tokens: int = 0):
         self.model = causal_lm(model)
         set_inference_fusion(self.model, fuse)  # one q/k/v GEMM; RoPE + Hedgehog in one op (FastGenerator's)
         self.max_batch, self.max_len = max_batch, max_len
@@ -138,8 +149,16 @@ class SlotEngine:
         R = self.prefill_rows = max(1, min(prefill_rows, max_batch))
         self.group_sizes = buckets(R)  # a group's row buckets
         self.group_tokens = max(prefill_tokens, P)  # a group's padded tokens (rows x length buckets) stay within
-        self.cache = self._make_cache(max_batch)  # the slots, handed to the layers
-        self.stage = self._make_cache(R)  # the staging rows prompts are read into
+        # paged full key/value stores: the pool, each row's pages (host) and page table (device; 0 = scratch page)
+        self.pool = make_kv_pool(self.model, kv_tokens, self.KV_PAGE, self.softmax_stores) if kv_tokens else None
+        self.slot_pages: list[list[int]] = [[] for _ in range(max_batch)]
+        self.stage_pages: list[list[int]] = [[] for _ in range(R)]
+        M = -(-max_len // self.KV_PAGE)
+        dev = next(self.model.parameters()).device
+        self.slot_table = torch.zeros(max_batch, M, dtype=torch.long, device=dev)  # (max_batch, M)
+        self.stage_table = torch.zeros(R, M, dtype=torch.long, device=dev)  # (R, M)
+        self.cache = self._make_cache(max_batch, self.slot_table)  # the slots, handed to the layers
+        self.stage = self._make_cache(R, self.stage_table)  # the staging rows prompts are read into
         self.full = self.cache.stacks  # every layer's state, a row per slot, layers of one spec stacked
         self.stage_full = self.stage.stacks  # and per staging row
         self.runner = DecodeRunner(self.model, self.cache, max_batch, use_cuda_graph, full=True, seeded=True,
@@ -161,9 +180,12 @@ class SlotEngine:
 
     # ------------------------------------------------------------ subclass hooks
 
-    def _make_cache(self, rows: int):
-        """A cache of ``rows`` rows of ``max_len`` positions."""
-        raise NotImplementedError
+    def _make_cache(self, rows: int, table: torch.Tensor):
+        """A cache of ``rows`` rows of ``max_len`` positions, its full key/value stores pages of the pool named by
+        ``table`` where paged. The student's layers kept as softmax attention get SoftmaxLayers: key/value stores
+        of max_len positions per row (paged), or of their bound (attention.use.set_softmax_window)."""
+        return make_cache(self.model, rows, max_length=self.max_len, softmax=self.softmax_stores, stacked=True,
+                          kv_pool=self.pool, kv_table=table)
 
     def _kept_by_warmup(self, key: StepKey) -> list[torch.Tensor]:
         """The cache tensors a warm-up step of ``key`` would change for running rows (restored after it)."""
@@ -281,8 +303,10 @@ class SlotEngine:
         slots = (meta.length or self.max_len) + 1
         keep = [t[:, :b] for st in self.stage_full for t, _ in self._state_tensors(st, st, slots)]
         saved = [t.clone() for t in keep]
+        table = self.stage_table[:b].clone()  # paged stores: the warm-up writes the scratch page only
+        self.stage_table[:b].zero_()
         self.runner.side_run(lambda: self._chunk_forward(b, T, meta))
-        torch._foreach_copy_(keep, saved)
+        torch._foreach_copy_(keep + [self.stage_table[:b]], saved + [table])
         return self.runner.record(lambda: self._chunk_forward(b, T, meta))
 
     def _first_chunk(self, b: int, T: int) -> torch.Tensor:
@@ -427,14 +451,19 @@ class SlotEngine:
         pairs = self._stage_pairs(rows, slots, max(lengths))
         for dst, src in self._stage_moves(rows, slots):
             pairs += [(buf[dst], self.stage_rows[name][src]) for name, buf in self.rows.items()]
+            pairs.append((self.slot_table[dst], self.stage_table[src]))
         torch._foreach_copy_(*map(list, zip(*pairs)))
+        for r, d in zip(rows, slots):
+            self._pass_pages(self.stage_pages, self.stage_table, r, self.slot_pages, d)
         self.host_pos[first:first + len(rows)] = lengths
 
     @torch.no_grad()
     def move_stage(self, src: int, dst: int, length: int) -> None:
         """Copy staging row ``src`` (a prompt read up to ``length`` tokens) into staging row ``dst`` (compaction)."""
         pairs = self._stage_pairs([src], [dst], length, into_stage=True)
+        pairs.append((self.stage_table[dst], self.stage_table[src]))
         torch._foreach_copy_(*map(list, zip(*pairs)))
+        self._pass_pages(self.stage_pages, self.stage_table, src, self.stage_pages, dst)
 
     @torch.no_grad()
     def move(self, src: int, dst: int) -> None:
@@ -442,7 +471,9 @@ class SlotEngine:
         n = self.host_pos[src] + 1  # a full key/value store's positions in use
         pairs = [(d[:, dst], s_[:, src]) for st in self.full for d, s_ in self._state_tensors(st, st, n)]
         pairs += [(buf[dst], buf[src]) for buf in self.rows.values()]
+        pairs.append((self.slot_table[dst], self.slot_table[src]))
         torch._foreach_copy_(*map(list, zip(*pairs)))
+        self._pass_pages(self.slot_pages, self.slot_table, src, self.slot_pages, dst)
         self.host_pos[dst] = self.host_pos[src]
 
     @torch.no_grad()
@@ -452,6 +483,53 @@ class SlotEngine:
         reading them), and until then the row computes garbage nobody reads, if any step's bucket covers it."""
         self.rows["pos"][slot:slot + 1].fill_(0)
         self.host_pos[slot] = 0
+        self._free_pages(self.slot_pages, self.slot_table, slot)
+
+    # ------------------------------------------------------------ key/value pages (kv_tokens)
+
+    def fits(self, positions: int) -> bool:
+        """Whether a sequence of ``positions`` positions can ever be given its pages (always without paging)."""
+        return self.pool is None or self.pool.pages_for(min(positions, self.max_len)) < self.pool.pages
+
+    def reserve(self, row: int, positions: int) -> bool:
+        """Staging row ``row``, the first that holds no prompt (rows from it on hold none), takes the pages of a
+        sequence of up to ``positions`` positions (prompt, new tokens and one step more); False where too few are
+        free (it then holds none). Always True without paging."""
+        if self.pool is None:
+            return True
+        for r in range(row, len(self.stage_pages)):  # what rows of prompts that failed or left still hold
+            self._free_pages(self.stage_pages, self.stage_table, r)
+        pages = self.pool.take(self.pool.pages_for(min(positions, self.max_len)))
+        if pages is None:
+            return False
+        self.stage_pages[row] = pages
+        host = torch.zeros(1, self.stage_table.shape[1], dtype=torch.long)
+        host[0, :len(pages)] = torch.tensor(pages)
+        self.stage_table[row:row + 1].copy_(host.pin_memory() if self.device.type == "cuda" else host,
+                                            non_blocking=True)
+        return True
+
+    def free_positions(self) -> int | None:
+        """Positions of the pool no row holds (None without paging)."""
+        return None if self.pool is None else len(self.pool.free) * self.pool.page
+
+    def _free_pages(self, owners: list[list[int]], table: torch.Tensor, row: int) -> None:
+        """Row ``row`` of ``owners`` gives its pages back; its table row names the scratch page."""
+        if owners[row]:
+            self.pool.give(owners[row])
+            owners[row] = []
+            table[row].zero_()
+
+    def _pass_pages(self, src_owners: list[list[int]], src_table: torch.Tensor, src: int,
+                    dst_owners: list[list[int]], dst: int) -> None:
+        """After a row move (its table row copied): row ``dst``'s pages go back, row ``src``'s become its own and the
+        source's table row names the scratch page."""
+        if self.pool is None or (src_owners is dst_owners and src == dst):
+            return
+        if dst_owners[dst]:
+            self.pool.give(dst_owners[dst])
+        dst_owners[dst], src_owners[src] = src_owners[src], []
+        src_table[src].zero_()
 
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch
@@ -459,7 +537,8 @@ class SlotEngine:
     def describe(self) -> dict:
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"engine": type(self).__name__, "device": dev, "max_batch": self.max_batch,
-                "cuda_graphs": self.use_graph, "buckets": self.sizes}
+                "cuda_graphs": self.use_graph, "buckets": self.sizes,
+                "kv_pool_tokens": None if self.pool is None else self.pool.capacity}
 
 
 # ---------------------------------------------------------------- student: constant-size states
@@ -470,14 +549,14 @@ class StateEngine(SlotEngine):
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
                  fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0,
-                 prefill_rows: int = 8, prefill_tokens: int = 0):
+                 prefill_rows: int = 8, prefill_tokens: int = 0, kv_tokens: int = 0):
         mods = lolcats_attention_by_layer(causal_lm(model))
         n_layers = len(decoder_stack(model).layers)
         if len(mods) != n_layers or any(m.mode != "student" for m in mods.values()):
             raise ValueError("the constant-state engine needs every layer converted and in student mode "
                              f"({len(mods)} of {n_layers} converted); serve with --attention-mode teacher otherwise")
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step,
-                         prefill_rows, prefill_tokens)
+                         prefill_rows, prefill_tokens, kv_tokens)
         self.layers = [l for l in self.cache.layers if isinstance(l, LolcatsLayer)]
         # a sparse cache's prefill is captured only through its fused kernel (a kept softmax layer's KVState has none)
         self.prefill_capturable = prefill_capturable(self.model, next(self.model.parameters()))
@@ -489,11 +568,6 @@ class StateEngine(SlotEngine):
         if any(isinstance(l, SoftmaxLayer) and not l.window for l in self.layers):
             self.lengths = self._length_buckets()
             self.capture_while_serving, self.warmup_modes = True, ("greedy",)
-
-    def _make_cache(self, rows: int):
-        # layers kept as softmax attention get SoftmaxLayers: key/value stores of max_len positions per row, or of
-        # their bound (attention.use.set_softmax_window)
-        return make_cache(self.model, rows, max_length=self.max_len, stacked=True)
 
     def _kept_by_warmup(self, key: StepKey) -> list[torch.Tensor]:
         # the recurrent states of the step's rows; a kept layer's step writes only the position a row has not reached
@@ -528,21 +602,19 @@ class KVEngine(SlotEngine):
     # a warm-up step writes keys only at positions a running row has not reached (overwritten before read)
     capture_while_serving = True
     warmup_modes = ("greedy",)
+    softmax_stores = True
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, use_cuda_graph: bool | None = None,
                  fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0,
-                 prefill_rows: int = 8, prefill_tokens: int = 0):
+                 prefill_rows: int = 8, prefill_tokens: int = 0, kv_tokens: int = 0):
         inner = causal_lm(model)
         if len(lolcats_attention_by_layer(inner)) != len(decoder_stack(inner).layers):
             raise ValueError("the KV-slot engine runs converted layers in teacher mode; every layer must be "
                              "converted (convert_model with attention.layers empty)")
         set_attention_mode(model, "teacher")
         super().__init__(model, max_batch, max_len, use_cuda_graph, fuse, prefill_chunk, batch_step, prefill_step,
-                         prefill_rows, prefill_tokens)
+                         prefill_rows, prefill_tokens, kv_tokens)
         self.lengths = self._length_buckets()
-
-    def _make_cache(self, rows: int):
-        return make_cache(self.model, rows, max_length=self.max_len, softmax=True, stacked=True)
 
     def _prefill_mask(self, valid: torch.Tensor) -> None:
         return None  # causal softmax: the padding at the end is written past the prompt and never read

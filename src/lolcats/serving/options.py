@@ -50,6 +50,11 @@ class ServeOptions:
      "bounds their slots' memory whatever --max-prompt-tokens; 0: every position (student mode).")
     softmax_sink: int = 0
     "With --softmax-window: kept softmax layers also keep the first N positions' keys (attention sinks)."
+    kv_tokens: int = 0
+    ("Page the key/value stores (teacher: every layer; student: the layers kept as softmax attention): one pool of "
+     "N positions, in pages of 64, for all sequences; a sequence takes the pages of its prompt + max_tokens when it "
+     "starts and gives them back when it ends, and waits while too few are free. At least --max-prompt-tokens + "
+     "--max-new-tokens + 1. 0: every slot holds that many positions.")
     cuda_graph: bool = True
     "Replay each decode step from a CUDA graph (on CUDA devices)."
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -60,7 +65,7 @@ class ServeOptions:
             if getattr(self, name) < 1:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("prefill_budget", "batch_bucket_step", "prefill_bucket_step", "max_request_bytes",
-                     "softmax_window", "softmax_sink"):
+                     "softmax_window", "softmax_sink", "kv_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"serve: --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.softmax_sink and not self.softmax_window:
@@ -68,6 +73,10 @@ class ServeOptions:
         if self.softmax_window and self.attention_mode == "teacher":
             raise ValueError("serve: --softmax-window bounds the layers kept as softmax attention in student mode; "
                              "teacher mode keeps every position")
+        longest = self.max_prompt_tokens + self.max_new_tokens + 1
+        if 0 < self.kv_tokens < longest:
+            raise ValueError(f"serve: --kv-tokens {self.kv_tokens} holds no sequence of --max-prompt-tokens + "
+                             f"--max-new-tokens + 1 = {longest} positions")
         if self.max_queue < 0:
             raise ValueError(f"serve: --max-queue must be >= 0, got {self.max_queue}")
 

@@ -334,29 +334,50 @@ class Scheduler:
             if group:
                 return self._prefill_group(group)
         self._top_up(free)
-        return self._prefill_chunks()
+        return self._prefill_chunks() if self.staging else 0
 
     def _take_group(self, free: int) -> list[Request]:
         """The oldest waiting prompts, each within one chunk, that one forward reads together (at most ``free``)."""
         group: list[Request] = []
         longest = 0
-        for req in self.waiting:
-            n = len(req.prompt_ids)
+        while self._next_fits():
+            req, n = self.waiting[0], len(self.waiting[0].prompt_ids)
             if len(group) == free or n > self.prefill_chunk or not self.engine.group_fits(len(group) + 1,
                                                                                           max(longest, n)):
                 break
+            if not self._stage_next():
+                break
             group.append(req)
             longest = max(longest, n)
-        for _ in group:
-            self._stage_next()
         return group
 
-    def _stage_next(self) -> None:
-        """The oldest waiting prompt takes the next staging row."""
-        req = self.waiting.popleft()
+    def _next_fits(self) -> bool:
+        """Whether a prompt waits that can be given its key/value pages once enough are free; the oldest ones that
+        never can (more than the pool holds) fail."""
+        while self.waiting and not self.engine.fits(self._reach(self.waiting[0])):
+            req = self.waiting.popleft()
+            self._left_queue()
+            self._fail(req, f"the request needs {self._reach(req)} key/value positions; the server's pool holds "
+                            f"{self.engine.pool.capacity} (--kv-tokens)")
+        return bool(self.waiting)
+
+    @staticmethod
+    def _reach(req: Request) -> int:
+        """Positions a request's row may write: its prompt, its new tokens and the step launched before its last
+        token is read."""
+        return len(req.prompt_ids) + req.max_tokens + 1
+
+    def _stage_next(self) -> bool:
+        """The oldest waiting prompt takes the next staging row, if the row can be given the key/value pages of
+        its whole sequence (paged stores; else it waits: False)."""
+        req = self.waiting[0]
+        if not self.engine.reserve(len(self.staging), self._reach(req)):
+            return False
+        self.waiting.popleft()
         req.state = "prefill"
         self._left_queue()
         self.staging.append(req)
+        return True
 
     def _chunk(self, req: Request) -> list[int]:
         return req.prompt_ids[req.prefilled:req.prefilled + self.prefill_chunk]
@@ -364,11 +385,10 @@ class Scheduler:
     def _top_up(self, free: int) -> None:
         """Waiting prompts join the ones being read while staging rows, slots and the forward's tokens allow."""
         tokens = sum(len(self._chunk(r)) for r in self.staging)
-        while self.waiting and free > 0 and len(self.staging) < self.engine.prefill_rows:
+        while self.waiting and free > 0 and len(self.staging) < self.engine.prefill_rows and self._next_fits():
             n = len(self._chunk(self.waiting[0]))
-            if self.staging and tokens + n > self.engine.group_tokens:
+            if self.staging and tokens + n > self.engine.group_tokens or not self._stage_next():
                 break
-            self._stage_next()
             tokens, free = tokens + n, free - 1
 
     def _prefill_group(self, group: list[Request]) -> int:

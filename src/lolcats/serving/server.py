@@ -41,21 +41,40 @@ def build_engine(model, opts: ServeOptions):
     return cls(model, opts.max_batch, max_len, use_cuda_graph=None if opts.cuda_graph else False,
                prefill_chunk=opts.prefill_chunk, batch_step=opts.batch_bucket_step,
                prefill_step=opts.prefill_bucket_step, prefill_rows=opts.prefill_rows,
-               prefill_tokens=opts.prefill_budget)
+               prefill_tokens=opts.prefill_budget, kv_tokens=opts.kv_tokens)
 
 
 def slot_bytes(model, opts: ServeOptions) -> int:
     """Bytes of one slot's preallocated buffers: every converted layer's state and the key/value rows of the
     layers kept as softmax attention (student), or every layer's key/value rows (teacher), for
-    ``max_prompt_tokens + max_new_tokens + 1`` positions; and the row's counts of generated tokens (penalties)."""
+    ``max_prompt_tokens + max_new_tokens + 1`` positions (none with ``--kv-tokens``: :func:`pool_bytes`); and the
+    row's counts of generated tokens (penalties)."""
     from lolcats.attention.generate import make_cache
     from lolcats.attention.layers import decoder_stack
 
     max_len = opts.max_prompt_tokens + opts.max_new_tokens + 1
     emb = decoder_stack(model).embed_tokens.weight
     # the cache the engine allocates (KVEngine: every layer's key/value store), here on the meta device (no memory)
-    cache = make_cache(model, 1, device="meta", max_length=max_len, softmax=opts.attention_mode == "teacher")
+    pool, table = _meta_pool(model, opts), torch.zeros(1, 1, dtype=torch.long, device="meta")
+    cache = make_cache(model, 1, device="meta", max_length=max_len, softmax=opts.attention_mode == "teacher",
+                       kv_pool=pool, kv_table=table)
     return cache.state_nbytes() + 4 * emb.shape[0]
+
+
+def _meta_pool(model, opts: ServeOptions):
+    """The engine's key/value pool (``--kv-tokens``) on the meta device, or None."""
+    from lolcats.attention.generate import make_kv_pool
+    from lolcats.serving.engine import SlotEngine
+
+    if not opts.kv_tokens:
+        return None
+    return make_kv_pool(model, opts.kv_tokens, SlotEngine.KV_PAGE, opts.attention_mode == "teacher", device="meta")
+
+
+def pool_bytes(model, opts: ServeOptions) -> int:
+    """Bytes of the key/value pool of ``--kv-tokens`` positions (0 without)."""
+    pool = _meta_pool(model, opts)
+    return 0 if pool is None else pool.nbytes()
 
 
 def free_bytes(device: torch.device) -> int | None:
@@ -87,12 +106,15 @@ def check_memory(model, opts: ServeOptions) -> None:
     device = decoder_stack(model).embed_tokens.weight.device
     per_slot, free = slot_bytes(model, opts), free_bytes(device)
     staging = min(opts.prefill_rows, opts.max_batch)  # + the staging rows prompts are read into
-    need = per_slot * (opts.max_batch + staging)
+    pool = pool_bytes(model, opts)
+    need = per_slot * (opts.max_batch + staging) + pool
     if free is not None and need > 0.9 * free:
+        what = (f"states, and a key/value pool of --kv-tokens {opts.kv_tokens} positions ({pool / 2**30:.2f} GiB)"
+                if opts.kv_tokens else f"states and key/value buffers for --max-prompt-tokens "
+                                       f"{opts.max_prompt_tokens} + --max-new-tokens {opts.max_new_tokens} positions")
         raise ValueError(f"serve: the slots need an estimated {need / 2**30:.2f} GiB ({opts.max_batch} + {staging} staging "
-                         f"x {per_slot / 2**20:.1f} MiB: states and key/value buffers for --max-prompt-tokens "
-                         f"{opts.max_prompt_tokens} + --max-new-tokens {opts.max_new_tokens} positions), but {device} "
-                         f"has {free / 2**30:.2f} GiB free; lower --max-batch, --prefill-rows or --max-prompt-tokens")
+                         f"x {per_slot / 2**20:.1f} MiB: {what}), but {device} has {free / 2**30:.2f} GiB free; lower "
+                         f"--max-batch, --prefill-rows, --max-prompt-tokens or --kv-tokens")
 
 
 def build_server(model, tokenizer, opts: ServeOptions):
