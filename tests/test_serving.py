@@ -638,6 +638,27 @@ def test_http_greedy_equals_generate_alone_and_among_16(served):
     assert texts == [refs[i % 8] for i in range(16)]
 
 
+def test_http_paged_teacher_serves_16_clients_from_a_pool_of_3_sequences():
+    """`lolcats serve --attention-mode teacher --kv-tokens 384` through the openai client: 16 concurrent greedy
+    completions (each sequence reserves 2 or 3 pages of 64: prompt + 64 new tokens + 1) share 6 pages, so at most 3
+    run at once; each text equals generate() alone, and /health reports the pool."""
+    tok = char_tokenizer()
+    model = tiny(tok, "teacher")
+    refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
+    server, uv, thread, url = start(model, tok, attention_mode="teacher", max_prompt_tokens=80, kv_tokens=384)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with cf.ThreadPoolExecutor(16) as pool:
+            texts = list(pool.map(lambda i: _complete(client, PROMPTS[i % 8], max_tokens=64).choices[0].text[:len(
+                refs[i % 8])], range(16)))
+        assert texts == [refs[i % 8] for i in range(16)]
+        health = httpx.get(url + "/health", timeout=10).json()
+        assert health["kv_pool_tokens"] == 384, health
+        assert server.scheduler.engine.free_positions() == 384
+    finally:
+        stop(uv, thread)
+
+
 def test_http_stream_equals_non_stream(served):
     model, tok, client, _ = served
     for p in PROMPTS[:3]:
