@@ -202,7 +202,7 @@ class Scheduler:
     def stats(self) -> dict:
         return {"running": len(self.running), "prefilling": len(self.staging),
                 "waiting": self.n_waiting, "finished": dict(self.finished), "tokens_generated": self.tokens_out,
-                "timing": dict(self.timing)}
+                "kv_free_tokens": self.engine.free_positions(), "timing": dict(self.timing)}
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name="lolcats-scheduler", daemon=True)
@@ -308,8 +308,8 @@ class Scheduler:
                 self.engine.move(last, slot)
                 moved = self.running[last]
                 moved.slot, self.running[slot] = slot, moved
+            self.engine.release(last)  # before the slot leaves ``running``: stats() then shows its pages back
             self.running.pop()
-            self.engine.release(last)
             req.slot = None
         self.retiring.clear()
 
