@@ -417,6 +417,21 @@ def test_capturing_a_later_chunk_leaves_the_staging_rows_as_they_were(mode, monk
         assert torch.equal(after[name], t), name
 
 
+@torch.no_grad()
+def test_engine_prefill_reads_a_piece_longer_than_a_chunk_in_chunks():
+    """SlotEngine.prefill of more tokens than --prefill-chunk (the engine benchmark's call) reads them chunk by chunk:
+    the first token equals the scheduler's chunked read (it failed on the chunk's length bucket before)."""
+    tok = char_tokenizer()
+    model = tiny(tok)
+    ids = tok(PROMPTS[2])["input_ids"]  # 71 tokens, chunks of 16
+    whole = StateEngine(model, 2, 160, prefill_chunk=16).prefill(ids, 0, Sampling()).result()
+    engine = StateEngine(model, 2, 160, prefill_chunk=16)
+    for i in range(0, len(ids), 16):
+        last = i + 16 >= len(ids)
+        pending = engine.prefill_chunks([ids[i:i + 16]], [i], [Sampling() if last else None])
+    assert whole == pending.result()
+
+
 def test_prefill_budget_admits_several_prompts_per_iteration():
     """--prefill-budget: one iteration reads chunks of several prompts (up to the budget), then one step (here one
     prompt per forward: --prefill-rows 1)."""

@@ -146,6 +146,8 @@ def test_a_model_with_the_kernel_equals_the_reference(monkeypatch):
                                                                 sparse_fused=fused.sparse_fused))
     model = build("llama", KIND).to(DEV)
     set_sparse_cache(model, 3, sink=2)
+    for m in lolcats_modules(model):  # the reference ("auto" takes the kernels on CUDA)
+        m.cfg = replace(m.cfg, backend="torch")
     ids = torch.randint(1, VOCAB, (2, 35), device=DEV)
     mask = torch.ones_like(ids)
     want = model(ids).logits, incremental_logits(model, ids, mask, splits=[13, 22])

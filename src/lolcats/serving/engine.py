@@ -369,10 +369,14 @@ class SlotEngine:
         With ``sampling`` (the prompt's last chunk) the first new token is picked on the device and a
         :class:`Pending` for it returned; :meth:`admit` then moves the row into a slot.
         """
-        if start == 0 and len(ids) <= self.prefill_sizes[-1]:
+        P = self.prefill_sizes[-1]
+        if start == 0 and len(ids) <= P:
             logits = self._group_logits([ids])
             return None if sampling is None else self._pick_first(logits, [sampling], [len(ids)], [owner])
-        return self.prefill_chunks([ids], [start], [sampling], [owner])
+        for i in range(0, len(ids) - P, P):  # a longer piece in chunks of at most P tokens
+            self.prefill_chunks([ids[i:i + P]], [start + i], [None])
+        i = (len(ids) - 1) // P * P
+        return self.prefill_chunks([ids[i:]], [start + i], [sampling], [owner])
 
     @torch.no_grad()
     def prefill_group(self, prompts: list[list[int]], samplings: list[Sampling], owners: list | None = None) -> Pending:

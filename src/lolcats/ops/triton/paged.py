@@ -18,7 +18,7 @@ import triton.language as tl
 
 from lolcats.ops.triton.chunked import dot_dtype, pad_dim, tile_dot
 
-NEG = -1.0e30  # the running max before any key: finite, so a split without keys merges with weight 0
+NEG = tl.constexpr(-1.0e30)  # the running max before any key: finite, so a split without keys merges with weight 0
 
 
 @triton.jit
