@@ -240,8 +240,8 @@ def test_paged_key_value_stores_serve_the_same_text_and_bound_the_sequences(mode
     finally:
         sched.stop()
     assert max(busy) == 2
-    assert engine.free_positions() == 128 and not any(engine.slot_pages) and not any(engine.stage_pages)
-    assert not engine.slot_table.any() and not engine.stage_table.any()
+    assert engine.free_positions() == 128 and not any(engine.slot_kv.pages) and not any(engine.stage_kv.pages)
+    assert not engine.slot_kv.table.any() and not engine.stage_kv.table.any()
 
 
 def test_a_request_larger_than_the_key_value_pool_fails_alone():

@@ -24,10 +24,11 @@ unbounded kept layer (its memory grows as usual) and a lazily allocated bounded 
 (``attention.use.set_softmax_window``); :class:`FastGenerator` and the serving engine preallocate the store.
 
 The serving engine may page full stores instead (``lolcats serve --kv-tokens``): a :class:`PagedKVState` is a
-view of a :class:`KVPool` shared by all its rows, pages of ``page`` positions, each row's page table naming the
-pages its positions live in (page 0 is scratch: a table entry no page was reserved for, where padding and the
-positions a row does not own are written, never read as a row's own). The engine reserves a row's pages for its
-whole sequence (prompt + new tokens) when the row starts it, so the store's memory is what the running rows use.
+view of a :class:`KVPool` shared by all its rows, pages of ``page`` positions, each row's page table
+(:class:`PageTable`) naming the pages its positions live in (page 0 is scratch: a table entry no page was reserved
+for, where padding and the positions a row does not own are written, never read as a row's own). The engine
+reserves a row's pages for its whole sequence (prompt + new tokens) when the row starts it, so the store's memory is
+what the running rows use.
 """
 
 from __future__ import annotations
@@ -200,6 +201,49 @@ class KVPool:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+class PageTable:
+    """Which pages of a :class:`KVPool` rows hold (the serving engine's slots, or its staging rows): each row's page
+    ids on the host and the ``(rows, M)`` table the layers read (static: graphs read it), 0 (scratch) where a row
+    holds none. Without a pool (None) it holds nothing and every method does nothing."""
+
+    def __init__(self, pool: KVPool | None, rows: int, positions: int, device):
+        self.pool = pool
+        self.pages: list[list[int]] = [[] for _ in range(rows)]
+        M = -(-positions // pool.page) if pool is not None else 1
+        self.table = torch.zeros(rows, M, dtype=torch.long, device=device)  # (rows, M)
+
+    def take(self, row: int, positions: int) -> bool:
+        """Row ``row`` (holding none) takes the pages of ``positions`` positions; False (taking none) where too few
+        are free."""
+        if self.pool is None:
+            return True
+        pages = self.pool.take(self.pool.pages_for(positions))
+        if pages is None:
+            return False
+        self.pages[row] = pages
+        host = torch.zeros(1, self.table.shape[1], dtype=torch.long)
+        host[0, :len(pages)] = torch.tensor(pages)
+        self.table[row:row + 1].copy_(host.pin_memory() if self.table.is_cuda else host, non_blocking=True)
+        return True
+
+    def free(self, row: int) -> None:
+        """Row ``row`` gives its pages back; its table row names the scratch page."""
+        if self.pages[row]:
+            self.pool.give(self.pages[row])
+            self.pages[row] = []
+            self.table[row].zero_()
+
+    def moved(self, src: int, dst: PageTable, row: int) -> None:
+        """After row ``src``'s table row was copied into ``dst``'s row ``row``: the pages ``row`` held go back, those
+        of ``src`` are its own, and ``src`` names the scratch page."""
+        if self.pool is None or (dst is self and src == row):
+            return
+        if dst.pages[row]:
+            self.pool.give(dst.pages[row])
+        dst.pages[row], self.pages[src] = self.pages[src], []
+        self.table[src].zero_()
 
 
 def kv_slots(positions: int, window: int, sink: int) -> int:

@@ -70,7 +70,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from lolcats.attention.cache import KVState, LolcatsLayer, SoftmaxLayer
+from lolcats.attention.cache import KVState, LolcatsLayer, PageTable, SoftmaxLayer
 from lolcats.attention.generate import make_cache, make_kv_pool, prefill_capturable
 from lolcats.attention.layers import causal_lm, decoder_stack, lolcats_attention_by_layer
 from lolcats.attention.modes import set_attention_mode
@@ -151,14 +151,11 @@ class SlotEngine:
         self.group_tokens = max(prefill_tokens, P)  # a group's padded tokens (rows x length buckets) stay within
         # paged full key/value stores: the pool, each row's pages (host) and page table (device; 0 = scratch page)
         self.pool = make_kv_pool(self.model, kv_tokens, self.KV_PAGE, self.softmax_stores) if kv_tokens else None
-        self.slot_pages: list[list[int]] = [[] for _ in range(max_batch)]
-        self.stage_pages: list[list[int]] = [[] for _ in range(R)]
-        M = -(-max_len // self.KV_PAGE)
         dev = next(self.model.parameters()).device
-        self.slot_table = torch.zeros(max_batch, M, dtype=torch.long, device=dev)  # (max_batch, M)
-        self.stage_table = torch.zeros(R, M, dtype=torch.long, device=dev)  # (R, M)
-        self.cache = self._make_cache(max_batch, self.slot_table)  # the slots, handed to the layers
-        self.stage = self._make_cache(R, self.stage_table)  # the staging rows prompts are read into
+        self.slot_kv = PageTable(self.pool, max_batch, max_len, dev)
+        self.stage_kv = PageTable(self.pool, R, max_len, dev)
+        self.cache = self._make_cache(max_batch, self.slot_kv.table)  # the slots, handed to the layers
+        self.stage = self._make_cache(R, self.stage_kv.table)  # the staging rows prompts are read into
         self.full = self.cache.stacks  # every layer's state, a row per slot, layers of one spec stacked
         self.stage_full = self.stage.stacks  # and per staging row
         self.runner = DecodeRunner(self.model, self.cache, max_batch, use_cuda_graph, full=True, seeded=True,
@@ -303,10 +300,11 @@ class SlotEngine:
         slots = (meta.length or self.max_len) + 1
         keep = [t[:, :b] for st in self.stage_full for t, _ in self._state_tensors(st, st, slots)]
         saved = [t.clone() for t in keep]
-        table = self.stage_table[:b].clone()  # paged stores: the warm-up writes the scratch page only
-        self.stage_table[:b].zero_()
+        table = self.stage_kv.table[:b]
+        saved_table = table.clone()  # paged stores: the warm-up writes the scratch page only
+        table.zero_()
         self.runner.side_run(lambda: self._chunk_forward(b, T, meta))
-        torch._foreach_copy_(keep + [self.stage_table[:b]], saved + [table])
+        torch._foreach_copy_(keep + [table], saved + [saved_table])
         return self.runner.record(lambda: self._chunk_forward(b, T, meta))
 
     def _first_chunk(self, b: int, T: int) -> torch.Tensor:
@@ -455,19 +453,19 @@ class SlotEngine:
         pairs = self._stage_pairs(rows, slots, max(lengths))
         for dst, src in self._stage_moves(rows, slots):
             pairs += [(buf[dst], self.stage_rows[name][src]) for name, buf in self.rows.items()]
-            pairs.append((self.slot_table[dst], self.stage_table[src]))
+            pairs.append((self.slot_kv.table[dst], self.stage_kv.table[src]))
         torch._foreach_copy_(*map(list, zip(*pairs)))
         for r, d in zip(rows, slots):
-            self._pass_pages(self.stage_pages, self.stage_table, r, self.slot_pages, d)
+            self.stage_kv.moved(r, self.slot_kv, d)
         self.host_pos[first:first + len(rows)] = lengths
 
     @torch.no_grad()
     def move_stage(self, src: int, dst: int, length: int) -> None:
         """Copy staging row ``src`` (a prompt read up to ``length`` tokens) into staging row ``dst`` (compaction)."""
         pairs = self._stage_pairs([src], [dst], length, into_stage=True)
-        pairs.append((self.stage_table[dst], self.stage_table[src]))
+        pairs.append((self.stage_kv.table[dst], self.stage_kv.table[src]))
         torch._foreach_copy_(*map(list, zip(*pairs)))
-        self._pass_pages(self.stage_pages, self.stage_table, src, self.stage_pages, dst)
+        self.stage_kv.moved(src, self.stage_kv, dst)
 
     @torch.no_grad()
     def move(self, src: int, dst: int) -> None:
@@ -475,9 +473,9 @@ class SlotEngine:
         n = self.host_pos[src] + 1  # a full key/value store's positions in use
         pairs = [(d[:, dst], s_[:, src]) for st in self.full for d, s_ in self._state_tensors(st, st, n)]
         pairs += [(buf[dst], buf[src]) for buf in self.rows.values()]
-        pairs.append((self.slot_table[dst], self.slot_table[src]))
+        pairs.append((self.slot_kv.table[dst], self.slot_kv.table[src]))
         torch._foreach_copy_(*map(list, zip(*pairs)))
-        self._pass_pages(self.slot_pages, self.slot_table, src, self.slot_pages, dst)
+        self.slot_kv.moved(src, self.slot_kv, dst)
         self.host_pos[dst] = self.host_pos[src]
 
     @torch.no_grad()
@@ -487,7 +485,7 @@ class SlotEngine:
         reading them), and until then the row computes garbage nobody reads, if any step's bucket covers it."""
         self.rows["pos"][slot:slot + 1].fill_(0)
         self.host_pos[slot] = 0
-        self._free_pages(self.slot_pages, self.slot_table, slot)
+        self.slot_kv.free(slot)
 
     # ------------------------------------------------------------ key/value pages (kv_tokens)
 
@@ -499,41 +497,14 @@ class SlotEngine:
         """Staging row ``row``, the first that holds no prompt (rows from it on hold none), takes the pages of a
         sequence of up to ``positions`` positions (prompt, new tokens and one step more); False where too few are
         free (it then holds none). Always True without paging."""
-        if self.pool is None:
-            return True
-        for r in range(row, len(self.stage_pages)):  # what rows of prompts that failed or left still hold
-            self._free_pages(self.stage_pages, self.stage_table, r)
-        pages = self.pool.take(self.pool.pages_for(min(positions, self.max_len)))
-        if pages is None:
-            return False
-        self.stage_pages[row] = pages
-        host = torch.zeros(1, self.stage_table.shape[1], dtype=torch.long)
-        host[0, :len(pages)] = torch.tensor(pages)
-        self.stage_table[row:row + 1].copy_(host.pin_memory() if self.device.type == "cuda" else host,
-                                            non_blocking=True)
-        return True
+        for r in range(row, len(self.stage_kv.pages)):  # what rows of prompts that failed or left still hold
+            self.stage_kv.free(r)
+        return self.stage_kv.take(row, min(positions, self.max_len))
 
     def free_positions(self) -> int | None:
         """Positions of the pool no row holds (None without paging)."""
         return None if self.pool is None else len(self.pool.free) * self.pool.page
 
-    def _free_pages(self, owners: list[list[int]], table: torch.Tensor, row: int) -> None:
-        """Row ``row`` of ``owners`` gives its pages back; its table row names the scratch page."""
-        if owners[row]:
-            self.pool.give(owners[row])
-            owners[row] = []
-            table[row].zero_()
-
-    def _pass_pages(self, src_owners: list[list[int]], src_table: torch.Tensor, src: int,
-                    dst_owners: list[list[int]], dst: int) -> None:
-        """After a row move (its table row copied): row ``dst``'s pages go back, row ``src``'s become its own and the
-        source's table row names the scratch page."""
-        if self.pool is None or (src_owners is dst_owners and src == dst):
-            return
-        if dst_owners[dst]:
-            self.pool.give(dst_owners[dst])
-        dst_owners[dst], src_owners[src] = src_owners[src], []
-        src_table[src].zero_()
 
     def state_bytes_per_slot(self) -> int:
         return sum(st.nbytes() for st in self.full) // self.max_batch
