@@ -152,6 +152,8 @@ class SlotEngine:
         # paged full key/value stores: the pool, each row's pages (host) and page table (device; 0 = scratch page)
         self.pool = make_kv_pool(self.model, kv_tokens, self.KV_PAGE, self.softmax_stores) if kv_tokens else None
         dev = next(self.model.parameters()).device
+        if self.pool is not None and any(t.device != dev for t in self.pool.tensors):
+            raise ValueError("--kv-tokens pages the key/value stores of a model on one device; this one spans several")
         self.slot_kv = PageTable(self.pool, max_batch, max_len, dev)
         self.stage_kv = PageTable(self.pool, R, max_len, dev)
         self.cache = self._make_cache(max_batch, self.slot_kv.table)  # the slots, handed to the layers
