@@ -211,7 +211,7 @@ class PageTable:
     def __init__(self, pool: KVPool | None, rows: int, positions: int, device):
         self.pool = pool
         self.pages: list[list[int]] = [[] for _ in range(rows)]
-        M = -(-positions // pool.page) if pool is not None else 1
+        M = pool.pages_for(positions) if pool is not None else 1
         self.table = torch.zeros(rows, M, dtype=torch.long, device=device)  # (rows, M)
 
     def take(self, row: int, positions: int) -> bool:

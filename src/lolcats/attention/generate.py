@@ -43,8 +43,8 @@ def make_cache(model: nn.Module, batch_size: int | None = None, dtype: torch.dty
     for i in range(config.num_hidden_layers):
         m = mods.get(i)
         w = None if m is None else m.q_proj.weight
-        dt = dtype or (w.dtype if w is not None and w.is_floating_point() else torch.float32)
-        kept = m is not None and (softmax or not m.converted)
+        dt = _state_dtype(w, dtype)
+        kept = m is not None and _kept(m, softmax)
         if kept and kv_pool is not None and not m.kv_window:
             layers.append(SoftmaxLayer(kv_pool.state(i, kv_table, max_length)))
         elif kept and batch_size is not None and max_length is not None:
@@ -75,11 +75,21 @@ def make_kv_pool(model: nn.Module, positions: int, page: int, softmax: bool = Fa
     ``softmax``); None where there are none."""
     layers = {}
     for i, m in lolcats_attention_by_layer(causal_lm(model)).items():
-        if (softmax or not m.converted) and not m.kv_window:
+        if _kept(m, softmax) and not m.kv_window:
             w = m.q_proj.weight
-            dt = dtype or (w.dtype if w.is_floating_point() else torch.float32)
-            layers[i] = (m.num_kv_heads, m.head_dim, m.head_dim, dt, torch.device(device or w.device))
+            dt, dev = _state_dtype(w, dtype), torch.device(device or w.device)
+            layers[i] = (m.num_kv_heads, m.head_dim, m.head_dim, dt, dev)
     return KVPool(layers, -(-positions // page) + 1, page) if layers else None
+
+
+def _kept(m, softmax: bool) -> bool:
+    """Whether layer module ``m`` attends by softmax over a key/value store (kept, or every layer with ``softmax``)."""
+    return softmax or not m.converted
+
+
+def _state_dtype(weight: torch.Tensor | None, dtype: torch.dtype | None) -> torch.dtype:
+    """A layer's state dtype: ``dtype``, else its weights' (float32 for quantised or missing weights)."""
+    return dtype or (weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
 
 
 def cache_kwarg_name(model: nn.Module) -> str:

@@ -402,22 +402,22 @@ class LolcatsAttention(nn.Module):
         pos, valid = step.pos, step.valid_or_ones()
         if T == 1 and isinstance(st, PagedKVState):  # a decode step reads the pages in place (the backend's op)
             slot.write(st, k, v, pos, valid)
-            if meta is None:
-                slot.seen += T
-            return get_backend(self.cfg.backend, q).paged_decode(q, st.k, st.v, st.table, pos[:, 0], st.page,
-                                                                 st.length, self.scaling)
-        if slot.keeps_chunk(st, declared.start, T):
-            slot.write(st, k, v, pos, valid)
-            keys, values, key_pos = st.read()
+            y = get_backend(self.cfg.backend, q).paged_decode(q, st.k, st.v, st.table, pos[:, 0], st.page, st.length,
+                                                              self.scaling)
         else:
-            keys, values, key_pos = st.read()
-            keys, values = torch.cat([keys, k.to(keys.dtype)], 2), torch.cat([values, v.to(values.dtype)], 2)
-            key_pos = torch.cat([key_pos, torch.where(valid, pos, -1)], 1)  # (B, N + 1 + T)
-            slot.write(st, k, v, pos, valid)
-        allowed = slot.visible(key_pos, pos)  # (B, T, K)
+            if slot.keeps_chunk(st, declared.start, T):
+                slot.write(st, k, v, pos, valid)
+                keys, values, key_pos = st.read()
+            else:
+                keys, values, key_pos = st.read()
+                keys, values = torch.cat([keys, k.to(keys.dtype)], 2), torch.cat([values, v.to(values.dtype)], 2)
+                key_pos = torch.cat([key_pos, torch.where(valid, pos, -1)], 1)  # (B, N + 1 + T)
+                slot.write(st, k, v, pos, valid)
+            allowed = slot.visible(key_pos, pos)  # (B, T, K)
+            y = self.softmax_attention(q, keys.to(q.dtype), values.to(q.dtype), allowed[:, None])
         if meta is None:
             slot.seen += T
-        return self.softmax_attention(q, keys.to(q.dtype), values.to(q.dtype), allowed[:, None])
+        return y
 
     # ------------------------------------------------------------ attention transfer
 
