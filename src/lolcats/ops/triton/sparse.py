@@ -139,14 +139,24 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
             below += tl.sum((lower & real_j[None, :]).to(tl.int32), 1)
         tl.store(sc + DROP + ri, (real_i & (below < W)).to(tl.float32))
     tl.debug_barrier()
-    # fold the dropped live pairs into (kv, ks)
+    # the dropped cache slots in slot order: dslot[r] is the r-th (-1 past the last)
+    dslot = tl.zeros([R], tl.int32) - 1
+    off = 0
     for t in tl.static_range(NT):
         rg, mg = _tile(t, NT, G, W, R)
-        fold = mg & (tl.load(sc + DROP + rg) != 0) & (tl.load(gpos + rg, mask=mg, other=-1) >= 0)
-        f = tl.load(gfk + rg[:, None] * F + rf[None, :], mask=fold[:, None] & mf[None, :], other=0.0).to(tl.float32)
-        v = tl.load(gv + rg[:, None] * DV + rv[None, :], mask=fold[:, None] & mv[None, :], other=0.0).to(tl.float32)
-        kvt += tl.dot(tl.trans(f), v, input_precision=PREC)
-        kst += tl.sum(f, 0)
+        dg = mg & (tl.load(sc + DROP + rg) != 0)
+        frank = off + tl.cumsum(dg.to(tl.int32), 0) - 1
+        hit = dg[None, :] & (frank[None, :] == rw[:, None])  # (R ranks, R slots)
+        dslot += tl.sum(tl.where(hit, rg[None, :] + 1, 0), 1)
+        off += tl.sum(dg.to(tl.int32), 0)
+    # fold the dropped live pairs into (kv, ks): the cache's in one gathered tile (at most w), then the candidates'
+    has = dslot >= 0
+    ds = tl.where(has, dslot, 0)
+    fold = has & (tl.load(gpos + ds, mask=has, other=-1) >= 0)
+    f = tl.load(gfk + ds[:, None] * F + rf[None, :], mask=fold[:, None] & mf[None, :], other=0.0).to(tl.float32)
+    v = tl.load(gv + ds[:, None] * DV + rv[None, :], mask=fold[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    kvt += tl.dot(tl.trans(f), v, input_precision=PREC)
+    kst += tl.sum(f, 0)
     dc = tl.load(sc + DROP + NT * R + rw) != 0
     fc = tl.where((dc & pres)[:, None], fkc, 0.0)
     kvt += tl.dot(tl.trans(fc), vc, input_precision=PREC)
@@ -154,15 +164,7 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
     # the kept candidates (empty ones too) take the dropped slots, in order
     kept = live_c & ~dc
     krank = tl.cumsum(kept.to(tl.int32), 0) - 1
-    dest = tl.zeros([R], tl.int32) - 1
-    off = 0
-    for t in tl.static_range(NT):
-        rg, mg = _tile(t, NT, G, W, R)
-        dg = mg & (tl.load(sc + DROP + rg) != 0)
-        frank = off + tl.cumsum(dg.to(tl.int32), 0) - 1
-        hit = dg[None, :] & (frank[None, :] == krank[:, None])  # (R candidates, R slots)
-        dest += tl.sum(tl.where(hit, rg[None, :] + 1, 0), 1)
-        off += tl.sum(dg.to(tl.int32), 0)
+    dest = tl.sum(tl.where(krank[:, None] == rw[None, :], dslot[None, :] + 1, 0), 1) - 1  # (R,) -1: none
     ok = kept & (dest >= 0)
     slot = tl.where(ok, dest, 0)
     kc, _ = _by_pos(ck, wk, wp, pc, live_c, p0, c0, rd, md, D, S)
