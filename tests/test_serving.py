@@ -1004,6 +1004,35 @@ def test_slot_bytes_estimate_equals_what_the_engine_allocates(mode, kv_tokens):
         assert pool_bytes(model, opts) == 2 * layers * 6 * 64 * per_position
 
 
+def test_slots_that_do_not_fit_page_their_key_value_rows(monkeypatch, caplog):
+    """Teacher mode, --max-prompt-tokens 20000: 8 rows (4 slots, 4 staging) of 20,029 positions take 80 MiB, the
+    (pretended) free memory is 60 MiB: without --kv-tokens the server pages the rows in the largest pool that fits
+    (whole pages, a warning names it), which the engine then allocates; with --kv-tokens given, or where no pool
+    holds one sequence, it refuses."""
+    from lolcats.serving import server
+    from lolcats.serving.options import ServeOptions
+
+    tok = char_tokenizer()
+    model = tiny(tok, "teacher")
+    monkeypatch.setattr(server, "free_bytes", lambda device: 60 << 20)
+    opts = ServeOptions(attention_mode="teacher", max_batch=4, max_prompt_tokens=20000, max_new_tokens=28)
+    assert server._need(model, opts) > 0.9 * (60 << 20)
+    with caplog.at_level("WARNING", logger="lolcats.serve"):
+        paged = server.check_memory(model, opts)
+    assert "--kv-tokens" in caplog.text
+    assert paged.kv_tokens % 64 == 0 and 20029 <= paged.kv_tokens < 8 * 20029
+    assert server._need(model, paged) <= 0.9 * (60 << 20)
+    bigger = server.replace(paged, kv_tokens=paged.kv_tokens + 64)
+    assert server._need(model, bigger) > 0.9 * (60 << 20)  # the largest that fits
+    engine = server.build_engine(model, paged)
+    assert engine.pool is not None and engine.pool.nbytes() == server.pool_bytes(model, paged)
+    with pytest.raises(ValueError, match="--kv-tokens 1000000"):
+        server.check_memory(model, server.replace(opts, kv_tokens=1_000_000))  # given: not resized
+    monkeypatch.setattr(server, "free_bytes", lambda device: 8 << 20)
+    with pytest.raises(ValueError, match="lower --max-batch"):
+        server.check_memory(model, opts)  # 10 MiB for one sequence's pages: no pool fits
+
+
 @needs_http
 def test_serve_refuses_slots_that_do_not_fit_in_memory(tmp_path, monkeypatch, capsys):
     """--max-prompt-tokens 100000 in teacher mode needs key/value rows of 101,025 positions per slot: more than

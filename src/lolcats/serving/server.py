@@ -10,10 +10,11 @@ with the :class:`~lolcats.serving.options.ServeOptions` its flags give.
 SIGTERM or Ctrl-C ends the server: running requests end with an error event, then it exits.
 
 Before the engine allocates its slots, :func:`check_memory` estimates what they take (computed on
-the meta device) and refuses to start, naming the flags, where that would not fit in the device's
-free memory: a layer kept as softmax attention (or every layer, in teacher mode) holds keys and
+the meta device): a layer kept as softmax attention (or every layer, in teacher mode) holds keys and
 values for ``max_prompt_tokens + max_new_tokens + 1`` positions in every slot (a kept layer bounded by
-``--softmax-window`` / ``--softmax-sink``: for that many).
+``--softmax-window`` / ``--softmax-sink``: for that many), or in a pool of ``--kv-tokens`` positions.
+Where the slots' rows would not fit in the device's free memory, it pages them in the largest pool that
+does (without ``--kv-tokens``), else refuses to start, naming the flags.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
@@ -99,22 +101,57 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(model, opts: ServeOptions) -> None:
-    """Refuse to start (one line naming the flags) when the slots would not fit in 90% of the free memory."""
+def check_memory(model, opts: ServeOptions) -> ServeOptions:
+    """The options to build the engine with: ``opts`` where its slots fit in 90% of the free memory. Without
+    ``--kv-tokens``, where every slot's key/value rows would not fit but a pool of them would (at least one longest
+    sequence; a model on one device), ``opts`` with the largest such pool, and a warning that names it. Else
+    refuse to start (one line naming the flags)."""
     from lolcats.attention.layers import decoder_stack
 
     device = decoder_stack(model).embed_tokens.weight.device
-    per_slot, free = slot_bytes(model, opts), free_bytes(device)
-    staging = min(opts.prefill_rows, opts.max_batch)  # + the staging rows prompts are read into
-    pool = pool_bytes(model, opts)
-    need = per_slot * (opts.max_batch + staging) + pool
-    if free is not None and need > 0.9 * free:
-        what = (f"states, and a key/value pool of --kv-tokens {opts.kv_tokens} positions ({pool / 2**30:.2f} GiB)"
-                if opts.kv_tokens else f"states and key/value buffers for --max-prompt-tokens "
-                                       f"{opts.max_prompt_tokens} + --max-new-tokens {opts.max_new_tokens} positions")
-        raise ValueError(f"serve: the slots need an estimated {need / 2**30:.2f} GiB ({opts.max_batch} + {staging} staging "
-                         f"x {per_slot / 2**20:.1f} MiB: {what}), but {device} has {free / 2**30:.2f} GiB free; lower "
-                         f"--max-batch, --prefill-rows, --max-prompt-tokens or --kv-tokens")
+    free = free_bytes(device)
+    if free is None or _need(model, opts) <= 0.9 * free:
+        return opts
+    paged = None if opts.kv_tokens else _fitting_pool(model, opts, 0.9 * free)
+    if paged is not None:
+        log.warning("the slots' key/value rows for --max-prompt-tokens %d + --max-new-tokens %d positions do not "
+                    "fit in %.2f GiB free: paging them, --kv-tokens %d (%.2f GiB)", opts.max_prompt_tokens,
+                    opts.max_new_tokens, free / 2**30, paged.kv_tokens, pool_bytes(model, paged) / 2**30)
+        return paged
+    per_slot, staging, pool = slot_bytes(model, opts), _staging(opts), pool_bytes(model, opts)
+    what = (f"states, and a key/value pool of --kv-tokens {opts.kv_tokens} positions ({pool / 2**30:.2f} GiB)"
+            if opts.kv_tokens else f"states and key/value buffers for --max-prompt-tokens "
+                                   f"{opts.max_prompt_tokens} + --max-new-tokens {opts.max_new_tokens} positions")
+    raise ValueError(f"serve: the slots need an estimated {_need(model, opts) / 2**30:.2f} GiB ({opts.max_batch} + "
+                     f"{staging} staging x {per_slot / 2**20:.1f} MiB: {what}), but {device} has {free / 2**30:.2f} "
+                     f"GiB free; lower --max-batch, --prefill-rows, --max-prompt-tokens or --kv-tokens")
+
+
+def _staging(opts: ServeOptions) -> int:
+    return min(opts.prefill_rows, opts.max_batch)  # the staging rows prompts are read into, beside the slots
+
+
+def _need(model, opts: ServeOptions) -> int:
+    """Bytes the engine allocates for its slots, staging rows and key/value pool."""
+    return slot_bytes(model, opts) * (opts.max_batch + _staging(opts)) + pool_bytes(model, opts)
+
+
+def _fitting_pool(model, opts: ServeOptions, budget: float) -> ServeOptions | None:
+    """``opts`` with the largest key/value pool (``kv_tokens``, whole pages, at most what every slot and staging
+    row would hold) that fits in ``budget`` bytes with the slots' states; None where none holds one longest
+    sequence, the model holds no key/value store, or spans several devices (one page table per engine)."""
+    from lolcats.serving.engine import SlotEngine
+
+    page, longest = SlotEngine.KV_PAGE, opts.max_prompt_tokens + opts.max_new_tokens + 1
+    if len({p.device for p in model.parameters()}) > 1:
+        return None
+    one, two = (pool_bytes(model, replace(opts, kv_tokens=n * page)) for n in (1, 2))
+    if one == 0:
+        return None
+    states = _need(model, replace(opts, kv_tokens=page)) - one  # the slots' and staging rows' states alone
+    most = (opts.max_batch + _staging(opts)) * longest
+    tokens = min(int((budget - states - one) // (two - one)) * page + page, -(-most // page) * page)
+    return replace(opts, kv_tokens=tokens) if tokens >= longest else None
 
 
 def build_server(model, tokenizer, opts: ServeOptions):
@@ -131,7 +168,7 @@ def build_server(model, tokenizer, opts: ServeOptions):
         from lolcats.attention.use import set_softmax_window
 
         set_softmax_window(model, opts.softmax_window, opts.softmax_sink)  # before the slots are sized
-    check_memory(model, opts)
+    opts = check_memory(model, opts)
     engine = build_engine(model, opts)
     t0 = time.perf_counter()
     graphs = engine.warmup()
