@@ -54,7 +54,8 @@ class ServeOptions:
     ("Page the key/value stores (teacher: every layer; student: the layers kept as softmax attention): one pool of "
      "N positions, in pages of 64, for all sequences; a sequence takes the pages of its prompt + max_tokens when it "
      "starts and gives them back when it ends, and waits while too few are free. At least --max-prompt-tokens + "
-     "--max-new-tokens + 1. 0: every slot holds that many positions.")
+     "--max-new-tokens + 1. 0: every slot holds that many positions, or where those do not fit in the free memory, "
+     "the largest pool that does.")
     cuda_graph: bool = True
     "Replay each decode step from a CUDA graph (on CUDA devices)."
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
