@@ -212,18 +212,20 @@ def test_unknown_kind_raises():
 @pytest.mark.parametrize("kind,dtype,sparse", [("linear", torch.float32, 0), ("sliding_window", torch.float32, 0),
                                                ("terraced_window", torch.float32, 0), ("terraced_window", torch.bfloat16, 0),
                                                ("sliding_window", torch.float32, 3), ("terraced_window", torch.float32, 3),
-                                               ("terraced_window", torch.bfloat16, 3)])
+                                               ("terraced_window", torch.bfloat16, 3),
+                                               ("terraced_window", torch.float32, 6)])  # a cache that takes a block
 @GATED
 def test_decode_step_matches_reference(kind, dtype, sparse, gated):
-    """Left padding and gaps; with ``sparse`` a sparse cache of 3 pairs per KV head, which fills, evicts by
-    self-recall and folds in step with the reference (after the gate's decay)."""
+    """Left padding and gaps; with ``sparse`` a sparse cache of 3 (or 6) pairs per KV head, which fills, evicts by
+    self-recall and folds in step with the reference (after the gate's decay); 6 empty slots take a whole block of 4
+    without scoring it."""
     B, H, Hk, D, F, w = 3, 4, 2, 16, 8, 4
     st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, dtype, DEV, sparse=sparse)
     st2 = copy.deepcopy(st)
     g = torch.Generator().manual_seed(0)
     wf = torch.rand(H, generator=g).to(DEV) if kind != "linear" else None
     pos = torch.zeros(B, dtype=torch.long, device=DEV)
-    for t in range(21 if sparse else 11):
+    for t in range({0: 11, 3: 21}.get(sparse, 33)):
         q, fq = torch.randn(B, H, D, generator=g), torch.rand(B, H, F, generator=g)
         k, v, fk = torch.randn(B, Hk, D, generator=g), torch.randn(B, Hk, D, generator=g), torch.rand(B, Hk, F, generator=g)
         q, k, v, fq, fk = (x.to(DEV, dtype) for x in (q, k, v, fq, fk))

@@ -11,7 +11,9 @@ default kind), without its Python loop over eviction steps:
    sink +inf, empty slots -inf) and the w lowest of the G + w are dropped (a strict order: ties go to the
    lower index, cache slots before candidates), as the reference's top-G keeps the rest. Dropped live pairs
    are folded into (kv, ks), one (F, rows) x (rows, Dv) product per tile; the kept candidates take the
-   dropped slots (the reference orders slots by score: the set is the same). Then it writes a snapshot of
+   dropped slots (the reference orders slots by score: the set is the same). A cache with w empty slots or more
+   (a sequence's first G / w evictions) takes the block into its first empty slots without scoring anything: those
+   are the w lowest (-inf), and nothing live folds. Then it writes a snapshot of
    what the block's queries read: the cache's keys, values and positions, and (kv, ks).
 2. ``_attend``, one program per (batch row, query head, block), all in parallel: softmax over the block's
    cache snapshot and the window (blocks b - 1 and b, causal) under one running max, weighted by the
@@ -118,26 +120,41 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
     fkc, pres = _by_pos(cfk, wfk, wp, pc, live_c, p0, c0, rf, mf, F, S)
     vc, _ = _by_pos(cv, wv, wp, pc, live_c, p0, c0, rv, mv, DV, S)
     cpos = tl.where(pres, pc, -1)
-    # scores, against the state before this eviction
+    # a cache with w empty slots or more takes the whole block: the w lowest scores are its first w empty slots
+    # (-inf, lower index first), no live pair is dropped and (kv, ks) stay as they are: no scores, no rank
+    n_empty = 0
     for t in tl.static_range(NT):
         rg, mg = _tile(t, NT, G, W, R)
-        gp = tl.load(gpos + rg, mask=mg, other=-1)
-        f = tl.load(gfk + rg[:, None] * F + rf[None, :], mask=mg[:, None] & mf[None, :], other=0.0).to(tl.float32)
-        v = tl.load(gv + rg[:, None] * DV + rv[None, :], mask=mg[:, None] & mv[None, :], other=0.0).to(tl.float32)
-        tl.store(sc + rg, _score(f, v, gp, kvt, kst, sink, eps, SCORE, PREC))
-    tl.store(sc + NT * R + rw, _score(fkc, vc, cpos, kvt, kst, sink, eps, SCORE, PREC))
-    tl.debug_barrier()
-    # drop the W lowest of the G + W (a strict order: score, then index)
-    for i in tl.static_range(NT + 1):
-        ri, real_i = _tile(i, NT, G, W, R)
-        si = tl.load(sc + ri)
-        below = tl.zeros([R], tl.int32)
-        for j in tl.static_range(NT + 1):
-            rj, real_j = _tile(j, NT, G, W, R)
-            sj = tl.load(sc + rj)
-            lower = (sj[None, :] < si[:, None]) | ((sj[None, :] == si[:, None]) & (rj[None, :] < ri[:, None]))
-            below += tl.sum((lower & real_j[None, :]).to(tl.int32), 1)
-        tl.store(sc + DROP + ri, (real_i & (below < W)).to(tl.float32))
+        n_empty += tl.sum((mg & (tl.load(gpos + rg, mask=mg, other=0) < 0)).to(tl.int32), 0)
+    if n_empty >= W:
+        off = 0
+        for t in tl.static_range(NT):
+            rg, mg = _tile(t, NT, G, W, R)
+            e = mg & (tl.load(gpos + rg, mask=mg, other=0) < 0)
+            tl.store(sc + DROP + rg, (e & (off + tl.cumsum(e.to(tl.int32), 0) <= W)).to(tl.float32))
+            off += tl.sum(e.to(tl.int32), 0)
+        tl.store(sc + DROP + NT * R + rw, tl.zeros([R], tl.float32))
+    else:
+        # scores, against the state before this eviction
+        for t in tl.static_range(NT):
+            rg, mg = _tile(t, NT, G, W, R)
+            gp = tl.load(gpos + rg, mask=mg, other=-1)
+            f = tl.load(gfk + rg[:, None] * F + rf[None, :], mask=mg[:, None] & mf[None, :], other=0.0).to(tl.float32)
+            v = tl.load(gv + rg[:, None] * DV + rv[None, :], mask=mg[:, None] & mv[None, :], other=0.0).to(tl.float32)
+            tl.store(sc + rg, _score(f, v, gp, kvt, kst, sink, eps, SCORE, PREC))
+        tl.store(sc + NT * R + rw, _score(fkc, vc, cpos, kvt, kst, sink, eps, SCORE, PREC))
+        tl.debug_barrier()
+        # drop the W lowest of the G + W (a strict order: score, then index)
+        for i in tl.static_range(NT + 1):
+            ri, real_i = _tile(i, NT, G, W, R)
+            si = tl.load(sc + ri)
+            below = tl.zeros([R], tl.int32)
+            for j in tl.static_range(NT + 1):
+                rj, real_j = _tile(j, NT, G, W, R)
+                sj = tl.load(sc + rj)
+                lower = (sj[None, :] < si[:, None]) | ((sj[None, :] == si[:, None]) & (rj[None, :] < ri[:, None]))
+                below += tl.sum((lower & real_j[None, :]).to(tl.int32), 1)
+            tl.store(sc + DROP + ri, (real_i & (below < W)).to(tl.float32))
     tl.debug_barrier()
     # the dropped cache slots in slot order: dslot[r] is the r-th (-1 past the last)
     dslot = tl.zeros([R], tl.int32) - 1
