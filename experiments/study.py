@@ -83,6 +83,8 @@ RECIPE_VARIANTS = [
             "--finetune.lora_alpha", "128", "--finetune.lora_targets", MLP),
     variant("recipe_seq8k", "trained on 8,192-token sequences (same tokens per step)", "--data.seq_len", "8192",
             "--distill.micro_batch_size", "1", "--finetune.micro_batch_size", "1"),
+    variant("recipe_nope", "feature maps before RoPE (linear terms free of positions: none past the trained length)",
+            "--attention.feature_rope", "false"),
 ]
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),

@@ -20,7 +20,7 @@ VOCAB = 96
 
 
 def build(arch: str = "llama", kind: str = "terraced_window", window: int = 8, seed: int = 0, vocab: int = VOCAB,
-          gate: str = "none"):
+          gate: str = "none", **attn):
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
@@ -29,7 +29,7 @@ def build(arch: str = "llama", kind: str = "terraced_window", window: int = 8, s
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     convert_model(model, AttentionConfig(kind=kind, window_size=window, feature_map="hedgehog", feature_dim=8,
-                                         feature_init="random", init_window_factor=0.5, gate=gate))
+                                         feature_init="random", init_window_factor=0.5, gate=gate, **attn))
     set_attention_mode(model, "student")
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

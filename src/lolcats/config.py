@@ -59,7 +59,11 @@ class ModelConfig:
 @dataclass
 class AttentionConfig:
     feature_map: Literal["hedgehog", "t2r", "elu", "relu"] = "hedgehog"
-    "Feature map phi applied to queries and keys after RoPE."
+    "Feature map phi applied to queries and keys (after RoPE unless feature_rope is off)."
+    feature_rope: bool = True
+    ("The feature maps read queries and keys after RoPE (LoLCATs); off: before it, so the linear terms do not "
+     "depend on positions (the softmax window and sparse cache keep RoPE), nor meet rotations past the trained "
+     "length.")
     feature_dim: int = 64
     "Output size of the learned projection (hedgehog gives twice this many features)."
     feature_init: Literal["identity", "zero", "random"] = "identity"
@@ -339,8 +343,8 @@ class Config:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:10]
 
 
-HASHED_WHEN_SET = ("attention.gate", "attention.softmax_layers", "attention.softmax_count", "attention.softmax_pick",
-                   "attention.sparse_cache", "attention.sparse_score", "attention.sparse_sink",
+HASHED_WHEN_SET = ("attention.gate", "attention.feature_rope", "attention.softmax_layers", "attention.softmax_count",
+                   "attention.softmax_pick", "attention.sparse_cache", "attention.sparse_score", "attention.sparse_sink",
                    "attention.linear_scale", "data.max_file_tokens", "finetune.loss", "finetune.kl_weight",
                    "finetune.kl_temperature")
 "Fields added after run directories existed: in a run's hash only when set away from their default."

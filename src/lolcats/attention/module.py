@@ -3,7 +3,7 @@
 It keeps the pretrained q/k/v/o projections (same parameter names, so LoRA and
 ``from_pretrained`` see the usual keys) and RoPE, and adds feature maps phi_q (one per query
 head) and phi_k (one per KV head, as the base model shares keys across a GQA group) applied
-after RoPE, plus a learnable per-head window factor for the hybrid kinds and the modules its mixer adds
+after RoPE (before it with ``attention.feature_rope`` off), plus a learnable per-head window factor for the hybrid kinds and the modules its mixer adds
 (``Mixer.modules``: ``gated_delta``'s write strength and decay, ``feature_map_delta``).
 
 Modes (``module.mode``):
@@ -196,12 +196,13 @@ class LolcatsAttention(nn.Module):
         return heads(q), heads(k), heads(v)
 
     def project(self, hidden: torch.Tensor, position_embeddings):
-        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied, and the log forget
-        gate (B, Hk, T) of the keys before RoPE (None without a gate)."""
-        q, k, v = self.qkv(hidden)
-        log_gate = forget_log_gate(k, self.cfg.gate)
-        q, k = apply_rope(q, k, *position_embeddings)
-        return q, k, v, log_gate
+        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied, the log forget gate (B, Hk, T)
+        of the keys before RoPE (None without a gate), and the (q, k) the feature maps read (``feature_rope``:
+        these, else before RoPE)."""
+        q0, k0, v = self.qkv(hidden)
+        log_gate = forget_log_gate(k0, self.cfg.gate)
+        q, k = apply_rope(q0, k0, *position_embeddings)
+        return q, k, v, log_gate, ((q, k) if self.cfg.feature_rope else (q0, k0))
 
     def project_features(self, hidden: torch.Tensor, position_embeddings):
         """Student mode's :meth:`project` and :meth:`features`: q, k, v, phi(q) (B, H, T, F), phi(k)
@@ -209,6 +210,9 @@ class LolcatsAttention(nn.Module):
         q, k, v = self.qkv(hidden)
         log_gate = forget_log_gate(k, self.cfg.gate)  # from the keys before RoPE
         cos, sin = position_embeddings
+        if not self.cfg.feature_rope:  # the feature maps read q, k before RoPE
+            fq, fk = self.features(q, k)
+            return (*apply_rope(q, k, cos, sin), v, fq, fk, log_gate)
         op = self.rope_features_op(q, k)
         if op is not None:
             q, k, fq, fk = op(q, k, cos, sin, self.feature_map_q.weight, self.feature_map_k.weight)
@@ -293,7 +297,7 @@ class LolcatsAttention(nn.Module):
         if mode == "student":
             q, k, v, fq, fk, log_gate = self.project_features(hidden_states, position_embeddings)
         else:
-            q, k, v, log_gate = self.project(hidden_states, position_embeddings)
+            q, k, v, log_gate, featured = self.project(hidden_states, position_embeddings)
         slot = cache.layers[self.layer_idx] if isinstance(cache, LolcatsCache) else None
         meta = kwargs.get(STEP_KWARG)  # the writer's StepMeta (attention/step.py); None: a plain call
         if mode == "teacher" and isinstance(slot, SoftmaxLayer):
@@ -305,7 +309,7 @@ class LolcatsAttention(nn.Module):
                 self.probe(self.layer_idx, q, k)
             y = self.softmax_attention(q, k, v, attention_mask)
         elif mode == "distill":
-            y = self._distill(q, k, v, attention_mask, log_gate)
+            y = self._distill(q, k, v, attention_mask, log_gate, featured)
         elif isinstance(cache, LolcatsCache):
             y = self.attend_cached(cache.slot(self.layer_idx), q, k, v, fq, fk, attention_mask, position_ids,
                                    log_gate, meta)
@@ -421,12 +425,13 @@ class LolcatsAttention(nn.Module):
 
     # ------------------------------------------------------------ attention transfer
 
-    def _distill(self, q, k, v, attention_mask, log_gate=None):
+    def _distill(self, q, k, v, attention_mask, log_gate=None, featured=None):
+        """``featured``: the (q, k) the feature maps read (:meth:`project`); default q, k."""
         with torch.no_grad():
             y_true = self.softmax_attention(q, k, v, attention_mask)
         q, k, v = q.detach(), k.detach(), v.detach()
         log_gate = None if log_gate is None else log_gate.detach()
-        fq, fk = self.features(q, k)
+        fq, fk = self.features(*(x.detach() for x in featured)) if featured is not None else self.features(q, k)
         want_xent = self.collect_xent
         y_pred, w_pred = self.student_attention(q, k, v, fq, fk, return_weights=want_xent, log_gate=log_gate)
         if self.collector is not None:
