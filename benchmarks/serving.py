@@ -436,6 +436,8 @@ class Result:
     error: str = ""  # the kind: "HTTP 400", "APITimeoutError", "no output", ...
     detail: str = ""
     chunks: int = 0  # streamed chunks with text
+    latency: float = 0.0  # seconds from the call to the stream's end
+    tail: float = 0.0  # seconds from the last chunk with text to the stream's end
 
 
 def _text(chunk) -> str:
@@ -466,9 +468,11 @@ async def timed(start) -> Result:
         return Result(False, error=type(e).__name__, detail=str(e)[:300])
     if first is None:
         return Result(False, error="no output", detail="the stream ended without text")
+    end = time.perf_counter()
     n = usage.completion_tokens if usage is not None else chunks
     tpot = (last - first) / (n - 1) if n > 1 else 0.0
-    return Result(True, usage.prompt_tokens if usage is not None else 0, n, first - t0, tpot, chunks=chunks)
+    return Result(True, usage.prompt_tokens if usage is not None else 0, n, first - t0, tpot, chunks=chunks,
+                  latency=end - t0, tail=end - last)
 
 
 async def chat_request(client, server: Server, messages: list[dict], max_tokens: int) -> Result:
@@ -601,7 +605,9 @@ def summarize(results: list[Result], wall: float) -> dict:
             "prompt_tokens": statistics.mean([r.prompt_tokens for r in ok]) if ok else float("nan"),
             "output_tokens": tokens / len(ok) if ok else float("nan"),
             "tokens_per_chunk": tokens / max(sum(r.chunks for r in ok), 1),
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
+            "latency_p50": pct([r.latency for r in ok], 50), "latency_p99": pct([r.latency for r in ok], 99),
+            "tail_p50": pct([r.tail for r in ok], 50), "tail_p99": pct([r.tail for r in ok], 99)}
 
 
 # ---------------------------------------------------------------- one server
@@ -628,7 +634,9 @@ def loop_timing(before: dict, after: dict) -> dict:
     it = max(d.get("iterations", 0), 1)
     out = {f"{k[:-2]}_ms": 1e3 * d.get(k, 0) / it for k in ("prefill_s", "launch_s", "read_s", "host_s")}
     out.update(iterations=d.get("iterations", 0), rows_per_step=d.get("step_rows", 0) / max(d.get("steps", 0), 1),
-               prefill_tokens_per_iteration=d.get("prefill_tokens", 0) / it)
+               prefill_tokens_per_iteration=d.get("prefill_tokens", 0) / it,
+               busy_s=sum(d.get(k, 0) for k in ("prefill_s", "launch_s", "read_s", "host_s")),
+               stalls=d.get("stalls", 0), stall_s=d.get("stall_s", 0))
     return out
 
 
@@ -637,7 +645,9 @@ def format_timing(t: dict) -> str:
         return "(no timing from this server)"
     return (f"{t['iterations']} iterations; per iteration: prefill {t['prefill_ms']:.1f} ms "
             f"({t['prefill_tokens_per_iteration']:.0f} prompt tokens), launch {t['launch_ms']:.1f} ms, "
-            f"read (device wait) {t['read_ms']:.1f} ms, host {t['host_ms']:.1f} ms; {t['rows_per_step']:.0f} rows per step")
+            f"read (device wait) {t['read_ms']:.1f} ms, host {t['host_ms']:.1f} ms; {t['rows_per_step']:.0f} rows per "
+            f"step; busy {t.get('busy_s', 0):.1f} s, {t.get('stalls', 0)} iterations over 0.1 s "
+            f"({t.get('stall_s', 0):.1f} s)")
 
 
 def warm_up(server: Server, args, pool: ProcessPoolExecutor | None) -> None:
@@ -727,7 +737,8 @@ def format_row(r: dict) -> str:
     where = f"rate {r['rate']:g}/s" if "rate" in r else f"{r['clients']} clients"
     return (f"{r['mode']:8} {r['load']:6} {where:>14}: {r['completed']}/{r['requests']} served, errors {_errors(r)}; "
             f"{r['output_tok_s']:.1f} out tok/s; TTFT p50 {_ms(r['ttft_p50'])}; "
-            f"TPOT p50 {_ms(r['tpot_p50'])}, p99 {_ms(r['tpot_p99'])}")
+            f"TPOT p50 {_ms(r['tpot_p50'])}, p99 {_ms(r['tpot_p99'])}; request p50 {_ms(r['latency_p50'])}, "
+            f"after its last text p50 {_ms(r['tail_p50'])}, p99 {_ms(r['tail_p99'])}")
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -159,6 +159,8 @@ def queue_deliver(events: list[tuple[Request, Event]]) -> None:
 
 
 class Scheduler:
+    STALL_S = 0.1  # an iteration longer than this counts as a stall in ``timing``
+
     def __init__(self, engine: SlotEngine, eos_ids: list[int], prefill_chunk: int = 512, max_queue: int = 256,
                  deliver: Callable[[list[tuple[Request, Event]]], None] = queue_deliver, prefill_budget: int = 0):
         self.engine, self.eos = engine, set(eos_ids)
@@ -241,8 +243,9 @@ class Scheduler:
         ``timing`` adds up the wall seconds of its phases: ``prefill_s`` (queueing a prompt chunk, and any
         wait for the device inside it), ``launch_s`` (queueing the decode step), ``read_s`` (reading the
         previous step's tokens: mostly waiting for the device), ``host_s`` (the rest: detokenizing,
-        stop strings, events), with ``iterations``, ``steps`` (decode steps), ``step_rows`` (their rows)
-        and ``prefill_tokens``."""
+        stop strings, events), with ``iterations``, ``steps`` (decode steps), ``step_rows`` (their rows),
+        ``prefill_tokens``, and ``stalls`` / ``stall_s``: the iterations longer than ``STALL_S`` and their seconds
+        (a graph captured or a kernel compiled while serving)."""
         t0 = time.perf_counter()
         self._ingest()
         self._retire()
@@ -270,6 +273,9 @@ class Scheduler:
             tm["launch_s"] += t3 - t2
             tm["read_s"] += read
             tm["host_s"] += (t4 - t0) - (t3 - t1) - read
+            if t4 - t0 > self.STALL_S:
+                tm["stalls"] += 1
+                tm["stall_s"] += t4 - t0
         return busy or bool(self.pending) or bool(self.waiting)
 
     def _guard(self, fn, on_error) -> bool:
