@@ -135,7 +135,8 @@ def parse_args(argv=None):
     g.add_argument("--max-batch", type=int, default=256, help="server slots")
     g.add_argument("--max-prompt-tokens", type=int, help="the server's prompt limit (default: from the loads)")
     g.add_argument("--prefill-chunk", type=int, default=512)
-    g.add_argument("--prefill-budget", type=int, default=0, help="prompt tokens per server iteration (0: one chunk)")
+    g.add_argument("--prefill-budget", type=int, default=2048,
+                   help="prompt tokens per server iteration (0: one chunk; 2048 as lolcats serve's default)")
     g.add_argument("--prefill-rows", type=int, default=8, help="prompts the server reads together in one forward")
     g = p.add_argument_group("measuring")
     g.add_argument("--client-procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),

@@ -29,10 +29,10 @@ class ServeOptions:
     "Largest request body (bytes; 413 beyond, before it is read); 0: 1 MiB + 128 bytes per --max-prompt-tokens."
     prefill_chunk: int = 512
     "Longest piece of one prompt read at a time (the first chunk replays a CUDA graph per length bucket)."
-    prefill_budget: int = 0
+    prefill_budget: int = 2048
     ("Prompt tokens read between two decode steps, in forwards of one or more prompts (0: one forward), and a "
      "forward's tokens if above --prefill-chunk. More admits requests faster (time to first token), less keeps "
-     "the running streams' time per token down.")
+     "the running streams' time per token down (2048: long prompts' chunks read four at a time, docs/SERVING.md).")
     prefill_rows: int = 8
     ("Prompts read together in one forward, up to N (a staging row each, holding a sequence's state; its keys and "
      "values in teacher mode), within --prefill-chunk tokens, or --prefill-budget if larger: waiting prompts that "
