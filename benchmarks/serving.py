@@ -467,9 +467,11 @@ async def timed(start) -> Result:
         return Result(False, error=f"HTTP {e.status_code}", detail=str(e.message)[:300])
     except Exception as e:  # noqa: BLE001  (any failure of one request is counted by its kind)
         return Result(False, error=type(e).__name__, detail=str(e)[:300])
+    end = time.perf_counter()
+    if first is None and usage is not None:  # an answer without text (an end-of-sequence token first): served
+        return Result(True, usage.prompt_tokens, usage.completion_tokens, end - t0, 0.0, latency=end - t0)
     if first is None:
         return Result(False, error="no output", detail="the stream ended without text")
-    end = time.perf_counter()
     n = usage.completion_tokens if usage is not None else chunks
     tpot = (last - first) / (n - 1) if n > 1 else 0.0
     return Result(True, usage.prompt_tokens if usage is not None else 0, n, first - t0, tpot, chunks=chunks,

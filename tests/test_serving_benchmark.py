@@ -67,6 +67,40 @@ def test_passages_end_at_sentences_and_keep_the_text_in_order():
     assert len(serving.cut_passages([text], tok, 100, 3)) == 3
 
 
+def test_an_answer_without_text_is_served_and_a_broken_stream_is_not():
+    """A stream whose only chunks are the finish and the usage (the model's first token ended the sequence) is a
+    served request of its usage's tokens; one that ends with neither text nor usage is a "no output" error."""
+    import asyncio
+    from types import SimpleNamespace as NS
+
+    class Stream:
+        def __init__(self, chunks):
+            self.chunks = chunks
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        def __aiter__(self):
+            async def gen():
+                for c in self.chunks:
+                    yield c
+            return gen()
+
+    finish = NS(choices=[NS(delta=NS(content=""))], usage=None)
+    usage = NS(choices=[], usage=NS(prompt_tokens=7, completion_tokens=1))
+
+    async def start(chunks):
+        return Stream(chunks)
+
+    empty = asyncio.run(serving.timed(lambda: start([finish, usage])))
+    assert empty.ok and empty.output_tokens == 1 and empty.prompt_tokens == 7 and empty.latency >= empty.ttft > 0
+    broken = asyncio.run(serving.timed(lambda: start([finish])))
+    assert not broken.ok and broken.error == "no output"
+
+
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     files = tiny_files(tmp_path)
     with pytest.raises(SystemExit) as e:
