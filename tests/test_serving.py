@@ -454,6 +454,19 @@ def test_prefill_budget_admits_several_prompts_per_iteration():
         assert sched.timing["prefill_tokens"] == sum(len(i) for i in ids[:admitted])
 
 
+def test_iterations_longer_than_the_stall_bound_are_counted():
+    """``timing``'s stalls: every busy iteration longer than ``STALL_S`` (here 0: all of them), with their seconds."""
+    tok = char_tokenizer()
+    sched = Scheduler(StateEngine(tiny(tok), 4, 64), [], prefill_chunk=8)
+    sched.STALL_S = 0.0
+    sched.submit(Request(tok("abc")["input_ids"], 3, Sampling(), tok, sink=queue.Queue()))
+    for _ in range(3):
+        sched.iteration()
+    t = sched.timing
+    assert t["iterations"] == t["stalls"] == 3 and 0 < t["stall_s"] <= time.perf_counter()
+    assert abs(t["stall_s"] - sum(t[k] for k in ("prefill_s", "launch_s", "read_s", "host_s"))) < 1e-6
+
+
 @torch.no_grad()
 def test_engine_states_are_stacked_by_spec_and_rows_move_in_one_copy_per_field():
     """The slots' states: layers declaring one state share a tensor per field (their states are views of it), so

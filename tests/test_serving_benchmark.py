@@ -126,6 +126,9 @@ def test_serving_benchmark_smoke(tmp_path):
         assert [r["rate"] for r in rows] == [50, float("inf")]
         assert all(r["completed"] == 6 and r["failed"] == 0 and r["output_tok_s"] > 0 for r in rows)
         assert all(r["tpot_p99"] >= r["tpot_p50"] > 0 and r["ttft_p99"] >= r["ttft_p50"] > 0 for r in rows)
+        assert all(r["latency_p50"] > r["ttft_p50"] and r["tail_p99"] >= r["tail_p50"] >= 0 for r in rows)
+        timing = [r["server_timing"] for r in rows]
+        assert all(t["iterations"] > 0 and t["busy_s"] > 0 and t["stalls"] >= 0 for t in timing), timing
     assert "student / teacher at that bound" in out.stdout or "best output tok/s" in out.stdout
     assert "hf: skipped: transformers serve has no ignore_eos" in (tmp_path / "bench" / "serving.md").read_text()
 
