@@ -3,8 +3,9 @@
 It keeps the pretrained q/k/v/o projections (same parameter names, so LoRA and
 ``from_pretrained`` see the usual keys) and RoPE, and adds feature maps phi_q (one per query
 head) and phi_k (one per KV head, as the base model shares keys across a GQA group) applied
-after RoPE (before it with ``attention.feature_rope`` off), plus a learnable per-head window factor for the hybrid kinds and the modules its mixer adds
-(``Mixer.modules``: ``gated_delta``'s write strength and decay, ``feature_map_delta``).
+after RoPE (before it with ``attention.feature_rope`` off), plus a learnable per-head window factor for the
+hybrid kinds and the modules its mixer adds (``Mixer.modules``: ``gated_delta``'s write strength and decay,
+``feature_map_delta``).
 
 Modes (``module.mode``):
   * ``teacher``: softmax attention through PyTorch SDPA, i.e. the original layer;

@@ -109,8 +109,8 @@ def check_memory(model, opts: ServeOptions) -> ServeOptions:
     from lolcats.attention.layers import decoder_stack
 
     device = decoder_stack(model).embed_tokens.weight.device
-    free = free_bytes(device)
-    if free is None or _need(model, opts) <= 0.9 * free:
+    free, need = free_bytes(device), _need(model, opts)
+    if free is None or need <= 0.9 * free:
         return opts
     paged = None if opts.kv_tokens else _fitting_pool(model, opts, 0.9 * free)
     if paged is not None:
@@ -122,7 +122,7 @@ def check_memory(model, opts: ServeOptions) -> ServeOptions:
     what = (f"states, and a key/value pool of --kv-tokens {opts.kv_tokens} positions ({pool / 2**30:.2f} GiB)"
             if opts.kv_tokens else f"states and key/value buffers for --max-prompt-tokens "
                                    f"{opts.max_prompt_tokens} + --max-new-tokens {opts.max_new_tokens} positions")
-    raise ValueError(f"serve: the slots need an estimated {_need(model, opts) / 2**30:.2f} GiB ({opts.max_batch} + "
+    raise ValueError(f"serve: the slots need an estimated {need / 2**30:.2f} GiB ({opts.max_batch} + "
                      f"{staging} staging x {per_slot / 2**20:.1f} MiB: {what}), but {device} has {free / 2**30:.2f} "
                      f"GiB free; lower --max-batch, --prefill-rows, --max-prompt-tokens or --kv-tokens")
 

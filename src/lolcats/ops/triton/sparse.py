@@ -10,7 +10,8 @@ default kind), without its Python loop over eviction steps:
    (``self_recall``: ||v - phi(k) kv / (phi(k) ks + eps)||; ``recency``: the position; live pairs below the
    sink +inf, empty slots -inf) and the w lowest of the G + w are dropped (a strict order: ties go to the
    lower index, cache slots before candidates), as the reference's top-G keeps the rest. Dropped live pairs
-   are folded into (kv, ks), one (F, rows) x (rows, Dv) product per tile; the kept candidates take the
+   are folded into (kv, ks): the cache's gathered into one tile of at most w rows, then the candidates', one
+   (F, rows) x (rows, Dv) product each; the kept candidates take the
    dropped slots (the reference orders slots by score: the set is the same). A cache with w empty slots or more
    (a sequence's first G / w evictions) takes the block into its first empty slots without scoring anything: those
    are the w lowest (-inf), and nothing live folds. Then it writes a snapshot of
