@@ -439,6 +439,7 @@ class Result:
     chunks: int = 0  # streamed chunks with text
     latency: float = 0.0  # seconds from the call to the stream's end
     tail: float = 0.0  # seconds from the last chunk with text to the stream's end
+    sent: float = 0.0  # seconds from the row's start to the call
 
 
 def _text(chunk) -> str:
@@ -521,7 +522,9 @@ async def closed_loop(server: Server, load: str, clients: int, tokens: int, args
             for i in mine:  # shared by this process's users
                 if i >= (count or math.inf) or (count is None and time.perf_counter() > start + args.duration):
                     return
-                results.append(await chat_request(client, server, prompts[i % len(prompts)], tokens))
+                sent = time.perf_counter() - start
+                r = await chat_request(client, server, prompts[i % len(prompts)], tokens)
+                results.append(dataclasses.replace(r, sent=sent))
 
         await asyncio.gather(*(user() for _ in range(users)))
     return results
@@ -545,7 +548,7 @@ async def poisson(server: Server, rate: float, n: int, args, vocab: int, start: 
         tasks = []
         for i, job in jobs.items():
             await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
-            tasks.append(asyncio.create_task(random_request(client, server, *job)))
+            tasks.append(asyncio.create_task(_sent(random_request(client, server, *job), start)))
         if tasks:
             await asyncio.wait(tasks, timeout=args.drain_timeout)  # the server is overloaded if any remain
         for t in tasks:
@@ -553,6 +556,11 @@ async def poisson(server: Server, rate: float, n: int, args, vocab: int, start: 
         await asyncio.gather(*tasks, return_exceptions=True)
     unfinished = Result(False, error="unfinished", detail="still running at --drain-timeout")
     return [t.result() if not t.cancelled() else unfinished for t in tasks]
+
+
+async def _sent(request, start: float) -> Result:
+    sent = time.perf_counter() - start
+    return dataclasses.replace(await request, sent=sent)
 
 
 def _set_prompts(prompts: dict) -> None:
@@ -610,7 +618,20 @@ def summarize(results: list[Result], wall: float) -> dict:
             "tokens_per_chunk": tokens / max(sum(r.chunks for r in ok), 1),
             "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
             "latency_p50": pct([r.latency for r in ok], 50), "latency_p99": pct([r.latency for r in ok], 99),
-            "tail_p50": pct([r.tail for r in ok], 50), "tail_p99": pct([r.tail for r in ok], 99)}
+            "tail_p50": pct([r.tail for r in ok], 50), "tail_p99": pct([r.tail for r in ok], 99),
+            **timeline(results, wall)}
+
+
+def timeline(results: list[Result], wall: float) -> dict:
+    """When the row's requests were open: the mean number open (their seconds / the row's), the first and last
+    calls and the last answer's end (seconds from the row's start), and each request's [sent, latency, TTFT,
+    output tokens] (ms) in call order."""
+    if not results:
+        return {}
+    rs = sorted(results, key=lambda r: r.sent)
+    return {"open_mean": sum(r.latency for r in rs) / wall, "first_sent": rs[0].sent, "last_sent": rs[-1].sent,
+            "last_end": max(r.sent + r.latency for r in rs),
+            "timeline": [[round(1e3 * x) for x in (r.sent, r.latency, r.ttft)] + [r.output_tokens] for r in rs]}
 
 
 # ---------------------------------------------------------------- one server
@@ -741,7 +762,14 @@ def format_row(r: dict) -> str:
     return (f"{r['mode']:8} {r['load']:6} {where:>14}: {r['completed']}/{r['requests']} served, errors {_errors(r)}; "
             f"{r['output_tok_s']:.1f} out tok/s; TTFT p50 {_ms(r['ttft_p50'])}; "
             f"TPOT p50 {_ms(r['tpot_p50'])}, p99 {_ms(r['tpot_p99'])}; request p50 {_ms(r['latency_p50'])}, "
-            f"after its last text p50 {_ms(r['tail_p50'])}, p99 {_ms(r['tail_p99'])}")
+            f"after its last text p50 {_ms(r['tail_p50'])}, p99 {_ms(r['tail_p99'])}" + _open(r))
+
+
+def _open(r: dict) -> str:
+    if "open_mean" not in r:
+        return ""
+    return (f"; {r['open_mean']:.1f} open on average, calls from {r['first_sent']:.2f} to {r['last_sent']:.2f} s, "
+            f"last end {r['last_end']:.2f} s of {r['seconds']:.2f}")
 
 
 def table(rows: list[dict]) -> list[str]:
