@@ -77,6 +77,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.managers import SyncManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,9 @@ def parse_args(argv=None):
                         "half the cores, at most 8")
     g.add_argument("--tpot-bound", type=float, default=0.050, help="seconds: the p99 TPOT bound of the summary")
     g.add_argument("--warmup-requests", type=int, default=4)
+    g.add_argument("--warmup-seconds", type=float, default=5.0,
+                   help="seconds of each load (at its most clients or highest rate) before its rows, not counted: a "
+                        "server captures the CUDA graphs of shapes it first meets then, in either mode")
     g.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to start a server (and load hf's model)")
     g.add_argument("--request-timeout", type=float, default=1800.0)
     g.add_argument("--drain-timeout", type=float, default=60.0,
@@ -563,35 +567,74 @@ async def _sent(request, start: float) -> Result:
     return dataclasses.replace(await request, sent=sent)
 
 
-def _set_prompts(prompts: dict) -> None:
+def _client_start(prompts: dict) -> None:
+    """A client process's start: the prompts, and the openai client's parts it imports when first used (seconds of
+    imports, which would otherwise fall into the process's first row while the others already send)."""
     PROMPTS.update(prompts)
 
+    async def touch():
+        async with openai.AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="none") as client:
+            return client.chat.completions, client.completions
 
-def _in_process(name: str, params: tuple, start: float, share: Share) -> list[Result]:
-    return asyncio.run(globals()[name](*params, start, share))
+    asyncio.run(touch())
 
 
-def client_pool(args) -> ProcessPoolExecutor | None:
-    """``--client-procs`` processes (started now) that send a row's requests together: the openai client parses
-    each streamed chunk in Python (~0.1-0.3 ms), so one process would hold back a server streaming 10,000 tokens/s."""
+def _ready(barrier) -> int:
+    barrier.wait()
+    return os.getpid()
+
+
+def _in_process(name: str, params: tuple, barrier, share: Share) -> tuple[float, list[Result]]:
+    barrier.wait()  # every share of the row has its process: they start together
+    start = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
+    return start, asyncio.run(globals()[name](*params, start, share))
+
+
+BARRIER_TIMEOUT = 300.0  # seconds a client process waits for the others of its row
+
+
+@dataclass
+class Clients:
+    """``--client-procs`` processes that send a row's requests together: the openai client parses each streamed
+    chunk in Python (~0.1-0.3 ms), so one process would hold back a server streaming 10,000 tokens/s. A row's
+    shares wait for each other at a barrier, so each has its own process and all start sending at once."""
+
+    pool: ProcessPoolExecutor
+    manager: SyncManager
+    procs: int
+
+    def barrier(self, parties: int):
+        return self.manager.Barrier(parties, timeout=BARRIER_TIMEOUT)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        self.manager.shutdown()
+
+
+def client_pool(args) -> Clients | None:
+    """The client processes (started and ready now), or None for one process."""
     if args.client_procs <= 1:
         return None
-    pool = ProcessPoolExecutor(args.client_procs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_set_prompts, initargs=(PROMPTS,))
-    list(pool.map(time.sleep, [0.5] * args.client_procs))
-    return pool
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(args.client_procs, mp_context=ctx, initializer=_client_start, initargs=(PROMPTS,))
+    manager = ctx.Manager()
+    clients = Clients(pool, manager, args.client_procs)
+    list(pool.map(_ready, [clients.barrier(args.client_procs)] * args.client_procs))  # all started, each once
+    return clients
 
 
-def run_row(pool: ProcessPoolExecutor | None, procs: int, work, *params) -> tuple[list[Result], float]:
-    """``work(*params, start, share)`` in this process, or split over ``procs`` processes of ``pool``;
-    (results, seconds from the start to the last answer)."""
-    start = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process
-    if pool is None or procs <= 1:
+def run_row(clients: Clients | None, procs: int, work, *params) -> tuple[list[Result], float]:
+    """``work(*params, start, share)`` in this process, or split over ``procs`` processes of ``clients``, which
+    start together; (results, seconds from the start to the last answer)."""
+    if clients is None or procs <= 1:
+        start = time.perf_counter()
         results = asyncio.run(work(*params, start))
-    else:
-        futures = [pool.submit(_in_process, work.__name__, params, start, Share(k, procs)) for k in range(procs)]
-        results = [r for f in futures for r in f.result()]
-    return results, time.perf_counter() - start
+        return results, time.perf_counter() - start
+    barrier = clients.barrier(procs)
+    futures = [clients.pool.submit(_in_process, work.__name__, params, barrier, Share(k, procs))
+               for k in range(procs)]
+    done = [f.result() for f in futures]
+    return [r for _, rs in done for r in rs], time.perf_counter() - min(start for start, _ in done)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -674,7 +717,7 @@ def format_timing(t: dict) -> str:
             f"({t.get('stall_s', 0):.1f} s)")
 
 
-def warm_up(server: Server, args, pool: ProcessPoolExecutor | None) -> None:
+def warm_up(server: Server, args, pool: Clients | None) -> None:
     """A first request (without ``include_usage`` if the server refuses it), then ``--warmup-requests`` at once
     (at least one from each client process)."""
     load = next((ld for ld in _list(args.load) if ld != "random"), None)
@@ -704,7 +747,21 @@ def warm_up(server: Server, args, pool: ProcessPoolExecutor | None) -> None:
                 args, n)
 
 
-def row_plan(server: Server, args):
+def warm_load(server: Server, args, pool: Clients | None, load: str) -> None:
+    """``--warmup-seconds`` of ``load``'s row with the most clients (or the highest rate), not counted."""
+    wargs = argparse.Namespace(**{**vars(args), "duration": args.warmup_seconds, "num_requests": None})
+    plans = [plan for plan in row_plan(server, wargs, quiet=True) if plan[0] == load]
+    if not plans:
+        return
+    _, x, procs, work, params = max(plans, key=lambda plan: next(iter(plan[1].values())))
+    results, wall = run_row(pool, procs, work, *params)
+    wait_idle(server)
+    where = ", ".join(f"{k} {v:g}" for k, v in x.items())
+    print(f"[{server.mode}] warm-up, {load} at {where}: {sum(r.ok for r in results)}/{len(results)} served in "
+          f"{wall:.1f} s (not counted)", flush=True)
+
+
+def row_plan(server: Server, args, quiet: bool = False):
     """(load, {rate or clients: value}, processes, work, params) of each row of this server."""
     for load in _list(args.load):
         if load != "random":
@@ -712,7 +769,8 @@ def row_plan(server: Server, args):
                 yield (load, {"clients": c}, min(c, args.client_procs), closed_loop,
                        (server, load, c, max_tokens(args, load), args, args.num_requests))
         elif server.mode == "hf":
-            print("[hf] --load random skipped: transformers serve has no ignore_eos", flush=True)
+            if not quiet:
+                print("[hf] --load random skipped: transformers serve has no ignore_eos", flush=True)
         else:
             for rate in args.rate_list:
                 planned = args.max_batch if rate == math.inf else max(1, int(rate * args.duration))
@@ -720,11 +778,14 @@ def row_plan(server: Server, args):
                 yield load, {"rate": rate}, args.client_procs, poisson, (server, rate, n, args, server.health["vocab_size"])
 
 
-def bench_server(server: Server, args, out: Path, pool: ProcessPoolExecutor | None) -> list[dict]:
+def bench_server(server: Server, args, out: Path, pool: Clients | None) -> list[dict]:
     warm_up(server, args, pool)
     server = dataclasses.replace(server, proc=None)  # goes to the client processes
-    rows = []
+    rows, warm = [], set()
     for load, x, procs, work, params in row_plan(server, args):
+        if load not in warm and args.warmup_seconds > 0:
+            warm.add(load)
+            warm_load(server, args, pool, load)
         before = health(server).get("timing", {})
         results, wall = run_row(pool, procs, work, *params)
         wait_idle(server)
@@ -909,7 +970,7 @@ def make_prompts(args, cfg) -> dict:
     return prompts
 
 
-def run_mode(mode: str, args, cfg, out: Path, pool: ProcessPoolExecutor | None) -> int:
+def run_mode(mode: str, args, cfg, out: Path, pool: Clients | None) -> int:
     """Start, measure and stop one server; its exit status (0 when skipped)."""
     if mode == "hf":
         why = hf_missing() or (None if cfg is not None else "no base model: give --base NAME or --checkpoint DIR")
@@ -959,7 +1020,7 @@ def main(argv=None) -> int:
                 codes[mode] = 1
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown()
     print(report(out, args.tpot_bound, shlex.join(["python", "-m", "benchmarks.serving", *argv])))
     return 0 if all(c == 0 for c in codes.values()) else 1
 

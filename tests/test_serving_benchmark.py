@@ -139,12 +139,15 @@ def test_serving_benchmark_real_prompts_every_mode(tmp_path):
     from transformers.utils.import_utils import is_serve_available
 
     files = tiny_files(tmp_path)
-    run_bench(tmp_path, "--server-args", server_args(files), "--base", str(files["base"]),
+    out = run_bench(tmp_path, "--server-args", server_args(files), "--base", str(files["base"]),
               "--hf-args", "--device cpu --cb-num-blocks 64 --cb-max-batch-tokens 256",
               "--modes", "student,teacher,hf", "--load", "chat,long", "--chat-data", str(files["alpaca"]),
               "--doc-data", str(files["docs"]), "--doc-tokens", "60", "--clients", "1,2", "--num-requests", "3",
-              "--max-tokens", "6", "--max-batch", "4", "--warmup-requests", "1", "--client-procs", "2")
+              "--max-tokens", "6", "--max-batch", "4", "--warmup-requests", "1", "--client-procs", "2",
+              "--warmup-seconds", "0.5")
     bench = tmp_path / "bench"
+    for m in ("student", "teacher"):  # each load's warm-up at its most clients, before its rows
+        assert f"[{m}] warm-up, chat at clients 2:" in out.stdout and f"[{m}] warm-up, long at clients 2:" in out.stdout
     report = json.loads((bench / "serving.json").read_text())
     modes = ["student", "teacher"] + (["hf"] if is_serve_available() else [])
     got = {(r["mode"], r["load"], r["clients"]) for r in report["rows"]}
@@ -153,6 +156,10 @@ def test_serving_benchmark_real_prompts_every_mode(tmp_path):
                for r in report["rows"])
     assert all(r["ttft_p50"] > 0 and r["output_tokens"] <= 6 for r in report["rows"])
     assert all(r["prompt_tokens"] > 60 for r in report["rows"] if r["load"] == "long")  # passage + the question
+    for r in report["rows"]:  # the shares of a row start together; each request's [sent, latency, TTFT, tokens]
+        assert len(r["timeline"]) == 3 and r["first_sent"] < 1.0 and 0 < r["open_mean"] <= r["clients"]
+        assert r["last_end"] <= r["seconds"] + 0.05 and all(s >= 0 and lat > ttft > 0 for s, lat, ttft, _ in
+                                                            r["timeline"])
     md = (bench / "serving.md").read_text()
     assert report["card"] in md and "--load chat,long" in md and "## chat:" in md and "## long:" in md
     for m in modes:
