@@ -146,8 +146,8 @@ def parse_args(argv=None):
     g.add_argument("--tpot-bound", type=float, default=0.050, help="seconds: the p99 TPOT bound of the summary")
     g.add_argument("--warmup-requests", type=int, default=4)
     g.add_argument("--warmup-seconds", type=float, default=5.0,
-                   help="seconds of each load (at its most clients or highest rate) before its rows, not counted: a "
-                        "server captures the CUDA graphs of shapes it first meets then, in either mode")
+                   help="seconds of each row's load before it, not counted: either server captures the CUDA graphs "
+                        "of the shapes it first meets then")
     g.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to start a server (and load hf's model)")
     g.add_argument("--request-timeout", type=float, default=1800.0)
     g.add_argument("--drain-timeout", type=float, default=60.0,
@@ -747,13 +747,10 @@ def warm_up(server: Server, args, pool: Clients | None) -> None:
                 args, n)
 
 
-def warm_load(server: Server, args, pool: Clients | None, load: str) -> None:
-    """``--warmup-seconds`` of ``load``'s row with the most clients (or the highest rate), not counted."""
+def warm_row(server: Server, args, pool: Clients | None, load: str, x: dict) -> None:
+    """``--warmup-seconds`` of the row (``load`` at ``x``'s clients or rate), not counted."""
     wargs = argparse.Namespace(**{**vars(args), "duration": args.warmup_seconds, "num_requests": None})
-    plans = [plan for plan in row_plan(server, wargs, quiet=True) if plan[0] == load]
-    if not plans:
-        return
-    _, x, procs, work, params = max(plans, key=lambda plan: next(iter(plan[1].values())))
+    _, _, procs, work, params = next(plan for plan in row_plan(server, wargs, quiet=True) if plan[:2] == (load, x))
     results, wall = run_row(pool, procs, work, *params)
     wait_idle(server)
     where = ", ".join(f"{k} {v:g}" for k, v in x.items())
@@ -781,11 +778,10 @@ def row_plan(server: Server, args, quiet: bool = False):
 def bench_server(server: Server, args, out: Path, pool: Clients | None) -> list[dict]:
     warm_up(server, args, pool)
     server = dataclasses.replace(server, proc=None)  # goes to the client processes
-    rows, warm = [], set()
+    rows = []
     for load, x, procs, work, params in row_plan(server, args):
-        if load not in warm and args.warmup_seconds > 0:
-            warm.add(load)
-            warm_load(server, args, pool, load)
+        if args.warmup_seconds > 0:
+            warm_row(server, args, pool, load, x)
         before = health(server).get("timing", {})
         results, wall = run_row(pool, procs, work, *params)
         wait_idle(server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -146,8 +147,8 @@ def test_serving_benchmark_real_prompts_every_mode(tmp_path):
               "--max-tokens", "6", "--max-batch", "4", "--warmup-requests", "1", "--client-procs", "2",
               "--warmup-seconds", "0.5")
     bench = tmp_path / "bench"
-    for m in ("student", "teacher"):  # each load's warm-up at its most clients, before its rows
-        assert f"[{m}] warm-up, chat at clients 2:" in out.stdout and f"[{m}] warm-up, long at clients 2:" in out.stdout
+    for m, load, c in itertools.product(("student", "teacher"), ("chat", "long"), (1, 2)):  # a warm-up before each row
+        assert f"[{m}] warm-up, {load} at clients {c}:" in out.stdout
     report = json.loads((bench / "serving.json").read_text())
     modes = ["student", "teacher"] + (["hf"] if is_serve_available() else [])
     got = {(r["mode"], r["load"], r["clients"]) for r in report["rows"]}
