@@ -340,6 +340,7 @@ class Server:
     proc: subprocess.Popen | None = None
     health: dict = field(default_factory=dict)  # lolcats' /health at start (empty for transformers serve)
     usage: bool = True  # whether requests ask for stream_options.include_usage
+    start_s: float = 0.0  # seconds from the server's launch to its first healthy answer
 
 
 def _free_port() -> int:
@@ -348,14 +349,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(mode: str, cmd: list[str], port: int, args, out: Path) -> tuple[subprocess.Popen, str]:
-    """Start ``cmd`` (listening on ``port``) and wait for its ``/health``."""
+def spawn(mode: str, cmd: list[str], port: int, args, out: Path) -> tuple[subprocess.Popen, str, float]:
+    """Start ``cmd`` (listening on ``port``) and wait for its ``/health``; (process, url, seconds it took)."""
     log = out / f"server-{mode}.log"
     print(f"[{mode}] {shlex.join(cmd)}", flush=True)
     with open(log, "w") as f:  # the server writes to its own copy
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + args.startup_timeout
+    t0 = time.monotonic()
+    end = t0 + args.startup_timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"the {mode} server exited ({proc.returncode}); see {log}")
@@ -364,7 +366,7 @@ def spawn(mode: str, cmd: list[str], port: int, args, out: Path) -> tuple[subpro
             raise RuntimeError(f"the {mode} server did not start in {args.startup_timeout} s; see {log}")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return proc, url
+                return proc, url, time.monotonic() - t0
         except httpx.TransportError:
             pass
         time.sleep(1.0)
@@ -393,13 +395,16 @@ def lolcats_command(args, mode: str, port: int) -> list[str]:
             "--log-level", "warning"]
 
 
-def lolcats_server(url: str, proc: subprocess.Popen | None = None) -> Server:
+def lolcats_server(url: str, proc: subprocess.Popen | None = None, start_s: float = 0.0) -> Server:
     health = httpx.get(url + "/health", timeout=30).json()
     model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
     mode = health.get("attention_mode", "?")
+    started = f"; ready in {start_s:.1f} s" if start_s else ""
+    if health.get("graphs_at_start"):
+        started += f" ({health['graphs_at_start']} graphs captured in {health['graph_capture_s']:.1f} s)"
     print(f"[{mode}] {health['engine']} on {health['device']}, {health['max_batch']} slots, "
-          f"{health['state_bytes_per_slot'] / 2**20:.1f} MiB per slot", flush=True)
-    return Server(mode, url, model, proc, health)
+          f"{health['state_bytes_per_slot'] / 2**20:.1f} MiB per slot{started}", flush=True)
+    return Server(mode, url, model, proc, health, start_s=start_s)
 
 
 def start_hf(args, model: str, out: Path) -> Server:
@@ -415,8 +420,9 @@ def start_hf(args, model: str, out: Path) -> Server:
     for flag, value in HF_FLAGS:  # where this version has them
         cmd += [flag, value] if flag in flags else []
     cmd += shlex.split(args.hf_args)
-    proc, url = spawn("hf", cmd, port, args, out)
-    return Server("hf", url, model, proc)
+    proc, url, start_s = spawn("hf", cmd, port, args, out)
+    print(f"[hf] ready in {start_s:.1f} s", flush=True)
+    return Server("hf", url, model, proc, start_s=start_s)
 
 
 def stop_server(proc: subprocess.Popen) -> int:
@@ -786,7 +792,8 @@ def bench_server(server: Server, args, out: Path, pool: Clients | None) -> list[
         results, wall = run_row(pool, procs, work, *params)
         wait_idle(server)
         row = {"mode": server.mode, "load": load, **x, **summarize(results, wall), "client_procs": procs,
-               "max_tokens": None if load == "random" else max_tokens(args, load), "usage": server.usage}
+               "max_tokens": None if load == "random" else max_tokens(args, load), "usage": server.usage,
+               "server_start_s": server.start_s}
         if server.health:
             row.update(device=server.health["device"], max_batch=server.health["max_batch"],
                        state_bytes_per_slot=server.health["state_bytes_per_slot"],
@@ -979,8 +986,8 @@ def run_mode(mode: str, args, cfg, out: Path, pool: Clients | None) -> int:
         server = start_hf(args, hf_model(cfg, out), out)
     else:
         port = _free_port()
-        proc, url = spawn(mode, lolcats_command(args, mode, port), port, args, out)
-        server = lolcats_server(url, proc)
+        proc, url, start_s = spawn(mode, lolcats_command(args, mode, port), port, args, out)
+        server = lolcats_server(url, proc, start_s)
     try:
         bench_server(server, args, out, pool)
     finally:

@@ -750,6 +750,7 @@ def test_http_models_and_health(served):
     assert [m.id for m in client.models.list().data] == ["lolcats"]
     h = httpx.get(url + "/health").json()
     assert h["status"] == "ok" and h["engine"] == "StateEngine" and h["max_batch"] == 4
+    assert h["graphs_at_start"] >= 0 and h["graph_capture_s"] >= 0  # none on CPU: the steps run eagerly
 
 
 @needs_http

@@ -157,6 +157,7 @@ def test_serving_benchmark_real_prompts_every_mode(tmp_path):
                for r in report["rows"])
     assert all(r["ttft_p50"] > 0 and r["output_tokens"] <= 6 for r in report["rows"])
     assert all(r["prompt_tokens"] > 60 for r in report["rows"] if r["load"] == "long")  # passage + the question
+    assert all(r["server_start_s"] > 0 for r in report["rows"])
     for r in report["rows"]:  # the shares of a row start together; each request's [sent, latency, TTFT, tokens]
         assert len(r["timeline"]) == 3 and r["first_sent"] < 1.0 and 0 < r["open_mean"] <= r["clients"]
         assert r["last_end"] <= r["seconds"] + 0.05 and all(s >= 0 and lat > ttft > 0 for s, lat, ttft, _ in

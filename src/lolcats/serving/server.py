@@ -172,12 +172,14 @@ def build_server(model, tokenizer, opts: ServeOptions):
     engine = build_engine(model, opts)
     t0 = time.perf_counter()
     graphs = engine.warmup()
+    capture_s = time.perf_counter() - t0
     if graphs:
-        log.info("captured %d decode graphs in %.1f s", graphs, time.perf_counter() - t0)
+        log.info("captured %d decode graphs in %.1f s", graphs, capture_s)
     scheduler = Scheduler(engine, eos_ids(model, tokenizer), opts.prefill_chunk, opts.max_queue,
                           prefill_budget=opts.prefill_budget)
     info = {**engine.describe(), "attention_mode": opts.attention_mode, "vocab_size": engine.vocab,
-            "state_bytes_per_slot": engine.state_bytes_per_slot(), "created": int(time.time())}
+            "state_bytes_per_slot": engine.state_bytes_per_slot(), "created": int(time.time()),
+            "graphs_at_start": graphs, "graph_capture_s": round(capture_s, 3)}
     return Server(scheduler, tokenizer, opts, info)
 
 
