@@ -77,8 +77,8 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing.managers import SyncManager
 from dataclasses import dataclass, field
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import httpx
@@ -585,9 +585,8 @@ def _client_start(prompts: dict) -> None:
     asyncio.run(touch())
 
 
-def _ready(barrier) -> int:
+def _ready(barrier) -> None:
     barrier.wait()
-    return os.getpid()
 
 
 def _in_process(name: str, params: tuple, barrier, share: Share) -> tuple[float, list[Result]]:
@@ -607,7 +606,6 @@ class Clients:
 
     pool: ProcessPoolExecutor
     manager: SyncManager
-    procs: int
 
     def barrier(self, parties: int):
         return self.manager.Barrier(parties, timeout=BARRIER_TIMEOUT)
@@ -624,7 +622,7 @@ def client_pool(args) -> Clients | None:
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(args.client_procs, mp_context=ctx, initializer=_client_start, initargs=(PROMPTS,))
     manager = ctx.Manager()
-    clients = Clients(pool, manager, args.client_procs)
+    clients = Clients(pool, manager)
     list(pool.map(_ready, [clients.barrier(args.client_procs)] * args.client_procs))  # all started, each once
     return clients
 
