@@ -121,7 +121,7 @@ def test_serving_benchmark_smoke(tmp_path):
     files = tiny_files(tmp_path)
     out = run_bench(tmp_path, "--server-args", server_args(files), "--max-batch", "4", "--rates", "50,inf",
                     "--num-requests", "6", "--prompt-len", "12", "--output-len", "6", "--warmup-requests", "1",
-                    "--client-procs", "1")
+                    "--client-procs", "1", "--warmup-seconds", "0")
     for mode in ("student", "teacher"):
         rows = json.loads((tmp_path / "bench" / f"{mode}.json").read_text())["rows"]
         assert [r["rate"] for r in rows] == [50, float("inf")]
@@ -145,7 +145,7 @@ def test_serving_benchmark_real_prompts_every_mode(tmp_path):
               "--modes", "student,teacher,hf", "--load", "chat,long", "--chat-data", str(files["alpaca"]),
               "--doc-data", str(files["docs"]), "--doc-tokens", "60", "--clients", "1,2", "--num-requests", "3",
               "--max-tokens", "6", "--max-batch", "4", "--warmup-requests", "1", "--client-procs", "2",
-              "--warmup-seconds", "0.5")
+              "--warmup-seconds", "0.2")
     bench = tmp_path / "bench"
     for m, load, c in itertools.product(("student", "teacher"), ("chat", "long"), (1, 2)):  # a warm-up before each row
         assert f"[{m}] warm-up, {load} at clients {c}:" in out.stdout
