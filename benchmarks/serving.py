@@ -532,9 +532,7 @@ async def closed_loop(server: Server, load: str, clients: int, tokens: int, args
             for i in mine:  # shared by this process's users
                 if i >= (count or math.inf) or (count is None and time.perf_counter() > start + args.duration):
                     return
-                sent = time.perf_counter() - start
-                r = await chat_request(client, server, prompts[i % len(prompts)], tokens)
-                results.append(dataclasses.replace(r, sent=sent))
+                results.append(await _sent(chat_request(client, server, prompts[i % len(prompts)], tokens), start))
 
         await asyncio.gather(*(user() for _ in range(users)))
     return results

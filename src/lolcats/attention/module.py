@@ -196,15 +196,13 @@ class LolcatsAttention(nn.Module):
         q, k, v = F.linear(hidden, f.weight, f.bias).split(f.sizes, -1)  # (B, T, (H + 2 Hk) D) in three
         return heads(q), heads(k), heads(v)
 
-    def project(self, hidden: torch.Tensor, position_embeddings, featured: bool = False):
-        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied, and the log forget gate
-        (B, Hk, T) of the keys before RoPE (None without a gate); with ``featured`` also the (q, k) the feature
-        maps read (these, or before RoPE with ``feature_rope`` off)."""
+    def project(self, hidden: torch.Tensor, position_embeddings):
+        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied, the log forget gate (B, Hk, T) of
+        the keys before RoPE (None without a gate), and the (q, k) the feature maps read (these, or before RoPE with
+        ``feature_rope`` off)."""
         q0, k0, v = self.qkv(hidden)
         log_gate = forget_log_gate(k0, self.cfg.gate)
         q, k = apply_rope(q0, k0, *position_embeddings)
-        if not featured:
-            return q, k, v, log_gate
         return q, k, v, log_gate, ((q, k) if self.cfg.feature_rope else (q0, k0))
 
     def project_features(self, hidden: torch.Tensor, position_embeddings):
@@ -300,7 +298,7 @@ class LolcatsAttention(nn.Module):
         if mode == "student":
             q, k, v, fq, fk, log_gate = self.project_features(hidden_states, position_embeddings)
         else:
-            q, k, v, log_gate, featured = self.project(hidden_states, position_embeddings, featured=True)
+            q, k, v, log_gate, featured = self.project(hidden_states, position_embeddings)
         slot = cache.layers[self.layer_idx] if isinstance(cache, LolcatsCache) else None
         meta = kwargs.get(STEP_KWARG)  # the writer's StepMeta (attention/step.py); None: a plain call
         if mode == "teacher" and isinstance(slot, SoftmaxLayer):
@@ -428,13 +426,13 @@ class LolcatsAttention(nn.Module):
 
     # ------------------------------------------------------------ attention transfer
 
-    def _distill(self, q, k, v, attention_mask, log_gate=None, featured=None):
-        """``featured``: the (q, k) the feature maps read (:meth:`project`); default q, k."""
+    def _distill(self, q, k, v, attention_mask, log_gate, featured):
+        """``featured``: the (q, k) the feature maps read (:meth:`project`)."""
         with torch.no_grad():
             y_true = self.softmax_attention(q, k, v, attention_mask)
         q, k, v = q.detach(), k.detach(), v.detach()
         log_gate = None if log_gate is None else log_gate.detach()
-        fq, fk = self.features(*(x.detach() for x in featured)) if featured is not None else self.features(q, k)
+        fq, fk = self.features(*(x.detach() for x in featured))
         want_xent = self.collect_xent
         y_pred, w_pred = self.student_attention(q, k, v, fq, fk, return_weights=want_xent, log_gate=log_gate)
         if self.collector is not None:
