@@ -196,13 +196,15 @@ class LolcatsAttention(nn.Module):
         q, k, v = F.linear(hidden, f.weight, f.bias).split(f.sizes, -1)  # (B, T, (H + 2 Hk) D) in three
         return heads(q), heads(k), heads(v)
 
-    def project(self, hidden: torch.Tensor, position_embeddings):
-        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied, the log forget gate (B, Hk, T) of
-        the keys before RoPE (None without a gate), and the (q, k) the feature maps read (these, or before RoPE with
-        ``feature_rope`` off)."""
+    def project(self, hidden: torch.Tensor, position_embeddings, featured: bool = False):
+        """hidden (B, T, d) -> q (B, H, T, D), k, v (B, Hk, T, D), RoPE applied, and the log forget gate
+        (B, Hk, T) of the keys before RoPE (None without a gate); with ``featured`` also the (q, k) the feature
+        maps read (these, or before RoPE with ``feature_rope`` off)."""
         q0, k0, v = self.qkv(hidden)
         log_gate = forget_log_gate(k0, self.cfg.gate)
         q, k = apply_rope(q0, k0, *position_embeddings)
+        if not featured:
+            return q, k, v, log_gate
         return q, k, v, log_gate, ((q, k) if self.cfg.feature_rope else (q0, k0))
 
     def project_features(self, hidden: torch.Tensor, position_embeddings):
@@ -298,7 +300,7 @@ class LolcatsAttention(nn.Module):
         if mode == "student":
             q, k, v, fq, fk, log_gate = self.project_features(hidden_states, position_embeddings)
         else:
-            q, k, v, log_gate, featured = self.project(hidden_states, position_embeddings)
+            q, k, v, log_gate, featured = self.project(hidden_states, position_embeddings, featured=True)
         slot = cache.layers[self.layer_idx] if isinstance(cache, LolcatsCache) else None
         meta = kwargs.get(STEP_KWARG)  # the writer's StepMeta (attention/step.py); None: a plain call
         if mode == "teacher" and isinstance(slot, SoftmaxLayer):
