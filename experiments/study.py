@@ -85,6 +85,9 @@ RECIPE_VARIANTS = [
             "--distill.micro_batch_size", "1", "--finetune.micro_batch_size", "1"),
     variant("recipe_nope", "feature maps before RoPE (linear terms free of positions: none past the trained length)",
             "--attention.feature_rope", "false"),
+    variant("recipe_nope_seq8k", "feature maps before RoPE, trained on 8,192-token sequences (the two above together)",
+            "--attention.feature_rope", "false", "--data.seq_len", "8192", "--distill.micro_batch_size", "1",
+            "--finetune.micro_batch_size", "1"),
 ]
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
