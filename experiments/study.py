@@ -187,6 +187,9 @@ def parse_args(argv=None):
                    help="natural text the niah tasks hide their needles in")
     p.add_argument("--recall-lead-in", action=argparse.BooleanOptionalAction, default=True,
                    help="answer lead-in on every recall task (passkey too)")
+    p.add_argument("--tasks", default=ZERO_SHOT,
+                   help="LM-Eval-Harness tasks of each row's evaluation (default: PIQA, ARC-E, ARC-C; '': none, for a "
+                        "run that asks only the perplexity and recall questions)")
     p.add_argument("--mmlu-limit", type=int, default=5, help="MMLU 5-shot questions per subject (0: no MMLU)")
     p.add_argument("--seed", type=int, default=0, help="every row's linearize --seed")
     p.add_argument("--task-limit", type=int, default=None,
@@ -247,7 +250,7 @@ def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str
     common = ["--include-path", include, "--batch-size", str(a.batch_size), *shlex.split(a.eval_extra)]
     out = Path(a.out) / row.label
     zero = cli("eval", *model_flags(row, a, rows), "--ppl", a.ppl,
-               "--tasks", ZERO_SHOT, "--recall", a.recall_tasks, "--recall-lengths", a.recall_lengths,
+               *(["--tasks", a.tasks] if a.tasks else []), "--recall", a.recall_tasks, "--recall-lengths", a.recall_lengths,
                "--recall-samples", str(a.recall_samples), "--recall-haystack", a.recall_haystack,
                "--recall-lead-in" if a.recall_lead_in else "--no-recall-lead-in", "--output", str(out / "eval.json"),
                *common,

@@ -313,6 +313,20 @@ def test_study_rows_start_from_the_schema_defaults_and_differ_only_by_their_flag
             assert row.checkpoint_of is None or rows[row.checkpoint_of].train
 
 
+def test_study_tasks_flag_sets_or_drops_the_lm_eval_tasks_of_each_evaluation():
+    """--tasks names the evaluation's LM-Eval-Harness tasks; '' leaves them out (perplexity and recall only), and
+    the table shows those cells as not measured."""
+    mod = _study_module()
+    rows = {r.label: r for r in mod.ROWS}
+    base = ["--out", "OUT", "--model", "M.gguf", "--data", "D", "--mmlu-limit", "0"]
+    [(_, full)] = mod.eval_commands(rows["base"], mod.parse_args(base), rows)
+    assert full[full.index("--tasks") + 1] == mod.ZERO_SHOT and "--recall" in full
+    [(_, short)] = mod.eval_commands(rows["base"], mod.parse_args([*base, "--tasks", ""]), rows)
+    assert "--tasks" not in short and "--recall" in short and "--ppl" in short
+    line = mod.table([{"title": "base", "wikitext_ppl": 21.1}], mod.parse_args([*base, "--tasks", ""])).splitlines()[2]
+    assert line.startswith("| base | 21.10 | - | - | - | - |")
+
+
 def test_the_smollm2_recipe_is_the_study_row_it_came_from():
     """configs/smollm2-135m.yaml trains what the study row combo_long_kl trained (docs/RESULTS.md), at the
     study's 3M-token pool: every field but the data files, the model path and the run's own directory, and the
