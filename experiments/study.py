@@ -66,7 +66,7 @@ MLP = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 RECIPE_VARIANTS = [
     variant("recipe_mse2", "2 softmax layers by transfer error", "--attention.softmax_pick", "mse",
             "--attention.softmax_count", "2"),
-    variant("recipe_mse4", "4 softmax layers by transfer error (the recipe before 2026-12-06)",
+    variant("recipe_mse4", "4 softmax layers by transfer error (the pick before 2026-12-06)",
             "--attention.softmax_pick", "mse"),
     variant("recipe_mse6", "6 softmax layers by transfer error", "--attention.softmax_pick", "mse",
             "--attention.softmax_count", "6"),
@@ -81,13 +81,13 @@ RECIPE_VARIANTS = [
             "--use.linear_scale", "1"),
     variant("recipe_more", "LoRA rank 64 on attention and MLP in stage 2", "--finetune.lora_r", "64",
             "--finetune.lora_alpha", "128", "--finetune.lora_targets", MLP),
-    variant("recipe_seq8k", "trained on 8,192-token sequences (same tokens per step)", "--data.seq_len", "8192",
-            "--distill.micro_batch_size", "1", "--finetune.micro_batch_size", "1"),
-    variant("recipe_nope", "feature maps before RoPE (linear terms free of positions: none past the trained length)",
-            "--attention.feature_rope", "false"),
-    variant("recipe_nope_seq8k", "feature maps before RoPE, trained on 8,192-token sequences (the two above together)",
-            "--attention.feature_rope", "false", "--data.seq_len", "8192", "--distill.micro_batch_size", "1",
-            "--finetune.micro_batch_size", "1"),
+    variant("recipe_seq4k", "trained on 4,096-token sequences (same tokens per step; the recipe before 2026-12-07)",
+            "--data.seq_len", "4096", "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"),
+    variant("recipe_nope", "feature maps before RoPE (linear terms free of positions)", "--attention.feature_rope",
+            "false"),
+    variant("recipe_seq4k_nope", "feature maps before RoPE, trained on 4,096-token sequences (none of the linear "
+            "terms' positions past the trained length)", "--attention.feature_rope", "false", "--data.seq_len", "4096",
+            "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"),
 ]
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),

@@ -329,8 +329,9 @@ def test_study_tasks_flag_sets_or_drops_the_lm_eval_tasks_of_each_evaluation():
 
 def test_the_smollm2_recipe_is_the_study_row_it_came_from():
     """configs/smollm2-135m.yaml trains what the study row combo_long_kl trained (docs/RESULTS.md), at the
-    study's 3M-token pool: every field but the data files, the model path and the run's own directory, and the
-    kept layers' pick, which issue 27's study changed from transfer error to the KL drop."""
+    study's 3M-token pool: every field but the data files, the model path and the run's own directory, and what
+    issue 27's studies changed: the kept layers' pick (transfer error -> the KL drop) and the sequence length
+    (4,096 -> 8,192 tokens, 1 per step: the same tokens per step)."""
     from dataclasses import asdict
 
     from lolcats.config import load_config
@@ -346,11 +347,14 @@ def test_the_smollm2_recipe_is_the_study_row_it_came_from():
     use = recipe.pop("use")  # what the study's eval rows of the recipe give as flags
     assert row.pop("use") == {k: None for k in use}
     assert (row["attention"].pop("softmax_pick"), recipe["attention"].pop("softmax_pick")) == ("mse", "kl")
+    assert (row["data"].pop("seq_len"), recipe["data"].pop("seq_len")) == (4096, 8192)
+    for stage in ("distill", "finetune"):
+        assert (row[stage].pop("micro_batch_size"), recipe[stage].pop("micro_batch_size")) == (2, 1)
     assert recipe == row
     assert mod.RECIPE_EVAL == ["--sparse-cache", str(use["sparse_cache"]), "--sparse-sink", str(use["sparse_sink"]),
                                "--linear-scale", str(use["linear_scale"])] and use["sparse_score"] is None
-    picked = (recipe["data"]["seq_len"], recipe["finetune"]["loss"], recipe["attention"]["softmax_count"])
-    assert picked == (4096, "kl", 4)
+    picked = (recipe["finetune"]["loss"], recipe["attention"]["softmax_count"])
+    assert picked == ("kl", 4)
 
 
 def test_the_study_reads_the_recipe_from_its_yaml():
