@@ -249,8 +249,9 @@ def eval_commands(row: Row, a, rows: dict[str, Row]) -> list[tuple[str, list[str
     include = str(Path(a.eval_data) / "lm_eval_local")
     common = ["--include-path", include, "--batch-size", str(a.batch_size), *shlex.split(a.eval_extra)]
     out = Path(a.out) / row.label
+    tasks = ["--tasks", a.tasks] if a.tasks else []  # '': perplexity and recall only
     zero = cli("eval", *model_flags(row, a, rows), "--ppl", a.ppl,
-               *(["--tasks", a.tasks] if a.tasks else []), "--recall", a.recall_tasks, "--recall-lengths", a.recall_lengths,
+               *tasks, "--recall", a.recall_tasks, "--recall-lengths", a.recall_lengths,
                "--recall-samples", str(a.recall_samples), "--recall-haystack", a.recall_haystack,
                "--recall-lead-in" if a.recall_lead_in else "--no-recall-lead-in", "--output", str(out / "eval.json"),
                *common,
