@@ -82,12 +82,11 @@ RECIPE_VARIANTS = [
     variant("recipe_more", "LoRA rank 64 on attention and MLP in stage 2", "--finetune.lora_r", "64",
             "--finetune.lora_alpha", "128", "--finetune.lora_targets", MLP),
     variant("recipe_seq4k", "trained on 4,096-token sequences (same tokens per step; the recipe before 2026-12-07)",
-            "--data.seq_len", "4096", "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"),
+            *LONG),
     variant("recipe_nope", "feature maps before RoPE (linear terms free of positions)", "--attention.feature_rope",
             "false"),
     variant("recipe_seq4k_nope", "feature maps before RoPE, trained on 4,096-token sequences (none of the linear "
-            "terms' positions past the trained length)", "--attention.feature_rope", "false", "--data.seq_len", "4096",
-            "--distill.micro_batch_size", "2", "--finetune.micro_batch_size", "2"),
+            "terms' positions past the trained length)", "--attention.feature_rope", "false", *LONG),
 ]
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),
