@@ -81,12 +81,11 @@ RECIPE_VARIANTS = [
             "--use.linear_scale", "1"),
     variant("recipe_more", "LoRA rank 64 on attention and MLP in stage 2", "--finetune.lora_r", "64",
             "--finetune.lora_alpha", "128", "--finetune.lora_targets", MLP),
-    variant("recipe_seq4k", "trained on 4,096-token sequences (same tokens per step; the recipe before 2026-12-07)",
-            *LONG),
-    variant("recipe_nope", "feature maps before RoPE (linear terms free of positions)", "--attention.feature_rope",
-            "false"),
-    variant("recipe_seq4k_nope", "feature maps before RoPE, trained on 4,096-token sequences (none of the linear "
-            "terms' positions past the trained length)", "--attention.feature_rope", "false", *LONG),
+    variant("recipe_seq4k", "trained on 4,096-token sequences (same tokens per step)", *LONG),
+    variant("recipe_rope", "feature maps after RoPE (the recipe of the first 2026-12-07 study)",
+            "--attention.feature_rope", "true"),
+    variant("recipe_seq4k_rope", "feature maps after RoPE, trained on 4,096-token sequences (the recipe of "
+            "2026-12-06)", "--attention.feature_rope", "true", *LONG),
 ]
 ROWS = [
     Row("base", "base SmolLM2-135M-Instruct (softmax)", train=False),

@@ -331,7 +331,8 @@ def test_the_smollm2_recipe_is_the_study_row_it_came_from():
     """configs/smollm2-135m.yaml trains what the study row combo_long_kl trained (docs/RESULTS.md), at the
     study's 3M-token pool: every field but the data files, the model path and the run's own directory, and what
     issue 27's studies changed: the kept layers' pick (transfer error -> the KL drop) and the sequence length
-    (4,096 -> 8,192 tokens, 1 per step: the same tokens per step)."""
+    (4,096 -> 8,192 tokens, 1 per step: the same tokens per step), and the feature maps' input (after RoPE ->
+    before it)."""
     from dataclasses import asdict
 
     from lolcats.config import load_config
@@ -348,6 +349,7 @@ def test_the_smollm2_recipe_is_the_study_row_it_came_from():
     assert row.pop("use") == {k: None for k in use}
     assert (row["attention"].pop("softmax_pick"), recipe["attention"].pop("softmax_pick")) == ("mse", "kl")
     assert (row["data"].pop("seq_len"), recipe["data"].pop("seq_len")) == (4096, 8192)
+    assert (row["attention"].pop("feature_rope"), recipe["attention"].pop("feature_rope")) == (True, False)
     for stage in ("distill", "finetune"):
         assert (row[stage].pop("micro_batch_size"), recipe[stage].pop("micro_batch_size")) == (2, 1)
     assert recipe == row

@@ -491,13 +491,17 @@ def _rope_inputs(B, H, Hk, T, D, F, dtype, cos_batch, seed=0):
     (3, 2, 2, 5, 64, 16, 3),
     (1, 2, 1, 3, 128, 16, 1),
 ])
-def test_rope_hedgehog_kernel_matches_reference(dtype, B, H, Hk, T, D, F, cos_batch):
+@pytest.mark.parametrize("feature_rope", [True, False])
+def test_rope_hedgehog_kernel_matches_reference(dtype, B, H, Hk, T, D, F, cos_batch, feature_rope):
     """RoPE + Hedgehog of q and k in one launch against rope_hedgehog_reference on each (H != Hk, strided
-    inputs): x_rot in x's dtype within one rounding, phi float32."""
+    inputs): x_rot in x's dtype within one rounding, phi float32; the maps of x_rot, or of x before RoPE."""
     q, k, cos, sin, wq, wk = _rope_inputs(B, H, Hk, T, D, F, dtype, cos_batch)
     with torch.no_grad():
-        got = rope_hedgehog_triton(q, k, cos, sin, wq, wk)
-    (rq, fq), (rk, fk) = rope_hedgehog_reference(q, cos, sin, wq), rope_hedgehog_reference(k, cos, sin, wk)
+        got = rope_hedgehog_triton(q, k, cos, sin, wq, wk, feature_rope=feature_rope)
+    (rq, fq), (rk, fk) = (rope_hedgehog_reference(x, cos, sin, w, feature_rope=feature_rope)
+                          for x, w in ((q, wq), (k, wk)))
+    if not feature_rope:  # phi before RoPE differs from phi after it: the flag reached the kernel
+        assert not torch.allclose(fq, rope_hedgehog_reference(q, cos, sin, wq)[1]) or T == 1
     tol = TOL[dtype]
     for a, b, n in zip(got, (rq, rk, fq, fk), ("q_rot", "k_rot", "phi(q)", "phi(k)")):
         assert a.shape == b.shape and a.dtype == b.dtype, n
@@ -517,12 +521,14 @@ def test_rope_hedgehog_kernel_is_forward_only_and_compiles():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend,gate", [("triton", "none"), ("triton", "pooled_keys"), ("torch", "none")])
+@pytest.mark.parametrize("backend,gate,feature_rope", [("triton", "none", True), ("triton", "pooled_keys", True),
+                                                      ("torch", "none", True), ("triton", "none", False)])
 @torch.no_grad()
-def test_fast_generator_with_the_fused_rope_features(monkeypatch, backend, gate):
+def test_fast_generator_with_the_fused_rope_features(monkeypatch, backend, gate, feature_rope):
     """FastGenerator's step runs RoPE + Hedgehog as one op per layer on the fused QKV projection's output:
     the tokens of generate() and of fuse=False. With the triton backend (every kernel); with the torch
-    backend given the op, also compiled (dynamo cannot trace the other kernels in the interpreter)."""
+    backend given the op, also compiled (dynamo cannot trace the other kernels in the interpreter); with the
+    feature maps before RoPE (``feature_rope`` off) through the same op."""
     from dataclasses import replace
 
     import torch._dynamo
@@ -537,11 +543,12 @@ def test_fast_generator_with_the_fused_rope_features(monkeypatch, backend, gate)
 
     monkeypatch.setenv("LOLCATS_TRITON_ON_CPU", "1")
     calls = []
-    counted = lambda *a: calls.append(a[0].shape) or rope_hedgehog_triton(*a)  # noqa: E731
+    counted = lambda *a, **kw: calls.append(a[0].shape) or rope_hedgehog_triton(*a, **kw)  # noqa: E731
     monkeypatch.setitem(ops.BACKENDS, backend, replace(ops.get_backend(backend, torch.zeros(1)),
                                                        rope_hedgehog=counted))
     model = convert_model(tiny_model("qwen2").to(DEV), AttentionConfig(
-        backend=backend, kind="terraced_window", window_size=4, feature_dim=8, feature_init="random", gate=gate))
+        backend=backend, kind="terraced_window", window_size=4, feature_dim=8, feature_init="random", gate=gate,
+        feature_rope=feature_rope))
     set_attention_mode(model, "student")
     model.generation_config.eos_token_id = None
     enable_lolcats_generation(model)

@@ -174,6 +174,13 @@ def test_run_directories_follow_the_options():
     assert stage_dirs(load_config(None, {"finetune": {"loss": "kl"}}))[1] != d["plain"][1]
     by = stage_dirs(load_config(None, {"attention": {"softmax_count": 2, "softmax_pick": "retrieval"}}))
     assert by[0] == d["plain"][0] and by[1] != d["count"][1]  # the pick's rule: stage 2 only
+    probe = stage_dirs(load_config(None, {"attention": {"softmax_count": 2, "softmax_pick": "kl",
+                                                        "softmax_pick_samples": 2, "softmax_pick_lengths": [512]}}))
+    kl = stage_dirs(load_config(None, {"attention": {"softmax_count": 2, "softmax_pick": "kl"}}))
+    assert probe[0] == d["plain"][0] and probe[1] != kl[1]  # the kl pick's prompts: stage 2 only
+    for bad in ({"softmax_pick_samples": 0}, {"softmax_pick_lengths": [0]}):
+        with pytest.raises(ConfigError, match="softmax_pick"):
+            load_config(None, {"attention": {"softmax_count": 2, "softmax_pick": "kl", **bad}})
 
 
 # ---------------------------------------------------------------- the pipeline with a count
@@ -227,7 +234,7 @@ def test_count_pick_is_recorded_and_reloaded(counted, tmp_path):
     assert softmax_layers(stage1_only) == []  # the pick belongs to stage 2
 
 
-def _picked(tmp_path, by: str):
+def _picked(tmp_path, by: str, **over):
     """A 2-layer tiny run keeping 1 layer picked ``by``: (cfg, softmax_pick.json, {layer: score}, stage-2 model),
     the pick checked to be the one stage 2's checkpoint records and its model keeps."""
     from conftest import save_tiny, write_alpaca
@@ -237,7 +244,7 @@ def _picked(tmp_path, by: str):
 
     cfg = make_cfg(tmp_path, save_tiny(tmp_path / "model"), write_alpaca(tmp_path / "alpaca.jsonl", n=120),
                    **{"attention.softmax_count": 1, "attention.softmax_pick": by, "distill.max_steps": 2,
-                      "finetune.max_steps": 2, "finetune.eval_every": 2})
+                      "finetune.max_steps": 2, "finetune.eval_every": 2, **over})
     ctx = prepare(cfg)
     run_distill(ctx)
     model, _ = run_finetune(ctx)
@@ -293,9 +300,8 @@ def test_kl_pick_keeps_the_layer_whose_restoring_helps_most_and_records_its_prob
     prompts it was scored (the run's own training text as the haystack, or passkey prompts where it is too short)."""
     import lolcats.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "PICK_LENGTHS", (256,))  # the probe's prompts, small for the CPU
-    monkeypatch.setattr(pipeline, "PICK_SAMPLES", 2)
-    _, pick, scores, _ = _picked(tmp_path, "kl")
+    _, pick, scores, _ = _picked(tmp_path, "kl", **{"attention.softmax_pick_lengths": [256],  # small for the CPU
+                                                    "attention.softmax_pick_samples": 2})
     assert pick["by"] == "kl" and set(scores) == {0, 1} and pick["layers"] == [max(scores, key=scores.get)]
     assert (pick["probe"]["task"], pick["probe"]["samples"], pick["probe"]["lengths"]) == ("niah_single", 2, [256])
 

@@ -98,6 +98,12 @@ class AttentionConfig:
      "the base model's retrieval heads; evaluation.recall.retrieval_scores) or kl (the layers whose restoring to "
      "softmax, one at a time after stage 1, lowers most the KL from the teacher on the answers of needle prompts "
      "in the run's own training text; evaluation.layer_pick). Only with softmax_count.")
+    softmax_pick_lengths: list[int] | None = None
+    ("Prompt lengths in tokens of the kl pick's needle prompts; those past the model's context are left out. "
+     "None: 1024 and 2048.")
+    softmax_pick_samples: int = 8
+    ("Needle prompts per length of the kl pick: each costs (converted layers + 10) forwards of its length "
+     "(a few on a CPU: the quickstart gives 2 of 512 tokens).")
 
     sparse_cache: int = 0
     "LoLA sparse global cache: key-value pairs per KV head kept beside the window (those the linear state "
@@ -344,7 +350,8 @@ class Config:
 
 
 HASHED_WHEN_SET = ("attention.gate", "attention.feature_rope", "attention.softmax_layers", "attention.softmax_count",
-                   "attention.softmax_pick", "attention.sparse_cache", "attention.sparse_score", "attention.sparse_sink",
+                   "attention.softmax_pick", "attention.softmax_pick_lengths", "attention.softmax_pick_samples",
+                   "attention.sparse_cache", "attention.sparse_score", "attention.sparse_sink",
                    "attention.linear_scale", "data.max_file_tokens", "finetune.loss", "finetune.kl_weight",
                    "finetune.kl_temperature")
 "Fields added after run directories existed: in a run's hash only when set away from their default."
@@ -520,6 +527,9 @@ def _check_softmax_layers(a: AttentionConfig) -> None:
                           "converted are the softmax ones)")
     if a.softmax_count < 0:
         raise ConfigError(f"attention.softmax_count: {a.softmax_count} must be >= 0")
+    if a.softmax_pick_samples < 1 or any(n < 1 for n in a.softmax_pick_lengths or []):
+        raise ConfigError(f"attention.softmax_pick_samples / softmax_pick_lengths: {a.softmax_pick_samples} / "
+                          f"{a.softmax_pick_lengths} must be >= 1")
     if a.softmax_pick != "mse" and not a.softmax_count:
         raise ConfigError(f"attention.softmax_pick: {a.softmax_pick!r} picks the layers of attention.softmax_count, "
                           "which is 0")

@@ -171,11 +171,12 @@ def _kl_pick_scores(ctx: Context) -> tuple[dict[int, float], dict]:
     from lolcats.evaluation.layer_pick import restore_kl_scores
     from lolcats.evaluation.recall import RecallSettings, build_samples, lengths_in_context
 
-    lengths = lengths_in_context(ctx.model, PICK_LENGTHS)
+    a = ctx.cfg.attention
+    lengths = lengths_in_context(ctx.model, a.softmax_pick_lengths or PICK_LENGTHS)
 
     def prompts(task: str, haystack: str | None) -> list:
-        settings = RecallSettings(tasks=(task,), lengths=tuple(lengths), samples=PICK_SAMPLES, haystack=haystack,
-                                  seed=ctx.cfg.run.seed)
+        settings = RecallSettings(tasks=(task,), lengths=tuple(lengths), samples=a.softmax_pick_samples,
+                                  haystack=haystack, seed=ctx.cfg.run.seed)
         return [s for n in lengths for s in build_samples(ctx.tokenizer, task, n, settings)]
 
     first, samples = ctx.cfg.data.train[0], None
@@ -192,7 +193,7 @@ def _kl_pick_scores(ctx: Context) -> tuple[dict[int, float], dict]:
     return restore_kl_scores(ctx.model, samples), probe
 
 
-PICK_LENGTHS, PICK_SAMPLES = (1024, 2048), 8  # softmax_pick kl: prompts per length
+PICK_LENGTHS = (1024, 2048)  # softmax_pick kl: the needle prompts' lengths unless attention.softmax_pick_lengths
 
 
 @contextlib.contextmanager

@@ -45,7 +45,8 @@ from lolcats.checkpoint import META
 from lolcats.config import Config, ConfigError, redact_argv
 
 STAGE1_SECTIONS = ("model", "attention", "data", "distill")
-STAGE2_ONLY = ("attention.softmax_count", "attention.softmax_pick")  # fields of STAGE1_SECTIONS that only stage 2 uses
+STAGE2_ONLY = ("attention.softmax_count", "attention.softmax_pick", "attention.softmax_pick_lengths",
+               "attention.softmax_pick_samples")  # fields of STAGE1_SECTIONS that only stage 2 uses
 STATE, SUMMARY, TRAIN_LOG, BEST, LOCK = "state.safetensors", "summary.json", "train_log.jsonl", "best", "lock"
 CONFIG = "config.yaml"  # the run's config (secrets left out), written when a stage starts
 LEGACY_STATE = "state.pt"  # resume state of lolcats <= 0.1 (a pickle): never read

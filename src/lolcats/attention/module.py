@@ -213,15 +213,14 @@ class LolcatsAttention(nn.Module):
         q, k, v = self.qkv(hidden)
         log_gate = forget_log_gate(k, self.cfg.gate)  # from the keys before RoPE
         cos, sin = position_embeddings
-        if not self.cfg.feature_rope:  # the feature maps read q, k before RoPE
-            fq, fk = self.features(q, k)
-            return (*apply_rope(q, k, cos, sin), v, fq, fk, log_gate)
         op = self.rope_features_op(q, k)
         if op is not None:
-            q, k, fq, fk = op(q, k, cos, sin, self.feature_map_q.weight, self.feature_map_k.weight)
+            q, k, fq, fk = op(q, k, cos, sin, self.feature_map_q.weight, self.feature_map_k.weight,
+                              feature_rope=self.cfg.feature_rope)
             return q, k, v, self.scale_linear(fq), fk, log_gate
-        q, k = apply_rope(q, k, cos, sin)
-        return (q, k, v, *self.features(q, k), log_gate)
+        qr, kr = apply_rope(q, k, cos, sin)
+        fq, fk = self.features(qr, kr) if self.cfg.feature_rope else self.features(q, k)  # off: before RoPE
+        return qr, kr, v, fq, fk, log_gate
 
     def rope_features_op(self, q: torch.Tensor, k: torch.Tensor):
         """The backend's ``rope_hedgehog`` if this layer may use it on q, k: Hedgehog maps,

@@ -16,9 +16,10 @@ A :class:`Backend` carries every operator the attention layer runs:
 full-sequence operators, (B, Hk) for the decode step; None is the ungated function exactly.
 * ``hedgehog(x, weight) -> phi(x)`` or None: a fused Hedgehog feature map (same function as
   ``ops/feature_map/naive.py::hedgehog_reference``), which the layer then uses;
-* ``rope_hedgehog(q, k, cos, sin, wq, wk) -> (q_rot, k_rot, phi(q_rot), phi(k_rot))`` or None: RoPE and the
-  Hedgehog map of q and k in one forward-only op (``rope_hedgehog_reference`` on each), which the layer
-  uses for inference (no gradient needed) in student mode;
+* ``rope_hedgehog(q, k, cos, sin, wq, wk, eps, feature_rope) -> (q_rot, k_rot, phi(q_rot), phi(k_rot))`` or None:
+  RoPE and the Hedgehog map of q and k in one forward-only op (``rope_hedgehog_reference`` on each; the maps of
+  q and k before RoPE with ``feature_rope`` False), which the layer uses for inference (no gradient needed) in
+  student mode;
 * ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores);
 * ``sparse_fused(kind, score, *tensors) -> bool``: whether ``sparse_chunk`` runs a kernel for this call (any chunk
   in one call, nothing read on the host); False where it falls back to the reference (the torch backend always).

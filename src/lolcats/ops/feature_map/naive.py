@@ -27,8 +27,9 @@ def hedgehog_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = FEATU
 
 
 def rope_hedgehog_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor,
-                            eps: float = FEATURE_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+                            eps: float = FEATURE_EPS, feature_rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE then Hedgehog, the reference of ``ops/triton/rope_feature_map.py``: x (B, H, T, D) before RoPE,
-    cos, sin (B, T, D), weight (H, D, F) -> x_rot (B, H, T, D) in x's dtype, phi(x_rot) (B, H, T, 2F)."""
+    cos, sin (B, T, D), weight (H, D, F) -> x_rot (B, H, T, D) in x's dtype, phi(x_rot) (B, H, T, 2F); with
+    ``feature_rope`` False the map reads x itself (``attention.feature_rope`` off): phi(x)."""
     x_rot = rope(x, cos, sin)
-    return x_rot, hedgehog_reference(x_rot, weight, eps)
+    return x_rot, hedgehog_reference(x_rot if feature_rope else x, weight, eps)
