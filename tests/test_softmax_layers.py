@@ -178,7 +178,7 @@ def test_run_directories_follow_the_options():
                                                         "softmax_pick_samples": 2, "softmax_pick_lengths": [512]}}))
     kl = stage_dirs(load_config(None, {"attention": {"softmax_count": 2, "softmax_pick": "kl"}}))
     assert probe[0] == d["plain"][0] and probe[1] != kl[1]  # the kl pick's prompts: stage 2 only
-    for bad in ({"softmax_pick_samples": 0}, {"softmax_pick_lengths": [0]}):
+    for bad in ({"softmax_pick_samples": 0}, {"softmax_pick_lengths": [0]}, {"softmax_pick_lengths": []}):
         with pytest.raises(ConfigError, match="softmax_pick"):
             load_config(None, {"attention": {"softmax_count": 2, "softmax_pick": "kl", **bad}})
 

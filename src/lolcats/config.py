@@ -98,9 +98,8 @@ class AttentionConfig:
      "the base model's retrieval heads; evaluation.recall.retrieval_scores) or kl (the layers whose restoring to "
      "softmax, one at a time after stage 1, lowers most the KL from the teacher on the answers of needle prompts "
      "in the run's own training text; evaluation.layer_pick). Only with softmax_count.")
-    softmax_pick_lengths: list[int] | None = None
-    ("Prompt lengths in tokens of the kl pick's needle prompts; those past the model's context are left out. "
-     "None: 1024 and 2048.")
+    softmax_pick_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    "Prompt lengths in tokens of the kl pick's needle prompts; those past the model's context are left out."
     softmax_pick_samples: int = 8
     ("Needle prompts per length of the kl pick: each costs (converted layers + 10) forwards of its length "
      "(a few on a CPU: the quickstart gives 2 of 512 tokens).")
@@ -527,7 +526,7 @@ def _check_softmax_layers(a: AttentionConfig) -> None:
                           "converted are the softmax ones)")
     if a.softmax_count < 0:
         raise ConfigError(f"attention.softmax_count: {a.softmax_count} must be >= 0")
-    if a.softmax_pick_samples < 1 or any(n < 1 for n in a.softmax_pick_lengths or []):
+    if a.softmax_pick_samples < 1 or not a.softmax_pick_lengths or any(n < 1 for n in a.softmax_pick_lengths):
         raise ConfigError(f"attention.softmax_pick_samples / softmax_pick_lengths: {a.softmax_pick_samples} / "
                           f"{a.softmax_pick_lengths} must be >= 1")
     if a.softmax_pick != "mse" and not a.softmax_count:

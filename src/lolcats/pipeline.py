@@ -172,7 +172,7 @@ def _kl_pick_scores(ctx: Context) -> tuple[dict[int, float], dict]:
     from lolcats.evaluation.recall import RecallSettings, build_samples, lengths_in_context
 
     a = ctx.cfg.attention
-    lengths = lengths_in_context(ctx.model, a.softmax_pick_lengths or PICK_LENGTHS)
+    lengths = lengths_in_context(ctx.model, a.softmax_pick_lengths)
 
     def prompts(task: str, haystack: str | None) -> list:
         settings = RecallSettings(tasks=(task,), lengths=tuple(lengths), samples=a.softmax_pick_samples,
@@ -191,9 +191,6 @@ def _kl_pick_scores(ctx: Context) -> tuple[dict[int, float], dict]:
         samples = prompts("passkey", None)
     probe["samples"] = len(samples)
     return restore_kl_scores(ctx.model, samples), probe
-
-
-PICK_LENGTHS = (1024, 2048)  # softmax_pick kl: the needle prompts' lengths unless attention.softmax_pick_lengths
 
 
 @contextlib.contextmanager
