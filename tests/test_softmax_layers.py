@@ -295,11 +295,9 @@ def test_restore_kl_scores_find_the_one_layer_that_differs():
     assert {m.mode for m in mods.values()} == {"student"} and not model.training
 
 
-def test_kl_pick_keeps_the_layer_whose_restoring_helps_most_and_records_its_probe(tmp_path, monkeypatch):
+def test_kl_pick_keeps_the_layer_whose_restoring_helps_most_and_records_its_probe(tmp_path):
     """softmax_pick kl: stage 2 keeps the layer with the largest KL drop, and softmax_pick.json says on which
     prompts it was scored (the run's own training text as the haystack, or passkey prompts where it is too short)."""
-    import lolcats.pipeline as pipeline
-
     _, pick, scores, _ = _picked(tmp_path, "kl", **{"attention.softmax_pick_lengths": [256],  # small for the CPU
                                                     "attention.softmax_pick_samples": 2})
     assert pick["by"] == "kl" and set(scores) == {0, 1} and pick["layers"] == [max(scores, key=scores.get)]

@@ -205,7 +205,11 @@ class LolcatsAttention(nn.Module):
         q, k = apply_rope(q0, k0, *position_embeddings)
         if not featured:
             return q, k, v, log_gate
-        return q, k, v, log_gate, ((q, k) if self.cfg.feature_rope else (q0, k0))
+        return q, k, v, log_gate, self.feature_inputs(q0, k0, q, k)
+
+    def feature_inputs(self, q0: torch.Tensor, k0: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """The (q, k) the feature maps read: after RoPE (q, k), or before it (q0, k0) with ``feature_rope`` off."""
+        return (q, k) if self.cfg.feature_rope else (q0, k0)
 
     def project_features(self, hidden: torch.Tensor, position_embeddings):
         """Student mode's :meth:`project` and :meth:`features`: q, k, v, phi(q) (B, H, T, F), phi(k)
@@ -219,8 +223,7 @@ class LolcatsAttention(nn.Module):
                               feature_rope=self.cfg.feature_rope)
             return q, k, v, self.scale_linear(fq), fk, log_gate
         qr, kr = apply_rope(q, k, cos, sin)
-        fq, fk = self.features(qr, kr) if self.cfg.feature_rope else self.features(q, k)  # off: before RoPE
-        return qr, kr, v, fq, fk, log_gate
+        return (qr, kr, v, *self.features(*self.feature_inputs(q, k, qr, kr)), log_gate)
 
     def rope_features_op(self, q: torch.Tensor, k: torch.Tensor):
         """The backend's ``rope_hedgehog`` if this layer may use it on q, k: Hedgehog maps,
