@@ -1,7 +1,8 @@
-"""The paged decode attention kernel (``ops/triton/paged.py``) against its reference (``ops/paged/naive.py``), and
-the reference against attention over a contiguous store: rows at different positions (inside the first page, on
-a page boundary, at the last position read), pages scattered over the pool, grouped query heads, one split or
-several. Without CUDA the kernel runs in the Triton interpreter at tiny shapes."""
+"""The decode attention kernel over a paged or contiguous store (``ops/triton/paged.py``) against its references
+(``ops/paged/naive.py``), and the references against masked attention over a contiguous store: rows at different
+positions (inside the first page, on a page boundary, at the last position read), pages scattered over the pool,
+a contiguous store as a strided view, grouped query heads, one split or several, and a model's kept layers
+decoding through it. Without CUDA the kernel runs in the Triton interpreter at tiny shapes."""
 
 from __future__ import annotations
 
@@ -110,3 +111,60 @@ def test_served_decode_through_the_kernel_equals_the_reference_backend():
         finally:
             sched.stop()
     assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("B,H,Hk,D,N,rows,dtype", [
+    (3, 6, 2, 16, 150, 3, torch.float32),  # 3 blocks of 64 slots, the last partial; G 3
+    (2, 4, 1, 32, 64, 3, torch.float32),  # one block; a view of 2 of 3 rows
+    (2, 4, 2, 16, 100, 2, torch.bfloat16),
+])
+def test_kv_decode_kernel_reads_a_contiguous_store_in_place(B, H, Hk, D, N, rows, dtype):
+    """The contiguous store (a kept layer's full KVState: slot t holds position t) read in place, as a view of a
+    larger store's first rows and slots (its strides), against kv_decode_naive; the reference against masked
+    attention over the store."""
+    g = torch.Generator().manual_seed(N + B)
+    big_k = torch.randn(rows, Hk, N + 9, D, generator=g).to(DEV, dtype)
+    big_v = torch.randn(rows, Hk, N + 9, D, generator=g).to(DEV, dtype)
+    k, v = big_k[:B, :, :N], big_v[:B, :, :N]  # (B, Hk, N, D) views
+    q = torch.randn(B, H, 1, D, generator=g).to(DEV, dtype)
+    pos = torch.tensor([5, 64, N - 1][:B], device=DEV)  # first block, a block's first slot, the last slot
+    scale = D ** -0.5
+    ref = BACKENDS["torch"].kv_decode(q, k, v, pos, scale)
+    mask = (torch.arange(N, device=DEV)[None, :] <= pos[:, None])[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref, want, **tol)
+    got = paged_mod.kv_decode_triton(q, k, v, pos, scale)
+    assert got.shape == (B, H, 1, D) and got.dtype == dtype
+    torch.testing.assert_close(got, ref, **tol)
+
+
+@pytest.mark.skipif(not CUDA, reason="the auto backend picks the kernel on CUDA only")
+def test_auto_backend_reads_a_full_store_with_the_kernel():
+    assert get_backend("auto", torch.zeros(1, device="cuda")).kv_decode is paged_mod.kv_decode_triton
+
+
+@torch.no_grad()
+def test_kept_layers_decode_through_the_contiguous_kernel(monkeypatch):
+    """FastGenerator's decode steps read the kept softmax layers' full stores with kv_decode_triton (here swapped
+    into the torch backend, everything else the references): its greedy tokens equal those of full forwards."""
+    from dataclasses import replace
+
+    from lolcats import ops
+    from lolcats.generation import FastGenerator
+    from test_softmax_layers import build, left_pad
+
+    calls = []
+    counted = lambda *a: calls.append(a[1].shape) or paged_mod.kv_decode_triton(*a)  # noqa: E731
+    monkeypatch.setitem(ops.BACKENDS, "torch", replace(ops.BACKENDS["torch"], kv_decode=counted))
+    model = build().to(DEV)
+    rows = [torch.randint(1, 64, (n,)) for n in (11, 5)]
+    ids, mask = left_pad(rows)
+    fast = FastGenerator(model, batch_size=2, max_new_tokens=6, eos_token_ids=[], use_cuda_graph=False)
+    out = fast.generate(ids.to(DEV), mask.to(DEV))
+    for i, r in enumerate(rows):
+        seq = r[None].to(DEV)
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(out[i], seq[0, len(r):])
+    assert len(calls) == 2 * 5  # 2 kept layers x 5 decode steps

@@ -400,8 +400,9 @@ class LolcatsAttention(nn.Module):
         the stored positions it sees (all of [0, p], or the sinks and the window; ``SoftmaxLayer.visible``). A
         row's positions are consecutive from its first token, so all it sees is written. A chunk that could
         overwrite its own keys (wrapping a bounded store's ring) attends the store as it was plus the chunk's
-        keys, and is written after. ``meta``: the writer's declaration, as in :meth:`attend_cached`.
-        q (B, H, T, D), k/v (B, Hk, T, D) -> (B, H, T, D).
+        keys, and is written after. A decode step reads a paged store (the backend's ``paged_decode``) or a full one
+        (``kv_decode``) in place, split over its keys; other calls run SDPA over the store. ``meta``: the writer's
+        declaration, as in :meth:`attend_cached`. q (B, H, T, D), k/v (B, Hk, T, D) -> (B, H, T, D).
         """
         B, _, T, _ = q.shape
         # a bounded store for generate() is made at the first call: its size does not depend on the length
@@ -413,6 +414,10 @@ class LolcatsAttention(nn.Module):
             slot.write(st, k, v, pos, valid)
             y = get_backend(self.cfg.backend, q).paged_decode(q, st.k, st.v, st.table, pos[:, 0], st.page, st.length,
                                                               self.scaling)
+        elif T == 1 and not slot.window:  # a full store: slot t holds position t, read in place (the backend's op)
+            slot.write(st, k, v, pos, valid)
+            n = st.max_length  # (the scratch slot after them is never read)
+            y = get_backend(self.cfg.backend, q).kv_decode(q, st.k[:, :, :n], st.v[:, :, :n], pos[:, 0], self.scaling)
         else:
             if slot.keeps_chunk(st, declared.start, T):
                 slot.write(st, k, v, pos, valid)

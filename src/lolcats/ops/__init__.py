@@ -39,6 +39,8 @@ every backend too (the reference's unless a backend brings its own), so the laye
   -> (y, state after)``: a chunk through window, sparse cache and linear state (``ops/triton/sparse.py`` fuses
   it for the terraced window on CUDA, updating ``state`` in place and returning it; the reference returns a new
   state);
+* ``kv_decode(q, k, v, pos, scale) -> y``: one token's softmax attention over a kept layer's contiguous key/value
+  store, slot t holding position t (``ops/paged/naive.py``; ``ops/triton/paged.py`` splits the keys over programs);
 * ``paged_decode(q, k_pool, v_pool, table, pos, page, length, scale) -> y``: one token's softmax attention over a
   paged key/value store (``ops/paged/naive.py``: the serving engine's ``--kv-tokens``; ``ops/triton/paged.py``
   reads the pages in place);
@@ -65,7 +67,7 @@ from lolcats.ops.delta.naive import gated_delta_naive
 from lolcats.ops.feature_map.naive import hedgehog_reference, project_heads
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, linear_attention_quadratic
-from lolcats.ops.paged.naive import paged_decode_naive
+from lolcats.ops.paged.naive import kv_decode_naive, paged_decode_naive
 from lolcats.ops.sparse.naive import sparse_chunk
 
 __all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "get_backend", "hedgehog_reference", "project_heads",
@@ -90,6 +92,7 @@ class Backend:
     sparse_chunk: Callable[..., tuple[torch.Tensor, object]] = sparse_chunk
     gated_delta: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = gated_delta_naive
     paged_decode: Callable[..., torch.Tensor] = paged_decode_naive
+    kv_decode: Callable[..., torch.Tensor] = kv_decode_naive
     sparse_fused: Callable[..., bool] = lambda kind, score, *tensors: False
 
     def is_fused(self, kind: str) -> bool:

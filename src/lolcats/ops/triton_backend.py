@@ -17,7 +17,7 @@ from lolcats.ops import BACKENDS, Backend, register_backend
 from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton
 from lolcats.ops.triton.decode import decode_step_triton
 from lolcats.ops.triton.feature_map import hedgehog_triton
-from lolcats.ops.triton.paged import paged_decode_triton
+from lolcats.ops.triton.paged import kv_decode_triton, paged_decode_triton
 from lolcats.ops.triton.rope_feature_map import rope_hedgehog_triton
 from lolcats.ops.triton.sparse import sparse_prefill_triton
 from lolcats.ops.triton.sparse import supports as sparse_supports
@@ -43,4 +43,5 @@ def _sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, windo
 register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybrid, decode=decode_step_triton,
                          supports=supports, hedgehog=hedgehog_triton, rope_hedgehog=rope_hedgehog_triton,
                          fused=frozenset({"linear", "hybrid"}), sparse_chunk=_sparse_chunk,
-                         sparse_fused=sparse_supports, paged_decode=paged_decode_triton))
+                         sparse_fused=sparse_supports, paged_decode=paged_decode_triton,
+                         kv_decode=kv_decode_triton))
