@@ -82,7 +82,8 @@ def parse_args(argv=None):
                         "CPU too (e.g. eager: the CPU tests run the compiled path this way)")
     p.add_argument("--no-fuse", action="store_true",
                    help="fast / fast-compiled: FastGenerator(fuse=False), without the inference fusions (one q/k/v "
-                        "GEMM; RoPE + Hedgehog in one op): the A/B baseline (label the rows with --variant)")
+                        "GEMM; RoPE + Hedgehog in one op; RMSNorm in one op; one gate/up GEMM and SiLU product "
+                        "op): the A/B baseline (label the rows with --variant)")
     p.add_argument("--kind", default="terraced_window", choices=["linear", "sliding_window", "terraced_window"])
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--feature-dim", type=int, default=64)

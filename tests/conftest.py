@@ -58,13 +58,14 @@ def tiny_tokenizer():
                                    eos_token="</s>", pad_token="</s>")
 
 
-def tiny_config(arch: str = "llama", vocab_size: int = 128, layers: int = 2):
+def tiny_config(arch: str = "llama", vocab_size: int = 128, layers: int = 2, **fields):
+    """A tiny config of ``arch``; ``fields`` are more of its fields (e.g. hidden_act, mlp_bias)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
     return cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2, **fields)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **kw):

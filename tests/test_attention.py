@@ -144,9 +144,9 @@ def test_left_padding_matches_unpadded_row():
 # ----------------------------------------------------------------------------- one q/k/v projection
 
 
-def fused_model(arch: str = "llama"):
-    """A converted tiny model, layer 1 kept as softmax attention, in student mode."""
-    model = tiny_model(arch)
+def fused_model(arch: str = "llama", **fields):
+    """A converted tiny model, layer 1 kept as softmax attention, in student mode; ``fields`` are config fields."""
+    model = tiny_model(arch, **fields)
     convert_model(model, AttentionConfig(window_size=8, feature_init="random", softmax_layers=[1]))
     set_attention_mode(model, "student")
     return model
@@ -233,3 +233,125 @@ def test_fused_qkv_steps_aside_for_weight_gradients():
     model(torch.randint(0, 128, (1, 9))).logits.sum().backward()
     assert attn.k_proj.weight.grad is not None and attn.k_proj.weight.grad.abs().sum() > 0
     assert attn.fused_qkv is not None  # kept for inference
+
+
+# ----------------------------------------------------------------------------- the decoder layer's norms and MLP
+
+
+def decoder_modules(model) -> list[torch.nn.Module]:
+    """Every layer's input norm, post-attention norm and MLP, then the final norm."""
+    stack = model.model
+    return [m for layer in stack.layers for m in (layer.input_layernorm, layer.post_attention_layernorm,
+                                                   layer.mlp)] + [stack.norm]
+
+
+@pytest.mark.parametrize("arch,fields", [("llama", {}), ("mistral", {}), ("qwen2", {}), ("llama", {"mlp_bias": True})])
+@torch.no_grad()
+def test_inference_fusion_swaps_norms_and_mlp(arch, fields, tmp_path):
+    """Every RMSNorm (the final one too) and SiLU MLP swapped for the fused modules, on the same Parameters and
+    Linear modules (gate/up weights and biases views of one tensor): the same logits, the same state_dict, the
+    same tensors saved; fusing twice changes nothing; unfusing puts the very same modules back."""
+    from safetensors.torch import load_file
+
+    from lolcats.attention.fusion import FusedMLP, FusedRMSNorm
+    from lolcats.attention.use import set_inference_fusion
+
+    model = fused_model(arch, **fields)
+    for layer in model.model.layers:
+        if layer.mlp.gate_proj.bias is not None:  # zero at init: make them count
+            layer.mlp.gate_proj.bias.normal_()
+            layer.mlp.up_proj.bias.normal_()
+    x = torch.randint(0, 128, (2, 21))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    originals, ref = decoder_modules(model), model(x).logits
+    assert set_inference_fusion(model) == 2
+    fused = decoder_modules(model)
+    assert [type(m) for m in fused] == [FusedRMSNorm, FusedRMSNorm, FusedMLP] * 2 + [FusedRMSNorm]
+    assert all(f.replaced[0] is o for f, o in zip(fused, originals))
+    for f, o in zip(fused, originals):
+        if isinstance(f, FusedRMSNorm):
+            assert f.weight is o.weight
+        else:
+            assert all(getattr(f, n) is getattr(o, n) for n in ("gate_proj", "up_proj", "down_proj"))
+            ts = [t for p in (f.gate_proj, f.up_proj) for t in (p.weight, p.bias) if t is not None]
+            assert f.rows is not None and len({t.untyped_storage().data_ptr() for t in ts}) == 1 + bool(fields)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=1e-6)
+    assert set_inference_fusion(model) == 2 and all(a is b for a, b in zip(decoder_modules(model), fused))
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], before[k]) for k in saved)
+    for _ in range(2):  # unfusing an unfused model is a no-op
+        set_inference_fusion(model, False)
+        assert all(a is b for a, b in zip(decoder_modules(model), originals))
+    assert torch.equal(model(x).logits, ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_inference_fusion_trains_through(arch):
+    """Where a gradient is wanted the fused modules run the reference math: the loss and the gradients (of the
+    MLPs', the norms', every weight) equal the unfused model's."""
+    from lolcats.attention.use import set_inference_fusion
+
+    model = fused_model(arch).requires_grad_(True)
+    x = torch.randint(0, 128, (2, 13))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(x).logits.pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = loss_and_grads()
+    set_inference_fusion(model)
+    got_loss, got = loss_and_grads()
+    assert any("mlp.up_proj" in n for n in got) and any("layernorm" in n for n in got) and "model.norm.weight" in got
+    assert torch.equal(got_loss, want_loss) and got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0, msg=n)
+
+
+@torch.no_grad()
+def test_inference_fusion_leaves_other_mlps_alone():
+    """An MLP whose activation is not SiLU (hidden_act gelu) keeps its module; the norms are still fused."""
+    from lolcats.attention.fusion import FusedRMSNorm
+    from lolcats.attention.use import set_inference_fusion
+
+    model = fused_model("llama", hidden_act="gelu")
+    x = torch.randint(0, 128, (1, 11))
+    ref = model(x).logits
+    set_inference_fusion(model)
+    layer = model.model.layers[0]
+    assert type(layer.mlp).__name__ == "LlamaMLP" and isinstance(layer.input_layernorm, FusedRMSNorm)
+    assert torch.equal(model(x).logits, ref)
+
+
+@torch.no_grad()
+def test_fused_mlp_steps_aside_when_wrapped_or_moved():
+    """LoRA on gate_proj after fusing: the MLP runs the wrapped projection (its update counts), and unfusing hands it
+    to the original MLP. model.to swaps the weights' data: the one GEMM steps aside until fused again."""
+    from peft import LoraConfig, get_peft_model
+
+    from lolcats.attention.use import set_inference_fusion
+
+    x = torch.randint(0, 128, (1, 13))
+    model = fused_model()
+    ref = model(x).logits
+    set_inference_fusion(model)
+    late = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj"]))
+    perturb_lora(late)
+    want = late(x).logits
+    mlp = model.model.layers[0].mlp
+    assert mlp.rows is None and not torch.allclose(want, ref)  # dropped at the first forward; LoRA used
+    set_inference_fusion(late, False)
+    assert hasattr(model.model.layers[0].mlp.gate_proj, "lora_A") and mlp.replaced[0] is model.model.layers[0].mlp
+    torch.testing.assert_close(late(x).logits, want, rtol=0, atol=0)
+
+    model = fused_model()
+    set_inference_fusion(model)
+    model.to(torch.float64)  # swaps every Parameter's .data: the views are gone
+    out = model(x).logits
+    assert all(layer.mlp.rows is None for layer in model.model.layers) and out.dtype == torch.float64
+    assert set_inference_fusion(model) == 2 and all(layer.mlp.rows is not None for layer in model.model.layers)
+    torch.testing.assert_close(model(x).logits, out, rtol=0, atol=1e-12)

@@ -31,15 +31,18 @@ from lolcats.ops.linear.naive import linear_attention_quadratic  # noqa: E402
 
 def _kernels():
     """The kernel modules, re-imported in interpreter mode if something imported them compiled on CPU."""
+    import lolcats.ops.triton.activation as activation
     import lolcats.ops.triton.chunked as chunked
     import lolcats.ops.triton.decode as decode
     import lolcats.ops.triton.feature_map as feature_map
+    import lolcats.ops.triton.norm as norm
     import lolcats.ops.triton.rope_feature_map as rope_feature_map
 
     if not CUDA and not type(chunked._fwd).__name__.startswith("Interpreted"):
         chunked = importlib.reload(chunked)
         decode, feature_map = importlib.reload(decode), importlib.reload(feature_map)
-        importlib.reload(rope_feature_map)
+        for mod in (rope_feature_map, norm, activation):  # FastGenerator's step runs these too
+            importlib.reload(mod)
     return chunked, decode
 
 

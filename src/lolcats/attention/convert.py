@@ -7,8 +7,9 @@
 The rest of what a converted model is used with lives beside this module, one job each:
 ``attention/layers.py`` (finding the decoder stack and its LolcatsAttention layers), ``attention/modes.py``
 (attention modes, collecting distillation outputs), ``attention/params.py`` (the stage-1 parameters),
-``attention/use.py`` (use-time settings on a trained model) and ``attention/generate.py`` (the cache for a
-model, plain ``generate()``, the decode-time eviction schedule).
+``attention/use.py`` (use-time settings on a trained model), ``attention/fusion.py`` (the decoder layer's norms
+and MLP fused for inference) and ``attention/generate.py`` (the cache for a model, plain ``generate()``, the
+decode-time eviction schedule).
 """
 
 from __future__ import annotations

@@ -47,6 +47,8 @@ serving engines turn them on, ``use.set_inference_fusion``):
   (``Backend.rope_hedgehog``, the triton backend's ``ops/triton/rope_feature_map.py``) when no gradient
   is wanted (:meth:`~LolcatsAttention.project_features`); otherwise ``ops/rope.py`` then :meth:`features`.
 
+The same switch fuses the decoder layer's norms and MLP around this module (``attention/fusion.py``).
+
 Shapes: hidden (B, T, d_model); q (B, H, T, D); k, v (B, Hk, T, D); phi(q) (B, H, T, F).
 """
 
@@ -63,7 +65,7 @@ import torch.nn.functional as F
 from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, PagedKVState, SoftmaxLayer, kv_slots
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.attention.mixers import Mixer, get_mixer
-from lolcats.attention.qkv import FusedQKV, fusable, share_rows
+from lolcats.attention.qkv import FusedRows, fusable, fuse_rows
 from lolcats.attention.step import STEP_KWARG, StepMeta, step_of
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
@@ -121,7 +123,7 @@ class LolcatsAttention(nn.Module):
         self.collect_xent = False
         # teacher mode without a cache: called as probe(layer_idx, q, k) with q, k after RoPE (retrieval scores)
         self.probe = None
-        self.fused_qkv: FusedQKV | None = None  # fuse_qkv(): one q/k/v GEMM
+        self.fused_qkv: FusedRows | None = None  # fuse_qkv(): one q/k/v GEMM
         self.fuse_rope_features = True  # RoPE + Hedgehog in the backend's one op, where it has one (inference)
         # a kept layer's cached keys: the last kv_window positions and the first kv_sink (0: all; set_softmax_window)
         self.kv_window, self.kv_sink = 0, 0
@@ -164,18 +166,14 @@ class LolcatsAttention(nn.Module):
         if not fusable(projs):
             self.fused_qkv = None
             return False
-        weight = share_rows(projs, "weight")
-        bias = share_rows(projs, "bias") if projs[0].bias is not None else None
-        params = tuple(p.weight for p in projs) + (tuple(p.bias for p in projs) if bias is not None else ())
-        self.fused_qkv = FusedQKV(weight, bias, tuple(p.weight.shape[0] for p in projs), projs, params,
-                                  tuple(p.data_ptr() for p in params))
+        self.fused_qkv = fuse_rows(projs)
         return True
 
     def unfuse_qkv(self) -> None:
         """Back to three GEMMs (the Parameters stay views of one tensor: nothing is copied or freed)."""
         self.fused_qkv = None
 
-    def _current_fused_qkv(self) -> FusedQKV | None:
+    def _current_fused_qkv(self) -> FusedRows | None:
         f, projs = self.fused_qkv, (self.q_proj, self.k_proj, self.v_proj)
         if f is None:
             return None

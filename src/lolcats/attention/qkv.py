@@ -1,10 +1,11 @@
-"""One q/k/v projection: the three weights (and biases) as views of one tensor, for one GEMM.
+"""One GEMM for projections of one input: their weights (and biases) as views of one tensor.
 
 ``LolcatsAttention.fuse_qkv`` concatenates q_proj, k_proj and v_proj's weights along dim 0 into one
-tensor ((H + 2 Hk) D, d_model) and re-points each Parameter at its rows (:func:`share_rows`): the
-state_dict keeps its keys and values and no memory is added. :class:`FusedQKV` remembers what was
-fused, so the layer can tell when it no longer holds (a projection replaced, e.g. wrapped by PEFT, or
-a Parameter's data swapped, e.g. by ``model.to``) and then runs the three GEMMs of the modules as they are.
+tensor ((H + 2 Hk) D, d_model) and re-points each Parameter at its rows (:func:`fuse_rows`, :func:`share_rows`):
+the state_dict keeps its keys and values and no memory is added. The MLP's gate and up projections are fused the
+same way (``attention/fusion.py``). :class:`FusedRows` remembers what was fused, so the module can tell when it no
+longer holds (a projection replaced, e.g. wrapped by PEFT, or a Parameter's data swapped, e.g. by ``model.to``)
+and then runs the projections' GEMMs as they are.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import torch.nn as nn
 
 
 @dataclass(frozen=True, eq=False)
-class FusedQKV:
-    """The q/k/v projections' weights (and biases) as one tensor along dim 0; the three Parameters are views
-    of it (:meth:`LolcatsAttention.fuse_qkv`). Kept only to check that they still are."""
+class FusedRows:
+    """Projections' weights (and biases) as one tensor along dim 0; each Parameter is a view of it (:func:`fuse_rows`:
+    q/k/v, the MLP's gate/up). Kept only to check that they still are."""
 
-    weight: torch.Tensor  # ((H + 2 Hk) D, d_model)
-    bias: torch.Tensor | None  # ((H + 2 Hk) D,)
-    sizes: tuple[int, int, int]  # H D, Hk D, Hk D
-    projs: tuple[nn.Module, nn.Module, nn.Module]  # q_proj, k_proj, v_proj when fused
+    weight: torch.Tensor  # (sum of the out_features, d_in): ((H + 2 Hk) D, d_model); gate/up (2 I, d_model)
+    bias: torch.Tensor | None  # (sum of the out_features,)
+    sizes: tuple[int, ...]  # each projection's out_features: H D, Hk D, Hk D; I, I
+    projs: tuple[nn.Module, ...]  # the projections when fused
     params: tuple[nn.Parameter, ...]  # their weights, then biases
     ptrs: tuple[int, ...]  # the views' data pointers, in that order
 
@@ -34,6 +35,15 @@ class FusedQKV:
         same = all(a is b for a, b in zip(projs, self.projs)) and len(params) == len(self.params) and all(
             a is b for a, b in zip(params, self.params))
         return same and (torch.compiler.is_compiling() or tuple(p.data_ptr() for p in params) == self.ptrs)
+
+
+def fuse_rows(projs: tuple[nn.Module, ...]) -> FusedRows:
+    """Make the weights (and biases) of ``projs`` (:func:`fusable`) views of one tensor each, for one GEMM."""
+    weight = share_rows(projs, "weight")
+    bias = share_rows(projs, "bias") if projs[0].bias is not None else None
+    params = tuple(p.weight for p in projs) + (tuple(p.bias for p in projs) if bias is not None else ())
+    return FusedRows(weight, bias, tuple(p.weight.shape[0] for p in projs), projs, params,
+                     tuple(p.data_ptr() for p in params))
 
 
 def share_rows(projs: tuple[nn.Module, ...], name: str) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
     set_sparse_cache(model, 64)                    # LoLA's sparse cache in every converted layer
     set_linear_scale(model, 0.5)                   # weight of the linear terms in the hybrid sum
-    set_inference_fusion(model)                    # inference: one q/k/v GEMM, RoPE + Hedgehog in one op
+    set_inference_fusion(model)                    # inference: one q/k/v GEMM, RoPE + Hedgehog in one op,
+                                                   # each RMSNorm one op, the MLP's gate/up one GEMM + one op
     set_softmax_window(model, 512, 64)             # kept softmax layers cache the last 512 + the first 64 keys
 """
 
@@ -12,6 +13,7 @@ from dataclasses import replace
 
 import torch.nn as nn
 
+from lolcats.attention.fusion import fuse_decoder
 from lolcats.attention.layers import causal_lm, lolcats_modules
 from lolcats.config import check_eval_settings
 
@@ -52,17 +54,21 @@ def _record_settings(model: nn.Module, **fields) -> None:
 
 
 def set_inference_fusion(model: nn.Module, on: bool = True) -> int:
-    """Both inference fusions of every LolcatsAttention on or off (an A/B switch): one q/k/v GEMM
+    """Every inference fusion on or off (an A/B switch). Of every LolcatsAttention: one q/k/v GEMM
     (:meth:`LolcatsAttention.fuse_qkv`, skipped where the projections are not plain nn.Linear, e.g.
-    PEFT-wrapped; ``unfuse_qkv``) and RoPE + Hedgehog as the backend's one op (``fuse_rope_features``).
-    Returns the number of layers with one q/k/v GEMM."""
+    PEFT-wrapped; ``unfuse_qkv``) and RoPE + Hedgehog as the backend's one op (``fuse_rope_features``). Of every
+    decoder layer (``attention/fusion.py``, the converted layers' backend): both RMSNorms and the final norm as the
+    backend's ``rms_norm`` op, and a SiLU MLP with one gate/up GEMM and the backend's ``silu_mul`` (module swaps,
+    undone with ``on`` False; same state_dict). Returns the number of layers with one q/k/v GEMM."""
+    mods = list(lolcats_modules(model))
     fused = 0
-    for m in lolcats_modules(model):
+    for m in mods:
         if on:
             fused += m.fuse_qkv()
         else:
             m.unfuse_qkv()
         m.fuse_rope_features = on
+    fuse_decoder(model, on, next((m.cfg.backend for m in mods if m.converted), "auto"))
     return fused
 
 

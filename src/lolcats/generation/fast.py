@@ -22,9 +22,11 @@ With ``compile`` the model's forward of the step (embedding to logits; the sampl
 around the attention kernels, so a step launches far fewer kernels (a small model's step is bound
 by launches, not bytes). The first capture then compiles (tens of seconds on a GPU).
 
-With ``fuse`` (the default) every layer's inference fusions are turned on (``set_inference_fusion``: one
-q/k/v GEMM; RoPE and the Hedgehog maps in one op with the triton backend); ``fuse=False`` turns them off
-on the model (the A/B baseline of a benchmark).
+With ``fuse`` (the default) every inference fusion is turned on (``set_inference_fusion``): per attention layer
+one q/k/v GEMM and RoPE with the Hedgehog maps in one op; per decoder layer each RMSNorm (the final one too) in
+one op, and the MLP's gate and up projections in one GEMM with the SiLU product in one op (``attention/fusion.py``);
+each op one launch with the triton backend. ``fuse=False`` turns them off on the model (the A/B baseline of a
+benchmark).
 
 Layers kept as softmax attention (``attention.softmax_layers`` / ``softmax_count``) hold their keys
 and values in stores preallocated for the longest row (prompt + ``max_new_tokens`` positions;

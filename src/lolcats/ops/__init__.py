@@ -20,6 +20,11 @@ full-sequence operators, (B, Hk) for the decode step; None is the ungated functi
   RoPE and the Hedgehog map of q and k in one forward-only op (``rope_hedgehog_reference`` on each; the maps of
   q and k before RoPE with ``feature_rope`` False), which the layer uses for inference (no gradient needed) in
   student mode;
+* ``rms_norm(x, weight, eps) -> y``: HF's RMSNorm, x (..., d), weight (d,) -> (..., d) in
+  torch.result_type(weight, x) (``ops/norm/naive.py::rms_norm_reference``; ``ops/triton/norm.py`` one launch);
+* ``silu_mul(gate_up) -> y``: a gated MLP's activation, gate_up (..., 2I) (the gate projection's outputs, then
+  the up's) -> silu(gate) * up (..., I) (``silu_mul_reference``; ``ops/triton/activation.py``). These two run
+  the decoder layer's norms and MLP for inference (``attention/fusion.py``); the triton ones are forward only;
 * ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores);
 * ``sparse_fused(kind, score, *tensors) -> bool``: whether ``sparse_chunk`` runs a kernel for this call (any chunk
   in one call, nothing read on the host); False where it falls back to the reference (the torch backend always).
@@ -67,6 +72,7 @@ from lolcats.ops.delta.naive import gated_delta_naive
 from lolcats.ops.feature_map.naive import hedgehog_reference, project_heads
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, linear_attention_quadratic
+from lolcats.ops.norm.naive import rms_norm_reference, silu_mul_reference
 from lolcats.ops.paged.naive import kv_decode_naive, paged_decode_naive
 from lolcats.ops.sparse.naive import sparse_chunk
 
@@ -84,6 +90,8 @@ class Backend:
     supports: Callable[[torch.Tensor], bool] = lambda x: True
     hedgehog: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     rope_hedgehog: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm_reference
+    silu_mul: Callable[[torch.Tensor], torch.Tensor] = silu_mul_reference
     fused: frozenset[str] = frozenset()
     hybrid_general: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = hybrid_attention_naive
     linear_general: Callable[..., tuple[torch.Tensor, State | None]] = linear_attention_quadratic

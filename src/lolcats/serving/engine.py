@@ -142,7 +142,9 @@ class SlotEngine:
                  fuse: bool = True, prefill_chunk: int = 512, batch_step: int = 0, prefill_step: int = 0,
                  prefill_rows: int = 8, prefill_tokens: int = 0, kv_tokens: int = 0):
         self.model = causal_lm(model)
-        set_inference_fusion(self.model, fuse)  # one q/k/v GEMM; RoPE + Hedgehog in one op (FastGenerator's)
+        # one q/k/v GEMM, RoPE + Hedgehog in one op, RMSNorms and the MLP's activation in one op each, one gate/up
+        # GEMM (FastGenerator's)
+        set_inference_fusion(self.model, fuse)
         self.max_batch, self.max_len = max_batch, max_len
         P = min(prefill_chunk, max_len)
         self.prefill_sizes = buckets(P, min(16, P), prefill_step)  # a group's length buckets
