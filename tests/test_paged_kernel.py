@@ -45,12 +45,21 @@ def paged_store(B, Hk, D, page, pages, length, seed, dtype):
     return to(k[:, :, :length]), to(v[:, :, :length]), to(kp), to(vp), table.to(DEV)
 
 
+def many_splits(monkeypatch, split_min: int) -> None:
+    """As many splits as pages: programs for 64 (not the interpreter's 4), ``split_min`` positions a split."""
+    monkeypatch.setattr(paged_mod, "SPLIT_MIN", split_min)
+    monkeypatch.setattr(paged_mod, "_programs", lambda device: 64)
+
+
 @pytest.mark.parametrize("B,H,Hk,D,page,length,dtype", [
     (3, 6, 2, 16, 16, 50, torch.float32),  # 4 pages read, G 3 (SmolLM2's grouping)
     (2, 4, 1, 32, 16, 64, torch.float32),  # one KV head: the splits cover 4 pages
     (2, 4, 2, 16, 16, 40, torch.bfloat16),
 ])
-def test_paged_decode_kernel_equals_the_reference(B, H, Hk, D, page, length, dtype):
+@pytest.mark.parametrize("split_min", [1, None])  # 1: a split a page (the merge of many); None: the defaults
+def test_paged_decode_kernel_equals_the_reference(B, H, Hk, D, page, length, dtype, split_min, monkeypatch):
+    if split_min:
+        many_splits(monkeypatch, split_min)
     k, v, kp, vp, table = paged_store(B, Hk, D, page, 4 * B + 3, length, seed=B + H, dtype=dtype)
     q = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(7)).to(DEV, dtype)
     pos = torch.tensor([5, page, length - 1][:B], device=DEV)  # first page, a page's first slot, the last read
@@ -70,8 +79,10 @@ def test_the_split_count_depends_on_the_shapes_only():
     """Splits cover every page once, and more rows take fewer splits (a graph per length bucket, no host read)."""
     for rows in (1, 2, 3, 64):
         for pages in (1, 2, 7, 128):
-            ns, pps = paged_mod.splits(rows, pages, torch.device(DEV))
-            assert 1 <= ns <= pages and (ns - 1) * pps < pages <= ns * pps
+            for least in (1, 4):
+                ns, pps = paged_mod.splits(rows, pages, torch.device(DEV), least)
+                assert 1 <= ns <= pages and (ns - 1) * pps < pages <= ns * pps
+                assert pps >= min(least, pages)  # at least ``least`` pages a split where there are that many
 
 
 @pytest.mark.skipif(not CUDA, reason="the auto backend picks the kernel on CUDA only")
@@ -95,7 +106,7 @@ def test_served_decode_through_the_kernel_equals_the_reference_backend():
     from test_serving import PROMPTS, collect, tiny
 
     tok = char_tokenizer()
-    model = tiny(tok, "teacher")
+    model = tiny(tok, "teacher").to(DEV)  # (the triton backend runs where the kernels do: CUDA, or the interpreter)
     texts = []
     for backend in ("torch", "triton"):
         for m in lolcats_modules(model):
@@ -118,10 +129,13 @@ def test_served_decode_through_the_kernel_equals_the_reference_backend():
     (2, 4, 1, 32, 64, 3, torch.float32),  # one block; a view of 2 of 3 rows
     (2, 4, 2, 16, 100, 2, torch.bfloat16),
 ])
-def test_kv_decode_kernel_reads_a_contiguous_store_in_place(B, H, Hk, D, N, rows, dtype):
+@pytest.mark.parametrize("split_min", [1, None])
+def test_kv_decode_kernel_reads_a_contiguous_store_in_place(B, H, Hk, D, N, rows, dtype, split_min, monkeypatch):
     """The contiguous store (a kept layer's full KVState: slot t holds position t) read in place, as a view of a
     larger store's first rows and slots (its strides), against kv_decode_naive; the reference against masked
     attention over the store."""
+    if split_min:
+        many_splits(monkeypatch, split_min)
     g = torch.Generator().manual_seed(N + B)
     big_k = torch.randn(rows, Hk, N + 9, D, generator=g).to(DEV, dtype)
     big_v = torch.randn(rows, Hk, N + 9, D, generator=g).to(DEV, dtype)
@@ -146,8 +160,8 @@ def test_auto_backend_reads_a_full_store_with_the_kernel():
 
 @torch.no_grad()
 def test_kept_layers_decode_through_the_contiguous_kernel(monkeypatch):
-    """FastGenerator's decode steps read the kept softmax layers' full stores with kv_decode_triton (here swapped
-    into the torch backend, everything else the references): its greedy tokens equal those of full forwards."""
+    """FastGenerator's decode steps read the kept softmax layers' full stores with kv_decode_triton (swapped into
+    the backends; on CPU everything else runs the references): its greedy tokens equal those of full forwards."""
     from dataclasses import replace
 
     from lolcats import ops
@@ -156,7 +170,8 @@ def test_kept_layers_decode_through_the_contiguous_kernel(monkeypatch):
 
     calls = []
     counted = lambda *a: calls.append(a[1].shape) or paged_mod.kv_decode_triton(*a)  # noqa: E731
-    monkeypatch.setitem(ops.BACKENDS, "torch", replace(ops.BACKENDS["torch"], kv_decode=counted))
+    for name in ("torch", "triton"):  # whichever "auto" picks (triton on CUDA)
+        monkeypatch.setitem(ops.BACKENDS, name, replace(ops.get_backend(name, torch.zeros(1)), kv_decode=counted))
     model = build().to(DEV)
     rows = [torch.randint(1, 64, (n,)) for n in (11, 5)]
     ids, mask = left_pad(rows)
