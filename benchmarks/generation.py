@@ -98,7 +98,7 @@ def parse_args(argv=None):
                    help="seconds for the whole run; a row predicted not to fit is recorded as skipped")
     p.add_argument("--no-skip", action="store_true", help="run every row whatever the time predictor says")
     p.add_argument("--diagnose", action="store_true",
-                   help="fast rows on CUDA: kernels per step and the attention-only step time")
+                   help="fast rows on CUDA: kernels per eager step, their device time and the largest of them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-generation")
     p.add_argument("--fresh", action="store_true", help="drop the rows already in --out/generation.json")
@@ -336,8 +336,9 @@ def run_row(model, method: str, batch: int, prompt_len: int, new: int, args) -> 
     return row
 
 
-def diagnostics(gen) -> dict:
-    """Kernels one eager step launches (what the graph replays)."""
+def diagnostics(gen, top: int = 12) -> dict:
+    """Kernels one eager step launches (what the graph replays), their device time and the ``top`` largest by
+    time (name, us, launches): a graphed step of a small model takes about the sum of its kernels' times."""
     out = {}
     try:
         from torch.profiler import ProfilerActivity, profile
@@ -346,6 +347,10 @@ def diagnostics(gen) -> dict:
             gen.runner.step(gen.step_key())
             torch.cuda.synchronize()
         out["kernels_per_step"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = [(e.key, getattr(e, "device_time_total", 0) or 0, e.count) for e in prof.key_averages()]
+        kernels = sorted((k for k in kernels if k[1] > 0), key=lambda k: -k[1])
+        out["device_us_per_step"] = sum(k[1] for k in kernels)
+        out["top_kernels"] = [[name[:80], round(us, 1), n] for name, us, n in kernels[:top]]
     except Exception as e:  # noqa: BLE001 - a diagnostic only
         out["diagnose_error"] = f"{type(e).__name__}: {e}"
     return out
