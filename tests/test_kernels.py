@@ -497,14 +497,17 @@ def _rope_inputs(B, H, Hk, T, D, F, dtype, cos_batch, seed=0):
 @pytest.mark.parametrize("feature_rope", [True, False])
 def test_rope_hedgehog_kernel_matches_reference(dtype, B, H, Hk, T, D, F, cos_batch, feature_rope):
     """RoPE + Hedgehog of q and k in one launch against rope_hedgehog_reference on each (H != Hk, strided
-    inputs): x_rot in x's dtype within one rounding, phi float32; the maps of x_rot, or of x before RoPE."""
+    inputs): x_rot in x's dtype within one rounding, phi float32; the maps of x_rot, or of x before RoPE; phi(q)
+    times the linear scale (0.3 with the maps before RoPE, the recipe's)."""
     q, k, cos, sin, wq, wk = _rope_inputs(B, H, Hk, T, D, F, dtype, cos_batch)
+    scale = 1.0 if feature_rope else 0.3
     with torch.no_grad():
-        got = rope_hedgehog_triton(q, k, cos, sin, wq, wk, feature_rope=feature_rope)
+        got = rope_hedgehog_triton(q, k, cos, sin, wq, wk, feature_rope=feature_rope, q_scale=scale)
     (rq, fq), (rk, fk) = (rope_hedgehog_reference(x, cos, sin, w, feature_rope=feature_rope)
                           for x, w in ((q, wq), (k, wk)))
+    fq = fq * scale
     if not feature_rope:  # phi before RoPE differs from phi after it: the flag reached the kernel
-        assert not torch.allclose(fq, rope_hedgehog_reference(q, cos, sin, wq)[1]) or T == 1
+        assert not torch.allclose(fq, rope_hedgehog_reference(q, cos, sin, wq)[1] * scale) or T == 1
     tol = TOL[dtype]
     for a, b, n in zip(got, (rq, rk, fq, fk), ("q_rot", "k_rot", "phi(q)", "phi(k)")):
         assert a.shape == b.shape and a.dtype == b.dtype, n
@@ -551,7 +554,7 @@ def test_fast_generator_with_the_fused_rope_features(monkeypatch, backend, gate,
                                                        rope_hedgehog=counted))
     model = convert_model(tiny_model("qwen2").to(DEV), AttentionConfig(
         backend=backend, kind="terraced_window", window_size=4, feature_dim=8, feature_init="random", gate=gate,
-        feature_rope=feature_rope))
+        feature_rope=feature_rope, linear_scale=1.0 if feature_rope else 0.3))  # the op scales phi(q) itself
     set_attention_mode(model, "student")
     model.generation_config.eos_token_id = None
     enable_lolcats_generation(model)

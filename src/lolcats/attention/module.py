@@ -218,8 +218,8 @@ class LolcatsAttention(nn.Module):
         op = self.rope_features_op(q, k)
         if op is not None:
             q, k, fq, fk = op(q, k, cos, sin, self.feature_map_q.weight, self.feature_map_k.weight,
-                              feature_rope=self.cfg.feature_rope)
-            return q, k, v, self.scale_linear(fq), fk, log_gate
+                              feature_rope=self.cfg.feature_rope, q_scale=self.cfg.linear_scale)  # scale_linear's
+            return q, k, v, fq, fk, log_gate
         qr, kr = apply_rope(q, k, cos, sin)
         return (qr, kr, v, *self.features(*self.feature_inputs(q, k, qr, kr)), log_gate)
 
@@ -246,7 +246,8 @@ class LolcatsAttention(nn.Module):
 
     def scale_linear(self, fq: torch.Tensor) -> torch.Tensor:
         """phi(q) times ``attention.linear_scale``: every linear term of the hybrid sum (numerator, normaliser,
-        state) scales with it against the softmax terms; phi(k), the state and the sparse cache's scores do not."""
+        state) scales with it against the softmax terms; phi(k), the state and the sparse cache's scores do not.
+        (The backend's fused RoPE + feature-map op multiplies it in as it stores phi(q): ``project_features``.)"""
         s = self.cfg.linear_scale
         return fq if s == 1 else fq * s
 

@@ -16,7 +16,8 @@ A :class:`Backend` carries every operator the attention layer runs:
 full-sequence operators, (B, Hk) for the decode step; None is the ungated function exactly.
 * ``hedgehog(x, weight) -> phi(x)`` or None: a fused Hedgehog feature map (same function as
   ``ops/feature_map/naive.py::hedgehog_reference``), which the layer then uses;
-* ``rope_hedgehog(q, k, cos, sin, wq, wk, eps, feature_rope) -> (q_rot, k_rot, phi(q_rot), phi(k_rot))`` or None:
+* ``rope_hedgehog(q, k, cos, sin, wq, wk, eps, feature_rope, q_scale) -> (q_rot, k_rot, phi(q_rot) q_scale,
+  phi(k_rot))`` or None:
   RoPE and the Hedgehog map of q and k in one forward-only op (``rope_hedgehog_reference`` on each; the maps of
   q and k before RoPE with ``feature_rope`` False), which the layer uses for inference (no gradient needed) in
   student mode;

@@ -6,7 +6,8 @@ For x in (q, k), before RoPE, with cos, sin (B, T, D) from the model's ``rotary_
     phi   = [softmax(x_rot W_h), softmax(-x_rot W_h)].clamp(min=eps)   (B, Hx, T, 2F) float32
 
 or, with ``feature_rope=False`` (``attention.feature_rope`` off), phi of x itself: the maps read the queries and
-keys before RoPE while x_rot still goes to the softmax terms.
+keys before RoPE while x_rot still goes to the softmax terms. phi(q) is stored times ``q_scale`` (the layer's
+``attention.linear_scale``: what ``LolcatsAttention.scale_linear`` multiplies in otherwise, one launch less a layer).
 
 Reference: ``ops/feature_map/naive.py::rope_hedgehog_reference`` (``ops/rope.py`` then
 ``hedgehog_reference``), applied to q with W_q and to k with W_k. The unfused path runs RoPE as
@@ -31,11 +32,12 @@ from lolcats.ops.triton.feature_map import autocast_dot_dtype, softmax_pair
 
 
 @triton.jit
-def _rope_hh_head(x, sb, sh, st, cos, sin, cb, ct, w, xo, phi, h, T, N, HX, eps, D: tl.constexpr,
+def _rope_hh_head(x, sb, sh, st, cos, sin, cb, ct, w, xo, phi, h, T, N, HX, eps, scale, D: tl.constexpr,
                   F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr,
                   FROPE: tl.constexpr):
     """Head h of x (B, HX, T, D) at strides (sb, sh, st, 1), for this program's BLOCK of the N = B x T rows:
-    x_rot into xo (B, HX, T, D) and phi(x_rot) (phi(x) unless FROPE) into phi (B, HX, T, 2F), both contiguous."""
+    x_rot into xo (B, HX, T, D) and phi(x_rot) (phi(x) unless FROPE) times ``scale`` into phi (B, HX, T, 2F), both
+    contiguous."""
     rm = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mm = rm < N
     b, t = rm // T, rm % T  # (BM,)
@@ -59,22 +61,22 @@ def _rope_hh_head(x, sb, sh, st, cos, sin, cb, ct, w, xo, phi, h, T, N, HX, eps,
     s1, s2 = softmax_pair(tile_dot(xf, wt, DT), mf)  # (BM, FP)
     m = mm[:, None] & mf[None, :]
     base = phi + row[:, None] * (2 * F) + rf[None, :]
-    tl.store(base, tl.maximum(s1, eps).to(phi.dtype.element_ty), mask=m)
-    tl.store(base + F, tl.maximum(s2, eps).to(phi.dtype.element_ty), mask=m)
+    tl.store(base, (tl.maximum(s1, eps) * scale).to(phi.dtype.element_ty), mask=m)
+    tl.store(base + F, (tl.maximum(s2, eps) * scale).to(phi.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _rope_hh_fwd(q, k, cos, sin, wq, wk, qo, ko, fq, fk, T, N, H, Hk, q_sb, q_sh, q_st, k_sb, k_sh, k_st, cb, ct,
-                 eps, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr, BLOCK: tl.constexpr,
-                 DT: tl.constexpr, FROPE: tl.constexpr):
+                 eps, q_scale, D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
+                 BLOCK: tl.constexpr, DT: tl.constexpr, FROPE: tl.constexpr):
     """Grid (row blocks, H + Hk): heads 0..H-1 are q's, the rest k's."""
     h = tl.program_id(1)
     if h < H:
-        _rope_hh_head(q, q_sb, q_sh, q_st, cos, sin, cb, ct, wq, qo, fq, h, T, N, H, eps, D, F, DP, FP, BLOCK, DT,
-                      FROPE)
+        _rope_hh_head(q, q_sb, q_sh, q_st, cos, sin, cb, ct, wq, qo, fq, h, T, N, H, eps, q_scale, D, F, DP, FP,
+                      BLOCK, DT, FROPE)
     else:
-        _rope_hh_head(k, k_sb, k_sh, k_st, cos, sin, cb, ct, wk, ko, fk, h - H, T, N, Hk, eps, D, F, DP, FP, BLOCK,
-                      DT, FROPE)
+        _rope_hh_head(k, k_sb, k_sh, k_st, cos, sin, cb, ct, wk, ko, fk, h - H, T, N, Hk, eps, 1.0, D, F, DP, FP,
+                      BLOCK, DT, FROPE)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -98,19 +100,20 @@ def rope_hedgehog_triton(
     wk: torch.Tensor,  # (Hk, D, F)
     eps: float = FEATURE_EPS,
     feature_rope: bool = True,  # False: the maps read q, k before RoPE
+    q_scale: float = 1.0,  # phi(q) is returned times this (the layer's linear_scale)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rope_hedgehog_reference(q, cos, sin, wq, eps, feature_rope)`` and the same of k in one launch:
-    q_rot (B, H, T, D), k_rot (B, Hk, T, D) in their dtypes, phi(q_rot) (B, H, T, 2F),
+    q_rot (B, H, T, D), k_rot (B, Hk, T, D) in their dtypes, phi(q_rot) (B, H, T, 2F) times ``q_scale``,
     phi(k_rot) (B, Hk, T, 2F) float32 (phi(q), phi(k) with ``feature_rope`` False). Forward only."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk)):
         raise ValueError("rope_hedgehog_triton has no backward; use ops.rope.apply_rope and the feature map "
                          "where a gradient is needed")
-    return torch.ops.lolcats.rope_hedgehog(q, k, cos, sin, wq, wk, eps, feature_rope)
+    return torch.ops.lolcats.rope_hedgehog(q, k, cos, sin, wq, wk, eps, feature_rope, q_scale)
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wq: torch.Tensor,
-            wk: torch.Tensor, eps: float, feature_rope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor]:
+            wk: torch.Tensor, eps: float, feature_rope: bool,
+            q_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     (B, H, T, D), Hk, F = q.shape, k.shape[1], wq.shape[-1]
     q, k, wq, wk = _unit_last(q), _unit_last(k), wq.contiguous(), wk.contiguous()
     cos, sin, cb, ct = _batch_strides(cos, sin)
@@ -122,11 +125,11 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
                 FROPE=feature_rope)
     _rope_hh_fwd[(triton.cdiv(N, block), H + Hk)](
         q, k, cos, sin, wq, wk, qo, ko, fq, fk, T, N, H, Hk, q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2), cb, ct, eps, **dims, num_warps=4)
+        k.stride(0), k.stride(1), k.stride(2), cb, ct, eps, float(q_scale), **dims, num_warps=4)
     return qo, ko, fq, fk
 
 
-def _fake(q, k, cos, sin, wq, wk, eps, feature_rope):
+def _fake(q, k, cos, sin, wq, wk, eps, feature_rope, q_scale):
     (B, H, T, D), Hk, F = q.shape, k.shape[1], wq.shape[-1]
     return (q.new_empty(B, H, T, D), k.new_empty(B, Hk, T, D), q.new_empty(B, H, T, 2 * F, dtype=torch.float32),
             k.new_empty(B, Hk, T, 2 * F, dtype=torch.float32))
