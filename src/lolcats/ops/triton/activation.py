@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.triton.chunked import _empty
+from lolcats.ops.triton.chunked import _empty, unit_last
 
 MAX_COLS = 1024  # columns of I per program
 
@@ -49,8 +49,7 @@ def _launch(gate_up: torch.Tensor) -> torch.Tensor:
     C2 = gate_up.shape[-1]
     if C2 % 2:
         raise ValueError(f"silu_mul: the last dimension ({C2}) must be even: the gate's outputs, then the up's")
-    rows = gate_up.reshape(-1, C2)  # (N, 2C), C = I
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    rows = unit_last(gate_up.reshape(-1, C2))  # (N, 2C), C = I
     N, C = rows.shape[0], C2 // 2
     y = _empty((N, C), gate_up)
     if N and C:

@@ -534,6 +534,11 @@ def dot_dtype(*tensors: torch.Tensor):
     return tl.float16 if torch.float16 in dts and torch.bfloat16 not in dts else tl.bfloat16
 
 
+def unit_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if its last dimension is contiguous (the kernels take the other strides), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """torch.empty, NaN-filled when LOLCATS_KERNEL_DEBUG=1 so an unwritten element shows in tests."""
     out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)

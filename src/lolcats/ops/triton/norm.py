@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.triton.chunked import _empty
+from lolcats.ops.triton.chunked import _empty, unit_last
 
 ROW_TILE = 4096  # elements per program: rows per block = ROW_TILE // next_pow2(d), at least 1
 
@@ -48,8 +48,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     D = x.shape[-1]
-    rows = x.reshape(-1, D)  # (N, D)
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    rows = unit_last(x.reshape(-1, D))  # (N, D)
     N = rows.shape[0]
     y = _empty((N, D), x, torch.result_type(weight, x))
     if N:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.triton.chunked import dot_dtype, pad_dim, tile_dot
+from lolcats.ops.triton.chunked import dot_dtype, pad_dim, tile_dot, unit_last
 
 KV_BLOCK = 64  # a contiguous store's slots per block (its "page")
 SPLIT_MIN = 256  # positions a split reads at least (where the store has them)
@@ -119,7 +119,7 @@ def _decode(q, k, v, table, pos, page: int, length: int, scale: float, strides) 
     """Both launches over a store of ``length`` positions read in blocks of ``page`` (table None: contiguous);
     ``strides``: the keys' and values' (row, position, head) element strides. q (B, H, 1, D) -> (B, H, 1, Dv)."""
     B, H, _, D = q.shape
-    Hk, Dv = k.shape[-3] if table is None else k.shape[1], v.shape[-1]
+    Hk, Dv = k.shape[1], v.shape[-1]  # a pool (R, Hk, D) or a store (B, Hk, N, D)
     G, M = H // Hk, -(-length // page)
     GP, DVP = pad_dim(G), pad_dim(Dv)
     ns, pps = splits(B * Hk, M, q.device, SPLIT_MIN // page)
@@ -150,7 +150,6 @@ def kv_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     """:func:`~lolcats.ops.paged.naive.kv_decode_naive`, the store read in place (any strides with a unit last
     one, e.g. a view of a larger store's rows and first slots). q (B, H, 1, D), k / v (B, Hk, N, D | Dv)
     -> (B, H, 1, Dv)."""
-    k = k if k.stride(-1) == 1 else k.contiguous()
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    k, v = unit_last(k), unit_last(v)
     strides = (k.stride(0), k.stride(2), k.stride(1), v.stride(0), v.stride(2), v.stride(1))
     return _decode(q, k, v, None, pos, KV_BLOCK, k.shape[2], scale, strides)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from lolcats.ops.common import FEATURE_EPS
-from lolcats.ops.triton.chunked import _empty, pad_dim, tile_dot
+from lolcats.ops.triton.chunked import _empty, pad_dim, tile_dot, unit_last
 from lolcats.ops.triton.feature_map import autocast_dot_dtype, softmax_pair
 
 
@@ -79,10 +79,6 @@ def _rope_hh_fwd(q, k, cos, sin, wq, wk, qo, ko, fq, fk, T, N, H, Hk, q_sb, q_sh
                       BLOCK, DT, FROPE)
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _batch_strides(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """cos, sin (B|1, T, D) with one layout and unit last stride, and their (batch, time) strides
     (batch 0 when shared by every row)."""
@@ -115,7 +111,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
             wk: torch.Tensor, eps: float, feature_rope: bool,
             q_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     (B, H, T, D), Hk, F = q.shape, k.shape[1], wq.shape[-1]
-    q, k, wq, wk = _unit_last(q), _unit_last(k), wq.contiguous(), wk.contiguous()
+    q, k, wq, wk = unit_last(q), unit_last(k), wq.contiguous(), wk.contiguous()
     cos, sin, cb, ct = _batch_strides(cos, sin)
     qo, ko = _empty((B, H, T, D), q), _empty((B, Hk, T, D), k)
     fq, fk = _empty((B, H, T, 2 * F), q, torch.float32), _empty((B, Hk, T, 2 * F), k, torch.float32)
