@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from lolcats.attention.layers import decoder_stack
-from lolcats.attention.qkv import FusedRows, fusable, fuse_rows
+from lolcats.attention.qkv import FusedRows, fusable, fused_again, still_fused
 from lolcats.ops import get_backend
 
 NORMS = ("input_layernorm", "post_attention_layernorm")  # a decoder layer's RMSNorms
@@ -83,19 +83,14 @@ class FusedMLP(nn.Module):
     def fuse_gate_up(self) -> bool:
         """Make the gate and up weights (and biases) views of one tensor (2I, d) unless they still are; False
         where the projections are not plain nn.Linear (:func:`fusable`, e.g. PEFT-wrapped)."""
-        projs = (self.gate_proj, self.up_proj)
-        if self.rows is None or not self.rows.current(projs):
-            self.rows = fuse_rows(projs) if fusable(projs) else None
+        self.rows = fused_again(self.rows, (self.gate_proj, self.up_proj))
         return self.rows is not None
 
     def _current_rows(self, x: torch.Tensor) -> FusedRows | None:
-        f = self.rows
-        if f is None:
+        f = self.rows = still_fused(self.rows, (self.gate_proj, self.up_proj))
+        if f is None or wants_grad(x, *f.params):  # the fused tensor is not a Parameter: no gradient
             return None
-        if not f.current((self.gate_proj, self.up_proj)):
-            self.rows = None  # stale: a projection or its Parameter was replaced
-            return None
-        return None if wants_grad(x, *f.params) else f  # the fused tensor is not a Parameter: no gradient
+        return f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._current_rows(x)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from lolcats.attention.cache import KVState, LolcatsCache, LolcatsLayer, PagedKVState, SoftmaxLayer, kv_slots
 from lolcats.attention.feature_maps import HedgehogFeatureMap, build_feature_map
 from lolcats.attention.mixers import Mixer, get_mixer
-from lolcats.attention.qkv import FusedRows, fusable, fuse_rows
+from lolcats.attention.qkv import FusedRows, fused_again, still_fused
 from lolcats.attention.step import STEP_KWARG, StepMeta, step_of
 from lolcats.config import AttentionConfig
 from lolcats.ops import get_backend
@@ -160,25 +160,16 @@ class LolcatsAttention(nn.Module):
         so that :meth:`qkv` runs one GEMM: same state_dict keys and values, no extra memory. For inference:
         while a gradient is wanted for them the three GEMMs run. Skipped (False) unless all three are plain
         nn.Linear (:func:`fusable`); replacing one later (e.g. PEFT wrapping it) turns the fused path off."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fused_qkv is not None and self.fused_qkv.current(projs):
-            return True
-        if not fusable(projs):
-            self.fused_qkv = None
-            return False
-        self.fused_qkv = fuse_rows(projs)
-        return True
+        self.fused_qkv = fused_again(self.fused_qkv, (self.q_proj, self.k_proj, self.v_proj))
+        return self.fused_qkv is not None
 
     def unfuse_qkv(self) -> None:
         """Back to three GEMMs (the Parameters stay views of one tensor: nothing is copied or freed)."""
         self.fused_qkv = None
 
     def _current_fused_qkv(self) -> FusedRows | None:
-        f, projs = self.fused_qkv, (self.q_proj, self.k_proj, self.v_proj)
+        f = self.fused_qkv = still_fused(self.fused_qkv, (self.q_proj, self.k_proj, self.v_proj))
         if f is None:
-            return None
-        if not f.current(projs):
-            self.fused_qkv = None  # stale: a projection or its Parameter was replaced
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in f.params):
             return None  # the fused tensor is not a Parameter: no gradient would reach the views

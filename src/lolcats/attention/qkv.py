@@ -46,6 +46,18 @@ def fuse_rows(projs: tuple[nn.Module, ...]) -> FusedRows:
                      tuple(p.data_ptr() for p in params))
 
 
+def still_fused(f: FusedRows | None, projs: tuple[nn.Module, ...]) -> FusedRows | None:
+    """``f`` while ``projs`` still hold its views; None once one was replaced (e.g. wrapped by PEFT) or its data
+    swapped (e.g. by ``model.to``)."""
+    return f if f is not None and f.current(projs) else None
+
+
+def fused_again(f: FusedRows | None, projs: tuple[nn.Module, ...]) -> FusedRows | None:
+    """``f`` if it still holds, else ``projs`` fused now (:func:`fuse_rows`), or None where they are not
+    :func:`fusable`."""
+    return still_fused(f, projs) or (fuse_rows(projs) if fusable(projs) else None)
+
+
 def share_rows(projs: tuple[nn.Module, ...], name: str) -> torch.Tensor:
     """The modules' tensors ``name`` concatenated along dim 0; each module's Parameter re-pointed at its view."""
     old = [getattr(p, name) for p in projs]
