@@ -119,6 +119,30 @@ def test_only_feature_maps_and_window_factors_get_gradients():
     assert grads and all(".feature_map_" in n or "window_factors" in n for n in grads)
 
 
+def test_window_factor_is_kept_without_autograd_and_follows_the_parameter():
+    model = tiny_model()
+    convert_model(model, AttentionConfig(window_size=8))
+    m = next(mod for mod in model.modules() if getattr(mod, "window_factors", None) is not None)
+    p = m.window_factors
+    with torch.no_grad():
+        a = m.window_factor()
+        assert m.window_factor() is a  # kept: no sigmoid launched again
+        torch.testing.assert_close(a, torch.sigmoid(p))
+        p.add_(1.0)  # an in-place change (an optimizer step, load_state_dict)
+        b = m.window_factor()
+        assert b is a  # recomputed in the same tensor (a CUDA graph captured with it reads the new value)
+        torch.testing.assert_close(b, torch.sigmoid(p))
+    with torch.inference_mode():
+        torch.testing.assert_close(m.window_factor(), torch.sigmoid(p))
+    m.window_factors = torch.nn.Parameter(torch.zeros_like(p))  # new data
+    with torch.no_grad():
+        torch.testing.assert_close(m.window_factor(), torch.full_like(p, 0.5))
+    g = m.window_factor()  # with autograd: a fresh sigmoid that gradients flow through
+    assert g.grad_fn is not None
+    g.sum().backward()
+    assert m.window_factors.grad is not None
+
+
 def test_unsupported_architecture_is_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -128,6 +128,7 @@ class LolcatsAttention(nn.Module):
         # a kept layer's cached keys: the last kv_window positions and the first kv_sink (0: all; set_softmax_window)
         self.kv_window, self.kv_sink = 0, 0
         self._mixer: Mixer | None = None  # made for self.cfg by the ``mixer`` property
+        self._window_factor_kept: tuple | None = None  # window_factor() without autograd: (parameter key, value)
         if not converted:
             return
         dev = self.q_proj.weight.device
@@ -243,8 +244,24 @@ class LolcatsAttention(nn.Module):
         return fq if s == 1 else fq * s
 
     def window_factor(self) -> torch.Tensor:
-        """(H,) in (0, 1)."""
-        return torch.sigmoid(self.window_factors)
+        """(H,) in (0, 1). Without a gradient to record (inference) the value is kept between calls and
+        recomputed, in the same tensor, when the parameter changes (its data or version): a decode step then
+        launches no sigmoid per layer. A CUDA graph captured before a change replays the kept value until the
+        next eager call recomputes it."""
+        p = self.window_factors
+        if (torch.is_grad_enabled() and p.requires_grad) or torch.compiler.is_compiling() or p.is_inference():
+            return torch.sigmoid(p)
+        key = (p.data_ptr(), p._version, p.dtype, p.device)
+        kept = self._window_factor_kept
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable (and updatable) outside
+            value = torch.sigmoid(p.detach())
+            if kept is not None and kept[1].shape == value.shape and kept[1].dtype == value.dtype \
+                    and kept[1].device == value.device:
+                value = kept[1].copy_(value)  # in place: graphs captured with it read the new value
+        self._window_factor_kept = (key, value)
+        return value
 
     def softmax_attention(self, q, k, v, attention_mask=None) -> torch.Tensor:
         """Teacher path. q (B, H, Tq, D), k/v (B, Hk, Tk, D) -> (B, H, Tq, D)."""
