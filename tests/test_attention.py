@@ -277,7 +277,7 @@ def test_inference_fusion_swaps_norms_and_mlp(arch, fields, tmp_path):
     same tensors saved; fusing twice changes nothing; unfusing puts the very same modules back."""
     from safetensors.torch import load_file
 
-    from lolcats.attention.fusion import FusedMLP, FusedRMSNorm
+    from lolcats.attention.fusion import FusedMLP, FusedRMSNorm, add_norm_forward
     from lolcats.attention.use import set_inference_fusion
 
     model = fused_model(arch, **fields)
@@ -292,6 +292,7 @@ def test_inference_fusion_swaps_norms_and_mlp(arch, fields, tmp_path):
     fused = decoder_modules(model)
     assert [type(m) for m in fused] == [FusedRMSNorm, FusedRMSNorm, FusedMLP] * 2 + [FusedRMSNorm]
     assert all(f.replaced[0] is o for f, o in zip(fused, originals))
+    assert all(layer.forward.__func__ is add_norm_forward for layer in model.model.layers)  # add + norm: one op
     for f, o in zip(fused, originals):
         if isinstance(f, FusedRMSNorm):
             assert f.weight is o.weight
@@ -309,6 +310,7 @@ def test_inference_fusion_swaps_norms_and_mlp(arch, fields, tmp_path):
     for _ in range(2):  # unfusing an unfused model is a no-op
         set_inference_fusion(model, False)
         assert all(a is b for a, b in zip(decoder_modules(model), originals))
+        assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # the class's forward again
     assert torch.equal(model(x).logits, ref)
 
 

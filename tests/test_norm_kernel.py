@@ -20,11 +20,12 @@ triton = pytest.importorskip("triton")
 
 import lolcats.ops.triton.activation as activation_mod  # noqa: E402
 import lolcats.ops.triton.norm as norm_mod  # noqa: E402
-from lolcats.ops.norm.naive import rms_norm_reference, silu_mul_reference  # noqa: E402
+from lolcats.ops.norm.naive import add_rms_norm_reference, rms_norm_reference, silu_mul_reference  # noqa: E402
 
 if not CUDA and not type(norm_mod._rms_norm_fwd).__name__.startswith("Interpreted"):
     norm_mod, activation_mod = importlib.reload(norm_mod), importlib.reload(activation_mod)
 rms_norm_triton, silu_mul_triton = norm_mod.rms_norm_triton, activation_mod.silu_mul_triton
+add_rms_norm_triton = norm_mod.add_rms_norm_triton
 
 DEV = "cuda" if CUDA else "cpu"
 BF16 = torch.bfloat16
@@ -69,6 +70,26 @@ def test_rms_norm_kernel_reads_strided_rows():
     assert_close(rms_norm_triton(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), "rms_norm", BF16)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (BF16, BF16), (BF16, torch.float32)])
+@torch.no_grad()
+def test_add_rms_norm_kernel_matches_reference(shape, dtype, wdtype):
+    """The residual add and the norm in one launch: the sum as torch rounds it (exactly), the norm of that sum."""
+    x, res = randn(*shape, dtype=dtype, scale=3.0), randn(*shape, dtype=dtype, seed=2, scale=3.0)
+    w = (1 + randn(shape[-1], seed=1) / 4).to(wdtype)
+    y, s = add_rms_norm_triton(x, res, w, 1e-6)
+    y_ref, s_ref = add_rms_norm_reference(x, res, w, 1e-6)
+    if CUDA:  # the interpreter truncates to bf16 where the GPU rounds to nearest
+        assert s.dtype == s_ref.dtype and torch.equal(s, s_ref)
+    assert_close(s, s_ref, "add_rms_norm's sum", dtype)
+    assert_close(y, rms_norm_reference(s, w, 1e-6) if not CUDA else y_ref, "add_rms_norm", dtype)  # of its sum
+    wide = torch.cat([res, res], -1)[..., :shape[-1]]  # a residual of strided rows
+    y2, s2 = add_rms_norm_triton(x, wide, w, 1e-6)
+    assert torch.equal(s2, s) and torch.equal(y2, y)
+    with pytest.raises(ValueError, match="differ"):
+        add_rms_norm_triton(x, res[..., :1], w, 1e-6)
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 2 * 1536), (7, 2 * 130), (3, 2 * 7), (1, 1, 2 * 64), (9, 2 * 1100)])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @torch.no_grad()
@@ -87,9 +108,11 @@ def test_kernels_are_forward_only_and_compile():
         rms_norm_triton(x, w.clone().requires_grad_(), 1e-6)
     with pytest.raises(ValueError, match="no backward"):
         silu_mul_triton(gate_up.clone().requires_grad_())
+    with pytest.raises(ValueError, match="no backward"):
+        add_rms_norm_triton(x, x.clone().requires_grad_(), w, 1e-6)
 
     def both(x, w, gate_up):
-        return rms_norm_triton(x, w, 1e-6), silu_mul_triton(gate_up)
+        return rms_norm_triton(x, w, 1e-6), silu_mul_triton(gate_up), *add_rms_norm_triton(x, x, w, 1e-6)
 
     with torch.no_grad():
         want = both(x, w, gate_up)
@@ -105,14 +128,17 @@ def test_triton_backend_carries_them(monkeypatch):
     x = torch.zeros(1, device=DEV)
     assert get_backend("triton", x).rms_norm.__name__ == "rms_norm_triton"
     assert get_backend("triton", x).silu_mul.__name__ == "silu_mul_triton"
+    assert get_backend("triton", x).add_rms_norm.__name__ == "add_rms_norm_triton"
+    assert get_backend("torch", x).add_rms_norm is add_rms_norm_reference
     assert get_backend("torch", x).rms_norm is rms_norm_reference
     assert get_backend("torch", x).silu_mul is silu_mul_reference
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_fused_decoder_runs_the_kernels(monkeypatch, arch):
-    """With the triton backend a fused model's norms and MLPs run the kernels (2 layers x 2 norms + the final
-    norm, 2 MLPs) and give the unfused logits; with a gradient wanted they step aside (no kernel call)."""
+    """With the triton backend a fused model's norms and MLPs run the kernels (2 layers x (1 norm + 1 add and
+    norm) + the final norm, 2 MLPs) and give the unfused logits; with a gradient wanted they step aside (no kernel
+    call)."""
     from dataclasses import replace
 
     from conftest import tiny_model
@@ -126,6 +152,7 @@ def test_fused_decoder_runs_the_kernels(monkeypatch, arch):
     calls = []
     tri = ops.get_backend("triton", torch.zeros(1))
     counted = replace(tri, rms_norm=lambda *a: calls.append("norm") or rms_norm_triton(*a),
+                      add_rms_norm=lambda *a: calls.append("add_norm") or add_rms_norm_triton(*a),
                       silu_mul=lambda *a: calls.append("mlp") or silu_mul_triton(*a))
     monkeypatch.setitem(ops.BACKENDS, "triton", counted)
     model = convert_model(tiny_model(arch).to(DEV), AttentionConfig(backend="triton", window_size=8,
@@ -136,7 +163,7 @@ def test_fused_decoder_runs_the_kernels(monkeypatch, arch):
         ref = model(x).logits
         set_inference_fusion(model)
         got = model(x).logits
-    assert sorted(calls) == ["mlp"] * 2 + ["norm"] * 5
+    assert sorted(calls) == ["add_norm"] * 2 + ["mlp"] * 2 + ["norm"] * 3
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     calls.clear()
     model.requires_grad_(True)

@@ -11,6 +11,9 @@ RMSNorm as about eight elementwise kernels and its MLP as five (gate GEMM, up GE
   become views of one tensor (:func:`~lolcats.attention.qkv.fuse_rows`, as q/k/v do), one GEMM gives both
   (..., 2I), the backend's ``silu_mul`` the activation (``ops/triton/activation.py``: one launch), then down_proj.
 
+Where the layer is HF's Llama, Mistral or Qwen2 decoder layer, its forward becomes :func:`add_norm_forward`, the same
+steps with the attention's residual add and the post-attention norm in one launch (the backend's ``add_rms_norm``).
+
 The fused modules hold the same Parameters and Linear modules (state_dict keys and values unchanged, no copy) and
 keep the module they replaced outside the state_dict, so ``fuse_decoder(model, False, ...)`` puts it back. Where a
 gradient is wanted they run the reference math, so training through a fused model stays correct; a gate or up
@@ -23,6 +26,8 @@ imports ``attention/``, never the reverse).
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn as nn
@@ -56,6 +61,11 @@ class FusedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = "torch" if wants_grad(x, self.weight) else self.backend
         return get_backend(name, x).rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this norm of residual + x, residual + x): the residual add before the norm in the same launch."""
+        name = "torch" if wants_grad(x, self.weight) or wants_grad(residual) else self.backend
+        return get_backend(name, x).add_rms_norm(x, residual, self.weight, self.eps)
 
     def unfused(self) -> nn.Module:
         """The replaced module, given this one's weight (should it have been replaced meanwhile)."""
@@ -106,6 +116,18 @@ class FusedMLP(nn.Module):
         return mlp
 
 
+def add_norm_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """HF's decoder layer forward (Llama, Mistral, Qwen2: ``h = x + attn(norm1(x)); return h + mlp(norm2(h))``),
+    the attention's residual add and ``norm2`` in one op (:meth:`FusedRMSNorm.add`). The layer's keyword
+    arguments go to its attention as HF's forward passes them; a positional one past ``hidden_states`` runs the
+    class's own forward."""
+    if args:
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    h, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    h, residual = layer.post_attention_layernorm.add(h, hidden_states)
+    return residual + layer.mlp(h)
+
+
 def is_rms_norm(m: nn.Module | None) -> bool:
     """An HF RMSNorm (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm): ``weight`` and ``variance_epsilon``, no
     accelerate hook (which a swap would drop)."""
@@ -131,7 +153,23 @@ def fuse_decoder(model: nn.Module, on: bool, backend: str) -> None:
         for name in NORMS:
             _swap_norm(layer, name, on, backend)
         _swap_mlp(layer, on, backend)
+        _swap_forward(layer, on)
     _swap_norm(stack, "norm", on, backend)
+
+
+ADD_NORM_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")  # add_norm_forward's form
+
+
+def _swap_forward(layer: nn.Module, on: bool) -> None:
+    """The instance's forward set to :func:`add_norm_forward` (on, where the layer is one of ADD_NORM_LAYERS with a
+    fused post-attention norm and no accelerate hook), else its class's again."""
+    ours = getattr(layer.__dict__.get("forward"), "__func__", None) is add_norm_forward
+    fits = (type(layer).__name__ in ADD_NORM_LAYERS and isinstance(getattr(layer, "post_attention_layernorm", None),
+                                                                   FusedRMSNorm) and not hasattr(layer, "_hf_hook"))
+    if on and fits and not ours:
+        layer.forward = types.MethodType(add_norm_forward, layer)
+    elif ours and not (on and fits):
+        del layer.forward
 
 
 def _swap_norm(parent: nn.Module, name: str, on: bool, backend: str) -> None:

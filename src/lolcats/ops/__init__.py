@@ -23,8 +23,10 @@ full-sequence operators, (B, Hk) for the decode step; None is the ungated functi
   student mode;
 * ``rms_norm(x, weight, eps) -> y``: HF's RMSNorm, x (..., d), weight (d,) -> (..., d) in
   torch.result_type(weight, x) (``ops/norm/naive.py::rms_norm_reference``; ``ops/triton/norm.py`` one launch);
+* ``add_rms_norm(x, residual, weight, eps) -> (y, s)``: the residual add before it, s = residual + x and
+  y = rms_norm(s) (``add_rms_norm_reference``; ``ops/triton/norm.py``, the same launch);
 * ``silu_mul(gate_up) -> y``: a gated MLP's activation, gate_up (..., 2I) (the gate projection's outputs, then
-  the up's) -> silu(gate) * up (..., I) (``silu_mul_reference``; ``ops/triton/activation.py``). These two run
+  the up's) -> silu(gate) * up (..., I) (``silu_mul_reference``; ``ops/triton/activation.py``). These run
   the decoder layer's norms and MLP for inference (``attention/fusion.py``); the triton ones are forward only;
 * ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores);
 * ``sparse_fused(kind, score, *tensors) -> bool``: whether ``sparse_chunk`` runs a kernel for this call (any chunk
@@ -73,7 +75,7 @@ from lolcats.ops.delta.naive import gated_delta_naive
 from lolcats.ops.feature_map.naive import hedgehog_reference, project_heads
 from lolcats.ops.hybrid.naive import hybrid_attention_naive
 from lolcats.ops.linear.naive import causal_linear_scores, linear_attention_quadratic
-from lolcats.ops.norm.naive import rms_norm_reference, silu_mul_reference
+from lolcats.ops.norm.naive import add_rms_norm_reference, rms_norm_reference, silu_mul_reference
 from lolcats.ops.paged.naive import kv_decode_naive, paged_decode_naive
 from lolcats.ops.sparse.naive import sparse_chunk
 
@@ -92,6 +94,7 @@ class Backend:
     hedgehog: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     rope_hedgehog: Callable[..., tuple[torch.Tensor, ...]] | None = None
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm_reference
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm_reference
     silu_mul: Callable[[torch.Tensor], torch.Tensor] = silu_mul_reference
     fused: frozenset[str] = frozenset()
     hybrid_general: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = hybrid_attention_naive

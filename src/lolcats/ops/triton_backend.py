@@ -18,7 +18,7 @@ from lolcats.ops.triton import hybrid_attention_triton, linear_attention_triton
 from lolcats.ops.triton.activation import silu_mul_triton
 from lolcats.ops.triton.decode import decode_step_triton
 from lolcats.ops.triton.feature_map import hedgehog_triton
-from lolcats.ops.triton.norm import rms_norm_triton
+from lolcats.ops.triton.norm import add_rms_norm_triton, rms_norm_triton
 from lolcats.ops.triton.paged import kv_decode_triton, paged_decode_triton
 from lolcats.ops.triton.rope_feature_map import rope_hedgehog_triton
 from lolcats.ops.triton.sparse import sparse_prefill_triton
@@ -46,4 +46,5 @@ register_backend(Backend("triton", linear=linear_attention_triton, hybrid=_hybri
                          supports=supports, hedgehog=hedgehog_triton, rope_hedgehog=rope_hedgehog_triton,
                          fused=frozenset({"linear", "hybrid"}), sparse_chunk=_sparse_chunk,
                          sparse_fused=sparse_supports, paged_decode=paged_decode_triton,
-                         kv_decode=kv_decode_triton, rms_norm=rms_norm_triton, silu_mul=silu_mul_triton))
+                         kv_decode=kv_decode_triton, rms_norm=rms_norm_triton, add_rms_norm=add_rms_norm_triton,
+                         silu_mul=silu_mul_triton))

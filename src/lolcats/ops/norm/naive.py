@@ -6,6 +6,9 @@ RMSNorm (``LlamaRMSNorm``, ``MistralRMSNorm``, ``Qwen2RMSNorm``), x (..., d), we
     h = x / sqrt(mean(x^2) + eps)      in float32, then rounded to x's dtype
     y = weight * h                     in torch.result_type(weight, x)
 
+With the residual add first (``add_rms_norm``): s = residual + x in their result dtype, then the norm of s;
+both are returned (s is the next residual).
+
 The gated MLP's activation (``LlamaMLP``: ``act_fn(gate_proj(x)) * up_proj(x)``, act SiLU) on the gate and up
 projections' outputs side by side, gate_up (..., 2I) -> (..., I): silu(g) rounded to the dtype, then times u.
 """
@@ -21,6 +24,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's residual add, then its RMSNorm: (rms_norm(residual + x), residual + x), as HF computes
+    ``hidden = residual + hidden; post_attention_layernorm(hidden)``."""
+    s = residual + x
+    return rms_norm_reference(s, weight, eps), s
 
 
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
