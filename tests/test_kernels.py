@@ -212,35 +212,30 @@ def test_unknown_kind_raises():
 # ----------------------------------------------------------------------------- decode
 
 
-@pytest.mark.parametrize("kind,dtype,sparse,value_splits", [
-    ("linear", torch.float32, 0, None), ("sliding_window", torch.float32, 0, None),
-    ("terraced_window", torch.float32, 0, None), ("terraced_window", torch.bfloat16, 0, None),
-    ("sliding_window", torch.float32, 3, None), ("terraced_window", torch.float32, 3, None),
-    ("terraced_window", torch.bfloat16, 3, None),
-    ("terraced_window", torch.float32, 6, None),  # a cache that takes a block
-    # two programs per (row, KV head), 16 values each
-    ("linear", torch.float32, 0, 2), ("sliding_window", torch.float32, 3, 2), ("terraced_window", torch.bfloat16, 3, 2)])
+@pytest.mark.parametrize("kind,dtype,sparse", [("linear", torch.float32, 0), ("sliding_window", torch.float32, 0),
+                                               ("terraced_window", torch.float32, 0), ("terraced_window", torch.bfloat16, 0),
+                                               ("sliding_window", torch.float32, 3), ("terraced_window", torch.float32, 3),
+                                               ("terraced_window", torch.bfloat16, 3),
+                                               ("terraced_window", torch.float32, 6)])  # a cache that takes a block
 @GATED
-def test_decode_step_matches_reference(kind, dtype, sparse, value_splits, gated):
+def test_decode_step_matches_reference(kind, dtype, sparse, gated):
     """Left padding and gaps; with ``sparse`` a sparse cache of 3 (or 6) pairs per KV head, which fills, evicts by
     self-recall and folds in step with the reference (after the gate's decay); 6 empty slots take a whole block of 4
-    without scoring it. With ``value_splits`` the values are 32 wide, split in two programs that share the state
-    written after them."""
+    without scoring it."""
     B, H, Hk, D, F, w = 3, 4, 2, 16, 8, 4
-    Dv = 32 if value_splits else D
-    st = DecodeState.empty(B, Hk, window_slots(kind, w), D, Dv, F, dtype, DEV, sparse=sparse)
+    st = DecodeState.empty(B, Hk, window_slots(kind, w), D, D, F, dtype, DEV, sparse=sparse)
     st2 = copy.deepcopy(st)
     g = torch.Generator().manual_seed(0)
     wf = torch.rand(H, generator=g).to(DEV) if kind != "linear" else None
     pos = torch.zeros(B, dtype=torch.long, device=DEV)
     for t in range({0: 11, 3: 21}.get(sparse, 33)):
         q, fq = torch.randn(B, H, D, generator=g), torch.rand(B, H, F, generator=g)
-        k, v, fk = torch.randn(B, Hk, D, generator=g), torch.randn(B, Hk, Dv, generator=g), torch.rand(B, Hk, F, generator=g)
+        k, v, fk = torch.randn(B, Hk, D, generator=g), torch.randn(B, Hk, D, generator=g), torch.rand(B, Hk, F, generator=g)
         q, k, v, fq, fk = (x.to(DEV, dtype) for x in (q, k, v, fq, fk))
         lg = (-torch.rand(B, Hk, generator=g)).to(DEV) if gated else None
         valid = torch.tensor([True, t >= 3, t % 2 == 0], device=DEV)  # left padding, gaps
         y1 = decode_step_naive(q, k, v, fq, fk, st, pos, wf, kind, w, D**-0.5, valid, lg)
-        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5, valid, lg, value_splits=value_splits)
+        y2 = decode_step_triton(q, k, v, fq, fk, st2, pos, wf, kind, w, D**-0.5, valid, lg)
         assert_close(y2, y1, TOL[dtype], f"y at step {t}", floor=1e-6)
         for name, a in vars(st).items():
             b = getattr(st2, name)

@@ -48,7 +48,7 @@ def paged_store(B, Hk, D, page, pages, length, seed, dtype):
 def many_splits(monkeypatch, split_min: int) -> None:
     """As many splits as pages: programs for 64 (not the interpreter's 4), ``split_min`` positions a split."""
     monkeypatch.setattr(paged_mod, "SPLIT_MIN", split_min)
-    monkeypatch.setattr(paged_mod, "fill", lambda device: 64)
+    monkeypatch.setattr(paged_mod, "_programs", lambda device: 64)
 
 
 @pytest.mark.parametrize("B,H,Hk,D,page,length,dtype", [

@@ -70,13 +70,6 @@ def pad_dim(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-@functools.lru_cache(maxsize=8)
-def fill(device: torch.device) -> int:
-    """Programs that fill the device about twice (4 off CUDA: the interpreter), for kernels that split work to
-    occupy it (split-K decode attention, the decode step's value splits)."""
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 @functools.lru_cache(maxsize=256)
 def explicit_chunks(kind: int, window: int, chunk: int, num_chunks: int) -> int:
     """NX: query chunk c must see key chunks c - NX .. c tile by tile (earlier ones are linear)."""

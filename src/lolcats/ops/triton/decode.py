@@ -36,7 +36,7 @@ import triton.language as tl
 from lolcats.ops.common import EPS
 from lolcats.ops.decode.evict import decay, evict_sparse
 from lolcats.ops.decode.state import DecodeState
-from lolcats.ops.triton.chunked import dot_dtype, fill, pad_dim, tile_dot
+from lolcats.ops.triton.chunked import tile_dot, dot_dtype, pad_dim
 from lolcats.ops.kinds import kind_id
 from lolcats.ops.triton.sparse import sparse_evict_step
 from lolcats.ops.triton.sparse import supports as sparse_supports
@@ -72,10 +72,9 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
             H, HK, scale, eps,
             KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_VALID: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
-            GP: tl.constexpr, GQ: tl.constexpr, BV: tl.constexpr, BVS: tl.constexpr, DT: tl.constexpr,
-            GATED: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, FOLD: tl.constexpr):
+            GP: tl.constexpr, GQ: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, GATED: tl.constexpr,
+            NS: tl.constexpr, NSP: tl.constexpr, FOLD: tl.constexpr):
     bhk = tl.program_id(0).to(tl.int64)
-    col0 = tl.program_id(1) * BVS  # this program's value columns: col0 .. col0 + BVS
     b, hk = bhk // HK, bhk % HK
     G = H // HK
     rg, rd, rf = tl.arange(0, GP), tl.arange(0, DP), tl.arange(0, FP)
@@ -131,8 +130,10 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         if NS > 0:
             pj = g[:, None] * tl.exp(sj - m[:, None])
             den += tl.sum(pj, 1)
-    for dv0 in tl.static_range(0, BVS, BV):
-        rv = col0 + dv0 + tl.arange(0, BV)
+        tl.store(win_k + (bhk * S + rs[:, None]) * D + rd[None, :], kt, mask=write[:, None] & md[None, :])
+    tl.store(ks + bhk * F + rf, ks_row, mask=mf)
+    for dv0 in tl.static_range(0, DV, BV):
+        rv = dv0 + tl.arange(0, BV)
         mv = rv < DV
         kvb = tl.load(kv + (bhk * F + rf[:, None]) * DV + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
         if GATED:
@@ -165,54 +166,25 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         else:
             out = tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-30)[:, None], 0.0)
         tl.store(y + heads[:, None] * DV + rv[None, :], out.to(y.dtype.element_ty), mask=mg[:, None] & mv[None, :])
+    if KIND != 0:  # phi(k_new) into its slot, after the leaving rows were read
+        fk_w = tl.zeros([SP, FP], tl.float32) + fk_new[None, :]
+        tl.store(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], fk_w.to(win_fk.dtype.element_ty),
+                 mask=write[:, None] & mf[None, :])
 
 
 @triton.jit
-def _decode_finish(k, fk, win_k, win_fk, win_pos, ks, pos_ptr, valid_ptr, lg, HK,
-                   KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_VALID: tl.constexpr,
-                   D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr, GATED: tl.constexpr,
-                   FOLD: tl.constexpr):
-    """One program per row, after ``_decode``: what the row's value splits all read, written once: per KV head
-    (ks) as ``_decode`` computed it, the new key and phi(k) into their window slot; then the window's positions
-    (shared by the heads)."""
+def _decode_pos(win_pos, pos_ptr, valid_ptr, KIND: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
+                SP: tl.constexpr, HAS_VALID: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    rd, rf = tl.arange(0, DP), tl.arange(0, FP)
-    md, mf = rd < D, rf < F
+    rs = tl.arange(0, SP)
     pos = tl.load(pos_ptr + b)
     if HAS_VALID:
         valid = tl.load(valid_ptr + b).to(tl.int32)
     else:
         valid = (pos >= 0).to(tl.int32)
-    if KIND != 0:  # (a linear layer has no window)
-        rs = tl.arange(0, SP)
-        wpos = tl.load(win_pos + b * S + rs, mask=rs < S, other=-1)
-        leave, write = _leave_write(wpos, rs, pos, valid, KIND, W, S)
-        if FOLD:
-            gone = leave
-        else:  # the leaving slots went through the sparse cache: masked, not folded
-            gone = leave & (rs < 0)
-    for hk in range(HK):
-        bhk = b * HK + hk
-        fk_new = tl.load(fk + bhk * F + rf, mask=mf, other=0.0).to(tl.float32)
-        ks_row = tl.load(ks + bhk * F + rf, mask=mf, other=0.0)
-        if GATED:
-            ks_row = ks_row * tl.where(valid != 0, tl.exp(tl.load(lg + bhk).to(tl.float32)), 1.0)
-        if KIND == 0:
-            ks_row += tl.where(valid != 0, fk_new, 0.0)
-        else:
-            fk_old = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=gone[:, None] & mf[None, :],
-                             other=0.0)
-            ks_row += tl.sum(fk_old.to(tl.float32), 0)
-            k_new = tl.load(k + bhk * D + rd, mask=md, other=0.0)
-            k_w = tl.zeros([SP, DP], tl.float32) + k_new[None, :].to(tl.float32)
-            tl.store(win_k + (bhk * S + rs[:, None]) * D + rd[None, :], k_w.to(win_k.dtype.element_ty),
-                     mask=write[:, None] & md[None, :])
-            fk_w = tl.zeros([SP, FP], tl.float32) + fk_new[None, :]  # after the leaving rows were read
-            tl.store(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], fk_w.to(win_fk.dtype.element_ty),
-                     mask=write[:, None] & mf[None, :])
-        tl.store(ks + bhk * F + rf, ks_row, mask=mf)
-    if KIND != 0:
-        tl.store(win_pos + b * S + rs, tl.where(write, pos, tl.where(leave, -1, wpos)), mask=rs < S)
+    wpos = tl.load(win_pos + b * S + rs, mask=rs < S, other=-1)
+    leave, write = _leave_write(wpos, rs, pos, valid, KIND, W, S)
+    tl.store(win_pos + b * S + rs, tl.where(write, pos, tl.where(leave, -1, wpos)), mask=rs < S)
 
 
 def decode_step_triton(
@@ -232,7 +204,6 @@ def decode_step_triton(
     sparse_score: str = "self_recall",  # what a sparse cache keeps
     evict: bool = True,  # False: the caller knows no window slot leaves now (a sparse cache's eviction is skipped)
     sparse_sink: int = 0,  # the sparse cache always keeps the pairs of positions below this
-    value_splits: int | None = None,  # programs per (row, KV head), each its share of the values (None: by size)
 ) -> torch.Tensor:  # (B, H, Dv)
     """Same arguments and result as ``decode_step_naive``; the state tensors must be contiguous.
 
@@ -266,26 +237,13 @@ def decode_step_triton(
     vptr = valid.view(torch.int8) if has_valid else pos  # bool as bytes
     gp = window_factor.contiguous() if window_factor is not None else fq
     lg = log_gate.float().contiguous() if log_gate is not None else fq
-    SP, DVP = pad_dim(max(S, 1)), pad_dim(Dv)
-    nv = value_splits if value_splits is not None else splits_for(B * Hk, DVP, q.device)
-    if nv < 1 or DVP % nv or DVP // nv < 16:
-        raise ValueError(f"value_splits {nv}: must divide {DVP} (the padded value width) into widths of >= 16")
-    BVS = DVP // nv
-    common = dict(KIND=kid, W=max(window_size, 1), S=max(S, 1), SP=SP, HAS_VALID=has_valid, D=D, F=F,
-                  DP=pad_dim(D), FP=pad_dim(F), GATED=log_gate is not None, FOLD=fold)
-    _decode[(B * Hk, nv)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
-                          pos, vptr, gp, lg, y, state.sparse_k, state.sparse_v, state.sparse_pos, H, Hk, float(scale),
-                          EPS, **common, DV=Dv, GP=pad_dim(H // Hk), GQ=H // Hk, BV=min(64, BVS), BVS=BVS, DT=dt, NS=NS,
-                          NSP=pad_dim(max(NS, 1)), num_warps=4)
-    _decode_finish[(B,)](k, fk, state.win_k, state.win_fk, state.win_pos, state.ks, pos, vptr, lg, Hk, **common,
-                         num_warps=1)
+    SP = pad_dim(max(S, 1))
+    common = dict(KIND=kid, W=max(window_size, 1), S=max(S, 1), SP=SP, HAS_VALID=has_valid)
+    _decode[(B * Hk,)](q, k, v, fq, fk, state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
+                       pos, vptr, gp, lg, y, state.sparse_k, state.sparse_v, state.sparse_pos, H, Hk, float(scale), EPS,
+                       **common, D=D, DV=Dv, F=F, DP=pad_dim(D), FP=pad_dim(F), GP=pad_dim(H // Hk), GQ=H // Hk,
+                       BV=min(64, pad_dim(Dv)), DT=dt, GATED=log_gate is not None, NS=NS, NSP=pad_dim(max(NS, 1)),
+                       FOLD=fold, num_warps=4)
+    if kid != 0:
+        _decode_pos[(B,)](state.win_pos, pos, vptr, **common, num_warps=1)
     return y
-
-
-def splits_for(programs: int, dvp: int, device: torch.device) -> int:
-    """Value splits per (row, KV head): a power of two, at most ``dvp`` / 16, while the programs still fit the
-    device about twice (``chunked.programs``): batch 1 of 3 KV heads and 64 values runs 4 per head."""
-    nv = 1
-    while 2 * nv <= dvp // 16 and programs * 2 * nv <= fill(device):
-        nv *= 2
-    return nv

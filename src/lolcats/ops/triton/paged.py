@@ -13,11 +13,13 @@ on the host."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from lolcats.ops.triton.chunked import dot_dtype, fill, pad_dim, tile_dot, unit_last
+from lolcats.ops.triton.chunked import dot_dtype, pad_dim, tile_dot, unit_last
 
 KV_BLOCK = 64  # a contiguous store's slots per block (its "page")
 SPLIT_MIN = 256  # positions a split reads at least (where the store has them)
@@ -99,10 +101,16 @@ def _paged_merge(acc_in, m_in, l_in, y, H: tl.constexpr, HK: tl.constexpr, G: tl
     tl.store(y + (b * H + hk * G + rg[:, None]) * DV + rv[None, :], out.to(y.dtype.element_ty), mask=keep)
 
 
+@functools.lru_cache(maxsize=8)
+def _programs(device: torch.device) -> int:
+    """Programs that fill the device about twice (4 off CUDA: the interpreter)."""
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def splits(rows: int, pages: int, device: torch.device, min_pages: int = 1) -> tuple[int, int]:
     """(splits, pages per split) for ``rows`` (rows x KV heads) reading ``pages`` pages each, at least ``min_pages``
     a split where there are that many (fewer, longer splits: less for the merge to read)."""
-    ns = max(1, min(pages // max(1, min_pages), -(-fill(device) // rows)))
+    ns = max(1, min(pages // max(1, min_pages), -(-_programs(device) // rows)))
     pps = -(-pages // ns)
     return -(-pages // pps), pps
 
