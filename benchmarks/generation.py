@@ -337,14 +337,18 @@ def run_row(model, method: str, batch: int, prompt_len: int, new: int, args) -> 
 
 
 def diagnostics(gen, top: int = 12) -> dict:
-    """Kernels one eager step launches (what the graph replays), their device time and the ``top`` largest by
-    time (name, us, launches): a graphed step of a small model takes about the sum of its kernels' times."""
+    """Kernels one eager step launches (what the graph replays: without autograd, as ``generate`` runs it), their
+    device time and the ``top`` largest by time (name, us, launches): a graphed step of a small model takes about
+    the sum of its kernels' times. Only device activity is recorded, so no time is counted twice (an aten op and
+    its kernel)."""
     out = {}
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            gen.runner.step(gen.step_key())
+        key = gen.step_key()
+        out["step_may_evict"] = bool(key.meta.may_evict)  # the variant profiled (a block's first token evicts)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            gen.runner.step(key)
             torch.cuda.synchronize()
         out["kernels_per_step"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
         kernels = [(e.key, getattr(e, "device_time_total", 0) or 0, e.count) for e in prof.key_averages()]
