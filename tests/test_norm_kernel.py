@@ -169,3 +169,41 @@ def test_fused_decoder_runs_the_kernels(monkeypatch, arch):
     model.requires_grad_(True)
     model(x).logits.sum().backward()
     assert calls == [] and model.model.norm.weight.grad is not None
+
+
+def test_decode_runner_carries_the_residual_across_layers(monkeypatch):
+    """FastGenerator's decode step over fused layers (``fusion.run_layers``): per step of 2 layers, 1 input norm,
+    3 residual adds in a norm's launch (both post-attention norms and layer 1's input norm), the final norm; its
+    prefill (the model's forward: each layer's ``add_norm_forward``) 3 norms and 2 adds in a norm's launch; the
+    same greedy tokens as the unfused model."""
+    from dataclasses import replace
+
+    from conftest import tiny_model
+    from lolcats import ops
+    from lolcats.attention.convert import convert_model
+    from lolcats.attention.fusion import carries_residual
+    from lolcats.attention.modes import set_attention_mode
+    from lolcats.config import AttentionConfig
+    from lolcats.generation import FastGenerator
+
+    monkeypatch.setenv("LOLCATS_TRITON_ON_CPU", "1")
+    calls = []
+    tri = ops.get_backend("triton", torch.zeros(1))
+    counted = replace(tri, rms_norm=lambda *a: calls.append("norm") or rms_norm_triton(*a),
+                      add_rms_norm=lambda *a: calls.append("add_norm") or add_rms_norm_triton(*a),
+                      silu_mul=lambda *a: calls.append("mlp") or silu_mul_triton(*a))
+    monkeypatch.setitem(ops.BACKENDS, "triton", counted)
+    model = convert_model(tiny_model("llama").to(DEV), AttentionConfig(backend="triton", window_size=8,
+                                                                       feature_init="random"))
+    set_attention_mode(model, "student")
+    ids = torch.randint(0, 128, (2, 9), device=DEV)
+    mask = torch.ones_like(ids)
+    want = FastGenerator(model, 2, 4, eos_token_ids=[], use_cuda_graph=False, fuse=False).generate(ids, mask)
+    assert not carries_residual(model.model.layers) and calls == []
+    gen = FastGenerator(model, 2, 4, eos_token_ids=[], use_cuda_graph=False)
+    assert carries_residual(model.model.layers)
+    got = gen.generate(ids, mask)
+    assert torch.equal(got, want)
+    steps = 3  # 4 tokens: the prefill's, then 3 decode steps
+    assert {c: calls.count(c) for c in set(calls)} == {"norm": 3 + 2 * steps, "add_norm": 2 + 3 * steps,
+                                                       "mlp": 2 + 2 * steps}

@@ -13,6 +13,8 @@ RMSNorm as about eight elementwise kernels and its MLP as five (gate GEMM, up GE
 
 Where the layer is HF's Llama, Mistral or Qwen2 decoder layer, its forward becomes :func:`add_norm_forward`, the same
 steps with the attention's residual add and the post-attention norm in one launch (the backend's ``add_rms_norm``).
+The decode runner, which loops over the layers itself, runs them through :func:`run_layers`: the MLP's residual add
+then goes into the next layer's input norm as well.
 
 The fused modules hold the same Parameters and Linear modules (state_dict keys and values unchanged, no copy) and
 keep the module they replaced outside the state_dict, so ``fuse_decoder(model, False, ...)`` puts it back. Where a
@@ -128,6 +130,30 @@ def add_norm_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwa
     return residual + layer.mlp(h)
 
 
+def carries_residual(layers) -> bool:
+    """Whether :func:`run_layers` may run ``layers``: each one's forward is :func:`add_norm_forward` (so both its
+    norms are fused) and no forward hook would be skipped."""
+    return len(layers) > 0 and all(
+        getattr(layer.__dict__.get("forward"), "__func__", None) is add_norm_forward
+        and isinstance(layer.input_layernorm, FusedRMSNorm) and not layer._forward_hooks
+        and not layer._forward_pre_hooks for layer in layers)
+
+
+def run_layers(layers, h: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The decoder layers as :func:`add_norm_forward` runs each, the residual carried from one layer to the next: a
+    layer's MLP output and the residual are added by the next layer's input norm in its launch
+    (:meth:`FusedRMSNorm.add`), the last layer's add is a plain one. h (b, T, d) -> (b, T, d), the stack's output
+    before its final norm, as ``for layer in layers: h = layer(h, **kwargs)`` gives it (:func:`carries_residual`)."""
+    residual, x = h, layers[0].input_layernorm(h)
+    for i, layer in enumerate(layers):
+        a, _ = layer.self_attn(hidden_states=x, **kwargs)
+        x, residual = layer.post_attention_layernorm.add(a, residual)
+        m = layer.mlp(x)
+        if i + 1 < len(layers):
+            x, residual = layers[i + 1].input_layernorm.add(m, residual)
+    return residual + m
+
+
 def is_rms_norm(m: nn.Module | None) -> bool:
     """An HF RMSNorm (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm): ``weight`` and ``variance_epsilon``, no
     accelerate hook (which a swap would drop)."""
@@ -164,8 +190,8 @@ def _swap_forward(layer: nn.Module, on: bool) -> None:
     """The instance's forward set to :func:`add_norm_forward` (on, where the layer is one of ADD_NORM_LAYERS with a
     fused post-attention norm and no accelerate hook), else its class's again."""
     ours = getattr(layer.__dict__.get("forward"), "__func__", None) is add_norm_forward
-    fits = (type(layer).__name__ in ADD_NORM_LAYERS and isinstance(getattr(layer, "post_attention_layernorm", None),
-                                                                   FusedRMSNorm) and not hasattr(layer, "_hf_hook"))
+    fits = (type(layer).__name__ in ADD_NORM_LAYERS and not hasattr(layer, "_hf_hook")
+            and all(isinstance(getattr(layer, n, None), FusedRMSNorm) for n in NORMS))
     if on and fits and not ours:
         layer.forward = types.MethodType(add_norm_forward, layer)
     elif ours and not (on and fits):

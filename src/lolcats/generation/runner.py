@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from lolcats.attention.fusion import carries_residual, run_layers
 from lolcats.attention.generate import eviction_block, layer_cache_kwarg, may_evict
 from lolcats.attention.layers import causal_lm, decoder_stack
 from lolcats.attention.step import STEP_KWARG, StepMeta
@@ -145,10 +146,14 @@ class DecodeRunner:
         through the decoder layers' own forward, which read and write ``cache`` as ``meta`` declares."""
         h = self.lm.embed_tokens(ids)  # (b, T, d)
         pe = self.lm.rotary_emb(h, pos)
-        kw = {self.cache_key: cache, STEP_KWARG: meta}
-        for layer in self.lm.layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe, use_cache=True, **kw)
-            h = h[0] if isinstance(h, tuple) else h
+        kw = {self.cache_key: cache, STEP_KWARG: meta, "attention_mask": mask, "position_ids": pos,
+              "position_embeddings": pe, "use_cache": True}
+        if carries_residual(self.lm.layers):  # fused layers: each residual add in the next norm's launch
+            h = run_layers(self.lm.layers, h, **kw)
+        else:
+            for layer in self.lm.layers:
+                h = layer(h, **kw)
+                h = h[0] if isinstance(h, tuple) else h
         if index is None:
             h = h[:, -1]  # (b, d)
         else:
