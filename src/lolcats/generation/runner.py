@@ -3,7 +3,8 @@ the serving engines both decode through it.
 
 A step feeds rows 0 .. b-1 of its buffers (``rows``) their next token (``ids``) at its position (``pos``)
 through every decoder layer's own forward, which reads and writes the cache (:meth:`DecodeRunner.logits`: the
-logits of the last position), picks the next tokens (:meth:`DecodeRunner.pick`: greedy, sampled, top-p, or
+logits of the last position; fused layers through ``attention/fusion.py::run_layers``, the same steps with the
+residual carried from one layer's MLP into the next one's input norm), picks the next tokens (:meth:`DecodeRunner.pick`: greedy, sampled, top-p, or
 ``full``: penalties and log-probabilities, with per-row parameters from the same buffers), hands them to the
 owner's ``emit`` (FastGenerator: stop tokens and its output columns; the engines: ``rows["out"]``) and feeds
 what ``emit`` returns at the next positions. It reads and writes only static tensors, so on CUDA each *key* is
@@ -143,7 +144,8 @@ class DecodeRunner:
     def logits(self, ids: torch.Tensor, pos: torch.Tensor, cache, meta: StepMeta | None = None,
                mask: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
         """ids, pos (b, T) -> logits (b, V) of the last position (or of position ``index`` (b,) of each row),
-        through the decoder layers' own forward, which read and write ``cache`` as ``meta`` declares."""
+        through the decoder layers' own forward (fused ones: ``run_layers``), which read and write ``cache`` as
+        ``meta`` declares."""
         h = self.lm.embed_tokens(ids)  # (b, T, d)
         pe = self.lm.rotary_emb(h, pos)
         kw = {self.cache_key: cache, STEP_KWARG: meta, "attention_mask": mask, "position_ids": pos,
