@@ -130,13 +130,17 @@ def add_norm_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwa
     return residual + layer.mlp(h)
 
 
+def runs_add_norm(layer: nn.Module) -> bool:
+    """Whether the layer's own forward is :func:`add_norm_forward` (set by :func:`fuse_decoder`)."""
+    return getattr(layer.__dict__.get("forward"), "__func__", None) is add_norm_forward
+
+
 def carries_residual(layers) -> bool:
-    """Whether :func:`run_layers` may run ``layers``: each one's forward is :func:`add_norm_forward` (so both its
-    norms are fused) and no forward hook would be skipped."""
+    """Whether :func:`run_layers` may run ``layers``: each one runs :func:`add_norm_forward`, both its norms are
+    still fused, and no forward hook would be skipped."""
     return len(layers) > 0 and all(
-        getattr(layer.__dict__.get("forward"), "__func__", None) is add_norm_forward
-        and isinstance(layer.input_layernorm, FusedRMSNorm) and not layer._forward_hooks
-        and not layer._forward_pre_hooks for layer in layers)
+        runs_add_norm(layer) and all(isinstance(getattr(layer, n), FusedRMSNorm) for n in NORMS)
+        and not layer._forward_hooks and not layer._forward_pre_hooks for layer in layers)
 
 
 def run_layers(layers, h: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -189,7 +193,7 @@ ADD_NORM_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLaye
 def _swap_forward(layer: nn.Module, on: bool) -> None:
     """The instance's forward set to :func:`add_norm_forward` (on, where the layer is one of ADD_NORM_LAYERS with a
     fused post-attention norm and no accelerate hook), else its class's again."""
-    ours = getattr(layer.__dict__.get("forward"), "__func__", None) is add_norm_forward
+    ours = runs_add_norm(layer)
     fits = (type(layer).__name__ in ADD_NORM_LAYERS and not hasattr(layer, "_hf_hook")
             and all(isinstance(getattr(layer, n, None), FusedRMSNorm) for n in NORMS))
     if on and fits and not ours:
