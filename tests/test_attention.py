@@ -1,5 +1,7 @@
 """The attention module and its reference ops."""
 
+import io
+
 import pytest
 import torch
 
@@ -292,7 +294,12 @@ def test_inference_fusion_swaps_norms_and_mlp(arch, fields, tmp_path):
     fused = decoder_modules(model)
     assert [type(m) for m in fused] == [FusedRMSNorm, FusedRMSNorm, FusedMLP] * 2 + [FusedRMSNorm]
     assert all(f.replaced[0] is o for f, o in zip(fused, originals))
-    assert all(layer.forward.__func__ is add_norm_forward for layer in model.model.layers)  # add + norm: one op
+    assert all(layer.forward.func is add_norm_forward for layer in model.model.layers)  # add + norm: one op
+    buf = io.BytesIO()  # a fused model saved whole loads again, its layers' forward bound to the loaded layers
+    torch.save(model, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert all(layer.forward.args[0] is layer for layer in loaded.model.layers)
+    torch.testing.assert_close(loaded(x).logits, ref, rtol=0, atol=1e-6)
     for f, o in zip(fused, originals):
         if isinstance(f, FusedRMSNorm):
             assert f.weight is o.weight

@@ -29,7 +29,7 @@ imports ``attention/``, never the reverse).
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn as nn
@@ -132,7 +132,7 @@ def add_norm_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwa
 
 def runs_add_norm(layer: nn.Module) -> bool:
     """Whether the layer's own forward is :func:`add_norm_forward` (set by :func:`fuse_decoder`)."""
-    return getattr(layer.__dict__.get("forward"), "__func__", None) is add_norm_forward
+    return getattr(layer.__dict__.get("forward"), "func", None) is add_norm_forward
 
 
 def carries_residual(layers) -> bool:
@@ -196,8 +196,8 @@ def _swap_forward(layer: nn.Module, on: bool) -> None:
     ours = runs_add_norm(layer)
     fits = (type(layer).__name__ in ADD_NORM_LAYERS and not hasattr(layer, "_hf_hook")
             and all(isinstance(getattr(layer, n, None), FusedRMSNorm) for n in NORMS))
-    if on and fits and not ours:
-        layer.forward = types.MethodType(add_norm_forward, layer)
+    if on and fits and not ours:  # a partial, not a bound method: a model saved whole (pickled) loads again
+        layer.forward = functools.partial(add_norm_forward, layer)
     elif ours and not (on and fits):
         del layer.forward
 
