@@ -134,18 +134,15 @@ def test_triton_backend_carries_them(monkeypatch):
     assert get_backend("torch", x).silu_mul is silu_mul_reference
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_fused_decoder_runs_the_kernels(monkeypatch, arch):
-    """With the triton backend a fused model's norms and MLPs run the kernels (2 layers x (1 norm + 1 add and
-    norm) + the final norm, 2 MLPs) and give the unfused logits; with a gradient wanted they step aside (no kernel
-    call)."""
+def counted_student(monkeypatch, arch: str):
+    """A tiny converted ``arch`` model in student mode on the triton backend, whose rms_norm, add_rms_norm and
+    silu_mul calls are appended to the returned list ("norm", "add_norm", "mlp") as they run the kernels."""
     from dataclasses import replace
 
     from conftest import tiny_model
     from lolcats import ops
     from lolcats.attention.convert import convert_model
     from lolcats.attention.modes import set_attention_mode
-    from lolcats.attention.use import set_inference_fusion
     from lolcats.config import AttentionConfig
 
     monkeypatch.setenv("LOLCATS_TRITON_ON_CPU", "1")
@@ -158,6 +155,17 @@ def test_fused_decoder_runs_the_kernels(monkeypatch, arch):
     model = convert_model(tiny_model(arch).to(DEV), AttentionConfig(backend="triton", window_size=8,
                                                                      feature_init="random"))
     set_attention_mode(model, "student")
+    return model, calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_fused_decoder_runs_the_kernels(monkeypatch, arch):
+    """With the triton backend a fused model's norms and MLPs run the kernels (2 layers x (1 norm + 1 add and
+    norm) + the final norm, 2 MLPs) and give the unfused logits; with a gradient wanted they step aside (no kernel
+    call)."""
+    from lolcats.attention.use import set_inference_fusion
+
+    model, calls = counted_student(monkeypatch, arch)
     x = torch.randint(0, 128, (2, 13), device=DEV)
     with torch.no_grad():
         ref = model(x).logits
@@ -176,26 +184,10 @@ def test_decode_runner_carries_the_residual_across_layers(monkeypatch):
     3 residual adds in a norm's launch (both post-attention norms and layer 1's input norm), the final norm; its
     prefill (the model's forward: each layer's ``add_norm_forward``) 3 norms and 2 adds in a norm's launch; the
     same greedy tokens as the unfused model."""
-    from dataclasses import replace
-
-    from conftest import tiny_model
-    from lolcats import ops
-    from lolcats.attention.convert import convert_model
     from lolcats.attention.fusion import carries_residual
-    from lolcats.attention.modes import set_attention_mode
-    from lolcats.config import AttentionConfig
     from lolcats.generation import FastGenerator
 
-    monkeypatch.setenv("LOLCATS_TRITON_ON_CPU", "1")
-    calls = []
-    tri = ops.get_backend("triton", torch.zeros(1))
-    counted = replace(tri, rms_norm=lambda *a: calls.append("norm") or rms_norm_triton(*a),
-                      add_rms_norm=lambda *a: calls.append("add_norm") or add_rms_norm_triton(*a),
-                      silu_mul=lambda *a: calls.append("mlp") or silu_mul_triton(*a))
-    monkeypatch.setitem(ops.BACKENDS, "triton", counted)
-    model = convert_model(tiny_model("llama").to(DEV), AttentionConfig(backend="triton", window_size=8,
-                                                                       feature_init="random"))
-    set_attention_mode(model, "student")
+    model, calls = counted_student(monkeypatch, "llama")
     ids = torch.randint(0, 128, (2, 9), device=DEV)
     mask = torch.ones_like(ids)
     want = FastGenerator(model, 2, 4, eos_token_ids=[], use_cuda_graph=False, fuse=False).generate(ids, mask)

@@ -125,9 +125,7 @@ def add_norm_forward(layer: nn.Module, hidden_states: torch.Tensor, *args, **kwa
     class's own forward."""
     if args:
         return type(layer).forward(layer, hidden_states, *args, **kwargs)
-    h, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
-    h, residual = layer.post_attention_layernorm.add(h, hidden_states)
-    return residual + layer.mlp(h)
+    return run_layers((layer,), hidden_states, **kwargs)
 
 
 def runs_add_norm(layer: nn.Module) -> bool:

@@ -1,13 +1,13 @@
 """The decode runner: one decode step over static buffers, replayed from a CUDA graph per key. FastGenerator and
 the serving engines both decode through it.
 
-A step feeds rows 0 .. b-1 of its buffers (``rows``) their next token (``ids``) at its position (``pos``)
-through every decoder layer's own forward, which reads and writes the cache (:meth:`DecodeRunner.logits`: the
-logits of the last position; fused layers through ``attention/fusion.py::run_layers``, the same steps with the
-residual carried from one layer's MLP into the next one's input norm), picks the next tokens (:meth:`DecodeRunner.pick`: greedy, sampled, top-p, or
-``full``: penalties and log-probabilities, with per-row parameters from the same buffers), hands them to the
-owner's ``emit`` (FastGenerator: stop tokens and its output columns; the engines: ``rows["out"]``) and feeds
-what ``emit`` returns at the next positions. It reads and writes only static tensors, so on CUDA each *key* is
+A step feeds rows 0 .. b-1 of its buffers (``rows``) their next token (``ids``) at its position (``pos``) through
+every decoder layer's own forward, which reads and writes the cache (:meth:`DecodeRunner.logits`: the logits of the
+last position; fused layers through ``attention/fusion.py::run_layers``, the same steps with the residual carried
+from one layer's MLP into the next one's input norm), picks the next tokens (:meth:`DecodeRunner.pick`: greedy,
+sampled, top-p, or ``full``: penalties and log-probabilities, with per-row parameters from the same buffers), hands
+them to the owner's ``emit`` (FastGenerator: stop tokens and its output columns; the engines: ``rows["out"]``) and
+feeds what ``emit`` returns at the next positions. It reads and writes only static tensors, so on CUDA each *key* is
 captured once (after a warm-up on a side stream, the buffers restored; one memory pool) and replayed.
 
 A key (:class:`StepKey`) is what a captured step cannot change: its batch bucket b (:meth:`DecodeRunner.bucket`:

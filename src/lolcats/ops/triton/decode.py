@@ -101,9 +101,8 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
         wpos = tl.load(win_pos + b * S + rs, mask=ms, other=-1)
         leave, write = _leave_write(wpos, rs, pos, valid, KIND, W, S)
         npos = tl.where(write, pos, tl.where(leave, -1, wpos))
-        gone = leave
         if FOLD:  # (without FOLD the leaving slots went through the sparse cache, sparse_evict_step: masked here)
-            fk_old = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=gone[:, None] & mf[None, :],
+            fk_old = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :], mask=leave[:, None] & mf[None, :],
                              other=0.0)  # (SP, FP): only leaving rows are read
             ks_row += tl.sum(fk_old.to(tl.float32), 0)
         k_new = tl.load(k + bhk * D + rd, mask=md, other=0.0)
@@ -146,11 +145,11 @@ def _decode(q, k, v, fq, fk, win_k, win_v, win_fk, win_pos, kv, ks, pos_ptr, val
             if FOLD:  # (with a sparse cache nothing folds here)
                 if KIND == 1:  # sliding: one slot leaves at (nearly) every step
                     kvb += tile_dot(tl.trans(fk_old), vt, DT)
-                elif tl.sum(gone.to(tl.int32), 0) > 0:
+                elif tl.sum(leave.to(tl.int32), 0) > 0:
                     # terraced: a half leaves once per block. Its rows are re-read here (cached) rather
                     # than held in registers across the loop (that spilled: Nsight Compute, PERFORMANCE.md)
                     fko = tl.load(win_fk + (bhk * S + rs[:, None]) * F + rf[None, :],
-                                  mask=gone[:, None] & mf[None, :], other=0.0)
+                                  mask=leave[:, None] & mf[None, :], other=0.0)
                     kvb += tile_dot(tl.trans(fko), vt, DT)
             vt = tl.where(write[:, None], v_new[None, :].to(vt.dtype), vt)
             tl.store(win_v + (bhk * S + rs[:, None]) * DV + rv[None, :], vt, mask=write[:, None] & mv[None, :])
