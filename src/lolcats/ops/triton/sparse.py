@@ -9,10 +9,11 @@ default kind), without its Python loop over eviction steps:
    block b - 2 leave the window: they and the G cached pairs are scored against the current (kv, ks)
    (``self_recall``: ||v - phi(k) kv / (phi(k) ks + eps)||; ``recency``: the position; live pairs below the
    sink +inf, empty slots -inf) and the w lowest of the G + w are dropped (a strict order: ties go to the
-   lower index, cache slots before candidates), as the reference's top-G keeps the rest. Dropped live pairs
-   are folded into (kv, ks): the cache's gathered into one tile of at most w rows, then the candidates', one
-   (F, rows) x (rows, Dv) product each; the kept candidates take the
-   dropped slots (the reference orders slots by score: the set is the same). A cache with w empty slots or more
+   lower index, cache slots before candidates), as the reference's top-G keeps the rest: one sort of all
+   scores gives the w-th lowest as a threshold, the ties at it go by index. The dropped slots are scattered
+   in slot order through the scratch buffer. Dropped live pairs are folded into (kv, ks): the cache's gathered
+   into one tile of at most w rows, then the candidates', one (F, rows) x (rows, Dv) product each; the kept
+   candidates take the dropped slots (the reference orders slots by score: the set is the same). A cache with w empty slots or more
    (a sequence's first G / w evictions) takes the block into its first empty slots without scoring anything: those
    are the w lowest (-inf), and nothing live folds. Then it writes a snapshot of
    what the block's queries read: the cache's keys, values and positions, and (kv, ks).
@@ -30,9 +31,10 @@ snapshots take (T / w + 2) x (G (D + Dv) + F (Dv + 1)) elements per (row, KV hea
 Keys before the chunk are read from the state's window slots, keys in it from the chunk, by position. The
 valid tokens of a row are one run of consecutive positions (left or right padding), as every writer gives
 them. Scores and drop flags go through a small scratch buffer per program, read
-back after a barrier. Products of float32 tiles are exact (``ieee``), of 16-bit ones tf32 (bf16 / fp16
-values are exact in tf32; the float32 state is rounded to it in the scores and phi(q) kv). Nothing syncs
-with the host.
+back after a barrier. Products of float32 tiles are exact (``ieee``). In a 16-bit model the folds multiply
+in the cache's dtype (its values are exact there) and the scores take the float32 kv as two bfloat16 terms
+(16 bits; an fp16 cache: tf32, 10 bits): the eviction then fits a window of 256 in shared memory (112 KB;
+320 KB with float32 operands). phi(q) kv is tf32. Nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -69,11 +71,16 @@ def _by_pos(chunk, win, wpos, p, live, p0, c0, rx, mx, X: tl.constexpr, S: tl.co
 
 
 @triton.jit
-def _score(fkt, vt, pos, kvt, kst, sink, eps, SCORE: tl.constexpr, PREC: tl.constexpr):
-    """(R,) what the cache keeps the highest: fkt (R, FP), vt (R, DVP) float32, pos (R,) (-1 = empty)."""
+def _score(fkt, vt, pos, kvt, kst, sink, eps, SCORE: tl.constexpr, PREC: tl.constexpr, DT: tl.constexpr):
+    """(R,) what the cache keeps the highest: fkt (R, FP) in the cache's dtype, vt (R, DVP) float32, pos (R,)
+    (-1 = empty); DT the products' dtype (``dot_dtype`` of the cache)."""
     if SCORE == 0:
-        num = tl.dot(fkt, kvt, input_precision=PREC)  # (R, DVP)
-        den = tl.sum(fkt * kst[None, :], 1)
+        if DT == tl.bfloat16:  # kv as two bfloat16 terms (16 bits, more than tf32's 10): half the memory
+            hi = kvt.to(tl.bfloat16)
+            num = tl.dot(fkt, hi) + tl.dot(fkt, (kvt - hi.to(tl.float32)).to(tl.bfloat16))  # (R, DVP)
+        else:
+            num = tl.dot(fkt.to(tl.float32), kvt, input_precision=PREC)
+        den = tl.sum(fkt.to(tl.float32) * kst[None, :], 1)
         d = vt - num / (den + eps)[:, None]
         s = tl.sqrt(tl.sum(d * d, 1))
     else:
@@ -110,7 +117,7 @@ def _tile(t: tl.constexpr, NT: tl.constexpr, G: tl.constexpr, W: tl.constexpr, R
 def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0, c0, sink, eps,
            W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
            DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, G: tl.constexpr, NT: tl.constexpr,
-           SCORE: tl.constexpr, PREC: tl.constexpr):
+           SCORE: tl.constexpr, PREC: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr):
     """The eviction at block start P (block P / w - 2 leaves) through the cache; returns (kv, ks) after it."""
     rw = tl.arange(0, R)
     rd, rv, rf = tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
@@ -140,49 +147,49 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
         for t in tl.static_range(NT):
             rg, mg = _tile(t, NT, G, W, R)
             gp = tl.load(gpos + rg, mask=mg, other=-1)
-            f = tl.load(gfk + rg[:, None] * F + rf[None, :], mask=mg[:, None] & mf[None, :], other=0.0).to(tl.float32)
+            f = tl.load(gfk + rg[:, None] * F + rf[None, :], mask=mg[:, None] & mf[None, :], other=0.0)
             v = tl.load(gv + rg[:, None] * DV + rv[None, :], mask=mg[:, None] & mv[None, :], other=0.0).to(tl.float32)
-            tl.store(sc + rg, _score(f, v, gp, kvt, kst, sink, eps, SCORE, PREC))
-        tl.store(sc + NT * R + rw, _score(fkc, vc, cpos, kvt, kst, sink, eps, SCORE, PREC))
+            tl.store(sc + rg, _score(f, v, gp, kvt, kst, sink, eps, SCORE, PREC, DT))
+        fkc_c = fkc.to(gfk.dtype.element_ty)
+        tl.store(sc + NT * R + rw, _score(fkc_c, vc, cpos, kvt, kst, sink, eps, SCORE, PREC, DT))
         tl.debug_barrier()
-        # drop the W lowest of the G + W (a strict order: score, then index)
-        for i in tl.static_range(NT + 1):
-            ri, real_i = _tile(i, NT, G, W, R)
-            si = tl.load(sc + ri)
-            below = tl.zeros([R], tl.int32)
-            for j in tl.static_range(NT + 1):
-                rj, real_j = _tile(j, NT, G, W, R)
-                sj = tl.load(sc + rj)
-                lower = (sj[None, :] < si[:, None]) | ((sj[None, :] == si[:, None]) & (rj[None, :] < ri[:, None]))
-                below += tl.sum((lower & real_j[None, :]).to(tl.int32), 1)
-            tl.store(sc + DROP + ri, (real_i & (below < W)).to(tl.float32))
+        # drop the W lowest of the G + W (a strict order: score, then index): the W-th lowest score from one sort
+        # is the threshold; all below it go, and of those equal to it the first by index until W are gone
+        ra = tl.arange(0, NS)
+        in_a = ra < (NT + 1) * R
+        real = ((ra < NT * R) & (ra < G)) | ((ra >= NT * R) & (ra < NT * R + W))
+        sa = tl.where(real, tl.load(sc + ra, mask=in_a, other=float("inf")), float("inf"))
+        thr = tl.max(tl.where(ra == W - 1, tl.sort(sa), float("-inf")), 0)
+        below, tie = real & (sa < thr), real & (sa == thr)
+        need = W - tl.sum(below.to(tl.int32), 0)
+        tl.store(sc + DROP + ra, (below | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))).to(tl.float32), mask=in_a)
     tl.debug_barrier()
-    # the dropped cache slots in slot order: dslot[r] is the r-th (-1 past the last)
-    dslot = tl.zeros([R], tl.int32) - 1
+    # the dropped cache slots in slot order, scattered over the spent scores: scratch[r] is the r-th of ``off``
     off = 0
     for t in tl.static_range(NT):
         rg, mg = _tile(t, NT, G, W, R)
         dg = mg & (tl.load(sc + DROP + rg) != 0)
-        frank = off + tl.cumsum(dg.to(tl.int32), 0) - 1
-        hit = dg[None, :] & (frank[None, :] == rw[:, None])  # (R ranks, R slots)
-        dslot += tl.sum(tl.where(hit, rg[None, :] + 1, 0), 1)
+        tl.store(sc + off + tl.cumsum(dg.to(tl.int32), 0) - 1, rg.to(tl.float32), mask=dg)
         off += tl.sum(dg.to(tl.int32), 0)
+    tl.debug_barrier()
+    dslot = tl.load(sc + rw, mask=rw < off, other=-1.0).to(tl.int32)  # (R,) -1 past the last
     # fold the dropped live pairs into (kv, ks): the cache's in one gathered tile (at most w), then the candidates'
     has = dslot >= 0
     ds = tl.where(has, dslot, 0)
     fold = has & (tl.load(gpos + ds, mask=has, other=-1) >= 0)
-    f = tl.load(gfk + ds[:, None] * F + rf[None, :], mask=fold[:, None] & mf[None, :], other=0.0).to(tl.float32)
-    v = tl.load(gv + ds[:, None] * DV + rv[None, :], mask=fold[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    kvt += tl.dot(tl.trans(f), v, input_precision=PREC)
-    kst += tl.sum(f, 0)
+    # (the dots take the cache's dtype, which holds every value exactly, and sum in float32: half the shared memory)
+    f = tl.load(gfk + ds[:, None] * F + rf[None, :], mask=fold[:, None] & mf[None, :], other=0.0)
+    v = tl.load(gv + ds[:, None] * DV + rv[None, :], mask=fold[:, None] & mv[None, :], other=0.0)
+    kvt += tile_dot(tl.trans(f), v, DT)
+    kst += tl.sum(f.to(tl.float32), 0)
     dc = tl.load(sc + DROP + NT * R + rw) != 0
     fc = tl.where((dc & pres)[:, None], fkc, 0.0)
-    kvt += tl.dot(tl.trans(fc), vc, input_precision=PREC)
+    kvt += tile_dot(tl.trans(fc), vc, DT)
     kst += tl.sum(fc, 0)
     # the kept candidates (empty ones too) take the dropped slots, in order
     kept = live_c & ~dc
     krank = tl.cumsum(kept.to(tl.int32), 0) - 1
-    dest = tl.sum(tl.where(krank[:, None] == rw[None, :], dslot[None, :] + 1, 0), 1) - 1  # (R,) -1: none
+    dest = tl.load(sc + krank, mask=kept & (krank < off), other=-1.0).to(tl.int32)  # (R,) -1: none
     ok = kept & (dest >= 0)
     slot = tl.where(ok, dest, 0)
     kc, _ = _by_pos(ck, wk, wp, pc, live_c, p0, c0, rd, md, D, S)
@@ -210,7 +217,7 @@ def _evict(k, v, fk, win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, s
            snap_k, snap_v, snap_pos, snap_kv, snap_ks, T, HK, NB, eps, sink,
            W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
            DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, G: tl.constexpr, NT: tl.constexpr,
-           SCORE: tl.constexpr, PREC: tl.constexpr):
+           SCORE: tl.constexpr, PREC: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr):
     """One program per (row, KV head), the chunk's blocks in order: the eviction at each block start, then a
     snapshot of what the block's queries read (cache keys, values, positions; kv, ks) for ``_attend``."""
     bhk = tl.program_id(0).to(tl.int64)
@@ -230,7 +237,7 @@ def _evict(k, v, fk, win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, s
         P = blk * W
         if (P >= p0) & (blk >= 2):
             kvt, kst = _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0, c0, sink, eps,
-                              W, S, R, D, DV, F, DP, DVP, FP, G, NT, SCORE, PREC)
+                              W, S, R, D, DV, F, DP, DVP, FP, G, NT, SCORE, PREC, NS, DT)
         i = bhk * NB + blk - first  # this block's snapshot
         for t in tl.static_range(NT):
             rg, mg = _tile(t, NT, G, W, R)
@@ -341,7 +348,7 @@ def _evict_step(win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, sp_pos
                 HK, eps, sink, HAS_VALID: tl.constexpr,
                 W: tl.constexpr, S: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
                 DP: tl.constexpr, DVP: tl.constexpr, FP: tl.constexpr, G: tl.constexpr, NT: tl.constexpr,
-                SCORE: tl.constexpr, PREC: tl.constexpr):
+                SCORE: tl.constexpr, PREC: tl.constexpr, NS: tl.constexpr, DT: tl.constexpr):
     """A decode step's eviction, one program per (row, KV head): where the row's token starts a block (pos % w ==
     0) the block two back leaves the window through the cache (``_merge``: the window slots are its source); every
     other program returns at once. The window slots keep their positions: the decode kernel then masks the
@@ -363,9 +370,14 @@ def _evict_step(win_k, win_v, win_fk, win_pos, kv, ks, sp_k, sp_v, sp_fk, sp_pos
         kst = tl.load(ks + bhk * F + rf, mask=mf, other=0.0)
         # the chunk is empty (p0 = pos): _by_pos reads every leaving key from its window slot
         kvt, kst = _merge(kvt, kst, wk, wv, wfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, pos, pos, 0, sink, eps,
-                          W, S, R, D, DV, F, DP, DVP, FP, G, NT, SCORE, PREC)
+                          W, S, R, D, DV, F, DP, DVP, FP, G, NT, SCORE, PREC, NS, DT)
         tl.store(kv + bhk * F * DV + kv_at, kvt, mask=mf[:, None] & mv[None, :])
         tl.store(ks + bhk * F + rf, kst, mask=mf)
+
+
+def _sort_width(nt: int, r: int) -> int:
+    """Lanes of the eviction's one sort: the scores of ``nt`` cache tiles and the candidates', ``r`` each."""
+    return triton.next_power_of_2((nt + 1) * r)
 
 
 def supports(kind: str, score: str, *tensors) -> bool:
@@ -409,7 +421,8 @@ def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, windo
     scratch = torch.empty(B * Hk, 2 * (NT + 1) * R, dtype=torch.float32, device=q.device)
     _evict[(B * Hk,)](k, v, fk, after.win_k, after.win_v, after.win_fk, after.win_pos, after.kv, after.ks,
                       after.sparse_k, after.sparse_v, after.sparse_fk, after.sparse_pos, runs, scratch, *snap,
-                      T, Hk, NB, EPS, int(sink), **dims, SCORE=SCORE_IDS[score], num_warps=8, num_stages=1)
+                      T, Hk, NB, EPS, int(sink), **dims, SCORE=SCORE_IDS[score], NS=_sort_width(NT, R),
+                      DT=dot_dtype(after.sparse_fk), num_warps=8, num_stages=1)
     _attend[(B * H, NB)](q, k, v, fq, after.win_k, after.win_v, after.win_pos, runs, window_factor.float().contiguous(),
                          y, *snap, T, H, Hk, NB, float(scale), **dims, DT=dot_dtype(state.win_k, q), num_warps=4)
     _window_write[(B,)](k, v, fk, after.win_k, after.win_v, after.win_fk, after.win_pos, runs, T, Hk, W=W, S=S,
@@ -436,4 +449,5 @@ def sparse_evict_step(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor
                            state.sparse_k, state.sparse_v, state.sparse_fk, state.sparse_pos, pos, vptr, scratch,
                            Hk, EPS, int(sink), HAS_VALID=valid is not None, W=W, S=S, R=R, D=D, DV=Dv, F=F,
                            DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), G=G, NT=NT, SCORE=SCORE_IDS[score],
-                           PREC="ieee" if exact else "tf32", num_warps=8, num_stages=1)
+                           PREC="ieee" if exact else "tf32", NS=_sort_width(NT, R), DT=dot_dtype(state.sparse_fk),
+                           num_warps=8, num_stages=1)
