@@ -13,10 +13,10 @@ default kind), without its Python loop over eviction steps:
    scores gives the w-th lowest as a threshold, the ties at it go by index. The dropped slots are scattered
    in slot order through the scratch buffer. Dropped live pairs are folded into (kv, ks): the cache's gathered
    into one tile of at most w rows, then the candidates', one (F, rows) x (rows, Dv) product each; the kept
-   candidates take the dropped slots (the reference orders slots by score: the set is the same). A cache with w empty slots or more
-   (a sequence's first G / w evictions) takes the block into its first empty slots without scoring anything: those
-   are the w lowest (-inf), and nothing live folds. Then it writes a snapshot of
-   what the block's queries read: the cache's keys, values and positions, and (kv, ks).
+   candidates take the dropped slots (the reference orders slots by score: the set is the same). A cache with
+   w empty slots or more (a sequence's first G / w evictions) takes the block into its first empty slots without
+   scoring anything: those are the w lowest (-inf), and nothing live folds. Then it writes a snapshot of what
+   the block's queries read: the cache's keys, values and positions, and (kv, ks).
 2. ``_attend``, one program per (batch row, query head, block), all in parallel: softmax over the block's
    cache snapshot and the window (blocks b - 1 and b, causal) under one running max, weighted by the
    window factor, and phi(q) over the snapshot's (kv, ks), one normaliser, as in ``ops/hybrid/naive.py``.
@@ -150,8 +150,8 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
             f = tl.load(gfk + rg[:, None] * F + rf[None, :], mask=mg[:, None] & mf[None, :], other=0.0)
             v = tl.load(gv + rg[:, None] * DV + rv[None, :], mask=mg[:, None] & mv[None, :], other=0.0).to(tl.float32)
             tl.store(sc + rg, _score(f, v, gp, kvt, kst, sink, eps, SCORE, PREC, DT))
-        fkc_c = fkc.to(gfk.dtype.element_ty)
-        tl.store(sc + NT * R + rw, _score(fkc_c, vc, cpos, kvt, kst, sink, eps, SCORE, PREC, DT))
+        fkc_st = fkc.to(gfk.dtype.element_ty)  # in the dtype the cache stores, as its rows above
+        tl.store(sc + NT * R + rw, _score(fkc_st, vc, cpos, kvt, kst, sink, eps, SCORE, PREC, DT))
         tl.debug_barrier()
         # drop the W lowest of the G + W (a strict order: score, then index): the W-th lowest score from one sort
         # is the threshold; all below it go, and of those equal to it the first by index until W are gone
