@@ -128,7 +128,7 @@ def folded_and_kept(st: DecodeState) -> torch.Tensor:
     return st.kv + torch.einsum("bhgf,bhgd->bhfd", st.sparse_fk.float() * live, st.sparse_v.float())
 
 
-def test_other_kinds_gradients_and_registered_scores_take_the_reference(monkeypatch):
+def test_other_kinds_wide_windows_gradients_and_registered_scores_take_the_reference(monkeypatch):
     calls = []
     monkeypatch.setattr(sparse_mod, "_evict", None)  # would fail if launched
     import lolcats.ops.triton_backend as tb
@@ -143,6 +143,12 @@ def test_other_kinds_gradients_and_registered_scores_take_the_reference(monkeypa
     st = DecodeState.for_layer(1, 1, KIND, 4, 8, 8, 6, torch.float32, DEV, sparse=3)
     y2, _ = fused.sparse_chunk(st, q, *xs[1:5], pos, valid, xs[5], KIND, 4, 0.3, "self_recall")
     assert not calls and y2.requires_grad
+    wide = sparse_mod.MAX_WINDOW + 1  # past the windows the kernels are tested at
+    assert fused.sparse_fused(KIND, "self_recall", window=wide - 1) and not fused.sparse_fused(KIND, "self_recall",
+                                                                                               window=wide)
+    st = DecodeState.for_layer(1, 1, KIND, wide, 8, 8, 6, torch.float32, DEV, sparse=3)
+    fused.sparse_chunk(st, *xs[:5], pos, valid, xs[5], KIND, wide, 0.3, "self_recall")
+    assert not calls
     from lolcats.ops.sparse import SCORES, register_score  # a score registered over a built-in one
     base = SCORES["self_recall"]
     register_score("self_recall", lambda *a: base(*a))

@@ -29,8 +29,9 @@ full-sequence operators, (B, Hk) for the decode step; None is the ungated functi
   the up's) -> silu(gate) * up (..., I) (``silu_mul_reference``; ``ops/triton/activation.py``). These run
   the decoder layer's norms and MLP for inference (``attention/fusion.py``); the triton ones are forward only;
 * ``fused``: the full-sequence operators whose memory is linear in T (no T x T scores);
-* ``sparse_fused(kind, score, *tensors) -> bool``: whether ``sparse_chunk`` runs a kernel for this call (any chunk
-  in one call, nothing read on the host); False where it falls back to the reference (the torch backend always).
+* ``sparse_fused(kind, score, *tensors, window=w) -> bool``: whether ``sparse_chunk`` runs a kernel for this call
+  (any chunk in one call, nothing read on the host); False where it falls back to the reference (the torch backend
+  always).
 
 The full-sequence fast paths take the plain case only (no padding mask, keys and queries aligned
 at positions 0..T-1). The general forms, which only the references implement so far, are operators of
@@ -105,7 +106,7 @@ class Backend:
     gated_delta: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = gated_delta_naive
     paged_decode: Callable[..., torch.Tensor] = paged_decode_naive
     kv_decode: Callable[..., torch.Tensor] = kv_decode_naive
-    sparse_fused: Callable[..., bool] = lambda kind, score, *tensors: False
+    sparse_fused: Callable[..., bool] = lambda kind, score, *tensors, window=0: False
 
     def is_fused(self, kind: str) -> bool:
         """Whether the full-sequence operator for ``kind`` keeps memory linear in T."""

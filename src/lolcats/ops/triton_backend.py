@@ -36,7 +36,7 @@ def _hybrid(q, k, v, fq, fk, window_factor, kind, window_size, scale, log_gate=N
 def _sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size, scale, score, sink=0):
     """The fused sparse-cache prefill where it applies (terraced window, no gradient; it writes the window slots
     too), else the reference."""
-    if not sparse_supports(kind, score, q, k, v, fq, fk, window_factor):
+    if not sparse_supports(kind, score, q, k, v, fq, fk, window_factor, window=window_size):
         return BACKENDS["torch"].sparse_chunk(state, q, k, v, fq, fk, pos, valid, window_factor, kind, window_size,
                                               scale, score, sink)
     return sparse_prefill_triton(state, q, k, v, fq, fk, pos, valid, window_factor, window_size, scale, score, sink)

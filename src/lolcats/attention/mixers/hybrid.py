@@ -77,7 +77,9 @@ class HybridMixer(LinearMixer):
     def prefill_capturable(self, like: torch.Tensor) -> bool:
         """Whether a prefill can be captured in a CUDA graph: with a sparse cache only through a fused kernel
         (the chunk reference's loop over eviction steps reads their count on the host)."""
-        return not self.cfg.sparse_cache or self.backend(like).sparse_fused(self.cfg.kind, self.cfg.sparse_score)
+        cfg = self.cfg
+        return not cfg.sparse_cache or self.backend(like).sparse_fused(cfg.kind, cfg.sparse_score,
+                                                                       window=cfg.window_size)
 
     def _sparse_pieces(self, st: DecodeState, q, k, v, fq, fk, pos, valid) -> tuple[torch.Tensor, DecodeState]:
         """The backend's sparse-cache chunk op over the sequence (one piece where it is fused, else pieces of the
@@ -85,7 +87,8 @@ class HybridMixer(LinearMixer):
         cfg, T, wf = self.cfg, q.shape[2], self.window_factor()
         backend = self.backend(q)
         op = backend.sparse_chunk
-        fused = backend.sparse_fused(cfg.kind, cfg.sparse_score, q, k, v, fq, fk, wf)  # else the reference: in pieces
+        # else the reference, in pieces
+        fused = backend.sparse_fused(cfg.kind, cfg.sparse_score, q, k, v, fq, fk, wf, window=cfg.window_size)
         piece = T if fused else self.piece_len(st, q.shape[0], q.shape[1])
         ys = []
         for s in range(0, T, piece):

@@ -217,8 +217,9 @@ def decode_step_triton(
     if NS and kid == 0:
         raise ValueError("a sparse cache needs a window kind (sliding_window or terraced_window)")
     fold = True
-    if NS and sparse_supports(kind, sparse_score):  # decay, then the eviction in one launch; the kernel masks
-        if log_gate is not None:                     # the leaving half without folding it
+    # decay, then the eviction in one launch; the kernel masks the leaving half without folding it
+    if NS and sparse_supports(kind, sparse_score, window=window_size):
+        if log_gate is not None:
             decay(state, log_gate.float() if valid is None else torch.where(valid[:, None], log_gate.float(), 0.0))
         if evict:
             sparse_evict_step(state, pos, valid, window_size, sparse_score, sparse_sink)
