@@ -71,7 +71,7 @@ def test_kernel_equals_the_chunk_reference(w, G, cuts, sink, score, pad):
         valid[1] = torch.arange(T, device=DEV) < T + pad
     pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
     fused = get_backend("triton", xs[0])
-    assert fused.sparse_fused(KIND, score) and not fused.sparse_fused("sliding_window", score)
+    assert fused.sparse_fused(KIND, score, window=w) and not fused.sparse_fused("sliding_window", score, window=w)
     y, st = run(fused.sparse_chunk, cuts, xs, pos, valid, w, G, score, sink)
     y_ref, ref = run(sparse_chunk, cuts, xs, pos, valid, w, G, score, sink)
     m = valid[:, None, :, None].expand_as(y)

@@ -58,8 +58,9 @@ def set_inference_fusion(model: nn.Module, on: bool = True) -> int:
     (:meth:`LolcatsAttention.fuse_qkv`, skipped where the projections are not plain nn.Linear, e.g.
     PEFT-wrapped; ``unfuse_qkv``) and RoPE + Hedgehog as the backend's one op (``fuse_rope_features``). Of every
     decoder layer (``attention/fusion.py``, the converted layers' backend): both RMSNorms and the final norm as the
-    backend's ``rms_norm`` op (the attention's residual add in the post-attention norm's launch), and a SiLU MLP with one gate/up GEMM and the backend's ``silu_mul`` (module swaps,
-    undone with ``on`` False; same state_dict). Returns the number of layers with one q/k/v GEMM."""
+    backend's ``rms_norm`` op (the attention's residual add in the post-attention norm's launch), and a SiLU MLP
+    with one gate/up GEMM and the backend's ``silu_mul`` (module swaps, undone with ``on`` False; same state_dict).
+    Returns the number of layers with one q/k/v GEMM."""
     mods = list(lolcats_modules(model))
     fused = 0
     for m in mods:

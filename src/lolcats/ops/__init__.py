@@ -106,7 +106,7 @@ class Backend:
     gated_delta: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = gated_delta_naive
     paged_decode: Callable[..., torch.Tensor] = paged_decode_naive
     kv_decode: Callable[..., torch.Tensor] = kv_decode_naive
-    sparse_fused: Callable[..., bool] = lambda kind, score, *tensors, window=0: False
+    sparse_fused: Callable[..., bool] = lambda kind, score, *tensors, window: False
 
     def is_fused(self, kind: str) -> bool:
         """Whether the full-sequence operator for ``kind`` keeps memory linear in T."""

@@ -384,10 +384,9 @@ MAX_WINDOW = 256  # the largest window the kernels are tested at (model shapes);
                   # w x w tiles compile for minutes
 
 
-def supports(kind: str, score: str, *tensors, window: int = 0) -> bool:
+def supports(kind: str, score: str, *tensors, window: int) -> bool:
     """Whether :func:`sparse_prefill_triton` (and the decode step's eviction) takes this chunk: a terraced window of
-    at most ``MAX_WINDOW`` (0: not checked), a built-in score (not one registered over it: ``register_score``), no
-    gradient."""
+    at most ``MAX_WINDOW``, a built-in score (not one registered over it: ``register_score``), no gradient."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return (kind == "terraced_window" and window <= MAX_WINDOW and score in BUILT_IN
             and SCORES.get(score) is BUILT_IN[score] and not grad)
