@@ -14,8 +14,9 @@ runs eagerly (that is what the tests compare with ``generate()``).
 The prompt is prefilled in groups of rows (at most ``prefill_tokens`` prompt tokens at a time):
 each group's call declares its rows of the preallocated states (``StepMeta.rows``), which the prefill
 writes in place, so a large batch never holds the activations of the whole prompt batch at once. The bound is
-large (64K tokens) because a group's sparse-cache prefill costs about as much for one row as for many (its
-eviction runs block after block, ``ops/triton/sparse.py``): fewer groups, fewer such chains.
+large (128K tokens: 16 rows of 8K in one group) because a group's sparse-cache prefill costs about as much for one
+row as for many (its eviction runs block after block, ``ops/triton/sparse.py``): fewer groups, fewer such chains.
+A group of 128K tokens holds about 12 GB of MLP activations at Llama-3-8B's sizes, 0.4 GB at SmolLM2's.
 
 With ``compile`` the model's forward of the step (embedding to logits; the sampling stays eager) is
 ``torch.compile``d before it is captured: the compiler fuses norms, RoPE, casts and residual adds
@@ -69,7 +70,7 @@ class FastGenerator:
 
     def __init__(self, model: nn.Module, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_ids: list[int] | int | None = None, pad_token_id: int | None = None,
-                 use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 65536,
+                 use_cuda_graph: bool | None = None, check_every: int = 16, prefill_tokens: int = 131072,
                  compile: bool | str = False, fuse: bool = True):
         self.model = causal_lm(model)
         self.lm = decoder_stack(self.model)  # embed_tokens, layers, norm, rotary_emb
