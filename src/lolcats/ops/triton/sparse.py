@@ -380,6 +380,21 @@ def _sort_width(nt: int, r: int) -> int:
     return triton.next_power_of_2((nt + 1) * r)
 
 
+def launch_constants(W: int, S: int, G: int, D: int, Dv: int, F: int, exact: bool) -> dict:
+    """The kernels' shape constants: window w (R its padded tile), S window slots, cache G (NT tiles of R), head
+    dims (padded tiles DP, DVP, FP); products exact (``ieee``) or tf32."""
+    R = pad_dim(W)
+    return dict(W=W, S=S, R=R, D=D, DV=Dv, F=F, DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), G=G,
+                NT=triton.cdiv(G, R), PREC="ieee" if exact else "tf32")
+
+
+def evict_constants(dims: dict, score: str, dot: tl.dtype) -> dict:
+    """``_evict`` / ``_evict_step``'s further constants: the score, the sort's lanes, the products' dtype."""
+    return dict(SCORE=SCORE_IDS[score], NS=_sort_width(dims["NT"], dims["R"]), DT=dot)
+
+
+EVICT_WARPS, ATTEND_WARPS = 8, 4  # the launches' warps (the eviction: one sort, its tiles at 8)
+
 MAX_WINDOW = 256  # the largest window the kernels are tested at (model shapes); at 512 the attention launch's
                   # w x w tiles compile for minutes
 
@@ -414,22 +429,21 @@ def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, windo
     after = state if all(t.is_contiguous() for t in state.tensors().values()) else state.map(lambda t: t.contiguous())
     q, k, v, fq, fk = (t.contiguous() for t in (q, k, v, fq, fk))
     y = torch.zeros(B, H, T, Dv, dtype=v.dtype, device=v.device)  # padding columns stay 0
-    R = pad_dim(W)
-    NT, NB = triton.cdiv(G, R), T // W + 2  # NB: most blocks a row's run of T tokens touches
+    NB = T // W + 2  # the most blocks a row's run of T tokens touches
     runs = row_runs(pos, valid)
     exact = k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"  # else tf32: bf16 values are exact
-    dims = dict(W=W, S=S, R=R, D=D, DV=Dv, F=F, DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), G=G, NT=NT,
-                PREC="ieee" if exact else "tf32")
+    dims = launch_constants(W, S, G, D, Dv, F, exact)
     new = lambda *shape, dtype=k.dtype: torch.empty(B * Hk, NB, *shape, dtype=dtype, device=k.device)  # noqa: E731
     snap = (new(G, D, dtype=after.sparse_k.dtype), new(G, Dv, dtype=after.sparse_v.dtype),
             new(G, dtype=torch.long), new(F, Dv, dtype=torch.float32), new(F, dtype=torch.float32))
-    scratch = torch.empty(B * Hk, 2 * (NT + 1) * R, dtype=torch.float32, device=q.device)
+    scratch = torch.empty(B * Hk, 2 * (dims["NT"] + 1) * dims["R"], dtype=torch.float32, device=q.device)
     _evict[(B * Hk,)](k, v, fk, after.win_k, after.win_v, after.win_fk, after.win_pos, after.kv, after.ks,
                       after.sparse_k, after.sparse_v, after.sparse_fk, after.sparse_pos, runs, scratch, *snap,
-                      T, Hk, NB, EPS, int(sink), **dims, SCORE=SCORE_IDS[score], NS=_sort_width(NT, R),
-                      DT=dot_dtype(after.sparse_fk), num_warps=8, num_stages=1)
+                      T, Hk, NB, EPS, int(sink), **dims, **evict_constants(dims, score, dot_dtype(after.sparse_fk)),
+                      num_warps=EVICT_WARPS, num_stages=1)
     _attend[(B * H, NB)](q, k, v, fq, after.win_k, after.win_v, after.win_pos, runs, window_factor.float().contiguous(),
-                         y, *snap, T, H, Hk, NB, float(scale), **dims, DT=dot_dtype(state.win_k, q), num_warps=4)
+                         y, *snap, T, H, Hk, NB, float(scale), **dims, DT=dot_dtype(state.win_k, q),
+                         num_warps=ATTEND_WARPS)
     _window_write[(B,)](k, v, fk, after.win_k, after.win_v, after.win_fk, after.win_pos, runs, T, Hk, W=W, S=S,
                         SP=triton.next_power_of_2(S), D=D, DV=Dv, F=F, DP=dims["DP"], DVP=dims["DVP"], FP=dims["FP"])
     return y, after
@@ -444,15 +458,13 @@ def sparse_evict_step(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor
     pos (B,) int64, valid (B,) bool or None; the state contiguous. Nothing syncs with the host."""
     B, Hk, G, D = state.sparse_k.shape
     Dv, F, S, W = state.sparse_v.shape[-1], state.sparse_fk.shape[-1], state.win_pos.shape[1], window_size
-    R = pad_dim(W)
-    NT = triton.cdiv(G, R)
     exact = state.win_k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    scratch = torch.empty(B * Hk, 2 * (NT + 1) * R, dtype=torch.float32, device=pos.device)
+    dims = launch_constants(W, S, G, D, Dv, F, exact)
+    scratch = torch.empty(B * Hk, 2 * (dims["NT"] + 1) * dims["R"], dtype=torch.float32, device=pos.device)
     pos = pos.contiguous()
     vptr = valid.contiguous().view(torch.int8) if valid is not None else pos
     _evict_step[(B * Hk,)](state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
                            state.sparse_k, state.sparse_v, state.sparse_fk, state.sparse_pos, pos, vptr, scratch,
-                           Hk, EPS, int(sink), HAS_VALID=valid is not None, W=W, S=S, R=R, D=D, DV=Dv, F=F,
-                           DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), G=G, NT=NT, SCORE=SCORE_IDS[score],
-                           PREC="ieee" if exact else "tf32", NS=_sort_width(NT, R), DT=dot_dtype(state.sparse_fk),
-                           num_warps=8, num_stages=1)
+                           Hk, EPS, int(sink), HAS_VALID=valid is not None, **dims,
+                           **evict_constants(dims, score, dot_dtype(state.sparse_fk)), num_warps=EVICT_WARPS,
+                           num_stages=1)
