@@ -24,8 +24,8 @@ INT64 = {"runs", "snap_pos", "sp_pos", "win_pos", "pos_ptr"}
 INTS = {"T", "HK", "NB", "H", "sink"}
 # SmolLM2's heads (64), feature dim 128 (Hedgehog 2 x 64), cache 256: the default's window and the widest. About 25 s
 # a window on a CPU. Llama-3-8B's heads (128) build to 116 KB (_evict) at window 64 and 192 KB at 256 (triton 3.9,
-# 2026-12-08): within the H100's 227 KB, not within an A100's 163 KB at 256; left out here for time. The attention
-# launch at window 64 only: at 256 its w x w tiles take ~3 minutes to build on a CPU (at 512 they did not in 8).
+# 2026-12-08): within the H100's 227 KB; left out here for time (docs/PERFORMANCE.md has sm_80 / sm_89's). The
+# attention launch at window 64 only: at 256 its w x w tiles take ~3 minutes to build on a CPU (at 512 not in 8).
 CASES = [("_evict", 64), ("_evict_step", 64), ("_evict", 256), ("_evict_step", 256), ("_attend", 64)]
 
 
