@@ -57,12 +57,13 @@ def signature(kernel, constants: dict) -> dict:
 
 def build(name: str, window: int) -> int:
     """Shared memory (bytes) of kernel ``name`` of ``ops/triton/sparse.py`` built for sm_90 at ``window``."""
+    import torch
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from lolcats.ops.triton import sparse
-    dims = sparse.launch_constants(window, 2 * window, 256, 64, 64, 128, exact=False)
+    dims = sparse.launch_constants(window, 2 * window, 256, 64, 64, 128, torch.bfloat16)
     if name == "_attend":
         constants, warps = {**dims, "DT": tl.bfloat16}, sparse.ATTEND_WARPS
     else:

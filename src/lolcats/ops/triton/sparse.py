@@ -380,12 +380,19 @@ def _sort_width(nt: int, r: int) -> int:
     return triton.next_power_of_2((nt + 1) * r)
 
 
-def launch_constants(W: int, S: int, G: int, D: int, Dv: int, F: int, exact: bool) -> dict:
+def launch_constants(W: int, S: int, G: int, D: int, Dv: int, F: int, dtype: torch.dtype) -> dict:
     """The kernels' shape constants: window w (R its padded tile), S window slots, cache G (NT tiles of R), head
-    dims (padded tiles DP, DVP, FP); products exact (``ieee``) or tf32."""
+    dims (padded tiles DP, DVP, FP); products exact (``ieee``) for float32 values (and in the interpreter), else
+    tf32 (16-bit values are exact in it)."""
     R = pad_dim(W)
+    exact = dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
     return dict(W=W, S=S, R=R, D=D, DV=Dv, F=F, DP=pad_dim(D), DVP=pad_dim(Dv), FP=pad_dim(F), G=G,
                 NT=triton.cdiv(G, R), PREC="ieee" if exact else "tf32")
+
+
+def _scratch(dims: dict, programs: int, device) -> torch.Tensor:
+    """Each eviction program's scores and drop flags (``_head_ptrs``: 2 (NT + 1) R floats)."""
+    return torch.empty(programs, 2 * (dims["NT"] + 1) * dims["R"], dtype=torch.float32, device=device)
 
 
 def evict_constants(dims: dict, score: str, dot: tl.dtype) -> dict:
@@ -431,12 +438,11 @@ def sparse_prefill_triton(state: DecodeState, q, k, v, fq, fk, pos, valid, windo
     y = torch.zeros(B, H, T, Dv, dtype=v.dtype, device=v.device)  # padding columns stay 0
     NB = T // W + 2  # the most blocks a row's run of T tokens touches
     runs = row_runs(pos, valid)
-    exact = k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"  # else tf32: bf16 values are exact
-    dims = launch_constants(W, S, G, D, Dv, F, exact)
+    dims = launch_constants(W, S, G, D, Dv, F, k.dtype)
     new = lambda *shape, dtype=k.dtype: torch.empty(B * Hk, NB, *shape, dtype=dtype, device=k.device)  # noqa: E731
     snap = (new(G, D, dtype=after.sparse_k.dtype), new(G, Dv, dtype=after.sparse_v.dtype),
             new(G, dtype=torch.long), new(F, Dv, dtype=torch.float32), new(F, dtype=torch.float32))
-    scratch = torch.empty(B * Hk, 2 * (dims["NT"] + 1) * dims["R"], dtype=torch.float32, device=q.device)
+    scratch = _scratch(dims, B * Hk, q.device)
     _evict[(B * Hk,)](k, v, fk, after.win_k, after.win_v, after.win_fk, after.win_pos, after.kv, after.ks,
                       after.sparse_k, after.sparse_v, after.sparse_fk, after.sparse_pos, runs, scratch, *snap,
                       T, Hk, NB, EPS, int(sink), **dims, **evict_constants(dims, score, dot_dtype(after.sparse_fk)),
@@ -458,9 +464,8 @@ def sparse_evict_step(state: DecodeState, pos: torch.Tensor, valid: torch.Tensor
     pos (B,) int64, valid (B,) bool or None; the state contiguous. Nothing syncs with the host."""
     B, Hk, G, D = state.sparse_k.shape
     Dv, F, S, W = state.sparse_v.shape[-1], state.sparse_fk.shape[-1], state.win_pos.shape[1], window_size
-    exact = state.win_k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-    dims = launch_constants(W, S, G, D, Dv, F, exact)
-    scratch = torch.empty(B * Hk, 2 * (dims["NT"] + 1) * dims["R"], dtype=torch.float32, device=pos.device)
+    dims = launch_constants(W, S, G, D, Dv, F, state.win_k.dtype)
+    scratch = _scratch(dims, B * Hk, pos.device)
     pos = pos.contiguous()
     vptr = valid.contiguous().view(torch.int8) if valid is not None else pos
     _evict_step[(B * Hk,)](state.win_k, state.win_v, state.win_fk, state.win_pos, state.kv, state.ks,
