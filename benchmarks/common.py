@@ -31,3 +31,29 @@ def write_json(path: str | Path, data, indent: int = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=indent))
     return path
+
+
+def add_model_args(p, model: str) -> None:
+    """The flags of :func:`random_model` and of the served mode: --model (default ``model``), --tokenizer, --attn,
+    --mode."""
+    p.add_argument("--model", default=model, help="a configs/shapes name or config.json (random weights)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer name or directory (model.tokenizer)")
+    p.add_argument("--attn", action="append", default=[], metavar="FLAG=VALUE",
+                   help="an extra config flag, e.g. attention.window_size=8 (repeatable)")
+    p.add_argument("--mode", choices=("student", "teacher"), default="student")
+
+
+def random_model(name: str, tokenizer: str, attn: list[str], device: str = "auto"):
+    """(model, tokenizer) of ``name``'s shapes (a configs/shapes name or config.json) with random weights and
+    untrained feature maps, ``attn`` more config flags as ``KEY=VALUE``; bf16 on CUDA, fp32 on CPU."""
+    from lolcats.config import load_config
+    from lolcats.models.trained import ModelSource, load_trained
+
+    flags = ["--model.init", "random", "--model.name", name, "--model.tokenizer", tokenizer]
+    for item in attn:
+        key, _, value = item.partition("=")
+        flags += ["--" + key, value]
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    return load_trained(ModelSource(config=load_config(None, flags), untrained=True), "cuda" if cuda else "cpu",
+                        "bfloat16" if cuda else "float32")
+

@@ -37,11 +37,7 @@ DRIVEN = 32  # at least the decode steps Bench.calls() launches (3 + 3 + 10)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama3-8b", help="a configs/shapes name or config.json (random weights)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer name or directory (model.tokenizer)")
-    p.add_argument("--attn", action="append", default=[], metavar="FLAG=VALUE",
-                   help="an extra config flag, e.g. attention.window_size=8 (repeatable)")
-    p.add_argument("--mode", choices=("student", "teacher"), default="student")
+    common.add_model_args(p, "llama3-8b")
     p.add_argument("--max-batch", type=int, default=512)
     p.add_argument("--running", type=int, default=200, help="slots filled before measuring")
     p.add_argument("--prompt-len", type=int, default=512)
@@ -57,17 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args):
-    from lolcats.config import load_config
-    from lolcats.models.trained import ModelSource, load_trained
     from lolcats.serving.engine import KVEngine, StateEngine
 
-    flags = ["--model.init", "random", "--model.name", args.model, "--model.tokenizer", args.tokenizer]
-    for item in args.attn:
-        key, _, value = item.partition("=")
-        flags += ["--" + key, value]
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
-    model, tok = load_trained(ModelSource(config=load_config(None, flags), untrained=True),
-                              "cuda" if cuda else "cpu", "bfloat16" if cuda else "float32")
+    model, tok = common.random_model(args.model, args.tokenizer, args.attn, args.device)
     cls = KVEngine if args.mode == "teacher" else StateEngine
     # + the decode steps calls() launches itself (outside the scheduler, which does not count them as tokens)
     max_len = args.prompt_len + args.max_new_tokens + 1 + DRIVEN

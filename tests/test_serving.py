@@ -21,7 +21,7 @@ from lolcats.generation.text import chat_prompt, eos_ids, run_generate, truncate
 from lolcats.generation.runner import buckets
 from lolcats.generation.sampling import Sampling, pick_tokens, seeded_uniform
 from lolcats.serving.engine import KVEngine, StateEngine
-from lolcats.serving.scheduler import Delta, Done, Failed, Request, Scheduler, TextStream, wait_idle
+from lolcats.serving.scheduler import Delta, Done, Failed, Request, Scheduler, TextStream, text_decoder, wait_idle
 from conftest import free_port, src_env
 from test_generation import build, char_tokenizer
 
@@ -108,6 +108,20 @@ def test_text_stream_deltas_and_stop_strings():
         if stopped:
             break
     assert stopped and sent == "hello worl"
+
+
+def test_text_decoder_is_the_tokenizers_decode_from_rust_where_that_is_all_it_does():
+    """The serving loop's decode skips transformers' wrapper only where the wrapper adds nothing: a fast tokenizer
+    without space clean-up (SmolLM2's, the test tokenizers); with clean-up on it goes through ``decode``."""
+    for tok in (char_tokenizer(), byte_tokenizer()):
+        ids = tok("Hello there. ok 😀 </s>")["input_ids"] + [tok.eos_token_id]
+        fast = text_decoder(tok)
+        assert fast.func == tok.backend_tokenizer.decode  # the Rust tokenizer's own
+        for cut in range(1, len(ids) + 1):
+            assert fast(ids[:cut]) == tok.decode(ids[:cut], skip_special_tokens=True)
+    tok = char_tokenizer()
+    tok.clean_up_tokenization_spaces = True
+    assert text_decoder(tok).func == tok.decode
 
 
 def byte_tokenizer():
@@ -720,6 +734,32 @@ def test_http_chat_equals_generate_with_template(served):
         else:
             assert chunk.usage.completion_tokens == out.usage.completion_tokens
     assert text == ref
+
+
+@needs_http
+@pytest.mark.parametrize("chat", [True, False])
+def test_http_stream_chunks_are_the_openai_objects_in_full(served, chat):
+    """Every SSE chunk as sent (text deltas take a preformatted path): valid JSON with the object's fields, each
+    delta's text as sent, ending in the finish chunk and [DONE]."""
+    _, _, _, url = served
+    body = {"model": "lolcats", "max_tokens": 12, "temperature": 0, "stream": True}
+    body.update({"messages": [{"role": "user", "content": 'say "hi" \\ ok'}]} if chat else {"prompt": 'a "b" \\'})
+    with httpx.stream("POST", url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body,
+                      timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    for c in chunks:
+        assert set(c) == {"id", "object", "created", "model", "choices"} and c["object"] == kind
+        assert c["id"] == chunks[0]["id"] and len(c["choices"]) == 1
+    texts = chunks[1:-1] if chat else chunks[:-1]
+    for c in texts:
+        want = {"index": 0, "delta": {"content": c["choices"][0]["delta"].get("content")}} if chat else \
+            {"index": 0, "text": c["choices"][0]["text"]}
+        assert c["choices"][0] == {**want, "finish_reason": None, "logprobs": None}
+        assert isinstance((c["choices"][0]["delta"]["content"] if chat else c["choices"][0]["text"]), str)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and len(texts) == 12
 
 
 @needs_http

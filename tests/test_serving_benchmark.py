@@ -170,3 +170,23 @@ def test_serving_benchmark_real_prompts_every_mode(tmp_path):
         assert "hf: skipped:" in md
     if importlib.util.find_spec("matplotlib"):
         assert (bench / "serving.png").stat().st_size > 0
+
+
+def test_serving_host_benchmark_smoke(tmp_path):
+    """benchmarks/serving_host.py end to end at tiny sizes: the server's threads' CPU per streamed token, from a
+    real chat load through the openai client."""
+    files = tiny_files(tmp_path)
+    env = src_env(OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.serving_host", "--model", str(files["config"]),
+                          "--tokenizer", str(files["tok"]), "--attn", "attention.window_size=8",
+                          "--attn", "attention.feature_dim=8", "--chat-data", str(files["alpaca"]), "--clients", "4",
+                          "--max-tokens", "16", "--max-batch", "4", "--duration", "2", "--client-procs", "1",
+                          "--out", str(tmp_path / "bench")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    tokens = int(out.stdout.split("host: ", 1)[1].splitlines()[1].split()[0])
+    assert tokens >= 16, out.stdout
+    per = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in out.stdout.splitlines()
+           if line.startswith("| ") and line.count("|") == 3 and "thread" not in line and "---" not in line}
+    assert per["all"] > 0 and {"lolcats-scheduler", "lolcats-uvicorn"} <= set(per), out.stdout
+    assert "| student | 4 |" in out.stdout  # the clients' row, errors included

@@ -347,13 +347,17 @@ class Server:
             offset += len(logprobs["tokens"][0]) if logprobs else 0
             return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
 
+        # a text delta without log-probabilities, the chunk of nearly every token: its JSON around the text's
+        before, _, after = chunk([choice("\0", None)]).rpartition(json.dumps("\0"))
         if chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                           "logprobs": None}])
         async for evs in self._events(req):  # one event per chunk; the chunks of a batch in one write
             out = []
             for ev in evs:
-                if isinstance(ev, Delta):
+                if isinstance(ev, Delta) and ev.logprobs is None:
+                    out.append(before + json.dumps(ev.text) + after)
+                elif isinstance(ev, Delta):
                     out.append(chunk([choice(ev.text, None, ev.logprobs)]))
                 elif isinstance(ev, Failed):
                     error = {"message": ev.message, "type": "server_error", "param": None,
