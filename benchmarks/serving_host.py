@@ -5,8 +5,9 @@ tokenizer, chat template, scheduler, API and uvicorn as served) in this process,
 out: each decode step and prompt read returns random token ids at once (``--device-wait-ms``: after waiting that
 long with the GIL released, as a device sync does). Then ``benchmarks/serving.py --url`` sends its closed-loop
 chat load through the ``openai`` client from other processes, and this process's threads' CPU time (Linux:
-``/proc/self/task``) is divided by the tokens the scheduler streamed. What is left is what a token costs the host: the scheduler thread's (detokenizing, stop strings, events) and the event loop's (SSE chunks,
-HTTP writes). Both share one GIL, so their sum bounds the tokens/s one server streams, whatever the card.
+``/proc/self/task``) is divided by the tokens the scheduler streamed. What is left is what a token costs the
+host: the scheduler thread's (detokenizing, stop strings, events) and the event loop's (SSE chunks, HTTP writes).
+Both share one GIL, so their sum bounds the tokens/s one server streams, whatever the card.
 
 Before the load, the two per-token paths are timed alone in one thread (best of 5; steadier than the load on a
 busy machine): the scheduler's handling of a generated token (``_on_token``: detokenizing, stop strings, limits)
@@ -115,7 +116,7 @@ def loop_and_parser() -> str:
 
 
 def answers(path: str, tok, n: int = 200, length: int = 128) -> list[list[int]]:
-    """Token ids of the first ``n`` Alpaca answers, all cut to the same length (at most ``length``)."""
+    """Token ids of the ``n`` longest Alpaca answers, all cut to the same length (at most ``length``)."""
     from lolcats.data import read_documents
 
     ids = [tok(r["output"], add_special_tokens=False)["input_ids"] for r in read_documents(path, "alpaca")]

@@ -76,8 +76,8 @@ def text_decoder(tokenizer) -> Callable[[list[int]], str]:
     all ``decode`` does (transformers' fast tokenizer, no space clean-up): a fifth of the Python wrapper's cost,
     which the serving loop pays twice per generated token."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and _plain_decode(type(tokenizer)) and not getattr(tokenizer, "clean_up_tokenization_spaces",
-                                                                               True):
+    cleans = getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    if backend is not None and not cleans and _plain_decode(type(tokenizer)):
         return functools.partial(backend.decode, skip_special_tokens=True)
     return functools.partial(tokenizer.decode, skip_special_tokens=True)
 
@@ -104,8 +104,8 @@ class TextStream:
     middle of a multi-byte character drops those bytes).
     """
 
-    def __init__(self, tokenizer, stop: list[str] | None = None, decode: Callable[[list[int]], str] | None = None):
-        self._decode = decode or text_decoder(tokenizer)  # ids -> text
+    def __init__(self, tokenizer, stop: list[str] | None = None):
+        self._decode = text_decoder(tokenizer)  # ids -> text
         self.stop = [s for s in (stop or []) if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
