@@ -134,12 +134,14 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
     for t in tl.static_range(NT):
         rg, mg = _tile(t, NT, G, W, R)
         n_empty += tl.sum((mg & (tl.load(gpos + rg, mask=mg, other=0) < 0)).to(tl.int32), 0)
+    off = 0  # how many cache slots are dropped, listed in slot order at scratch[DROP:DROP + off]
     if n_empty >= W:
-        off = 0
         for t in tl.static_range(NT):
             rg, mg = _tile(t, NT, G, W, R)
             e = mg & (tl.load(gpos + rg, mask=mg, other=0) < 0)
-            tl.store(sc + DROP + rg, (e & (off + tl.cumsum(e.to(tl.int32), 0) <= W)).to(tl.float32))
+            at = off + tl.cumsum(e.to(tl.int32), 0) - 1
+            e = e & (at < W)
+            tl.store(sc + DROP + at, rg.to(tl.float32), mask=e)
             off += tl.sum(e.to(tl.int32), 0)
         tl.store(sc + DROP + NT * R + rw, tl.zeros([R], tl.float32))
     else:
@@ -162,17 +164,14 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
         thr = tl.max(tl.where(ra == W - 1, tl.sort(sa), float("-inf")), 0)
         below, tie = real & (sa < thr), real & (sa == thr)
         need = W - tl.sum(below.to(tl.int32), 0)
-        tl.store(sc + DROP + ra, (below | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))).to(tl.float32), mask=in_a)
+        drop = below | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+        # the dropped cache slots in slot order (a cache lane's index is its slot), the candidates' flags after them
+        dg = drop & (ra < NT * R)
+        tl.store(sc + DROP + tl.cumsum(dg.to(tl.int32), 0) - 1, ra.to(tl.float32), mask=dg)
+        tl.store(sc + DROP + ra, drop.to(tl.float32), mask=in_a & (ra >= NT * R))
+        off = tl.sum(dg.to(tl.int32), 0)
     tl.debug_barrier()
-    # the dropped cache slots in slot order, scattered over the spent scores: scratch[r] is the r-th of ``off``
-    off = 0
-    for t in tl.static_range(NT):
-        rg, mg = _tile(t, NT, G, W, R)
-        dg = mg & (tl.load(sc + DROP + rg) != 0)
-        tl.store(sc + off + tl.cumsum(dg.to(tl.int32), 0) - 1, rg.to(tl.float32), mask=dg)
-        off += tl.sum(dg.to(tl.int32), 0)
-    tl.debug_barrier()
-    dslot = tl.load(sc + rw, mask=rw < off, other=-1.0).to(tl.int32)  # (R,) -1 past the last
+    dslot = tl.load(sc + DROP + rw, mask=rw < off, other=-1.0).to(tl.int32)  # (R,) -1 past the last
     # fold the dropped live pairs into (kv, ks): the cache's in one gathered tile (at most w), then the candidates'
     has = dslot >= 0
     ds = tl.where(has, dslot, 0)
@@ -189,7 +188,7 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
     # the kept candidates (empty ones too) take the dropped slots, in order
     kept = live_c & ~dc
     krank = tl.cumsum(kept.to(tl.int32), 0) - 1
-    dest = tl.load(sc + krank, mask=kept & (krank < off), other=-1.0).to(tl.int32)  # (R,) -1: none
+    dest = tl.load(sc + DROP + krank, mask=kept & (krank < off), other=-1.0).to(tl.int32)  # (R,) -1: none
     ok = kept & (dest >= 0)
     slot = tl.where(ok, dest, 0)
     kc, _ = _by_pos(ck, wk, wp, pc, live_c, p0, c0, rd, md, D, S)
