@@ -30,8 +30,8 @@ snapshots take (T / w + 2) x (G (D + Dv) + F (Dv + 1)) elements per (row, KV hea
 
 Keys before the chunk are read from the state's window slots, keys in it from the chunk, by position. The
 valid tokens of a row are one run of consecutive positions (left or right padding), as every writer gives
-them. Scores and drop flags go through a small scratch buffer per program, read
-back after a barrier. Products of float32 tiles are exact (``ieee``). In a 16-bit model the folds multiply
+them. Scores, the dropped cache slots and the candidates' drop flags go through a small scratch buffer per
+program, read back after a barrier. Products of float32 tiles are exact (``ieee``). In a 16-bit model the folds multiply
 in the cache's dtype (its values are exact there) and the scores take the float32 kv as two bfloat16 terms
 (16 bits; an fp16 cache: tf32, 10 bits): the eviction then fits a window of 256 in shared memory (112 KB;
 320 KB with float32 operands). phi(q) kv is tf32. Nothing syncs with the host.
@@ -122,7 +122,8 @@ def _merge(kvt, kst, ck, cv, cfk, wk, wv, wfk, wp, gk, gv, gfk, gpos, sc, P, p0,
     rw = tl.arange(0, R)
     rd, rv, rf = tl.arange(0, DP), tl.arange(0, DVP), tl.arange(0, FP)
     md, mv, mf = rd < D, rv < DV, rf < F
-    DROP: tl.constexpr = (NT + 1) * R  # scratch: scores (cache tiles, then the candidates), then drop flags
+    DROP: tl.constexpr = (NT + 1) * R  # scratch: scores (cache tiles, then the candidates), then the dropped
+    # cache slots in slot order and, from DROP + NT * R, the candidates' drop flags
     pc = P - 2 * W + rw  # (R,) the leaving block's positions
     live_c = rw < W
     fkc, pres = _by_pos(cfk, wfk, wp, pc, live_c, p0, c0, rf, mf, F, S)
@@ -390,7 +391,7 @@ def launch_constants(W: int, S: int, G: int, D: int, Dv: int, F: int, dtype: tor
 
 
 def _scratch(dims: dict, programs: int, device) -> torch.Tensor:
-    """Each eviction program's scores and drop flags (``_head_ptrs``: 2 (NT + 1) R floats)."""
+    """Each eviction program's scores, dropped slots and drop flags (``_head_ptrs``: 2 (NT + 1) R floats)."""
     return torch.empty(programs, 2 * (dims["NT"] + 1) * dims["R"], dtype=torch.float32, device=device)
 
 
